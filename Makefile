@@ -1,0 +1,41 @@
+# Two commands for a newcomer on a fresh machine:
+#   make demo  - create .venv if missing, install neurothermo, run `neurothermo reproduce --quick`
+#   make test  - create/update .venv with the dev extra, run ruff, then pytest
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+
+.PHONY: demo test install install-dev lint pytest bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install --upgrade pip >/dev/null
+
+install: $(BIN)/python
+	$(PIP) install -e .
+
+install-dev: $(BIN)/python
+	$(PIP) install -e ".[dev]"
+
+demo: install
+	$(BIN)/neurothermo reproduce --quick
+
+lint: install-dev
+	$(BIN)/ruff check .
+
+# pytest exits with 5 when it collects no tests; that is a failure here, as any non-zero code is.
+pytest: install-dev
+	$(BIN)/python -m pytest
+
+test: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+bench: install-dev
+	$(PIP) install -e ".[bench]"
+	$(PIP) install --no-deps backpack-for-pytorch==1.7.1
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

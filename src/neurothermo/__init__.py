@@ -1,0 +1,37 @@
+"""neurothermo: the thermodynamics of neural-network training, measured.
+
+Public API. Conventions (THEORY.md): ``loss_fn(outputs, targets)`` is mean-reduced over the batch,
+``l_B = (1/b) Σ_i l_i``; ``lr`` is η; ``weight_decay`` is torch's ``wd`` (penalty ``(wd/2)‖θ‖²``,
+the paper's ``γ = wd/2``); batch size ``b``, dataset size ``N``.
+"""
+from neurothermo._version import __version__
+from neurothermo.config import ConfigError, setting
+from neurothermo.experiments.base import Experiment, Prediction, RunContext, register
+from neurothermo.runner import ExperimentFailed, RunResult, run_experiment
+from neurothermo.seeding import seed_everything
+
+# --- gradstats (issue 4) ---
+# --- end gradstats ---
+
+# --- entropic (issue 3) ---
+# --- end entropic ---
+
+# --- curvature (issue 7) ---
+# --- end curvature ---
+
+# --- symmetry (issue 5) ---
+# --- end symmetry ---
+
+# --- train / monitor (issue 6) ---
+# --- end train / monitor ---
+
+# --- alignment (issue 8) ---
+# --- end alignment ---
+
+import types as _types
+
+# Everything imported above (functions, classes) is public; submodules stay reachable as attributes.
+__all__ = sorted(
+    [n for n, v in globals().items() if not n.startswith("_") and not isinstance(v, _types.ModuleType)]
+    + ["__version__"]
+)

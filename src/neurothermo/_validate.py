@@ -1,0 +1,109 @@
+"""Input checks shared by every public function.
+
+Each check raises an error that names the offending value and says how to fix it: bad input must
+never turn into a NaN or a silently wrong number further down.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Batch = tuple[Tensor, Tensor]
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as float, or raise if it is not a finite positive number."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return v
+
+
+def check_int(name: str, value: int, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an integer in ``[minimum, maximum]``, else raise naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum or (maximum is not None and value > maximum):
+        hi = "" if maximum is None else f" and <= {maximum}"
+        raise ValueError(f"{name} must be >= {minimum}{hi}, got {value}")
+    return value
+
+
+def check_batch(batch: Any, name: str = "batch", *, min_size: int = 1) -> Batch:
+    """Check that ``batch`` is a pair ``(inputs, targets)`` of tensors with equal, non-zero length."""
+    if not (isinstance(batch, tuple | list) and len(batch) == 2):
+        raise TypeError(
+            f"{name} must be a pair (inputs, targets) of tensors, got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else "")
+        )
+    x, y = batch
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(
+            f"{name} must hold tensors, got ({type(x).__name__}, {type(y).__name__}); "
+            "convert with torch.as_tensor"
+        )
+    if x.ndim == 0 or y.ndim == 0:
+        raise ValueError(f"{name}: inputs and targets need a leading sample dimension")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{name}: inputs have {x.shape[0]} samples but targets have {y.shape[0]}"
+        )
+    n = x.shape[0]
+    if n < min_size:
+        what = "is empty" if n == 0 else f"has {n} sample(s)"
+        raise ValueError(f"{name} {what}; at least {min_size} needed")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: inputs contain NaN or Inf")
+    if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+        raise ValueError(f"{name}: targets contain NaN or Inf")
+    return x, y
+
+
+def check_loss_fn(loss_fn: Callable[..., Tensor]) -> None:
+    """Reject loss functions that declare a non-mean reduction.
+
+    neurothermo's convention (THEORY.md): ``loss_fn(outputs, targets)`` returns the *mean* of the
+    per-sample losses over the batch, ``l_B = (1/b) Σ_i l_i``. A sum-reduced loss would scale
+    every gradient by b and every entropic term by b², silently.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    reduction = getattr(loss_fn, "reduction", None)
+    if reduction is not None and reduction != "mean":
+        raise ValueError(
+            f"loss_fn has reduction={reduction!r}; neurothermo expects a mean-reduced loss "
+            "l_B = (1/b) Σ_i l_i (e.g. nn.CrossEntropyLoss() or nn.MSELoss() with the default "
+            "reduction='mean'). With 'sum' every gradient is b times too large."
+        )
+
+
+def check_scalar_loss(loss: Any) -> Tensor:
+    """Check that a loss value is a finite scalar tensor."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+    if loss.ndim != 0:
+        raise ValueError(
+            f"loss_fn returned a tensor of shape {tuple(loss.shape)}; it must return the mean "
+            "loss over the batch as a scalar (use reduction='mean')"
+        )
+    if not bool(torch.isfinite(loss)):
+        raise FloatingPointError(f"loss is {loss.item()} (not finite); check parameters, inputs and lr")
+    return loss
+
+
+def check_finite_params(model: nn.Module) -> None:
+    """Raise naming the first parameter that holds NaN or Inf."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise FloatingPointError(
+                f"parameter {name!r} contains NaN or Inf; the model has diverged or was "
+                "initialised badly"
+            )

@@ -1,0 +1,24 @@
+"""Built-in experiments. Importing this package registers them (see ``base.register``)."""
+from neurothermo.experiments import entropic_flow  # noqa: F401
+# (one import line per experiment module; keep sorted)
+from neurothermo.experiments.base import (
+    REGISTRY,
+    Experiment,
+    MissingExtra,
+    Prediction,
+    RunContext,
+    all_experiments,
+    get_experiment,
+    register,
+)
+
+__all__ = [
+    "REGISTRY",
+    "Experiment",
+    "MissingExtra",
+    "Prediction",
+    "RunContext",
+    "all_experiments",
+    "get_experiment",
+    "register",
+]

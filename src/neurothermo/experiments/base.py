@@ -1,0 +1,179 @@
+"""The experiment protocol: a settings dataclass with quick/full presets and a ``run`` function.
+
+To add an experiment, write one module in ``neurothermo/experiments/`` that builds an
+:class:`Experiment` and passes it to :func:`register`, and import that module in
+``experiments/__init__.py``. ``run(cfg, ctx)`` receives the validated settings and a
+:class:`RunContext` through which it streams metrics, saves figures, records summary figures and
+checks theory predictions; it never touches files itself.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neurothermo.runstore import Run
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One checked theory prediction: ``passed = |measured − predicted| <= tolerance``.
+
+    With ``relative=True`` the tolerance is relative to ``|predicted|``. ``why`` says where the
+    tolerance comes from (it is derived from the theory, not tuned).
+    """
+
+    name: str
+    measured: float
+    predicted: float
+    tolerance: float
+    passed: bool
+    relative: bool = False
+    why: str = ""
+
+    @classmethod
+    def check(
+        cls, name: str, measured: float, predicted: float, tolerance: float, *,
+        relative: bool = False, why: str = "",
+    ) -> Prediction:
+        measured, predicted = float(measured), float(predicted)
+        bound = tolerance * abs(predicted) if relative else tolerance
+        ok = math.isfinite(measured) and abs(measured - predicted) <= bound
+        return cls(name, measured, predicted, float(tolerance), bool(ok), relative, why)
+
+
+class MissingExtra(RuntimeError):
+    """The experiment needs an optional extra that is not installed."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A registered experiment.
+
+    ``config`` is a frozen dataclass type built with :func:`neurothermo.config.setting`;
+    ``quick`` and ``full`` are instances of it. ``cost`` documents what the full preset costs.
+    ``requires`` lists importable module names and ``extra`` the pip extra that provides them.
+    """
+
+    name: str
+    title: str
+    config: type
+    quick: Any
+    full: Any
+    run: Callable[[Any, RunContext], None]
+    cost: str = ""
+    requires: tuple[str, ...] = ()
+    extra: str | None = None
+
+    def missing(self) -> list[str]:
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def preset(self, quick: bool) -> Any:
+        return self.quick if quick else self.full
+
+
+REGISTRY: dict[str, Experiment] = {}
+
+
+class UnknownExperiment(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return str(self.args[0])
+
+
+def register(exp: Experiment) -> Experiment:
+    if exp.name in REGISTRY and REGISTRY[exp.name] is not exp:
+        raise ValueError(f"experiment {exp.name!r} is registered twice")
+    for preset in (exp.quick, exp.full):
+        if not isinstance(preset, exp.config):
+            raise TypeError(f"{exp.name}: presets must be instances of {exp.config.__name__}")
+    REGISTRY[exp.name] = exp
+    return exp
+
+
+def get_experiment(name: str) -> Experiment:
+    import neurothermo.experiments  # noqa: F401  (registers the built-in experiments)
+
+    if name not in REGISTRY:
+        raise UnknownExperiment(
+            f"unknown experiment {name!r}; available: {', '.join(sorted(REGISTRY)) or '(none)'}"
+        )
+    return REGISTRY[name]
+
+
+def all_experiments() -> list[Experiment]:
+    import neurothermo.experiments  # noqa: F401
+
+    return [REGISTRY[k] for k in sorted(REGISTRY)]
+
+
+@dataclass
+class RunContext:
+    """What an experiment's ``run`` uses to talk to the outside world."""
+
+    run: Run
+    seed: int
+    quick: bool
+    progress_factory: Callable[[str, int | None], Any] | None = None
+    predictions: list[Prediction] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    figure_files: list[str] = field(default_factory=list)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run.path
+
+    def log(self, step: int | None = None, **values: Any) -> None:
+        """Stream one record to ``metrics.jsonl``."""
+        record = {"step": step, **values} if step is not None else dict(values)
+        self.run.log_metrics(record)
+
+    def record(self, **values: Any) -> None:
+        """Add final figures (numbers, lists, small dicts) to ``summary.json``."""
+        self.figures.update(values)
+
+    def predict(
+        self, name: str, measured: float, predicted: float, tolerance: float, *,
+        relative: bool = False, why: str = "",
+    ) -> Prediction:
+        """Check a theory prediction and record it in ``summary.json``."""
+        p = Prediction.check(name, measured, predicted, tolerance, relative=relative, why=why)
+        self.predictions.append(p)
+        return p
+
+    def savefig(self, fig: Any, name: str) -> Path:
+        """Save a matplotlib figure as ``<name>.png`` atomically and close it."""
+        import io
+
+        import matplotlib.pyplot as plt
+
+        from neurothermo.runstore import atomic_write_bytes
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        target = self.out_dir / f"{name}.png"
+        atomic_write_bytes(target, buf.getvalue())
+        self.figure_files.append(target.name)
+        return target
+
+    @contextmanager
+    def progress(self, description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        """Context giving ``advance(n=1)``; a rich progress bar when run from the CLI."""
+        if self.progress_factory is None:
+            yield lambda n=1: None
+            return
+        with self.progress_factory(description, total) as advance:
+            yield advance
+
+    def track(self, iterable: Iterable[Any], description: str, total: int | None = None) -> Iterator[Any]:
+        """Iterate with a progress bar (CLI) or silently (library / tests)."""
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)  # type: ignore[arg-type]
+        with self.progress(description, total) as advance:
+            for item in iterable:
+                yield item
+                advance(1)

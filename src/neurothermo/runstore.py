@@ -1,0 +1,250 @@
+"""The run folder: every file written atomically, metrics streamed, status always readable.
+
+Layout of one run (``<root>/<experiment>/<timestamp>-<id>/``)::
+
+    config.json     the settings actually used (preset + overrides)
+    env.json        package and torch versions, seed, git commit (when available), machine
+    metrics.jsonl   one JSON object per line, streamed while the experiment runs
+    summary.json    final figures and every checked theory prediction
+    status          one word: running | done | failed | interrupted
+    traceback.txt   only for failed runs
+    *.png           figures
+
+Atomicity: each file is written to a temporary file in the same folder and renamed over the target
+(``os.replace``), so a reader, or a run killed at any instant, sees either the old or the new
+complete file, never a torn one. ``metrics.jsonl`` is buffered in memory and flushed the same way at
+most every ``flush_seconds`` and at the end (including on Ctrl-C and on failure).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("running", "done", "failed", "interrupted")
+
+
+class RunStoreError(OSError):
+    """The output folder cannot be used."""
+
+
+def _json_default(obj: Any) -> Any:
+    try:
+        import numpy as np
+        import torch
+    except ImportError:  # pragma: no cover
+        np = torch = None  # type: ignore[assignment]
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if np is not None and isinstance(obj, np.generic):
+        return obj.item()
+    if np is not None and isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def _clean(obj: Any) -> Any:
+    """Replace non-finite floats by strings so the JSON stays standard ("nan", "inf")."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """JSON text of ``obj``; tensors/arrays become lists, non-finite floats become strings."""
+    obj = json.loads(json.dumps(obj, default=_json_default))
+    return json.dumps(_clean(obj), allow_nan=False, **kw)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_writable(root: Path) -> Path:
+    """Create ``root`` if needed and prove it is writable, before any work is done."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise RunStoreError(
+            f"output folder {str(root)!r} is not writable ({exc.strerror or exc}); "
+            "choose another with --out DIR"
+        ) from None
+    return root
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The current git commit of the source tree, or None when unavailable."""
+    here = Path(cwd) if cwd else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(seed: int) -> dict[str, Any]:
+    """What produced a run: versions, seed, commit and machine."""
+    import numpy
+    import torch
+
+    from neurothermo._version import __version__
+
+    return {
+        "neurothermo": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "seed": seed,
+        "git_commit": git_commit(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+        },
+        "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+class Run:
+    """One run folder. Use :meth:`create`; write with the methods, never by hand."""
+
+    def __init__(self, path: Path, flush_seconds: float = 1.0) -> None:
+        self.path = Path(path)
+        self.flush_seconds = flush_seconds
+        self._pending: list[str] = []
+        self._last_flush = time.monotonic()
+
+    @classmethod
+    def create(cls, root: Path, experiment: str, **kw: Any) -> Run:
+        root = check_writable(Path(root))
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = root / experiment / f"{stamp}-{secrets.token_hex(3)}"
+        path.mkdir(parents=True, exist_ok=False)
+        run = cls(path, **kw)
+        run.set_status("running")
+        return run
+
+    # -- files --------------------------------------------------------------------------------
+    def write_json(self, name: str, obj: Any) -> Path:
+        target = self.path / name
+        atomic_write_json(target, obj)
+        return target
+
+    def write_text(self, name: str, text: str) -> Path:
+        target = self.path / name
+        atomic_write_text(target, text)
+        return target
+
+    def set_status(self, status: str) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        atomic_write_text(self.path / "status", status + "\n")
+
+    @property
+    def status(self) -> str:
+        return read_status(self.path)
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        """Queue one record for ``metrics.jsonl``; flushed atomically at most every flush_seconds."""
+        self._pending.append(dumps(record))
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append pending records to ``metrics.jsonl`` by copy + append + atomic rename."""
+        self._last_flush = time.monotonic()
+        if not self._pending:
+            return
+        target = self.path / "metrics.jsonl"
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".metrics.jsonl.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                if target.exists():
+                    with open(target, encoding="utf-8") as old:
+                        shutil.copyfileobj(old, out)
+                out.write("\n".join(self._pending) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        self._pending.clear()
+
+
+def read_status(path: Path) -> str:
+    f = Path(path) / "status"
+    return f.read_text().strip() if f.exists() else "unknown"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    f = Path(path) / "metrics.jsonl"
+    if not f.exists():
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    f = Path(path) / "summary.json"
+    if not f.exists():
+        raise FileNotFoundError(
+            f"{str(path)!r} has no summary.json (status: {read_status(Path(path))}); "
+            "is it a run folder (runs/<experiment>/<timestamp>-<id>/)?"
+        )
+    return json.loads(f.read_text())

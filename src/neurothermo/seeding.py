@@ -1,0 +1,20 @@
+"""Determinism: one seed for Python's ``random``, NumPy and torch."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed ``random``, ``numpy.random`` and torch (CPU and CUDA); return a fresh CPU generator.
+
+    The same seed gives the same numbers on the same machine, torch build and thread count.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
