@@ -1,3 +1,4 @@
+# ruff: noqa: I001  (imports are grouped by feature below, not sorted)
 """neurothermo: the thermodynamics of neural-network training, measured.
 
 Public API. Conventions (THEORY.md): ``loss_fn(outputs, targets)`` is mean-reduced over the batch,

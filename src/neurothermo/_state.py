@@ -41,7 +41,7 @@ def select_parameters(model: nn.Module, param_filter: ParamFilter = None) -> dic
 
 
 def _buffers_of_stateful_modules(model: nn.Module) -> dict[str, Tensor]:
-    return {n: b for n, b in model.named_buffers()}
+    return dict(model.named_buffers())
 
 
 @contextmanager

@@ -113,8 +113,8 @@ def check_writable(root: Path) -> Path:
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-", delete=True):
+            pass
     except OSError as exc:
         raise RunStoreError(
             f"output folder {str(root)!r} is not writable ({exc.strerror or exc}); "

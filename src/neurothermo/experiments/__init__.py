@@ -1,5 +1,6 @@
 """Built-in experiments. Importing this package registers them (see ``base.register``)."""
-from neurothermo.experiments import entropic_flow  # noqa: F401
+from neurothermo.experiments import entropic_flow
+
 # (one import line per experiment module; keep sorted)
 from neurothermo.experiments.base import (
     REGISTRY,

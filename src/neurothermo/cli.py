@@ -1,0 +1,179 @@
+"""The ``neurothermo`` command line: list, run, reproduce, show, describe."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from neurothermo._version import __version__
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Measure the thermodynamics of neural-network training (entropic forces, symmetries, "
+    "gradient balance, universal representations, sharpness).",
+)
+console = Console()
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"neurothermo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """neurothermo."""
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _rich_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """List the registered experiments, one line each."""
+    from neurothermo.experiments.base import all_experiments
+
+    for exp in all_experiments():
+        missing = exp.missing()
+        note = f"  [yellow](needs extra '{exp.extra}')[/]" if missing else ""
+        console.print(f"[bold]{exp.name:<24}[/] {exp.title}{note}", highlight=False)
+
+
+@app.command()
+def describe(name: Annotated[str, typer.Argument(help="Experiment name.")]) -> None:
+    """Show an experiment's settings with their quick and full values."""
+    from neurothermo.config import describe as describe_settings
+    from neurothermo.experiments.base import UnknownExperiment, get_experiment
+
+    try:
+        exp = get_experiment(name)
+    except UnknownExperiment as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"{exp.name}: {exp.title}", title_justify="left")
+    for col in ("setting", "type", "quick", "full", "meaning"):
+        table.add_column(col, overflow="fold")
+    for key, tp, _default, help_text in describe_settings(exp.config):
+        table.add_row(key, tp, str(getattr(exp.quick, key)), str(getattr(exp.full, key)), help_text)
+    console.print(table)
+    if exp.cost:
+        console.print(f"cost: {exp.cost}")
+
+
+def _run_one(name: str, quick: bool, seed: int, out: Path, overrides: list[str]) -> Any:
+    from neurothermo.config import ConfigError
+    from neurothermo.experiments.base import MissingExtra, UnknownExperiment
+    from neurothermo.runner import ExperimentFailed, run_experiment
+    from neurothermo.runstore import RunStoreError
+
+    try:
+        return run_experiment(name, quick=quick, seed=seed, out=out, overrides=overrides,
+                              progress_factory=_rich_progress)
+    except (UnknownExperiment, ConfigError, RunStoreError, MissingExtra) as exc:
+        raise _fail(str(exc), 2) from None
+    except ExperimentFailed as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; the run folder keeps status 'interrupted' and all metrics so "
+                    "far", 130) from None
+
+
+@app.command()
+def run(
+    name: Annotated[str, typer.Argument(help="Experiment name (see `neurothermo list`).")],
+    quick: Annotated[bool, typer.Option("--quick", help="Use the quick preset.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for torch, numpy and random.", min=0)] = 0,
+    out: Annotated[Path, typer.Option(help="Root folder of the run store.")] = Path("runs"),
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a setting: --set key=value (repeatable).")] = None,
+) -> None:
+    """Run one experiment into OUT/<experiment>/<timestamp>-<id>/."""
+    from neurothermo.report import print_summary
+
+    result = _run_one(name, quick, seed, out, list(set_ or []))
+    print_summary(result.path, console)
+    console.print(f"run folder: {result.path}")
+
+
+@app.command()
+def reproduce(
+    quick: Annotated[bool, typer.Option("--quick", help="Quick presets (minutes on a laptop).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for every experiment.", min=0)] = 0,
+    out: Annotated[Path, typer.Option(help="Root folder of the run store.")] = Path("runs"),
+) -> None:
+    """Run every registered experiment (skipping those whose optional extra is missing)."""
+    from neurothermo.experiments.base import all_experiments
+    from neurothermo.report import print_summary
+    from neurothermo.runstore import RunStoreError, check_writable
+
+    try:
+        check_writable(out)
+    except RunStoreError as exc:
+        raise _fail(str(exc), 2) from None
+    rows: list[tuple[str, str, str, str]] = []
+    failed = False
+    for exp in all_experiments():
+        if exp.missing():
+            rows.append((exp.name, "skipped", f"needs extra '{exp.extra}'", ""))
+            continue
+        console.rule(f"{exp.name}")
+        try:
+            result = _run_one(exp.name, quick, seed, out, [])
+        except typer.Exit as exc:
+            if exc.exit_code == 130:
+                raise
+            failed = True
+            rows.append((exp.name, "failed", "see error above", ""))
+            continue
+        print_summary(result.path, console)
+        preds = result.summary["predictions"]
+        passed = sum(p["passed"] for p in preds)
+        rows.append((exp.name, "done", f"{passed}/{len(preds)} predictions hold", str(result.path)))
+    table = Table(title="reproduce " + ("--quick" if quick else "(full)"), title_justify="left")
+    for col in ("experiment", "status", "result", "run folder"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def show(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
+    """Print a run's summary (predictions and figures) as tables."""
+    from neurothermo.report import print_summary
+
+    try:
+        print_summary(run_dir, console)
+    except FileNotFoundError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
