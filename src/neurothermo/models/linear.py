@@ -1,0 +1,74 @@
+"""Deep linear networks, plain and embedded (THEORY.md §3).
+
+The embedded deep linear network is ``f(x) = M_out · W_D ⋯ W_1 · M_in · x`` with trainable ``W_k``
+and fixed invertible ``M_in``, ``M_out`` (stand-ins for the layers around a linear block). Hidden
+representations are ``h_k(x) = W_k ⋯ W_1 M_in x`` for k = 1 … D−1 (and the output of the last
+trainable map, before ``M_out``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch
+from torch import Tensor, nn
+
+
+class DeepLinear(nn.Module):
+    """``W_D ⋯ W_1 x`` with ``widths = (d_in, h_1, …, d_out)``; layers named ``layers.0 …``."""
+
+    def __init__(self, widths: Sequence[int], *, bias: bool = False, init_scale: float = 1.0,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if len(widths) < 2 or any(int(w) < 1 for w in widths):
+            raise ValueError(f"widths must list at least 2 positive sizes, got {list(widths)}")
+        self.layers = nn.ModuleList(
+            nn.Linear(int(a), int(b), bias=bias) for a, b in pairwise(widths)
+        )
+        with torch.no_grad():
+            for layer in self.layers:
+                std = init_scale / layer.in_features**0.5
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
+                if layer.bias is not None:
+                    layer.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def hidden(self, x: Tensor) -> list[Tensor]:
+        """Representations after each trainable map except the last: ``[h_1, …, h_{D−1}]``."""
+        out = []
+        for layer in self.layers[:-1]:
+            x = layer(x)
+            out.append(x)
+        return out
+
+
+class EmbeddedDeepLinear(nn.Module):
+    """``M_out · DeepLinear(widths) · M_in`` with ``M_in`` (widths[0] × d_in) and ``M_out`` fixed."""
+
+    def __init__(self, m_in: Tensor, widths: Sequence[int], m_out: Tensor, *,
+                 init_scale: float = 1.0, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if m_in.ndim != 2 or m_out.ndim != 2:
+            raise ValueError("m_in and m_out must be matrices")
+        if m_in.shape[0] != widths[0] or m_out.shape[1] != widths[-1]:
+            raise ValueError(
+                f"shapes do not chain: M_in {tuple(m_in.shape)}, widths {list(widths)}, "
+                f"M_out {tuple(m_out.shape)}"
+            )
+        self.register_buffer("m_in", m_in.clone())
+        self.register_buffer("m_out", m_out.clone())
+        self.body = DeepLinear(widths, init_scale=init_scale, generator=generator)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x @ self.m_in.T) @ self.m_out.T
+
+    def hidden(self, x: Tensor) -> list[Tensor]:
+        """Hidden representations of the trainable block, ``h_k = W_k ⋯ W_1 M_in x``."""
+        z = x @ self.m_in.T
+        out = self.body.hidden(z)
+        out.append(self.body.layers[-1](out[-1] if out else z))
+        return out
