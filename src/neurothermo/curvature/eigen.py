@@ -1,0 +1,122 @@
+"""``top_eigenvalues``: the sharpness ``λ_max(∇²L)`` and its neighbours, of a model on fixed data."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from neurothermo._state import ParamFilter
+from neurothermo._validate import check_int, check_positive
+from neurothermo.curvature.hvp import LossFn, hessian_operator
+from neurothermo.curvature.lanczos import RitzResult, lanczos
+from neurothermo.curvature.operator import CongruenceOperator, LinearOperator, ParamSpace
+from neurothermo.curvature.power import power_iteration
+
+EIGEN_METHODS = ("lanczos", "power")
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Top-``k`` eigenpairs of the Hessian (or of ``Λ^{1/2} H Λ^{1/2}`` with a preconditioner).
+
+    values:     (k,) float64, largest first.
+    vectors:    one dict ``name -> tensor`` per eigenvalue (unit norm over the selected parameters;
+                with a preconditioner, eigenvectors ``u`` of ``Λ^{1/2} H Λ^{1/2}``: the parameter-space
+                direction is ``Λ^{1/2} u``).
+    residuals:  (k,) ``‖H u − λ u‖``: some eigenvalue lies within it of ``values[i]``.
+    errors:     (k,) error estimates of ``values`` (``min(r, r²/gap)``, see ``lanczos``).
+    n_hvp:      Hessian-vector products used.
+    converged:  whether all errors reached ``tol`` (if not a ``ConvergenceWarning`` was issued).
+    """
+
+    values: Tensor
+    vectors: tuple[dict[str, Tensor], ...]
+    residuals: Tensor
+    errors: Tensor
+    n_hvp: int
+    converged: bool
+    method: str
+    preconditioned: bool
+
+    @property
+    def lambda_max(self) -> float:
+        """The largest eigenvalue (the sharpness)."""
+        return float(self.values[0])
+
+
+def preconditioner_diagonal(space: ParamSpace, preconditioner: Mapping[str, Any]) -> Tensor:
+    """Flat ``Λ^{1/2}`` from a dict ``name -> Λ`` (tensor broadcastable to the parameter, or a number).
+
+    Keys of parameters outside the selection are ignored; every selected parameter needs an entry.
+    """
+    if not isinstance(preconditioner, Mapping):
+        raise TypeError("preconditioner must be a dict name -> diagonal tensor Λ (step −lr·Λ·g), "
+                        f"e.g. from nt.preconditioner_from(optimizer); got {type(preconditioner).__name__}")
+    parts = []
+    for name, shape in zip(space.names, space.shapes):
+        if name not in preconditioner:
+            raise ValueError(f"preconditioner has no entry for parameter {name!r}; it needs one per "
+                             "selected parameter")
+        lam = torch.as_tensor(preconditioner[name], dtype=space.dtype, device=space.device)
+        try:
+            lam = torch.broadcast_to(lam, shape)
+        except RuntimeError:
+            raise ValueError(f"preconditioner[{name!r}] has shape {tuple(lam.shape)}, not broadcastable "
+                             f"to the parameter's {tuple(shape)}") from None
+        if not bool(torch.isfinite(lam).all()) or bool((lam < 0).any()):
+            raise ValueError(f"preconditioner[{name!r}] must be finite and >= 0 (a diagonal Λ of a "
+                             "step −lr·Λ·g); it has negative, NaN or Inf entries")
+        parts.append(lam.reshape(-1))
+    return torch.cat(parts).sqrt()
+
+
+def solve(op: LinearOperator, k: int, tol: float, method: str, max_hvp: int | None,
+          block_size: int | None, start: Tensor | None, seed: int | None) -> RitzResult:
+    """Dispatch to Lanczos or power iteration on a flat operator."""
+    gen = torch.Generator()
+    gen.manual_seed(0 if seed is None else seed)
+    if method == "lanczos":
+        return lanczos(op, k, tol=tol, max_matvec=max_hvp, block_size=block_size, start=start,
+                       generator=gen)
+    return power_iteration(op, k, tol=tol, max_matvec=max_hvp, generator=gen)
+
+
+def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 1, tol: float = 1e-3,
+                    method: str = "lanczos", param_filter: ParamFilter = None,
+                    preconditioner: Mapping[str, Any] | None = None, max_hvp: int | None = None,
+                    mode: str = "eval", hvp_method: str = "reverse",
+                    microbatch_size: int | None = None, block_size: int | None = None,
+                    seed: int = 0) -> EigenResult:
+    """The ``k`` largest eigenvalues of ``H = ∇²_θ (1/N) Σ_i l_i`` over all samples of ``data``.
+
+    ``method="lanczos"`` (block Lanczos, full reorthogonalisation, thick restart; block size
+    ``block_size``, default ``k``, so eigenvalues of multiplicity ≤ k are resolved) or ``"power"``
+    (deflated power iteration). ``tol``: relative accuracy of each eigenvalue (error estimate ≤
+    ``tol·|λ|``). ``max_hvp`` (default ``200 + 50k``) caps the Hessian-vector products; running out
+    returns the estimate with its residuals and a ``ConvergenceWarning``. ``preconditioner``: dict
+    ``name -> Λ`` (the diagonal of a step ``−lr·Λ·g``): the spectrum of ``Λ^{1/2} H Λ^{1/2}``, the
+    sharpness an adaptive method feels (its stability limit is ``lr·λ < 2`` like GD's). ``mode``,
+    ``hvp_method``, ``microbatch_size``, ``param_filter``: as for ``hvp``.
+    """
+    check_int("k", k)
+    check_positive("tol", tol)
+    if method not in EIGEN_METHODS:
+        raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
+    with hessian_operator(model, loss_fn, data, mode=mode, method=hvp_method,
+                          microbatch_size=microbatch_size, param_filter=param_filter,
+                          seed=seed) as hop:
+        op: LinearOperator = hop
+        if preconditioner is not None:
+            op = CongruenceOperator(hop, preconditioner_diagonal(hop.space, preconditioner))
+        res = solve(op, k, tol, method, max_hvp, block_size, None, seed)
+        return to_eigen_result(res, hop.space, method, preconditioner is not None)
+
+
+def to_eigen_result(res: RitzResult, space: ParamSpace, method: str, preconditioned: bool) -> EigenResult:
+    vecs = tuple({n: t.detach().clone() for n, t in space.unflatten(res.vectors[:, i]).items()}
+                 for i in range(res.vectors.shape[1]))
+    return EigenResult(res.values, vecs, res.residuals, res.errors, res.n_matvec, res.converged,
+                       method, preconditioned)

@@ -1,0 +1,300 @@
+"""Hessian-vector products of the mean loss over a fixed data set, three ways.
+
+Convention (THEORY.md): ``loss_fn(outputs, targets)`` is mean-reduced over its batch. The Hessian is
+that of the **mean loss over all N samples of ``data``**,
+
+    L(θ) = (1/N) Σ_i l_i(θ) = Σ_m (b_m / N) · l_{B_m}(θ),     H = ∇²L,
+
+where ``data`` is cut into microbatches ``B_m`` of sizes ``b_m`` (``microbatch_size``, the last one
+possibly smaller): each microbatch's Hessian-vector product is weighted by its size, so the result
+does not depend on ``microbatch_size`` (up to rounding). ``data`` is one batch ``(inputs, targets)``
+or a list of such batches (their sizes may differ; they are weighted by size too).
+
+Methods (all give ``H v``; tests check they agree):
+
+* ``"reverse"``: double backward, ``∂/∂θ (∇L · v)`` through ``torch.autograd.grad``. When the data
+  is a single microbatch the first-order graph is built once and reused by every product (as
+  PyHessian does), so an iterative solver pays one backward-of-backward per product.
+* ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad`` (no graph kept between calls;
+  less memory than double backward on large models, on small CPU models the torch.func overhead shows).
+* ``"finite_difference"``: central difference ``(∇L(θ + h v) − ∇L(θ − h v)) / (2h)``, error
+  ``(h²/6)·∂³_t ∇L(θ + t v)|₀ + O(h⁴)`` from truncation and ``≈ ε_mach·‖∇L‖/h`` from rounding; the
+  default ``h = ε_mach^{1/3} / ‖v‖`` balances the two (perturbation of norm ``ε_mach^{1/3}``).
+
+Mode: ``mode="eval"`` (default, like PyHessian) or ``"train"``. In train mode BatchNorm uses batch
+statistics without updating its running statistics, and random layers (dropout) draw the same masks in
+every product (a fixed seed per microbatch), so the operator is a fixed symmetric matrix. The model's
+flags, buffers and ``.grad`` are restored exactly afterwards (``_state.preserved_state``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp
+
+from neurothermo._state import (
+    ParamFilter,
+    has_train_mode_batchnorm,
+    preserved_state,
+    select_parameters,
+)
+from neurothermo._validate import (
+    check_batch,
+    check_finite_params,
+    check_int,
+    check_loss_fn,
+    check_positive,
+    check_scalar_loss,
+)
+from neurothermo.curvature.operator import LinearOperator, ParamSpace
+
+HvpMethod = Literal["reverse", "forward_over_reverse", "finite_difference"]
+HVP_METHODS: tuple[str, ...] = ("reverse", "forward_over_reverse", "finite_difference")
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Batch = tuple[Tensor, Tensor]
+
+
+def as_batches(data: Any) -> list[Batch]:
+    """``data`` as a list of checked ``(inputs, targets)`` batches.
+
+    Accepts one batch ``(x, y)`` or a non-empty sequence of batches.
+    """
+    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        return [check_batch(data, "data")]
+    if isinstance(data, tuple | list):
+        if len(data) == 0:
+            raise ValueError("data is empty; pass (inputs, targets) or a non-empty list of such batches")
+        return [check_batch(b, f"data[{i}]") for i, b in enumerate(data)]
+    raise TypeError(
+        f"data must be a pair (inputs, targets) of tensors or a list of such pairs, got {type(data).__name__}"
+    )
+
+
+def microbatches(batches: Sequence[Batch], microbatch_size: int | None) -> list[tuple[Batch, float]]:
+    """Cut batches into microbatches; each comes with its weight ``b_m / N`` (weights sum to 1)."""
+    chunks: list[Batch] = []
+    for x, y in batches:
+        if microbatch_size is None:
+            chunks.append((x, y))
+        else:
+            chunks.extend(zip(x.split(microbatch_size), y.split(microbatch_size)))
+    n_total = sum(x.shape[0] for x, _ in chunks)
+    return [(c, c[0].shape[0] / n_total) for c in chunks]
+
+
+def _disable_bn_tracking(model: nn.Module) -> list[nn.Module]:
+    """Make train-mode BatchNorm use batch statistics without touching its running statistics."""
+    changed = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            m.track_running_stats = False
+            changed.append(m)
+    return changed
+
+
+@contextmanager
+def measurement_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """Put ``model`` in ``mode`` ("eval" or "train") for a measurement; restore everything after."""
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    with preserved_state(model, mode):
+        changed = _disable_bn_tracking(model)
+        try:
+            yield model
+        finally:
+            for m in changed:
+                m.track_running_stats = True
+
+
+def _fixed_rng(device: torch.device, seed: int) -> AbstractContextManager[Any]:
+    """Fork the RNG (CPU and the model's accelerator) and seed it: same dropout masks every call."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+
+    @contextmanager
+    def ctx() -> Iterator[None]:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    return ctx()
+
+
+class HessianOperator(LinearOperator):
+    """``v ↦ H v`` for the mean loss of ``model`` over ``data`` (see the module docstring).
+
+    Build it through ``hessian_operator(...)`` (a context manager that sets the mode and restores the
+    model afterwards), not directly. ``space`` maps flat vectors to parameter dicts.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, *,
+                 method: str = "reverse", microbatch_size: int | None = None,
+                 param_filter: ParamFilter = None, fd_step: float | None = None,
+                 cache: bool | None = None, seed: int = 0) -> None:
+        check_loss_fn(loss_fn)
+        if method not in HVP_METHODS:
+            raise ValueError(f"method must be one of {HVP_METHODS}, got {method!r}")
+        if microbatch_size is not None:
+            check_int("microbatch_size", microbatch_size)
+        if fd_step is not None:
+            check_positive("fd_step", fd_step)
+        self.params = select_parameters(model, param_filter)
+        check_finite_params(model)
+        self.space = ParamSpace.of(self.params)
+        super().__init__(self.space.size, self.space.dtype, self.space.device)
+        batches = as_batches(data)
+        self.chunks = [((x.to(self.device), y.to(self.device)), w)
+                       for (x, y), w in microbatches(batches, microbatch_size)]
+        if len(self.chunks) > len(batches) and (bn := has_train_mode_batchnorm(model)):
+            raise ValueError(
+                f"microbatch_size={microbatch_size} splits batches, but BatchNorm {bn!r} is in train "
+                "mode: its batch statistics would change with the split (a different loss). Use "
+                "mode='eval', or pass the batches as a list without microbatch_size"
+            )
+        self.model, self.loss_fn, self.method = model, loss_fn, method
+        self.fd_step, self.seed = fd_step, seed
+        self._plist = list(self.params.values())
+        self._train = model.training
+        self._cache = (len(self.chunks) == 1) if cache is None else bool(cache)
+        self._grads: list[list[Tensor | None]] | None = None
+        self.loss = self._init_losses()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _rng(self, i: int) -> AbstractContextManager[Any]:
+        return _fixed_rng(self.device, self.seed + i) if self._train else nullcontext()
+
+    def _loss(self, i: int, batch: Batch) -> Tensor:
+        with self._rng(i):
+            return self.loss_fn(self.model(batch[0]), batch[1])
+
+    def _graph_grads(self, i: int, batch: Batch) -> tuple[Tensor, list[Tensor | None]]:
+        loss = self._loss(i, batch)
+        grads = torch.autograd.grad(loss, self._plist, create_graph=True, allow_unused=True)
+        return loss, list(grads)
+
+    def _init_losses(self) -> float:
+        total = 0.0
+        grads_cache: list[list[Tensor | None]] = []
+        for i, (batch, w) in enumerate(self.chunks):
+            if self._cache and self.method == "reverse":
+                loss, grads = self._graph_grads(i, batch)
+                grads_cache.append(grads)
+            else:
+                with torch.no_grad():
+                    loss = self._loss(i, batch)
+            total += w * float(check_scalar_loss(loss).detach())
+        if grads_cache:
+            self._grads = grads_cache
+        return total
+
+    def release(self) -> None:
+        """Drop the cached first-order graph."""
+        self._grads = None
+
+    def _functional_loss(self, i: int, batch: Batch) -> Callable[[dict[str, Tensor]], Tensor]:
+        def f(p: dict[str, Tensor]) -> Tensor:
+            with self._rng(i):
+                out = functional_call(self.model, p, (batch[0],))
+            return self.loss_fn(out, batch[1])
+        return f
+
+    # -- the three products ---------------------------------------------------------------------
+    def _reverse(self, i: int, batch: Batch, v: list[Tensor]) -> list[Tensor]:
+        if self._grads is not None:
+            grads, retain = self._grads[i], True
+        else:
+            grads, retain = self._graph_grads(i, batch)[1], False
+        pairs = [(g, vi) for g, vi in zip(grads, v) if g is not None and g.requires_grad]
+        if not pairs:  # loss linear (or constant) in the selected parameters: H = 0
+            return [torch.zeros_like(p) for p in self._plist]
+        hv = torch.autograd.grad([g for g, _ in pairs], self._plist, grad_outputs=[vi for _, vi in pairs],
+                                 retain_graph=retain, allow_unused=True)
+        return [torch.zeros_like(p) if h is None else h for p, h in zip(self._plist, hv)]
+
+    def _primal(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.params.items()}
+
+    def _forward_over_reverse(self, i: int, batch: Batch, v: list[Tensor]) -> list[Tensor]:
+        f = self._functional_loss(i, batch)
+        tangent = dict(zip(self.space.names, v))
+        with torch.no_grad():
+            _, hv = jvp(grad(f), (self._primal(),), (tangent,))
+        return [hv[n] for n in self.space.names]
+
+    def _finite_difference(self, i: int, batch: Batch, v: list[Tensor]) -> list[Tensor]:
+        f = grad(self._functional_loss(i, batch))
+        vnorm = float(torch.sqrt(sum(vi.pow(2).sum() for vi in v)))  # type: ignore[arg-type]
+        if vnorm == 0.0:
+            return [torch.zeros_like(p) for p in self._plist]
+        h = self.fd_step if self.fd_step is not None else torch.finfo(self.dtype).eps ** (1 / 3) / vnorm
+        theta = self._primal()
+        with torch.no_grad():
+            g_plus = f({n: t + h * vi for (n, t), vi in zip(theta.items(), v)})
+            g_minus = f({n: t - h * vi for (n, t), vi in zip(theta.items(), v)})
+        return [(g_plus[n] - g_minus[n]) / (2 * h) for n in self.space.names]
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        product = {"reverse": self._reverse, "forward_over_reverse": self._forward_over_reverse,
+                   "finite_difference": self._finite_difference}[self.method]
+        cols = []
+        for j in range(V.shape[1]):
+            v = list(self.space.unflatten(V[:, j]).values())
+            acc: Tensor | None = None
+            for i, (batch, w) in enumerate(self.chunks):
+                hv = torch.cat([h.reshape(-1) for h in product(i, batch, v)]).detach()
+                acc = w * hv if acc is None else acc.add_(hv, alpha=w)
+            assert acc is not None
+            cols.append(acc)
+        return torch.stack(cols, dim=1)
+
+
+@contextmanager
+def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Any, *, mode: str = "eval",
+                     method: str = "reverse", microbatch_size: int | None = None,
+                     param_filter: ParamFilter = None, fd_step: float | None = None,
+                     cache: bool | None = None, seed: int = 0) -> Iterator[HessianOperator]:
+    """Context manager yielding a ``HessianOperator``; the model is restored exactly on exit."""
+    with measurement_mode(model, mode):
+        op = HessianOperator(model, loss_fn, data, method=method, microbatch_size=microbatch_size,
+                             param_filter=param_filter, fd_step=fd_step, cache=cache, seed=seed)
+        try:
+            yield op
+        finally:
+            op.release()
+
+
+def hvp(model: nn.Module, loss_fn: LossFn, data: Any, vector: Mapping[str, Tensor] | Tensor, *,
+        method: str = "reverse", microbatch_size: int | None = None,
+        param_filter: ParamFilter = None, mode: str = "eval",
+        fd_step: float | None = None) -> dict[str, Tensor]:
+    """Hessian-vector product ``H v`` of the mean loss over all samples of ``data``.
+
+    ``H = ∇²_θ (1/N) Σ_i l_i`` over the parameters selected by ``param_filter`` (others are held
+    fixed); microbatches are weighted by their size (module docstring). ``vector`` is a dict
+    ``name -> tensor`` with exactly the selected parameters' names and shapes (or a flat tensor in
+    ``model.named_parameters()`` order). Returns a dict of the same form. ``fd_step`` is ``h`` of the
+    finite difference (default ``ε_mach^{1/3}/‖v‖``).
+    """
+    with hessian_operator(model, loss_fn, data, mode=mode, method=method,
+                          microbatch_size=microbatch_size, param_filter=param_filter,
+                          fd_step=fd_step, cache=False) as op:
+        if isinstance(vector, Mapping):
+            v = op.space.flatten(vector, "vector")
+        elif isinstance(vector, Tensor):
+            if vector.shape != (op.size,):
+                raise ValueError(f"flat vector has shape {tuple(vector.shape)}; expected ({op.size},)")
+            v = vector.to(device=op.device, dtype=op.dtype)
+        else:
+            raise TypeError(f"vector must be a dict name -> tensor or a flat tensor, got {type(vector).__name__}")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("vector contains NaN or Inf")
+        out = op.matvec(v)
+        if not bool(torch.isfinite(out).all()):
+            raise FloatingPointError(
+                "the Hessian-vector product contains NaN or Inf although loss and vector are finite; "
+                "the loss is not twice differentiable here (e.g. sqrt or log at 0) or overflows"
+            )
+        return {n: t.clone() for n, t in op.space.unflatten(out).items()}

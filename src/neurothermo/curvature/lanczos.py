@@ -1,0 +1,191 @@
+"""Largest eigenvalues of a symmetric operator: block Lanczos with full reorthogonalisation and thick
+restart (Krylov–Schur), stopped on Ritz residuals.
+
+The algorithm keeps an orthonormal basis ``V`` and the projected matrix ``T = Vᵀ H V``. One step
+multiplies the newest block ``Q`` (``p`` columns: ``p`` Hessian-vector products), projects the result
+on the whole basis twice (classical Gram–Schmidt, "twice is enough": full reorthogonalisation, so no
+ghost copies of converged eigenvalues appear), and orthonormalises the remainder into the next block
+``Q' R``. Then ``H V = V T + Q' R Eᵀ`` holds (``E`` selects the newest block), so a Ritz pair
+``(θ_i, y_i = V s_i)`` of ``T`` has residual
+
+    r_i = ‖H y_i − θ_i y_i‖ = ‖R · s_i[newest block rows]‖,
+
+known without another product. Error estimate of ``θ_i``: ``e_i = min(r_i, r_i² / gap_i)``, ``gap_i``
+the distance to the nearest other Ritz value (``r_i`` alone bounds the distance to *some*
+eigenvalue; ``r_i²/gap`` is the Kato–Temple estimate with the gap estimated from Ritz values, as
+usual for Krylov solvers: an estimate, not a guarantee). Pair ``i`` has converged when
+``e_i ≤ tol · max(|θ_i|, √ε_mach · max_j |θ_j|)``.
+
+When the basis is full it is restarted on the best ``ℓ`` Ritz vectors plus the next block (thick
+restart: no information about the wanted pairs is lost). A block of ``p ≥ m`` vectors resolves an
+eigenvalue of multiplicity ``m``; single-vector Krylov methods (``p = 1``) see one copy of a repeated
+eigenvalue only, which is why the default block size is ``k``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from neurothermo._validate import check_int, check_positive
+from neurothermo.curvature.operator import LinearOperator
+
+
+class ConvergenceWarning(UserWarning):
+    """An eigenvalue or trace solver stopped at its product budget before reaching ``tol``."""
+
+
+@dataclass(frozen=True)
+class RitzResult:
+    """Eigenpairs of a flat operator, largest first, with their error estimates.
+
+    ``values``/``residuals``/``errors``: float64 ``(k,)`` on the CPU; ``vectors``: ``(n, k)``
+    orthonormal columns in the operator's dtype/device; ``n_matvec``: products used.
+    """
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    errors: Tensor
+    n_matvec: int
+    converged: bool
+
+
+def random_block(n: int, p: int, dtype: torch.dtype, device: torch.device,
+                 generator: torch.Generator | None) -> Tensor:
+    """``p`` standard normal vectors (drawn on the CPU, so a seed gives the same numbers anywhere)."""
+    return torch.randn(n, p, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def orthonormalize(W: Tensor, basis: Tensor, tiny: float,
+                   generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """``W = Q R`` with ``Q ⊥ basis``, ``Q`` orthonormal (column-wise CGS2).
+
+    ``W`` must already be orthogonal to ``basis``. A column whose remainder is ``≤ tiny`` (the block
+    became dependent: an invariant subspace was found) is replaced by a random direction orthogonal to
+    everything so far, with a zero in ``R``. Returns at most ``n − basis`` columns.
+    """
+    n, p = W.shape
+    width = min(p, n - basis.shape[1])
+    Q = W.new_zeros(n, width)
+    R = torch.zeros(width, p, dtype=torch.float64)
+    cnt = 0
+    for c in range(p):
+        w = W[:, c].clone()
+        for _ in range(2):
+            if cnt:
+                coef = Q[:, :cnt].T @ w
+                w -= Q[:, :cnt] @ coef
+                R[:cnt, c] += coef.double().cpu()
+        if cnt == width:
+            continue
+        nrm = float(torch.linalg.vector_norm(w))
+        if nrm > tiny:
+            Q[:, cnt] = w / nrm
+            R[cnt, c] = nrm
+        else:
+            z = random_block(n, 1, W.dtype, W.device, generator)[:, 0]
+            full = torch.cat([basis, Q[:, :cnt]], dim=1)
+            for _ in range(2):
+                z -= full @ (full.T @ z)
+            Q[:, cnt] = z / torch.linalg.vector_norm(z)
+        cnt += 1
+    return Q, R
+
+
+def ritz_errors(theta: Tensor, resid: Tensor) -> Tensor:
+    """``min(r_i, r_i²/gap_i)`` with ``gap_i`` the distance from ``θ_i`` to the other Ritz values."""
+    if theta.numel() < 2:
+        return resid.clone()
+    d = (theta[:, None] - theta[None, :]).abs()
+    d.fill_diagonal_(float("inf"))
+    gap = d.min(dim=1).values
+    return torch.minimum(resid, resid.pow(2) / gap)
+
+
+def converged_mask(values: Tensor, errors: Tensor, tol: float, all_values: Tensor,
+                   dtype: torch.dtype) -> Tensor:
+    floor = torch.finfo(dtype).eps ** 0.5 * float(all_values.abs().max())
+    return errors <= tol * values.abs().clamp(min=floor)
+
+
+def _check_common(op: LinearOperator, k: int, tol: float, max_matvec: int | None) -> int:
+    check_int("k", k)
+    if k >= op.size:
+        raise ValueError(f"k={k} must be smaller than the number of parameters ({op.size}); "
+                         "for the full spectrum form the dense Hessian instead")
+    check_positive("tol", tol)
+    if max_matvec is None:
+        return 200 + 50 * k
+    return check_int("max_hvp", max_matvec, minimum=k)
+
+
+def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: int | None = None,
+            block_size: int | None = None, max_basis: int | None = None, start: Tensor | None = None,
+            generator: torch.Generator | None = None) -> RitzResult:
+    """The ``k`` algebraically largest eigenpairs of ``op`` (module docstring).
+
+    ``block_size`` p (default ``k``), ``max_basis`` (default ``max(30, 2k + 4p)``, capped at ``n``),
+    ``start``: ``(n, s)`` initial vectors (warm start; padded with random vectors to ``p``).
+    """
+    n = op.size
+    budget = _check_common(op, k, tol, max_matvec)
+    p = k if block_size is None else check_int("block_size", block_size, maximum=n - 1)
+    m_max = min(n, max(30, 2 * k + 4 * p) if max_basis is None else max_basis)
+    if m_max < min(n, k + 2 * p):
+        raise ValueError(f"max_basis={max_basis} too small: need at least k + 2·block_size = {k + 2 * p}")
+    dt, dev = op.dtype, op.device
+    V = torch.zeros(n, m_max + p, dtype=dt, device=dev)
+    T = torch.zeros(m_max + p, m_max + p, dtype=torch.float64)
+    Q0 = random_block(n, p, dt, dev, generator)
+    if start is not None:
+        if start.ndim != 2 or start.shape[0] != n:
+            raise ValueError(f"start must have shape ({n}, s), got {tuple(start.shape)}")
+        s = min(start.shape[1], p)
+        Q0[:, :s] = start[:, :s].to(device=dev, dtype=dt)
+    V[:, :p], _ = orthonormalize(Q0, V[:, :0], 1e-12 * float(Q0.abs().max()), generator)
+    a0, a1 = 0, p
+    used = op.n_matvec
+    while True:
+        W = op.matmat(V[:, a0:a1])
+        h = V[:, :a1].T @ W
+        hc = h.double().cpu()
+        if not bool(torch.isfinite(hc).all()):
+            raise FloatingPointError(
+                "a Hessian-vector product contains NaN or Inf; the loss is not twice "
+                "differentiable at these parameters (or overflows)")
+        T[:a1, a0:a1] = hc
+        T[a0:a1, :a1] = hc.T
+        T[a0:a1, a0:a1] = (hc[a0:a1] + hc[a0:a1].T) / 2
+        W -= V[:, :a1] @ h
+        W -= V[:, :a1] @ (V[:, :a1].T @ W)
+        theta, S = torch.linalg.eigh(T[:a1, :a1])
+        theta, S = theta.flip(0), S.flip(1)
+        tiny = 100 * torch.finfo(dt).eps * max(float(theta.abs().max()), 1e-300)
+        Q, R = orthonormalize(W, V[:, :a1], tiny, generator)
+        resid = torch.linalg.vector_norm(R @ S[a0:a1], dim=0)
+        errors = ritz_errors(theta, resid)
+        done = a1 >= k and bool(converged_mask(theta[:k], errors[:k], tol, theta, dt).all())
+        w_new = Q.shape[1]
+        if done or w_new == 0 or op.n_matvec - used + w_new > budget:
+            break
+        if a1 + w_new > m_max:  # thick restart on the best ell Ritz vectors
+            ell = min(max(k + p, m_max // 2), m_max - 2 * p)
+            V[:, :ell] = V[:, :a1] @ S[:, :ell].to(device=dev, dtype=dt)
+            T.zero_()
+            T[:ell, :ell] = torch.diag(theta[:ell])
+            a1 = ell
+        V[:, a1:a1 + w_new] = Q
+        a0, a1 = a1, a1 + w_new
+    kk = min(k, a1)
+    vectors = V[:, :a1] @ S[:, :kk].to(device=dev, dtype=dt)
+    if not done:
+        warnings.warn(
+            f"Lanczos stopped after {op.n_matvec - used} Hessian-vector products (max_hvp={budget}) "
+            f"before reaching tol={tol}: error estimates {errors[:kk].tolist()} for eigenvalues "
+            f"{theta[:kk].tolist()}; raise max_hvp or tol",
+            ConvergenceWarning, stacklevel=2)
+    return RitzResult(theta[:kk].clone(), vectors, resid[:kk].clone(), errors[:kk].clone(),
+                      op.n_matvec - used, done)

@@ -1,0 +1,152 @@
+"""Symmetric linear operators on flat vectors, and the map between flat vectors and parameter dicts.
+
+Every curvature algorithm in neurothermo (Lanczos, power iteration, Hutchinson, Hutch++) sees the
+Hessian only through ``op.matmat(V)``: ``V`` is ``(n, p)`` (``p`` vectors as columns), the result is
+``H @ V``. ``op.n_matvec`` counts matrix-vector products (one column of one ``matmat`` = one
+Hessian-vector product), which is the cost measure the benchmarks report.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class LinearOperator:
+    """A symmetric ``n × n`` operator given by its action on blocks of vectors.
+
+    Subclasses implement ``_matmat(V) -> H @ V``; this class counts the products.
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.size = int(size)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.n_matvec = 0
+
+    def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """``H @ V`` for ``V`` of shape ``(n, p)``; costs ``p`` matrix-vector products."""
+        if V.ndim != 2 or V.shape[0] != self.size:
+            raise ValueError(f"expected a block of shape ({self.size}, p), got {tuple(V.shape)}")
+        self.n_matvec += V.shape[1]
+        return self._matmat(V)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H @ v`` for a flat vector ``v`` of length ``n``."""
+        if v.ndim != 1:
+            raise ValueError(f"expected a flat vector of length {self.size}, got shape {tuple(v.shape)}")
+        return self.matmat(v[:, None])[:, 0]
+
+
+class DenseOperator(LinearOperator):
+    """An explicit symmetric matrix as an operator (tests, and small problems)."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
+        super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
+        self.matrix = matrix
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.matrix @ V
+
+
+class FunctionOperator(LinearOperator):
+    """An operator from a function ``V (n, p) -> H V (n, p)``."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], size: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__(size, dtype, device)
+        self._fn = fn
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self._fn(V)
+
+
+class CongruenceOperator(LinearOperator):
+    """``D H D`` for a diagonal ``D`` (a flat vector ``d``): the preconditioned Hessian.
+
+    With ``d = Λ^{1/2}`` (``Λ`` the diagonal of an optimizer's step ``−η Λ g``) its spectrum is that
+    of ``Λ H`` (similar matrices), the curvature an adaptive method feels. Counting is delegated:
+    one product here is one product of the inner operator.
+    """
+
+    def __init__(self, inner: LinearOperator, d: Tensor) -> None:
+        if d.shape != (inner.size,):
+            raise ValueError(f"diagonal has shape {tuple(d.shape)}, expected ({inner.size},)")
+        super().__init__(inner.size, inner.dtype, inner.device)
+        self.inner = inner
+        self.d = d.to(device=inner.device, dtype=inner.dtype)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        out = self.inner.matmat(self.d[:, None] * V)
+        self.n_matvec = self.inner.n_matvec
+        return self.d[:, None] * out
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """Names and shapes of a set of parameters; converts dicts of tensors to flat vectors and back.
+
+    The flat order is the order of ``names`` (``model.named_parameters()`` order after filtering).
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, params: Mapping[str, Tensor]) -> ParamSpace:
+        first = next(iter(params.values()))
+        return cls(tuple(params), tuple(p.shape for p in params.values()), first.dtype, first.device)
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    @property
+    def size(self) -> int:
+        return sum(self.numels)
+
+    def flatten(self, tensors: Mapping[str, Tensor], what: str = "vector") -> Tensor:
+        """Concatenate a dict ``name -> tensor`` (keys and shapes as the space's) to a flat vector."""
+        missing = [n for n in self.names if n not in tensors]
+        extra = [n for n in tensors if n not in self.names]
+        if missing or extra:
+            raise ValueError(
+                f"{what} must have exactly the selected parameters as keys; "
+                + (f"missing {missing[:5]}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"unexpected {extra[:5]}" if extra else "")
+            )
+        parts = []
+        for n, s in zip(self.names, self.shapes):
+            t = tensors[n]
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{what}[{n!r}] must be a tensor, got {type(t).__name__}")
+            if t.shape != s:
+                raise ValueError(f"{what}[{n!r}] has shape {tuple(t.shape)}, parameter has {tuple(s)}")
+            parts.append(t.reshape(-1).to(device=self.device, dtype=self.dtype))
+        return torch.cat(parts)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector (or the leading axis of an ``(n, p)`` block) into parameter shapes.
+
+        For a block the result has shapes ``(p, *param.shape)``.
+        """
+        if flat.ndim == 1:
+            return {n: c.view(s) for n, c, s in zip(self.names, flat.split(self.numels), self.shapes)}
+        p = flat.shape[1]
+        return {n: c.T.reshape(p, *s) for n, c, s in
+                zip(self.names, flat.split(self.numels), self.shapes)}
+
+    def flatten_block(self, tensors: Mapping[str, Tensor] | list[Tensor]) -> Tensor:
+        """Inverse of ``unflatten`` on blocks: ``(p, *shape)`` per parameter -> ``(n, p)``."""
+        seq = list(tensors.values()) if isinstance(tensors, Mapping) else tensors
+        return torch.cat([t.reshape(t.shape[0], -1) for t in seq], dim=1).T

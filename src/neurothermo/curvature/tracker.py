@@ -1,0 +1,140 @@
+"""``SharpnessTracker``: λ_max during training, warm-started from the previous eigenvectors.
+
+Each ``update`` runs block Lanczos (``lanczos.py``) started from the ``k`` eigenvectors of the
+previous update instead of random vectors. When the landscape moved little, the start block is already
+close to the top eigenspace: the first block product gives Ritz values near the answer and Lanczos
+needs a few more products to certify them (measured in ``benchmarks/bench_curvature.py``: goal ≤ 10
+per update when λ_max moved < 5%). The warm start is dropped when the parameter set changed.
+
+Stability (THEORY.md §4, Cohen et al. 2021): gradient descent with learning rate η is stable on a
+quadratic while ``η·λ_max < 2``; heavy-ball momentum β moves the limit to ``2(1 + β)``
+(``torch.optim.SGD(momentum=β, dampening=0)``). Each reading reports ``η·λ_max`` against that limit.
+For adaptive methods pass ``preconditioner`` (``Λ`` of the step ``−η Λ g``): the reading is then the
+top eigenvalue of ``Λ^{1/2} H Λ^{1/2}`` (for Adam, whose limit also depends on β₁, the ratio is
+only indicative).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from neurothermo._state import ParamFilter
+from neurothermo._validate import check_int, check_positive
+from neurothermo.curvature.eigen import EIGEN_METHODS, preconditioner_diagonal, solve
+from neurothermo.curvature.hvp import HVP_METHODS, LossFn, hessian_operator
+from neurothermo.curvature.operator import CongruenceOperator, LinearOperator
+
+
+@dataclass(frozen=True)
+class SharpnessReading:
+    """One sharpness measurement.
+
+    step:                the caller's step number (or the update count when none was given).
+    values, residuals, errors: top-``k`` eigenvalues (float64, largest first) and their estimates.
+    lambda_max:          ``values[0]``.
+    lr, momentum:        η and β used for the stability numbers (``lr`` may be None).
+    lr_lambda_max:       ``η·λ_max`` (None without ``lr``).
+    stability_limit:     ``2(1 + β)``; GD-type dynamics are unstable above it.
+    n_hvp:               Hessian-vector products this update cost.
+    warm_started, converged: as named.
+    """
+
+    step: int
+    values: Tensor
+    residuals: Tensor
+    errors: Tensor
+    lambda_max: float
+    lr: float | None
+    momentum: float
+    lr_lambda_max: float | None
+    stability_limit: float
+    n_hvp: int
+    warm_started: bool
+    converged: bool
+
+    @property
+    def edge_ratio(self) -> float | None:
+        """``η·λ_max / (2(1 + β))``: 1 is the edge of stability."""
+        return None if self.lr_lambda_max is None else self.lr_lambda_max / self.stability_limit
+
+
+class SharpnessTracker:
+    """Track the top-``k`` Hessian eigenvalues across training with warm-started Lanczos.
+
+    Usage (e.g. every ``sharpness_every`` steps, on a fixed data subset)::
+
+        tracker = nt.SharpnessTracker(lr=0.05, momentum=0.9)
+        reading = tracker.update(model, loss_fn, (x_fixed, y_fixed), step=t)
+        reading.lambda_max, reading.lr_lambda_max, reading.stability_limit
+
+    Arguments as for ``top_eigenvalues`` (``k``, ``tol``, ``method``, ``param_filter``, ``mode``,
+    ``hvp_method``, ``microbatch_size``, ``max_hvp``, ``block_size``). ``history`` keeps every
+    reading. Measure on a fixed data set (e.g. a few thousand examples): minibatch estimates are noisy.
+    """
+
+    def __init__(self, *, k: int = 1, tol: float = 1e-3, lr: float | None = None,
+                 momentum: float = 0.0, method: str = "lanczos", param_filter: ParamFilter = None,
+                 mode: str = "eval", hvp_method: str = "reverse", microbatch_size: int | None = None,
+                 max_hvp: int | None = None, block_size: int | None = None, seed: int = 0) -> None:
+        self.k = check_int("k", k)
+        self.tol = check_positive("tol", tol)
+        self.lr = None if lr is None else check_positive("lr", lr)
+        self.momentum = self._check_momentum(momentum)
+        if method not in EIGEN_METHODS:
+            raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
+        if hvp_method not in HVP_METHODS:
+            raise ValueError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}")
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        self.method, self.param_filter, self.mode = method, param_filter, mode
+        self.hvp_method, self.microbatch_size = hvp_method, microbatch_size
+        self.max_hvp, self.block_size, self.seed = max_hvp, block_size, seed
+        self.history: list[SharpnessReading] = []
+        self._vectors: Tensor | None = None
+        self._signature: tuple[Any, ...] | None = None
+
+    @staticmethod
+    def _check_momentum(momentum: float) -> float:
+        m = check_positive("momentum", momentum, allow_zero=True)
+        if m >= 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        return m
+
+    def reset(self) -> None:
+        """Forget the warm start (e.g. after a jump in the parameters)."""
+        self._vectors, self._signature = None, None
+
+    def update(self, model: nn.Module, loss_fn: LossFn, data: Any, *, step: int | None = None,
+               lr: float | None = None, momentum: float | None = None,
+               preconditioner: Mapping[str, Any] | None = None) -> SharpnessReading:
+        """Measure the top eigenvalues now; ``lr``/``momentum`` override the constructor's (schedules)."""
+        lr_now = self.lr if lr is None else check_positive("lr", lr)
+        mom = self.momentum if momentum is None else self._check_momentum(momentum)
+        with hessian_operator(model, loss_fn, data, mode=self.mode, method=self.hvp_method,
+                              microbatch_size=self.microbatch_size, param_filter=self.param_filter,
+                              seed=self.seed) as hop:
+            op: LinearOperator = hop
+            if preconditioner is not None:
+                op = CongruenceOperator(hop, preconditioner_diagonal(hop.space, preconditioner))
+            sig = (hop.space.names, hop.space.shapes, hop.dtype, hop.device, preconditioner is None)
+            warm = self._vectors is not None and sig == self._signature and self.method == "lanczos"
+            res = solve(op, self.k, self.tol, self.method, self.max_hvp, self.block_size,
+                        self._vectors if warm else None, self.seed + len(self.history))
+        self._vectors, self._signature = res.vectors.detach(), sig
+        lam = float(res.values[0])
+        reading = SharpnessReading(
+            step=len(self.history) if step is None else int(step), values=res.values,
+            residuals=res.residuals, errors=res.errors, lambda_max=lam, lr=lr_now, momentum=mom,
+            lr_lambda_max=None if lr_now is None else lr_now * lam,
+            stability_limit=2.0 * (1.0 + mom), n_hvp=res.n_matvec, warm_started=warm,
+            converged=res.converged)
+        self.history.append(reading)
+        return reading
+
+    def values(self) -> Tensor:
+        """``(updates,)`` float64 tensor of λ_max over the history."""
+        return torch.tensor([r.lambda_max for r in self.history], dtype=torch.float64)
