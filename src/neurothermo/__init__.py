@@ -18,6 +18,16 @@ from neurothermo.seeding import seed_everything
 # --- end entropic ---
 
 # --- curvature (issue 7) ---
+from neurothermo.curvature import (
+    ConvergenceWarning,
+    EigenResult,
+    SharpnessReading,
+    SharpnessTracker,
+    TraceResult,
+    hessian_trace,
+    hvp,
+    top_eigenvalues,
+)
 # --- end curvature ---
 
 # --- symmetry (issue 5) ---
