@@ -15,6 +15,21 @@ from neurothermo.seeding import seed_everything
 # --- end gradstats ---
 
 # --- entropic (issue 3) ---
+from neurothermo.entropic import (
+    EntropicDecomposition,
+    EntropicRegularizer,
+    ExpectedEntropicForce,
+    Preconditioner,
+    entropic_decomposition,
+    entropic_flow,
+    entropic_force,
+    entropic_loss,
+    expected_entropic_force,
+    functional_entropic_force,
+    functional_entropic_loss,
+    functional_flow,
+    preconditioner_from,
+)
 # --- end entropic ---
 
 # --- curvature (issue 7) ---
@@ -37,6 +52,7 @@ from neurothermo.curvature import (
 # --- end train / monitor ---
 
 # --- alignment (issue 8) ---
+from neurothermo import alignment
 # --- end alignment ---
 
 import types as _types

@@ -1,0 +1,184 @@
+"""Capture per-layer features with forward hooks that are always removed.
+
+``capture_features(model, inputs)`` runs the model in eval mode without gradients, batch by batch,
+and returns ``{layer name: (N, D) tensor}``. The model is left exactly as it was (train/eval flags,
+BatchNorm buffers, ``.grad``), and every hook is removed also when the forward raises.
+
+Which layers (``layers="auto"``): the children of the longest ``nn.Sequential`` / ``nn.ModuleList``
+in the model (the block stack: a transformer's layers, a convnet's ``features``); if there is
+none with ≥ 2 children, the model's top-level children. Or give a list of names from
+``model.named_modules()``. A module that returns a tuple (e.g. a Hugging Face layer) contributes
+its first tensor.
+
+Pooling (``pool``) of one layer's output ``h`` of shape ``(b, ...)``:
+
+* ``"mean"``: ``(b, T, D)`` (tokens, transformer convention) → mean over tokens (over the tokens
+  with ``attention_mask == 1`` when ``inputs`` is a mapping holding ``attention_mask``);
+  ``(b, C, H, W…)`` (channels first, convnet convention) → mean over the spatial axes; ``(b, D)``
+  kept.
+* ``"last"``: ``(b, T, D)`` → the last token (the last unmasked one with an attention mask).
+* ``"flatten"``: ``h.reshape(b, −1)``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from neurothermo._state import preserved_state
+
+
+def auto_layers(model: nn.Module) -> list[str]:
+    """Names of the blocks of the longest ``Sequential``/``ModuleList`` (see module docstring)."""
+    best_name, best_len = None, 1
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Sequential | nn.ModuleList) and len(mod) > best_len:
+            best_name, best_len = name, len(mod)
+    if best_name is None:
+        names = [n for n, _ in model.named_children()]
+        if not names:
+            raise ValueError(f"{type(model).__name__} has no submodules to hook; pass layers=[...]")
+        return names
+    prefix = f"{best_name}." if best_name else ""
+    container = model.get_submodule(best_name) if best_name else model
+    return [prefix + n for n, _ in container.named_children()]
+
+
+def _first_tensor(out: Any, name: str) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Sequence) and out and isinstance(out[0], Tensor):
+        return out[0]
+    if isinstance(out, Mapping):
+        for v in out.values():
+            if isinstance(v, Tensor):
+                return v
+    raise TypeError(f"layer {name!r} returned {type(out).__name__}, not a tensor (or a tuple starting with one)")
+
+
+def pool_output(h: Tensor, pool: str, mask: Tensor | None = None) -> Tensor:
+    """Pool one layer output ``(b, ...)`` to ``(b, D)`` (see the module docstring)."""
+    b = h.shape[0]
+    if pool == "flatten" or h.ndim == 2:
+        return h.reshape(b, -1)
+    if h.ndim == 1:
+        return h.reshape(b, 1)
+    if pool == "mean":
+        if h.ndim == 3:
+            if mask is None:
+                return h.mean(dim=1)
+            w = mask.to(h.dtype).unsqueeze(-1)
+            return (h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+        return h.flatten(2).mean(dim=2)
+    if pool == "last":
+        if h.ndim != 3:
+            raise ValueError(
+                f"pool='last' takes the last token of a (b, T, D) output; got shape {tuple(h.shape)} "
+                "(use 'mean' or 'flatten' for convolutional maps)"
+            )
+        if mask is None:
+            return h[:, -1]
+        last = (mask.long().cumsum(dim=1).argmax(dim=1)).to(h.device)
+        return h[torch.arange(b, device=h.device), last]
+    raise ValueError(f"pool must be 'mean', 'last' or 'flatten', got {pool!r}")
+
+
+def _batches(inputs: Any, batch_size: int | None) -> tuple[int, list[tuple[Any, Tensor | None]]]:
+    """Split ``inputs`` (tensor, tuple of tensors, or mapping of tensors) along dim 0."""
+    if isinstance(inputs, Tensor):
+        n = inputs.shape[0]
+    elif isinstance(inputs, Mapping) and inputs:
+        n = next(iter(inputs.values())).shape[0]
+    elif isinstance(inputs, Sequence) and inputs and all(isinstance(t, Tensor) for t in inputs):
+        n = inputs[0].shape[0]
+    else:
+        raise TypeError(
+            "inputs must be a tensor, a tuple of tensors (positional arguments) or a dict of tensors "
+            f"(keyword arguments), got {type(inputs).__name__}"
+        )
+    if n == 0:
+        raise ValueError("inputs hold no samples")
+    size = n if batch_size is None else batch_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    out = []
+    for start in range(0, n, size):
+        sl = slice(start, start + size)
+        if isinstance(inputs, Tensor):
+            out.append((inputs[sl], None))
+        elif isinstance(inputs, Mapping):
+            part = {k: (v[sl] if isinstance(v, Tensor) else v) for k, v in inputs.items()}
+            out.append((part, part.get("attention_mask")))
+        else:
+            out.append((tuple(t[sl] for t in inputs), None))
+    return n, out
+
+
+def capture_features(
+    model: nn.Module, inputs: Any, *, layers: str | Sequence[str] = "auto", pool: str = "mean",
+    batch_size: int | None = None,
+) -> dict[str, Tensor]:
+    """``{layer: (N, D)}`` features of ``model`` on ``inputs`` (see the module docstring).
+
+    ``inputs``: a tensor (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``), split
+    into batches of ``batch_size`` along dim 0 (``None``: one batch). Raises naming the layer if a
+    name is unknown, if a hooked layer never ran, or if it ran more than once per forward.
+    """
+    if pool not in ("mean", "last", "flatten"):
+        raise ValueError(f"pool must be 'mean', 'last' or 'flatten', got {pool!r}")
+    if isinstance(layers, str) and layers != "auto":
+        raise ValueError(f"layers must be 'auto' or a list of module names, got {layers!r}")
+    names = auto_layers(model) if layers == "auto" else list(layers)
+    if not names:
+        raise ValueError("layers is empty")
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        avail = [n for n in modules if n][:25]
+        raise ValueError(f"unknown layer(s) {unknown}; available (first 25): {avail}")
+    n, batches = _batches(inputs, batch_size)
+    collected: dict[str, list[Tensor]] = {name: [] for name in names}
+    current: dict[str, Tensor] = {}
+    mask_now: list[Tensor | None] = [None]
+
+    def hook_for(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
+            if name in current:
+                raise RuntimeError(
+                    f"layer {name!r} ran more than once in one forward pass (a shared module); "
+                    "hook a module that runs once, or capture it by hand"
+                )
+            current[name] = pool_output(_first_tensor(out, name).detach(), pool, mask_now[0])
+        return hook
+
+    handles = []
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_hook(hook_for(name)))
+        with preserved_state(model, mode="eval"), torch.no_grad():
+            for batch, mask in batches:
+                current.clear()
+                mask_now[0] = mask
+                if isinstance(batch, Tensor):
+                    model(batch)
+                elif isinstance(batch, Mapping):
+                    model(**batch)
+                else:
+                    model(*batch)
+                missing = [nm for nm in names if nm not in current]
+                if missing:
+                    raise RuntimeError(
+                        f"layer(s) {missing} never ran in the forward pass, so they have no features; "
+                        "check the names (e.g. a branch the model skipped)"
+                    )
+                for nm in names:
+                    collected[nm].append(current[nm])
+    finally:
+        for h in handles:
+            h.remove()
+    out = {nm: torch.cat(parts) for nm, parts in collected.items()}
+    for nm, x in out.items():
+        assert x.shape[0] == n, (nm, x.shape)
+    return out
