@@ -11,9 +11,10 @@ entries. Rows (:meth:`to_dicts`) hold, for each recorded step, the columns recor
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -168,14 +169,10 @@ class History:
         rows: dict[int, dict[str, Any]] = {}
         for name, col in self._cols.items():
             vals = col.values()
-            for s, v in zip(col.steps, vals):
-                if after_step is not None and s <= after_step:
-                    continue
+            start = 0 if after_step is None else bisect.bisect_right(col.steps, after_step)
+            for s, v in zip(col.steps[start:], vals[start:]):
                 rows.setdefault(s, {"step": s})[name] = v.tolist() if v.ndim else float(v)
         return [rows[s] for s in sorted(rows)]
-
-    def iter_rows(self) -> Iterator[dict[str, Any]]:
-        yield from self.to_dicts()
 
     # ---- JSONL ---------------------------------------------------------------------------------
     def to_jsonl(self, path: str | Path, *, include_meta: bool = True) -> Path:

@@ -1,0 +1,13 @@
+"""Thermodynamic monitoring of training: ThermoMonitor, its History, balance summaries, writers.
+
+``ThermoMonitor`` (monitor.py) records, from what backward produced, per-layer and per-unit
+gradient energies, symmetry charges with their predicted and measured changes, the temperature,
+and occasionally the entropic terms and sharpness; ``History`` (history.py) is its columnar table;
+``layer_balance`` / ``neuron_balance`` (balance.py) summarise the paper's Figure 2 quantities;
+writers.py streams rows to JSON lines or TensorBoard; lightning.py adapts the monitor to
+PyTorch Lightning (optional). Column names: :mod:`neurothermo.monitor.names`.
+"""
+from neurothermo.monitor.balance import LayerBalance, NeuronBalance, layer_balance, neuron_balance
+from neurothermo.monitor.history import History
+from neurothermo.monitor.monitor import ThermoMonitor
+from neurothermo.monitor.writers import JSONLWriter, TensorBoardWriter, Writer

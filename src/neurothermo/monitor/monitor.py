@@ -1,0 +1,359 @@
+"""ThermoMonitor: watch entropic forces act during training, from what backward already produced.
+
+Use it in any loop::
+
+    monitor = nt.ThermoMonitor(model, loss_fn, optimizer=opt)
+    for step, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        monitor.after_backward(step, (x, y), loss=loss)   # reads p.grad, before the step
+        opt.step()
+        monitor.after_step(step)                         # reads the updated parameters
+    monitor.flush(); monitor.history                     # columns: see neurothermo.monitor.names
+
+Every ``every`` steps it records, from ``p.grad`` and the parameters only (no extra forward or
+backward pass): the loss (if passed), per layer ``‖g‖²`` of the minibatch gradient and its running
+expectation (bias-corrected EMA with factor ``ema``), the consecutive-layer balance ratios and
+residuals, per hidden unit of every rescale symmetry the incoming and outgoing gradient energies,
+every detected symmetry's charge ``J``, its predicted change over the step and the measured one,
+weight norms, ``lr``, ``b`` and the temperature ``lr/b``. Every ``noise_every`` steps it adds the
+entropic terms and ``Tr Σ`` (one extra per-sample-norm pass), every ``sharpness_every`` steps
+``λ_max`` and ``lr·λ_max`` on the fixed ``data``.
+
+**Learning rate and weight decay.** Read at every step from the ``optimizer``'s param groups when
+one is given (or bound by :func:`neurothermo.train`), else from the ``lr`` / ``weight_decay``
+arguments, which describe a plain SGD step ``θ' = θ − lr·(g + wd·θ)``. Charge predictions
+``(1 − lr·wd)²J + lr²·gᵀAg`` are exact for plain SGD (torch ``SGD`` with momentum 0, full-batch GD
+included) and are recorded only then; with momentum or Adam only the measured change is recorded
+(``history.meta["notes"]`` says why).
+
+**Monitors never change training**: everything runs under ``no_grad`` without touching ``p.grad``
+in place; the extra passes for the noise and sharpness terms run inside
+``torch.random.fork_rng`` and :func:`neurothermo._state.preserved_state` (BatchNorm buffers,
+train flags and ``.grad`` restored). Values stay on the model's device; the history is copied to
+the host every ``sync_every`` recorded steps (then rows go to the ``writer``).
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from neurothermo._state import preserved_state
+from neurothermo._validate import check_batch, check_int, check_loss_fn, check_positive
+from neurothermo.monitor import names
+from neurothermo.monitor.history import History
+from neurothermo.monitor.quantities import (
+    balance_residual,
+    ema_update,
+    predicted_change,
+    segment_sum,
+    squared_norms,
+    unit_energies,
+)
+from neurothermo.monitor.symmetries import Tracked, detect, track
+from neurothermo.monitor.writers import Writer
+
+
+class MonitorWarning(UserWarning):
+    """Something the monitor cannot record for this run (also listed in ``history.meta["notes"]``)."""
+
+
+class ThermoMonitor:
+    """Thermodynamic monitor for one model (see the module docstring for what it records).
+
+    ``symmetries``: ``"auto"`` (``nt.find_symmetries`` on the first batch), ``None`` (none), or a
+    list of ``Symmetry`` objects. ``data``: a fixed ``(inputs, targets)`` set for the population
+    entropic terms and for sharpness; without it the entropic terms are one-minibatch unbiased
+    estimates. ``dataset_size`` / ``replacement`` describe how minibatches are drawn (set by
+    ``nt.train``); unknown means i.i.d. draws. ``max_charge_numel``: charges with more entries
+    (large double-rotation matrices) are recorded only through ``charge_err``.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *, every: int = 1,
+        noise_every: int | None = 50, sharpness_every: int | None = None,
+        symmetries: str | Sequence[Any] | None = "auto", writer: Writer | None = None,
+        optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
+        weight_decay: float | None = None, data: tuple[Tensor, Tensor] | None = None,
+        dataset_size: int | None = None, replacement: bool | None = None, ema: float = 0.99,
+        sync_every: int = 100, max_charge_numel: int = 4096,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_loss_fn(loss_fn)
+        self.every = check_int("every", every)
+        self.noise_every = None if noise_every is None else check_int("noise_every", noise_every)
+        self.sharpness_every = (None if sharpness_every is None
+                                else check_int("sharpness_every", sharpness_every))
+        self.sync_every = check_int("sync_every", sync_every)
+        self.max_charge_numel = check_int("max_charge_numel", max_charge_numel, minimum=1)
+        if not (isinstance(ema, float | int) and 0 <= ema < 1):
+            raise ValueError(f"ema must be a number in [0, 1), got {ema!r}")
+        if not (symmetries is None or symmetries == "auto" or isinstance(symmetries, Sequence)):
+            raise ValueError(f"symmetries must be 'auto', None or a list of Symmetry, got {symmetries!r}")
+        if writer is not None and not isinstance(writer, Writer):
+            raise TypeError("writer needs write(rows, meta) and flush() (e.g. JSONLWriter(path))")
+        self.model, self.loss_fn, self.writer, self.ema = model, loss_fn, writer, float(ema)
+        self.data = None if data is None else check_batch(data, "data", min_size=2)
+        if self.sharpness_every is not None and self.data is None:
+            raise ValueError(
+                "sharpness_every needs data=(inputs, targets): sharpness is the top Hessian "
+                "eigenvalue on a fixed set (never on single minibatches, THEORY.md §4)"
+            )
+        self._sharpness = _make_tracker(self) if self.sharpness_every is not None else None
+        self._opt, self._lr, self._wd = None, None, None
+        self._n, self._replacement = None, None
+        self.bind(optimizer, lr=lr, weight_decay=weight_decay, dataset_size=dataset_size,
+                  replacement=replacement)
+
+        self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self._params:
+            raise ValueError("model has no trainable parameters to monitor")
+        owners: dict[str, int] = {}
+        for n in self._params:
+            owners.setdefault(n.rpartition(".")[0] or "(root)", len(owners))
+        self.layers = list(owners)
+        dev = next(iter(self._params.values())).device
+        self._param_layer = torch.tensor(
+            [owners[n.rpartition(".")[0] or "(root)"] for n in self._params], device=dev)
+        self._sym_request = symmetries
+        self._tracked: list[Tracked] | None = None
+        self.history = History(meta={"layers": self.layers, "every": self.every,
+                                     "noise_every": self.noise_every,
+                                     "sharpness_every": self.sharpness_every, "notes": []})
+        self._ema_layer: Tensor | None = None
+        self._count = 0
+        self._emitted = -1
+        self._pending: tuple[int, dict[str, Any]] | None = None
+        self._warned: set[str] = set()
+
+    # ---- configuration -------------------------------------------------------------------------
+    def bind(
+        self, optimizer: torch.optim.Optimizer | None = None, *, lr: float | None = None,
+        weight_decay: float | None = None, dataset_size: int | None = None,
+        replacement: bool | None = None,
+    ) -> ThermoMonitor:
+        """Tell the monitor how training steps (optimizer or lr/wd) and how batches are drawn."""
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is not None and (lr is not None or weight_decay is not None):
+            raise ValueError("give either optimizer= or lr=/weight_decay=, not both")
+        self._opt = optimizer or self._opt
+        if lr is not None:
+            self._lr = check_positive("lr", lr)
+        if weight_decay is not None:
+            self._wd = check_positive("weight_decay", weight_decay, allow_zero=True)
+        if dataset_size is not None:
+            self._n = check_int("dataset_size", dataset_size)
+        if replacement is not None:
+            self._replacement = bool(replacement)
+        return self
+
+    def _rule(self) -> tuple[float | None, float, str | None]:
+        """(lr, weight decay, reason why charge predictions are not exact or None)."""
+        opt = self._opt
+        if opt is None:
+            if self._lr is None:
+                return None, 0.0, "no lr known (pass optimizer= or lr=)"
+            return self._lr, self._wd or 0.0, None
+        groups = opt.param_groups
+        lr, wd = float(groups[0]["lr"]), float(groups[0].get("weight_decay", 0.0))
+        if any(float(g["lr"]) != lr or float(g.get("weight_decay", 0.0)) != wd for g in groups):
+            return lr, wd, "param groups differ in lr or weight_decay"
+        if type(opt) is not torch.optim.SGD:
+            return lr, wd, f"optimizer is {type(opt).__name__}, not plain SGD"
+        g0 = groups[0]
+        if g0.get("momentum", 0) or g0.get("nesterov") or g0.get("maximize"):
+            return lr, wd, "SGD with momentum (or nesterov/maximize) is not plain SGD"
+        return lr, wd, None
+
+    def _note(self, key: str, text: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.history.meta["notes"].append(text)
+            warnings.warn(f"ThermoMonitor: {text}", MonitorWarning, stacklevel=3)
+
+    @contextmanager
+    def _measuring(self) -> Iterator[None]:
+        """Extra passes: no effect on RNG streams, BatchNorm buffers, train flags or ``.grad``."""
+        dev = next(iter(self._params.values())).device
+        devices = [dev.index or 0] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), preserved_state(self.model):
+            yield
+
+    # ---- the two calls -------------------------------------------------------------------------
+    def after_backward(self, step: int, batch: tuple[Tensor, Tensor], *, loss: Tensor | None = None) -> None:
+        """Record what ``p.grad`` holds for ``step`` (call after backward, before the optimizer step)."""
+        check_int("step", step, minimum=0)
+        if self._pending is not None:
+            raise RuntimeError(
+                f"after_step({self._pending[0]}) was not called before after_backward({step})")
+        if not (isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[0], Tensor)):
+            raise TypeError("batch must be the pair (inputs, targets) the loss was computed on")
+        if self._tracked is None:
+            self._tracked = self._init_symmetries(batch[0])
+        lr, wd, not_exact = self._rule()
+        if lr is None:
+            self._note("lr", "no lr known (pass optimizer= or lr=): temperature, charge "
+                       "predictions and entropic terms are not recorded")
+        elif not_exact and self._tracked:
+            self._note("exact", f"charge predictions not recorded: {not_exact}")
+        values: dict[str, Any] = {}
+        recorded = step % self.every == 0
+        with torch.no_grad():
+            if loss is not None:
+                values[names.LOSS] = loss.detach()
+            if recorded:
+                self._record_grads(values, batch, lr, wd, predict=not_exact is None)
+            if lr is not None and self.noise_every is not None and step % self.noise_every == 0:
+                values.update(_entropic_terms(self, batch, loss, lr, wd))
+            if self._sharpness is not None and step % self.sharpness_every == 0:  # type: ignore[operator]
+                values.update(self._measure_sharpness(step, lr))
+        self._pending = (step, values)
+
+    def _measure_sharpness(self, step: int, lr: float | None) -> dict[str, Any]:
+        opt = self._opt
+        momentum = float(opt.param_groups[0].get("momentum", 0.0)) if opt is not None else 0.0
+        with self._measuring(), torch.enable_grad():
+            r = self._sharpness.update(self.model, self.loss_fn, self.data, step=step,  # type: ignore[union-attr]
+                                       lr=lr, momentum=momentum)
+        out: dict[str, Any] = {names.SHARPNESS: r.lambda_max}
+        if r.lr_lambda_max is not None:
+            out[names.LR_SHARPNESS] = r.lr_lambda_max
+        return out
+
+    def _record_grads(self, values: dict[str, Any], batch: Sequence[Tensor], lr: float | None,
+                      wd: float, *, predict: bool) -> None:
+        params = list(self._params.values())
+        grads = {n: p.grad for n, p in self._params.items()}
+        layer_sq = segment_sum(squared_norms(list(grads.values())), self._param_layer, len(self.layers))
+        self._count += 1
+        self._ema_layer = ema_update(self._ema_layer, layer_sq, self.ema)
+        ema_hat = self._ema_layer / (1 - self.ema**self._count)
+        w_norm = segment_sum(squared_norms(params), self._param_layer, len(self.layers)).sqrt()
+        for k, name in enumerate(self.layers):
+            values[names.grad_sq(name)] = layer_sq[k]
+            values[names.grad_sq_ema(name)] = ema_hat[k]
+            values[names.weight_norm(name)] = w_norm[k]
+        for k in range(len(self.layers) - 1):
+            a, b = self.layers[k], self.layers[k + 1]
+            values[names.layer_ratio(a, b)] = self._ema_layer[k] / self._ema_layer[k + 1]
+            values[names.layer_residual(a, b)] = balance_residual(self._ema_layer[k], self._ema_layer[k + 1])
+        if lr is not None:
+            bsz = int(batch[0].shape[0])
+            values[names.LR], values[names.BATCH_SIZE], values[names.TEMPERATURE] = lr, bsz, lr / bsz
+        for t in self._tracked or ():
+            cached = t.cached_charge(self._params)
+            t.before = t.charge(self._params) if cached is None else cached
+            if t.per_unit:
+                e_in, e_out = unit_energies(t.sym.slices, grads, t.sym.n_units)
+                values[names.energy_in(t.index)], values[names.energy_out(t.index)] = e_in, e_out
+                t.ema_in = ema_update(t.ema_in, e_in, self.ema)
+                t.ema_out = ema_update(t.ema_out, e_out, self.ema)
+                values[names.neuron_ratio(t.index)] = t.ema_in.sum() / t.ema_out.sum()
+                values[names.neuron_residual(t.index)] = balance_residual(t.ema_in, t.ema_out)
+                imbalance = e_in - e_out
+            elif predict:
+                imbalance = t.sym.imbalance(grads)
+            t.predicted = predicted_change(t.before, imbalance, lr, wd) if predict else None  # type: ignore[arg-type]
+            if t.before.numel() <= self.max_charge_numel:
+                values[names.charge(t.index)] = t.before
+                if t.predicted is not None:
+                    values[names.charge_pred(t.index)] = t.predicted
+
+    def after_step(self, step: int, *, loss: Tensor | None = None) -> None:
+        """Record the measured charge changes of ``step`` (call right after ``optimizer.step()``).
+
+        ``loss`` may be passed here instead of to :meth:`after_backward`.
+        """
+        if self._pending is None or self._pending[0] != step:
+            raise RuntimeError(
+                f"after_step({step}) without after_backward({step}): call after_backward(step, "
+                "batch) after loss.backward() and before optimizer.step()")
+        _, values = self._pending
+        self._pending = None
+        if loss is not None and names.LOSS not in values:
+            values[names.LOSS] = loss.detach()
+        if step % self.every == 0:
+            with torch.no_grad():
+                for t in self._tracked or ():
+                    after = t.charge(self._params)
+                    t.remember(after, self._params)
+                    measured = after - t.before
+                    if t.before.numel() <= self.max_charge_numel:
+                        values[names.charge_meas(t.index)] = measured
+                    if t.predicted is not None:
+                        values[names.charge_err(t.index)] = (measured - t.predicted).abs().max()
+        self.history.record(step, values)
+        if step % (self.every * self.sync_every) == 0:
+            self.flush()
+
+    # ---- output --------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Copy pending values to the host (one sync) and hand new rows to the writer."""
+        self.history.flush()
+        if self.writer is not None:
+            rows = self.history.to_dicts(after_step=self._emitted)
+            if rows:
+                self.writer.write(rows, self.history.meta)
+                self._emitted = rows[-1]["step"]
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Flush, then close the writer if it can be closed."""
+        self.flush()
+        close = getattr(self.writer, "close", None)
+        if callable(close):
+            close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue recording identically after a checkpoint resume."""
+        self.flush()
+        return {"history": self.history.state_dict(), "ema_layer": self._ema_layer,
+                "count": self._count, "emitted": self._emitted,
+                "units": {t.index: (t.ema_in, t.ema_out) for t in self._tracked or ()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history.load_state_dict(state["history"])
+        self._ema_layer, self._count = state["ema_layer"], int(state["count"])
+        self._emitted, self._pending = int(state["emitted"]), None
+        self._units_state = state.get("units", {})
+        for t in self._tracked or ():
+            t.ema_in, t.ema_out = self._units_state.get(t.index, (None, None))
+            t.forget()
+        steps = [int(s) for c in self.history.columns for s in self.history.steps(c)[-1:]]
+        last = max(steps, default=-1)
+        truncate = getattr(self.writer, "truncate", None)
+        if callable(truncate):
+            truncate(last)
+            self._emitted = min(self._emitted, last)
+
+    def _init_symmetries(self, inputs: Tensor) -> list[Tracked]:
+        with self._measuring(), torch.no_grad():
+            syms = detect(self.model, inputs, self._sym_request)
+        tracked = track(syms, self._params)
+        self.history.meta["symmetries"] = [t.describe() for t in tracked]
+        for t in tracked:  # restore unit EMAs after a resume
+            t.ema_in, t.ema_out = getattr(self, "_units_state", {}).get(t.index, (None, None))
+        return tracked
+
+
+def _entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | None,
+                    lr: float, wd: float) -> dict[str, Tensor]:
+    from neurothermo.monitor.noise import entropic_terms
+
+    with mon._measuring():
+        return entropic_terms(mon, batch, loss, lr, wd)
+
+
+def _make_tracker(mon: ThermoMonitor) -> object:
+    from neurothermo.monitor.noise import make_sharpness_tracker
+
+    return make_sharpness_tracker(mon)
+

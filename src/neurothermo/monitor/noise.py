@@ -1,0 +1,88 @@
+"""The monitor's occasional measurements: entropic terms / Tr Σ and sharpness.
+
+Both are called inside the monitor's ``_measuring()`` context (RNG streams, BatchNorm buffers,
+train flags and ``.grad`` restored afterwards), at ``noise_every`` / ``sharpness_every`` steps.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from neurothermo.monitor import names
+from neurothermo.monitor.quantities import batch_noise_terms, squared_norms
+
+if TYPE_CHECKING:
+    from neurothermo.monitor.monitor import ThermoMonitor
+
+LOSS, DISC, NOISE, TRACE = names.ENTROPIC
+TOTAL = "entropic/total"
+
+
+def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | None,
+                   lr: float, wd: float) -> dict[str, Tensor]:
+    """``entropic/{loss, discretization, noise, total, trace_sigma}`` for the current parameters.
+
+    With ``mon.data``: the exact population decomposition over that data
+    (:func:`neurothermo.entropic_decomposition`, minibatches of the current batch size, drawn as
+    ``mon`` was told, with replacement when it was not). Without: unbiased one-minibatch
+    estimates from the per-sample squared gradient norms of ``batch``
+    (:func:`neurothermo.monitor.quantities.batch_noise_terms`); ``entropic/loss`` is then the
+    minibatch loss passed to ``after_backward`` (omitted when none was passed).
+    """
+    b = int(batch[0].shape[0])
+    replacement = True if mon._replacement is None else mon._replacement
+    if mon.data is not None:
+        try:
+            from neurothermo.entropic import entropic_decomposition
+        except ImportError as e:
+            raise ImportError("ThermoMonitor(data=...) entropic terms need neurothermo.entropic") from e
+        d = entropic_decomposition(mon.model, mon.loss_fn, mon.data, lr=lr, batch_size=b,
+                                   replacement=replacement, weight_decay=wd)
+        mon.history.meta["entropic"] = f"exact over data (N={d.n_samples})"
+        return {LOSS: torch.tensor(d.loss), DISC: torch.tensor(d.discretization),
+                NOISE: torch.tensor(d.noise), TOTAL: torch.tensor(d.total),
+                TRACE: torch.tensor(d.trace_sigma)}
+    if b < 2:
+        mon._note("noise_b1", "entropic terms need b >= 2 per batch (or data=); not recorded")
+        return {}
+    try:
+        from neurothermo.gradstats import per_sample_grad_norms
+    except ImportError as e:
+        raise ImportError(
+            "ThermoMonitor noise terms need neurothermo.gradstats (per_sample_grad_norms); "
+            "pass noise_every=None to monitor without them"
+        ) from e
+    params = list(mon._params.values())
+    grads = [p.grad for p in params]
+    grad_sq = squared_norms(grads).sum()
+    decayed = None
+    if wd:
+        decayed = squared_norms([p.detach() * wd if g is None else g + wd * p.detach()
+                                 for g, p in zip(grads, params)]).sum()
+    with torch.enable_grad():
+        sample_sq = per_sample_grad_norms(mon.model, mon.loss_fn, (batch[0], batch[1])).detach()
+    terms = batch_noise_terms(sample_sq, grad_sq, lr=lr, dataset_size=mon._n,
+                              replacement=replacement, grad_sq_decayed=decayed)
+    mon.history.meta["entropic"] = "unbiased one-minibatch estimate"
+    out = {DISC: terms["discretization"], NOISE: terms["noise"], TRACE: terms["trace_sigma"]}
+    if loss is not None:
+        base = loss.detach()
+        if wd:
+            base = base + (wd / 2) * squared_norms([p.detach() for p in params]).sum()
+        out[LOSS] = base
+        out[TOTAL] = base + terms["discretization"] + terms["noise"]
+    return out
+
+
+def make_sharpness_tracker(mon: ThermoMonitor) -> Any:
+    """A :class:`neurothermo.SharpnessTracker` on the monitor's fixed ``data`` (issue 7)."""
+    try:
+        from neurothermo.curvature import SharpnessTracker
+    except ImportError as e:
+        raise ImportError(
+            "ThermoMonitor(sharpness_every=...) needs neurothermo.curvature (SharpnessTracker)"
+        ) from e
+    return SharpnessTracker()

@@ -1,0 +1,105 @@
+"""Where a monitor's rows go while training runs: JSON lines (always), TensorBoard (if installed).
+
+A writer is any object with ``write(rows, meta)`` (rows: the dicts of :meth:`History.to_dicts`,
+newly flushed, in step order) and ``flush()``; ``truncate(after_step)`` (optional) drops rows after
+a step when a run resumes from a checkpoint; ``close()`` (optional) releases files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from neurothermo.monitor.history import dumps_row
+
+
+@runtime_checkable
+class Writer(Protocol):
+    def write(self, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class JSONLWriter:
+    """Append rows to a JSON-lines file; the first line is ``{"__meta__": meta}``.
+
+    Readable with :meth:`History.from_jsonl` or ``[json.loads(line) for line in open(path)]``.
+    Non-finite floats are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (strict JSON).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise IsADirectoryError(f"JSONLWriter needs a file path, got the directory {self.path}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._started = self.path.exists() and self.path.stat().st_size > 0
+
+    def write(self, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            if not self._started:
+                f.write(dumps_row({"__meta__": dict(meta)}) + "\n")
+                self._started = True
+            for row in rows:
+                f.write(dumps_row(row) + "\n")
+
+    def flush(self) -> None:  # every write closes the file
+        return None
+
+    def truncate(self, after_step: int) -> None:
+        """Keep the meta line and rows with ``step <= after_step`` (atomic rewrite)."""
+        if not self.path.exists():
+            return
+        keep = []
+        with self.path.open(encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if "__meta__" in row or int(row["step"]) <= after_step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._started = bool(keep)
+
+
+class TensorBoardWriter:
+    """Scalars as ``add_scalar``, per-unit vectors as ``add_histogram`` (needs ``tensorboard``).
+
+    Column names are used as tags (``grad_sq/fc1``, ``charge_err/sym0``, …), so TensorBoard groups
+    them by their prefix. Matrices (double-rotation charges) are written as histograms of entries.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike[str]) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # torch raises ImportError when tensorboard is missing
+            raise ImportError(
+                "TensorBoardWriter needs the 'tensorboard' package (pip install tensorboard); "
+                "JSONLWriter works without it"
+            ) from e
+        self._w = SummaryWriter(log_dir=str(log_dir))
+        self.log_dir = Path(self._w.get_logdir())
+
+    def write(self, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> None:
+        import numpy as np
+
+        for row in rows:
+            step = int(row["step"])
+            for tag, value in row.items():
+                if tag == "step":
+                    continue
+                if isinstance(value, list):
+                    arr = np.asarray(value, dtype=np.float64)
+                    if arr.size and np.isfinite(arr).all():
+                        self._w.add_histogram(tag, arr, global_step=step)
+                else:
+                    self._w.add_scalar(tag, float(value), global_step=step)
+
+    def flush(self) -> None:
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
