@@ -148,7 +148,7 @@ class Cknna:
 
     name = "cknna"
     higher_is_more_aligned = True
-    symmetric = True
+    symmetric = False  # unbiased HSIC of non-symmetric masked kernels is not (platonic-rep's neither)
 
     def __init__(
         self, k: int = 10, *, unbiased: bool = True, normalize: bool = True,
@@ -156,6 +156,7 @@ class Cknna:
     ) -> None:
         self.k = k
         self.unbiased = bool(unbiased)
+        self.symmetric = not self.unbiased
         self.normalize = bool(normalize)
         self.clip_quantile = clip_quantile
 
@@ -234,6 +235,8 @@ def cknna(
     ``unbiased=True`` (platonic-rep's default) self is excluded from the neighbours and HSIC is Song
     et al.'s unbiased estimator (needs N ≥ 4); otherwise self may be a neighbour and HSIC is
     ``tr(K̃HL̃H)``. Computed from the ``N·k`` neighbour kernel values, never an ``N × N`` mask.
+    The masked kernels are not symmetric (``j ∈ N(i)`` does not imply ``i ∈ N(j)``), so the unbiased
+    value changes slightly when A and B are swapped (its ``1ᵀK̃L̃1`` term); the biased one does not.
     platonic-rep's default ``topk=None`` raises there; here ``k`` defaults to 10 and must be ≥ 2.
     """
     return pairwise(Cknna(k, unbiased=unbiased, normalize=normalize, clip_quantile=clip_quantile), A, B)
