@@ -1,0 +1,159 @@
+"""capture_features: layers, pooling, batching, state restored and hooks always removed."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from neurothermo import alignment as al
+
+
+class Tokens(nn.Module):
+    """(b, T) → (b, T, D) with a stack of blocks returning tuples, like a Hugging Face encoder."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, h):
+            return (torch.tanh(self.lin(h)), "extra")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.layers = nn.ModuleList([self.Block() for _ in range(3)])
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        for layer in self.layers:
+            h = layer(h)[0]
+        return h
+
+
+def _convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=1), nn.Flatten(), nn.Linear(5 * 6 * 6, 7),
+    )
+
+
+def test_auto_layers_pick_the_block_stack():
+    assert al.auto_layers(_convnet()) == ["0", "1", "2", "3", "4", "5"]
+    assert al.auto_layers(Tokens()) == ["layers.0", "layers.1", "layers.2"]
+    with pytest.raises(ValueError, match="no submodules"):
+        al.auto_layers(nn.Linear(2, 2))
+
+
+def test_conv_features_mean_pool_and_flatten_match_manual_forward():
+    net = _convnet()
+    x = torch.randn(10, 3, 6, 6)
+    feats = al.capture_features(net, x, layers=["0", "3", "5"], pool="mean")
+    net.eval()
+    with torch.no_grad():
+        h0 = net[0](x)
+        h3 = net[3](net[2](net[1](h0)))
+    assert torch.allclose(feats["0"], h0.mean(dim=(2, 3)), atol=1e-6)
+    assert torch.allclose(feats["3"], h3.mean(dim=(2, 3)), atol=1e-6)
+    assert feats["5"].shape == (10, 7)
+    flat = al.capture_features(net, x, layers=["3"], pool="flatten")
+    assert torch.allclose(flat["3"], h3.flatten(1), atol=1e-6)
+
+
+def test_batching_gives_the_same_features_and_state_is_restored():
+    net = _convnet()
+    net.train()
+    bn = net[1]
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.randn(11, 3, 6, 6)
+    one = al.capture_features(net, x)
+    parts = al.capture_features(net, x, batch_size=4)
+    for k in one:
+        assert torch.allclose(one[k], parts[k], atol=1e-6)
+    assert net.training and bn.training  # mode restored
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k])  # eval mode inside: running stats untouched
+    assert not any(m._forward_hooks for m in net.modules())
+
+
+def test_token_pooling_respects_the_attention_mask():
+    torch.manual_seed(1)
+    model = Tokens()
+    ids = torch.randint(0, 10, (5, 6))
+    mask = torch.ones(5, 6, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[2, 1:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    mean = al.capture_features(model, inputs, pool="mean", batch_size=2)
+    last = al.capture_features(model, inputs, pool="last")
+    with torch.no_grad():
+        h = model.emb(ids)
+        for layer in model.layers:
+            h = layer(h)[0]
+    w = mask.unsqueeze(-1).float()
+    assert torch.allclose(mean["layers.2"], (h * w).sum(1) / w.sum(1), atol=1e-6)
+    lengths = mask.sum(1) - 1
+    assert torch.allclose(last["layers.2"], h[torch.arange(5), lengths], atol=1e-6)
+    plain = al.capture_features(model, (ids,), pool="mean")  # tuple input: no mask
+    assert torch.allclose(plain["layers.2"], h.mean(1), atol=1e-6)
+
+
+def test_hooks_are_removed_when_the_forward_raises():
+    class Boom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 3)
+
+        def forward(self, x):
+            self.a(x)
+            raise RuntimeError("boom")
+
+    model = Boom()
+    with pytest.raises(RuntimeError, match="boom"):
+        al.capture_features(model, torch.randn(4, 3), layers=["a", "b"])
+    assert not model.a._forward_hooks and not model.b._forward_hooks
+    assert model.training  # mode restored too
+
+
+def test_layer_errors():
+    net = _convnet()
+    x = torch.randn(4, 3, 6, 6)
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) \['9'\]"):
+        al.capture_features(net, x, layers=["9"])
+
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(3, 3)
+            self.unused = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Skip()
+    with pytest.raises(RuntimeError, match=r"\['unused'\] never ran"):
+        al.capture_features(model, torch.randn(4, 3), layers=["used", "unused"])
+    assert not model.unused._forward_hooks
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(self.lin(x))
+
+    with pytest.raises(RuntimeError, match="ran more than once"):
+        al.capture_features(Twice(), torch.randn(4, 3), layers=["lin"])
+    with pytest.raises(ValueError, match="pool must be"):
+        al.capture_features(net, x, pool="max")
+    with pytest.raises(ValueError, match="pool='last'"):
+        al.capture_features(net, x, layers=["0"], pool="last")
+    with pytest.raises(ValueError, match="layers must be 'auto' or a list"):
+        al.capture_features(net, x, layers="0")
+    with pytest.raises(ValueError, match="batch_size"):
+        al.capture_features(net, x, batch_size=0)
+    with pytest.raises(TypeError, match="inputs must be"):
+        al.capture_features(net, [1, 2])
