@@ -12,6 +12,7 @@ from neurothermo.runner import ExperimentFailed, RunResult, run_experiment
 from neurothermo.seeding import seed_everything
 
 # --- gradstats (issue 4) ---
+from neurothermo.gradstats import GradientNoise, gradient_noise, per_sample_grad_norms
 # --- end gradstats ---
 
 # --- entropic (issue 3) ---
@@ -49,6 +50,17 @@ from neurothermo.curvature import (
 # --- end symmetry ---
 
 # --- train / monitor (issue 6) ---
+from neurothermo.monitor import (
+    History,
+    JSONLWriter,
+    LayerBalance,
+    NeuronBalance,
+    TensorBoardWriter,
+    ThermoMonitor,
+    layer_balance,
+    neuron_balance,
+)
+from neurothermo.train import TrainingDiverged, train
 # --- end train / monitor ---
 
 # --- alignment (issue 8) ---

@@ -1,0 +1,18 @@
+"""Per-sample gradient statistics at the cost of one backward pass (THEORY.md §1).
+
+``per_sample_grad_norms`` gives ``‖∇_θ l_i‖²`` for every sample of a batch, exactly, from one
+forward and one backward; ``gradient_noise`` turns them into ``Tr Σ`` with its standard error.
+Layer coverage is extended with ``register_rule`` (one small file per layer kind in ``rules/``).
+"""
+from neurothermo.gradstats.noise import GradientNoise, gradient_noise
+from neurothermo.gradstats.norms import per_sample_grad_norms
+from neurothermo.gradstats.rules import FallbackWarning, Rule, register_rule
+
+__all__ = [
+    "FallbackWarning",
+    "GradientNoise",
+    "Rule",
+    "gradient_noise",
+    "per_sample_grad_norms",
+    "register_rule",
+]

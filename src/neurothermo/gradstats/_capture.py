@@ -1,0 +1,176 @@
+"""Recording the forward pass: hooks and forward overrides that collect rule evaluations.
+
+Every module owning a wanted parameter is instrumented: a forward hook (prepended, so it sees the
+module's own output before user hooks) records a :class:`Call`, or the rule's ``forward`` override
+replaces the module's forward. In *clone* mode inputs and outputs are copied at the module boundary,
+so that later in-place operations (``ReLU(inplace=True)``) cannot change what a rule reads; it is
+used only when the plain pass detected such a modification.
+
+A torch-function mode watches every op that takes a wanted parameter: a parameter may only be used
+inside the forward of a module whose rule covers it (its owner; for attention, also its children).
+Any other use (``h @ self.emb.weight.T`` in a parent's forward, a penalty inside ``loss_fn``) has no
+per-sample record, so it is reported instead of silently dropped. Everything is undone on exit,
+also on error.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+from neurothermo.gradstats._pieces import Piece
+from neurothermo.gradstats.rules import Call, Rule, Unsupported, Use, rule_for
+from neurothermo.gradstats.rules.fallback import fallback_pieces, tensor_leaves
+
+
+def _clone(x: Any) -> Any:
+    return x.clone() if isinstance(x, Tensor) else x
+
+
+class Recorder:
+    """Collects :class:`Use` records while ``active``."""
+
+    def __init__(self, batch_size: int, wanted: frozenset[int], *, clone: bool,
+                 create_graph: bool, names: dict[int, str] | None = None) -> None:
+        self.active = True
+        self.clone = clone
+        self.create_graph = create_graph
+        self.batch_size = batch_size
+        self.wanted = wanted
+        self.uses: list[Use] = []
+        self.names = names or {}
+        self.stack: list[tuple[str, frozenset[int]]] = []  # (module name, parameter ids covered)
+        self.stray: dict[str, str] = {}  # parameter name -> where it was used
+
+    def add(self, use: Use) -> None:
+        if self.active:
+            self.uses.append(use)
+
+    def add_call(self, call: Call, rule: Rule | None = None) -> None:
+        """Record a call evaluated by ``rule.pieces`` (fallback when None or Unsupported)."""
+        leaves = tensor_leaves(call.output)
+        pos = [j for j, t in enumerate(leaves) if t.requires_grad]
+
+        def compute(deltas: list[Tensor | None]) -> list[Piece]:
+            full: list[Tensor | None] = [None] * len(leaves)
+            for j, d in zip(pos, deltas):
+                full[j] = d
+            if rule is not None:
+                try:
+                    return rule.pieces(call, full)
+                except Unsupported as e:
+                    return fallback_pieces(call, full, reason=str(e))
+            return fallback_pieces(call, full)
+
+        if pos:
+            watched = tensor_leaves((call.args, call.kwargs)) + leaves
+            self.add(Use(call.name, [leaves[j] for j in pos], compute, watched))
+
+    def modified_in_place(self) -> list[str]:
+        return sorted({u.name for u in self.uses if u.modified_in_place()})
+
+    def enter(self, name: str, covered: frozenset[int]) -> None:
+        if self.active:
+            self.stack.append((name, covered))
+
+    def leave(self) -> None:
+        if self.active and self.stack:
+            self.stack.pop()
+
+
+class _ParamUseGuard(TorchFunctionMode):
+    """Flags ops on wanted parameters outside the forward of a module whose rule covers them."""
+
+    def __init__(self, rec: Recorder) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        rec = self.rec
+        if rec.active:
+            covered = rec.stack[-1][1] if rec.stack else frozenset()
+            for a in (*args, *kwargs.values()):
+                for t in (a if isinstance(a, list | tuple) else (a,)):
+                    if (isinstance(t, Tensor) and id(t) in rec.wanted and id(t) not in covered
+                            and any(o.requires_grad for o in tensor_leaves(out))):
+                        where = rec.stack[-1][0] if rec.stack else "outside any recorded module"
+                        rec.stray.setdefault(rec.names.get(id(t), "?"), where)
+        return out
+
+
+@contextmanager
+def recording(model: nn.Module, recorder: Recorder) -> Iterator[Recorder]:
+    """Instrument every module of ``model`` that owns a wanted parameter; undo on exit."""
+    handles = []
+    patched: list[tuple[nn.Module, Any]] = []
+    missing = object()
+    guard = _ParamUseGuard(recorder)
+    try:
+        for name, module in model.named_modules():
+            own = frozenset(id(p) for p in module.parameters(recurse=False))
+            if not own & recorder.wanted:
+                continue
+            label = name or type(module).__name__
+            rule = rule_for(module)
+            if rule is not None and rule.forward is not None:
+                covered = frozenset(id(p) for p in module.parameters())
+                patched.append((module, module.__dict__.get("forward", missing)))
+                module.forward = _override(module, label, rule, recorder, covered)
+                continue
+            handles.append(module.register_forward_pre_hook(_pre_hook(label, own, recorder),
+                                                            with_kwargs=True))
+            handles.append(module.register_forward_hook(_hook(label, rule, recorder),
+                                                        with_kwargs=True, prepend=True))
+        with guard:
+            yield recorder
+    finally:
+        for h in handles:
+            h.remove()
+        for module, old in patched:
+            if old is missing:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = old
+
+
+def _override(module: nn.Module, name: str, rule: Rule, rec: Recorder,
+              covered: frozenset[int]) -> Any:
+    forward = rule.forward
+    assert forward is not None
+
+    def patched_forward(*args: Any, **kwargs: Any) -> Any:
+        rec.enter(name, covered)
+        out = forward(module, name, rec, args, kwargs)
+        rec.leave()
+        return out
+
+    return patched_forward
+
+
+def _pre_hook(name: str, own: frozenset[int], rec: Recorder) -> Any:
+    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not rec.active:
+            return None
+        rec.enter(name, own)
+        return (tree_map(_clone, args), tree_map(_clone, kwargs)) if rec.clone else None
+
+    return pre_hook
+
+
+def _hook(name: str, rule: Rule | None, rec: Recorder) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+             output: Any) -> Any:
+        if not rec.active:
+            return None
+        rec.leave()
+        rec.add_call(Call(module, name, args, kwargs, output, rec.batch_size, rec.wanted), rule)
+        return tree_map(_clone, output) if rec.clone else None
+
+    return hook

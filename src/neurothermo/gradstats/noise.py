@@ -1,0 +1,134 @@
+"""Gradient noise ``Tr Σ`` from per-sample gradient norms, with its standard error (THEORY.md §1).
+
+Notation: per-sample gradients ``g_i = ∇_θ l_i``; batch ``B_k`` of ``b_k`` samples with mean
+``ḡ_k = ∇_θ l_{B_k}``; ``N`` samples in all with mean ``ḡ = (1/N) Σ_i g_i``.
+
+Estimator (``trace_sigma``). Per batch, the unbiased sample covariance trace
+
+    T_k = (b_k / (b_k − 1)) · [ (1/b_k) Σ_{i∈B_k} ‖g_i‖²  −  ‖ḡ_k‖² ]
+        = (1/(b_k − 1)) Σ_{i∈B_k} ‖g_i − ḡ_k‖²,
+
+pooled over the K batches with weights ``b_k − 1`` (the pooled within-batch covariance; a plain
+mean when all batches have one size). Divisor convention: ``b_k − 1``, so ``E T_k = Tr Σ`` for the
+covariance ``Σ = Cov[g(x)]`` of the distribution the samples are drawn from (i.i.d.), and
+``E T_k = N_pop/(N_pop − 1) · Tr Σ_pop`` for batches drawn without replacement from a finite set
+of ``N_pop`` samples whose covariance is taken with divisor ``N_pop`` (THEORY's convention).
+Standard error: the spread of the ``T_k`` across batches,
+``se² = K/(K−1) · Σ_k w_k² (T_k − T̄)² / (Σ_k w_k)²`` (``= s²_T/K`` for equal sizes); ``inf`` with
+a single batch (no spread to estimate it from).
+
+``trace_sigma_population`` is THEORY's definition with the N given samples as the population:
+``(1/N) Σ_i ‖g_i‖² − ‖ḡ‖²`` (divisor N; exact for these samples, biased low by ``(N−1)/N`` as an
+estimate of a larger population's ``Tr Σ``). ``grad_norm_sq = ‖ḡ‖²`` (for i.i.d. samples
+``E‖ḡ‖² = ‖∇L‖² + Tr Σ / N``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+from torch import Tensor, nn
+
+from neurothermo._validate import check_batch, check_int
+from neurothermo.gradstats.norms import LossFn, batch_grad_stats
+
+
+@dataclass(frozen=True)
+class GradientNoise:
+    """Gradient-noise statistics of a model on N samples (see the module docstring for formulas).
+
+    Attributes:
+        trace_sigma: unbiased estimate of ``Tr Σ`` (pooled per-batch estimator, divisor b−1).
+        trace_sigma_se: its standard error from the spread across batches (inf if one batch).
+        mean_grad_sq_norm: ``(1/N) Σ_i ‖g_i‖²`` (per-sample gradients, not divided by b).
+        mean_grad_sq_norm_se: ``sd_i(‖g_i‖²) / √N``.
+        grad_norm_sq: ``‖ḡ‖²``, ``ḡ`` the mean gradient over all N samples.
+        trace_sigma_population: ``mean_grad_sq_norm − grad_norm_sq`` (divisor N, THEORY §1).
+        n_samples, n_batches, batch_size: N, K and the smallest batch size used.
+        per_parameter: ``{name: GradientNoise}`` for each parameter alone (trace, mean and
+            ‖ḡ‖² add up over parameters; standard errors do not), or None.
+    """
+
+    trace_sigma: float
+    trace_sigma_se: float
+    mean_grad_sq_norm: float
+    mean_grad_sq_norm_se: float
+    grad_norm_sq: float
+    trace_sigma_population: float
+    n_samples: int
+    n_batches: int
+    batch_size: int
+    per_parameter: Mapping[str, GradientNoise] | None = None
+
+
+def gradient_noise(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: tuple[Tensor, Tensor],
+    *,
+    batch_size: int,
+    by_parameter: bool = False,
+) -> GradientNoise:
+    """Estimate ``Tr Σ`` (and ‖g_i‖², ‖ḡ‖²) from all samples of ``data``, one backward per batch.
+
+    ``data = (x, y)`` holds N samples (sample axis first). They are split *in order* into
+    ``K = ⌊N / batch_size⌋`` consecutive batches of near-equal size (``batch_size`` or a little
+    more, so every sample is used); shuffle ``data`` first if its order is not random. Each batch
+    costs one forward and one backward (:func:`per_sample_grad_norms` plus the batch gradient).
+    ``loss_fn`` is mean-reduced (THEORY conventions). The estimators and their N vs N−1
+    conventions are given in this module's docstring; ``by_parameter`` adds the breakdown.
+    """
+    x, y = check_batch(data, "data", min_size=2)
+    n = x.shape[0]
+    bs = check_int("batch_size", batch_size, minimum=2, maximum=n)
+    k = n // bs
+    rows_s, rows_g, sizes = [], [], []
+    gsum: dict[str, Tensor] = {}
+    names: list[str] = []
+    for xb, yb in zip(torch.tensor_split(x, k), torch.tensor_split(y, k)):
+        st = batch_grad_stats(model, loss_fn, (xb, yb), mean_grad=True)
+        assert st.mean_grad is not None
+        names = list(st.sq_norms)
+        b = xb.shape[0]
+        sizes.append(b)
+        rows_s.append(torch.stack([st.sq_norms[m].double() for m in names]))  # [P, b]
+        rows_g.append(torch.stack([st.mean_grad[m].double().square().sum() for m in names]))
+        for m in names:
+            g = st.mean_grad[m].detach().double() * b
+            gsum[m] = g if m not in gsum else gsum[m] + g
+    sq = torch.cat(rows_s, 1)  # [P, N]: ‖g_i‖² per parameter
+    gk = torch.stack(rows_g, 1)  # [P, K]: ‖ḡ_k‖²
+    size = torch.tensor(sizes, dtype=torch.float64, device=sq.device)
+    sk = torch.stack([r.sum(1) for r in rows_s], 1)  # [P, K]: Σ_{i∈B_k} ‖g_i‖²
+    tk = size / (size - 1) * (sk / size - gk)  # [P, K]
+    gbar_sq = torch.stack([(gsum[m] / n).square().sum() for m in names])  # [P]
+    per = _summaries(sq, tk, gbar_sq, size)
+    tot = _summaries(sq.sum(0, keepdim=True), tk.sum(0, keepdim=True),
+                     gbar_sq.sum().reshape(1), size)[0]
+    common = {"n_samples": n, "n_batches": k, "batch_size": min(sizes)}
+    breakdown = None
+    if by_parameter:
+        breakdown = MappingProxyType({m: GradientNoise(**p, **common) for m, p in zip(names, per)})
+    return GradientNoise(**tot, **common, per_parameter=breakdown)
+
+
+def _summaries(sq: Tensor, tk: Tensor, gbar_sq: Tensor, size: Tensor) -> list[dict[str, float]]:
+    """Rows of ``sq`` [R, N], ``tk`` [R, K], ``gbar_sq`` [R] → the float fields of GradientNoise."""
+    n, k = sq.shape[1], tk.shape[1]
+    w = size - 1
+    trace = (tk * w).sum(1) / w.sum()
+    if k > 1:
+        se = ((k / (k - 1)) * ((w * (tk - trace[:, None])).square().sum(1)) / w.sum() ** 2).sqrt()
+    else:
+        se = torch.full_like(trace, math.inf)
+    mean = sq.mean(1)
+    mean_se = sq.std(1) / math.sqrt(n)
+    pop = mean - gbar_sq
+    rows = zip(trace.tolist(), se.tolist(), mean.tolist(), mean_se.tolist(), gbar_sq.tolist(),
+               pop.tolist())
+    keys = ("trace_sigma", "trace_sigma_se", "mean_grad_sq_norm", "mean_grad_sq_norm_se",
+            "grad_norm_sq", "trace_sigma_population")
+    return [dict(zip(keys, r)) for r in rows]

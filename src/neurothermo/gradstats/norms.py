@@ -1,0 +1,167 @@
+"""Per-sample squared gradient norms ``‖∇_θ l_i‖²`` from one forward and one backward pass.
+
+Convention (THEORY.md): ``loss_fn(outputs, targets)`` returns the MEAN of per-sample losses,
+``l_B = (1/b) Σ_i l_i``. One backward of ``l_B`` gives, at every layer output ``y``, ``δ_i/b`` with
+``δ_i = ∂l_i/∂y_i``. The layer rules (``rules/``) turn those and the recorded layer inputs into exact
+per-sample contributions (``_pieces``) without forming per-sample gradients where a closed form
+exists, and the squared norms are multiplied by ``b²``: the result is ``‖g_i‖²`` with
+``g_i = ∇_θ l_i``, the gradient of sample ``i``'s own loss, not divided by ``b``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from neurothermo._state import preserved_state, select_parameters
+from neurothermo._validate import (
+    check_batch,
+    check_finite_params,
+    check_loss_fn,
+    check_scalar_loss,
+)
+from neurothermo.gradstats._capture import Recorder, recording
+from neurothermo.gradstats._pieces import Piece, param_sq_norm
+from neurothermo.gradstats.rules import check_batchnorm
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def per_sample_grad_norms(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: tuple[Tensor, Tensor],
+    *,
+    by_parameter: bool = False,
+    create_graph: bool = False,
+) -> Tensor | dict[str, Tensor]:
+    """Squared norms ``‖g_i‖²`` of the per-sample gradients ``g_i = ∇_θ l_i`` of one batch.
+
+    Args:
+        model: the network; its trainable parameters (``requires_grad``) are θ. Its state (train
+            flags, buffers, ``.grad``) is left exactly as it was, also on error.
+        loss_fn: ``loss_fn(model(x), y)`` must be the *mean* over the batch of per-sample losses,
+            ``l_B = (1/b) Σ_i l_i`` (e.g. ``nn.CrossEntropyLoss()``; over a sequence or several
+            outputs, ``l_i`` is then sample i's mean over them). No parameter penalties inside it.
+        batch: ``(x, y)`` with the sample axis first.
+        by_parameter: return ``{name: [b]}`` (names as in ``model.named_parameters()``; a tied
+            parameter appears once) instead of their sum.
+        create_graph: make the result differentiable w.r.t. the parameters (one double backward
+            of ``sum(norms)`` then gives ``∇_θ Σ_i ‖g_i‖²``).
+
+    Returns:
+        ``[b]`` tensor of ``‖∇_θ l_i‖²`` — the gradient of sample i's own loss (NOT divided by b:
+        the mean-loss gradient is ``(1/b) Σ_i g_i``), in the parameters' dtype; or the dict.
+
+    Exact (never approximate): one forward and one backward of ``l_B`` (``torch.autograd.grad``
+    w.r.t. the layer outputs only; no ``.grad`` is written), then per layer: Linear (any leading
+    dims, Gram form ``Σ_{t,s}(a_t·a_s)(δ_t·δ_s)`` or the dense sum, whichever is cheaper),
+    Conv1d/2d (unfold), Embedding, LayerNorm/GroupNorm/RMSNorm/InstanceNorm/eval-BatchNorm
+    affines, MultiheadAttention (through its projections); any other module with parameters uses
+    an exact torch.func path on that module alone (a one-time :class:`FallbackWarning`). A
+    parameter used by several modules or calls has its per-sample gradients added before squaring.
+
+    Raises:
+        ValueError: BatchNorm normalising with batch statistics (train mode): samples interact,
+            per-sample gradients are ill-defined — use ``model.eval()`` or GroupNorm/LayerNorm;
+            a non-mean ``loss_fn``; a bad batch; activations that are not batch-first; a
+            parameter used outside its own module's forward; a loss that ignores θ.
+        FloatingPointError: non-finite parameters, loss or norms.
+    """
+    stats = batch_grad_stats(model, loss_fn, batch, create_graph=create_graph)
+    if by_parameter:
+        return stats.sq_norms
+    return torch.stack(list(stats.sq_norms.values())).sum(0)
+
+
+@dataclass(frozen=True)
+class BatchGradStats:
+    """``sq_norms[name]``: ``[b]`` of ``‖g_i‖²`` restricted to that parameter; ``mean_grad[name]``:
+    the batch-mean gradient ``∇_θ l_B`` (when asked for); ``loss``: ``l_B``."""
+
+    sq_norms: dict[str, Tensor]
+    mean_grad: dict[str, Tensor] | None
+    loss: Tensor
+
+
+def batch_grad_stats(model: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, Tensor], *,
+                     create_graph: bool = False, mean_grad: bool = False) -> BatchGradStats:
+    """Per-parameter per-sample squared norms (and the mean gradient) of one batch, one backward."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    x, y = check_batch(batch)
+    check_loss_fn(loss_fn)
+    check_batchnorm(model)
+    params = select_parameters(model)
+    wanted = frozenset(id(p) for p in params.values())
+    with preserved_state(model):
+        for clone in (False, True):
+            stats = _measure(model, loss_fn, x, y, params, wanted, clone, create_graph, mean_grad)
+            if stats is not None:
+                return stats
+    raise AssertionError("unreachable: the clone pass always returns")
+
+
+def _measure(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, params: dict[str, Tensor],
+             wanted: frozenset[int], clone: bool, create_graph: bool, mean_grad: bool
+             ) -> BatchGradStats | None:
+    b = x.shape[0]
+    rec = Recorder(b, wanted, clone=clone, create_graph=create_graph,
+                   names={id(p): n for n, p in params.items()})
+    with torch.enable_grad():
+        with recording(model, rec):
+            loss = loss_fn(model(x), y)
+        try:
+            loss = check_scalar_loss(loss)
+        except FloatingPointError:
+            check_finite_params(model)  # name a non-finite parameter if that is the cause
+            raise
+        rec.active = False
+        if rec.stray:
+            where = "; ".join(f"{p!r} in {m!r}" for p, m in sorted(rec.stray.items()))
+            raise ValueError(
+                f"parameters are used outside the forward of the module that owns them ({where}): "
+                "their per-sample gradients cannot be attributed to a layer rule. Use each "
+                "parameter only through its own module (tie weights by sharing the Parameter "
+                "between modules, e.g. head.weight = emb.weight), and keep penalties out of loss_fn."
+            )
+        changed = rec.modified_in_place()
+        if changed and not clone:
+            return None  # an in-place op changed a recorded tensor: redo with copies
+        if changed:
+            raise RuntimeError(f"tensors recorded at modules {changed} were modified in place")
+        if not loss.requires_grad:
+            raise ValueError(
+                "the loss does not depend on any trainable parameter (does loss_fn or the model "
+                "detach its output?); per-sample gradients would all be zero"
+            )
+        targets = list({id(t): t for u in rec.uses for t in u.targets}.values())
+        plist = list(params.values())
+        inputs = targets + (plist if mean_grad else [])
+        grads = (torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
+                 if inputs else ())
+        delta = {id(t): g for t, g in zip(targets, grads)}
+        pieces: dict[int, list[Piece]] = {}
+        with torch.set_grad_enabled(create_graph):
+            for u in rec.uses:
+                for piece in u.compute([delta[id(t)] for t in u.targets]):
+                    pieces.setdefault(id(piece.param), []).append(piece)
+            sq = {}
+            for n, p in params.items():
+                if id(p) in pieces:
+                    sq[n] = param_sq_norm(p, pieces[id(p)]) * (b * b)
+                else:
+                    sq[n] = p.new_zeros(b)
+    total = torch.stack(list(sq.values())).sum(0)
+    if not bool(torch.isfinite(total).all()):
+        check_finite_params(model)
+        raise FloatingPointError("per-sample gradient norms are not finite (overflow?)")
+    mg = None
+    if mean_grad:
+        mg = {n: (g if g is not None else torch.zeros_like(p))
+              for (n, p), g in zip(params.items(), grads[len(targets):])}
+    return BatchGradStats(sq, mg, loss if create_graph else loss.detach())
+
+

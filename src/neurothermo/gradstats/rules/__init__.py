@@ -1,0 +1,35 @@
+"""Per-sample gradient rules, one small file per layer kind, behind one registry.
+
+``register_rule(module_type, Rule(pieces, forward=None))`` is the extension point (see
+``_base.py``). Modules without a rule use the exact torch.func fallback (``fallback.py``).
+"""
+from neurothermo.gradstats.rules import attention, conv, embedding, linear, norms
+from neurothermo.gradstats.rules._base import (
+    Call,
+    Rule,
+    Sink,
+    Unsupported,
+    Use,
+    register_rule,
+    rule_for,
+)
+from neurothermo.gradstats.rules.fallback import FallbackWarning, fallback_pieces
+from neurothermo.gradstats.rules.norms import check_batchnorm
+
+__all__ = [
+    "Call",
+    "FallbackWarning",
+    "Rule",
+    "Sink",
+    "Unsupported",
+    "Use",
+    "attention",
+    "check_batchnorm",
+    "conv",
+    "embedding",
+    "fallback_pieces",
+    "linear",
+    "norms",
+    "register_rule",
+    "rule_for",
+]

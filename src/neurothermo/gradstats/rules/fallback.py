@@ -1,0 +1,126 @@
+"""Any other module with parameters: exact per-sample gradients by torch.func on that module alone.
+
+For a recorded call with input ``x`` and output gradient ``δ`` the module's *own* parameters θ get
+``c_i = ∇_θ ⟨δ_i, f(θ, x_i)⟩`` (``vmap`` over samples of ``torch.func.grad``; the module runs on one
+sample at a time, as a batch of one). Children are recorded by their own hooks, so their parameters
+are constants here. This materialises ``b × |θ|`` for this module only.
+
+Never a silently wrong number: the per-sample outputs must reproduce the recorded batch output, so
+a module that mixes samples (batch statistics) or draws random numbers (dropout in train mode) is
+rejected with an error. One warning (:class:`FallbackWarning`) per module instance names it.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from neurothermo.gradstats._pieces import Dense, Piece
+from neurothermo.gradstats.rules._base import Call
+
+
+class FallbackWarning(UserWarning):
+    """A module without a closed-form rule is handled by the slower torch.func path."""
+
+
+_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def tensor_leaves(tree: Any) -> list[Tensor]:
+    return [x for x in tree_flatten(tree)[0] if isinstance(x, Tensor)]
+
+
+def _batch_dim(full: Tensor, probe: Tensor, b: int) -> int | None:
+    """The axis of ``full`` that is the batch axis, judged against a one-sample ``probe``."""
+    if full.dim() != probe.dim():
+        return None
+    for d in range(full.dim()):
+        if full.shape[d] == b and probe.shape[d] == 1 and all(
+            full.shape[k] == probe.shape[k] for k in range(full.dim()) if k != d
+        ):
+            return d
+    return None
+
+
+def fallback_pieces(call: Call, deltas: list[Tensor | None], reason: str = "") -> list[Piece]:
+    """Pieces of the module's direct parameters (``deltas`` follow the output's tensor leaves)."""
+    m, name, b = call.module, call.name, call.batch_size
+    params = {n: p for n, p in m.named_parameters(recurse=False) if id(p) in call.wanted}
+    if not params or all(d is None for d in deltas):
+        return []
+    if m not in _WARNED:
+        _WARNED.add(m)
+        why = f" ({reason})" if reason else ""
+        warnings.warn(
+            f"per-sample gradients: module {name!r} ({type(m).__name__}) has no closed-form rule"
+            f"{why}; using the exact torch.func fallback on this module (vmap over samples, "
+            f"b × {sum(p.numel() for p in params.values())} numbers). Register a rule with "
+            "neurothermo.gradstats.register_rule to make it fast.",
+            FallbackWarning,
+            stacklevel=2,
+        )
+    keep = torch.is_grad_enabled()  # create_graph: stay differentiable w.r.t. everything
+
+    def det(t: Tensor) -> Tensor:
+        return t if keep else t.detach()
+
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == b for x in leaves]
+    if not any(batched):
+        raise ValueError(
+            f"module {name!r} ({type(m).__name__}) has no batch-first tensor input (dim 0 = the "
+            f"{b} samples), so its per-sample gradients cannot be computed"
+        )
+    theta = {n: det(p) for n, p in params.items()}
+    outs = tensor_leaves(call.output)
+    with torch.no_grad():
+        first = [x[:1] if bt else x for x, bt in zip(leaves, batched)]
+        a1, k1 = tree_unflatten(first, spec)
+        probe = tensor_leaves(functional_call(m, theta, tuple(a1), k1))
+    used = [(j, d) for j, d in enumerate(deltas) if d is not None]
+    dims = []
+    for j, _ in used:
+        dim = _batch_dim(outs[j], probe[j], b) if j < len(probe) else None
+        if dim is None:
+            raise ValueError(
+                f"module {name!r} ({type(m).__name__}): cannot find the batch axis of output "
+                f"{j} (shape {tuple(outs[j].shape)}); per-sample gradients need outputs that "
+                "carry the sample axis"
+            )
+        dims.append(dim)
+    consts = [None if bt else x for x, bt in zip(leaves, batched)]
+
+    def f(th: dict[str, Tensor], xs: list[Tensor], ds: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        it = iter(xs)
+        full = [next(it).unsqueeze(0) if bt else c for c, bt in zip(consts, batched)]
+        args, kwargs = tree_unflatten(full, spec)
+        o = tensor_leaves(functional_call(m, th, tuple(args), kwargs))
+        picked = [o[j] for j, _ in used]
+        total = sum((oj * dj.unsqueeze(dim)).sum() for oj, dj, dim in zip(picked, ds, dims))
+        assert isinstance(total, Tensor)
+        return total, picked
+
+    xs = [det(x) for x, bt in zip(leaves, batched) if bt]
+    ds = [det(d) for _, d in used]
+    grads, per_sample_out = vmap(grad(f, has_aux=True), in_dims=(None, 0, dims),
+                                 randomness="different")(theta, xs, ds)
+    for (j, _), dim, got in zip(used, dims, per_sample_out):
+        ref = outs[j].detach().movedim(dim, 0)
+        got = got.detach().select(dim + 1, 0)
+        tol = math.sqrt(torch.finfo(ref.dtype).eps) if ref.is_floating_point() else 0.0
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        if not torch.allclose(got, ref, rtol=tol, atol=tol * max(scale, 1e-30)):
+            raise ValueError(
+                f"module {name!r} ({type(m).__name__}) evaluated one sample at a time does not "
+                "reproduce its batch output: a sample's output depends on the other samples "
+                "(batch statistics) or on random numbers (dropout in train mode), so its "
+                "per-sample gradients are ill-defined. Use model.eval() or a per-sample variant "
+                "of the module, or register a rule for it (neurothermo.gradstats.register_rule)."
+            )
+    return [Piece(p, Dense(grads[n])) for n, p in params.items()]
