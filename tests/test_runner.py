@@ -37,7 +37,7 @@ def test_done_run_has_every_file(tmp_path: Path, temp_experiment) -> None:
     s = res.summary
     assert s["predictions"][0] | {"measured": None} == {
         "name": "x is positive", "measured": None, "predicted": 0.0, "tolerance": 1e9,
-        "passed": True, "relative": False, "why": ""}
+        "passed": True, "relative": False, "why": "", "sense": "equal"}
     assert res.path.parent == tmp_path / "toy-walk"
 
 
@@ -97,3 +97,35 @@ def test_bad_input_is_refused_before_any_work(tmp_path: Path, temp_experiment) -
         run_experiment("toy-extra", out=tmp_path)
     assert calls == []
     assert not (tmp_path / "toy-count").exists()
+
+
+@pytest.mark.parametrize(
+    ("measured", "predicted", "tol", "sense", "relative", "passed"),
+    [
+        (1.05, 1.0, 0.1, "equal", False, True),
+        (1.2, 1.0, 0.1, "equal", False, False),
+        (0.8, 1.0, 0.1, "equal", False, False),
+        (0.8, 1.0, 0.1, "at_most", False, True),
+        (1.2, 1.0, 0.1, "at_most", False, False),
+        (1.2, 1.0, 0.1, "at_least", False, True),
+        (0.8, 1.0, 0.1, "at_least", False, False),
+        (105.0, 100.0, 0.1, "equal", True, True),     # relative: 10% of 100
+        (115.0, 100.0, 0.1, "equal", True, False),
+        (float("nan"), 1.0, 1e9, "equal", False, False),
+        (float("inf"), 1.0, 1e9, "at_least", False, False),
+    ],
+)
+def test_prediction_senses(measured, predicted, tol, sense, relative, passed) -> None:
+    from neurothermo.experiments.base import Prediction
+
+    p = Prediction.check("x", measured, predicted, tol, sense=sense, relative=relative)
+    assert p.passed is passed
+
+
+def test_prediction_rejects_meaningless_tolerances() -> None:
+    from neurothermo.experiments.base import Prediction
+
+    with pytest.raises(ValueError, match="tolerance must be finite"):
+        Prediction.check("x", 1.0, 1.0, float("inf"))
+    with pytest.raises(ValueError, match="sense must be one of"):
+        Prediction.check("x", 1.0, 1.0, 0.1, sense="roughly")

@@ -31,9 +31,10 @@ def summary_tables(run_dir: Path) -> list[Table]:
     for col in ("prediction", "measured", "predicted", "tolerance", "passed"):
         preds.add_column(col, overflow="fold")
     for p in s.get("predictions", []):
-        tol = f"{p['tolerance']:.3g}" + (" (rel)" if p.get("relative") else "")
+        sign = {"at_most": "≤ ", "at_least": "≥ "}.get(p.get("sense", "equal"), "")
+        tol = _fmt(p["tolerance"]) + (" (rel)" if p.get("relative") else "")
         mark = "[green]yes[/]" if p["passed"] else "[red]NO[/]"
-        preds.add_row(p["name"], _fmt(p["measured"]), _fmt(p["predicted"]), tol, mark)
+        preds.add_row(p["name"], _fmt(p["measured"]), sign + _fmt(p["predicted"]), tol, mark)
     figs = Table(title="figures", title_justify="left")
     figs.add_column("name")
     figs.add_column("value", overflow="fold")

@@ -18,13 +18,18 @@ from typing import Any
 
 from neurothermo.runstore import Run
 
+SENSES = ("equal", "at_most", "at_least")
+
 
 @dataclass(frozen=True)
 class Prediction:
-    """One checked theory prediction: ``passed = |measured − predicted| <= tolerance``.
+    """One checked theory prediction.
 
+    ``sense="equal"``: ``passed = |measured − predicted| <= tolerance``; ``"at_most"``:
+    ``measured <= predicted + tolerance``; ``"at_least"``: ``measured >= predicted − tolerance``.
     With ``relative=True`` the tolerance is relative to ``|predicted|``. ``why`` says where the
-    tolerance comes from (it is derived from the theory, not tuned).
+    tolerance comes from (it is derived from the theory, not tuned). A non-finite measurement
+    never passes.
     """
 
     name: str
@@ -34,16 +39,27 @@ class Prediction:
     passed: bool
     relative: bool = False
     why: str = ""
+    sense: str = "equal"
 
     @classmethod
     def check(
         cls, name: str, measured: float, predicted: float, tolerance: float, *,
-        relative: bool = False, why: str = "",
+        relative: bool = False, why: str = "", sense: str = "equal",
     ) -> Prediction:
+        if sense not in SENSES:
+            raise ValueError(f"sense must be one of {SENSES}, got {sense!r}")
+        if not (tolerance >= 0 and math.isfinite(tolerance)):
+            raise ValueError(f"tolerance must be finite and >= 0, got {tolerance!r}")
         measured, predicted = float(measured), float(predicted)
         bound = tolerance * abs(predicted) if relative else tolerance
-        ok = math.isfinite(measured) and abs(measured - predicted) <= bound
-        return cls(name, measured, predicted, float(tolerance), bool(ok), relative, why)
+        if sense == "equal":
+            ok = abs(measured - predicted) <= bound
+        elif sense == "at_most":
+            ok = measured <= predicted + bound
+        else:
+            ok = measured >= predicted - bound
+        ok = ok and math.isfinite(measured)
+        return cls(name, measured, predicted, float(tolerance), bool(ok), relative, why, sense)
 
 
 class MissingExtra(RuntimeError):
@@ -137,10 +153,11 @@ class RunContext:
 
     def predict(
         self, name: str, measured: float, predicted: float, tolerance: float, *,
-        relative: bool = False, why: str = "",
+        relative: bool = False, why: str = "", sense: str = "equal",
     ) -> Prediction:
-        """Check a theory prediction and record it in ``summary.json``."""
-        p = Prediction.check(name, measured, predicted, tolerance, relative=relative, why=why)
+        """Check a theory prediction (see :class:`Prediction`) and record it in ``summary.json``."""
+        p = Prediction.check(name, measured, predicted, tolerance, relative=relative, why=why,
+                             sense=sense)
         self.predictions.append(p)
         return p
 
