@@ -65,7 +65,10 @@ def preserved_state(model: nn.Module, mode: str | None = None) -> Iterator[nn.Mo
             m.training = flag
         with torch.no_grad():
             for n, b in _buffers_of_stateful_modules(model).items():
-                if n in buffers:
+                # Copy back only what changed: an in-place copy bumps the buffer's version counter,
+                # which breaks a later backward through a graph that saved it (eval-mode BatchNorm
+                # saves its running statistics; create_graph=True results outlive this block).
+                if n in buffers and not torch.equal(b, buffers[n]):
                     b.copy_(buffers[n])
         for n, p in model.named_parameters():
             p.grad = grads.get(n)
