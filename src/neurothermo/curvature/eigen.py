@@ -47,20 +47,22 @@ class EigenResult:
         return float(self.values[0])
 
 
-def preconditioner_diagonal(space: ParamSpace, preconditioner: Mapping[str, Any]) -> Tensor:
-    """Flat ``Λ^{1/2}`` from a dict ``name -> Λ`` (tensor broadcastable to the parameter, or a number).
+def preconditioner_diagonal(space: ParamSpace, preconditioner: Any) -> Tensor:
+    """Flat ``Λ^{1/2}`` from a dict ``name -> Λ`` (tensor broadcastable to the parameter, or a number)
+    or from an object with such a dict as ``.diag`` (``nt.preconditioner_from(optimizer)``).
 
     Keys of parameters outside the selection are ignored; every selected parameter needs an entry.
     """
-    if not isinstance(preconditioner, Mapping):
+    diag = getattr(preconditioner, "diag", preconditioner)
+    if not isinstance(diag, Mapping):
         raise TypeError("preconditioner must be a dict name -> diagonal tensor Λ (step −lr·Λ·g), "
                         f"e.g. from nt.preconditioner_from(optimizer); got {type(preconditioner).__name__}")
     parts = []
     for name, shape in zip(space.names, space.shapes):
-        if name not in preconditioner:
+        if name not in diag:
             raise ValueError(f"preconditioner has no entry for parameter {name!r}; it needs one per "
                              "selected parameter")
-        lam = torch.as_tensor(preconditioner[name], dtype=space.dtype, device=space.device)
+        lam = torch.as_tensor(diag[name], dtype=space.dtype, device=space.device)
         try:
             lam = torch.broadcast_to(lam, shape)
         except RuntimeError:
@@ -86,7 +88,7 @@ def solve(op: LinearOperator, k: int, tol: float, method: str, max_hvp: int | No
 
 def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 1, tol: float = 1e-3,
                     method: str = "lanczos", param_filter: ParamFilter = None,
-                    preconditioner: Mapping[str, Any] | None = None, max_hvp: int | None = None,
+                    preconditioner: Any = None, max_hvp: int | None = None,
                     mode: str = "eval", hvp_method: str = "reverse",
                     microbatch_size: int | None = None, block_size: int | None = None,
                     seed: int = 0) -> EigenResult:
@@ -97,7 +99,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 1,
     (deflated power iteration). ``tol``: relative accuracy of each eigenvalue (error estimate ≤
     ``tol·|λ|``). ``max_hvp`` (default ``200 + 50k``) caps the Hessian-vector products; running out
     returns the estimate with its residuals and a ``ConvergenceWarning``. ``preconditioner``: dict
-    ``name -> Λ`` (the diagonal of a step ``−lr·Λ·g``): the spectrum of ``Λ^{1/2} H Λ^{1/2}``, the
+    ``name -> Λ`` (the diagonal of a step ``−lr·Λ·g``, or ``nt.preconditioner_from(optimizer)``): the spectrum of ``Λ^{1/2} H Λ^{1/2}``, the
     sharpness an adaptive method feels (its stability limit is ``lr·λ < 2`` like GD's). ``mode``,
     ``hvp_method``, ``microbatch_size``, ``param_filter``: as for ``hvp``.
     """

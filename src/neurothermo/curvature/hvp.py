@@ -194,11 +194,11 @@ class HessianOperator(LinearOperator):
         """Drop the cached first-order graph."""
         self._grads = None
 
-    def _functional_loss(self, i: int, batch: Batch) -> Callable[[dict[str, Tensor]], Tensor]:
-        def f(p: dict[str, Tensor]) -> Tensor:
+    def _functional_loss(self, i: int, batch: Batch) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
+        def f(p: dict[str, Tensor], target: Tensor) -> Tensor:
             with self._rng(i):
                 out = functional_call(self.model, p, (batch[0],))
-            return self.loss_fn(out, batch[1])
+            return self.loss_fn(out, target)
         return f
 
     # -- the three products ---------------------------------------------------------------------
@@ -218,14 +218,30 @@ class HessianOperator(LinearOperator):
         return {n: p.detach() for n, p in self.params.items()}
 
     def _forward_over_reverse(self, i: int, batch: Batch, v: list[Tensor]) -> list[Tensor]:
-        f = self._functional_loss(i, batch)
+        f = grad(self._functional_loss(i, batch))
         tangent = dict(zip(self.space.names, v))
-        with torch.no_grad():
-            _, hv = jvp(grad(f), (self._primal(),), (tangent,))
+        y = batch[1]
+        try:
+            with torch.no_grad():
+                if y.is_floating_point():
+                    # targets enter as primals with an explicit zero tangent: torch 2.13's forward
+                    # derivative of mse_loss_backward fails on the implicit (ZeroTensor) one
+                    _, hv = jvp(f, (self._primal(), y), (tangent, torch.zeros_like(y)))
+                else:
+                    _, hv = jvp(lambda p: f(p, y), (self._primal(),), (tangent,))
+        except (RuntimeError, NotImplementedError) as err:
+            raise RuntimeError(
+                f"method='forward_over_reverse' failed: an operation of this model or loss has no "
+                f"working forward-mode derivative in this PyTorch ({err}); use method='reverse'"
+            ) from err
         return [hv[n] for n in self.space.names]
 
     def _finite_difference(self, i: int, batch: Batch, v: list[Tensor]) -> list[Tensor]:
-        f = grad(self._functional_loss(i, batch))
+        fg = grad(self._functional_loss(i, batch))
+
+        def f(p: dict[str, Tensor]) -> dict[str, Tensor]:
+            return fg(p, batch[1])
+
         vnorm = float(torch.sqrt(sum(vi.pow(2).sum() for vi in v)))  # type: ignore[arg-type]
         if vnorm == 0.0:
             return [torch.zeros_like(p) for p in self._plist]

@@ -15,7 +15,6 @@ only indicative).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +109,7 @@ class SharpnessTracker:
 
     def update(self, model: nn.Module, loss_fn: LossFn, data: Any, *, step: int | None = None,
                lr: float | None = None, momentum: float | None = None,
-               preconditioner: Mapping[str, Any] | None = None) -> SharpnessReading:
+               preconditioner: Any = None) -> SharpnessReading:
         """Measure the top eigenvalues now; ``lr``/``momentum`` override the constructor's (schedules)."""
         lr_now = self.lr if lr is None else check_positive("lr", lr)
         mom = self.momentum if momentum is None else self._check_momentum(momentum)
