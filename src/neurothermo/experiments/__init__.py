@@ -1,5 +1,10 @@
 """Built-in experiments. Importing this package registers them (see ``base.register``)."""
-from neurothermo.experiments import entropic_flow, rescale_equilibrium, sharpness_phase
+from neurothermo.experiments import (
+    entropic_flow,
+    platonic_linear,
+    rescale_equilibrium,
+    sharpness_phase,
+)
 
 # (one import line per experiment module; keep sorted)
 from neurothermo.experiments.base import (

@@ -67,8 +67,9 @@ class EmbeddedDeepLinear(nn.Module):
         return self.body(x @ self.m_in.T) @ self.m_out.T
 
     def hidden(self, x: Tensor) -> list[Tensor]:
-        """Hidden representations of the trainable block, ``h_k = W_k ⋯ W_1 M_in x``."""
-        z = x @ self.m_in.T
-        out = self.body.hidden(z)
-        out.append(self.body.layers[-1](out[-1] if out else z))
-        return out
+        """Hidden layers between two trainable maps, ``h_k = W_k ⋯ W_1 M_in x``, k = 1 … D−1.
+
+        (The output of ``W_D`` feeds the fixed ``M_out``: no balance condition holds there, so it
+        is not a hidden layer of THEORY.md §3's claim.)
+        """
+        return self.body.hidden(x @ self.m_in.T)
