@@ -47,6 +47,16 @@ from neurothermo.curvature import (
 # --- end curvature ---
 
 # --- symmetry (issue 5) ---
+from neurothermo.symmetry import (
+    ChargeEquilibrium,
+    Rejection,
+    Symmetry,
+    SymmetryReport,
+    UntraceableModelError,
+    charge_equilibrium,
+    find_symmetries,
+    verify_symmetry,
+)
 # --- end symmetry ---
 
 # --- train / monitor (issue 6) ---
