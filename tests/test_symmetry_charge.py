@@ -107,7 +107,7 @@ def test_charge_is_half_the_norm_derivative_along_the_generator(name):
             def element(lam, m=direction):
                 return torch.linalg.matrix_exp(lam * m)
         else:
-            def element(lam, m=direction):
+            def element(lam, m=direction, shape=shape):
                 return torch.exp(lam * m).reshape(shape)
 
         def norm2(lam, sym=sym, element=element):
@@ -158,7 +158,7 @@ def _sgd_check(name: str, wd: float) -> None:
         predicted = [s.predict_charge(j, grads, lr, wd) for s, j in zip(syms, before)]
         kick = [lr**2 * s.imbalance(grads) for s in syms]
         opt.step()
-        for s, j0, pred, k in zip(syms, before, predicted, kick):
+        for s, pred, k in zip(syms, predicted, kick):
             size = _size(model, s)
             err = float((s.charge(model) - pred).abs().max())
             # float64 rounding of O(size) sums (~1e-16 each) and BatchNorm's eps = 1e-13, whose
@@ -270,7 +270,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="shape"):
         sym.predict_charge(j.flatten()[:1], grads, lr=0.1)
     with pytest.raises(ValueError, match="backward"):
-        sym.imbalance({n: None for n in grads})
+        sym.imbalance(dict.fromkeys(grads))
     with pytest.raises(KeyError, match="missing"):
         sym.imbalance({})
     with pytest.raises(TypeError, match="mapping"):
