@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -45,6 +46,7 @@ class Recorder:
         self.names = names or {}
         self.stack: list[tuple[str, frozenset[int]]] = []  # (module name, parameter ids covered)
         self.stray: dict[str, str] = {}  # parameter name -> where it was used
+        self.used: set[int] = set()  # ids of wanted parameters some op touched
 
     def add(self, use: Use) -> None:
         if self.active:
@@ -63,12 +65,17 @@ class Recorder:
                 try:
                     return rule.pieces(call, full)
                 except Unsupported as e:
-                    return fallback_pieces(call, full, reason=str(e))
-            return fallback_pieces(call, full)
+                    return fallback_pieces(self._touched(call), full, reason=str(e))
+            return fallback_pieces(self._touched(call), full)
 
         if pos:
             watched = tensor_leaves((call.args, call.kwargs)) + leaves
             self.add(Use(call.name, [leaves[j] for j in pos], compute, watched))
+
+    def _touched(self, call: Call) -> Call:
+        """``call`` restricted to parameters the forward actually used (the rest have zero
+        gradient: the fallback need not run for them)."""
+        return replace(call, wanted=call.wanted & frozenset(self.used))
 
     def modified_in_place(self) -> list[str]:
         return sorted({u.name for u in self.uses if u.modified_in_place()})
@@ -98,8 +105,10 @@ class _ParamUseGuard(TorchFunctionMode):
             covered = rec.stack[-1][1] if rec.stack else frozenset()
             for a in (*args, *kwargs.values()):
                 for t in (a if isinstance(a, list | tuple) else (a,)):
-                    if (isinstance(t, Tensor) and id(t) in rec.wanted and id(t) not in covered
-                            and any(o.requires_grad for o in tensor_leaves(out))):
+                    if not (isinstance(t, Tensor) and id(t) in rec.wanted):
+                        continue
+                    rec.used.add(id(t))
+                    if id(t) not in covered and any(o.requires_grad for o in tensor_leaves(out)):
                         where = rec.stack[-1][0] if rec.stack else "outside any recorded module"
                         rec.stray.setdefault(rec.names.get(id(t), "?"), where)
         return out

@@ -108,8 +108,15 @@ def fallback_pieces(call: Call, deltas: list[Tensor | None], reason: str = "") -
 
     xs = [det(x) for x, bt in zip(leaves, batched) if bt]
     ds = [det(d) for _, d in used]
-    grads, per_sample_out = vmap(grad(f, has_aux=True), in_dims=(None, 0, dims),
-                                 randomness="different")(theta, xs, ds)
+    try:
+        grads, per_sample_out = vmap(grad(f, has_aux=True), in_dims=(None, 0, dims),
+                                     randomness="different")(theta, xs, ds)
+    except RuntimeError as e:
+        raise ValueError(
+            f"module {name!r} ({type(m).__name__}) has no closed-form rule and torch.func cannot "
+            f"evaluate it per sample ({e}). Register a rule for it with "
+            "neurothermo.gradstats.register_rule, or make it torch.func-compatible."
+        ) from e
     for (j, _), dim, got in zip(used, dims, per_sample_out):
         ref = outs[j].detach().movedim(dim, 0)
         got = got.detach().select(dim + 1, 0)

@@ -1,0 +1,367 @@
+"""per_sample_grad_norms against an independent reference: a loop of b separate backward passes.
+
+Everything is float64, where both sides are exact up to rounding (~1e-16 relative per operation),
+so rtol 1e-10 leaves six orders of magnitude for accumulated rounding and none for a wrong formula.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from neurothermo.gradstats import FallbackWarning, Rule, per_sample_grad_norms, register_rule
+from neurothermo.gradstats._pieces import Dense, Piece
+
+RTOL = 1e-10
+DT = torch.float64
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def naive_sq_norms(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """‖∇_θ l_i‖² per parameter, one backward per sample (l_i = loss on the batch {i})."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    rows = []
+    for i in range(x.shape[0]):
+        g = torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), list(named.values()),
+                                allow_unused=True)
+        rows.append([torch.zeros((), dtype=DT) if gi is None else gi.square().sum() for gi in g])
+    return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(named)}
+
+
+def assert_matches(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> None:
+    ref = naive_sq_norms(model, loss_fn, x, y)
+    got = per_sample_grad_norms(model, loss_fn, (x, y), by_parameter=True)
+    assert isinstance(got, dict)
+    assert list(got) == list(ref)
+    scale = float(torch.stack(list(ref.values())).sum(0).max())
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=RTOL, atol=RTOL * 1e-3 * scale,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+    total = per_sample_grad_norms(model, loss_fn, (x, y))
+    assert isinstance(total, Tensor) and total.shape == (x.shape[0],)
+    torch.testing.assert_close(total, torch.stack(list(ref.values())).sum(0), rtol=RTOL, atol=0)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(inplace=True),
+                         nn.Linear(6, 3)).to(DT)
+
+
+class SeqMLP(nn.Module):
+    """Linear layers on [b, T, d] (the Gram form) with a residual."""
+
+    def __init__(self, d: int = 4, t_out: int = 3) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(d, 9), nn.Linear(9, d)
+        self.head = nn.Linear(d, t_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x + self.b(torch.tanh(self.a(x)))).mean(1)
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, stride=2, groups=2, padding=1, padding_mode="reflect"),
+        nn.BatchNorm2d(6), nn.Tanh(), nn.AvgPool2d(2),
+        nn.Conv2d(6, 6, 2, padding="same", padding_mode="circular", bias=False),
+        nn.InstanceNorm2d(6, affine=True), nn.Flatten(), nn.Linear(6 * 2 * 2, 3),
+    ).to(DT)
+
+
+def cnn1d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(3, 4, 3, padding="same", dilation=2), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(4, 4, 2, stride=2, groups=4), nn.BatchNorm1d(4), nn.Flatten(),
+        nn.Linear(8, 2),
+    ).to(DT)
+
+
+class TinyTransformer(nn.Module):
+    """Embedding + positions, pre-norm attention and MLP blocks, RMSNorm, linear head."""
+
+    def __init__(self, vocab: int = 11, d: int = 8, t: int = 6, need_weights: bool = False
+                 ) -> None:
+        super().__init__()
+        self.need_weights = need_weights  # True: torch's explicit path (double-differentiable)
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.pos = nn.Embedding(t, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.att = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tok: Tensor) -> Tensor:
+        t = tok.shape[1]
+        h = self.emb(tok) + self.pos(torch.arange(t).expand_as(tok))
+        a = self.ln1(h)
+        causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+        h = h + self.att(a, a, a, attn_mask=causal, need_weights=self.need_weights,
+                          is_causal=True)[0]
+        h = h + self.mlp(self.ln2(h))
+        return self.head(self.norm(h)).transpose(1, 2)  # [b, vocab, T] for CrossEntropyLoss
+
+
+class TiedLM(nn.Module):
+    """Embedding tied to the output layer, and one Linear applied twice."""
+
+    def __init__(self, vocab: int = 9, d: int = 5) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tok: Tensor) -> Tensor:
+        h = self.emb(tok)
+        h = self.mix(torch.tanh(self.mix(h)))
+        return self.head(h).transpose(1, 2)
+
+
+class SharedWeights(nn.Module):
+    """Two Linear modules sharing one weight (separate biases); plain [b, d] activations."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.l2.weight = self.l1.weight
+        self.out = nn.Linear(d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
+
+
+class Gate(nn.Module):
+    """Unsupported custom module: own parameters plus a child with a rule."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(d))
+        self.shift = nn.Parameter(torch.randn(1, d))
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(torch.sigmoid(x * self.scale) * x) + self.shift * x.square()
+
+
+def custom() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 5), Gate(5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+def test_mlp_with_inplace_relu() -> None:
+    x, y = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
+    assert_matches(mlp(), nn.CrossEntropyLoss(), x, y)
+
+
+def test_linear_with_sequence_axis() -> None:
+    x, y = torch.randn(5, 6, 4, dtype=DT), torch.randn(5, 3, dtype=DT)
+    assert_matches(SeqMLP().to(DT), nn.MSELoss(), x, y)
+
+
+def test_cnn_with_pooling_and_norms() -> None:
+    model = cnn().eval()  # BatchNorm in eval mode uses its running statistics
+    with torch.no_grad():
+        model[5].running_mean.uniform_(-1, 1)
+        model[5].running_var.uniform_(0.5, 2)
+    x, y = torch.randn(5, 2, 16, 16, dtype=DT), torch.randint(0, 3, (5,))
+    assert_matches(model, nn.CrossEntropyLoss(), x, y)
+
+
+def test_conv1d_same_padding_groups_batchnorm_eval() -> None:
+    x, y = torch.randn(4, 3, 8, dtype=DT), torch.randn(4, 2, dtype=DT)
+    assert_matches(cnn1d().eval(), nn.MSELoss(), x, y)
+
+
+def test_tiny_transformer() -> None:
+    tok, y = torch.randint(0, 11, (4, 6)), torch.randint(0, 11, (4, 6))
+    tok[0, :2] = 0  # padding_idx rows get no gradient
+    assert_matches(TinyTransformer().to(DT), nn.CrossEntropyLoss(), tok, y)
+
+
+def test_tied_embedding_and_reused_linear() -> None:
+    tok, y = torch.randint(0, 9, (5, 4)), torch.randint(0, 9, (5, 4))
+    model = TiedLM().to(DT)
+    got = per_sample_grad_norms(model, nn.CrossEntropyLoss(), (tok, y), by_parameter=True)
+    assert isinstance(got, dict)
+    assert "head.weight" not in got  # tied: reported once, under its first name
+    assert_matches(model, nn.CrossEntropyLoss(), tok, y)
+    # Adding the squared norms of the two uses instead would be wrong: the test can tell.
+    separate = TiedLM().to(DT)
+    separate.load_state_dict(model.state_dict())
+    separate.head.weight = nn.Parameter(model.emb.weight.detach().clone())
+    split = per_sample_grad_norms(separate, nn.CrossEntropyLoss(), (tok, y), by_parameter=True)
+    assert isinstance(split, dict)
+    wrong = split["emb.weight"] + split["head.weight"]
+    assert not torch.allclose(wrong, got["emb.weight"], rtol=1e-3)
+
+
+def test_weight_shared_by_two_linear_modules() -> None:
+    x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
+    assert_matches(SharedWeights().to(DT), nn.MSELoss(), x, y)
+
+
+def test_custom_module_uses_exact_fallback_and_warns_once() -> None:
+    model = custom()
+    x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
+    with pytest.warns(FallbackWarning, match=r"'1' \(Gate\)"):
+        per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)  # one warning per module instance
+        assert_matches(model, nn.MSELoss(), x, y)
+
+
+def test_linear_subclass_with_own_forward_is_not_given_the_linear_rule() -> None:
+    class Squared(nn.Linear):
+        def forward(self, x: Tensor) -> Tensor:
+            return F.linear(x, self.weight.square(), self.bias)
+
+    model = nn.Sequential(Squared(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+    x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 1, dtype=DT)
+    with pytest.warns(FallbackWarning, match="Squared"):
+        assert_matches(model, nn.MSELoss(), x, y)
+
+
+def test_registered_rule_is_used() -> None:
+    class Scale(nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(d, dtype=DT))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x * self.w
+
+    def scale_rule(call, deltas):  # c_i(w) = δ_i ⊙ x_i
+        return [] if deltas[0] is None else [Piece(call.module.w, Dense(deltas[0] * call.args[0]))]
+
+    register_rule(Scale, Rule(scale_rule))
+    model = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        assert_matches(model, nn.MSELoss(), x, y)
+
+
+def test_frozen_and_unused_parameters() -> None:
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.unused = mlp(), nn.Linear(2, 2).to(DT)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.body(x)
+
+    model = WithUnused()
+    model.body[0].weight.requires_grad_(False)
+    x, y = torch.randn(4, 5, dtype=DT), torch.randint(0, 3, (4,))
+    got = per_sample_grad_norms(model, nn.CrossEntropyLoss(), (x, y), by_parameter=True)
+    assert isinstance(got, dict)
+    assert "body.0.weight" not in got
+    assert torch.equal(got["unused.weight"], torch.zeros(4, dtype=DT))
+    assert_matches(model, nn.CrossEntropyLoss(), x, y)
+
+
+def test_single_sample_batch_equals_squared_gradient_norm() -> None:
+    model = mlp()
+    x, y = torch.randn(1, 5, dtype=DT), torch.randint(0, 3, (1,))
+    g = torch.autograd.grad(nn.CrossEntropyLoss()(model(x), y), list(model.parameters()))
+    got = per_sample_grad_norms(model, nn.CrossEntropyLoss(), (x, y))
+    torch.testing.assert_close(got, sum(gi.square().sum() for gi in g).reshape(1), rtol=RTOL,
+                               atol=0)
+
+
+def test_invariant_to_batch_composition() -> None:
+    """‖g_i‖² is a property of sample i alone: permuting or splitting the batch permutes it."""
+    model = TinyTransformer().to(DT)
+    tok, y = torch.randint(0, 11, (6, 6)), torch.randint(0, 11, (6, 6))
+    ce = nn.CrossEntropyLoss()
+    full = per_sample_grad_norms(model, ce, (tok, y))
+    perm = torch.randperm(6)
+    torch.testing.assert_close(per_sample_grad_norms(model, ce, (tok[perm], y[perm])), full[perm],
+                               rtol=RTOL, atol=0)
+    halves = torch.cat([per_sample_grad_norms(model, ce, (tok[:2], y[:2])),
+                        per_sample_grad_norms(model, ce, (tok[2:], y[2:]))])
+    torch.testing.assert_close(halves, full, rtol=RTOL, atol=0)
+
+
+def test_float32_agrees_with_float64() -> None:
+    model64 = TinyTransformer().to(DT)
+    model32 = TinyTransformer()
+    model32.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
+    tok, y = torch.randint(0, 11, (4, 6)), torch.randint(0, 11, (4, 6))
+    got = per_sample_grad_norms(model32, nn.CrossEntropyLoss(), (tok, y))
+    assert isinstance(got, Tensor) and got.dtype == torch.float32
+    ref = per_sample_grad_norms(model64, nn.CrossEntropyLoss(), (tok, y))
+    # float32 rounding (~6e-8 per op) through a few hundred ops: 1e-4 is ample, 1e-2 would hide bugs
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=0)
+
+
+# ----------------------------------------------------------------------------- create_graph
+
+
+def naive_grad_of_sum(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> list[Tensor]:
+    ps = [p for p in model.parameters() if p.requires_grad]
+    total = torch.zeros((), dtype=DT)
+    for i in range(x.shape[0]):
+        g = torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), ps, create_graph=True)
+        total = total + sum(gi.square().sum() for gi in g)
+    return list(torch.autograd.grad(total, ps))
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "target"),
+    [
+        (lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT), (6, 5), "cls"),
+        (lambda: SeqMLP().to(DT), (4, 5, 4), "reg3"),
+        (lambda: cnn().eval(), (3, 2, 16, 16), "cls"),
+        (lambda: TinyTransformer(need_weights=True).to(DT), (3, 6), "tok"),
+        (custom, (5, 4), "reg2"),
+        (lambda: TiedLM().to(DT), (3, 4), "tok9"),
+    ],
+    ids=["mlp", "seq", "cnn", "transformer", "fallback", "tied"],
+)
+def test_create_graph_matches_double_backward_of_naive_loop(make, shape, target) -> None:
+    model = make()
+    if target in ("tok", "tok9"):
+        v = 11 if target == "tok" else 9
+        x, y, loss_fn = torch.randint(0, v, shape), torch.randint(0, v, shape), nn.CrossEntropyLoss()
+    elif target == "cls":
+        x, y, loss_fn = torch.randn(shape, dtype=DT), torch.randint(0, 3, shape[:1]), nn.CrossEntropyLoss()
+    else:
+        n_out = 3 if target == "reg3" else 2
+        x, y, loss_fn = torch.randn(shape, dtype=DT), torch.randn(shape[0], n_out, dtype=DT), nn.MSELoss()
+    ps = [p for p in model.parameters() if p.requires_grad]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        norms = per_sample_grad_norms(model, loss_fn, (x, y), create_graph=True)
+    assert isinstance(norms, Tensor) and norms.requires_grad
+    got = torch.autograd.grad(norms.sum(), ps, allow_unused=True)
+    ref = naive_grad_of_sum(model, loss_fn, x, y)
+    scale = max(float(r.abs().max()) for r in ref)
+    for g, r in zip(got, ref):
+        g = torch.zeros_like(r) if g is None else g
+        torch.testing.assert_close(g, r, rtol=RTOL, atol=RTOL * 1e-2 * scale)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_without_create_graph_result_is_detached_and_no_grad_is_written() -> None:
+    model = mlp()
+    x, y = torch.randn(4, 5, dtype=DT), torch.randint(0, 3, (4,))
+    out = per_sample_grad_norms(model, nn.CrossEntropyLoss(), (x, y))
+    assert isinstance(out, Tensor) and not out.requires_grad
+    assert all(p.grad is None for p in model.parameters())
