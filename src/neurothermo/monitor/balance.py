@@ -6,7 +6,8 @@ theory's statement is about expectations over SGD's stationary distribution:
 
 * **layer balance** — ``E‖g_k‖²``, the expected squared norm of layer k's minibatch gradient (all the
   parameters the layer owns), and the ratios ``E‖g_k‖² / E‖g_{k+1}‖²`` between consecutive layers.
-  For every rescale-symmetric hidden layer (a detected ``"rescale"`` symmetry) also the exact pair:
+  For every hidden layer with rescale symmetry (a detected ``"rescale"`` symmetry, or a
+  ``"double_rotation"``, which contains it) also the exact pair:
   ``Σ_u E[‖g_{w_u}‖² + g_{b_u}²]`` (incoming weights and biases) against ``Σ_u E‖g_{u_u}‖²``
   (outgoing weights), whose ratio is 1 at the entropic equilibrium of SGD without weight decay.
 * **neuron balance** — per hidden unit u the incoming energy ``E[‖g_{w_u}‖² + g_{b_u}²]`` against the
@@ -146,7 +147,7 @@ def _rescale_indices(history: History) -> list[tuple[int, str]]:
         idx = sorted(int(c[len(prefix):]) for c in history.columns if c.startswith(prefix))
         return [(i, names.sym(i)) for i in idx]
     return [(i, s.get("location", names.sym(i))) for i, s in enumerate(syms)
-            if s.get("kind") == "rescale" and names.energy_in(i) in history]
+            if names.energy_in(i) in history]
 
 
 def layer_balance(history: History, *, window: float | int = 0.5, n_blocks: int = 10) -> LayerBalance:

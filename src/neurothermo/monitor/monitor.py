@@ -95,7 +95,8 @@ class ThermoMonitor:
         self.max_charge_numel = check_int("max_charge_numel", max_charge_numel, minimum=1)
         if not (isinstance(ema, float | int) and 0 <= ema < 1):
             raise ValueError(f"ema must be a number in [0, 1), got {ema!r}")
-        if not (symmetries is None or symmetries == "auto" or isinstance(symmetries, Sequence)):
+        if not (symmetries is None or symmetries == "auto"
+                or (isinstance(symmetries, Sequence) and not isinstance(symmetries, str))):
             raise ValueError(f"symmetries must be 'auto', None or a list of Symmetry, got {symmetries!r}")
         if writer is not None and not isinstance(writer, Writer):
             raise TypeError("writer needs write(rows, meta) and flush() (e.g. JSONLWriter(path))")
@@ -258,6 +259,7 @@ class ThermoMonitor:
                 t.ema_out = ema_update(t.ema_out, e_out, self.ema)
                 values[names.neuron_ratio(t.index)] = t.ema_in.sum() / t.ema_out.sum()
                 values[names.neuron_residual(t.index)] = balance_residual(t.ema_in, t.ema_out)
+            if t.per_unit and t.sym.kind == "rescale":
                 imbalance = e_in - e_out
             elif predict:
                 imbalance = t.sym.imbalance(grads)
@@ -348,7 +350,7 @@ def _entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | 
                     lr: float, wd: float) -> dict[str, Tensor]:
     from neurothermo.monitor.noise import entropic_terms
 
-    with mon._measuring():
+    with mon._measuring(), torch.enable_grad():
         return entropic_terms(mon, batch, loss, lr, wd)
 
 

@@ -42,9 +42,10 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
         d = entropic_decomposition(mon.model, mon.loss_fn, mon.data, lr=lr, batch_size=b,
                                    replacement=replacement, weight_decay=wd)
         mon.history.meta["entropic"] = f"exact over data (N={d.n_samples})"
-        return {LOSS: torch.tensor(d.loss), DISC: torch.tensor(d.discretization),
-                NOISE: torch.tensor(d.noise), TOTAL: torch.tensor(d.total),
-                TRACE: torch.tensor(d.trace_sigma)}
+        f64 = torch.float64
+        return {LOSS: torch.tensor(d.loss, dtype=f64), DISC: torch.tensor(d.discretization, dtype=f64),
+                NOISE: torch.tensor(d.noise, dtype=f64), TOTAL: torch.tensor(d.total, dtype=f64),
+                TRACE: torch.tensor(d.trace_sigma, dtype=f64)}
     if b < 2:
         mon._note("noise_b1", "entropic terms need b >= 2 per batch (or data=); not recorded")
         return {}

@@ -81,8 +81,13 @@ def segment_sum(values: Tensor, index: Tensor, n: int) -> Tensor:
 
 
 def ema_update(avg: Tensor | None, x: Tensor, beta: float) -> Tensor:
-    """Exponential moving average ``m ← β·m + (1 − β)·x`` (``x`` itself at the first update)."""
-    return x.clone() if avg is None else avg.mul(beta).add_(x, alpha=1.0 - beta)
+    """Exponential moving average ``m_t = β·m_{t−1} + (1 − β)·x_t`` from ``m_0 = 0`` (``avg=None``).
+
+    ``m_t / (1 − β^t) = Σ_{s≤t} β^{t−s} x_s / Σ_{s≤t} β^{t−s}`` is the bias-corrected running mean.
+    """
+    if avg is None:
+        return x * (1.0 - beta)
+    return avg.mul(beta).add_(x, alpha=1.0 - beta)
 
 
 def balance_residual(a: Tensor, b: Tensor) -> Tensor:

@@ -2,10 +2,11 @@
 
 Symmetries come from :func:`neurothermo.find_symmetries` (issue 5). Isometries (permutations, sign
 flips) carry no charge and are skipped. For every other symmetry the monitor records the charge
-``sym.charge(params)``; for per-unit ones (``rescale``: ``block == 1``, not ``whole``) it also splits
-the gradient imbalance into the per-unit incoming and outgoing energies
-(:func:`~neurothermo.monitor.quantities.unit_energies`), which is the neuron-balance data and gives
-the imbalance without a second pass; other kinds use ``sym.imbalance(grads)``.
+``sym.charge(params)``. For symmetries with hidden units (``rescale``, and ``double_rotation``, whose
+GL(d) contains the per-unit rescaling) it also records the per-unit incoming and outgoing gradient
+energies (:func:`~neurothermo.monitor.quantities.unit_energies`; for a double rotation the diagonal
+of ``Σ_in g gᵀ`` and ``Σ_out g gᵀ``): the neuron-balance data. For ``rescale`` their difference is
+the whole imbalance ``gᵀAg`` (no second pass); other kinds use ``sym.imbalance(grads)``.
 
 A charge computed after an optimizer step is remembered together with the parameters' in-place
 version counters, and reused as the next step's "before" charge when no parameter has changed
@@ -84,6 +85,6 @@ def track(syms: Sequence[Any], params: Mapping[str, Tensor]) -> list[Tracked]:
         missing = [n for n in s.param_names if n not in params]
         if missing:
             raise ValueError(f"symmetry {s} acts on {missing}, which are not trainable parameters")
-        per_unit = s.kind == "rescale" and s.block == 1 and not s.whole
+        per_unit = s.kind in ("rescale", "double_rotation") and not s.whole
         out.append(Tracked(index=len(out), sym=s, per_unit=per_unit))
     return out

@@ -1,0 +1,336 @@
+"""ThermoMonitor: every recorded quantity against a direct computation; monitors never change training."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import neurothermo as nt
+from neurothermo.monitor import names
+from neurothermo.monitor.monitor import MonitorWarning
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest and immune to oversubscribed cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _data(n: int = 40, d: int = 5) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x, torch.sin(x.sum(1, keepdim=True)) + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+
+
+def _mixed() -> nn.Module:
+    """Rescale (0→2, 3→5), double rotation (2→3), whole scale (5 → LayerNorm), in float64."""
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 7),
+        nn.LayerNorm(7, eps=0.0, elementwise_affine=False), nn.Tanh(), nn.Linear(7, 1)).double()
+
+
+def _mlp(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Dropout(dropout), nn.Linear(8, 1)).double()
+
+
+def _flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_every_recorded_quantity_against_direct_computation() -> None:
+    x, y = _data()
+    model, mse = _mixed(), nn.MSELoss()
+    lr, wd, b, ema = 0.05, 0.01, 8, 0.9
+    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
+    mon = nt.ThermoMonitor(model, mse, optimizer=opt, noise_every=None, ema=ema)
+    params = dict(model.named_parameters())
+    ref: dict[str, list] = {"grad_sq": [], "w": [], "in": [], "out": [], "J": [], "dJ": [], "pred": []}
+    for step in range(6):
+        for g in opt.param_groups:  # a schedule: the monitor must read the current lr
+            g["lr"] = lr / (1 + step)
+        idx = torch.arange(step * b, (step + 1) * b) % 40
+        opt.zero_grad()
+        loss = mse(model(x[idx]), y[idx])
+        loss.backward()
+        mon.after_backward(step, (x[idx], y[idx]), loss=loss)
+        if step == 0:
+            syms = [s for s in nt.find_symmetries(model, x[:8]) if not s.isometry]
+            assert [s.kind for s in syms] == ["rescale", "double_rotation", "rescale", "scale"]
+        grads = {n: p.grad.clone() for n, p in params.items()}
+        ref["grad_sq"].append([sum(float(grads[f"{k}.{t}"].pow(2).sum()) for t in ("weight", "bias"))
+                               for k in (0, 2, 3, 5, 8)])
+        ref["w"].append([float(torch.cat([params[f"{k}.weight"].flatten(), params[f"{k}.bias"]]).detach().norm())
+                         for k in (0, 2, 3, 5, 8)])
+        # per-unit energies written out: rows of the producer (+ bias), columns of the consumer
+        ref["in"].append(grads["0.weight"].pow(2).sum(1) + grads["0.bias"].pow(2))
+        ref["out"].append(grads["2.weight"].pow(2).sum(0))
+        before = [s.charge(model) for s in syms]
+        ref["pred"].append([s.predict_charge(j, grads, lr / (1 + step), wd) - j
+                            for s, j in zip(syms, before)])
+        opt.step()
+        mon.after_step(step)
+        ref["J"].append(before)
+        ref["dJ"].append([s.charge(model) - j for s, j in zip(syms, before)])
+    h = mon.history
+    assert h.meta["layers"] == ["0", "2", "3", "5", "8"]
+    assert [s["kind"] for s in h.meta["symmetries"]] == ["rescale", "double_rotation", "rescale", "scale"]
+    got = np.stack([h[names.grad_sq(k)] for k in h.meta["layers"]], 1)
+    np.testing.assert_allclose(got, ref["grad_sq"], rtol=1e-13)
+    np.testing.assert_allclose(np.stack([h[names.weight_norm(k)] for k in h.meta["layers"]], 1),
+                               ref["w"], rtol=1e-13)
+    # running expectation: Σ_s β^{t−s} x_s / Σ_s β^{t−s} (the bias-corrected EMA), written out
+    w = np.array([[ema ** (t - s) if s <= t else 0.0 for s in range(6)] for t in range(6)])
+    running = (w @ got) / w.sum(1, keepdims=True)
+    np.testing.assert_allclose(np.stack([h[names.grad_sq_ema(k)] for k in h.meta["layers"]], 1),
+                               running, rtol=1e-13)
+    np.testing.assert_allclose(h[names.layer_ratio("0", "2")], running[:, 0] / running[:, 1], rtol=1e-13)
+    np.testing.assert_allclose(h[names.energy_in(0)], torch.stack(ref["in"]).numpy(), rtol=1e-13)
+    np.testing.assert_allclose(h[names.energy_out(0)], torch.stack(ref["out"]).numpy(), rtol=1e-13)
+    np.testing.assert_allclose(h[names.TEMPERATURE], [lr / (1 + t) / b for t in range(6)], rtol=1e-15)
+    for i in range(4):
+        j = np.stack([r[i].numpy() for r in ref["J"]])
+        meas = np.stack([r[i].numpy() for r in ref["dJ"]])
+        np.testing.assert_allclose(h[names.charge(i)], j, rtol=1e-14)
+        np.testing.assert_allclose(h[names.charge_meas(i)], meas, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(h[names.charge_pred(i)], np.stack([r[i].numpy() for r in ref["pred"]]),
+                                   rtol=1e-9, atol=1e-15)
+        # the exact SGD identity: measured and predicted changes agree to float64 rounding of J
+        assert h[names.charge_err(i)].max() <= 1e-13 * max(1.0, np.abs(j).max())
+        assert np.abs(meas).max() > 1e4 * h[names.charge_err(i)].max()  # ... and the change is real
+
+
+@pytest.mark.parametrize("with_data", [True, False])
+def test_monitor_never_changes_training(tmp_path, with_data: bool) -> None:
+    """Same seed with and without a monitor (dropout; noise, sharpness passes): same bits."""
+    data = _data()
+    kw = {"lr": 0.05, "batch_size": 8, "steps": 7, "seed": 3, "weight_decay": 1e-3}
+    plain = _mlp(dropout=0.3)
+    nt.train(plain, nn.MSELoss(), data, **kw)
+    watched = _mlp(dropout=0.3)
+    extra = {"sharpness_every": 3, "data": data} if with_data else {}
+    mon = nt.ThermoMonitor(watched, nn.MSELoss(), noise_every=2, sync_every=2,
+                           writer=nt.JSONLWriter(tmp_path / "m.jsonl"), **extra)
+    hist = nt.train(watched, nn.MSELoss(), data, monitor=mon, **kw)
+    assert torch.equal(_flat(plain), _flat(watched))
+    assert all(p.grad is not None for p in watched.parameters())
+    np.testing.assert_array_equal(hist.steps("entropic/trace_sigma"), [0, 2, 4, 6])
+    if with_data:
+        np.testing.assert_array_equal(hist.steps(names.SHARPNESS), [0, 3, 6])
+
+
+def _per_sample_sq_norms(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Naive reference: one backward per sample."""
+    out = []
+    for i in range(x.shape[0]):
+        g = torch.autograd.grad(nn.functional.mse_loss(model(x[i:i + 1]), y[i:i + 1]),
+                                list(model.parameters()))
+        out.append(sum(t.pow(2).sum() for t in g))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("replacement", [True, False])
+def test_noise_terms_from_the_batch(replacement: bool) -> None:
+    x, y = _data()
+    model, mse, lr, wd, b, n = _mlp(), nn.MSELoss(), 0.1, 0.02, 10, 40
+    mon = nt.ThermoMonitor(model, mse, lr=lr, weight_decay=wd, noise_every=1, symmetries=None,
+                           dataset_size=n, replacement=replacement)
+    xb, yb = x[:b], y[:b]
+    loss = mse(model(xb), yb)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    mon.after_backward(0, (xb, yb), loss=loss)
+    mon.after_step(0)
+    sq = _per_sample_sq_norms(model, xb, yb)
+    gb = sum(g.pow(2).sum() for g in grads)
+    gwd = sum((g + wd * p.detach()).pow(2).sum() for g, p in zip(grads, model.parameters()))
+    tr = b / (b - 1) * (sq.mean() - gb) * (1 if replacement else (n - 1) / n)
+    tr_b = tr / b if replacement else tr * (n - b) / (b * (n - 1))
+    h = mon.history
+    assert h["entropic/trace_sigma"][0] == pytest.approx(float(tr), rel=1e-10)
+    assert h["entropic/noise"][0] == pytest.approx(float(lr / 4 * tr_b), rel=1e-10)
+    assert h["entropic/discretization"][0] == pytest.approx(float(lr / 4 * (gwd - tr_b)), rel=1e-10)
+    penalty = wd / 2 * sum(p.detach().pow(2).sum() for p in model.parameters())
+    assert h["entropic/loss"][0] == pytest.approx(float(loss.detach() + penalty), rel=1e-12)
+
+
+def test_noise_terms_over_data_are_the_exact_decomposition() -> None:
+    data = _data()
+    model, mse = _mlp(), nn.MSELoss()
+    mon = nt.ThermoMonitor(model, mse, lr=0.1, noise_every=1, symmetries=None, data=data,
+                           replacement=False)
+    loss = mse(model(data[0][:8]), data[1][:8])
+    loss.backward()
+    mon.after_backward(0, (data[0][:8], data[1][:8]), loss=loss)
+    mon.after_step(0)
+    d = nt.entropic_decomposition(model, mse, data, lr=0.1, batch_size=8, replacement=False)
+    for key in ("loss", "discretization", "noise", "total", "trace_sigma"):
+        assert mon.history[f"entropic/{key}"][0] == pytest.approx(getattr(d, key), rel=1e-12)
+
+
+def test_sharpness_matches_dense_hessian() -> None:
+    data = _data(n=20)
+    model, mse = _mlp(), nn.MSELoss()
+    mon = nt.ThermoMonitor(model, mse, lr=0.1, noise_every=None, sharpness_every=1, data=data,
+                           symmetries=None)
+    loss = mse(model(data[0][:4]), data[1][:4])
+    loss.backward()
+    mon.after_backward(0, (data[0][:4], data[1][:4]), loss=loss)
+    mon.after_step(0)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    shapes = {n: p.shape for n, p in params.items()}
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+
+    def f(v: Tensor) -> Tensor:
+        parts, i = {}, 0
+        for n, s in shapes.items():
+            parts[n] = v[i:i + s.numel()].reshape(s)
+            i += s.numel()
+        return mse(torch.func.functional_call(model, parts, (data[0],)), data[1])
+
+    lam = float(torch.linalg.eigvalsh(torch.func.hessian(f)(flat))[-1])
+    assert mon.history[names.SHARPNESS][0] == pytest.approx(lam, rel=1e-3)  # the tracker's tol
+    assert mon.history[names.LR_SHARPNESS][0] == pytest.approx(0.1 * mon.history[names.SHARPNESS][0])
+
+
+def test_momentum_and_adam_record_no_prediction_and_say_why() -> None:
+    x, y = _data()
+    for opt_cls, kw in ((torch.optim.SGD, {"momentum": 0.9}), (torch.optim.Adam, {})):
+        model = _mlp()
+        opt = opt_cls(model.parameters(), lr=0.01, **kw)
+        mon = nt.ThermoMonitor(model, nn.MSELoss(), optimizer=opt, noise_every=None)
+        with pytest.warns(MonitorWarning, match="charge predictions not recorded"):
+            for step in range(2):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x[:8]), y[:8]).backward()
+                mon.after_backward(step, (x[:8], y[:8]))
+                opt.step()
+                mon.after_step(step)
+        h = mon.history
+        assert names.charge_meas(0) in h and names.charge_pred(0) not in h
+        assert any("not plain SGD" in n for n in h.meta["notes"])
+
+
+def test_every_sync_and_jsonl_writer(tmp_path) -> None:
+    data = _data()
+    model = _mlp()
+    mon = nt.ThermoMonitor(model, nn.MSELoss(), every=3, noise_every=4, sync_every=2,
+                           writer=nt.JSONLWriter(tmp_path / "run.jsonl"))
+    writes = []
+    real_write = mon.writer.write
+    mon.writer.write = lambda rows, meta: (writes.append([r["step"] for r in rows]), real_write(rows, meta))
+    h = nt.train(model, nn.MSELoss(), data, lr=0.05, batch_size=8, steps=10, monitor=mon)
+    np.testing.assert_array_equal(h.steps(names.LOSS), np.arange(10))  # loss: every step
+    np.testing.assert_array_equal(h.steps(names.grad_sq("0")), [0, 3, 6, 9])
+    np.testing.assert_array_equal(h.steps(names.energy_in(0)), [0, 3, 6, 9])
+    np.testing.assert_array_equal(h.steps("entropic/noise"), [0, 4, 8])
+    assert writes[0] == [0] and writes[1] == [1, 2, 3, 4, 5, 6]  # synced at recorded steps 0, 6
+    lines = (tmp_path / "run.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["__meta__"]["layers"] == ["0", "3"]
+    assert nt.History.from_jsonl(tmp_path / "run.jsonl").to_dicts() == h.to_dicts()
+
+
+def test_state_dict_round_trip() -> None:
+    x, y = _data()
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = nt.ThermoMonitor(model, nn.MSELoss(), optimizer=opt, noise_every=None)
+    for step in range(3):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[:8]), y[:8]).backward()
+        mon.after_backward(step, (x[:8], y[:8]))
+        opt.step()
+        mon.after_step(step)
+    other = nt.ThermoMonitor(model, nn.MSELoss(), optimizer=opt, noise_every=None)
+    other.load_state_dict(mon.state_dict())
+    assert other.history.to_dicts() == mon.history.to_dicts()
+    assert torch.equal(other._ema_layer, mon._ema_layer)
+
+
+def test_bad_input() -> None:
+    model, mse = _mlp(), nn.MSELoss()
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        nt.ThermoMonitor(model, mse, every=0)
+    with pytest.raises(ValueError, match="ema must be"):
+        nt.ThermoMonitor(model, mse, ema=1.0)
+    with pytest.raises(ValueError, match="sharpness_every needs data"):
+        nt.ThermoMonitor(model, mse, sharpness_every=5)
+    with pytest.raises(ValueError, match="either optimizer= or lr="):
+        nt.ThermoMonitor(model, mse, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), lr=0.1)
+    with pytest.raises(ValueError, match="symmetries must be"):
+        nt.ThermoMonitor(model, mse, symmetries="all")
+    with pytest.raises(TypeError, match="writer needs"):
+        nt.ThermoMonitor(model, mse, writer="log.jsonl")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        nt.ThermoMonitor(model, nn.MSELoss(reduction="sum"))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        nt.ThermoMonitor(nn.ReLU(), mse)
+    mon = nt.ThermoMonitor(model, mse, lr=0.1, noise_every=None)
+    x, y = _data()
+    nn.functional.mse_loss(model(x[:4]), y[:4]).backward()
+    with pytest.raises(RuntimeError, match="without after_backward"):
+        mon.after_step(0)
+    with pytest.raises(TypeError, match="batch must be the pair"):
+        mon.after_backward(0, x[:4])  # type: ignore[arg-type]
+    mon.after_backward(0, (x[:4], y[:4]))
+    with pytest.raises(RuntimeError, match=r"after_step\(0\) was not called"):
+        mon.after_backward(1, (x[:4], y[:4]))
+    quiet = nt.ThermoMonitor(model, mse, noise_every=None, symmetries=None)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        quiet.after_backward(0, (x[:4], y[:4]))
+    assert any("no lr known" in str(m.message) for m in w)
+    assert names.TEMPERATURE not in (quiet.after_step(0) or quiet.history)
+
+
+def test_tensorboard_writer(tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    model = _mlp()
+    writer = nt.TensorBoardWriter(tmp_path / "tb")
+    mon = nt.ThermoMonitor(model, nn.MSELoss(), noise_every=None, writer=writer)
+    nt.train(model, nn.MSELoss(), _data(), lr=0.05, batch_size=8, steps=3, monitor=mon)
+    mon.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(writer.log_dir)).Reload()
+    assert [e.step for e in acc.Scalars(names.LOSS)] == [0, 1, 2]
+    np.testing.assert_allclose([e.value for e in acc.Scalars(names.LOSS)], mon.history[names.LOSS], rtol=1e-6)
+    assert names.energy_in(0) in acc.Tags()["histograms"]
+
+
+def test_lightning_callback() -> None:
+    lightning = pytest.importorskip("lightning")
+    from neurothermo.monitor.lightning import ThermoMonitorCallback
+
+    x, y = _data()
+    net = _mlp()
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    mon = nt.ThermoMonitor(net, nn.MSELoss(), noise_every=None)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = lightning.Trainer(max_steps=4, callbacks=[ThermoMonitorCallback(mon)], logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Module(), loader)
+    h = mon.history
+    np.testing.assert_array_equal(h.steps(names.LOSS), [0, 1, 2, 3])
+    assert h[names.charge_err(0)].max() < 1e-12  # SGD's exact identity, through Lightning
+    np.testing.assert_allclose(h[names.TEMPERATURE], 0.05 / 8)
