@@ -2,7 +2,9 @@
 from neurothermo.experiments import (
     entropic_flow,
     platonic_linear,
+    pretrained_platonic,
     rescale_equilibrium,
+    sgd_vs_entropic_flow,
     sharpness_phase,
 )
 
