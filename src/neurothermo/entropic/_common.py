@@ -1,0 +1,149 @@
+"""Shared plumbing of the entropic engine: parameter structures, the batch objective, checks.
+
+Conventions (THEORY.md): ``loss_fn(outputs, targets)`` is the mean over the batch,
+``l_B = (1/b) Σ_i l_i``; ``weight_decay`` is torch's ``wd``, entering as the penalty
+``(wd/2)‖θ‖²`` added to ``l_B`` (so the gradient is ``g_B + wd·θ``), on every trainable parameter.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from neurothermo._state import select_parameters
+from neurothermo._validate import (
+    check_batch,
+    check_finite_params,
+    check_int,
+    check_loss_fn,
+    check_positive,
+    check_scalar_loss,
+)
+
+Params = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+Objective = Callable[[Any], Tensor]
+
+
+def flatten(params: Params) -> tuple[list[Tensor], Callable[[list[Tensor]], Any], list[str] | None]:
+    """``params`` as a list of tensors, a function rebuilding the same structure, and the names."""
+    if isinstance(params, Tensor):
+        return [params], lambda ts: ts[0], None
+    if isinstance(params, Mapping):
+        names = list(params)
+        for n in names:
+            if not isinstance(params[n], Tensor):
+                raise TypeError(f"params[{n!r}] must be a Tensor, got {type(params[n]).__name__}")
+        return [params[n] for n in names], lambda ts: dict(zip(names, ts)), names
+    if isinstance(params, Sequence) and not isinstance(params, str):
+        ts = list(params)
+        if not ts or not all(isinstance(t, Tensor) for t in ts):
+            raise TypeError("params must be a Tensor, a non-empty sequence of Tensors or a dict "
+                            "name -> Tensor")
+        return ts, (lambda xs: type(params)(xs) if isinstance(params, tuple) else list(xs)), None
+    raise TypeError(f"params must be a Tensor, a sequence of Tensors or a dict, got "
+                    f"{type(params).__name__}")
+
+
+def as_leaves(tensors: list[Tensor]) -> list[Tensor]:
+    """Tensors that require grad: kept as they are (so gradients reach the caller's graph), or a
+    fresh leaf copy for those that do not."""
+    for t in tensors:
+        if not t.is_floating_point():
+            raise TypeError(f"parameters must be floating point, got dtype {t.dtype}")
+    return [t if t.requires_grad else t.detach().requires_grad_(True) for t in tensors]
+
+
+def grads(out: Tensor, inputs: list[Tensor], *, create_graph: bool = False,
+          retain_graph: bool | None = None, grad_outputs: Any = None) -> list[Tensor]:
+    """``torch.autograd.grad`` with zeros for inputs the output does not depend on."""
+    if not out.requires_grad:  # e.g. the gradient of a linear function: its Hessian is 0
+        return [torch.zeros_like(p) for p in inputs]
+    gs = torch.autograd.grad(out, inputs, grad_outputs=grad_outputs, create_graph=create_graph,
+                             retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, inputs)]
+
+
+def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """``Σ_k ⟨a_k, b_k⟩`` over a list of tensors."""
+    return torch.stack([(x * y).sum() for x, y in zip(a, b)]).sum()
+
+
+def check_common(lr: float, weight_decay: float) -> tuple[float, float]:
+    return check_positive("lr", lr), check_positive("weight_decay", weight_decay, allow_zero=True)
+
+
+def check_n_steps(n_steps: int | None) -> int | None:
+    return None if n_steps is None else check_int("n_steps", n_steps, minimum=1)
+
+
+def entropic_coefficient(lr: float, n_steps: int | None, correction: float = 1.0) -> float:
+    """``(lr/4)·c·(1 − 1/n)``, the coefficient of ``gᵀΛg`` in ``F_n`` (``n = ∞`` when None)."""
+    frac = 1.0 if n_steps is None else 1.0 - 1.0 / n_steps
+    return lr / 4.0 * correction * frac
+
+
+def model_parameters(model: nn.Module) -> dict[str, Tensor]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = select_parameters(model)
+    check_finite_params(model)
+    return params
+
+
+def batch_objective(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Any, *,
+                    weight_decay: float = 0.0, name: str = "batch") -> Callable[[Mapping[str, Tensor]], Tensor]:
+    """``θ ↦ l_B(θ) + (wd/2)‖θ‖²`` as a pure function of a dict of parameters (by name).
+
+    The forward pass goes through ``torch.func.functional_call``; parameters missing from the dict
+    (frozen ones) and the buffers are the model's own, except the buffers of BatchNorm layers in
+    train mode: each call gets fresh copies of those, which the layer updates instead of the
+    model's running statistics. (Restoring the originals in place afterwards would break the
+    backward pass of the returned loss, which holds on to them.) Run it inside
+    ``preserved_state`` all the same, for other modules that change state in ``forward``.
+    """
+    check_loss_fn(loss_fn)
+    x, y = check_batch(batch, name)
+    bn_buffers = {
+        f"{mod_name}.{buf_name}" if mod_name else buf_name: buf
+        for mod_name, mod in model.named_modules()
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training
+        for buf_name, buf in mod.named_buffers(recurse=False)
+    }
+
+    def objective(params: Mapping[str, Tensor]) -> Tensor:
+        inputs = {**params, **{k: b.clone() for k, b in bn_buffers.items()}}
+        loss = check_scalar_loss(loss_fn(functional_call(model, inputs, (x,)), y))
+        if weight_decay:
+            loss = loss + 0.5 * weight_decay * torch.stack(
+                [(p * p).sum() for p in params.values()]).sum()
+        return loss
+
+    return objective
+
+
+def check_data(data: Any, batch_size: int, replacement: bool) -> tuple[Tensor, Tensor, int, int]:
+    """Check a dataset ``(inputs, targets)`` and the minibatch size; return ``x, y, N, b``."""
+    x, y = check_batch(data, "data")
+    n = int(x.shape[0])
+    if n < 2:
+        raise ValueError(
+            "data has 1 sample; the gradient covariance Σ over a dataset needs at least 2 samples "
+            "(pass the whole dataset, or a subset of it, as data)"
+        )
+    b = check_int("batch_size", batch_size, minimum=1)
+    if not isinstance(replacement, bool):
+        raise TypeError(f"replacement must be a bool, got {replacement!r}")
+    if not replacement and b > n:
+        raise ValueError(
+            f"batch_size={b} > N={n} samples in data: minibatches drawn without replacement cannot be "
+            "larger than the dataset; lower batch_size or pass replacement=True"
+        )
+    return x, y, n, b
+
+
+def batch_noise_factor(n: int, b: int, replacement: bool) -> float:
+    """``Tr Σ_B / Tr Σ``: ``1/b`` with replacement, ``(N − b)/(b(N − 1))`` without."""
+    return 1.0 / b if replacement else (n - b) / (b * (n - 1))

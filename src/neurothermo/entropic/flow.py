@@ -1,0 +1,125 @@
+"""Gradient flow on the entropic loss: the continuous object one SGD step is compared with.
+
+``θ̇ = −Λ∇F(θ)`` integrated for a time ``T`` with a fixed-step Runge–Kutta method, where ``F`` is
+the plain objective or its entropic loss ``F_n = f + (lr/4)·c·(1 − 1/n)·∇fᵀΛ∇f``
+(:func:`functional_entropic_loss`). THEORY.md §1: the time-``lr`` flow of ``φ_lr`` matches one
+step ``θ − lr·Λ·g`` to ``O(lr³)``; the flow of the plain loss only to ``O(lr²)``.
+
+Methods: ``"euler"`` (order 1), ``"midpoint"`` (order 2), ``"rk4"`` (classical, order 4). With
+``steps`` steps of size ``h = T/steps`` the integration error after time ``T`` is ``O(h^order)``.
+Each stage costs one gradient of ``F`` (a double backward for the entropic loss).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from neurothermo._state import preserved_state
+from neurothermo._validate import check_int, check_positive, check_scalar_loss
+from neurothermo.entropic._common import (
+    Params,
+    batch_objective,
+    check_common,
+    check_n_steps,
+    flatten,
+    grads,
+    model_parameters,
+)
+from neurothermo.entropic.loss import functional_entropic_loss
+from neurothermo.entropic.preconditioner import Preconditioner, resolve
+
+Method = Literal["euler", "midpoint", "rk4"]
+METHODS: tuple[str, ...] = ("euler", "midpoint", "rk4")
+
+
+def _axpy(x: list[Tensor], a: float, y: list[Tensor]) -> list[Tensor]:
+    return [xi + a * yi for xi, yi in zip(x, y)]
+
+
+def functional_flow(
+    f: Callable[[Any], Tensor],
+    params: Params,
+    *,
+    time: float,
+    steps: int,
+    method: Method = "rk4",
+    lr: float | None = None,
+    n_steps: int | None = None,
+    preconditioner: Preconditioner | Any = None,
+) -> Any:
+    """Integrate ``θ̇ = −Λ∇F`` from ``params`` for ``time``; return the end point (detached, same
+    structure as ``params``).
+
+    ``F = f`` when ``lr`` is None (plain gradient flow), otherwise the entropic loss ``F_n`` of
+    :func:`functional_entropic_loss` with that ``lr``, ``n_steps`` (None: n = ∞) and
+    ``preconditioner`` (Λ; None: identity). ``steps`` fixed steps of ``method``.
+    """
+    time = check_positive("time", time)
+    steps = check_int("steps", steps, minimum=1)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if lr is not None:
+        lr = check_positive("lr", lr)
+    n_steps = check_n_steps(n_steps)
+    tensors, rebuild, names = flatten(params)
+    lams, _ = resolve(preconditioner, names, tensors)
+
+    def velocity(theta: list[Tensor]) -> list[Tensor]:
+        leaves = [t.detach().requires_grad_(True) for t in theta]
+        if lr is None:
+            value = check_scalar_loss(f(rebuild(leaves)))
+        else:
+            value = functional_entropic_loss(f, rebuild(leaves), lr=lr, n_steps=n_steps,
+                                             preconditioner=preconditioner)
+        g = grads(value, leaves)
+        if lams is None:
+            return [-gi for gi in g]
+        return [-(lam * gi) for lam, gi in zip(lams, g)]
+
+    h = time / steps
+    theta = [t.detach() for t in tensors]
+    for _ in range(steps):
+        k1 = velocity(theta)
+        if method == "euler":
+            theta = _axpy(theta, h, k1)
+        elif method == "midpoint":
+            theta = _axpy(theta, h, velocity(_axpy(theta, h / 2, k1)))
+        else:
+            k2 = velocity(_axpy(theta, h / 2, k1))
+            k3 = velocity(_axpy(theta, h / 2, k2))
+            k4 = velocity(_axpy(theta, h, k3))
+            theta = [t + h / 6 * (a + 2 * b + 2 * c + d)
+                     for t, a, b, c, d in zip(theta, k1, k2, k3, k4)]
+    return rebuild(theta)
+
+
+def entropic_flow(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batch: tuple[Tensor, Tensor],
+    *,
+    lr: float,
+    time: float,
+    steps: int,
+    method: Method = "rk4",
+    weight_decay: float = 0.0,
+    n_steps: int | None = None,
+    preconditioner: Preconditioner | Any = None,
+) -> dict[str, Tensor]:
+    """End point of gradient flow for ``time`` on the batch's entropic loss, by parameter name.
+
+    ``F = l_B + (wd/2)‖θ‖² + (lr/4)·c·(1 − 1/n)·gᵀΛg`` and ``θ̇ = −Λ∇F``; ``n_steps=None`` gives
+    ``φ_lr`` (compare ``time = lr`` with one SGD step), ``n_steps=1`` plain gradient flow on
+    ``l_B``. The model's parameters are not changed (the flow runs on copies) and the model is left
+    exactly as it was (BatchNorm buffers, flags, ``.grad``).
+    """
+    lr, wd = check_common(lr, weight_decay)
+    params = model_parameters(model)
+    objective = batch_objective(model, loss_fn, batch, weight_decay=wd)
+    with preserved_state(model):
+        end: dict[str, Tensor] = functional_flow(
+            objective, {k: p.detach() for k, p in params.items()}, time=time, steps=steps,
+            method=method, lr=lr, n_steps=n_steps, preconditioner=preconditioner)
+    return end

@@ -1,0 +1,74 @@
+"""The entropic force of one minibatch: ``−(∇φ − ∇l) = −(lr/2)·H_B Λ g_B`` (THEORY.md §1).
+
+One Hessian-vector product (double backward): ``g = ∇l`` is built with ``create_graph=True`` and
+``H·(Λg) = ∇⟨g, stop_grad(Λg)⟩``. With weight decay ``wd`` the loss is ``l_B + (wd/2)‖θ‖²``, so
+``g = g_B + wd·θ`` and ``H = H_B + wd·I``. With a :class:`Preconditioner` carrying ``c ≠ 1`` (the
+heavy-ball approximation) the force is ``−(lr/2)·c·HΛg``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from neurothermo._state import preserved_state
+from neurothermo._validate import check_positive, check_scalar_loss
+from neurothermo.entropic._common import (
+    Params,
+    as_leaves,
+    batch_objective,
+    check_common,
+    dot,
+    flatten,
+    grads,
+    model_parameters,
+)
+from neurothermo.entropic.preconditioner import Preconditioner, resolve
+
+
+def functional_entropic_force(
+    f: Callable[[Any], Tensor],
+    params: Params,
+    *,
+    lr: float,
+    preconditioner: Preconditioner | Any = None,
+) -> Any:
+    """``−(lr/2)·c·H Λ ∇f`` at ``params`` (same structure as ``params``, detached), where ``H`` is
+    the Hessian of ``f``: the difference ``−(∇φ_lr − ∇f)`` of the entropic loss of
+    :func:`functional_entropic_loss`. One Hessian-vector product."""
+    lr = check_positive("lr", lr)
+    tensors, rebuild, names = flatten(params)
+    leaves = as_leaves(tensors)
+    lams, c = resolve(preconditioner, names, leaves)
+    value = check_scalar_loss(f(rebuild(leaves)))
+    g = grads(value, leaves, create_graph=True)
+    lam_g = g if lams is None else [lam * gi for lam, gi in zip(lams, g)]
+    v = [x.detach() for x in lam_g]
+    hv = grads(dot(g, v), leaves)
+    scale = -0.5 * lr * c
+    return rebuild([scale * h for h in hv])
+
+
+def entropic_force(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batch: tuple[Tensor, Tensor],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    preconditioner: Preconditioner | Any = None,
+) -> dict[str, Tensor]:
+    """``−(∇φ − ∇l) = −(lr/2)·H_B Λ g_B`` by parameter name, for the batch.
+
+    ``l = l_B + (wd/2)‖θ‖²`` (``g_B`` and ``H_B`` include the decay), ``Λ = I`` unless a
+    preconditioner is given. Costs one Hessian-vector product. The model is evaluated in its
+    current mode and left exactly as it was (BatchNorm buffers, train flags, ``.grad``).
+    """
+    lr, wd = check_common(lr, weight_decay)
+    params = model_parameters(model)
+    objective = batch_objective(model, loss_fn, batch, weight_decay=wd)
+    with preserved_state(model):
+        force: dict[str, Tensor] = functional_entropic_force(objective, params, lr=lr,
+                                                             preconditioner=preconditioner)
+    return force

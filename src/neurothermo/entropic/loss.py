@@ -1,0 +1,100 @@
+"""The entropic loss of one minibatch (THEORY.md §1).
+
+One SGD step ``θ' = θ − η·g_B`` equals, up to ``O(η³)``, gradient flow for time ``η`` on
+
+    φ_η(θ; B) = l_B(θ) + (η/4)·‖∇l_B(θ)‖²
+
+(backward error analysis; without the correction the error is ``O(η²)``). Replacing the one step by
+``n`` steps of size ``η/n`` on ``F_n = l_B + (η/4)(1 − 1/n)‖∇l_B‖²`` lands on the same point to
+``O(η³)``; ``n → ∞`` gives ``φ_η``. With a diagonal matrix learning rate Λ (step ``θ − ηΛg``) the
+term is ``(η/4)·gᵀΛg`` and the flow ``θ̇ = −Λ∇φ`` (see :mod:`.preconditioner`).
+
+Conventions: ``l_B`` is the mean over the ``b`` samples of the batch; with ``weight_decay = wd``
+(torch's) the loss is ``l_B + (wd/2)‖θ‖²`` in *both* terms, so ``g = g_B + wd·θ``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from neurothermo._state import preserved_state
+from neurothermo._validate import check_positive, check_scalar_loss
+from neurothermo.entropic._common import (
+    Params,
+    as_leaves,
+    batch_objective,
+    check_common,
+    check_n_steps,
+    dot,
+    entropic_coefficient,
+    flatten,
+    grads,
+    model_parameters,
+)
+from neurothermo.entropic.preconditioner import Preconditioner, resolve
+
+
+def functional_entropic_loss(
+    f: Callable[[Any], Tensor],
+    params: Params,
+    *,
+    lr: float,
+    n_steps: int | None = None,
+    preconditioner: Preconditioner | Any = None,
+) -> Tensor:
+    """``F_n(θ) = f(θ) + (lr/4)·c·(1 − 1/n)·∇f(θ)ᵀ Λ ∇f(θ)``, differentiable in θ (pure).
+
+    ``f(params) -> scalar tensor`` is any twice-differentiable function; ``params`` is a tensor, a
+    sequence of tensors or a dict of tensors, passed to ``f`` in the same structure. ``n = ∞`` when
+    ``n_steps`` is None (then ``F = φ_lr``); ``n_steps=1`` gives ``f`` itself. ``preconditioner``
+    is Λ (None: Λ = I): a tensor / number, a structure matching ``params``, or a
+    :class:`Preconditioner` (which also carries the factor ``c``; otherwise ``c = 1``).
+
+    The gradient is taken with ``create_graph=True``, so the result can be differentiated again
+    (its gradient is ``∇f + (lr/2)·c·(1 − 1/n)·H Λ ∇f``). Tensors in ``params`` that require grad
+    are used as they are, so gradients of the result reach them; others are replaced by leaf copies.
+    """
+    lr = check_positive("lr", lr)
+    n_steps = check_n_steps(n_steps)
+    tensors, rebuild, names = flatten(params)
+    leaves = as_leaves(tensors)
+    lams, c = resolve(preconditioner, names, leaves)
+    coef = entropic_coefficient(lr, n_steps, c)
+    value = check_scalar_loss(f(rebuild(leaves)))
+    if coef == 0.0:
+        return value
+    g = grads(value, leaves, create_graph=True)
+    lam_g = g if lams is None else [lam * gi for lam, gi in zip(lams, g)]
+    return value + coef * dot(lam_g, g)
+
+
+def entropic_loss(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batch: tuple[Tensor, Tensor],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    n_steps: int | None = None,
+    preconditioner: Preconditioner | Any = None,
+) -> Tensor:
+    """``l_B + (wd/2)‖θ‖² + (lr/4)·c·(1 − 1/n)·gᵀΛg`` for the batch, as a scalar tensor.
+
+    ``g = ∇l_B + wd·θ`` over every trainable parameter of ``model``; the value is differentiable
+    (``.backward()`` puts ``∇F_n`` into the parameters' ``.grad``), so a model can be trained on it
+    directly. When ``weight_decay > 0`` the value includes the penalty ``(wd/2)‖θ‖²``: train it with
+    an optimizer whose own weight decay is 0. ``n_steps``: None for ``φ_lr`` (n = ∞), ``n`` for
+    ``F_n``. ``preconditioner``: None (Λ = I), a dict name -> tensor, or a :class:`Preconditioner`.
+
+    The model is evaluated in its current mode; BatchNorm running statistics, train flags and
+    ``.grad`` are restored exactly, so the call itself changes nothing on the model.
+    """
+    lr, wd = check_common(lr, weight_decay)
+    n_steps = check_n_steps(n_steps)
+    params = model_parameters(model)
+    objective = batch_objective(model, loss_fn, batch, weight_decay=wd)
+    with preserved_state(model):
+        return functional_entropic_loss(objective, params, lr=lr, n_steps=n_steps,
+                                        preconditioner=preconditioner)

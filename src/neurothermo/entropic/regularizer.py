@@ -1,0 +1,73 @@
+"""Explicit entropic regularisation: add SGD's implicit term to a loss (THEORY.md §1).
+
+Small-batch SGD with learning rate η follows, to first order, the modified loss
+``L + (η/4)·E_B‖g_B‖² = L + (η/4)(‖∇L‖² + Tr Σ_B)`` (Smith et al. 2021). A model trained with large
+batches (or full batch) can be given the small-batch term explicitly (Geiping et al. 2022):
+
+    R(θ) = (η/4)·(1/K) Σ_k ‖∇l_{B_k}(θ) + wd·θ‖²,
+
+the mean over the ``K`` micro-batches of ``batch_size`` samples the batch splits into. Its
+gradient is exactly ``(η/2)·(1/K) Σ_k H_k g_k`` (``(η/2)·H·g`` for one micro-batch), with
+``H_k`` and ``g_k`` including the decay. In expectation over a batch of ``B`` samples drawn
+uniformly, ``R`` is ``(η/4)(‖∇L‖² + Tr Σ_b)``: the large-batch step's own implicit term
+``(η/4)‖g_B‖²`` comes on top, as in Geiping et al.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from neurothermo._state import preserved_state
+from neurothermo._validate import check_batch, check_int
+from neurothermo.entropic._common import (
+    batch_objective,
+    check_common,
+    dot,
+    grads,
+    model_parameters,
+)
+
+
+@dataclass(frozen=True)
+class EntropicRegularizer:
+    """``R = (lr/4)·mean_k ‖∇l_{B_k} + wd·θ‖²`` over micro-batches of ``batch_size`` samples.
+
+    ``reg(model, loss_fn, batch)`` returns ``R`` as a differentiable scalar tensor; add it to the
+    loss you train on: ``loss = loss_fn(model(x), y) + reg(model, loss_fn, (x, y))``.
+    ``batch_size=None`` uses the whole batch as one micro-batch; otherwise the batch size must
+    be a multiple of it. The extra forward passes leave BatchNorm running statistics and
+    ``.grad`` untouched (your own forward pass updates them as usual).
+    """
+
+    lr: float
+    batch_size: int | None = None
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_common(self.lr, self.weight_decay)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, minimum=1)
+
+    def __call__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                 batch: tuple[Tensor, Tensor]) -> Tensor:
+        params = model_parameters(model)
+        x, y = check_batch(batch)
+        total = int(x.shape[0])
+        b = total if self.batch_size is None else self.batch_size
+        if total % b:
+            raise ValueError(
+                f"batch of {total} samples does not split into micro-batches of batch_size={b}; "
+                "use a batch size that is a multiple of it (e.g. DataLoader(drop_last=True))"
+            )
+        leaves = list(params.values())
+        terms = []
+        with preserved_state(model):
+            for i in range(0, total, b):
+                objective = batch_objective(model, loss_fn, (x[i:i + b], y[i:i + b]),
+                                            weight_decay=self.weight_decay)
+                g = grads(objective(params), leaves, create_graph=True)
+                terms.append(dot(g, g))
+        return self.lr / 4 * torch.stack(terms).mean()
