@@ -106,6 +106,28 @@ class MHABlock(nn.Module):
         return self.head(x + self.attn(h, h, h, need_weights=False)[0])
 
 
+class CrossAttention(nn.Module):
+    def __init__(self, **kw) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, **kw)
+
+    def forward(self, x, memory):
+        return self.attn(x, memory, memory)[0]
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"kdim": 5, "vdim": 5}, {"add_bias_kv": True}, {"bias": False},
+    {"add_zero_attn": True, "add_bias_kv": True, "kdim": 5, "vdim": 5},
+])
+def test_multihead_attention_variants(kw):
+    torch.manual_seed(0)
+    model = CrossAttention(**kw).to(D)
+    inputs = (torch.randn(3, 4, 8, dtype=D), torch.randn(3, 6, kw.get("kdim", 8), dtype=D))
+    report = find_symmetries(model, inputs, explain=True)
+    assert [s.kind for s in report] == ["double_rotation"] * 2 and not report.rejected
+    assert all(s.charge_shape == (2, 4, 4) for s in report)
+
+
 def _deep_linear() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5, bias=False), nn.Linear(5, 6, bias=False), nn.Linear(6, 3, bias=False))
 

@@ -1,6 +1,7 @@
 """``find_symmetries``: trace, follow every layer's units, build candidates, verify, explain."""
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -164,9 +165,10 @@ def _structural_problem(tr: Traced, sym: Symmetry) -> str | None:
 
 
 def _hint(tr: Traced, sym: Symmetry) -> str:
+    names = set(re.split(r"[\s→,{}()·]+", sym.location))
     eps = [(n, m.eps) for n, m in tr.model.named_modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.LayerNorm | nn.RMSNorm)
-           and n and n in sym.location and (m.eps is None or m.eps > 0)]
+           and n in names and (m.eps is None or m.eps > 0)]
     if sym.kind == "scale" and eps:
         return (f" ('{eps[0][0]}' has eps={eps[0][1]}: scale invariance holds only up to "
                 "O(eps/variance); set eps=0 for an exact symmetry or pass a looser tol)")

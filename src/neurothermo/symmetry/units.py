@@ -1,0 +1,128 @@
+"""Units of a layer and the flow record of where they go (used by ``flow.py`` and ``ops.py``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from neurothermo.symmetry.base import ParamSlice
+from neurothermo.symmetry.scale import WeightNormInfo, weight_norm_info
+from neurothermo.symmetry.trace import Traced, op_name
+
+ALL = frozenset({"gl", "rescale", "sign", "perm"})
+_HOMOG = frozenset({"rescale", "perm"})
+_ODD = frozenset({"sign", "perm"})
+_ELEM = frozenset({"perm"})
+_DIAG = frozenset({"rescale", "sign", "perm"})
+_LINEAR = {"identity", "neg", "avg_pool"}
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.LayerNorm, nn.RMSNorm)
+
+
+class Blocked(Exception):
+    """The units cannot pass this operation."""
+
+
+@dataclass(frozen=True)
+class Track:
+    """Where the units sit: ``(axis,)`` or ``(head_axis, inner_axis)``; ``repeat`` consecutive
+    features per unit along the axis (after flattening ``C×H×W``); ``normed``: after a norm."""
+
+    axes: tuple[int, ...]
+    repeat: int = 1
+    normed: bool = False
+
+
+@dataclass
+class Producer:
+    node: fx.Node
+    name: str
+    n: int
+    track: Track
+    cov: list[ParamSlice]
+    diag: bool = False
+    problem: str | None = None
+    caveat: str | None = None  # weight-normalised producer: diagonal groups only
+
+
+@dataclass
+class Flow:
+    producer: Producer
+    classes: set[str] = field(default_factory=lambda: set(ALL))
+    lost: dict[str, str] = field(default_factory=dict)
+    path: list[str] = field(default_factory=list)
+    cov: list[ParamSlice] = field(default_factory=list)
+    passive: list[ParamSlice] = field(default_factory=list)
+    consumers: list[tuple[str, list[ParamSlice], bool]] = field(default_factory=list)
+    norms: list[tuple[str, str, bool]] = field(default_factory=list)  # name, channel|whole, ok
+    bilinear: list[tuple[fx.Node, str]] = field(default_factory=list)
+    blockers: list[str] = field(default_factory=list)
+    eval_norms: list[tuple[str, str]] = field(default_factory=list)
+    block: int = 0
+    linear: bool = True  # no nonlinear operation on the path
+
+    def restrict(self, allowed: frozenset[str], reason: str) -> None:
+        for c in self.classes - allowed:
+            self.lost.setdefault(c, reason)
+        self.classes &= allowed
+
+
+def unit_slice(name: str, role: str, dim: int, shape: tuple[int, ...], n: int, repeat: int,
+           buffer: bool = False) -> ParamSlice:
+    """A slice whose axis ``dim`` holds ``n·repeat`` features, ``repeat`` per unit."""
+    if repeat == 1:
+        return ParamSlice(name, role, dim, buffer=buffer)
+    view = (*shape[:dim], n, repeat, *shape[dim + 1:])
+    return ParamSlice(name, role, dim, view=view, buffer=buffer)
+
+
+def weight_slices(tr: Traced, path: str, mod: nn.Module, role: str) -> tuple[list[ParamSlice], str]:
+    """Weight rows (``in``, dim 0) or columns (``out``, dim 1) of a Linear/Conv, and a caveat."""
+    info = weight_norm_info(mod)
+    p = f"{path}." if path else ""
+    if isinstance(info, str):
+        raise Blocked(f"'{path}': {info}")
+    if isinstance(info, WeightNormInfo):
+        if role == "in":
+            if info.dim != 0:
+                raise Blocked(f"'{path}' is weight-normalised over dim {info.dim}: rows cannot "
+                              "be scaled separately")
+            return [ParamSlice(p + info.g, "in", 0), ParamSlice(p + info.v, "passive", 0)], \
+                f"'{path}' is weight-normalised"
+        return [ParamSlice(p + info.v, "out", 1)], f"'{path}' is weight-normalised"
+    return [ParamSlice(p + "weight", role, 0 if role == "in" else 1)], ""
+
+
+
+def flat_args(node: fx.Node) -> list[Any]:
+    flat: list[Any] = []
+
+    def rec(a: Any) -> None:
+        if isinstance(a, list | tuple):
+            for x in a:
+                rec(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                rec(x)
+        else:
+            flat.append(a)
+
+    rec(node.args)
+    rec(node.kwargs)
+    return flat
+
+
+
+def label(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else (op_name(node) or node.name)
+
+
+def ndim_of(tr: Traced, node: Any) -> int:
+    s = tr.shape(node)
+    if s is None:
+        raise Blocked(f"no shape known for '{getattr(node, 'name', node)}'")
+    return len(s)
+
+
