@@ -49,14 +49,13 @@ from neurothermo._validate import check_batch, check_int, check_loss_fn, check_p
 from neurothermo.monitor import names
 from neurothermo.monitor.history import History
 from neurothermo.monitor.quantities import (
+    SquareSums,
     balance_residual,
     ema_update,
     predicted_change,
     segment_sum,
-    squared_norms,
-    unit_energies,
 )
-from neurothermo.monitor.symmetries import Tracked, detect, track
+from neurothermo.monitor.symmetries import Tracked, detect, track, versions
 from neurothermo.monitor.writers import Writer
 
 
@@ -114,6 +113,8 @@ class ThermoMonitor:
                   replacement=replacement)
 
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self._names = list(self._params)
+        self._psums: tuple[tuple[int, ...], SquareSums] | None = None
         if not self._params:
             raise ValueError("model has no trainable parameters to monitor")
         owners: dict[str, int] = {}
@@ -229,41 +230,63 @@ class ThermoMonitor:
             out[names.LR_SHARPNESS] = r.lr_lambda_max
         return out
 
+    def _param_sums(self) -> SquareSums:
+        """Squared-entry sums of the parameters, reused while no parameter changed in place."""
+        v = versions(self._params)
+        if self._psums is None or self._psums[0] != v:
+            self._psums = (v, SquareSums(self._params))
+        return self._psums[1]
+
+    def _charge(self, t: Tracked, psums: SquareSums) -> Tensor:
+        if t.per_unit and t.sym.kind == "rescale":  # J_u = Σ_in rows² − Σ_out rows², shared sums
+            j_in, j_out = psums.unit_energies(t.sym.slices, t.sym.n_units)
+            return j_in - j_out
+        cached = t.cached_charge(self._params)
+        if cached is None:
+            cached = t.sym.charge(self._params)
+            t.remember(cached, self._params)
+        return cached
+
     def _record_grads(self, values: dict[str, Any], batch: Sequence[Tensor], lr: float | None,
                       wd: float, *, predict: bool) -> None:
-        params = list(self._params.values())
         grads = {n: p.grad for n, p in self._params.items()}
-        layer_sq = segment_sum(squared_norms(list(grads.values())), self._param_layer, len(self.layers))
+        gsums, psums = SquareSums(grads), self._param_sums()
+        tracked = self._tracked or []
+        energies = {t.index: gsums.unit_energies(t.sym.slices, t.sym.n_units)
+                    for t in tracked if t.per_unit}
+        n_layers = len(self.layers)
+        layer_sq = segment_sum(gsums.totals(self._names), self._param_layer, n_layers)
+        w_norm = segment_sum(psums.totals(self._names), self._param_layer, n_layers).sqrt()
         self._count += 1
-        self._ema_layer = ema_update(self._ema_layer, layer_sq, self.ema)
-        ema_hat = self._ema_layer / (1 - self.ema**self._count)
-        w_norm = segment_sum(squared_norms(params), self._param_layer, len(self.layers)).sqrt()
+        ema = self._ema_layer = ema_update(self._ema_layer, layer_sq, self.ema)
+        ema_hat = ema / (1 - self.ema**self._count)
+        ratio = ema[:-1] / ema[1:]
+        resid = (ema[:-1] - ema[1:]) / (ema[:-1] + ema[1:])
         for k, name in enumerate(self.layers):
             values[names.grad_sq(name)] = layer_sq[k]
             values[names.grad_sq_ema(name)] = ema_hat[k]
             values[names.weight_norm(name)] = w_norm[k]
-        for k in range(len(self.layers) - 1):
-            a, b = self.layers[k], self.layers[k + 1]
-            values[names.layer_ratio(a, b)] = self._ema_layer[k] / self._ema_layer[k + 1]
-            values[names.layer_residual(a, b)] = balance_residual(self._ema_layer[k], self._ema_layer[k + 1])
+            if k + 1 < n_layers:
+                values[names.layer_ratio(name, self.layers[k + 1])] = ratio[k]
+                values[names.layer_residual(name, self.layers[k + 1])] = resid[k]
         if lr is not None:
             bsz = int(batch[0].shape[0])
             values[names.LR], values[names.BATCH_SIZE], values[names.TEMPERATURE] = lr, bsz, lr / bsz
-        for t in self._tracked or ():
-            cached = t.cached_charge(self._params)
-            t.before = t.charge(self._params) if cached is None else cached
+        for t in tracked:
+            t.before = self._charge(t, psums)
+            imbalance = None
             if t.per_unit:
-                e_in, e_out = unit_energies(t.sym.slices, grads, t.sym.n_units)
+                e_in, e_out = energies[t.index]
                 values[names.energy_in(t.index)], values[names.energy_out(t.index)] = e_in, e_out
                 t.ema_in = ema_update(t.ema_in, e_in, self.ema)
                 t.ema_out = ema_update(t.ema_out, e_out, self.ema)
                 values[names.neuron_ratio(t.index)] = t.ema_in.sum() / t.ema_out.sum()
                 values[names.neuron_residual(t.index)] = balance_residual(t.ema_in, t.ema_out)
-            if t.per_unit and t.sym.kind == "rescale":
-                imbalance = e_in - e_out
-            elif predict:
+                if t.sym.kind == "rescale":
+                    imbalance = e_in - e_out
+            if predict and imbalance is None:
                 imbalance = t.sym.imbalance(grads)
-            t.predicted = predicted_change(t.before, imbalance, lr, wd) if predict else None  # type: ignore[arg-type]
+            t.predicted = None if not predict else predicted_change(t.before, imbalance, lr, wd)  # type: ignore[arg-type]
             if t.before.numel() <= self.max_charge_numel:
                 values[names.charge(t.index)] = t.before
                 if t.predicted is not None:
@@ -282,12 +305,11 @@ class ThermoMonitor:
         self._pending = None
         if loss is not None and names.LOSS not in values:
             values[names.LOSS] = loss.detach()
-        if step % self.every == 0:
+        if step % self.every == 0 and self._tracked:
             with torch.no_grad():
-                for t in self._tracked or ():
-                    after = t.charge(self._params)
-                    t.remember(after, self._params)
-                    measured = after - t.before
+                psums = self._param_sums()
+                for t in self._tracked:
+                    measured = self._charge(t, psums) - t.before
                     if t.before.numel() <= self.max_charge_numel:
                         values[names.charge_meas(t.index)] = measured
                     if t.predicted is not None:
@@ -324,7 +346,7 @@ class ThermoMonitor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history.load_state_dict(state["history"])
         self._ema_layer, self._count = state["ema_layer"], int(state["count"])
-        self._emitted, self._pending = int(state["emitted"]), None
+        self._emitted, self._pending, self._psums = int(state["emitted"]), None, None
         self._units_state = state.get("units", {})
         for t in self._tracked or ():
             t.ema_in, t.ema_out = self._units_state.get(t.index, (None, None))

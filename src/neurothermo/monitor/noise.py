@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from neurothermo.monitor import names
-from neurothermo.monitor.quantities import batch_noise_terms, squared_norms
+from neurothermo.monitor.quantities import batch_noise_terms, squared_norm
 
 if TYPE_CHECKING:
     from neurothermo.monitor.monitor import ThermoMonitor
@@ -58,11 +58,11 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
         ) from e
     params = list(mon._params.values())
     grads = [p.grad for p in params]
-    grad_sq = squared_norms(grads).sum()
+    grad_sq = squared_norm([g for g in grads if g is not None])
     decayed = None
     if wd:
-        decayed = squared_norms([p.detach() * wd if g is None else g + wd * p.detach()
-                                 for g, p in zip(grads, params)]).sum()
+        decayed = squared_norm([p.detach() * wd if g is None else g + wd * p.detach()
+                                for g, p in zip(grads, params)])
     with torch.enable_grad():
         sample_sq = per_sample_grad_norms(mon.model, mon.loss_fn, (batch[0], batch[1])).detach()
     terms = batch_noise_terms(sample_sq, grad_sq, lr=lr, dataset_size=mon._n,
@@ -72,7 +72,7 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
     if loss is not None:
         base = loss.detach()
         if wd:
-            base = base + (wd / 2) * squared_norms([p.detach() for p in params]).sum()
+            base = base + (wd / 2) * squared_norm(params)
         out[LOSS] = base
         out[TOTAL] = base + terms["discretization"] + terms["noise"]
     return out

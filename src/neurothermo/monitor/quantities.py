@@ -14,42 +14,98 @@ from torch import Tensor
 
 
 class Slice(Protocol):
-    """What the monitor needs of a symmetry's parameter slice (``neurothermo.symmetry.ParamSlice``)."""
+    """What the monitor needs of a symmetry's parameter slice (``neurothermo.symmetry.ParamSlice``).
+
+    The slice reads tensor ``name`` (reshaped to ``view`` if given) with its unit axis ``dim``
+    narrowed to ``start:stop``; ``role`` is ``"in"``, ``"out"`` or ``"passive"``.
+    """
 
     name: str
-    role: str  # "in", "out" or "passive"
+    role: str
+    dim: int | None
+    start: int
+    stop: int | None
+    view: tuple[int, ...] | None
+    buffer: bool
 
-    def matrix(self, t: Tensor, n_units: int) -> Tensor: ...
 
+class SquareSums:
+    """Sums of squared entries of named tensors, each reduction computed once and shared.
 
-def unit_energies(
-    slices: Sequence[Slice], tensors: Mapping[str, Tensor | None], n_units: int
-) -> tuple[Tensor, Tensor]:
-    """Per unit: the squared entries of its ``"in"`` rows and of its ``"out"`` rows, summed.
-
-    Each slice reads a tensor as an ``(n_units, m)`` matrix whose row u is what unit u's group
-    element touches. For a rescale symmetry and gradients this gives the incoming energy
-    ``‖g_{w_u}‖² + g_{b_u}²`` and the outgoing energy ``‖g_{u_u}‖²`` of hidden unit u; their
-    difference is the imbalance ``gᵀAg`` (with parameters instead of gradients: the charge
-    ``J_u``). A missing tensor (``None``: the parameter got no gradient) counts as zero.
+    ``along(name, dim)`` is ``Σ t²`` over every axis but ``dim`` (a vector along ``dim``); ``totals``
+    gives ``‖t‖²`` per tensor, reusing any ``along`` reduction already made and taking the rest in
+    one fused ``_foreach_norm``. One object per step and per source (gradients, or parameters), so
+    the per-unit energies, the charges and the per-layer norms read each tensor about once.
     """
-    e_in: Tensor | None = None
-    e_out: Tensor | None = None
-    ref: Tensor | None = None
-    for s in slices:
-        t = tensors.get(s.name)
-        if s.role == "passive" or t is None:
-            continue
-        ref = t
-        q = s.matrix(t.detach(), n_units).square().sum(dim=1)
-        if s.role == "in":
-            e_in = q if e_in is None else e_in + q
+
+    def __init__(self, tensors: Mapping[str, Tensor | None]) -> None:
+        self.tensors = tensors
+        self._along: dict[tuple[str, int, tuple[int, ...] | None], Tensor] = {}
+        self._squares: dict[tuple[str, tuple[int, ...] | None], Tensor] = {}
+
+    def along(self, name: str, dim: int, view: tuple[int, ...] | None = None) -> Tensor | None:
+        key = (name, dim, view)
+        if key in self._along:
+            return self._along[key]
+        t = self.tensors.get(name)
+        if t is None:
+            return None
+        v = t.detach() if view is None else t.detach().view(view)
+        dim = dim % v.ndim
+        sq = self._squares.get((name, view))
+        if sq is None and dim == 0 and v.is_contiguous():  # one pass, no temporary
+            r = torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1).square()
         else:
-            e_out = q if e_out is None else e_out + q
-    if ref is None:
-        raise ValueError(f"none of {[s.name for s in slices]} has a value; was backward() called?")
-    zero = ref.new_zeros(n_units)
-    return (zero if e_in is None else e_in), (zero if e_out is None else e_out)
+            if sq is None:
+                sq = self._squares[(name, view)] = v.square()
+            r = sq.sum(dim=[d for d in range(v.ndim) if d != dim]) if v.ndim > 1 else sq
+        self._along[key] = r
+        return r
+
+    def unit_energies(self, slices: Sequence[Slice], n_units: int) -> tuple[Tensor, Tensor]:
+        """Per unit: squared entries of its ``"in"`` rows and of its ``"out"`` rows, summed.
+
+        Each slice reads a tensor as an ``(n_units, m)`` matrix whose row u is what unit u's
+        group element touches. With gradients of a rescale symmetry this is the incoming energy
+        ``‖g_{w_u}‖² + g_{b_u}²`` and the outgoing energy ``‖g_{u_u}‖²`` of hidden unit u, whose
+        difference is the imbalance ``gᵀAg``; with the parameters, the difference is the charge
+        ``J_u``. A missing tensor (``None``: no gradient) counts as zero.
+        """
+        e_in: Tensor | None = None
+        e_out: Tensor | None = None
+        ref: Tensor | None = None
+        for s in slices:
+            if s.role == "passive" or s.buffer or s.dim is None:
+                continue
+            r = self.along(s.name, s.dim, s.view)
+            if r is None:
+                continue
+            ref = r
+            q = r if (s.start == 0 and s.stop in (None, r.shape[0])) else r[s.start:s.stop]
+            if q.shape[0] != n_units:
+                raise ValueError(f"slice of {s.name!r} has {q.shape[0]} units, expected {n_units}")
+            if s.role == "in":
+                e_in = q if e_in is None else e_in + q
+            else:
+                e_out = q if e_out is None else e_out + q
+        if ref is None:
+            raise ValueError(f"none of {[s.name for s in slices]} has a value; was backward() called?")
+        zero = ref.new_zeros(n_units)
+        return (zero if e_in is None else e_in), (zero if e_out is None else e_out)
+
+    def totals(self, names: Sequence[str]) -> Tensor:
+        """``[‖t‖² for each name]`` (0 for a missing tensor), reusing reductions already made."""
+        done = {n: r for (n, _, _), r in self._along.items()}
+        rest = [n for n in names if n not in done and self.tensors.get(n) is not None]
+        out: dict[str, Tensor] = {n: r.sum() for n, r in done.items()}
+        if rest:
+            norms = torch._foreach_norm([self.tensors[n].detach() for n in rest])  # type: ignore[union-attr]
+            out.update({n: v.square() for n, v in zip(rest, norms)})
+        ref = next(iter(out.values()), None)
+        if ref is None:
+            raise ValueError("no tensors to take norms of; was backward() called?")
+        zero = ref.new_zeros(())
+        return torch.stack([out.get(n, zero).to(ref.dtype) for n in names])
 
 
 def predicted_change(charge: Tensor, imbalance: Tensor, lr: float, weight_decay: float) -> Tensor:
@@ -61,18 +117,9 @@ def predicted_change(charge: Tensor, imbalance: Tensor, lr: float, weight_decay:
     return ((1.0 - lr * weight_decay) ** 2 - 1.0) * charge + lr**2 * imbalance
 
 
-def squared_norms(tensors: Sequence[Tensor | None]) -> Tensor:
-    """``[‖t_0‖², ‖t_1‖², …]`` as one tensor; ``None`` entries give 0 (one fused kernel per dtype)."""
-    present = [t for t in tensors if t is not None]
-    if not present:
-        raise ValueError("no tensors to take norms of")
-    norms = torch._foreach_norm(present)  # the fused kernel clip_grad_norm_ uses
-    sq = torch.stack([n.to(present[0].dtype) for n in norms]).square()
-    if len(present) == len(tensors):
-        return sq
-    out = sq.new_zeros(len(tensors))
-    out[[i for i, t in enumerate(tensors) if t is not None]] = sq
-    return out
+def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """``Σ_k ‖t_k‖²`` over a list of tensors (one fused norm kernel)."""
+    return torch.stack(torch._foreach_norm([t.detach() for t in tensors])).square().sum()
 
 
 def segment_sum(values: Tensor, index: Tensor, n: int) -> Tensor:

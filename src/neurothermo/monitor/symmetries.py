@@ -4,7 +4,7 @@ Symmetries come from :func:`neurothermo.find_symmetries` (issue 5). Isometries (
 flips) carry no charge and are skipped. For every other symmetry the monitor records the charge
 ``sym.charge(params)``. For symmetries with hidden units (``rescale``, and ``double_rotation``, whose
 GL(d) contains the per-unit rescaling) it also records the per-unit incoming and outgoing gradient
-energies (:func:`~neurothermo.monitor.quantities.unit_energies`; for a double rotation the diagonal
+energies (:meth:`~neurothermo.monitor.quantities.SquareSums.unit_energies`; for a double rotation the diagonal
 of ``Σ_in g gᵀ`` and ``Σ_out g gᵀ``): the neuron-balance data. For ``rescale`` their difference is
 the whole imbalance ``gᵀAg`` (no second pass); other kinds use ``sym.imbalance(grads)``.
 
@@ -39,7 +39,7 @@ def detect(model: nn.Module, inputs: Tensor, request: str | Sequence[Any] | None
     return list(find_symmetries(model, inputs[:_DETECT_SAMPLES]))
 
 
-def _versions(params: Mapping[str, Tensor]) -> tuple[int, ...]:
+def versions(params: Mapping[str, Tensor]) -> tuple[int, ...]:
     return tuple(p._version for p in params.values())
 
 
@@ -56,17 +56,14 @@ class Tracked:
     ema_out: Tensor | None = None
     _cache: tuple[tuple[int, ...], Tensor] | None = field(default=None, repr=False)
 
-    def charge(self, params: Mapping[str, Tensor]) -> Tensor:
-        return self.sym.charge(params)
-
     def cached_charge(self, params: Mapping[str, Tensor]) -> Tensor | None:
         """The charge remembered after the last step, if no parameter changed in place since."""
-        if self._cache is not None and self._cache[0] == _versions(params):
+        if self._cache is not None and self._cache[0] == versions(params):
             return self._cache[1]
         return None
 
     def remember(self, charge: Tensor, params: Mapping[str, Tensor]) -> None:
-        self._cache = (_versions(params), charge)
+        self._cache = (versions(params), charge)
 
     def forget(self) -> None:
         self._cache = None
