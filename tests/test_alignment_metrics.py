@@ -503,3 +503,11 @@ def test_argument_errors():
         al.cka(a, a, clip_quantile=1.5)
     with pytest.raises(ValueError, match="k >= 2"):
         al.cknna(a, a, k=1)
+
+
+def test_huge_finite_features_are_accepted():
+    a, b = _data(n=40)
+    pos = a.abs()
+    big = (pos / pos.max() * 3e38).float()  # finite, but its sum overflows float32
+    assert not math.isfinite(float(big.sum()))  # so the fast finite check must fall back
+    assert al.cka(big, b) == pytest.approx(al.cka(pos, b), rel=1e-6)  # scale invariance

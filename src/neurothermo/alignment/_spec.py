@@ -59,7 +59,7 @@ def lookup(metric: str | Callable[..., float]) -> tuple[str, type] | None:
     name = _BY_FUNC.get(func)
     if name is None:
         return None
-    if kw or getattr(metric, "args", ()):
+    if kw or getattr(metric, "args", None):
         raise ValueError(
             "pass the metric's keyword arguments to this function (…, metric=mutual_knn, k=5), "
             "not through functools.partial"
@@ -69,9 +69,10 @@ def lookup(metric: str | Callable[..., float]) -> tuple[str, type] | None:
 
 def build(cls: type, name: str, kw: dict[str, Any]) -> Metric:
     try:
-        return cls(**kw)  # type: ignore[no-any-return]
+        metric: Metric = cls(**kw)
     except TypeError as exc:
         raise TypeError(f"metric {name!r}: {exc}") from None
+    return metric
 
 
 def pairwise(metric: Metric, a: Any, b: Any) -> float:

@@ -103,7 +103,7 @@ def _batches(inputs: Any, batch_size: int | None) -> tuple[int, list[tuple[Any, 
     size = n if batch_size is None else batch_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    out = []
+    out: list[tuple[Any, Tensor | None]] = []
     for start in range(0, n, size):
         sl = slice(start, start + size)
         if isinstance(inputs, Tensor):

