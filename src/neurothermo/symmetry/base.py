@@ -113,24 +113,32 @@ def group_kind(name: str) -> GroupKind:
 
 
 def quadratic_charge(
-    mats: list[tuple[str, Tensor]], n_units: int, block: int, whole: bool
+    views: list[tuple[str, Tensor]], n_units: int, block: int, whole: bool
 ) -> Tensor:
     """``Σ_in M Mᵀ − Σ_out M Mᵀ`` restricted to the group's structure (pure function).
 
+    ``views``: ``(role, u)`` with ``u`` a units-first view of a slice (``ParamSlice.unit_view``).
     ``block == 1``: the diagonal, shape ``(n_units,)``; ``block > 1``: one ``block × block`` matrix
     per block, shape ``(n_units/block, block, block)``, or ``(block, block)`` for a single block;
-    ``whole``: the scalar ``Σ_in ‖M‖² − Σ_out ‖M‖²``.
+    ``whole``: the scalar ``Σ_in ‖M‖² − Σ_out ‖M‖²``. Diagonal and whole forms are fused norm
+    reductions over the views (no copy of transposed or sliced weights).
     """
     total: Tensor | None = None
-    for role, m in mats:
+    for role, u in views:
         if role == "passive":
             continue
         if whole:
-            q = (m * m).sum()
+            q = torch.linalg.vector_norm(u).square()
         elif block == 1:
-            q = (m * m).sum(1)
+            dims = tuple(range(1, u.ndim))
+            if not dims:
+                q = u.square()
+            elif u.is_contiguous():  # rows: a fused norm reduction
+                q = torch.linalg.vector_norm(u, dim=dims).square()
+            else:  # columns: a strided norm reduction is slow; square then sum is not
+                q = u.square().sum(dims)
         else:
-            b = m.reshape(n_units // block, block, -1)
+            b = u.reshape(n_units // block, block, -1)
             q = b @ b.transpose(1, 2)
         q = q if role == "in" else -q
         total = q if total is None else total + q
@@ -220,7 +228,10 @@ class Symmetry:
                     f"no {what} for {s.name!r}: call loss.backward() first (and keep "
                     "requires_grad=True on every parameter of the symmetry)"
                 )
-            mats.append((s.role, s.matrix(t.detach(), self.n_units)))
+            u = s.unit_view(t.detach())
+            if u.shape[0] != self.n_units:
+                s.matrix(t, self.n_units)  # raises with a message naming the slice
+            mats.append((s.role, u))
         return quadratic_charge(mats, self.n_units, self.block, self.whole)
 
     def charge(self, model: Params) -> Tensor:
