@@ -84,9 +84,14 @@ class ParamSlice:
 class GroupKind(Protocol):
     """How one kind of symmetry acts: registered by the kind modules (rescale.py, …)."""
 
-    name: str
-    isometry: bool
-    element_help: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def isometry(self) -> bool: ...
+
+    @property
+    def element_help(self) -> str: ...
 
     def check_element(self, sym: Symmetry, element: Tensor) -> Tensor: ...
 

@@ -19,6 +19,7 @@ output, unknown operations), which are recorded with the reason.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -156,7 +157,8 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
     if op == "matmul":
         return matmul_step(tr, flow, node, tracks)
     if op == "linear":
-        return linear_step(tr, flow, node, tracks, src)
+        linear_step(tr, flow, node, tracks, src)
+        return None
     if op == "sdpa":
         return sdpa_step(tr, flow, node, tracks)
     if op == "getitem":
@@ -173,8 +175,8 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
         training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
         return elementwise(tr, flow, "dropout" if (p and training) else "identity", track, node)
     if op == "hardtanh":
-        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
-        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+        lo: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        hi: Any = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
         op = "hardtanh" if lo == -hi else "relu6"
     if op == "prelu":
         w = tr.attr(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
@@ -189,7 +191,7 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
 def _module_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -> Track | None:
     path = str(node.target)
     mod = tr.gm.get_submodule(path)
-    src = node.args[0] if node.args else None
+    src: Any = node.args[0] if node.args else None
     others = [a for a in flat_args(node)[1:] if isinstance(a, fx.Node) and a in tracks]
     if isinstance(mod, nn.MultiheadAttention):
         qkv = list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")]
@@ -230,7 +232,7 @@ def _module_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Tr
     if op == "reshape":
         return reshape_step(tr, flow, node, op, t)
     if op == "dropout":
-        p = mod.p  # type: ignore[attr-defined]
+        p = getattr(mod, "p", 0.0)
         op = "dropout" if (p and mod.training) else "identity"
     if op == "softmax" and len(t.axes) == 2:
         raise Blocked("softmax over attention heads")

@@ -72,7 +72,8 @@ def norm_step(tr: Traced, flow: Flow, path: str, mod: nn.Module, t: Track, nd: i
         batch_stats = mod.training or mod.running_mean is None
         kind = "channel"
     else:
-        if tuple(mod.normalized_shape) != (n * r,) or t.axes[0] != nd - 1:  # type: ignore[attr-defined]
+        shape: Any = mod.normalized_shape
+        if tuple(shape) != (n * r,) or t.axes[0] != nd - 1:
             raise Blocked(f"'{path}' normalises over more than the units' axis")
         batch_stats, kind = True, "whole"
     ok = bool(flow.classes & {"gl", "rescale"})
@@ -124,15 +125,15 @@ def reshape_step(tr: Traced, flow: Flow, node: fx.Node, op: str, t: Track) -> Tr
             perm = list(range(nd))
             perm[-1], perm[-2] = perm[-2], perm[-1]
         elif op == "transpose":
-            a = list(node.args[1:3]) or [node.kwargs.get("dim0"), node.kwargs.get("dim1")]
+            a: Any = list(node.args[1:3]) or [node.kwargs.get("dim0"), node.kwargs.get("dim1")]
             d0, d1 = int(a[0]) % nd, int(a[1]) % nd
             perm = list(range(nd))
             perm[d0], perm[d1] = perm[d1], perm[d0]
         else:
-            dims = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) > 1 \
+            dims: Any = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) > 1 \
                 else node.kwargs["dims"]
             perm = [int(d) % nd for d in dims]
-        return replace(t, axes=tuple(perm.index(a) for a in t.axes))
+        return replace(t, axes=tuple(perm.index(x) for x in t.axes))
     groups = _groups(si, so)
 
     def find(a: int) -> tuple[list[int], list[int]]:
@@ -140,14 +141,14 @@ def reshape_step(tr: Traced, flow: Flow, node: fx.Node, op: str, t: Track) -> Tr
         return [d for d in g[0] if si[d] != 1 or d == a], [d for d in g[1] if so[d] != 1]
 
     if len(t.axes) == 1:
-        a = t.axes[0]
-        ie, oe = find(a)
-        if ie == [a] and len(oe) == 1:
+        ax = t.axes[0]
+        ie, oe = find(ax)
+        if ie == [ax] and len(oe) == 1:
             return replace(t, axes=(oe[0],))
-        if ie == [a] and len(oe) == 2 and t.repeat == 1:
+        if ie == [ax] and len(oe) == 2 and t.repeat == 1:
             flow.block = so[oe[1]]
             return replace(t, axes=(oe[0], oe[1]))
-        if ie and ie[0] == a and len(oe) == 1:
+        if ie and ie[0] == ax and len(oe) == 1:
             return replace(t, axes=(oe[0],), repeat=t.repeat * math.prod(si[d] for d in ie[1:]))
         raise Blocked(f"'{label(node)}' reshapes the units together with other axes")
     h, i = t.axes
@@ -289,7 +290,9 @@ def matmul_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Tra
 
 def sdpa_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -> Track | None:
     names = ("query", "key", "value")
-    args = {k: (node.args[i] if len(node.args) > i else node.kwargs.get(k)) for i, k in enumerate(names)}
+    args: dict[str, Any] = {
+        k: (node.args[i] if len(node.args) > i else node.kwargs.get(k)) for i, k in enumerate(names)
+    }
     hit = [k for k, v in args.items() if isinstance(v, fx.Node) and v in tracks]
     extra = [a for a in flat_args(node) if isinstance(a, fx.Node) and a in tracks
              and all(a is not v for v in args.values())]

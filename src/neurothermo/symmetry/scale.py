@@ -13,6 +13,7 @@ then reports the pattern as rejected (set ``eps=0`` or pass a looser ``tol``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -74,11 +75,13 @@ def weight_norm_info(module: nn.Module, name: str = "weight") -> WeightNormInfo 
         if len(plist) != 1 or type(plist[0]).__name__ != "_WeightNorm":
             kinds = ", ".join(type(p).__name__ for p in plist)
             return f"'{name}' is parametrized by {kinds}, whose effect on the symmetry is unknown"
-        d = int(plist[0].dim)
+        wn: Any = plist[0]
+        d = int(wn.dim)
         return WeightNormInfo(
             f"parametrizations.{name}.original0", f"parametrizations.{name}.original1",
             None if d == -1 else d,
         )
+    hook: Any
     for hook in module._forward_pre_hooks.values():
         if type(hook).__name__ == "WeightNorm" and getattr(hook, "name", None) == name:
             d = int(hook.dim)

@@ -102,9 +102,10 @@ def module_op(module: nn.Module) -> str | None:
     """Canonical op name of an elementwise/pooling/reshaping torch module, else None."""
     if isinstance(module, nn.ReLU6):
         return "relu6"
+    m: Any = module
     for cls, name in _MODULES:
         if isinstance(module, cls):
-            if name == "hardtanh" and module.min_val != -module.max_val:  # type: ignore[attr-defined]
+            if name == "hardtanh" and m.min_val != -m.max_val:
                 return "relu6"  # asymmetric clamp: elementwise, neither odd nor homogeneous
             return name
     return None
