@@ -262,6 +262,8 @@ def _frozen_bias() -> nn.Module:
     (_frozen_bias, {"double_rotation"}, "frozen"),
     (lambda: CNN().eval(), {"scale"}, "eval mode"),
     (lambda: _ln_mlp(1e-5), {"scale"}, "eps=1e-05"),
+    (lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), weight_norm(nn.Linear(5, 2))),
+     {"rescale"}, "weight-normalised: its columns cannot be scaled"),
 ])
 def test_fake_patterns_are_left_out_and_explained(make, absent, reason):
     torch.manual_seed(0)
