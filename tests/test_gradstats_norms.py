@@ -216,6 +216,35 @@ def test_weight_shared_by_two_linear_modules() -> None:
     assert_matches(SharedWeights().to(DT), nn.MSELoss(), x, y)
 
 
+class SquaredConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward: no closed form, the fallback handles it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).square()
+
+
+class ConvShared(nn.Module):
+    """A grouped Conv2d whose weight is shared with a fallback module: the two kinds of pieces
+    (factored patches in (kernel, channel) order, dense per-sample gradients) must be added in
+    the weight's own layout before squaring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 6, 3, padding=1, groups=2, dilation=1)
+        self.b = SquaredConv(4, 6, 3, padding=1, groups=2)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head((self.a(x).tanh() + self.b(x)).mean((2, 3)))
+
+
+def test_conv_weight_shared_with_a_fallback_module() -> None:
+    x, y = torch.randn(4, 4, 5, 5, dtype=DT), torch.randn(4, 2, dtype=DT)
+    with pytest.warns(FallbackWarning, match="SquaredConv"):
+        assert_matches(ConvShared().to(DT), nn.MSELoss(), x, y)
+
+
 def test_custom_module_uses_exact_fallback_and_warns_once() -> None:
     model = custom()
     x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)

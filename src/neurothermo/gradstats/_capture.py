@@ -70,7 +70,8 @@ class Recorder:
 
         if pos:
             watched = tensor_leaves((call.args, call.kwargs)) + leaves
-            self.add(Use(call.name, [leaves[j] for j in pos], compute, watched))
+            own = frozenset(id(p) for p in call.module.parameters(recurse=False)) & self.wanted
+            self.add(Use(call.name, [leaves[j] for j in pos], compute, watched, own))
 
     def _touched(self, call: Call) -> Call:
         """``call`` restricted to parameters the forward actually used (the rest have zero

@@ -35,19 +35,30 @@ class Factored:
     """``c_i = Σ_t U[i,g,t] ⊗ V[i,g,t]``; ``U``: ``[b, G, T, m]``, ``V``: ``[b, G, T, n]``.
 
     The block it describes has ``G·m`` rows of ``n`` entries (row-major), e.g. a Linear weight
-    ``[out, in]`` (G = 1) or a Conv weight ``[out, in/G·k…]``.
+    ``[out, in]`` (G = 1) or a Conv weight ``[out, in/G·k…]``. ``v_layout = (shape, perm)`` says
+    that V's ``n`` columns are laid out as ``shape`` and reach the parameter's order by ``perm``
+    (only materialising needs it: a norm does not depend on the order).
     """
 
     U: Tensor
     V: Tensor
+    v_layout: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def sq_norm(self, method: str | None = None) -> Tensor:
         return factored_sq_norm(self.U, self.V, method)
 
     def materialize(self) -> Tensor:
-        b = self.U.shape[0]
-        return _chunked(lambda u, v: (u.mT @ v).reshape(u.shape[0], -1), (self.U, self.V),
-                        self.U.shape[1] * self.U.shape[3] * self.V.shape[3], b)
+        b, g, _, m = self.U.shape
+        layout = self.v_layout
+
+        def block(u: Tensor, v: Tensor) -> Tensor:
+            M = u.mT @ v  # [b, G, m, n]
+            if layout is not None:
+                shape, perm = layout
+                M = M.reshape(*M.shape[:3], *shape).permute(0, 1, 2, *(3 + p for p in perm))
+            return M.reshape(M.shape[0], -1)
+
+        return _chunked(block, (self.U, self.V), g * m * self.V.shape[3], b)
 
 
 @dataclass(frozen=True)
@@ -142,10 +153,11 @@ def _merge(contribs: Sequence[Contribution]) -> Contribution:
     if isinstance(first, Factored) and all(
         isinstance(c, Factored) and c.U.shape[1] == first.U.shape[1]
         and c.U.shape[3] == first.U.shape[3] and c.V.shape[3] == first.V.shape[3]
-        for c in contribs
+        and c.v_layout == first.v_layout for c in contribs
     ):
         fs = [c for c in contribs if isinstance(c, Factored)]
-        return Factored(torch.cat([c.U for c in fs], 2), torch.cat([c.V for c in fs], 2))
+        return Factored(torch.cat([c.U for c in fs], 2), torch.cat([c.V for c in fs], 2),
+                        first.v_layout)
     if isinstance(first, Indexed) and all(
         isinstance(c, Indexed) and c.num_rows == first.num_rows
         and c.V.shape[-1] == first.V.shape[-1] for c in contribs

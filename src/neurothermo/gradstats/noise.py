@@ -108,15 +108,17 @@ def gradient_noise(
     per = _summaries(sq, tk, gbar_sq, size)
     tot = _summaries(sq.sum(0, keepdim=True), tk.sum(0, keepdim=True),
                      gbar_sq.sum().reshape(1), size)[0]
-    common = {"n_samples": n, "n_batches": k, "batch_size": min(sizes)}
+    shape = (n, k, min(sizes))
     breakdown = None
     if by_parameter:
-        breakdown = MappingProxyType({m: GradientNoise(**p, **common) for m, p in zip(names, per)})
-    return GradientNoise(**tot, **common, per_parameter=breakdown)
+        breakdown = MappingProxyType({m: GradientNoise(*p, *shape) for m, p in zip(names, per)})
+    return GradientNoise(*tot, *shape, per_parameter=breakdown)
 
 
-def _summaries(sq: Tensor, tk: Tensor, gbar_sq: Tensor, size: Tensor) -> list[dict[str, float]]:
-    """Rows of ``sq`` [R, N], ``tk`` [R, K], ``gbar_sq`` [R] → the float fields of GradientNoise."""
+def _summaries(sq: Tensor, tk: Tensor, gbar_sq: Tensor, size: Tensor
+               ) -> list[tuple[float, float, float, float, float, float]]:
+    """Rows of ``sq`` [R, N], ``tk`` [R, K], ``gbar_sq`` [R] → the first six fields of
+    :class:`GradientNoise` (trace, its se, mean ‖g_i‖², its se, ‖ḡ‖², population trace)."""
     n, k = sq.shape[1], tk.shape[1]
     w = size - 1
     trace = (tk * w).sum(1) / w.sum()
@@ -127,8 +129,5 @@ def _summaries(sq: Tensor, tk: Tensor, gbar_sq: Tensor, size: Tensor) -> list[di
     mean = sq.mean(1)
     mean_se = sq.std(1) / math.sqrt(n)
     pop = mean - gbar_sq
-    rows = zip(trace.tolist(), se.tolist(), mean.tolist(), mean_se.tolist(), gbar_sq.tolist(),
-               pop.tolist())
-    keys = ("trace_sigma", "trace_sigma_se", "mean_grad_sq_norm", "mean_grad_sq_norm_se",
-            "grad_norm_sq", "trace_sigma_population")
-    return [dict(zip(keys, r)) for r in rows]
+    return list(zip(trace.tolist(), se.tolist(), mean.tolist(), mean_se.tolist(),
+                    gbar_sq.tolist(), pop.tolist()))

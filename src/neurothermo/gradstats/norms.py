@@ -9,6 +9,7 @@ exists, and the squared norms are multiplied by ``b²``: the result is ``‖g_i�
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from neurothermo._validate import (
 )
 from neurothermo.gradstats._capture import Recorder, recording
 from neurothermo.gradstats._pieces import Piece, param_sq_norm
-from neurothermo.gradstats.rules import check_batchnorm
+from neurothermo.gradstats.rules import Use, check_batchnorm
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -142,18 +143,13 @@ def _measure(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, params: di
         inputs = targets + (plist if mean_grad else [])
         grads = (torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
                  if inputs else ())
-        delta = {id(t): g for t, g in zip(targets, grads)}
-        pieces: dict[int, list[Piece]] = {}
+        delta: dict[int, Tensor | None] = {id(t): g for t, g in zip(targets, grads)}
+        mean_grads = grads[len(targets):]
+        del targets, inputs, grads
         with torch.set_grad_enabled(create_graph):
-            for u in rec.uses:
-                for piece in u.compute([delta[id(t)] for t in u.targets]):
-                    pieces.setdefault(id(piece.param), []).append(piece)
-            sq = {}
-            for n, p in params.items():
-                if id(p) in pieces:
-                    sq[n] = param_sq_norm(p, pieces[id(p)]) * (b * b)
-                else:
-                    sq[n] = p.new_zeros(b)
+            norms = _evaluate(rec.uses, delta)
+            sq = {n: norms[id(p)] * (b * b) if id(p) in norms else p.new_zeros(b)
+                  for n, p in params.items()}
     total = torch.stack(list(sq.values())).sum(0)
     if not bool(torch.isfinite(total).all()):
         check_finite_params(model)
@@ -161,7 +157,43 @@ def _measure(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, params: di
     mg = None
     if mean_grad:
         mg = {n: (g if g is not None else torch.zeros_like(p))
-              for (n, p), g in zip(params.items(), grads[len(targets):])}
+              for (n, p), g in zip(params.items(), mean_grads)}
     return BatchGradStats(sq, mg, loss if create_graph else loss.detach())
 
 
+
+
+def _evaluate(uses: list[Use], delta: dict[int, Tensor | None]) -> dict[int, Tensor]:
+    """``‖Σ pieces‖²`` per parameter id (before the factor b²), consuming ``uses`` and ``delta``.
+
+    Uses are evaluated in forward order; a parameter is reduced to its norm as soon as all uses
+    that may contribute to it are in, and recorded tensors and output gradients are released as
+    soon as nothing needs them, so the peak memory stays near one layer's worth of temporaries.
+    """
+    remaining = Counter(pid for u in uses for pid in u.params)
+    need = Counter(id(t) for u in uses for t in u.targets)
+    waiting: dict[int, list[Piece]] = {}
+    out: dict[int, Tensor] = {}
+    uses.reverse()
+    while uses:
+        use = uses.pop()
+        ds = [delta.get(id(t)) for t in use.targets]
+        for t in use.targets:
+            need[id(t)] -= 1
+            if need[id(t)] == 0:
+                delta.pop(id(t), None)
+        declared, compute, name = use.params, use.compute, use.name
+        del use
+        for piece in compute(ds):
+            if id(piece.param) not in declared:
+                raise ValueError(f"the rule for module {name!r} returned a piece for a parameter "
+                                 "that is not its own (rules cover their module's parameters)")
+            waiting.setdefault(id(piece.param), []).append(piece)
+        del ds, compute
+        for pid in declared:
+            remaining[pid] -= 1
+            if remaining[pid] == 0 and pid in waiting:
+                pieces = waiting.pop(pid)
+                out[pid] = param_sq_norm(pieces[0].param, pieces)
+    assert not waiting, "every piece is for a declared parameter, reduced after its last use"
+    return out

@@ -53,12 +53,15 @@ class Use:
     """A pending rule evaluation: ``compute(deltas)`` with ``deltas[j] = ∂l_B/∂targets[j]``.
 
     ``watched`` are the tensors ``compute`` reads; they must not be modified in place later.
+    ``params`` are the ids of the parameters its pieces may be for (a parameter with a single use
+    is reduced to its norm, and its inputs freed, as soon as that use is evaluated).
     """
 
     name: str
     targets: list[Tensor]
     compute: Callable[[list[Tensor | None]], list[Piece]]
     watched: list[Tensor]
+    params: frozenset[int]
     versions: list[int] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -38,6 +38,7 @@ def _linear_use(sink: Sink, name: str, a: Tensor, weight: Tensor | None, bias: T
                 weight_rows: tuple[int, int] | None, bias_rows: tuple[int, int] | None
                 ) -> Tensor:
     """``F.linear(a, weight[rows], bias[rows])``, recorded as a Linear use of the parameters."""
+    assert weight is not None
     w = weight if weight_rows is None else weight[weight_rows[0]:weight_rows[1]]
     c = None if bias is None else (bias if bias_rows is None else bias[bias_rows[0]:bias_rows[1]])
     out = F.linear(a, w, c)
@@ -52,7 +53,8 @@ def _linear_use(sink: Sink, name: str, a: Tensor, weight: Tensor | None, bias: T
             return linear_pieces(name, a, deltas[0], wanted_w, wanted_b, b,
                                  weight_rows=weight_rows, bias_rows=bias_rows)
 
-        sink.add(Use(name, [out], compute, [a, out]))
+        ids = frozenset(id(p) for p in (wanted_w, wanted_b) if p is not None)
+        sink.add(Use(name, [out], compute, [a, out], ids))
     return out
 
 
@@ -67,7 +69,7 @@ def _kv_bias_use(sink: Sink, name: str, seq: Tensor, param: Tensor | None) -> Te
             d = deltas[0]
             return [] if d is None else [Piece(param, Dense(d[:, -1:, :].unsqueeze(1)))]
 
-        sink.add(Use(name, [out], compute, [out]))
+        sink.add(Use(name, [out], compute, [out], frozenset({id(param)})))
     return out
 
 
