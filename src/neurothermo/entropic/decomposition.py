@@ -39,6 +39,7 @@ from neurothermo.entropic._common import (
     check_data,
     dot,
     grads,
+    hvp,
     model_parameters,
 )
 from neurothermo.gradstats import per_sample_grad_norms
@@ -88,6 +89,15 @@ class ExpectedEntropicForce:
     replacement: bool
     n_samples: int
     exact: bool = True
+
+
+def _accumulate(acc: list[Tensor] | None, new: list[Tensor], w: float) -> list[Tensor]:
+    """``acc + w·new`` in place (``w·new`` when ``acc`` is None)."""
+    if acc is None:
+        return new if w == 1.0 else [t.mul_(w) for t in new]
+    for a, t in zip(acc, new):
+        a.add_(t, alpha=w)
+    return acc
 
 
 def _chunks(x: Tensor, y: Tensor, size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -201,8 +211,9 @@ def expected_entropic_force(
                                           weight_decay, chunk_size)
     names, leaves = list(params), list(params.values())
     factor = batch_noise_factor(n, b, replacement)
-    zeros = [torch.zeros_like(p) for p in leaves]
-    h_gbar, h_v, d_sq = list(zeros), [z.clone() for z in zeros], [z.clone() for z in zeros]
+    h_gbar: list[Tensor] | None = None  # H ḡ
+    h_v: list[Tensor] | None = None  # H (ḡ + wd·θ), only with weight decay
+    d_sq: list[Tensor] | None = None  # ∇ (1/N) Σ_i ‖g_i‖²
     with preserved_state(model):
         gbar: list[Tensor] | None = None
         if n > chunk_size:
@@ -213,21 +224,21 @@ def expected_entropic_force(
             g = grads(value, leaves, create_graph=True)
             if gbar is None:  # one chunk: ḡ is this chunk's gradient
                 gbar = [gi.detach() for gi in g]
-            v = [gi + wd * p.detach() for gi, p in zip(gbar, leaves)]
-            for acc, h in zip(h_gbar, grads(dot(g, gbar), leaves, retain_graph=bool(wd))):
-                acc.add_(h, alpha=w)
+            h_gbar = _accumulate(h_gbar, hvp(g, leaves, gbar, retain_graph=bool(wd)), w)
             if wd:
-                for acc, h in zip(h_v, grads(dot(g, v), leaves)):
-                    acc.add_(h, alpha=w)
+                v = [gi + wd * p.detach() for gi, p in zip(gbar, leaves)]
+                h_v = _accumulate(h_v, hvp(g, leaves, v), w)
             norms = _sq_norms(model, loss_fn, xs, ys, create_graph=True)
-            for acc, h in zip(d_sq, grads(norms.sum() / n, leaves)):
-                acc.add_(h)
-    assert gbar is not None
-    if not wd:
-        h_v = h_gbar
-    disc = {nm: -0.5 * lr * (hv + wd * (gi + wd * p.detach()))
-            for nm, hv, gi, p in zip(names, h_v, gbar, leaves)}
-    noise = {nm: -0.25 * lr * factor * (ds - 2 * hg) for nm, ds, hg in zip(names, d_sq, h_gbar)}
-    total = {nm: disc[nm] + noise[nm] for nm in names}
+            d_sq = _accumulate(d_sq, grads(norms.sum(), leaves), 1.0 / n)
+    assert gbar is not None and h_gbar is not None and d_sq is not None
+    disc, noise, total = {}, {}, {}
+    for i, nm in enumerate(names):
+        if h_v is None:
+            disc[nm] = h_gbar[i] * (-0.5 * lr)
+        else:  # −(lr/2)(H + wd·I)(ḡ + wd·θ)
+            vi = gbar[i] + wd * leaves[i].detach()
+            disc[nm] = (h_v[i] + wd * vi).mul_(-0.5 * lr)
+        noise[nm] = torch.add(d_sq[i], h_gbar[i], alpha=-2.0).mul_(-0.25 * lr * factor)
+        total[nm] = disc[nm] + noise[nm]
     return ExpectedEntropicForce(discretization=disc, noise=noise, total=total, lr=lr,
                                  batch_size=b, replacement=replacement, n_samples=n)

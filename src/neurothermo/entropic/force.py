@@ -19,9 +19,9 @@ from neurothermo.entropic._common import (
     as_leaves,
     batch_objective,
     check_common,
-    dot,
     flatten,
     grads,
+    hvp,
     model_parameters,
 )
 from neurothermo.entropic.preconditioner import Preconditioner, resolve
@@ -43,11 +43,13 @@ def functional_entropic_force(
     lams, c = resolve(preconditioner, names, leaves)
     value = check_scalar_loss(f(rebuild(leaves)))
     g = grads(value, leaves, create_graph=True)
-    lam_g = g if lams is None else [lam * gi for lam, gi in zip(lams, g)]
-    v = [x.detach() for x in lam_g]
-    hv = grads(dot(g, v), leaves)
+    if lams is None:
+        v = [gi.detach() for gi in g]
+    else:
+        v = [lam * gi.detach() for lam, gi in zip(lams, g)]
+    hv = hvp(g, leaves, v)
     scale = -0.5 * lr * c
-    return rebuild([scale * h for h in hv])
+    return rebuild([h.mul_(scale) for h in hv])
 
 
 def entropic_force(
