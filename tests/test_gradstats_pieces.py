@@ -36,11 +36,13 @@ def test_factored_routes_agree_with_explicit_sum(b, g, t, m, n, seed) -> None:
     U = torch.randn(b, g, t, m, dtype=DT, generator=gen)
     V = torch.randn(b, g, t, n, dtype=DT, generator=gen)
     ref = dense_ref(U, V)
-    for method in (None, "gram", "dense"):
-        torch.testing.assert_close(factored_sq_norm(U, V, method), ref, rtol=1e-12, atol=0)
+    # Rounding bound: every route sums terms of size at most (Σ_t ‖U_t‖‖V_t‖)², which can be far
+    # above the result when the per-sample gradient nearly cancels; 1e-12 of it is ~5000 ulps.
+    bound = 1e-12 * (U.norm(dim=-1) * V.norm(dim=-1)).sum(2).square().sum(1)
     mat = Factored(U, V).materialize()
     assert mat.shape == (b, g * m * n)
-    torch.testing.assert_close(mat.square().sum(1), ref, rtol=1e-12, atol=0)
+    for got in [factored_sq_norm(U, V, r) for r in (None, "gram", "dense")] + [mat.square().sum(1)]:
+        assert bool(((got - ref).abs() <= bound).all()), (got, ref)
 
 
 def test_chunking_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
