@@ -79,3 +79,18 @@ def test_functional_force_on_a_quadratic() -> None:
     # a linear function has H = 0: no entropic force (and no error from the double backward)
     lin = nt.functional_entropic_force(lambda t: t.sum(), theta, lr=0.1)
     torch.testing.assert_close(lin, torch.zeros_like(theta))
+
+
+def test_n_step_force_is_the_entropic_part_of_the_F_n_gradient() -> None:
+    """The lead's 2-D toy: −(∇F_n − ∇f) = −(η/2)(1 − 1/n)·H∇f, from differentiating F_n."""
+
+    def wells(t: torch.Tensor) -> torch.Tensor:
+        return torch.log1p((t[0] ** 2 - 1) ** 2) + 0.5 * (t[1] - 0.5 * torch.sin(2 * t[0])) ** 2
+
+    theta = torch.tensor([0.3, -0.7], dtype=DT, requires_grad=True)
+    lr, n = 0.2, 3
+    (d_f,) = torch.autograd.grad(wells(theta), theta)
+    (d_fn,) = torch.autograd.grad(nt.functional_entropic_loss(wells, theta, lr=lr, n_steps=n), theta)
+    force = nt.functional_entropic_force(wells, theta, lr=lr, n_steps=n)
+    torch.testing.assert_close(force, -(d_fn - d_f))
+    torch.testing.assert_close(force, (1 - 1 / n) * nt.functional_entropic_force(wells, theta, lr=lr))

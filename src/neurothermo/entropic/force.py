@@ -19,6 +19,8 @@ from neurothermo.entropic._common import (
     as_leaves,
     batch_objective,
     check_common,
+    check_n_steps,
+    entropic_coefficient,
     flatten,
     grads,
     hvp,
@@ -32,12 +34,15 @@ def functional_entropic_force(
     params: Params,
     *,
     lr: float,
+    n_steps: int | None = None,
     preconditioner: Preconditioner | Any = None,
 ) -> Any:
-    """``−(lr/2)·c·H Λ ∇f`` at ``params`` (same structure as ``params``, detached), where ``H`` is
-    the Hessian of ``f``: the difference ``−(∇φ_lr − ∇f)`` of the entropic loss of
-    :func:`functional_entropic_loss`. One Hessian-vector product."""
+    """``−(lr/2)·c·(1 − 1/n)·H Λ ∇f`` at ``params`` (same structure as ``params``, detached),
+    ``H`` the Hessian of ``f``: the difference ``−(∇F_n − ∇f)`` of the entropic loss of
+    :func:`functional_entropic_loss` (``n = ∞`` when ``n_steps`` is None). One Hessian-vector
+    product."""
     lr = check_positive("lr", lr)
+    n_steps = check_n_steps(n_steps)
     tensors, rebuild, names = flatten(params)
     leaves = as_leaves(tensors)
     lams, c = resolve(preconditioner, names, leaves)
@@ -48,7 +53,7 @@ def functional_entropic_force(
     else:
         v = [lam * gi.detach() for lam, gi in zip(lams, g)]
     hv = hvp(g, leaves, v)
-    scale = -0.5 * lr * c
+    scale = -2.0 * entropic_coefficient(lr, n_steps, c)  # −(lr/2)·c·(1 − 1/n)
     return rebuild([h.mul_(scale) for h in hv])
 
 
@@ -60,17 +65,20 @@ def entropic_force(
     lr: float,
     weight_decay: float = 0.0,
     preconditioner: Preconditioner | Any = None,
+    n_steps: int | None = None,
 ) -> dict[str, Tensor]:
     """``−(∇φ − ∇l) = −(lr/2)·H_B Λ g_B`` by parameter name, for the batch.
 
     ``l = l_B + (wd/2)‖θ‖²`` (``g_B`` and ``H_B`` include the decay), ``Λ = I`` unless a
-    preconditioner is given. Costs one Hessian-vector product. The model is evaluated in its
-    current mode and left exactly as it was (BatchNorm buffers, train flags, ``.grad``).
+    preconditioner is given (a :class:`Preconditioner` with ``c ≠ 1`` multiplies by ``c``);
+    ``n_steps = n`` gives the force of ``F_n`` instead, ``(1 − 1/n)`` times it. Costs one
+    Hessian-vector product. The model is evaluated in its current mode and left exactly as it
+    was (BatchNorm buffers, train flags, ``.grad``).
     """
     lr, wd = check_common(lr, weight_decay)
     params = model_parameters(model)
     objective = batch_objective(model, loss_fn, batch, weight_decay=wd)
     with preserved_state(model):
-        force: dict[str, Tensor] = functional_entropic_force(objective, params, lr=lr,
-                                                             preconditioner=preconditioner)
+        force: dict[str, Tensor] = functional_entropic_force(
+            objective, params, lr=lr, n_steps=n_steps, preconditioner=preconditioner)
     return force
