@@ -93,8 +93,15 @@ def test_every_recorded_quantity_against_direct_computation() -> None:
     np.testing.assert_allclose(np.stack([h[names.grad_sq_ema(k)] for k in h.meta["layers"]], 1),
                                running, rtol=1e-13)
     np.testing.assert_allclose(h[names.layer_ratio("0", "2")], running[:, 0] / running[:, 1], rtol=1e-13)
-    np.testing.assert_allclose(h[names.energy_in(0)], torch.stack(ref["in"]).numpy(), rtol=1e-13)
-    np.testing.assert_allclose(h[names.energy_out(0)], torch.stack(ref["out"]).numpy(), rtol=1e-13)
+    np.testing.assert_allclose(h[names.layer_residual("0", "2")],
+                               (running[:, 0] - running[:, 1]) / (running[:, 0] + running[:, 1]), rtol=1e-12)
+    e_in, e_out = torch.stack(ref["in"]).numpy(), torch.stack(ref["out"]).numpy()
+    np.testing.assert_allclose(h[names.energy_in(0)], e_in, rtol=1e-13)
+    np.testing.assert_allclose(h[names.energy_out(0)], e_out, rtol=1e-13)
+    run_in, run_out = w @ e_in, w @ e_out  # per-unit running expectations (up to a common factor)
+    np.testing.assert_allclose(h[names.neuron_ratio(0)], run_in.sum(1) / run_out.sum(1), rtol=1e-12)
+    np.testing.assert_allclose(h[names.neuron_residual(0)],
+                               np.abs(run_in - run_out).sum(1) / (run_in + run_out).sum(1), rtol=1e-12)
     np.testing.assert_allclose(h[names.TEMPERATURE], [lr / (1 + t) / b for t in range(6)], rtol=1e-15)
     for i in range(4):
         j = np.stack([r[i].numpy() for r in ref["J"]])

@@ -38,12 +38,12 @@ class _Column:
 
     def append(self, name: str, value: Value) -> None:
         if isinstance(value, Tensor):
-            v = value.detach()
+            v = value.detach() if value.requires_grad else value
         else:
             v = torch.as_tensor(np.asarray(value, dtype=np.float64))
-        shape = tuple(v.shape)
+        shape = v.shape
         if self.shape is None:
-            self.shape = shape
+            self.shape = tuple(shape)
         elif shape != self.shape:
             raise ValueError(
                 f"column {name!r} holds values of shape {self.shape}; got shape {shape}. "

@@ -115,12 +115,18 @@ class ThermoMonitor:
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self._names = list(self._params)
         self._psums: tuple[tuple[int, ...], SquareSums] | None = None
+        self._scratch_grads: dict[Any, Tensor] = {}
+        self._scratch_params: dict[Any, Tensor] = {}
         if not self._params:
             raise ValueError("model has no trainable parameters to monitor")
         owners: dict[str, int] = {}
         for n in self._params:
             owners.setdefault(n.rpartition(".")[0] or "(root)", len(owners))
         self.layers = list(owners)
+        self._layer_cols = [(names.grad_sq(n), names.grad_sq_ema(n), names.weight_norm(n))
+                            for n in self.layers]
+        self._pair_cols = [(names.layer_ratio(a, b), names.layer_residual(a, b))
+                           for a, b in zip(self.layers, self.layers[1:])]
         dev = next(iter(self._params.values())).device
         self._param_layer = torch.tensor(
             [owners[n.rpartition(".")[0] or "(root)"] for n in self._params], device=dev)
@@ -234,7 +240,7 @@ class ThermoMonitor:
         """Squared-entry sums of the parameters, reused while no parameter changed in place."""
         v = versions(self._params)
         if self._psums is None or self._psums[0] != v:
-            self._psums = (v, SquareSums(self._params))
+            self._psums = (v, SquareSums(self._params, self._scratch_params))
         return self._psums[1]
 
     def _charge(self, t: Tracked, psums: SquareSums) -> Tensor:
@@ -250,7 +256,7 @@ class ThermoMonitor:
     def _record_grads(self, values: dict[str, Any], batch: Sequence[Tensor], lr: float | None,
                       wd: float, *, predict: bool) -> None:
         grads = {n: p.grad for n, p in self._params.items()}
-        gsums, psums = SquareSums(grads), self._param_sums()
+        gsums, psums = SquareSums(grads, self._scratch_grads), self._param_sums()
         tracked = self._tracked or []
         energies = {t.index: gsums.unit_energies(t.sym.slices, t.sym.n_units)
                     for t in tracked if t.per_unit}
@@ -262,35 +268,34 @@ class ThermoMonitor:
         ema_hat = ema / (1 - self.ema**self._count)
         ratio = ema[:-1] / ema[1:]
         resid = (ema[:-1] - ema[1:]) / (ema[:-1] + ema[1:])
-        for k, name in enumerate(self.layers):
-            values[names.grad_sq(name)] = layer_sq[k]
-            values[names.grad_sq_ema(name)] = ema_hat[k]
-            values[names.weight_norm(name)] = w_norm[k]
-            if k + 1 < n_layers:
-                values[names.layer_ratio(name, self.layers[k + 1])] = ratio[k]
-                values[names.layer_residual(name, self.layers[k + 1])] = resid[k]
+        for k, (c_sq, c_ema, c_w) in enumerate(self._layer_cols):
+            values[c_sq], values[c_ema], values[c_w] = layer_sq[k], ema_hat[k], w_norm[k]
+        for k, (c_ratio, c_resid) in enumerate(self._pair_cols):
+            values[c_ratio], values[c_resid] = ratio[k], resid[k]
         if lr is not None:
             bsz = int(batch[0].shape[0])
             values[names.LR], values[names.BATCH_SIZE], values[names.TEMPERATURE] = lr, bsz, lr / bsz
         for t in tracked:
             t.before = self._charge(t, psums)
             imbalance = None
+            c = t.cols
             if t.per_unit:
                 e_in, e_out = energies[t.index]
-                values[names.energy_in(t.index)], values[names.energy_out(t.index)] = e_in, e_out
+                values[c["in"]], values[c["out"]] = e_in, e_out
                 t.ema_in = ema_update(t.ema_in, e_in, self.ema)
                 t.ema_out = ema_update(t.ema_out, e_out, self.ema)
-                values[names.neuron_ratio(t.index)] = t.ema_in.sum() / t.ema_out.sum()
-                values[names.neuron_residual(t.index)] = balance_residual(t.ema_in, t.ema_out)
+                s_in, s_out = t.ema_in.sum(), t.ema_out.sum()
+                values[c["ratio"]] = s_in / s_out
+                values[c["residual"]] = balance_residual(t.ema_in, t.ema_out, s_in, s_out)
                 if t.sym.kind == "rescale":
                     imbalance = e_in - e_out
             if predict and imbalance is None:
                 imbalance = t.sym.imbalance(grads)
             t.predicted = None if not predict else predicted_change(t.before, imbalance, lr, wd)  # type: ignore[arg-type]
             if t.before.numel() <= self.max_charge_numel:
-                values[names.charge(t.index)] = t.before
+                values[c["charge"]] = t.before
                 if t.predicted is not None:
-                    values[names.charge_pred(t.index)] = t.predicted
+                    values[c["pred"]] = t.predicted
 
     def after_step(self, step: int, *, loss: Tensor | None = None) -> None:
         """Record the measured charge changes of ``step`` (call right after ``optimizer.step()``).
@@ -311,9 +316,9 @@ class ThermoMonitor:
                 for t in self._tracked:
                     measured = self._charge(t, psums) - t.before
                     if t.before.numel() <= self.max_charge_numel:
-                        values[names.charge_meas(t.index)] = measured
+                        values[t.cols["meas"]] = measured
                     if t.predicted is not None:
-                        values[names.charge_err(t.index)] = (measured - t.predicted).abs().max()
+                        values[t.cols["err"]] = (measured - t.predicted).abs().max()
         self.history.record(step, values)
         if step % (self.every * self.sync_every) == 0:
             self.flush()

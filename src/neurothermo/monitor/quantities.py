@@ -38,10 +38,14 @@ class SquareSums:
     the per-unit energies, the charges and the per-layer norms read each tensor about once.
     """
 
-    def __init__(self, tensors: Mapping[str, Tensor | None]) -> None:
+    def __init__(self, tensors: Mapping[str, Tensor | None],
+                 scratch: dict[tuple[str, tuple[int, ...] | None], Tensor] | None = None) -> None:
         self.tensors = tensors
         self._along: dict[tuple[str, int, tuple[int, ...] | None], Tensor] = {}
         self._squares: dict[tuple[str, tuple[int, ...] | None], Tensor] = {}
+        self._units: dict[int, tuple[Tensor, Tensor]] = {}
+        # reused buffers for squared entries: a fresh large allocation each step costs page faults
+        self._scratch = {} if scratch is None else scratch
 
     def along(self, name: str, dim: int, view: tuple[int, ...] | None = None) -> Tensor | None:
         key = (name, dim, view)
@@ -53,12 +57,17 @@ class SquareSums:
         v = t.detach() if view is None else t.detach().view(view)
         dim = dim % v.ndim
         sq = self._squares.get((name, view))
-        if sq is None and dim == 0 and v.is_contiguous():  # one pass, no temporary
+        if v.ndim == 1:
+            r = v * v
+        elif sq is None and dim == 0 and v.is_contiguous():  # one pass, no temporary
             r = torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1).square()
         else:
             if sq is None:
-                sq = self._squares[(name, view)] = v.square()
-            r = sq.sum(dim=[d for d in range(v.ndim) if d != dim]) if v.ndim > 1 else sq
+                buf = self._scratch.get((name, view))
+                if buf is None or buf.shape != v.shape or buf.dtype != v.dtype or buf.device != v.device:
+                    buf = self._scratch[(name, view)] = torch.empty_like(v)
+                sq = self._squares[(name, view)] = torch.mul(v, v, out=buf)
+            r = sq.sum(dim=[d for d in range(v.ndim) if d != dim])
         self._along[key] = r
         return r
 
@@ -71,16 +80,17 @@ class SquareSums:
         difference is the imbalance ``gᵀAg``; with the parameters, the difference is the charge
         ``J_u``. A missing tensor (``None``: no gradient) counts as zero.
         """
+        memo = self._units.get(id(slices))
+        if memo is not None:
+            return memo
         e_in: Tensor | None = None
         e_out: Tensor | None = None
-        ref: Tensor | None = None
         for s in slices:
             if s.role == "passive" or s.buffer or s.dim is None:
                 continue
             r = self.along(s.name, s.dim, s.view)
             if r is None:
                 continue
-            ref = r
             q = r if (s.start == 0 and s.stop in (None, r.shape[0])) else r[s.start:s.stop]
             if q.shape[0] != n_units:
                 raise ValueError(f"slice of {s.name!r} has {q.shape[0]} units, expected {n_units}")
@@ -88,24 +98,36 @@ class SquareSums:
                 e_in = q if e_in is None else e_in + q
             else:
                 e_out = q if e_out is None else e_out + q
+        ref = e_in if e_in is not None else e_out
         if ref is None:
             raise ValueError(f"none of {[s.name for s in slices]} has a value; was backward() called?")
-        zero = ref.new_zeros(n_units)
-        return (zero if e_in is None else e_in), (zero if e_out is None else e_out)
+        out = (ref.new_zeros(n_units) if e_in is None else e_in,
+               ref.new_zeros(n_units) if e_out is None else e_out)
+        self._units[id(slices)] = out
+        return out
 
     def totals(self, names: Sequence[str]) -> Tensor:
         """``[‖t‖² for each name]`` (0 for a missing tensor), reusing reductions already made."""
-        done = {n: r for (n, _, _), r in self._along.items()}
+        done: dict[str, Tensor] = {}
+        for (n, _, _), r in self._along.items():
+            if n not in done:
+                done[n] = r
         rest = [n for n in names if n not in done and self.tensors.get(n) is not None]
-        out: dict[str, Tensor] = {n: r.sum() for n, r in done.items()}
-        if rest:
-            norms = torch._foreach_norm([self.tensors[n].detach() for n in rest])  # type: ignore[union-attr]
-            out.update({n: v.square() for n, v in zip(rest, norms)})
-        ref = next(iter(out.values()), None)
+        norms = iter(torch._foreach_norm([self.tensors[n].detach() for n in rest]) if rest else ())  # type: ignore[union-attr]
+        parts: list[Tensor | None] = []
+        for n in names:
+            if n in done:
+                parts.append(done[n].sum())
+            elif n in rest:
+                parts.append(next(norms).square())
+            else:
+                parts.append(None)
+        ref = next((p for p in parts if p is not None), None)
         if ref is None:
             raise ValueError("no tensors to take norms of; was backward() called?")
-        zero = ref.new_zeros(())
-        return torch.stack([out.get(n, zero).to(ref.dtype) for n in names])
+        if any(p is None or p.dtype != ref.dtype for p in parts):
+            parts = [ref.new_zeros(()) if p is None else p.to(ref.dtype) for p in parts]
+        return torch.stack(parts)  # type: ignore[arg-type]
 
 
 def predicted_change(charge: Tensor, imbalance: Tensor, lr: float, weight_decay: float) -> Tensor:
@@ -137,9 +159,15 @@ def ema_update(avg: Tensor | None, x: Tensor, beta: float) -> Tensor:
     return avg.mul(beta).add_(x, alpha=1.0 - beta)
 
 
-def balance_residual(a: Tensor, b: Tensor) -> Tensor:
-    """``Σ|a − b| / Σ(a + b)`` for non-negative energies: 0 at balance, 1 when one side is zero."""
-    return (a - b).abs().sum() / (a + b).sum()
+def balance_residual(a: Tensor, b: Tensor, sum_a: Tensor | None = None,
+                     sum_b: Tensor | None = None) -> Tensor:
+    """``Σ|a − b| / Σ(a + b)`` for non-negative energies: 0 at balance, 1 when one side is zero.
+
+    ``sum_a`` / ``sum_b`` may pass ``Σa`` / ``Σb`` when they are already computed.
+    """
+    sa = a.sum() if sum_a is None else sum_a
+    sb = b.sum() if sum_b is None else sum_b
+    return (a - b).abs().sum() / (sa + sb)
 
 
 def batch_noise_terms(

@@ -20,6 +20,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from neurothermo.monitor import names
+
 _DETECT_SAMPLES = 8  # find_symmetries only needs a few inputs to trace and verify the model
 
 
@@ -55,6 +57,14 @@ class Tracked:
     ema_in: Tensor | None = None
     ema_out: Tensor | None = None
     _cache: tuple[tuple[int, ...], Tensor] | None = field(default=None, repr=False)
+    cols: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        i = self.index
+        self.cols = {"in": names.energy_in(i), "out": names.energy_out(i),
+                     "ratio": names.neuron_ratio(i), "residual": names.neuron_residual(i),
+                     "charge": names.charge(i), "pred": names.charge_pred(i),
+                     "meas": names.charge_meas(i), "err": names.charge_err(i)}
 
     def cached_charge(self, params: Mapping[str, Tensor]) -> Tensor | None:
         """The charge remembered after the last step, if no parameter changed in place since."""
