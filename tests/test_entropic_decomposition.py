@@ -181,3 +181,18 @@ def test_classifier_decomposition_and_force_agree_with_each_other() -> None:
 
     fd = (corrections(1.0) - corrections(-1.0)) / (2 * eps)  # central difference: O(eps²) error
     assert -float(flat(res.total) @ flat(direction)) == pytest.approx(fd, rel=1e-6)
+
+
+def test_float32_model_agrees_with_float64_to_single_precision() -> None:
+    model = tiny_regressor(4)
+    x, y = regression_data(16, seed=8)
+    ref = nt.entropic_decomposition(model, nn.MSELoss(), (x, y), lr=LR, batch_size=4)
+    model32 = model.float()
+    dec = nt.entropic_decomposition(model32, nn.MSELoss(), (x.float(), y.float()), lr=LR,
+                                    batch_size=4)
+    # float32 rounding (~6e-8) amplified by ‖ḡ‖²/Tr Σ and the depth of the graph: 1e-5 is ample
+    for field in ("loss", "discretization", "noise", "trace_sigma"):
+        assert getattr(dec, field) == pytest.approx(getattr(ref, field), rel=1e-5)
+    force = nt.expected_entropic_force(model32, nn.MSELoss(), (x.float(), y.float()), lr=LR,
+                                       batch_size=4)
+    assert all(t.dtype == torch.float32 for t in force.total.values())

@@ -16,7 +16,9 @@ whose noise part comes from differentiating the per-sample squared gradient norm
 backward per chunk of data, never a loop of per-sample Hessian products.
 
 Everything is **exact** over ``data`` (no Monte-Carlo part, so no standard error): the data is
-processed in chunks of ``chunk_size`` samples only to bound memory. For an estimate on a large
+processed in chunks of ``chunk_size`` samples only to bound memory. ``Tr Σ`` is the difference
+``(1/N)Σ‖g_i‖² − ‖ḡ‖²`` (both accumulated in float64); when ``Tr Σ ≪ ‖ḡ‖²`` its relative accuracy
+is that of the model's dtype times ``‖ḡ‖²/Tr Σ``. For an estimate on a large
 dataset pass a uniformly drawn subset as ``data``. The model must not hold BatchNorm layers in
 train mode (they couple the samples of a batch, so per-sample losses are undefined): call
 ``model.eval()`` first.
@@ -132,12 +134,13 @@ def _sq_norms(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *,
 def _mean_gradient(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
                    params: dict[str, Tensor], chunk_size: int,
                    *, norms: bool) -> tuple[Tensor, list[Tensor], Tensor]:
-    """``L``, ``ḡ = ∇L`` and ``(1/N) Σ_i ‖g_i‖²`` (if ``norms``) exactly, chunk by chunk."""
+    """``L``, ``ḡ = ∇L`` and ``(1/N) Σ_i ‖g_i‖²`` (if ``norms``; accumulated in float64) exactly,
+    chunk by chunk."""
     n = x.shape[0]
     leaves = list(params.values())
     loss = torch.zeros((), dtype=leaves[0].dtype, device=leaves[0].device)
     gbar = [torch.zeros_like(p) for p in leaves]
-    sq = torch.zeros_like(loss)
+    sq = torch.zeros((), dtype=torch.float64, device=loss.device)
     for xs, ys in _chunks(x, y, chunk_size):
         w = xs.shape[0] / n
         value = batch_objective(model, loss_fn, (xs, ys), name="data")(params)
@@ -145,7 +148,8 @@ def _mean_gradient(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
             acc.add_(gi, alpha=w)
         loss = loss + w * value.detach()
         if norms:
-            sq = sq + _sq_norms(model, loss_fn, xs, ys, create_graph=False).detach().sum() / n
+            chunk_sq = _sq_norms(model, loss_fn, xs, ys, create_graph=False).detach()
+            sq = sq + chunk_sq.to(torch.float64).sum() / n
     return loss, gbar, sq
 
 
@@ -173,7 +177,8 @@ def entropic_decomposition(
         loss, gbar, sq = _mean_gradient(model, loss_fn, x, y, params, chunk_size, norms=True)
     with torch.no_grad():
         theta = [p.detach() for p in leaves]
-        gbar_sq = dot(gbar, gbar)
+        g64 = [gi.to(torch.float64) for gi in gbar]
+        gbar_sq = dot(g64, g64)  # Tr Σ = S − ‖ḡ‖² is a difference: both terms in float64
         full = [gi + wd * t for gi, t in zip(gbar, theta)]
         grad_norm_sq = float(dot(full, full))
         penalty = 0.5 * wd * float(dot(theta, theta))
