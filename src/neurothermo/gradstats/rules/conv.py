@@ -30,14 +30,16 @@ def patches(m: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, int
         kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
     b, c = x.shape[:2]
     g = m.groups
-    xc = x.permute(0, 2, 3, 1)  # channels last: [b, Hp, Wp, C]
+    xc = x.permute(0, 2, 3, 1).contiguous()  # channels last: [b, Hp, Wp, C], C innermost
     win = [dilation[i] * (kernel[i] - 1) + 1 for i in range(2)]
     w = xc.unfold(1, win[0], stride[0]).unfold(2, win[1], stride[1])  # [b, Ho, Wo, C, wh, ww]
     w = w[..., ::dilation[0], ::dilation[1]]  # [b, Ho, Wo, C, kh, kw]
     ho, wo = w.shape[1:3]
-    w = w.reshape(b, ho, wo, g, c // g, kernel[0], kernel[1]).permute(0, 3, 1, 2, 5, 6, 4)
-    cols = (kernel[0], kernel[1], c // g)
-    return w.reshape(b, g, ho * wo, -1), cols
+    k = kernel[0] * kernel[1]
+    p = w.permute(0, 1, 2, 4, 5, 3).reshape(b, 1, ho * wo, k * c)  # one copy, C innermost
+    if g > 1:
+        p = p.reshape(b, ho * wo, k, g, c // g).permute(0, 3, 1, 2, 4).reshape(b, g, ho * wo, -1)
+    return p, (kernel[0], kernel[1], c // g)
 
 
 def _pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
