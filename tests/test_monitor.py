@@ -300,6 +300,11 @@ def test_bad_input() -> None:
         quiet.after_backward(0, (x[:4], y[:4]))
     assert any("no lr known" in str(m.message) for m in w)
     assert names.TEMPERATURE not in (quiet.after_step(0) or quiet.history)
+    single = nt.ThermoMonitor(model, mse, lr=0.1, noise_every=1, symmetries=None)
+    with pytest.warns(MonitorWarning, match="need b >= 2"):
+        single.after_backward(0, (x[:1], y[:1]))
+    single.after_step(0)
+    assert "entropic/noise" not in single.history and single.history.meta["notes"]
 
 
 def test_tensorboard_writer(tmp_path) -> None:

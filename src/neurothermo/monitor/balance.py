@@ -219,7 +219,7 @@ def fit_units(e_in: np.ndarray, e_out: np.ndarray) -> dict[str, float | None]:
 
 
 def _block_se(fits: list[dict[str, float | None]], key: str) -> float | None:
-    vals = [f[key] for f in fits if f[key] is not None]
+    vals = [float(v) for f in fits if (v := f[key]) is not None]
     if len(vals) < 2:
         return None
     return float(np.std(vals, ddof=1) / math.sqrt(len(vals)))

@@ -106,9 +106,12 @@ class ThermoMonitor:
                 "sharpness_every needs data=(inputs, targets): sharpness is the top Hessian "
                 "eigenvalue on a fixed set (never on single minibatches, THEORY.md §4)"
             )
-        self._sharpness = _make_tracker(self) if self.sharpness_every is not None else None
-        self._opt, self._lr, self._wd = None, None, None
-        self._n, self._replacement = None, None
+        self._sharpness: Any = _make_tracker(self) if self.sharpness_every is not None else None
+        self._opt: torch.optim.Optimizer | None = None
+        self._lr: float | None = None
+        self._wd: float | None = None
+        self._n: int | None = None
+        self._replacement: bool | None = None
         self.bind(optimizer, lr=lr, weight_decay=weight_decay, dataset_size=dataset_size,
                   replacement=replacement)
 
@@ -229,7 +232,7 @@ class ThermoMonitor:
         opt = self._opt
         momentum = float(opt.param_groups[0].get("momentum", 0.0)) if opt is not None else 0.0
         with self._measuring(), torch.enable_grad():
-            r = self._sharpness.update(self.model, self.loss_fn, self.data, step=step,  # type: ignore[union-attr]
+            r = self._sharpness.update(self.model, self.loss_fn, self.data, step=step,
                                        lr=lr, momentum=momentum)
         out: dict[str, Any] = {names.SHARPNESS: r.lambda_max}
         if r.lr_lambda_max is not None:
@@ -261,7 +264,10 @@ class ThermoMonitor:
         energies = {t.index: gsums.unit_energies(t.sym.slices, t.sym.n_units)
                     for t in tracked if t.per_unit}
         n_layers = len(self.layers)
-        layer_sq = segment_sum(gsums.totals(self._names), self._param_layer, n_layers)
+        g_tot = gsums.totals(self._names)
+        if self._param_layer.device != g_tot.device:  # the model moved after the monitor was made
+            self._param_layer = self._param_layer.to(g_tot.device)
+        layer_sq = segment_sum(g_tot, self._param_layer, n_layers)
         w_norm = segment_sum(psums.totals(self._names), self._param_layer, n_layers).sqrt()
         self._count += 1
         ema = self._ema_layer = ema_update(self._ema_layer, layer_sq, self.ema)
@@ -314,6 +320,7 @@ class ThermoMonitor:
             with torch.no_grad():
                 psums = self._param_sums()
                 for t in self._tracked:
+                    assert t.before is not None  # set by after_backward on recorded steps
                     measured = self._charge(t, psums) - t.before
                     if t.before.numel() <= self.max_charge_numel:
                         values[t.cols["meas"]] = measured
@@ -381,7 +388,7 @@ def _entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | 
         return entropic_terms(mon, batch, loss, lr, wd)
 
 
-def _make_tracker(mon: ThermoMonitor) -> object:
+def _make_tracker(mon: ThermoMonitor) -> Any:
     from neurothermo.monitor.noise import make_sharpness_tracker
 
     return make_sharpness_tracker(mon)

@@ -64,7 +64,9 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
         decayed = squared_norm([p.detach() * wd if g is None else g + wd * p.detach()
                                 for g, p in zip(grads, params)])
     with torch.enable_grad():
-        sample_sq = per_sample_grad_norms(mon.model, mon.loss_fn, (batch[0], batch[1])).detach()
+        norms = per_sample_grad_norms(mon.model, mon.loss_fn, (batch[0], batch[1]))
+    assert isinstance(norms, Tensor)  # by_parameter=False gives one tensor [b]
+    sample_sq = norms.detach()
     terms = batch_noise_terms(sample_sq, grad_sq, lr=lr, dataset_size=mon._n,
                               replacement=replacement, grad_sq_decayed=decayed)
     mon.history.meta["entropic"] = "unbiased one-minibatch estimate"

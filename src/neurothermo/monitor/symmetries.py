@@ -30,7 +30,7 @@ def detect(model: nn.Module, inputs: Tensor, request: str | Sequence[Any] | None
     if request is None:
         return []
     if request != "auto":
-        return list(request)  # type: ignore[arg-type]
+        return list(request)
     try:
         from neurothermo.symmetry import find_symmetries
     except ImportError as e:
@@ -85,7 +85,7 @@ class Tracked:
 
 def track(syms: Sequence[Any], params: Mapping[str, Tensor]) -> list[Tracked]:
     """Tracked entries for the charge-carrying symmetries, numbered in the given order."""
-    out = []
+    out: list[Tracked] = []
     for s in syms:
         if s.isometry:
             continue
