@@ -160,6 +160,7 @@ def _run(cfg: SgdVsEntropicFlowConfig, ctx: RunContext) -> None:
 def _figure(ctx: RunContext, curves: list[tuple[float, list[float], list[float]]], lrs: np.ndarray,
             fp: np.ndarray, fe: np.ndarray, slopes: tuple[float, float], total_time: float) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -179,6 +180,8 @@ def _figure(ctx: RunContext, curves: list[tuple[float, list[float], list[float]]
               label=f"entropic flow (slope {slopes[1]:.2f}, theory 2)")
     bx.loglog(lrs, fp[-1] * lrs / lrs[-1], ":", color="tab:red", alpha=0.6)
     bx.loglog(lrs, fe[-1] * (lrs / lrs[-1]) ** 2, ":", color="tab:blue", alpha=0.6)
+    bx.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    bx.set_xticks(lrs, [f"{v:.3g}" for v in lrs])
     bx.set_xlabel("learning rate η")
     bx.set_ylabel(f"‖flow − SGD‖ at T = {total_time:.3g}")
     bx.set_title("O(η) for gradient flow, O(η²) for the entropic flow")
