@@ -174,3 +174,10 @@ def test_bad_flow_and_step_settings_raise() -> None:
         nt.entropic_loss(model, LOSS, data, lr=0.1, n_steps=0)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         nt.entropic_force(lambda x: x, LOSS, data, lr=0.1)
+
+
+def test_a_diverging_flow_raises_instead_of_returning_inf() -> None:
+    with pytest.raises(FloatingPointError, match="diverged"):
+        # f = √|θ| is finite at 0 but its gradient is not: the step leaves the finite numbers
+        nt.functional_flow(lambda t: t.abs().sqrt().sum(), torch.zeros(2, dtype=DT), time=1.0,
+                           steps=1, method="euler")

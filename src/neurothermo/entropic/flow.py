@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from neurothermo._state import preserved_state
@@ -92,6 +93,11 @@ def functional_flow(
             k4 = velocity(_axpy(theta, h, k3))
             theta = [t + h / 6 * (a + 2 * b + 2 * c + d)
                      for t, a, b, c, d in zip(theta, k1, k2, k3, k4)]
+    if not all(bool(torch.isfinite(t).all()) for t in theta):
+        raise FloatingPointError(
+            f"the flow diverged (non-finite parameters after time {time} in {steps} {method} "
+            "steps); use more steps (smaller step size) or a smaller lr"
+        )
     return rebuild(theta)
 
 
