@@ -53,7 +53,6 @@ from neurothermo.monitor.quantities import (
     balance_residual,
     ema_update,
     predicted_change,
-    segment_sum,
 )
 from neurothermo.monitor.symmetries import Tracked, detect, track, versions
 from neurothermo.monitor.writers import Writer
@@ -130,9 +129,7 @@ class ThermoMonitor:
                             for n in self.layers]
         self._pair_cols = [(names.layer_ratio(a, b), names.layer_residual(a, b))
                            for a, b in zip(self.layers, self.layers[1:])]
-        dev = next(iter(self._params.values())).device
-        self._param_layer = torch.tensor(
-            [owners[n.rpartition(".")[0] or "(root)"] for n in self._params], device=dev)
+        self._param_layer = [owners[n.rpartition(".")[0] or "(root)"] for n in self._params]
         self._sym_request = symmetries
         self._tracked: list[Tracked] | None = None
         self.history = History(meta={"layers": self.layers, "every": self.every,
@@ -264,11 +261,8 @@ class ThermoMonitor:
         energies = {t.index: gsums.unit_energies(t.sym.slices, t.sym.n_units)
                     for t in tracked if t.per_unit}
         n_layers = len(self.layers)
-        g_tot = gsums.totals(self._names)
-        if self._param_layer.device != g_tot.device:  # the model moved after the monitor was made
-            self._param_layer = self._param_layer.to(g_tot.device)
-        layer_sq = segment_sum(g_tot, self._param_layer, n_layers)
-        w_norm = segment_sum(psums.totals(self._names), self._param_layer, n_layers).sqrt()
+        layer_sq = gsums.totals(self._names, self._param_layer, n_layers)
+        w_norm = psums.totals(self._names, self._param_layer, n_layers).sqrt()
         self._count += 1
         ema = self._ema_layer = ema_update(self._ema_layer, layer_sq, self.ema)
         ema_hat = ema / (1 - self.ema**self._count)

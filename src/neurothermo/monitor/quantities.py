@@ -7,7 +7,7 @@ torch's ``wd`` (the step uses ``g + wd·θ``). Nothing here synchronises with th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -39,13 +39,13 @@ class SquareSums:
     """
 
     def __init__(self, tensors: Mapping[str, Tensor | None],
-                 scratch: dict[tuple[str, tuple[int, ...] | None], Tensor] | None = None) -> None:
+                 scratch: dict[Any, Tensor] | None = None) -> None:
         self.tensors = tensors
         self._along: dict[tuple[str, int, tuple[int, ...] | None], Tensor] = {}
         self._squares: dict[tuple[str, tuple[int, ...] | None], Tensor] = {}
         self._units: dict[int, tuple[Tensor, Tensor]] = {}
         # reused buffers for squared entries: a fresh large allocation each step costs page faults
-        self._scratch = {} if scratch is None else scratch
+        self._scratch: dict[Any, Tensor] = {} if scratch is None else scratch
 
     def along(self, name: str, dim: int, view: tuple[int, ...] | None = None) -> Tensor | None:
         key = (name, dim, view)
@@ -106,28 +106,37 @@ class SquareSums:
         self._units[id(slices)] = out
         return out
 
-    def totals(self, names: Sequence[str]) -> Tensor:
-        """``[‖t‖² for each name]`` (0 for a missing tensor), reusing reductions already made."""
-        done: dict[str, Tensor] = {}
+    def totals(self, names: Sequence[str], group: Sequence[int], n_groups: int) -> Tensor:
+        """``out[k] = Σ_{i: group[i]=k} ‖t_i‖²`` over ``names`` (missing tensors count 0).
+
+        Reuses the ``along`` reductions already made (one per tensor) and takes the remaining
+        tensors in one fused ``_foreach_norm``; a single ``index_add`` forms the groups.
+        """
+        first: dict[str, Tensor] = {}
         for (n, _, _), r in self._along.items():
-            if n not in done:
-                done[n] = r
-        rest = [n for n in names if n not in done and self.tensors.get(n) is not None]
-        norms = iter(torch._foreach_norm([self.tensors[n].detach() for n in rest]) if rest else ())  # type: ignore[union-attr]
-        parts: list[Tensor | None] = []
-        for n in names:
-            if n in done:
-                parts.append(done[n].sum())
-            elif n in rest:
-                parts.append(next(norms).square())
-            else:
-                parts.append(None)
-        ref = next((p for p in parts if p is not None), None)
-        if ref is None:
+            first.setdefault(n, r)
+        parts, seg, rest = [], [], []
+        for n, k in zip(names, group):
+            if n in first:
+                parts.append(first[n])
+                seg.append((k, first[n].numel()))
+            elif self.tensors.get(n) is not None:
+                rest.append((n, k))
+        if rest:
+            norms = torch._foreach_norm([self.tensors[n].detach() for n, _ in rest])  # type: ignore[union-attr]
+            parts.append(torch.stack(norms).square())
+            seg += [(k, 1) for _, k in rest]
+        if not parts:
             raise ValueError("no tensors to take norms of; was backward() called?")
-        if any(p is None or p.dtype != ref.dtype for p in parts):
-            parts = [ref.new_zeros(()) if p is None else p.to(ref.dtype) for p in parts]
-        return torch.stack(parts)  # type: ignore[arg-type]
+        dtype = parts[0].dtype
+        flat = torch.cat([p if p.dtype == dtype else p.to(dtype) for p in parts])
+        key = ("segments", tuple(seg), flat.device)
+        index = self._scratch.get(key)
+        if index is None:
+            index = torch.repeat_interleave(torch.tensor([k for k, _ in seg]),
+                                            torch.tensor([c for _, c in seg])).to(flat.device)
+            self._scratch[key] = index
+        return flat.new_zeros(n_groups).index_add_(0, index, flat)
 
 
 def predicted_change(charge: Tensor, imbalance: Tensor, lr: float, weight_decay: float) -> Tensor:
@@ -142,11 +151,6 @@ def predicted_change(charge: Tensor, imbalance: Tensor, lr: float, weight_decay:
 def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
     """``Σ_k ‖t_k‖²`` over a list of tensors (one fused norm kernel)."""
     return torch.stack(torch._foreach_norm([t.detach() for t in tensors])).square().sum()
-
-
-def segment_sum(values: Tensor, index: Tensor, n: int) -> Tensor:
-    """Sum ``values[i]`` into ``n`` segments: ``out[k] = Σ_{i: index[i]=k} values[i]``."""
-    return values.new_zeros(n).index_add_(0, index, values)
 
 
 def ema_update(avg: Tensor | None, x: Tensor, beta: float) -> Tensor:
