@@ -67,7 +67,7 @@ def functional_entropic_loss(
         return value
     g = grads(value, leaves, create_graph=True)
     lam_g = g if lams is None else [lam * gi for lam, gi in zip(lams, g)]
-    return value + coef * dot(lam_g, g)
+    return check_scalar_loss(value + coef * dot(lam_g, g))  # a finite loss can have ∇ = ∞
 
 
 def entropic_loss(
