@@ -305,6 +305,11 @@ def test_bad_input() -> None:
         single.after_backward(0, (x[:1], y[:1]))
     single.after_step(0)
     assert "entropic/noise" not in single.history and single.history.meta["notes"]
+    bn = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
+    with_bn = nt.ThermoMonitor(bn, mse, lr=0.1, noise_every=1, symmetries=None)
+    nn.functional.mse_loss(bn(x[:6]), y[:6]).backward()
+    with pytest.warns(MonitorWarning, match="BatchNorm '1' is in train mode"):
+        with_bn.after_backward(0, (x[:6], y[:6]))
 
 
 def test_tensorboard_writer(tmp_path) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from neurothermo._state import has_train_mode_batchnorm
 from neurothermo.monitor import names
 from neurothermo.monitor.quantities import batch_noise_terms, squared_norm
 
@@ -34,6 +35,11 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
     """
     b = int(batch[0].shape[0])
     replacement = True if mon._replacement is None else mon._replacement
+    bn = has_train_mode_batchnorm(mon.model)
+    if bn is not None:
+        mon._note("noise_bn", f"entropic terms not recorded: BatchNorm {bn!r} is in train mode, which "
+                  "couples the samples of a batch, so per-sample gradients and Σ are undefined")
+        return {}
     if mon.data is not None:
         try:
             from neurothermo.entropic import entropic_decomposition
