@@ -2,9 +2,11 @@
 
 Every module owning a wanted parameter is instrumented: a forward hook (prepended, so it sees the
 module's own output before user hooks) records a :class:`Call`, or the rule's ``forward`` override
-replaces the module's forward. In *clone* mode inputs and outputs are copied at the module boundary,
-so that later in-place operations (``ReLU(inplace=True)``) cannot change what a rule reads; it is
-used only when the plain pass detected such a modification.
+replaces the module's forward. Output gradients are requested through the autograd *edges* of the
+outputs (``get_gradient_edge``), which keeps no output alive and is immune to later in-place ops
+on them (``ReLU(inplace=True)``): the gradient is the one of the value the module produced. What
+a rule reads (inputs; outputs too for the fallback's check) must not change in place afterwards:
+if it did, the pass is redone in *clone* mode, which copies those tensors at the module boundary.
 
 A torch-function mode watches every op that takes a wanted parameter: a parameter may only be used
 inside the forward of a module whose rule covers it (its owner; for attention, also its children).
@@ -20,11 +22,12 @@ from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from neurothermo.gradstats._pieces import Piece
-from neurothermo.gradstats.rules import Call, Rule, Unsupported, Use, rule_for
+from neurothermo.gradstats.rules import Call, Rule, Use, rule_for
 from neurothermo.gradstats.rules.fallback import fallback_pieces, tensor_leaves
 
 
@@ -52,26 +55,27 @@ class Recorder:
         if self.active:
             self.uses.append(use)
 
-    def add_call(self, call: Call, rule: Rule | None = None) -> None:
-        """Record a call evaluated by ``rule.pieces`` (fallback when None or Unsupported)."""
-        leaves = tensor_leaves(call.output)
+    def add_call(self, call: Call, rule: Rule | None, output: Any) -> None:
+        """Record a call, evaluated later by ``rule.pieces`` or, for ``rule=None``, the fallback
+        (the only one that keeps ``output``: it checks its per-sample outputs against it)."""
+        leaves = tensor_leaves(output)
         pos = [j for j, t in enumerate(leaves) if t.requires_grad]
+        if not pos:
+            return
+        n = len(leaves)
 
         def compute(deltas: list[Tensor | None]) -> list[Piece]:
-            full: list[Tensor | None] = [None] * len(leaves)
+            full: list[Tensor | None] = [None] * n
             for j, d in zip(pos, deltas):
                 full[j] = d
             if rule is not None:
-                try:
-                    return rule.pieces(call, full)
-                except Unsupported as e:
-                    return fallback_pieces(self._touched(call), full, reason=str(e))
+                return rule.pieces(call, full)
             return fallback_pieces(self._touched(call), full)
 
-        if pos:
-            watched = tensor_leaves((call.args, call.kwargs)) + leaves
-            own = frozenset(id(p) for p in call.module.parameters(recurse=False)) & self.wanted
-            self.add(Use(call.name, [leaves[j] for j in pos], compute, watched, own))
+        watched = tensor_leaves((call.args, call.kwargs)) + (leaves if rule is None else [])
+        own = frozenset(id(p) for p in call.module.parameters(recurse=False)) & self.wanted
+        edges = [get_gradient_edge(leaves[j]) for j in pos]
+        self.add(Use(call.name, edges, compute, watched, own))
 
     def _touched(self, call: Call) -> Call:
         """``call`` restricted to parameters the forward actually used (the rest have zero
@@ -180,7 +184,9 @@ def _hook(name: str, rule: Rule | None, rec: Recorder) -> Any:
         if not rec.active:
             return None
         rec.leave()
-        rec.add_call(Call(module, name, args, kwargs, output, rec.batch_size, rec.wanted), rule)
-        return tree_map(_clone, output) if rec.clone else None
+        kept = output if rule is None else None
+        rec.add_call(Call(module, name, args, kwargs, kept, rec.batch_size, rec.wanted), rule,
+                     output)
+        return tree_map(_clone, output) if rec.clone and rule is None else None
 
     return hook

@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from neurothermo._state import preserved_state, select_parameters
 from neurothermo._validate import (
@@ -138,14 +140,15 @@ def _measure(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, params: di
                 "the loss does not depend on any trainable parameter (does loss_fn or the model "
                 "detach its output?); per-sample gradients would all be zero"
             )
-        targets = list({id(t): t for u in rec.uses for t in u.targets}.values())
+        edges = list({_key(e): e for u in rec.uses for e in u.targets}.values())
         plist = list(params.values())
-        inputs = targets + (plist if mean_grad else [])
+        inputs: list[Any] = [*edges, *(plist if mean_grad else [])]
         grads = (torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
                  if inputs else ())
-        delta: dict[int, Tensor | None] = {id(t): g for t, g in zip(targets, grads)}
-        mean_grads = grads[len(targets):]
-        del targets, inputs, grads
+        delta: dict[tuple[int, int], Tensor | None] = {
+            _key(e): g for e, g in zip(edges, grads)}
+        mean_grads = grads[len(edges):]
+        del edges, inputs, grads
         with torch.set_grad_enabled(create_graph):
             norms = _evaluate(rec.uses, delta)
             sq = {n: norms[id(p)] * (b * b) if id(p) in norms else p.new_zeros(b)
@@ -163,7 +166,12 @@ def _measure(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, params: di
 
 
 
-def _evaluate(uses: list[Use], delta: dict[int, Tensor | None]) -> dict[int, Tensor]:
+def _key(edge: GradientEdge) -> tuple[int, int]:
+    return id(edge.node), edge.output_nr
+
+
+def _evaluate(uses: list[Use], delta: dict[tuple[int, int], Tensor | None]
+              ) -> dict[int, Tensor]:
     """``‖Σ pieces‖²`` per parameter id (before the factor b²), consuming ``uses`` and ``delta``.
 
     Uses are evaluated in forward order; a parameter is reduced to its norm as soon as all uses
@@ -171,17 +179,17 @@ def _evaluate(uses: list[Use], delta: dict[int, Tensor | None]) -> dict[int, Ten
     soon as nothing needs them, so the peak memory stays near one layer's worth of temporaries.
     """
     remaining = Counter(pid for u in uses for pid in u.params)
-    need = Counter(id(t) for u in uses for t in u.targets)
+    need = Counter(_key(e) for u in uses for e in u.targets)
     waiting: dict[int, list[Piece]] = {}
     out: dict[int, Tensor] = {}
     uses.reverse()
     while uses:
         use = uses.pop()
-        ds = [delta.get(id(t)) for t in use.targets]
-        for t in use.targets:
-            need[id(t)] -= 1
-            if need[id(t)] == 0:
-                delta.pop(id(t), None)
+        ds = [delta.get(_key(e)) for e in use.targets]
+        for e in use.targets:
+            need[_key(e)] -= 1
+            if need[_key(e)] == 0:
+                delta.pop(_key(e), None)
         declared, compute, name = use.params, use.compute, use.name
         del use
         for piece in compute(ds):

@@ -16,17 +16,18 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from neurothermo.gradstats._pieces import Piece
 
 
-class Unsupported(Exception):
-    """Raised by a rule for a configuration it does not cover; the exact fallback is used."""
-
-
 @dataclass(frozen=True)
 class Call:
-    """One recorded forward call of ``module`` (qualified name ``name``) on a batch of ``b``."""
+    """One recorded forward call of ``module`` (qualified name ``name``) on a batch of ``b``.
+
+    ``output`` is kept only for the fallback (None for modules with a rule: rules get the output
+    gradients, and holding every output would raise the peak memory of the backward).
+    """
 
     module: nn.Module
     name: str
@@ -44,13 +45,14 @@ class Call:
     def input(self, i: int = 0) -> Tensor:
         x = self.args[i] if i < len(self.args) else None
         if not isinstance(x, Tensor):
-            raise Unsupported(f"argument {i} is not a tensor")
+            raise ValueError(f"module {self.name!r}: positional argument {i} is not a tensor")
         return x
 
 
 @dataclass
 class Use:
-    """A pending rule evaluation: ``compute(deltas)`` with ``deltas[j] = ∂l_B/∂targets[j]``.
+    """A pending rule evaluation: ``compute(deltas)`` with ``deltas[j] = ∂l_B/∂targets[j]``, the
+    targets being autograd edges of the outputs the rule needs gradients for.
 
     ``watched`` are the tensors ``compute`` reads; they must not be modified in place later.
     ``params`` are the ids of the parameters its pieces may be for (a parameter with a single use
@@ -58,7 +60,7 @@ class Use:
     """
 
     name: str
-    targets: list[Tensor]
+    targets: list[GradientEdge]
     compute: Callable[[list[Tensor | None]], list[Piece]]
     watched: list[Tensor]
     params: frozenset[int]
@@ -82,8 +84,6 @@ class Sink(Protocol):
 
     def add(self, use: Use) -> None: ...
 
-    def add_call(self, call: Call) -> None: ...
-
 
 PiecesFn = Callable[[Call, list[Tensor | None]], list[Piece]]
 ForwardFn = Callable[[nn.Module, str, Sink, tuple[Any, ...], dict[str, Any]], Any]
@@ -92,7 +92,7 @@ ForwardFn = Callable[[nn.Module, str, Sink, tuple[Any, ...], dict[str, Any]], An
 @dataclass(frozen=True)
 class Rule:
     """``pieces(call, deltas)``: exact pieces from a call (``deltas`` follow the output's tensor
-    leaves, ``None`` where a leaf does not reach the loss). ``forward``: optional override of the
+    leaves, ``None`` where a leaf does not reach the loss or needs no gradient). ``forward``: optional override of the
     module's forward while recording, for rules that need its intermediates."""
 
     pieces: PiecesFn

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from neurothermo.gradstats._pieces import Dense, Piece
 from neurothermo.gradstats.rules._base import (
@@ -54,7 +55,7 @@ def _linear_use(sink: Sink, name: str, a: Tensor, weight: Tensor | None, bias: T
                                  weight_rows=weight_rows, bias_rows=bias_rows)
 
         ids = frozenset(id(p) for p in (wanted_w, wanted_b) if p is not None)
-        sink.add(Use(name, [out], compute, [a, out], ids))
+        sink.add(Use(name, [get_gradient_edge(out)], compute, [a], ids))
     return out
 
 
@@ -69,7 +70,7 @@ def _kv_bias_use(sink: Sink, name: str, seq: Tensor, param: Tensor | None) -> Te
             d = deltas[0]
             return [] if d is None else [Piece(param, Dense(d[:, -1:, :].unsqueeze(1)))]
 
-        sink.add(Use(name, [out], compute, [out], frozenset({id(param)})))
+        sink.add(Use(name, [get_gradient_edge(out)], compute, [], frozenset({id(param)})))
     return out
 
 
@@ -178,8 +179,6 @@ def _forward(m: nn.Module, name: str, sink: Sink, args: tuple[Any, ...],
         o = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
     o = o.transpose(1, 2).reshape(b, tgt, e)
     out = _linear_use(sink, name + ".out_proj", o, m.out_proj.weight, m.out_proj.bias, None, None)
-    if sink.clone:
-        out = out.clone()
     if not m.batch_first:
         out = out.transpose(0, 1)
     if not need_weights:

@@ -48,7 +48,7 @@ def _batch_dim(full: Tensor, probe: Tensor, b: int) -> int | None:
     return None
 
 
-def fallback_pieces(call: Call, deltas: list[Tensor | None], reason: str = "") -> list[Piece]:
+def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
     """Pieces of the module's direct parameters (``deltas`` follow the output's tensor leaves)."""
     m, name, b = call.module, call.name, call.batch_size
     params = {n: p for n, p in m.named_parameters(recurse=False) if id(p) in call.wanted}
@@ -56,10 +56,9 @@ def fallback_pieces(call: Call, deltas: list[Tensor | None], reason: str = "") -
         return []
     if m not in _WARNED:
         _WARNED.add(m)
-        why = f" ({reason})" if reason else ""
         warnings.warn(
             f"per-sample gradients: module {name!r} ({type(m).__name__}) has no closed-form rule"
-            f"{why}; using the exact torch.func fallback on this module (vmap over samples, "
+            "; using the exact torch.func fallback on this module (vmap over samples, "
             f"b × {sum(p.numel() for p in params.values())} numbers). Register a rule with "
             "neurothermo.gradstats.register_rule to make it fast.",
             FallbackWarning,
