@@ -9,7 +9,7 @@ import torch
 from neurothermo.config import ConfigError, validate_config
 from neurothermo.experiments import MissingExtra, get_experiment
 from neurothermo.experiments import pretrained_platonic as pp
-from neurothermo.experiments.base import REGISTRY
+from neurothermo.experiments.base import REGISTRY, Prediction
 from neurothermo.runner import run_experiment
 
 
@@ -39,6 +39,40 @@ def test_stdlib_sentences_are_a_fixed_real_text_set():
     assert len(s) >= 800 and len(set(s)) == len(s)
     assert s == pp.stdlib_sentences()
     assert all(6 <= len(t.split()) <= 40 and t[0].isupper() for t in s)
+
+
+class _Ctx:
+    seed = 0
+
+    def __init__(self) -> None:
+        self.predictions: list[Prediction] = []
+
+    def predict(self, name, measured, predicted, tolerance, *, relative=False, why=""):
+        p = Prediction.check(name, measured, predicted, tolerance, relative=relative, why=why)
+        self.predictions.append(p)
+        return p
+
+    def log(self, step=None, **values):
+        pass
+
+
+def test_pair_predictions_pass_for_aligned_and_fail_for_unrelated_features():
+    """The experiment's checks can fail: unrelated features are not 'beyond the null'."""
+    # α = 0.01: under independence each p-value check passes by chance with probability ≤ 1%
+    cfg = pp.PretrainedPlatonicConfig(n_null=199, alpha=0.01, k=5)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(80, 12, generator=g)
+    b = torch.tanh(a @ torch.randn(12, 20, generator=g)) + 0.3 * torch.randn(80, 20, generator=g)
+    ctx = _Ctx()
+    out = pp.compare_pair(ctx, "aligned", a, b, cfg)  # type: ignore[arg-type]
+    assert all(p.passed for p in ctx.predictions), ctx.predictions
+    assert out["summary"]["cka"] > out["summary"]["cka_null_mean"]
+    ctx = _Ctx()
+    pp.compare_pair(ctx, "unrelated", a, torch.randn(80, 20, generator=g), cfg)  # type: ignore[arg-type]
+    passed = {p.name.split(": ")[1]: p.passed for p in ctx.predictions}
+    assert not passed["mutual kNN@5 beyond the null (p-value)"]
+    assert not passed["linear CKA beyond the null (p-value)"]
+    assert passed["shuffled mutual kNN averages k/(N−1)"] and passed["shuffled unbiased CKA averages 0"]
 
 
 @pytest.mark.offline
