@@ -181,3 +181,16 @@ def test_a_diverging_flow_raises_instead_of_returning_inf() -> None:
         # f = √|θ| is finite at 0 but its gradient is not: the step leaves the finite numbers
         nt.functional_flow(lambda t: t.abs().sqrt().sum(), torch.zeros(2, dtype=DT), time=1.0,
                            steps=1, method="euler")
+
+
+def test_all_finite_fast_path_is_exact() -> None:
+    """The shared check (a finite sum proves finiteness) never misses a NaN/Inf, and an
+    overflowing sum of finite values does not raise a false alarm."""
+    from neurothermo._validate import all_finite
+
+    assert all_finite(torch.randn(7)) and all_finite(torch.empty(0))
+    for bad in ([math.nan], [math.inf], [-math.inf], [math.inf, -math.inf]):
+        t = torch.randn(7)
+        t[: len(bad)] = torch.tensor(bad)
+        assert not all_finite(t)
+    assert all_finite(torch.full((4,), 3e38, dtype=torch.float32))  # sum overflows to inf
