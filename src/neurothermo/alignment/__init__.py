@@ -8,7 +8,7 @@ metric                     invariant to                                  range /
 =========================  ============================================  =========================
 ``mutual_knn``             rotation, isotropic scale, column permutation [0, 1], higher = aligned
 ``cycle_knn``              same (not symmetric)                          [0, 1]
-``cknna``                  same                                          ≤ 1
+``cknna``                  same (unbiased form: not symmetric)           ≈ [0, 1] (not a bound)
 ``cka`` (linear, rbf)      + translation                                 [0, 1] (unbiased: ≤ 1)
 ``svcca``                  + translation (+ any invertible map, full d)  [0, 1]
 ``procrustes_distance``    + translation                                 [0, π/2], LOWER = aligned
