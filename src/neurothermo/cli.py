@@ -58,7 +58,7 @@ def list_cmd() -> None:
     for exp in all_experiments():
         missing = exp.missing()
         note = f"  [yellow](needs extra '{exp.extra}')[/]" if missing else ""
-        console.print(f"[bold]{exp.name:<24}[/] {exp.title}{note}", highlight=False)
+        console.print(f"[bold]{exp.name:<24}[/] {exp.title}{note}", highlight=False, soft_wrap=True)
 
 
 @app.command()

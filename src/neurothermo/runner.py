@@ -57,7 +57,7 @@ def run_experiment(
     exp = get_experiment(name)
     missing = exp.missing()
     if missing:
-        extra = f'pip install -e ".[{exp.extra}]"' if exp.extra else "install them"
+        extra = exp.install or (f'pip install -e ".[{exp.extra}]"' if exp.extra else "install them")
         raise MissingExtra(
             f"experiment {name!r} needs {', '.join(missing)}, which is not installed; {extra}"
         )

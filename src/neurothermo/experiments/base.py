@@ -72,7 +72,8 @@ class Experiment:
 
     ``config`` is a frozen dataclass type built with :func:`neurothermo.config.setting`;
     ``quick`` and ``full`` are instances of it. ``cost`` documents what the full preset costs.
-    ``requires`` lists importable module names and ``extra`` the pip extra that provides them.
+    ``requires`` lists importable module names and ``extra`` the pip extra that provides them;
+    ``install`` overrides the install hint when the extra alone is not enough.
     """
 
     name: str
@@ -84,6 +85,7 @@ class Experiment:
     cost: str = ""
     requires: tuple[str, ...] = ()
     extra: str | None = None
+    install: str = ""  # how to install what ``requires`` lists, when more than the extra is needed
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]

