@@ -76,13 +76,14 @@ def preconditioner_diagonal(space: ParamSpace, preconditioner: Any) -> Tensor:
 
 
 def solve(op: LinearOperator, k: int, tol: float, method: str, max_hvp: int | None,
-          block_size: int | None, start: Tensor | None, seed: int | None) -> RitzResult:
+          block_size: int | None, start: Tensor | None, seed: int | None,
+          gap_after: int = 20) -> RitzResult:
     """Dispatch to Lanczos or power iteration on a flat operator."""
     gen = torch.Generator()
     gen.manual_seed(0 if seed is None else seed)
     if method == "lanczos":
         return lanczos(op, k, tol=tol, max_matvec=max_hvp, block_size=block_size, start=start,
-                       generator=gen)
+                       generator=gen, gap_after=gap_after)
     return power_iteration(op, k, tol=tol, max_matvec=max_hvp, generator=gen)
 
 

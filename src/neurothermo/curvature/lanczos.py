@@ -10,10 +10,15 @@ ghost copies of converged eigenvalues appear), and orthonormalises the remainder
 
     r_i = ‖H y_i − θ_i y_i‖ = ‖R · s_i[newest block rows]‖,
 
-known without another product. Error estimate of ``θ_i``: ``e_i = min(r_i, r_i² / gap_i)``, ``gap_i``
-the distance to the nearest other Ritz value (``r_i`` alone bounds the distance to *some*
-eigenvalue; ``r_i²/gap`` is the Kato–Temple estimate with the gap estimated from Ritz values, as
-usual for Krylov solvers: an estimate, not a guarantee). Pair ``i`` has converged when
+known without another product. Error estimate of ``θ_i`` (``ritz_errors``): ``r_i`` alone bounds
+the distance to *some* eigenvalue; the quadratic bound ``‖R_C‖²/δ_C`` for a cluster ``C ∋ i`` of
+Ritz values (Kato–Temple for ``C = {i}``) is much sharper, with the gap ``δ_C`` to the rest of the
+spectrum estimated from the other Ritz values. That is an estimate, not a guarantee, as for every
+Krylov stopping rule: a random start may miss an eigenvalue for a while, and the Ritz values of a
+small basis say little about the rest of the spectrum, so gaps are trusted only once the basis has
+``gap_after`` vectors (default 20; measured on 34 snapshots of MLPs trained on digits × 4 seeds,
+k = 1, tol = 1e-3: with 5 or 10 a random start stopped early, off by up to 1.2%, in 5–7% of the
+136 runs, with 20 in none; the worst error was then 3e-5). Pair ``i`` has converged when
 ``e_i ≤ tol · max(|θ_i|, √ε_mach · max_j |θ_j|)``.
 
 When the basis is full it is restarted on the best ``ℓ`` Ritz vectors plus the next block (thick
@@ -42,7 +47,9 @@ class RitzResult:
     """Eigenpairs of a flat operator, largest first, with their error estimates.
 
     ``values``/``residuals``/``errors``: float64 ``(k,)`` on the CPU; ``vectors``: ``(n, k)``
-    orthonormal columns in the operator's dtype/device; ``n_matvec``: products used.
+    orthonormal columns in the operator's dtype/device; ``n_matvec``: products used;
+    ``block``: the top ``max(k + 1, block_size)`` Ritz vectors (when the basis has them), material
+    for the start block of a warm restart.
     """
 
     values: Tensor
@@ -51,6 +58,7 @@ class RitzResult:
     errors: Tensor
     n_matvec: int
     converged: bool
+    block: Tensor | None = None
 
 
 def random_block(n: int, p: int, dtype: torch.dtype, device: torch.device,
@@ -95,14 +103,34 @@ def orthonormalize(W: Tensor, basis: Tensor, tiny: float,
     return Q, R
 
 
-def ritz_errors(theta: Tensor, resid: Tensor) -> Tensor:
-    """``min(r_i, r_i²/gap_i)`` with ``gap_i`` the distance from ``θ_i`` to the other Ritz values."""
-    if theta.numel() < 2:
-        return resid.clone()
-    d = (theta[:, None] - theta[None, :]).abs()
-    d.fill_diagonal_(float("inf"))
-    gap = d.min(dim=1).values
-    return torch.minimum(resid, resid.pow(2) / gap)
+def ritz_errors(theta: Tensor, resid: Tensor, gap_after: int = 2, count: int | None = None,
+                max_cluster: int = 4) -> Tensor:
+    """Error estimates of the Ritz values ``theta`` (descending) from their residuals.
+
+    For a cluster ``C`` of consecutive Ritz values (up to ``max_cluster``), the quadratic residual
+    bound for Hermitian matrices (Mathias 1998; Li & Li 2005) gives ``|λ − θ| ≤ ‖R_C‖² / δ_C`` for
+    its members, ``‖R_C‖² ≤ Σ_{j∈C} r_j²`` and ``δ_C`` the gap to the rest of the spectrum, estimated
+    by the distance to the neighbouring Ritz values. ``C = {i}`` is the Kato–Temple estimate;
+    clusters keep the estimate sharp for nearly equal eigenvalues, whose individual gaps are tiny.
+    The estimate is ``min(r_i, min_C ‖R_C‖²/δ_C)``; with fewer than ``gap_after`` Ritz values no gap
+    is trusted (``r_i``). Computed for the first ``count`` values (the rest: ``r_i``).
+    """
+    m = theta.numel()
+    err = resid.clone()
+    if m < max(2, gap_after):
+        return err
+    th, r = theta.tolist(), resid.tolist()
+    for i in range(m if count is None else min(count, m)):
+        best = r[i]
+        for a in range(max(0, i - max_cluster + 1), i + 1):
+            for b in range(i, min(m, a + max_cluster)):
+                above = th[a - 1] - th[a] if a > 0 else float("inf")
+                below = th[b] - th[b + 1] if b + 1 < m else float("inf")
+                gap = min(above, below)
+                if 0 < gap < float("inf"):
+                    best = min(best, sum(x * x for x in r[a:b + 1]) / gap)
+        err[i] = best
+    return err
 
 
 def converged_mask(values: Tensor, errors: Tensor, tol: float, all_values: Tensor,
@@ -124,15 +152,17 @@ def _check_common(op: LinearOperator, k: int, tol: float, max_matvec: int | None
 
 def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: int | None = None,
             block_size: int | None = None, max_basis: int | None = None, start: Tensor | None = None,
-            generator: torch.Generator | None = None) -> RitzResult:
+            generator: torch.Generator | None = None, gap_after: int = 20) -> RitzResult:
     """The ``k`` algebraically largest eigenpairs of ``op`` (module docstring).
 
     ``block_size`` p (default ``k``), ``max_basis`` (default ``max(30, 2k + 4p)``, capped at ``n``),
-    ``start``: ``(n, s)`` initial vectors (warm start; padded with random vectors to ``p``).
+    ``start``: ``(n, s)`` initial vectors (warm start; padded with random vectors to ``p``),
+    ``gap_after``: basis size from which the gap estimate ``r²/gap`` is trusted (before: ``r``).
     """
     n = op.size
     budget = _check_common(op, k, tol, max_matvec)
     p = k if block_size is None else check_int("block_size", block_size, maximum=n - 1)
+    check_int("gap_after", gap_after)
     m_max = min(n, max(30, 2 * k + 4 * p) if max_basis is None else max_basis)
     if m_max < min(n, k + 2 * p):
         raise ValueError(f"max_basis={max_basis} too small: need at least k + 2·block_size = {k + 2 * p}")
@@ -166,7 +196,7 @@ def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: in
         tiny = 100 * torch.finfo(dt).eps * max(float(theta.abs().max()), 1e-300)
         Q, R = orthonormalize(W, V[:, :a1], tiny, generator)
         resid = torch.linalg.vector_norm(R @ S[a0:a1], dim=0)
-        errors = ritz_errors(theta, resid)
+        errors = ritz_errors(theta, resid, gap_after, count=k)
         done = a1 >= k and bool(converged_mask(theta[:k], errors[:k], tol, theta, dt).all())
         w_new = Q.shape[1]
         if done or w_new == 0 or op.n_matvec - used + w_new > budget:
@@ -180,12 +210,12 @@ def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: in
         V[:, a1:a1 + w_new] = Q
         a0, a1 = a1, a1 + w_new
     kk = min(k, a1)
-    vectors = V[:, :a1] @ S[:, :kk].to(device=dev, dtype=dt)
+    block = V[:, :a1] @ S[:, :min(a1, max(k + 1, p))].to(device=dev, dtype=dt)
     if not done:
         warnings.warn(
             f"Lanczos stopped after {op.n_matvec - used} Hessian-vector products (max_hvp={budget}) "
             f"before reaching tol={tol}: error estimates {errors[:kk].tolist()} for eigenvalues "
             f"{theta[:kk].tolist()}; raise max_hvp or tol",
             ConvergenceWarning, stacklevel=2)
-    return RitzResult(theta[:kk].clone(), vectors, resid[:kk].clone(), errors[:kk].clone(),
-                      op.n_matvec - used, done)
+    return RitzResult(theta[:kk].clone(), block[:, :kk], resid[:kk].clone(), errors[:kk].clone(),
+                      op.n_matvec - used, done, block)
