@@ -64,6 +64,7 @@ from neurothermo.monitor import (
     History,
     JSONLWriter,
     LayerBalance,
+    MonitorWarning,
     NeuronBalance,
     TensorBoardWriter,
     ThermoMonitor,

@@ -9,5 +9,5 @@ PyTorch Lightning (optional). Column names: :mod:`neurothermo.monitor.names`.
 """
 from neurothermo.monitor.balance import LayerBalance, NeuronBalance, layer_balance, neuron_balance
 from neurothermo.monitor.history import History
-from neurothermo.monitor.monitor import ThermoMonitor
+from neurothermo.monitor.monitor import MonitorWarning, ThermoMonitor
 from neurothermo.monitor.writers import JSONLWriter, TensorBoardWriter, Writer
