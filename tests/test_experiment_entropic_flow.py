@@ -72,3 +72,17 @@ def test_quick_run_predictions_hold(tmp_path) -> None:
     bad = run_experiment("entropic-flow", quick=True, out=tmp_path,
                          overrides=["lr_min=0.2", "lr_max=0.9", "figure_steps=1"])
     assert not bad.summary["all_passed"]
+
+
+def test_force_field_on_a_stacked_grid_equals_pointwise_forces() -> None:
+    """The figure evaluates −(η/2)(1−1/n)H∇L on all grid points with one HVP of Σ_points L."""
+    from neurothermo import functional_entropic_force
+
+    f = LOSSES["banana"]
+    pts = torch.tensor([[0.1, 0.2], [-0.5, 1.0], [1.2, -0.3]], dtype=torch.float64)
+    stacked = functional_entropic_force(lambda t: f(t).sum(), pts, lr=0.2, n_steps=2)
+    for i in range(3):
+        t = pts[i].clone().requires_grad_(True)
+        g = grad_of(f, t, create_graph=True)
+        (hg,) = torch.autograd.grad(g, t, grad_outputs=g.detach())
+        torch.testing.assert_close(stacked[i], -0.2 / 2 * (1 - 1 / 2) * hg, rtol=1e-12, atol=1e-14)

@@ -51,12 +51,12 @@ def grad_of(f: Callable[[Tensor], Tensor], theta: Tensor, *, create_graph: bool 
 
 
 def corrected_loss(f: Callable[[Tensor], Tensor], lr: float, n: int) -> Callable[[Tensor], Tensor]:
-    """``F_n = f + (lr/4)(1 − 1/n)‖∇f‖²`` as a differentiable function of θ."""
-    coef = lr / 4 * (1 - 1 / n)
+    """``F_n = f + (lr/4)(1 − 1/n)‖∇f‖²`` as a differentiable function of θ (the engine's
+    :func:`neurothermo.functional_entropic_loss`)."""
+    from neurothermo.entropic import functional_entropic_loss
 
     def F(theta: Tensor) -> Tensor:
-        g = grad_of(f, theta, create_graph=True)
-        return f(theta) + coef * (g * g).sum()
+        return functional_entropic_loss(f, theta, lr=lr, n_steps=n)
 
     return F
 
@@ -179,14 +179,12 @@ def _figure(cfg: EntropicFlowConfig, ctx: RunContext, f: Callable[[Tensor], Tens
     # entropic force field −(∇F_n − ∇L) = −(η/2)(1 − 1/n) H∇L on a coarse grid
     qx, qy = np.linspace(lo[0], hi[0], 17), np.linspace(lo[1], hi[1], 17)
     QX, QY = np.meshgrid(qx, qy)
-    force = np.zeros((*QX.shape, 2))
-    coef = lr / 2 * (1 - 1 / n)
-    for i in range(QX.shape[0]):
-        for j in range(QX.shape[1]):
-            t = torch.tensor([QX[i, j], QY[i, j]], dtype=torch.float64, requires_grad=True)
-            g = grad_of(f, t, create_graph=True)
-            (hg,) = torch.autograd.grad(g, t, grad_outputs=g.detach())
-            force[i, j] = (-coef * hg).numpy()
+    from neurothermo.entropic import functional_entropic_force
+
+    # −(∇F_n − ∇L) = −(η/2)(1 − 1/n)·H∇L: the loss is a sum over grid points, so one
+    # Hessian-vector product on the stacked grid gives every point's force at once.
+    pts_grid = torch.tensor(np.stack([QX, QY], -1), dtype=torch.float64)
+    force = functional_entropic_force(lambda t: f(t).sum(), pts_grid, lr=lr, n_steps=n).numpy()
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5))
     ax.contour(X, Y, np.log1p(Z), levels=25, cmap="Greys", linewidths=0.7)
