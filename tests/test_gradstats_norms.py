@@ -226,23 +226,74 @@ class SquaredConv(nn.Conv2d):
 class ConvShared(nn.Module):
     """A grouped Conv2d whose weight is shared with a fallback module: the two kinds of pieces
     (factored patches in (kernel, channel) order, dense per-sample gradients) must be added in
-    the weight's own layout before squaring."""
+    the weight's own layout before squaring. On a 2×2 map the conv takes the Gram route."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a = nn.Conv2d(4, 6, 3, padding=1, groups=2, dilation=1)
-        self.b = SquaredConv(4, 6, 3, padding=1, groups=2)
+        self.a = nn.Conv2d(8, 12, 3, padding=1, groups=2)
+        self.b = SquaredConv(8, 12, 3, padding=1, groups=2)
         self.b.weight = self.a.weight
-        self.head = nn.Linear(6, 2)
+        self.head = nn.Linear(12, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head((self.a(x).tanh() + self.b(x)).mean((2, 3)))
 
 
-def test_conv_weight_shared_with_a_fallback_module() -> None:
-    x, y = torch.randn(4, 4, 5, 5, dtype=DT), torch.randn(4, 2, dtype=DT)
+def test_conv_weight_shared_with_a_fallback_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = spy_conv_routes(monkeypatch)
+    x, y = torch.randn(4, 8, 2, 2, dtype=DT), torch.randn(4, 2, dtype=DT)
     with pytest.warns(FallbackWarning, match="SquaredConv"):
         assert_matches(ConvShared().to(DT), nn.MSELoss(), x, y)
+    assert seen == {"Factored.materialize"}  # the patches were put in the weight's layout
+
+
+def spy_conv_routes(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Record which exact route the conv rule's weight pieces took."""
+    from neurothermo.gradstats._pieces import Factored
+    from neurothermo.gradstats.rules.conv import ConvWeightGrad
+
+    seen: set[str] = set()
+    for cls in (Factored, ConvWeightGrad):
+        for meth in ("sq_norm", "materialize"):
+            orig = getattr(cls, meth)
+
+            def wrapped(self, *a, _orig=orig, _name=f"{cls.__name__}.{meth}", **k):
+                if not isinstance(self, Factored) or self.v_layout is not None:  # conv pieces
+                    seen.add(_name)
+                return _orig(self, *a, **k)
+
+            monkeypatch.setattr(cls, meth, wrapped)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape", "route"),
+    [
+        (lambda: nn.Conv2d(16, 16, 3, padding=1, groups=2, dilation=1), (3, 16, 2, 2), "Factored"),
+        (lambda: nn.Conv2d(16, 16, 3, padding=1, groups=2), (3, 16, 6, 6), "ConvWeightGrad"),
+        (lambda: nn.Conv2d(12, 12, (3, 2), stride=(2, 1), dilation=(2, 1), padding=(2, 0),
+                           padding_mode="reflect"), (3, 12, 4, 3), "Factored"),
+        (lambda: nn.Conv2d(3, 6, (3, 2), stride=(2, 1), dilation=(2, 1), padding=(2, 0),
+                           padding_mode="reflect"), (3, 3, 9, 5), "ConvWeightGrad"),
+        (lambda: nn.Conv1d(16, 16, 3, padding="same", padding_mode="circular"), (3, 16, 3),
+         "Factored"),
+        (lambda: nn.Conv1d(4, 6, 3, padding="same", dilation=2, groups=2), (3, 4, 9),
+         "ConvWeightGrad"),
+        (lambda: nn.Conv3d(2, 4, 2, stride=(1, 2, 1), padding=1), (3, 2, 3, 4, 3),
+         "ConvWeightGrad"),
+    ],
+    ids=["2d-gram", "2d-grouped", "2d-reflect-gram", "2d-reflect-grouped", "1d-gram",
+         "1d-grouped", "3d"],
+)
+def test_conv_routes(conv, shape, route, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = spy_conv_routes(monkeypatch)
+    layer = conv().to(DT)
+    with torch.no_grad():
+        n_out = layer(torch.zeros(shape, dtype=DT)).flatten(1).shape[1]
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.Linear(n_out, 2)).to(DT)
+    x, y = torch.randn(shape, dtype=DT), torch.randn(shape[0], 2, dtype=DT)
+    assert_matches(model, nn.MSELoss(), x, y)
+    assert seen == {f"{route}.sq_norm"}
 
 
 def test_custom_module_uses_exact_fallback_and_warns_once() -> None:

@@ -72,7 +72,8 @@ class Recorder:
                 return rule.pieces(call, full)
             return fallback_pieces(self._touched(call), full)
 
-        watched = tensor_leaves((call.args, call.kwargs)) + (leaves if rule is None else [])
+        watched = tensor_leaves(call.args) + (tensor_leaves(call.kwargs) if call.kwargs else [])
+        watched += leaves if rule is None else []
         own = frozenset(id(p) for p in call.module.parameters(recurse=False)) & self.wanted
         edges = [get_gradient_edge(leaves[j]) for j in pos]
         self.add(Use(call.name, edges, compute, watched, own))

@@ -22,12 +22,22 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 # Largest temporary (elements) one chunk of the batch may allocate in a norm computation.
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def chunked(fn: Callable[..., Tensor], tensors: tuple[Tensor, ...], per_sample: int,
+            b: int) -> Tensor:
+    """Apply ``fn`` to slices of the batch so that no temporary exceeds ``_CHUNK_ELEMENTS``."""
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
+    if step >= b:
+        return fn(*tensors)
+    return torch.cat([fn(*(x[i:i + step] for x in tensors)) for i in range(0, b, step)])
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,7 @@ class Factored:
                 M = M.reshape(*M.shape[:3], *shape).permute(0, 1, 2, *(3 + p for p in perm))
             return M.reshape(M.shape[0], -1)
 
-        return _chunked(block, (self.U, self.V), g * m * self.V.shape[3], b)
+        return chunked(block, (self.U, self.V), g * m * self.V.shape[3], b)
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,13 @@ class Dense:
         return self.G.reshape(self.G.shape[0], -1)
 
 
-Contribution = Factored | Indexed | Dense
+class Contribution(Protocol):
+    """Anything that gives per-sample squared norms ``[b]`` and the per-sample gradients
+    ``[b, numel]`` (row-major in the parameter's layout) of one use."""
+
+    def sq_norm(self) -> Tensor: ...
+
+    def materialize(self) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -129,20 +145,11 @@ def factored_sq_norm(U: Tensor, V: Tensor, method: str | None = None) -> Tensor:
     if method is None:
         method = "gram" if t * (m + n) <= m * n else "dense"
     if method == "gram":
-        return _chunked(lambda u, v: ((u @ u.mT) * (v @ v.mT)).sum((1, 2, 3)), (U, V),
+        return chunked(lambda u, v: ((u @ u.mT) * (v @ v.mT)).sum((1, 2, 3)), (U, V),
                         2 * g * t * t, b)
     if method == "dense":
-        return _chunked(lambda u, v: (u.mT @ v).square().sum((1, 2, 3)), (U, V), g * m * n, b)
+        return chunked(lambda u, v: (u.mT @ v).square().sum((1, 2, 3)), (U, V), g * m * n, b)
     raise ValueError(f"method must be 'gram', 'dense' or None, got {method!r}")
-
-
-def _chunked(fn: Callable[..., Tensor], tensors: tuple[Tensor, ...], per_sample: int,
-             b: int) -> Tensor:
-    """Apply ``fn`` to slices of the batch so that no temporary exceeds ``_CHUNK_ELEMENTS``."""
-    step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
-    if step >= b:
-        return fn(*tensors)
-    return torch.cat([fn(*(x[i:i + step] for x in tensors)) for i in range(0, b, step)])
 
 
 def _merge(contribs: Sequence[Contribution]) -> Contribution:

@@ -1,31 +1,81 @@
-"""``nn.Conv1d`` / ``nn.Conv2d``: the weight is a Linear map on input patches.
+"""``nn.Conv1d`` / ``Conv2d`` / ``Conv3d``: the weight is a Linear map on input patches.
 
-With ``P[i,l]`` the input patch under output position ``l`` (``k·in/G`` entries per group ``g``)
-and ``δ[i,l]`` the output gradient there, ``c_i(W_g) = Σ_l δ_g[i,l] P_g[i,l]ᵀ`` and
-``c_i(bias) = Σ_l δ[i,l]``. Patches are gathered channels-last with ``Tensor.unfold`` (one copy;
-several times faster on CPU than ``F.unfold``'s im2col) in (kernel, channel) column order, which
-the piece records for materialising. Padding modes other than zeros and string paddings are
-applied exactly as the module does. Conv3d and transposed convolutions use the fallback.
+With ``P[i,l]`` the input patch under output position ``l`` (``n = k·in/G`` entries per group) and
+``δ[i,l]`` the output gradient there (``m = out/G`` entries), ``c_i(W_g) = Σ_l δ_g[i,l] P_g[i,l]ᵀ``
+and ``c_i(bias) = Σ_l δ[i,l]``. Two exact routes, the cheaper by flop count (L positions):
+
+* Gram (``L(m+n) < m·n``: deep layers, small feature maps): ``Σ_{l,l'} (δ_l·δ_l')(P_l·P_l')`` from
+  channels-last patches (1-d and 2-d), never forming per-sample weight gradients;
+* otherwise the per-sample weight gradients themselves, for all samples at once as ONE grouped
+  convolution backward with the samples as groups (what mkldnn/cuDNN do fastest), in chunks of the
+  batch that bound the memory.
+
+Padding modes other than zeros and string paddings are applied exactly as the module does.
+Transposed convolutions use the fallback.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neurothermo.gradstats._pieces import Dense, Factored, Piece
+from neurothermo.gradstats._pieces import Dense, Factored, Piece, chunked
 from neurothermo.gradstats.rules._base import Call, Rule, batch_first, register_rule
+
+Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def _padded(m: Conv, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``x`` with the module's padding applied where conv itself cannot, and the rest."""
+    if isinstance(m.padding, str) or m.padding_mode != "zeros":
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        return F.pad(x, m._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)
+    return x, tuple(m.padding)
+
+
+@dataclass(frozen=True)
+class ConvWeightGrad:
+    """Per-sample conv weight gradients by one grouped convolution backward (samples as groups).
+
+    ``x``: padded input ``[b, C, *s]``; ``delta``: output gradient ``[b, O, *s']``.
+    """
+
+    x: Tensor
+    delta: Tensor
+    weight: Tensor
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    def _grads(self, x: Tensor, delta: Tensor) -> Tensor:
+        n = x.shape[0]
+        w = self.weight.detach().repeat(n, *(1,) * (self.weight.dim() - 1))
+        gw = torch.ops.aten.convolution_backward(
+            delta.reshape(1, -1, *delta.shape[2:]), x.reshape(1, -1, *x.shape[2:]), w, None,
+            list(self.stride), list(self.padding), list(self.dilation), False,
+            [0] * len(self.stride), n * self.groups, [False, True, False])[1]
+        return gw.reshape(n, -1)
+
+    def sq_norm(self) -> Tensor:
+        return chunked(lambda x, d: self._grads(x, d).square().sum(1), (self.x, self.delta),
+                       2 * self.weight.numel(), self.x.shape[0])
+
+    def materialize(self) -> Tensor:
+        return chunked(self._grads, (self.x, self.delta), 2 * self.weight.numel(),
+                       self.x.shape[0])
 
 
 def patches(m: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     """``[b, G, L, kh·kw·C/G]`` patches of ``x`` ([b, C, (H,) W]) and their column shape."""
-    nd = m.weight.dim() - 2
-    if isinstance(m.padding, str) or m.padding_mode != "zeros":
-        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-    elif any(m.padding):
-        x = F.pad(x, [p for p in reversed(m.padding) for _ in range(2)])
+    x, padding = _padded(m, x)
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
     kernel, stride, dilation = m.kernel_size, m.stride, m.dilation
-    if nd == 1:
+    if m.weight.dim() == 3:
         x = x.unsqueeze(2)
         kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
     b, c = x.shape[:2]
@@ -44,7 +94,7 @@ def patches(m: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, int
 
 def _pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
     m = call.module
-    assert isinstance(m, nn.Conv1d | nn.Conv2d)
+    assert isinstance(m, Conv)
     delta = deltas[0]
     if delta is None:
         return []
@@ -55,14 +105,21 @@ def _pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
     weight, bias = call.param("weight"), call.param("bias")
     pieces = []
     if weight is not None:
-        cols, shape = patches(m, x)
-        grads = delta.reshape(b, g, delta.shape[1] // g, -1).mT  # [b, G, L, out/G]
-        # columns (kh, kw, C/G) → the weight's (C/G, kh, kw)
-        pieces.append(Piece(weight, Factored(grads, cols, (shape, (2, 0, 1)))))
+        length = math.prod(delta.shape[2:])
+        rows, cols = weight.shape[0] // g, weight[0].numel()
+        if length * (rows + cols) < rows * cols and weight.dim() <= 4:
+            p, shape = patches(m, x)  # type: ignore[arg-type]
+            grads = delta.reshape(b, g, rows, length).mT  # [b, G, L, out/G]
+            # columns (kh, kw, C/G) → the weight's (C/G, kh, kw)
+            pieces.append(Piece(weight, Factored(grads, p, (shape, (2, 0, 1)))))
+        else:
+            xp, padding = _padded(m, x)
+            pieces.append(Piece(weight, ConvWeightGrad(xp, delta, weight, tuple(m.stride),
+                                                       padding, tuple(m.dilation), g)))
     if bias is not None:
         pieces.append(Piece(bias, Dense(delta.reshape(b, delta.shape[1], -1).sum(-1))))
     return pieces
 
 
-register_rule(nn.Conv1d, Rule(_pieces))
-register_rule(nn.Conv2d, Rule(_pieces))
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_rule(_cls, Rule(_pieces))

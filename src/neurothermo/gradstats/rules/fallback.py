@@ -33,6 +33,11 @@ _WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def tensor_leaves(tree: Any) -> list[Tensor]:
+    """The tensors of a pytree, in pytree order (plain tensors and flat tuples without pytree)."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    if type(tree) in (tuple, list) and all(isinstance(x, Tensor | None) for x in tree):
+        return [x for x in tree if x is not None]
     return [x for x in tree_flatten(tree)[0] if isinstance(x, Tensor)]
 
 
