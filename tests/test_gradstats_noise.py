@@ -160,3 +160,19 @@ def test_bad_input(kwargs, exc, match) -> None:
     data, loss_fn = args.pop("data"), args.pop("loss_fn")
     with pytest.raises(exc, match=match):
         gradient_noise(nn.Linear(3, 2).to(DT), loss_fn, data, **args)
+
+
+def test_non_finite_parameters_and_batchnorm_in_train_mode() -> None:
+    data = (torch.randn(6, 3, dtype=DT), torch.randn(6, 2, dtype=DT))
+    model = nn.Linear(3, 2).to(DT)
+    with torch.no_grad():
+        model.weight[1, 2] = float("inf")
+    with pytest.raises(FloatingPointError, match="'weight'"):
+        gradient_noise(model, nn.MSELoss(), data, batch_size=3)
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(DT)
+    with pytest.raises(ValueError, match="model.eval()"):
+        gradient_noise(bn, nn.MSELoss(), data, batch_size=3)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    res = gradient_noise(bn.eval(), nn.MSELoss(), data, batch_size=3)
+    assert math.isfinite(res.trace_sigma)
+    assert all(torch.equal(v, bn.state_dict()[k]) for k, v in before.items())

@@ -32,8 +32,9 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
+from neurothermo._state import preserved_state
 from neurothermo._validate import check_batch, check_int
-from neurothermo.gradstats.norms import LossFn, batch_grad_stats
+from neurothermo.gradstats.norms import LossFn, check_finite_norms, prepare, stats_of_batch
 
 
 @dataclass(frozen=True)
@@ -84,21 +85,24 @@ def gradient_noise(
     x, y = check_batch(data, "data", min_size=2)
     n = x.shape[0]
     bs = check_int("batch_size", batch_size, minimum=2, maximum=n)
+    params = prepare(model, loss_fn)
     k = n // bs
     rows_s, rows_g, sizes = [], [], []
     gsum: dict[str, Tensor] = {}
-    names: list[str] = []
-    for xb, yb in zip(torch.tensor_split(x, k), torch.tensor_split(y, k)):
-        st = batch_grad_stats(model, loss_fn, (xb, yb), mean_grad=True)
-        assert st.mean_grad is not None
-        names = list(st.sq_norms)
-        b = xb.shape[0]
-        sizes.append(b)
-        rows_s.append(torch.stack([st.sq_norms[m].double() for m in names]))  # [P, b]
-        rows_g.append(torch.stack([st.mean_grad[m].double().square().sum() for m in names]))
-        for m in names:
-            g = st.mean_grad[m].detach().double() * b
-            gsum[m] = g if m not in gsum else gsum[m] + g
+    names = list(params)
+    with preserved_state(model):
+        for xb, yb in zip(torch.tensor_split(x, k), torch.tensor_split(y, k)):
+            st = stats_of_batch(model, loss_fn, xb, yb, params, mean_grad=True,
+                                check_finite=False)
+            assert st.mean_grad is not None
+            b = xb.shape[0]
+            sizes.append(b)
+            rows_s.append(torch.stack([st.sq_norms[m].double() for m in names]))  # [P, b]
+            rows_g.append(torch.stack([st.mean_grad[m].double().square().sum() for m in names]))
+            for m in names:
+                g = st.mean_grad[m].detach().double() * b
+                gsum[m] = g if m not in gsum else gsum[m] + g
+    check_finite_norms(model, rows_s)
     sq = torch.cat(rows_s, 1)  # [P, N]: ‖g_i‖² per parameter
     gk = torch.stack(rows_g, 1)  # [P, K]: ‖ḡ_k‖²
     size = torch.tensor(sizes, dtype=torch.float64, device=sq.device)

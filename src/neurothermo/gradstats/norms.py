@@ -10,7 +10,7 @@ exists, and the squared norms are multiplied by ``b²``: the result is ``‖g_i�
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,19 +92,42 @@ class BatchGradStats:
 def batch_grad_stats(model: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, Tensor], *,
                      create_graph: bool = False, mean_grad: bool = False) -> BatchGradStats:
     """Per-parameter per-sample squared norms (and the mean gradient) of one batch, one backward."""
+    x, y = check_batch(batch)
+    params = prepare(model, loss_fn)
+    with preserved_state(model):
+        return stats_of_batch(model, loss_fn, x, y, params, create_graph=create_graph,
+                              mean_grad=mean_grad)
+
+
+def prepare(model: nn.Module, loss_fn: LossFn) -> dict[str, Tensor]:
+    """Validate ``model`` and ``loss_fn`` once; return the trainable parameters by name."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    x, y = check_batch(batch)
     check_loss_fn(loss_fn)
     check_batchnorm(model)
-    params = select_parameters(model)
+    return select_parameters(model)
+
+
+def stats_of_batch(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
+                   params: dict[str, Tensor], *, create_graph: bool = False,
+                   mean_grad: bool = False, check_finite: bool = True) -> BatchGradStats:
+    """The core of :func:`batch_grad_stats` on validated input (the caller preserves the model's
+    state). ``check_finite=False`` leaves the finiteness check of the norms to the caller."""
     wanted = frozenset(id(p) for p in params.values())
-    with preserved_state(model):
-        for clone in (False, True):
-            stats = _measure(model, loss_fn, x, y, params, wanted, clone, create_graph, mean_grad)
-            if stats is not None:
-                return stats
+    for clone in (False, True):
+        stats = _measure(model, loss_fn, x, y, params, wanted, clone, create_graph, mean_grad)
+        if stats is not None:
+            if check_finite:
+                check_finite_norms(model, stats.sq_norms.values())
+            return stats
     raise AssertionError("unreachable: the clone pass always returns")
+
+
+def check_finite_norms(model: nn.Module, norms: Iterable[Tensor]) -> None:
+    """Raise (naming a non-finite parameter if there is one) unless all ``norms`` are finite."""
+    if not bool(torch.stack([torch.isfinite(n).all() for n in norms]).all()):
+        check_finite_params(model)
+        raise FloatingPointError("per-sample gradient norms are not finite (overflow?)")
 
 
 def _measure(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, params: dict[str, Tensor],
@@ -153,10 +176,6 @@ def _measure(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, params: di
             norms = _evaluate(rec.uses, delta)
             sq = {n: norms[id(p)] * (b * b) if id(p) in norms else p.new_zeros(b)
                   for n, p in params.items()}
-    total = torch.stack(list(sq.values())).sum(0)
-    if not bool(torch.isfinite(total).all()):
-        check_finite_params(model)
-        raise FloatingPointError("per-sample gradient norms are not finite (overflow?)")
     mg = None
     if mean_grad:
         mg = {n: (g if g is not None else torch.zeros_like(p))
