@@ -33,6 +33,14 @@ in place; the extra passes for the noise and sharpness terms run inside
 ``torch.random.fork_rng`` and :func:`neurothermo._state.preserved_state` (BatchNorm buffers,
 train flags and ``.grad`` restored). Values stay on the model's device; the history is copied to
 the host every ``sync_every`` recorded steps (then rows go to the ``writer``).
+
+**Cost** of a recorded step (no device synchronisation): one read of every gradient and one of every
+parameter after the step (the parameter sums are reused as the next step's "before"); a tensor whose
+units are read along two axes (a hidden layer's weight is the outgoing side of one layer of units
+and the incoming side of the next) is squared once into a reused buffer and reduced twice; about
+fifty small tensor operations. These reductions are memory-bound, so the relative cost is largest
+for wide, shallow MLPs on a CPU (``benchmarks/bench_monitor.py``); ``every=k`` divides it by k.
+Symmetries with matrix charges (double rotations) use ``sym.charge`` (a matrix product per step).
 """
 from __future__ import annotations
 
