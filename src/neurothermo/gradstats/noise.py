@@ -79,8 +79,15 @@ def gradient_noise(
     ``K = ⌊N / batch_size⌋`` consecutive batches of near-equal size (``batch_size`` or a little
     more, so every sample is used); shuffle ``data`` first if its order is not random. Each batch
     costs one forward and one backward (:func:`per_sample_grad_norms` plus the batch gradient).
-    ``loss_fn`` is mean-reduced (THEORY conventions). The estimators and their N vs N−1
-    conventions are given in this module's docstring; ``by_parameter`` adds the breakdown.
+    ``loss_fn`` is mean-reduced (THEORY conventions); ``g_i = ∇_θ l_i`` is NOT divided by b.
+
+    ``trace_sigma`` = Σ_k (b_k−1)·T_k / Σ_k (b_k−1) with, per batch,
+    ``T_k = (b_k/(b_k−1))·[(1/b_k) Σ_{i∈B_k} ‖g_i‖² − ‖ḡ_k‖²]`` (divisor b−1: unbiased for
+    ``Tr Cov[g(x)]`` of i.i.d. samples; for batches drawn without replacement from a finite set of
+    ``N_pop`` it estimates ``N_pop/(N_pop−1)`` times THEORY's divisor-N ``Tr Σ``), with standard
+    error from the spread of the T_k (inf for K = 1). ``trace_sigma_population`` is THEORY's
+    ``(1/N) Σ_i ‖g_i‖² − ‖ḡ‖²`` over the N samples (divisor N). Details: the module docstring.
+    ``by_parameter`` adds ``per_parameter``, the same statistics for each parameter alone.
     """
     x, y = check_batch(data, "data", min_size=2)
     n = x.shape[0]

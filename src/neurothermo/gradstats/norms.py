@@ -61,10 +61,18 @@ def per_sample_grad_norms(
     Exact (never approximate): one forward and one backward of ``l_B`` (``torch.autograd.grad``
     w.r.t. the layer outputs only; no ``.grad`` is written), then per layer: Linear (any leading
     dims, Gram form ``Σ_{t,s}(a_t·a_s)(δ_t·δ_s)`` or the dense sum, whichever is cheaper),
-    Conv1d/2d (unfold), Embedding, LayerNorm/GroupNorm/RMSNorm/InstanceNorm/eval-BatchNorm
-    affines, MultiheadAttention (through its projections); any other module with parameters uses
-    an exact torch.func path on that module alone (a one-time :class:`FallbackWarning`). A
-    parameter used by several modules or calls has its per-sample gradients added before squaring.
+    Conv1d/2d/3d (Gram form on patches, or one grouped convolution backward), Embedding,
+    LayerNorm/GroupNorm/RMSNorm/InstanceNorm/eval-BatchNorm affines, MultiheadAttention (through
+    its projections); any other module with parameters uses an exact torch.func path on that
+    module alone (a one-time :class:`FallbackWarning`; ``neurothermo.gradstats.register_rule``
+    adds a closed form). A parameter used by several modules or calls (tied weights) has its
+    per-sample gradients added before squaring.
+
+    Requirements, as for any per-sample gradient: samples are processed independently (sample i's
+    output depends on sample i only) and activations are batch-first. Checked where it can be:
+    BatchNorm with batch statistics, fallback modules whose per-sample outputs differ from the
+    batch output, non-batch-first layer inputs, parameters used outside their module's forward.
+    A parameter-free op that mixes samples (``x - x.mean(0)``) cannot be detected.
 
     Raises:
         ValueError: BatchNorm normalising with batch statistics (train mode): samples interact,
@@ -181,8 +189,6 @@ def _measure(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, params: di
         mg = {n: (g if g is not None else torch.zeros_like(p))
               for (n, p), g in zip(params.items(), mean_grads)}
     return BatchGradStats(sq, mg, loss if create_graph else loss.detach())
-
-
 
 
 def _key(edge: GradientEdge) -> tuple[int, int]:
