@@ -39,7 +39,7 @@ def dense_hessian(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
                   names: list[str] | None = None) -> Tensor:
     """Dense Hessian of the mean loss over all of ``(x, y)`` (float64 if the model is)."""
     f, theta = loss_of_flat(model, loss_fn, x, y, names)
-    H = hessian(f)(theta)
+    H = hessian(f)(theta).detach()
     # a reference must be trustworthy: torch.func's batching of some kernels (native batch_norm's
     # double backward) returns asymmetric Hessians, so refuse those
     assert torch.allclose(H, H.T, rtol=1e-10, atol=1e-12), "dense reference Hessian is not symmetric"

@@ -86,9 +86,9 @@ def microbatches(batches: Sequence[Batch], microbatch_size: int | None) -> list[
     return [(c, c[0].shape[0] / n_total) for c in chunks]
 
 
-def _disable_bn_tracking(model: nn.Module) -> list[nn.Module]:
+def _disable_bn_tracking(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """Make train-mode BatchNorm use batch statistics without touching its running statistics."""
-    changed = []
+    changed: list[nn.modules.batchnorm._BatchNorm] = []
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
             m.track_running_stats = False
@@ -226,9 +226,9 @@ class HessianOperator(LinearOperator):
                 if y.is_floating_point():
                     # targets enter as primals with an explicit zero tangent: torch 2.13's forward
                     # derivative of mse_loss_backward fails on the implicit (ZeroTensor) one
-                    _, hv = jvp(f, (self._primal(), y), (tangent, torch.zeros_like(y)))
+                    hv = jvp(f, (self._primal(), y), (tangent, torch.zeros_like(y)))[1]
                 else:
-                    _, hv = jvp(lambda p: f(p, y), (self._primal(),), (tangent,))
+                    hv = jvp(lambda p: f(p, y), (self._primal(),), (tangent,))[1]
         except (RuntimeError, NotImplementedError) as err:
             raise RuntimeError(
                 f"method='forward_over_reverse' failed: an operation of this model or loss has no "
