@@ -250,6 +250,16 @@ def test_cached_graph_operator_counts_products_and_matches_uncached() -> None:
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_works_under_no_grad() -> None:
+    model = mlp()
+    x, y = classification_data()
+    v = unit(sum(p.numel() for p in model.parameters()))
+    ref = flat(nt.hvp(model, CE, (x, y), v))
+    with torch.no_grad():
+        torch.testing.assert_close(flat(nt.hvp(model, CE, (x, y), v)), ref, rtol=1e-12, atol=0)
+        assert nt.top_eigenvalues(model, CE, (x, y)).converged
+
+
 def test_loss_linear_in_parameters_has_zero_hessian() -> None:
     model = nn.Linear(3, 1).double()
     x, _ = regression_data(n=10, d=3, o=1)

@@ -101,7 +101,7 @@ def measurement_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     """Put ``model`` in ``mode`` ("eval" or "train") for a measurement; restore everything after."""
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-    with preserved_state(model, mode):
+    with preserved_state(model, mode), torch.enable_grad():  # callers may sit under no_grad
         changed = _disable_bn_tracking(model)
         try:
             yield model
