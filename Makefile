@@ -40,7 +40,7 @@ test: install-dev
 
 bench: install-dev
 	$(PIP) install -e ".[bench]"
-	$(PIP) install --no-deps backpack-for-pytorch==1.7.1
+	$(PIP) install --no-deps backpack-for-pytorch==1.7.1 pyhessian==0.1 hessian-eigenthings==1.0.0a5
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
