@@ -6,6 +6,7 @@ from neurothermo.experiments import (
     rescale_equilibrium,
     sgd_vs_entropic_flow,
     sharpness_phase,
+    transformer_alignment,
 )
 
 # (one import line per experiment module; keep sorted)
