@@ -21,7 +21,7 @@ def select_parameters(model: nn.Module, param_filter: ParamFilter = None) -> dic
     ``param_filter`` is ``None`` (all), a name prefix string, a list of names / prefixes, or a
     predicate ``(name, tensor) -> bool``. Raises if nothing matches.
     """
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if param_filter is None:
         chosen = params
     elif callable(param_filter):

@@ -183,7 +183,10 @@ class RunContext:
     def progress(self, description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
         """Context giving ``advance(n=1)``; a rich progress bar when run from the CLI."""
         if self.progress_factory is None:
-            yield lambda n=1: None
+            def ignore(n: int = 1) -> None:
+                return None
+
+            yield ignore
             return
         with self.progress_factory(description, total) as advance:
             yield advance

@@ -115,6 +115,25 @@ class PlatonicLinearConfig:
                                  f"at least one hidden layer, got {w}")
 
 
+@dataclass
+class _Net:
+    m_in: Tensor   # M_in·Z (the view folded in)
+    m_out: Tensor
+    W: Chains
+
+
+@dataclass
+class _Result:
+    init: Tensor   # kernel distance per (chain, hidden layer)
+    sgd: Tensor
+    gd: Tensor
+    W_sgd: Chains
+    W_gd: Chains
+
+    def weights(self, kind: str) -> Chains:
+        return self.W_sgd if kind == "sgd" else self.W_gd
+
+
 def _distances(Ws: Chains, m_in: Tensor, x_view: Tensor, x: Tensor, K: Tensor) -> Tensor:
     """Kernel distance per (chain, hidden layer); rows of diverged chains are NaN."""
     from neurothermo.alignment import kernel_distance
@@ -142,47 +161,45 @@ def run(cfg: PlatonicLinearConfig, ctx: RunContext) -> None:
     K = platonic_kernel(torch.diag(sx), V, torch.diag(se))
     x_test = torch.randn(cfg.test_samples, d, generator=g, dtype=dt) * sx.sqrt()
 
-    nets = {}
+    nets: dict[str, _Net] = {}
     for name, widths in (("A", cfg.widths_a), ("B", cfg.widths_b)):
         z = torch.eye(d, dtype=dt) if name == "A" else well_conditioned(d, g)
-        nets[name] = {
-            "widths": widths, "view": z, "m_in": well_conditioned(d, g) @ z,
-            "m_out": well_conditioned(d, g), "W": init_chains(widths, cfg.chains, cfg.init_scale, g),
-        }
+        # the view Z is folded into m_in, so every net is fed the same raw inputs x
+        nets[name] = _Net(m_in=well_conditioned(d, g) @ z, m_out=well_conditioned(d, g),
+                          W=init_chains(widths, cfg.chains, cfg.init_scale, g))
 
-    results: dict[str, dict[str, Tensor]] = {}
+    results: dict[str, _Result] = {}
     ratio = cfg.lr_end / cfg.lr_start
     for name, net in nets.items():
-        init = [W.clone() for W in net["W"]]
-        # the view Z is folded into m_in, so every net is fed the same raw inputs x
-        d_init = _distances(init, net["m_in"], x_test, x_test, K)
+        init = [W.clone() for W in net.W]
+        d_init = _distances(init, net.m_in, x_test, x_test, K)
         Ws = [W.clone() for W in init]
         with ctx.progress(f"SGD, net {name}", cfg.steps) as advance:
             for t in range(cfg.steps):
                 lr = cfg.lr_start * ratio ** (t / max(cfg.steps - 1, 1))
                 x = torch.randn(cfg.chains, cfg.batch_size, d, generator=g, dtype=dt) * sx.sqrt()
                 y = x @ V.T + torch.randn(cfg.chains, cfg.batch_size, d, generator=g, dtype=dt) * se.sqrt()
-                grads = sgd_grads(Ws, net["m_in"], net["m_out"], x, y)
+                grads = sgd_grads(Ws, net.m_in, net.m_out, x, y)
                 Ws = [W - lr * gW for W, gW in zip(Ws, grads)]
                 if (t + 1) % max(cfg.steps // 20, 1) == 0:
-                    dist = _distances(Ws, net["m_in"], x_test, x_test, K)
+                    dist = _distances(Ws, net.m_in, x_test, x_test, K)
                     ctx.log(t + 1, net=name, lr=lr, kernel_distance_median=float(dist.nanmedian()))
                     advance(max(cfg.steps // 20, 1))
-        d_sgd = _distances(Ws, net["m_in"], x_test, x_test, K)
+        d_sgd = _distances(Ws, net.m_in, x_test, x_test, K)
         # control: full-batch GD on the population loss from the same initialisation
         Wg = [W.clone().requires_grad_(True) for W in init]
         for _ in range(cfg.gd_steps):
-            loss = population_loss(Wg, net["m_in"], net["m_out"], V, torch.diag(sx))
-            grads = torch.autograd.grad(loss, Wg)
+            loss = population_loss(Wg, net.m_in, net.m_out, V, torch.diag(sx))
+            gd_grads = torch.autograd.grad(loss, Wg)
             with torch.no_grad():
-                for W, gW in zip(Wg, grads):
+                for W, gW in zip(Wg, gd_grads):
                     W -= cfg.gd_lr * gW
         Wg = [W.detach() for W in Wg]
-        d_gd = _distances(Wg, net["m_in"], x_test, x_test, K)
-        results[name] = {"init": d_init, "sgd": d_sgd, "gd": d_gd, "W_sgd": Ws, "W_gd": Wg}
+        d_gd = _distances(Wg, net.m_in, x_test, x_test, K)
+        results[name] = _Result(init=d_init, sgd=d_sgd, gd=d_gd, W_sgd=Ws, W_gd=Wg)
 
-    d_sgd_all = torch.cat([results[n]["sgd"].flatten() for n in results])
-    d_gd_all = torch.cat([results[n]["gd"].flatten() for n in results])
+    d_sgd_all = torch.cat([r.sgd.flatten() for r in results.values()])
+    d_gd_all = torch.cat([r.gd.flatten() for r in results.values()])
     why = ("K* is exact at the η → 0 equilibrium; at η_end the weights fluctuate by O(√η_end) "
            "(≈ 0.05) and relaxation ∝ 1/(η²·noise) is incomplete in a finite run")
     ctx.predict("SGD: median distance of hidden-layer Gram to K* (both nets, all chains)",
@@ -193,10 +210,10 @@ def run(cfg: PlatonicLinearConfig, ctx: RunContext) -> None:
                 why="GD conserves the initial matrix charges, so it ends at an init-dependent minimum")
 
     # cross-network alignment of every pair of hidden layers (chain 0 of A vs chain 0 of B)
-    maps = {}
+    maps: dict[str, Tensor] = {}
     for kind in ("sgd", "gd"):
-        ha = hidden(results["A"][f"W_{kind}"], nets["A"]["m_in"], x_test)
-        hb = hidden(results["B"][f"W_{kind}"], nets["B"]["m_in"], x_test)  # m_in includes the view
+        ha = hidden(results["A"].weights(kind), nets["A"].m_in, x_test)
+        hb = hidden(results["B"].weights(kind), nets["B"].m_in, x_test)  # m_in includes the view
         maps[kind] = torch.tensor([[gram_alignment(a[0], b[0]) for b in hb] for a in ha])
     # Triangle inequality on the unit sphere of Gram matrices: if both layers are within τ of K*,
     # their distance is ≤ 2τ and their Gram cosine ≥ 1 − (2τ)²/2.
@@ -204,16 +221,16 @@ def run(cfg: PlatonicLinearConfig, ctx: RunContext) -> None:
                 float(maps["sgd"].min()), 1 - (2 * cfg.threshold) ** 2 / 2, 0.0, sense="at_least",
                 why="both within τ of K* ⇒ cosine ≥ 1 − (2τ)²/2")
     ctx.record(
-        kernel_distance_init={n: results[n]["init"].tolist() for n in results},
-        kernel_distance_sgd={n: results[n]["sgd"].tolist() for n in results},
-        kernel_distance_gd={n: results[n]["gd"].tolist() for n in results},
+        kernel_distance_init={n: r.init.tolist() for n, r in results.items()},
+        kernel_distance_sgd={n: r.sgd.tolist() for n, r in results.items()},
+        kernel_distance_gd={n: r.gd.tolist() for n, r in results.items()},
         cross_alignment_sgd=maps["sgd"].tolist(), cross_alignment_gd=maps["gd"].tolist(),
         platonic_kernel=K.tolist(),
     )
     _figure(cfg, ctx, results, maps)
 
 
-def _figure(cfg: PlatonicLinearConfig, ctx: RunContext, results: dict[str, dict[str, Tensor]],
+def _figure(cfg: PlatonicLinearConfig, ctx: RunContext, results: dict[str, _Result],
             maps: dict[str, Tensor]) -> None:
     import matplotlib
 
@@ -225,9 +242,9 @@ def _figure(cfg: PlatonicLinearConfig, ctx: RunContext, results: dict[str, dict[
     pos = 0
     ticks, labels = [], []
     for name, res in results.items():
-        for k in range(res["sgd"].shape[1]):
+        for k in range(res.sgd.shape[1]):
             for j, (kind, color) in enumerate((("init", "gray"), ("gd", "tab:red"), ("sgd", "tab:blue"))):
-                vals = res[kind][:, k]
+                vals = getattr(res, kind)[:, k]
                 label = {"init": "init", "gd": "GD control", "sgd": "SGD"}[kind]
                 ax.scatter([pos + 0.25 * j] * len(vals), vals, color=color, s=14,
                            label=label if pos == 0 else None)

@@ -170,10 +170,11 @@ def _cross_check(cfg: SharpnessPhaseConfig, ctx: RunContext, W1: Tensor, W2: Ten
         ctx.record(cross_check="skipped: every chain diverged")
         return
     i = int(finite[0])
-    net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False)).double()
+    first, second = nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False)
     with torch.no_grad():
-        net[0].weight.copy_(W1[i])
-        net[1].weight.copy_(W2[i])
+        first.weight.copy_(W1[i])
+        second.weight.copy_(W2[i])
+    net = nn.Sequential(first, second).double()
     n = cfg.check_samples
     x = torch.randn(n, 2, generator=g, dtype=torch.float64)
     y = x + torch.randn(n, 2, generator=g, dtype=torch.float64) * torch.stack(

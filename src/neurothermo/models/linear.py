@@ -22,11 +22,10 @@ class DeepLinear(nn.Module):
         super().__init__()
         if len(widths) < 2 or any(int(w) < 1 for w in widths):
             raise ValueError(f"widths must list at least 2 positive sizes, got {list(widths)}")
-        self.layers = nn.ModuleList(
-            nn.Linear(int(a), int(b), bias=bias) for a, b in pairwise(widths)
-        )
+        linears = [nn.Linear(int(a), int(b), bias=bias) for a, b in pairwise(widths)]
+        self.layers = nn.ModuleList(linears)
         with torch.no_grad():
-            for layer in self.layers:
+            for layer in linears:
                 std = init_scale / layer.in_features**0.5
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
                 if layer.bias is not None:
@@ -62,6 +61,9 @@ class EmbeddedDeepLinear(nn.Module):
         self.register_buffer("m_in", m_in.clone())
         self.register_buffer("m_out", m_out.clone())
         self.body = DeepLinear(widths, init_scale=init_scale, generator=generator)
+
+    m_in: Tensor
+    m_out: Tensor
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x @ self.m_in.T) @ self.m_out.T
