@@ -13,7 +13,10 @@ has no noise). The expected entropic force is
 
 whose noise part comes from differentiating the per-sample squared gradient norms
 (:func:`neurothermo.gradstats.per_sample_grad_norms` with ``create_graph=True``): one double
-backward per chunk of data, never a loop of per-sample Hessian products.
+backward per chunk of data, never a loop of per-sample Hessian products. Per chunk, ONE forward and
+one backward give the per-sample norms and the chunk's mean gradient together (the core of
+``per_sample_grad_norms``, ``gradstats.norms.stats_of_batch``); the Hessian products and the
+gradient of the norms are then double backwards through that one graph.
 
 Everything is **exact** over ``data`` (no Monte-Carlo part, so no standard error): the data is
 processed in chunks of ``chunk_size`` samples only to bound memory. ``Tr Σ`` is the difference
@@ -33,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from neurothermo._state import has_train_mode_batchnorm, preserved_state
-from neurothermo._validate import check_int
+from neurothermo._validate import check_int, check_loss_fn
 from neurothermo.entropic._common import (
     batch_noise_factor,
     batch_objective,
@@ -44,7 +47,7 @@ from neurothermo.entropic._common import (
     hvp,
     model_parameters,
 )
-from neurothermo.gradstats import per_sample_grad_norms
+from neurothermo.gradstats.norms import stats_of_batch
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -93,13 +96,35 @@ class ExpectedEntropicForce:
     exact: bool = True
 
 
-def _accumulate(acc: list[Tensor] | None, new: list[Tensor], w: float) -> list[Tensor]:
-    """``acc + w·new`` in place (``w·new`` when ``acc`` is None)."""
+Scaled = tuple[list[Tensor], float]  # (ts, s) stands for s·ts: scaling is deferred to the end
+
+
+def _accumulate(acc: Scaled | None, new: list[Tensor], w: float, keep: list[Tensor]) -> Scaled:
+    """``acc + w·new``, in place in the first ``new`` (kept unscaled: the scale is carried along so
+    that no pass over the tensors is spent on it). ``keep``: tensors that must not be written."""
     if acc is None:
-        return new if w == 1.0 else [t.mul_(w) for t in new]
-    for a, t in zip(acc, new):
-        a.add_(t, alpha=w)
+        return _owned(new, keep), w
+    ts, s = acc
+    for a, t in zip(ts, new):
+        a.add_(t, alpha=w / s)
     return acc
+
+
+def _owned(ts: list[Tensor], keep: list[Tensor]) -> list[Tensor]:
+    """``ts`` made safe to overwrite in place. Results of ``torch.autograd.grad`` own their
+    memory (often as views of a fresh buffer) except in corner cases: an expanded tensor, or a
+    ``grad_outputs`` or saved tensor passed straight through. Entries that are not contiguous
+    (an expanded tensor is not) or share storage with ``keep`` or an earlier entry are copied."""
+    seen = {t.untyped_storage().data_ptr() for t in keep}
+    out = []
+    for t in ts:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        out.append(t)
+    return out
 
 
 def _chunks(x: Tensor, y: Tensor, size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -120,15 +145,23 @@ def _prepare(model: nn.Module, loss_fn: LossFn, data: Any, lr: float, batch_size
             f"BatchNorm layer {bn!r} is in train mode: it couples the samples of a batch, so "
             "per-sample losses and the covariance Σ are undefined; call model.eval() first"
         )
+    check_loss_fn(loss_fn)
     return lr, wd, x, y, n, b, params
 
 
-def _sq_norms(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *,
-              create_graph: bool) -> Tensor:
-    """``‖g_i‖²`` of each sample of the chunk (``[m]``), differentiable if ``create_graph``."""
-    norms = per_sample_grad_norms(model, loss_fn, (x, y), create_graph=create_graph)
-    assert isinstance(norms, Tensor)
-    return norms
+def _chunk_stats(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
+                 params: dict[str, Tensor], *, create_graph: bool
+                 ) -> tuple[Tensor, list[Tensor], Tensor]:
+    """One forward + one backward of the chunk's mean loss ``l_c``: ``l_c``, ``∇l_c`` (a list in
+    the order of ``params``) and ``Σ_i ‖g_i‖²`` over the chunk. With ``create_graph`` all three
+    are differentiable (the sum in the parameters' dtype), else the sum is taken in float64.
+    Validated input; the caller preserves the model's state."""
+    stats = stats_of_batch(model, loss_fn, x, y, params, create_graph=create_graph,
+                           mean_grad=True)
+    assert stats.mean_grad is not None
+    dtype = None if create_graph else torch.float64
+    sq_sum = torch.stack([s.sum(dtype=dtype) for s in stats.sq_norms.values()]).sum()
+    return stats.loss, [stats.mean_grad[nm] for nm in params], sq_sum
 
 
 def _mean_gradient(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
@@ -139,17 +172,25 @@ def _mean_gradient(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
     n = x.shape[0]
     leaves = list(params.values())
     loss = torch.zeros((), dtype=leaves[0].dtype, device=leaves[0].device)
-    gbar = [torch.zeros_like(p) for p in leaves]
+    gbar: list[Tensor] | None = None
     sq = torch.zeros((), dtype=torch.float64, device=loss.device)
     for xs, ys in _chunks(x, y, chunk_size):
         w = xs.shape[0] / n
-        value = batch_objective(model, loss_fn, (xs, ys), name="data")(params)
-        for acc, gi in zip(gbar, grads(value, leaves)):
-            acc.add_(gi, alpha=w)
+        if norms:  # norms and gradient from one forward + backward
+            value, g, chunk_sq = _chunk_stats(model, loss_fn, xs, ys, params, create_graph=False)
+            sq = sq + chunk_sq / n
+        else:
+            value = batch_objective(model, loss_fn, (xs, ys), name="data")(params)
+            g = grads(value, leaves)
+        if n <= chunk_size:  # one chunk: ḡ is its gradient
+            gbar = g
+        else:
+            if gbar is None:
+                gbar = [torch.zeros_like(p) for p in leaves]
+            for acc, gi in zip(gbar, g):
+                acc.add_(gi, alpha=w)
         loss = loss + w * value.detach()
-        if norms:
-            chunk_sq = _sq_norms(model, loss_fn, xs, ys, create_graph=False).detach()
-            sq = sq + chunk_sq.to(torch.float64).sum() / n
+    assert gbar is not None
     return loss, gbar, sq
 
 
@@ -179,9 +220,9 @@ def entropic_decomposition(
         theta = [p.detach() for p in leaves]
         g64 = [gi.to(torch.float64) for gi in gbar]
         gbar_sq = dot(g64, g64)  # Tr Σ = S − ‖ḡ‖² is a difference: both terms in float64
-        full = [gi + wd * t for gi, t in zip(gbar, theta)]
+        full = [gi + wd * t for gi, t in zip(gbar, theta)] if wd else gbar
         grad_norm_sq = float(dot(full, full))
-        penalty = 0.5 * wd * float(dot(theta, theta))
+        penalty = 0.5 * wd * float(dot(theta, theta)) if wd else 0.0
     trace_sigma = float(sq - gbar_sq)
     trace_b = trace_sigma * batch_noise_factor(n, b, replacement)
     total_loss = float(loss) + penalty
@@ -207,43 +248,51 @@ def expected_entropic_force(
     """``−(lr/4)∇E_B‖g_B‖²`` by parameter name: ``discretization = −(lr/2)(H + wd)(∇L + wd·θ)``
     and ``noise = −(lr/4)·(Tr Σ_B/Tr Σ)·∇Tr Σ`` with ``∇Tr Σ = ∇[(1/N)Σ_i‖g_i‖²] − 2Hḡ``.
 
-    The first term of ``∇Tr Σ`` is one double backward through the per-sample squared gradient
-    norms of each chunk; the Hessian products are double backwards of ``⟨g, v⟩``. When ``data``
-    fits in one chunk the mean gradient comes from the same graph, else from a first pass.
+    Per chunk: one forward + backward (with graph) gives the per-sample squared gradient norms
+    and the chunk's mean gradient ``g``; the first term of ``∇Tr Σ`` is one double backward of the
+    summed norms, the Hessian products are double backwards of ``⟨g, v⟩`` through the same graph.
+    When ``data`` fits in one chunk ``ḡ`` is that chunk's ``g``, else it comes from a first pass.
     Exact over ``data``; the model is left exactly as it was.
     """
     lr, wd, x, y, n, b, params = _prepare(model, loss_fn, data, lr, batch_size, replacement,
                                           weight_decay, chunk_size)
     names, leaves = list(params), list(params.values())
     factor = batch_noise_factor(n, b, replacement)
-    h_gbar: list[Tensor] | None = None  # H ḡ
-    h_v: list[Tensor] | None = None  # H (ḡ + wd·θ), only with weight decay
-    d_sq: list[Tensor] | None = None  # ∇ (1/N) Σ_i ‖g_i‖²
+    h_gbar: Scaled | None = None  # H ḡ
+    h_v: Scaled | None = None  # H (ḡ + wd·θ), only with weight decay
+    d_sq: Scaled | None = None  # ∇ (1/N) Σ_i ‖g_i‖²
     with preserved_state(model):
         gbar: list[Tensor] | None = None
         if n > chunk_size:
             gbar = _mean_gradient(model, loss_fn, x, y, params, chunk_size, norms=False)[1]
         for xs, ys in _chunks(x, y, chunk_size):
             w = xs.shape[0] / n
-            value = batch_objective(model, loss_fn, (xs, ys), name="data")(params)
-            g = grads(value, leaves, create_graph=True)
+            g, sq_sum = _chunk_stats(model, loss_fn, xs, ys, params, create_graph=True)[1:]
             if gbar is None:  # one chunk: ḡ is this chunk's gradient
                 gbar = [gi.detach() for gi in g]
-            h_gbar = _accumulate(h_gbar, hvp(g, leaves, gbar, retain_graph=bool(wd)), w)
+            keep = [*gbar, *leaves, x, y]  # accumulators must not share memory with these
+            h_gbar = _accumulate(h_gbar, hvp(g, leaves, gbar, retain_graph=True), w, keep)
+            keep += h_gbar[0]
             if wd:
                 v = [gi + wd * p.detach() for gi, p in zip(gbar, leaves)]
-                h_v = _accumulate(h_v, hvp(g, leaves, v), w)
-            norms = _sq_norms(model, loss_fn, xs, ys, create_graph=True)
-            d_sq = _accumulate(d_sq, grads(norms.sum(), leaves), 1.0 / n)
+                h_v = _accumulate(h_v, hvp(g, leaves, v, retain_graph=True), w, keep + v)
+                keep += h_v[0]
+            del g  # the last double backward frees the graph
+            d_sq = _accumulate(d_sq, grads(sq_sum, leaves), 1.0 / n, keep)
+            del sq_sum
     assert gbar is not None and h_gbar is not None and d_sq is not None
+    (hg, s_hg), (dq, s_dq) = h_gbar, d_sq
+    c_noise = -0.25 * lr * factor
     disc, noise, total = {}, {}, {}
-    for i, nm in enumerate(names):
+    for i, nm in enumerate(names):  # written in place into the accumulators: one new tensor each
+        # −(lr/4)·f·(∇(1/N)Σ‖g_i‖² − 2Hḡ)
+        noise[nm] = dq[i].mul_(c_noise * s_dq).add_(hg[i], alpha=-2.0 * c_noise * s_hg)
         if h_v is None:
-            disc[nm] = h_gbar[i] * (-0.5 * lr)
+            disc[nm] = hg[i].mul_(-0.5 * lr * s_hg)
         else:  # −(lr/2)(H + wd·I)(ḡ + wd·θ)
-            vi = gbar[i] + wd * leaves[i].detach()
-            disc[nm] = (h_v[i] + wd * vi).mul_(-0.5 * lr)
-        noise[nm] = torch.add(d_sq[i], h_gbar[i], alpha=-2.0).mul_(-0.25 * lr * factor)
+            hv, s_hv = h_v
+            disc[nm] = (hv[i].mul_(s_hv).add_(gbar[i], alpha=wd)
+                        .add_(leaves[i].detach(), alpha=wd * wd).mul_(-0.5 * lr))
         total[nm] = disc[nm] + noise[nm]
     return ExpectedEntropicForce(discretization=disc, noise=noise, total=total, lr=lr,
                                  batch_size=b, replacement=replacement, n_samples=n)
