@@ -1,6 +1,7 @@
 """Built-in experiments. Importing this package registers them (see ``base.register``)."""
 from neurothermo.experiments import (
     entropic_flow,
+    layer_balance,
     platonic_linear,
     pretrained_platonic,
     rescale_equilibrium,
