@@ -1,6 +1,6 @@
 # Two commands for a newcomer on a fresh machine:
 #   make demo  - create .venv if missing, install neurothermo, run `neurothermo reproduce --quick`
-#   make test  - create/update .venv with the dev extra, run ruff, then pytest
+#   make test  - create/update .venv with the dev extra, run ruff and mypy, then pytest
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -36,6 +36,7 @@ pytest: install-dev
 
 test: install-dev
 	$(BIN)/ruff check .
+	$(BIN)/mypy src/neurothermo
 	$(BIN)/python -m pytest
 
 bench: install-dev
