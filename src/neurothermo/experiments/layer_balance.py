@@ -318,8 +318,9 @@ def _figure(cfg: LayerBalanceConfig, ctx: RunContext, runs: dict[str, History],
         ax = axes[0, j]
         for li, layer in enumerate(h.meta["layers"]):
             col = names.grad_sq_ema(layer)
-            ax.plot(h.steps(col), h[col], color=colors[li % len(colors)], label=f"layer {layer}")
+            ax.plot(h.steps(col), h[col], color=colors[li % len(colors)], label=f"Linear {layer}")
         ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(k, fontsize=10)
         ax.set_xlabel("step")
         if j == 0:
