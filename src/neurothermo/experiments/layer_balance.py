@@ -369,6 +369,6 @@ EXPERIMENT = register(
         quick=LayerBalanceConfig(),
         full=LayerBalanceConfig(steps=40_000, record_every=2, n_blocks=20),
         run=run,
-        cost="full: 4 runs × 40k steps (digits or MNIST), ~3 min on one core",
+        cost="full: 4 runs × 40k steps, ~3.5 min on one core (MNIST 10k images: ~7 min, GD dominates)",
     )
 )
