@@ -21,7 +21,7 @@ try:
     import lightning.pytorch as pl
 except ImportError:  # pragma: no cover - depends on what is installed
     try:
-        import pytorch_lightning as pl  # type: ignore[no-redef]
+        import pytorch_lightning as pl  # type: ignore[no-redef, unused-ignore]
     except ImportError as e:
         raise ImportError(
             "neurothermo.monitor.lightning needs PyTorch Lightning (pip install lightning); "
