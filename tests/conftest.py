@@ -6,8 +6,22 @@ from dataclasses import dataclass
 
 import matplotlib
 import pytest
+import torch
 
 matplotlib.use("Agg")
+
+
+def _single_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# The test models are tiny: a second intra-op thread only adds synchronisation, and on a shared
+# 2-core machine it makes them 10–30× slower. Results never depend on the thread count here.
+_one_thread = pytest.fixture(autouse=True, scope="session")(_single_thread)
+one_thread = pytest.fixture(_single_thread)  # requested explicitly by a few tests; a no-op now
 
 
 @pytest.fixture

@@ -27,15 +27,6 @@ from test_curvature_reference import (
 CE = nn.CrossEntropyLoss()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: intra-op threads only add synchronisation (10× slower on a loaded 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def with_spectrum(ev: Tensor, seed: int = 0) -> Tensor:
     """``Q diag(ev) Qᵀ`` with a random orthogonal ``Q`` (float64)."""
     n = ev.numel()

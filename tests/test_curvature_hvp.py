@@ -24,15 +24,6 @@ METHODS = ["reverse", "forward_over_reverse", "finite_difference"]
 CE = nn.CrossEntropyLoss()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: intra-op threads only add synchronisation (10× slower on a loaded 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def mse(o: Tensor, t: Tensor) -> Tensor:
     return ((o - t) ** 2).mean()
 

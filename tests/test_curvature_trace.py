@@ -15,14 +15,6 @@ CE = nn.CrossEntropyLoss()
 SEEDS = 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def explicit_matrix() -> torch.Tensor:
     """Symmetric, indefinite, with a decaying spectrum and non-trivial off-diagonal mass."""
     g = torch.Generator().manual_seed(0)

@@ -12,14 +12,6 @@ from test_curvature_reference import classification_data, dense_hessian, mlp
 CE = nn.CrossEntropyLoss()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_reading_matches_dense_and_reports_stability_numbers() -> None:
     model = mlp()
     x, y = classification_data()

@@ -26,15 +26,6 @@ from neurothermo.monitor import names
 from neurothermo.monitor.history import History
 from neurothermo.runner import ExperimentFailed, run_experiment
 
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- pieces ---------------------------------------------------------------------------------
 
 def test_whiten_is_the_top_k_pca_with_unit_variance() -> None:

@@ -14,15 +14,6 @@ from neurothermo.monitor import names
 from neurothermo.monitor.monitor import MonitorWarning
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest and immune to oversubscribed cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n: int = 40, d: int = 5) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)

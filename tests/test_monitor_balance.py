@@ -110,15 +110,6 @@ def test_bad_input() -> None:
 
 # --- theory: SGD drives an unbalanced two-layer net to gradient balance ------------------------
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one thread is fastest, and immune to oversubscribed cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _run(scale: float, optimizer: str, every: int = 4) -> History:
     """Linear net 4 → 8 → 1 on noisy linear data, hidden units rescaled by ``scale`` at init."""
     g = torch.Generator().manual_seed(0)

@@ -16,14 +16,6 @@ from neurothermo.symmetry.rotation import random_orthogonal
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Mixed(nn.Module):
     """Attention (query–key and value–output pairs) then an MLP mixing every kind:
     fc1 → relu → fc2 (rescale, permutation), fc2 → fc3 (double rotation), fc3 → LayerNorm(eps=0)

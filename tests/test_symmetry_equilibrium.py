@@ -15,14 +15,6 @@ from neurothermo.symmetry import charge_equilibrium, find_symmetries
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class ScaleNet(nn.Module):
     """``w`` feeds a LayerNorm (eps 0, no affine) over its whole output: ``f(s·w) = f(w)``."""
 

@@ -14,15 +14,6 @@ from neurothermo.monitor.writers import JSONLWriter
 from neurothermo.train import CHECKPOINT, DataOrder, TrainingDiverged
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest and immune to oversubscribed cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n: int = 50) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, generator=g, dtype=torch.float64)
