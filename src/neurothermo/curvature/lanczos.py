@@ -1,14 +1,17 @@
 """Largest eigenvalues of a symmetric operator: block Lanczos with full reorthogonalisation and thick
 restart (Krylov–Schur), stopped on Ritz residuals.
 
-The algorithm keeps an orthonormal basis ``V`` and the projected matrix ``T = Vᵀ H V``. One step
-multiplies the newest block ``Q`` (``p`` columns: ``p`` Hessian-vector products), projects the result
-on the whole basis twice (classical Gram–Schmidt, "twice is enough": full reorthogonalisation, so no
-ghost copies of converged eigenvalues appear), and orthonormalises the remainder into the next block
-``Q' R``. Then ``H V = V T + Q' R Eᵀ`` holds (``E`` selects the newest block), so a Ritz pair
-``(θ_i, y_i = V s_i)`` of ``T`` has residual
+The algorithm keeps an orthonormal basis ``V = [V_done, V_pend]`` and the projected matrix
+``T = Vᵀ H V``: ``V_done`` holds the vectors already multiplied, ``V_pend`` the next ``p`` (at the
+start: the ``p`` start vectors). It advances one product at a time (band Lanczos, Ruhe 1979): multiply
+the oldest pending vector, project the result on the whole basis twice (classical Gram–Schmidt,
+"twice is enough": full reorthogonalisation, so no ghost copies of converged eigenvalues appear) and
+append the normalised remainder as a new pending vector. The basis spans the same block Krylov space
+as a block step of ``p`` products would, but convergence is checked after every product instead of
+every ``p``. Since every product is projected on every vector, ``H V_done = V T[:, done]`` holds, so a
+Ritz pair ``(θ_i, y_i = V_done s_i)`` of ``T[done, done]`` has residual
 
-    r_i = ‖H y_i − θ_i y_i‖ = ‖R · s_i[newest block rows]‖,
+    r_i = ‖H y_i − θ_i y_i‖ = ‖T[pend, done] · s_i‖,
 
 known without another product. Error estimate of ``θ_i`` (``ritz_errors``): ``r_i`` alone bounds
 the distance to *some* eigenvalue; the quadratic bound ``‖R_C‖²/δ_C`` for a cluster ``C ∋ i`` of
@@ -21,8 +24,9 @@ k = 1, tol = 1e-3: with 5 or 10 a random start stopped early, off by up to 1.2%,
 136 runs, with 20 in none; the worst error was then 3e-5). Pair ``i`` has converged when
 ``e_i ≤ tol · max(|θ_i|, √ε_mach · max_j |θ_j|)``.
 
-When the basis is full it is restarted on the best ``ℓ`` Ritz vectors plus the next block (thick
-restart: no information about the wanted pairs is lost). A block of ``p ≥ m`` vectors resolves an
+When the basis is full it is restarted on the best ``ℓ`` Ritz vectors plus the pending vectors
+(thick restart: no information about the wanted pairs is lost; ``T[pend, Ritz] = T[pend, done] S``
+carries the residual coupling over). A block of ``p ≥ m`` vectors resolves an
 eigenvalue of multiplicity ``m``; single-vector Krylov methods (``p = 1``) see one copy of a repeated
 eigenvalue only, which is why the default block size is ``k``.
 """
@@ -167,8 +171,8 @@ def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: in
     if m_max < min(n, k + 2 * p):
         raise ValueError(f"max_basis={max_basis} too small: need at least k + 2·block_size = {k + 2 * p}")
     dt, dev = op.dtype, op.device
-    V = torch.zeros(n, m_max + p, dtype=dt, device=dev)
-    T = torch.zeros(m_max + p, m_max + p, dtype=torch.float64)
+    V = torch.zeros(n, m_max + 1, dtype=dt, device=dev)
+    T = torch.zeros(m_max + 1, m_max + 1, dtype=torch.float64)
     Q0 = random_block(n, p, dt, dev, generator)
     if start is not None:
         if start.ndim != 2 or start.shape[0] != n:
@@ -176,41 +180,48 @@ def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: in
         s = min(start.shape[1], p)
         Q0[:, :s] = start[:, :s].to(device=dev, dtype=dt)
     V[:, :p], _ = orthonormalize(Q0, V[:, :0], 1e-12 * float(Q0.abs().max()), generator)
-    a0, a1 = 0, p
+    a, end = 0, p  # V[:, :a] multiplied, V[:, a:end] pending (p of them until the space is full)
     used = op.n_matvec
     while True:
-        W = op.matmat(V[:, a0:a1])
-        h = V[:, :a1].T @ W
-        hc = h.double().cpu()
+        w = op.matmat(V[:, a:a + 1])
+        h = V[:, :end].T @ w
+        hc = h.double().cpu()[:, 0]
         if not bool(torch.isfinite(hc).all()):
             raise FloatingPointError(
                 "a Hessian-vector product contains NaN or Inf; the loss is not twice "
                 "differentiable at these parameters (or overflows)")
-        T[:a1, a0:a1] = hc
-        T[a0:a1, :a1] = hc.T
-        T[a0:a1, a0:a1] = (hc[a0:a1] + hc[a0:a1].T) / 2
-        W -= V[:, :a1] @ h
-        W -= V[:, :a1] @ (V[:, :a1].T @ W)
-        theta, S = torch.linalg.eigh(T[:a1, :a1])
+        T[:end, a] = hc
+        T[a, :end] = hc
+        w -= V[:, :end] @ h
+        w -= V[:, :end] @ (V[:, :end].T @ w)
+        a += 1
+        theta, S = torch.linalg.eigh(T[:a, :a])
         theta, S = theta.flip(0), S.flip(1)
         tiny = 100 * torch.finfo(dt).eps * max(float(theta.abs().max()), 1e-300)
-        Q, R = orthonormalize(W, V[:, :a1], tiny, generator)
-        resid = torch.linalg.vector_norm(R @ S[a0:a1], dim=0)
+        q, r = orthonormalize(w, V[:, :end], tiny, generator)
+        if q.shape[1]:
+            V[:, end] = q[:, 0]
+            T[end, a - 1] = T[a - 1, end] = r[0, 0]
+            end += 1
+        resid = torch.linalg.vector_norm(T[a:end, :a] @ S, dim=0)
         errors = ritz_errors(theta, resid, gap_after, count=k)
-        done = a1 >= k and bool(converged_mask(theta[:k], errors[:k], tol, theta, dt).all())
-        w_new = Q.shape[1]
-        if done or w_new == 0 or op.n_matvec - used + w_new > budget:
+        done = a >= k and bool(converged_mask(theta[:k], errors[:k], tol, theta, dt).all())
+        if done or a == end or op.n_matvec - used + 1 > budget:
             break
-        if a1 + w_new > m_max:  # thick restart on the best ell Ritz vectors
+        if end > m_max:  # thick restart on the best ell Ritz vectors, keeping the pending vectors
             ell = min(max(k + p, m_max // 2), m_max - 2 * p)
-            V[:, :ell] = V[:, :a1] @ S[:, :ell].to(device=dev, dtype=dt)
+            pend = end - a
+            coupling = T[a:end, :a] @ S[:, :ell]
+            pending = V[:, a:end].clone()
+            V[:, :ell] = V[:, :a] @ S[:, :ell].to(device=dev, dtype=dt)
+            V[:, ell:ell + pend] = pending
             T.zero_()
             T[:ell, :ell] = torch.diag(theta[:ell])
-            a1 = ell
-        V[:, a1:a1 + w_new] = Q
-        a0, a1 = a1, a1 + w_new
-    kk = min(k, a1)
-    block = V[:, :a1] @ S[:, :min(a1, max(k + 1, p))].to(device=dev, dtype=dt)
+            T[ell:ell + pend, :ell] = coupling
+            T[:ell, ell:ell + pend] = coupling.T
+            a, end = ell, ell + pend
+    kk = min(k, a)
+    block = V[:, :a] @ S[:, :min(a, max(k + 1, p))].to(device=dev, dtype=dt)
     if not done:
         warnings.warn(
             f"Lanczos stopped after {op.n_matvec - used} Hessian-vector products (max_hvp={budget}) "
