@@ -8,6 +8,12 @@ Cases (issue 3): MLP 784-512-512-10 and a small CNN on 1×28×28, both at b = 12
 * ``plain``            one forward + backward of the mean loss (the baseline of every ratio)
 * ``entropic_loss``    forward + backward of φ = l + (η/4)‖g‖² (training on the entropic loss)
 * ``entropic_force``   −(η/2)·H_B g_B, one Hessian-vector product
+* ``hvp_floor``        the bare reverse-over-reverse product that ``entropic_force`` wraps (forward,
+  backward with graph, double backward with v = g; no checks, no state handling): its floor
+* ``fwd_over_rev``     the same H_B g_B by forward-over-reverse, ``torch.func.jvp`` of
+  ``torch.func.grad`` along g (g from ``torch.func.grad`` first: the tangent is the gradient itself,
+  so this route pays one more forward + backward than reverse-over-reverse, which gets g from
+  the graph-building backward it needs anyway)
 * ``expected_force``   ``expected_entropic_force`` over the 128 samples (discretization −(η/2)Hḡ and
   noise −(η/4)∇Tr Σ_B, the latter by a double backward through the per-sample squared norms)
 * ``naive_expected``   the same quantity from a loop of per-sample Hessian-vector products
@@ -20,6 +26,14 @@ on CPU), that is only a few plain steps, and no exact method can cost less than 
 backward with graph + two double backwards (the floor ``expected_force`` sits near): the script
 prints the cost ``expected_force`` would need for the ≥ 20× target next to that.
 
+FLOP count of the MLP (x needs no gradient): plain = forward 85M + backward 118M multiply-adds;
+``hvp_floor`` adds the double backward, 300M, so 503M = 2.48× plain is the floor of any exact H·g
+by reverse-over-reverse (forward-over-reverse: 706M). The rest of the measured ratio is the CPU
+allocator: the double backward's transient tensors push glibc's heap past its trim threshold, so
+every call gives the pages back and faults them in again; the script prints the page faults and
+system time per call to show it (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` or jemalloc
+remove them; the numbers above use the default allocator).
+
 Targets (issue): entropic_force ≤ 3× plain; expected_force ≤ 6× plain and ≥ 20× faster than the
 naive loop. Time: median over interleaved rounds (every method takes its turn in each round, so
 background load hits all alike; the naive loop runs fewer rounds). ``--clock process`` times
@@ -29,6 +43,7 @@ the compute time). The expected force is checked against the naive loop before a
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -81,6 +96,23 @@ def entropic_force(c: Case) -> None:
     nt.entropic_force(c.model, c.loss_fn, (c.x, c.y), lr=LR)
 
 
+def hvp_floor(c: Case) -> None:
+    params = [p for p in c.model.parameters() if p.requires_grad]
+    g = torch.autograd.grad(c.loss_fn(c.model(c.x), c.y), params, create_graph=True)
+    torch.autograd.grad(g, params, [t.detach() for t in g])
+
+
+def fwd_over_rev(c: Case) -> None:
+    params = {n: p.detach() for n, p in c.model.named_parameters() if p.requires_grad}
+
+    def f(p: dict[str, Tensor]) -> Tensor:
+        return c.loss_fn(torch.func.functional_call(c.model, p, (c.x,)), c.y)
+
+    with torch.no_grad():
+        g = torch.func.grad(f)(params)
+        torch.func.jvp(torch.func.grad(f), (params,), (g,))
+
+
 def expected_force(c: Case) -> dict[str, Tensor]:
     return nt.expected_entropic_force(c.model, c.loss_fn, (c.x, c.y), lr=LR, batch_size=32).total
 
@@ -117,6 +149,8 @@ METHODS: dict[str, Callable[[Case], object]] = {
     "plain": plain,
     "entropic_loss": entropic_loss_step,
     "entropic_force": entropic_force,
+    "hvp_floor": hvp_floor,
+    "fwd_over_rev": fwd_over_rev,
     "expected_force": expected_force,
     "naive_expected": naive_expected,
     "hvp_one_sample": hvp_one_sample,
@@ -148,6 +182,20 @@ def bench(c: Case, rounds: int, clock: Callable[[], float]) -> dict[str, float]:
     return {m: statistics.median(ts) for m, ts in times.items()}
 
 
+def faults(c: Case, calls: int = 20) -> dict[str, tuple[float, float]]:
+    """Minor page faults and system CPU ms per call (getrusage over ``calls`` calls each)."""
+    out = {}
+    for name in ("plain", "hvp_floor", "entropic_force"):
+        fn = METHODS[name]
+        fn(c)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        for _ in range(calls):
+            fn(c)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        out[name] = ((r1.ru_minflt - r0.ru_minflt) / calls, 1e3 * (r1.ru_stime - r0.ru_stime) / calls)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=10)
@@ -169,7 +217,11 @@ def main() -> None:
         print(f"  {'method':<16}{'ms':>10}{'× plain':>10}")
         for m, v in t.items():
             print(f"  {m:<16}{1e3 * v:>10.2f}{v / base:>10.2f}")
-        print(f"  entropic_force / plain = {t['entropic_force'] / base:.2f} (target ≤ 3)")
+        print(f"  entropic_force / plain = {t['entropic_force'] / base:.2f} (target ≤ 3); "
+              f"over its bare double backward {t['entropic_force'] / t['hvp_floor']:.2f}×")
+        pf = faults(c)
+        print("  page faults, system ms per call: " + ", ".join(
+            f"{m} {n:.0f}, {ms:.2f} ms" for m, (n, ms) in pf.items()))
         print(f"  expected_force / plain = {t['expected_force'] / base:.2f} (target ≤ 6)")
         print(f"  naive loop / expected_force = {t['naive_expected'] / t['expected_force']:.1f} "
               "(target ≥ 20)")
