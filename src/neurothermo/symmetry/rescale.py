@@ -16,6 +16,24 @@ from torch import Tensor
 from neurothermo.symmetry.base import Symmetry, check_units_vector, register_kind
 
 
+def check_unit_scales(sym: Symmetry, element: Tensor) -> Tensor:
+    """A vector of finite positive scales, one per unit (shared by the rescale and scale kinds)."""
+    return check_units_vector(
+        sym, element, "finite and > 0 (one scale per unit)",
+        lambda e: torch.isfinite(e) & (e > 0),
+    )
+
+
+def act_by_scales(element: Tensor, role: str, m: Tensor) -> Tensor:
+    """Multiply rows of an ``"in"`` slice by the unit scales, divide ``"out"`` slices by them."""
+    s = element.to(m.dtype)[:, None]
+    if role == "in":
+        return m * s
+    if role == "out":
+        return m / s
+    return m
+
+
 @dataclass(frozen=True)
 class RescaleKind:
     name: str = "rescale"
@@ -23,10 +41,7 @@ class RescaleKind:
     element_help: str = "positive scales, one per unit"
 
     def check_element(self, sym: Symmetry, element: Tensor) -> Tensor:
-        return check_units_vector(
-            sym, element, "finite and > 0 (one scale per unit)",
-            lambda e: torch.isfinite(e) & (e > 0),
-        )
+        return check_unit_scales(sym, element)
 
     def random_element(
         self, sym: Symmetry, generator: torch.Generator, dtype: torch.dtype, device: torch.device
@@ -36,12 +51,7 @@ class RescaleKind:
         return torch.exp(2.0 * u - 1.0).to(dtype=dtype, device=device)
 
     def act(self, sym: Symmetry, element: Tensor, role: str, m: Tensor) -> Tensor:
-        s = element.to(m.dtype)[:, None]
-        if role == "in":
-            return m * s
-        if role == "out":
-            return m / s
-        return m
+        return act_by_scales(element, role, m)
 
 
 RESCALE = register_kind(RescaleKind())

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neurothermo.symmetry.base import ParamSlice, Symmetry, check_units_vector, register_kind
+from neurothermo.symmetry.base import ParamSlice, Symmetry, register_kind
+from neurothermo.symmetry.rescale import act_by_scales, check_unit_scales
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,7 @@ class ScaleKind:
             if element.numel() != 1 or not bool(torch.isfinite(element).all() & (element > 0).all()):
                 raise ValueError("whole-scale element must be one finite scalar > 0")
             return element.reshape(1)
-        return check_units_vector(
-            sym, element, "finite and > 0 (one scale per unit)",
-            lambda e: torch.isfinite(e) & (e > 0),
-        )
+        return check_unit_scales(sym, element)
 
     def random_element(
         self, sym: Symmetry, generator: torch.Generator, dtype: torch.dtype, device: torch.device
@@ -46,12 +44,7 @@ class ScaleKind:
         return e[0] if sym.whole else e
 
     def act(self, sym: Symmetry, element: Tensor, role: str, m: Tensor) -> Tensor:
-        s = element.to(m.dtype)[:, None]
-        if role == "in":
-            return m * s
-        if role == "out":
-            return m / s
-        return m
+        return act_by_scales(element, role, m)
 
 
 SCALE = register_kind(ScaleKind())
