@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neurothermo.experiments.sgd_vs_entropic_flow import _slope
+from neurothermo.experiments._common import loglog_slope
 from neurothermo.runner import ExperimentFailed, run_experiment
 
 TINY = ["hidden=8", "base_steps=4", "n_lr=3", "substeps=1", "n_curvature_batches=1"]
@@ -15,7 +15,7 @@ TINY = ["hidden=8", "base_steps=4", "n_lr=3", "substeps=1", "n_curvature_batches
 
 def test_slope_fit_recovers_a_power_law() -> None:
     x = np.array([0.1, 0.05, 0.025, 0.0125])
-    slope, se = _slope(x, 3.0 * x**2)
+    slope, se = loglog_slope(x, 3.0 * x**2)
     assert slope == pytest.approx(2.0, abs=1e-12) and se < 1e-10
 
 

@@ -13,7 +13,6 @@ field over the loss contours. Everything runs in float64 (the O(η³) errors rea
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from neurothermo.config import setting
+from neurothermo.experiments._common import loglog_slope, pyplot
 from neurothermo.experiments.base import Experiment, RunContext, register
 
 LossName = Literal["banana", "wells"]
@@ -77,18 +77,6 @@ def step_errors(
     plain = gd(f, theta0, lr / n, n)[-1]
     corr = gd(corrected_loss(f, lr, n), theta0, lr / n, n)[-1]
     return float(torch.linalg.norm(plain - big)), float(torch.linalg.norm(corr - big))
-
-
-def loglog_slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least-squares slope of log y on log x, and its standard error."""
-    lx, ly = np.log(x), np.log(y)
-    A = np.stack([lx, np.ones_like(lx)], axis=1)
-    coef, *_ = np.linalg.lstsq(A, ly, rcond=None)
-    dof = max(len(x) - 2, 1)
-    resid = ly - A @ coef
-    s2 = float(resid @ resid) / dof
-    se = math.sqrt(s2 / float(((lx - lx.mean()) ** 2).sum()))
-    return float(coef[0]), se
 
 
 @dataclass(frozen=True)
@@ -160,10 +148,7 @@ def run(cfg: EntropicFlowConfig, ctx: RunContext) -> None:
 def _figure(cfg: EntropicFlowConfig, ctx: RunContext, f: Callable[[Tensor], Tensor],
             theta0: Tensor, lrs: np.ndarray, plain: np.ndarray, corr: np.ndarray,
             slopes: tuple[float, float]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lr, n, K = cfg.figure_lr, cfg.n_steps, cfg.figure_steps
     big = gd(f, theta0, lr, K).numpy()

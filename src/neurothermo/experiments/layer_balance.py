@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from neurothermo.config import setting
+from neurothermo.experiments._common import pyplot
 from neurothermo.experiments.base import Experiment, RunContext, register
 from neurothermo.monitor import names
 from neurothermo.monitor.balance import block_means
@@ -304,10 +305,7 @@ def _run(cfg: LayerBalanceConfig, ctx: RunContext) -> None:
 
 def _figure(cfg: LayerBalanceConfig, ctx: RunContext, runs: dict[str, History],
             sums: dict[str, dict[str, Any]], source: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import NullFormatter
 
     keys = list(runs)

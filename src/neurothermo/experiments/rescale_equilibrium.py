@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from neurothermo.config import setting
+from neurothermo.experiments._common import pyplot
 from neurothermo.experiments.base import Experiment, RunContext, register
 
 
@@ -144,10 +145,7 @@ def run(cfg: RescaleEquilibriumConfig, ctx: RunContext) -> None:
 
 def _figure(cfg: RescaleEquilibriumConfig, ctx: RunContext, u0: np.ndarray, trace: np.ndarray,
             target: float, gd_final: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = np.minimum(np.arange(1, len(trace) + 1) * cfg.block, cfg.steps)
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -35,6 +35,7 @@ from torch.func import functional_call
 
 from neurothermo.config import setting
 from neurothermo.entropic import functional_flow
+from neurothermo.experiments._common import loglog_slope, pyplot
 from neurothermo.experiments.base import Experiment, RunContext, register
 
 Activation = Literal["tanh", "gelu", "relu"]
@@ -59,16 +60,6 @@ class SgdVsEntropicFlowConfig:
                                          "the slope-2 check", min=0.0, max=10.0)
     n_curvature_batches: int = setting(4, "first minibatches whose top Hessian eigenvalue sets "
                                           "the slope tolerance", min=1, max=100)
-
-
-def _slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least-squares slope of log y on log x and its standard error."""
-    lx, ly = np.log(x), np.log(y)
-    coef = np.polyfit(lx, ly, 1)
-    resid = ly - np.polyval(coef, lx)
-    dof = max(len(x) - 2, 1)
-    se = math.sqrt(float(resid @ resid) / dof / float(((lx - lx.mean()) ** 2).sum()))
-    return float(coef[0]), se
 
 
 def _distance(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
@@ -142,8 +133,8 @@ def _run(cfg: SgdVsEntropicFlowConfig, ctx: RunContext) -> None:
     fp, fe = np.array(final_plain), np.array(final_entropic)
     if not (np.all(fp > 0) and np.all(fe > 0)):
         raise FloatingPointError("a distance is exactly zero; the start is a stationary point")
-    s_plain, se_plain = _slope(lrs, fp)
-    s_entropic, se_entropic = _slope(lrs, fe)
+    s_plain, se_plain = loglog_slope(lrs, fp)
+    s_entropic, se_entropic = loglog_slope(lrs, fe)
     why = (f"next-order term (1 + aη), |a| ≲ 2λ = {2 * lam:.3g} (top minibatch Hessian "
            f"eigenvalue λ): fitted-slope bias ≤ x/(1−x), x = 2λ·η_max")
     ctx.predict("slope of ‖plain flow − SGD‖ vs η at fixed T", s_plain, 1.0, tol, why=why)
@@ -159,11 +150,9 @@ def _run(cfg: SgdVsEntropicFlowConfig, ctx: RunContext) -> None:
 
 def _figure(ctx: RunContext, curves: list[tuple[float, list[float], list[float]]], lrs: np.ndarray,
             fp: np.ndarray, fe: np.ndarray, slopes: tuple[float, float], total_time: float) -> None:
-    import matplotlib
-    import matplotlib.ticker
+    from matplotlib.ticker import NullFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(curves)))
@@ -180,7 +169,7 @@ def _figure(ctx: RunContext, curves: list[tuple[float, list[float], list[float]]
               label=f"entropic flow (slope {slopes[1]:.2f}, theory 2)")
     bx.loglog(lrs, fp[-1] * lrs / lrs[-1], ":", color="tab:red", alpha=0.6)
     bx.loglog(lrs, fe[-1] * (lrs / lrs[-1]) ** 2, ":", color="tab:blue", alpha=0.6)
-    bx.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    bx.xaxis.set_minor_formatter(NullFormatter())
     bx.set_xticks(lrs, [f"{v:.3g}" for v in lrs])
     bx.set_xlabel("learning rate η")
     bx.set_ylabel(f"‖flow − SGD‖ at T = {total_time:.3g}")

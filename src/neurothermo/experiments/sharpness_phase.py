@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from neurothermo.config import setting
+from neurothermo.experiments._common import pyplot
 from neurothermo.experiments.base import Experiment, RunContext, register
 
 K = 0.5  # nn.MSELoss() over 2 outputs: K·E‖f − y‖² with K = ½
@@ -190,10 +191,7 @@ def _cross_check(cfg: SharpnessPhaseConfig, ctx: RunContext, W1: Tensor, W2: Ten
 
 def _figure(cfg: SharpnessPhaseConfig, ctx: RunContext, grid: Tensor, theory: Tensor, lam: Tensor,
             E: Tensor, P: Tensor) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))

@@ -56,10 +56,8 @@ first-layer attention exception stays (0.65 vs 0.16). No attention cell is negat
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +67,7 @@ from torch import Tensor
 
 from neurothermo import alignment as al
 from neurothermo.config import setting
+from neurothermo.experiments._common import public_objects, pyplot
 from neurothermo.experiments.base import Experiment, RunContext, register
 from neurothermo.models.transformer import TinyTransformer
 
@@ -142,21 +141,16 @@ def docstring_corpus() -> list[str]:
     keep = {chr(c) for c in range(32, 127)} | {"\n"}
     seen: set[str] = set()
     docs: list[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for mod_name in MODULES:
-            mod = importlib.import_module(mod_name)
-            objs = [mod] + [getattr(mod, n, None) for n in sorted(dir(mod)) if not n.startswith("_")]
-            for obj in objs:
-                if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj)):
-                    continue
-                doc = inspect.getdoc(obj)
-                if not doc:
-                    continue
-                doc = "".join(c for c in doc.replace("\t", "    ") if c in keep)
-                if len(doc) >= 40 and doc not in seen:
-                    seen.add(doc)
-                    docs.append(doc)
+    for obj in public_objects(MODULES, include_modules=True):
+        if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj)):
+            continue
+        doc = inspect.getdoc(obj)
+        if not doc:
+            continue
+        doc = "".join(c for c in doc.replace("\t", "    ") if c in keep)
+        if len(doc) >= 40 and doc not in seen:
+            seen.add(doc)
+            docs.append(doc)
     return docs
 
 
@@ -378,10 +372,7 @@ def _run(cfg: TransformerAlignmentConfig, ctx: RunContext) -> None:
 def _figures(cfg: TransformerAlignmentConfig, ctx: RunContext,
              maps: dict[str, dict[str, al.AlignmentMatrix]], curves: dict[str, list[float]],
              losses: dict[str, float], h_unigram: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.colors import TwoSlopeNorm
 
     fig, axes = plt.subplots(len(METRICS), 2, figsize=(10, 4.2 * len(METRICS)), squeeze=False,
