@@ -27,8 +27,10 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 STATUSES = ("running", "done", "failed", "interrupted")
 
@@ -73,13 +75,14 @@ def dumps(obj: Any, **kw: Any) -> str:
     return json.dumps(_clean(obj), allow_nan=False, **kw)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and a rename."""
-    path = Path(path)
+@contextmanager
+def _replacing(path: Path, mode: str) -> Iterator[IO[Any]]:
+    """A new file in ``path``'s folder, open in ``mode``; on a clean exit it is flushed, fsynced and
+    renamed over ``path`` (atomic), on an exception it is removed and ``path`` is left as it was."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -87,6 +90,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and a rename."""
+    with _replacing(Path(path), "wb") as fh:
+        fh.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -201,20 +210,11 @@ class Run:
         if not self._pending:
             return
         target = self.path / "metrics.jsonl"
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".metrics.jsonl.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                if target.exists():
-                    with open(target, encoding="utf-8") as old:
-                        shutil.copyfileobj(old, out)
-                out.write("\n".join(self._pending) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with _replacing(target, "w") as out:
+            if target.exists():
+                with open(target, encoding="utf-8") as old:
+                    shutil.copyfileobj(old, out)
+            out.write("\n".join(self._pending) + "\n")
         self._pending.clear()
 
 
