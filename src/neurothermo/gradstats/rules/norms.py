@@ -8,11 +8,16 @@ channel, dim 1). BatchNorm that normalises with *batch* statistics (train mode, 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neurothermo.gradstats._pieces import Dense, Piece
 from neurothermo.gradstats.rules._base import Call, Rule, batch_first, register_rule
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def check_batchnorm(model: nn.Module) -> None:
@@ -48,65 +53,56 @@ def _affine_pieces(call: Call, delta: Tensor, xhat: Tensor, channel_dim: int | N
     return pieces
 
 
-def _layer_norm(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
-    m = call.module
-    assert isinstance(m, nn.LayerNorm)
-    if deltas[0] is None:
-        return []
-    x = batch_first(call.name, call.input(0), call.batch_size)
-    xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-    return _affine_pieces(call, deltas[0], xhat, None)
+def _affine_rule(kind: type[M], channel_dim: int | None,
+                 normalise: Callable[[Call, M], Tensor]) -> Rule:
+    """The rule of a normalisation layer of type ``kind``: ``normalise(call, module)`` gives ``x̂``
+    (computed from the recorded input), the affine pieces follow from it (see _affine_pieces)."""
+    def rule(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
+        m = call.module
+        assert isinstance(m, kind)
+        if deltas[0] is None:
+            return []
+        return _affine_pieces(call, deltas[0], normalise(call, m), channel_dim)
+
+    return Rule(rule)
 
 
-def _rms_norm(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
-    m = call.module
-    assert isinstance(m, nn.RMSNorm)
-    if deltas[0] is None:
-        return []
-    x = batch_first(call.name, call.input(0), call.batch_size)
-    xhat = F.rms_norm(x, m.normalized_shape, None, m.eps)
-    return _affine_pieces(call, deltas[0], xhat, None)
+def _input(call: Call) -> Tensor:
+    return batch_first(call.name, call.input(0), call.batch_size)
 
 
-def _group_norm(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
-    m = call.module
-    assert isinstance(m, nn.GroupNorm)
-    if deltas[0] is None:
-        return []
-    x = batch_first(call.name, call.input(0), call.batch_size)
-    xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
-    return _affine_pieces(call, deltas[0], xhat, 1)
+def _layer_norm(call: Call, m: nn.LayerNorm) -> Tensor:
+    return F.layer_norm(_input(call), m.normalized_shape, None, None, m.eps)
 
 
-def _batch_norm(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
-    m = call.module
-    assert isinstance(m, nn.modules.batchnorm._BatchNorm)
-    if deltas[0] is None:
-        return []
+def _rms_norm(call: Call, m: nn.RMSNorm) -> Tensor:
+    return F.rms_norm(_input(call), m.normalized_shape, None, m.eps)
+
+
+def _group_norm(call: Call, m: nn.GroupNorm) -> Tensor:
+    return F.group_norm(_input(call), m.num_groups, None, None, m.eps)
+
+
+def _batch_norm(call: Call, m: nn.modules.batchnorm._BatchNorm) -> Tensor:
     if m.training or m.running_mean is None:  # check_batchnorm ran first; never a wrong number
         raise ValueError(f"BatchNorm module {call.name!r} normalises with batch statistics")
-    x = batch_first(call.name, call.input(0), call.batch_size)
-    xhat = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
-    return _affine_pieces(call, deltas[0], xhat, 1)
+    return F.batch_norm(_input(call), m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
 
 
-def _instance_norm(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
-    m = call.module
-    assert isinstance(m, nn.modules.instancenorm._InstanceNorm)
-    if deltas[0] is None:
-        return []
-    x = batch_first(call.name, call.input(0), call.batch_size)
+def _instance_norm(call: Call, m: nn.modules.instancenorm._InstanceNorm) -> Tensor:
+    x = _input(call)
     if x.dim() != m._get_no_batch_dim() + 1:
         raise ValueError(f"module {call.name!r}: unbatched InstanceNorm input has no batch axis")
     use_input_stats = m.training or not m.track_running_stats
     # Never pass the running buffers when normalising with input statistics: they would update.
     rm, rv = (None, None) if use_input_stats else (m.running_mean, m.running_var)
-    xhat = F.instance_norm(x, rm, rv, None, None, use_input_stats, 0.0, m.eps)
-    return _affine_pieces(call, deltas[0], xhat, 1)
+    return F.instance_norm(x, rm, rv, None, None, use_input_stats, 0.0, m.eps)
 
 
-register_rule(nn.LayerNorm, Rule(_layer_norm))
-register_rule(nn.RMSNorm, Rule(_rms_norm))
-register_rule(nn.GroupNorm, Rule(_group_norm))
-register_rule(nn.modules.batchnorm._BatchNorm, Rule(_batch_norm))
-register_rule(nn.modules.instancenorm._InstanceNorm, Rule(_instance_norm))
+register_rule(nn.LayerNorm, _affine_rule(nn.LayerNorm, None, _layer_norm))
+register_rule(nn.RMSNorm, _affine_rule(nn.RMSNorm, None, _rms_norm))
+register_rule(nn.GroupNorm, _affine_rule(nn.GroupNorm, 1, _group_norm))
+register_rule(nn.modules.batchnorm._BatchNorm,
+              _affine_rule(nn.modules.batchnorm._BatchNorm, 1, _batch_norm))
+register_rule(nn.modules.instancenorm._InstanceNorm,
+              _affine_rule(nn.modules.instancenorm._InstanceNorm, 1, _instance_norm))
