@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from neurothermo.models._checkpoint import eval_with_weights
 
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
@@ -106,8 +107,4 @@ def pretrained_path() -> Path:
 
 def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite0:
     """EfficientNet-Lite0 in eval mode, with the ImageNet weights when ``pretrained``."""
-    model = EfficientNetLite0()
-    if pretrained:
-        state = torch.load(pretrained_path(), map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
-    return model.eval()
+    return eval_with_weights(EfficientNetLite0(), pretrained_path if pretrained else None)

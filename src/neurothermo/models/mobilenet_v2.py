@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
+
+from neurothermo.models._checkpoint import eval_with_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -84,8 +85,4 @@ def pretrained_path() -> Path:
 
 def mobilenet_v2(pretrained: bool = True) -> MobileNetV2:
     """MobileNetV2 in eval mode, with torchvision's ImageNet weights when ``pretrained``."""
-    model = MobileNetV2()
-    if pretrained:
-        state = torch.load(pretrained_path(), map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
-    return model.eval()
+    return eval_with_weights(MobileNetV2(), pretrained_path if pretrained else None)
