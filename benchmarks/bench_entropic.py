@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 import neurothermo as nt
+from _common import mnist_cnn, mnist_mlp
 
 LR = 0.1
 
@@ -68,11 +69,7 @@ class Case:
 
 def cases(device: torch.device) -> list[Case]:
     torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                        nn.Linear(512, 10))
-    cnn = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                        nn.Linear(32 * 7 * 7, 10))
+    mlp, cnn = mnist_mlp(), mnist_cnn()
     ce = nn.CrossEntropyLoss()
     return [
         Case("MLP 784-512-512-10, b=128", mlp.to(device), ce,
