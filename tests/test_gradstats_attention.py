@@ -8,11 +8,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from _helpers import DT, RTOL, assert_matches_naive
 from neurothermo.gradstats import per_sample_grad_norms
 from neurothermo.gradstats._capture import Recorder, recording
-
-DT = torch.float64
-RTOL = 1e-10  # float64, exact formulas: only rounding separates the two sides
 
 
 @dataclass(frozen=True)
@@ -86,6 +84,14 @@ class AttnNet(nn.Module):
         return y
 
 
+def _model(cfg: Cfg) -> AttnNet:
+    model = AttnNet(cfg).to(DT)
+    if cfg.add_bias_kv:  # torch starts them at zero; random values make their gradients count
+        nn.init.normal_(model.att.bias_k)
+        nn.init.normal_(model.att.bias_v)
+    return model
+
+
 def _data(b: int = 4, t: int = 5) -> tuple[Tensor, Tensor]:
     return torch.rand(b, t, 3, dtype=DT), torch.randn(b, 2, dtype=DT)
 
@@ -94,10 +100,7 @@ def _data(b: int = 4, t: int = 5) -> tuple[Tensor, Tensor]:
 def test_recorded_forward_equals_torch_forward(name: str) -> None:
     torch.manual_seed(0)
     cfg = CONFIGS[name]
-    model = AttnNet(cfg).to(DT)
-    if cfg.add_bias_kv:
-        nn.init.normal_(model.att.bias_k)
-        nn.init.normal_(model.att.bias_v)
+    model = _model(cfg)
     x, _ = _data()
     ref = model(x)
     wanted = frozenset(id(p) for p in model.parameters())
@@ -113,25 +116,9 @@ def test_recorded_forward_equals_torch_forward(name: str) -> None:
 def test_attention_norms_match_naive_loop(name: str) -> None:
     torch.manual_seed(1)
     cfg = CONFIGS[name]
-    model = AttnNet(cfg).to(DT)
-    if cfg.add_bias_kv:
-        nn.init.normal_(model.att.bias_k)
-        nn.init.normal_(model.att.bias_v)
+    model = _model(cfg)
     x, y = _data()
-    loss_fn = nn.MSELoss()
-    named = dict(model.named_parameters())
-    ref = {n: [] for n in named}
-    for i in range(x.shape[0]):
-        g = torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), list(named.values()),
-                                allow_unused=True)
-        for n, gi in zip(named, g):
-            ref[n].append(torch.zeros((), dtype=DT) if gi is None else gi.square().sum())
-    got = per_sample_grad_norms(model, loss_fn, (x, y), by_parameter=True)
-    assert isinstance(got, dict)
-    scale = float(sum(torch.stack(r) for r in ref.values()).max())
-    for n in named:
-        torch.testing.assert_close(got[n], torch.stack(ref[n]), rtol=RTOL,
-                                   atol=RTOL * 1e-3 * scale, msg=lambda m, n=n: f"{n}: {m}")
+    assert_matches_naive(model, nn.MSELoss(), x, y)
 
 
 def test_attention_in_train_mode_with_dropout_is_self_consistent() -> None:

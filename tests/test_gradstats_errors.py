@@ -5,9 +5,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from _helpers import DT, naive_total_sq_norms
 from neurothermo.gradstats import FallbackWarning, per_sample_grad_norms
-
-DT = torch.float64
 
 
 @pytest.fixture(autouse=True)
@@ -21,15 +20,6 @@ def small() -> nn.Module:
 
 def data(b: int = 4) -> tuple[Tensor, Tensor]:
     return torch.randn(b, 3, dtype=DT), torch.randn(b, 2, dtype=DT)
-
-
-def naive(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> Tensor:
-    ps = [p for p in model.parameters() if p.requires_grad]
-    out = []
-    for i in range(x.shape[0]):
-        g = torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), ps)
-        out.append(sum(gi.square().sum() for gi in g))
-    return torch.stack(out)
 
 
 # ----------------------------------------------------------------------------- ill-defined
@@ -81,7 +71,7 @@ def test_random_custom_module_in_train_mode_is_rejected() -> None:
     model.eval()
     x, y = data()
     torch.testing.assert_close(per_sample_grad_norms(model, nn.MSELoss(), (x, y)),
-                               naive(model, nn.MSELoss(), x, y), rtol=1e-10, atol=0)
+                               naive_total_sq_norms(model, nn.MSELoss(), x, y), rtol=1e-10, atol=0)
 
 
 def test_embedding_scale_grad_by_freq_is_rejected() -> None:
@@ -281,7 +271,7 @@ def test_user_hooks_and_inplace_ops_are_handled_exactly() -> None:
     x, y = data(5)
     with pytest.warns(FallbackWarning):
         got = per_sample_grad_norms(model, nn.MSELoss(), (x, y))
-    torch.testing.assert_close(got, naive(model, nn.MSELoss(), x, y), rtol=1e-10, atol=0)
+    torch.testing.assert_close(got, naive_total_sq_norms(model, nn.MSELoss(), x, y), rtol=1e-10, atol=0)
 
 
 def test_module_torch_func_cannot_run_gets_a_clear_error() -> None:

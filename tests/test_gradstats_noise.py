@@ -9,18 +9,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from _helpers import DT, per_sample_grads
 from neurothermo.gradstats import GradientNoise, gradient_noise
 
-DT = torch.float64
 RTOL = 1e-10  # float64, same formulas evaluated two ways: rounding only
-
-
-def per_sample_grads(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """{name: [N, numel]} of g_i = ∇ l_i by a loop of backward passes."""
-    named = dict(model.named_parameters())
-    rows = [torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), list(named.values()))
-            for i in range(x.shape[0])]
-    return {n: torch.stack([r[j].flatten() for r in rows]) for j, n in enumerate(named)}
 
 
 def by_hand(g: Tensor, sizes: list[int]) -> dict[str, float]:

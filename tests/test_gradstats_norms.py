@@ -6,44 +6,15 @@ so rtol 1e-10 leaves six orders of magnitude for accumulated rounding and none f
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from _helpers import DT, RTOL, LossFn, assert_matches_naive
 from neurothermo.gradstats import FallbackWarning, Rule, per_sample_grad_norms, register_rule
 from neurothermo.gradstats._pieces import Dense, Piece
-
-RTOL = 1e-10
-DT = torch.float64
-LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def naive_sq_norms(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """‖∇_θ l_i‖² per parameter, one backward per sample (l_i = loss on the batch {i})."""
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    rows = []
-    for i in range(x.shape[0]):
-        g = torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), list(named.values()),
-                                allow_unused=True)
-        rows.append([torch.zeros((), dtype=DT) if gi is None else gi.square().sum() for gi in g])
-    return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(named)}
-
-
-def assert_matches(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> None:
-    ref = naive_sq_norms(model, loss_fn, x, y)
-    got = per_sample_grad_norms(model, loss_fn, (x, y), by_parameter=True)
-    assert isinstance(got, dict)
-    assert list(got) == list(ref)
-    scale = float(torch.stack(list(ref.values())).sum(0).max())
-    for n in ref:
-        torch.testing.assert_close(got[n], ref[n], rtol=RTOL, atol=RTOL * 1e-3 * scale,
-                                   msg=lambda m, n=n: f"{n}: {m}")
-    total = per_sample_grad_norms(model, loss_fn, (x, y))
-    assert isinstance(total, Tensor) and total.shape == (x.shape[0],)
-    torch.testing.assert_close(total, torch.stack(list(ref.values())).sum(0), rtol=RTOL, atol=0)
 
 
 @pytest.fixture(autouse=True)
@@ -166,12 +137,12 @@ def custom() -> nn.Module:
 
 def test_mlp_with_inplace_relu() -> None:
     x, y = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
-    assert_matches(mlp(), nn.CrossEntropyLoss(), x, y)
+    assert_matches_naive(mlp(), nn.CrossEntropyLoss(), x, y)
 
 
 def test_linear_with_sequence_axis() -> None:
     x, y = torch.randn(5, 6, 4, dtype=DT), torch.randn(5, 3, dtype=DT)
-    assert_matches(SeqMLP().to(DT), nn.MSELoss(), x, y)
+    assert_matches_naive(SeqMLP().to(DT), nn.MSELoss(), x, y)
 
 
 def test_cnn_with_pooling_and_norms() -> None:
@@ -180,18 +151,18 @@ def test_cnn_with_pooling_and_norms() -> None:
         model[5].running_mean.uniform_(-1, 1)
         model[5].running_var.uniform_(0.5, 2)
     x, y = torch.randn(5, 2, 16, 16, dtype=DT), torch.randint(0, 3, (5,))
-    assert_matches(model, nn.CrossEntropyLoss(), x, y)
+    assert_matches_naive(model, nn.CrossEntropyLoss(), x, y)
 
 
 def test_conv1d_same_padding_groups_batchnorm_eval() -> None:
     x, y = torch.randn(4, 3, 8, dtype=DT), torch.randn(4, 2, dtype=DT)
-    assert_matches(cnn1d().eval(), nn.MSELoss(), x, y)
+    assert_matches_naive(cnn1d().eval(), nn.MSELoss(), x, y)
 
 
 def test_tiny_transformer() -> None:
     tok, y = torch.randint(0, 11, (4, 6)), torch.randint(0, 11, (4, 6))
     tok[0, :2] = 0  # padding_idx rows get no gradient
-    assert_matches(TinyTransformer().to(DT), nn.CrossEntropyLoss(), tok, y)
+    assert_matches_naive(TinyTransformer().to(DT), nn.CrossEntropyLoss(), tok, y)
 
 
 def test_tied_embedding_and_reused_linear() -> None:
@@ -200,7 +171,7 @@ def test_tied_embedding_and_reused_linear() -> None:
     got = per_sample_grad_norms(model, nn.CrossEntropyLoss(), (tok, y), by_parameter=True)
     assert isinstance(got, dict)
     assert "head.weight" not in got  # tied: reported once, under its first name
-    assert_matches(model, nn.CrossEntropyLoss(), tok, y)
+    assert_matches_naive(model, nn.CrossEntropyLoss(), tok, y)
     # Adding the squared norms of the two uses instead would be wrong: the test can tell.
     separate = TiedLM().to(DT)
     separate.load_state_dict(model.state_dict())
@@ -213,7 +184,7 @@ def test_tied_embedding_and_reused_linear() -> None:
 
 def test_weight_shared_by_two_linear_modules() -> None:
     x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
-    assert_matches(SharedWeights().to(DT), nn.MSELoss(), x, y)
+    assert_matches_naive(SharedWeights().to(DT), nn.MSELoss(), x, y)
 
 
 class SquaredConv(nn.Conv2d):
@@ -243,7 +214,7 @@ def test_conv_weight_shared_with_a_fallback_module(monkeypatch: pytest.MonkeyPat
     seen = spy_conv_routes(monkeypatch)
     x, y = torch.randn(4, 8, 2, 2, dtype=DT), torch.randn(4, 2, dtype=DT)
     with pytest.warns(FallbackWarning, match="SquaredConv"):
-        assert_matches(ConvShared().to(DT), nn.MSELoss(), x, y)
+        assert_matches_naive(ConvShared().to(DT), nn.MSELoss(), x, y)
     assert seen == {"Factored.materialize"}  # the patches were put in the weight's layout
 
 
@@ -292,7 +263,7 @@ def test_conv_routes(conv, shape, route, monkeypatch: pytest.MonkeyPatch) -> Non
         n_out = layer(torch.zeros(shape, dtype=DT)).flatten(1).shape[1]
     model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.Linear(n_out, 2)).to(DT)
     x, y = torch.randn(shape, dtype=DT), torch.randn(shape[0], 2, dtype=DT)
-    assert_matches(model, nn.MSELoss(), x, y)
+    assert_matches_naive(model, nn.MSELoss(), x, y)
     assert seen == {f"{route}.sq_norm"}
 
 
@@ -303,7 +274,7 @@ def test_custom_module_uses_exact_fallback_and_warns_once() -> None:
         per_sample_grad_norms(model, nn.MSELoss(), (x, y))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)  # one warning per module instance
-        assert_matches(model, nn.MSELoss(), x, y)
+        assert_matches_naive(model, nn.MSELoss(), x, y)
 
 
 def test_linear_subclass_with_own_forward_is_not_given_the_linear_rule() -> None:
@@ -314,7 +285,7 @@ def test_linear_subclass_with_own_forward_is_not_given_the_linear_rule() -> None
     model = nn.Sequential(Squared(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
     x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 1, dtype=DT)
     with pytest.warns(FallbackWarning, match="Squared"):
-        assert_matches(model, nn.MSELoss(), x, y)
+        assert_matches_naive(model, nn.MSELoss(), x, y)
 
 
 def test_registered_rule_is_used() -> None:
@@ -334,7 +305,7 @@ def test_registered_rule_is_used() -> None:
     x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)
-        assert_matches(model, nn.MSELoss(), x, y)
+        assert_matches_naive(model, nn.MSELoss(), x, y)
 
 
 def test_frozen_and_unused_parameters() -> None:
@@ -353,7 +324,7 @@ def test_frozen_and_unused_parameters() -> None:
     assert isinstance(got, dict)
     assert "body.0.weight" not in got
     assert torch.equal(got["unused.weight"], torch.zeros(4, dtype=DT))
-    assert_matches(model, nn.CrossEntropyLoss(), x, y)
+    assert_matches_naive(model, nn.CrossEntropyLoss(), x, y)
 
 
 def test_single_sample_batch_equals_squared_gradient_norm() -> None:
