@@ -1,7 +1,20 @@
 """Models the benchmark scripts share (imported as ``_common``: the scripts run from this folder)."""
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+
+@dataclass
+class Case:
+    """One benchmark case: a model, its loss and one batch."""
+
+    name: str
+    model: nn.Module
+    loss_fn: nn.Module
+    x: Tensor
+    y: Tensor
 
 
 def mnist_mlp() -> nn.Sequential:

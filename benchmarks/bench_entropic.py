@@ -47,24 +47,14 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 import neurothermo as nt
-from _common import mnist_cnn, mnist_mlp
+from _common import Case, mnist_cnn, mnist_mlp
 
 LR = 0.1
-
-
-@dataclass
-class Case:
-    name: str
-    model: nn.Module
-    loss_fn: nn.Module
-    x: Tensor
-    y: Tensor
 
 
 def cases(device: torch.device) -> list[Case]:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+import _common
 from _common import mnist_cnn, mnist_mlp
 from neurothermo.gradstats import per_sample_grad_norms
 
@@ -46,13 +47,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 
 @dataclass
-class Case:
-    name: str
-    model: nn.Module
-    loss_fn: nn.Module
-    x: Tensor
-    y: Tensor
-    backpack_ok: bool
+class Case(_common.Case):
+    backpack_ok: bool  # BackPACK supports every layer of the model
 
 
 class Block(nn.Module):

@@ -84,24 +84,24 @@ class AttnNet(nn.Module):
         return y
 
 
-def _model(cfg: Cfg) -> AttnNet:
-    model = AttnNet(cfg).to(DT)
-    if cfg.add_bias_kv:  # torch starts them at zero; random values make their gradients count
-        nn.init.normal_(model.att.bias_k)
-        nn.init.normal_(model.att.bias_v)
-    return model
-
-
 def _data(b: int = 4, t: int = 5) -> tuple[Tensor, Tensor]:
     return torch.rand(b, t, 3, dtype=DT), torch.randn(b, 2, dtype=DT)
 
 
+def _case(name: str, seed: int) -> tuple[AttnNet, Tensor, Tensor]:
+    """The float64 model of ``CONFIGS[name]`` and a batch (x, y), after ``manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    cfg = CONFIGS[name]
+    model = AttnNet(cfg).to(DT)
+    if cfg.add_bias_kv:  # torch starts them at zero; random values make their gradients count
+        nn.init.normal_(model.att.bias_k)
+        nn.init.normal_(model.att.bias_v)
+    return model, *_data()
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_recorded_forward_equals_torch_forward(name: str) -> None:
-    torch.manual_seed(0)
-    cfg = CONFIGS[name]
-    model = _model(cfg)
-    x, _ = _data()
+    model, x, _ = _case(name, 0)
     ref = model(x)
     wanted = frozenset(id(p) for p in model.parameters())
     rec = Recorder(x.shape[0], wanted, clone=False, create_graph=False)
@@ -114,10 +114,7 @@ def test_recorded_forward_equals_torch_forward(name: str) -> None:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_attention_norms_match_naive_loop(name: str) -> None:
-    torch.manual_seed(1)
-    cfg = CONFIGS[name]
-    model = _model(cfg)
-    x, y = _data()
+    model, x, y = _case(name, 1)
     assert_matches_naive(model, nn.MSELoss(), x, y)
 
 
