@@ -346,3 +346,57 @@ def test_lightning_callback() -> None:
     np.testing.assert_array_equal(h.steps(names.LOSS), [0, 1, 2, 3])
     assert h[names.charge_err(0)].max() < 1e-12  # SGD's exact identity, through Lightning
     np.testing.assert_allclose(h[names.TEMPERATURE], 0.05 / 8)
+
+
+def _sgd_run(mon_kw: dict, *, drop_bias_grad_at: int | None = None, read_every_step: bool = False,
+             steps: int = 5) -> nt.ThermoMonitor:
+    x, y = _data()
+    model = _mixed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = nt.ThermoMonitor(model, nn.MSELoss(), optimizer=opt, noise_every=None, **mon_kw)
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(x[:8]), y[:8]).backward()
+        if step == drop_bias_grad_at:
+            model[0].bias.grad = None  # this step leaves the bias alone (SGD skips it)
+        mon.after_backward(step, (x[:8], y[:8]))
+        opt.step()
+        mon.after_step(step)
+        if read_every_step:
+            assert len(mon.history[names.grad_sq("0")]) == step + 1  # reading derives what is pending
+    return mon
+
+
+def test_derived_columns_do_not_depend_on_when_history_is_flushed() -> None:
+    """Derived columns are computed per block at flush; one block or one row per block: same numbers."""
+    blocks = _sgd_run({"sync_every": 100}).history
+    rows = _sgd_run({"sync_every": 1}, read_every_step=True).history
+    assert blocks.columns == rows.columns
+    for c in blocks.columns:
+        np.testing.assert_array_equal(blocks.steps(c), rows.steps(c))
+        # the running averages advance row by row either way; only a sum's order may differ
+        np.testing.assert_allclose(blocks[c], rows[c], rtol=1e-14, atol=1e-300, err_msg=c)
+
+
+def test_a_missing_gradient_counts_as_zero_and_the_charge_check_sees_it() -> None:
+    x, y = _data()
+    h = _sgd_run({}, drop_bias_grad_at=2).history
+    ref = _sgd_run({}, steps=2).history  # the first two steps are the same run
+    np.testing.assert_array_equal(h[names.energy_in(0)][:2], ref[names.energy_in(0)])
+    # step 2 recomputed by hand: the bias has no gradient, so it adds nothing to the energies
+    model = _mixed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(x[:8]), y[:8]).backward()
+        if step == 2:
+            g = model[0].weight.grad
+            np.testing.assert_allclose(h[names.energy_in(0)][2], g.pow(2).sum(1).numpy(), rtol=1e-13)
+            np.testing.assert_allclose(h[names.grad_sq("0")][2], float(g.pow(2).sum()), rtol=1e-13)
+        opt.step()
+    # Leaving the bias out breaks the Noether identity w·g_w + b·g_b = u·g_u behind the exact
+    # prediction, so the first-order term −2η·b·g_b survives: the check flags exactly that step.
+    err = h[names.charge_err(0)]
+    scale = max(1.0, np.abs(h[names.charge(0)]).max())
+    assert np.delete(err, 2).max() <= 1e-13 * scale
+    assert err[2] > 1e6 * 1e-13 * scale

@@ -113,3 +113,28 @@ def test_from_jsonl_bad_lines(tmp_path) -> None:
     p.write_text('{"x": 1}\n')
     with pytest.raises(ValueError, match="no 'step'"):
         History.from_jsonl(p)
+
+
+def test_extend_appends_a_block_after_pending_records() -> None:
+    h = History()
+    h.record(0, x=torch.tensor([1.0, 2.0]))
+    h.extend("x", [2, 5], torch.tensor([[3.0, 4.0], [5.0, 6.0]]))
+    h.record(7, x=torch.tensor([7.0, 8.0]))
+    np.testing.assert_array_equal(h.steps("x"), [0, 2, 5, 7])
+    np.testing.assert_array_equal(h["x"], [[1, 2], [3, 4], [5, 6], [7, 8]])
+    h.extend("y", [1], torch.tensor([9.0], dtype=torch.float16))  # half precision read as float32
+    assert h["y"].dtype == np.float32 and [r["step"] for r in h.to_dicts()] == [0, 1, 2, 5, 7]
+
+
+def test_bad_blocks() -> None:
+    h = History()
+    h.record(3, x=torch.zeros(2))
+    with pytest.raises(ValueError, match="2 steps but 3 rows"):
+        h.extend("x", [4, 5], torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="increase strictly"):
+        h.extend("x", [5, 5], torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="already has step 3"):
+        h.extend("x", [3, 4], torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="shape"):
+        h.extend("x", [4], torch.zeros(1, 3))
+    np.testing.assert_array_equal(h.steps("x"), [3])  # nothing of a rejected block was kept

@@ -12,6 +12,7 @@ entries. Rows (:meth:`to_dicts`) hold, for each recorded step, the columns recor
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -50,6 +51,23 @@ class _Column:
                 "Record values of one shape per column (use a new column name otherwise)"
             )
         self.pending.append(v)
+
+    def extend(self, name: str, steps: list[int], values: Tensor) -> None:
+        """Append a block: ``values[i]`` is the entry of ``steps[i]`` (copied to the host now)."""
+        v = values.detach()
+        shape = tuple(v.shape[1:])
+        if self.shape is None:
+            self.shape = shape
+        elif shape != self.shape:
+            raise ValueError(
+                f"column {name!r} holds values of shape {self.shape}; got shape {shape}. "
+                "Record values of one shape per column (use a new column name otherwise)"
+            )
+        self.flush()
+        if v.dtype in (torch.bfloat16, torch.float16):
+            v = v.float()
+        self.chunks.append(v.cpu().numpy())
+        self.steps.extend(steps)
 
     def flush(self) -> None:
         """Stack consecutive pending values of one device and dtype; copy each stack to host once."""
@@ -108,6 +126,26 @@ class History:
                 )
             col.append(name, value)
             col.steps.append(step)
+
+    def extend(self, name: str, steps: list[int], values: Tensor) -> None:
+        """Record a block of entries of one column at once: ``values[i]`` belongs to ``steps[i]``.
+
+        ``steps`` must increase strictly and follow the column's last step; ``values`` has one row
+        per step (a tensor, copied to host memory now: a block is recorded at flush time).
+        """
+        if len(steps) != values.shape[0]:
+            raise ValueError(f"column {name!r}: {len(steps)} steps but {values.shape[0]} rows of values")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError(f"column {name!r}: steps of a block must increase strictly, got {steps}")
+        col = self._cols.get(name)
+        if col is None:
+            col = self._cols[name] = _Column()
+        if col.steps and steps and steps[0] <= col.steps[-1]:
+            raise ValueError(
+                f"column {name!r} already has step {col.steps[-1]}; steps must increase "
+                f"(got {steps[0]}). Use a fresh History (or truncate(after_step)) to re-record"
+            )
+        col.extend(name, list(steps), values)
 
     def flush(self) -> None:
         """Move every pending tensor to host memory (one stack and copy per column)."""

@@ -37,10 +37,14 @@ the host every ``sync_every`` recorded steps (then rows go to the ``writer``).
 **Cost** of a recorded step (no device synchronisation): one read of every gradient and one of every
 parameter after the step (the parameter sums are reused as the next step's "before"); a tensor whose
 units are read along two axes (a hidden layer's weight is the outgoing side of one layer of units
-and the incoming side of the next) is squared once into a reused buffer and reduced twice; about
-fifty small tensor operations. These reductions are memory-bound, so the relative cost is largest
-for wide, shallow MLPs on a CPU (``benchmarks/bench_monitor.py``); ``every=k`` divides it by k.
-Symmetries with matrix charges (double rotations) use ``sym.charge`` (a matrix product per step).
+and the incoming side of the next) is squared once into a reused buffer and reduced twice. Only
+these reductions run at the step: the small vectors they give are kept, and every derived column
+(running averages, ratios, residuals, charges and their predicted and measured changes) is computed
+for a whole block of steps when the history is flushed or read (``derive.py``), with identical
+numbers. The reductions are memory-bound, so the relative cost is largest for wide, shallow MLPs
+on a CPU (``benchmarks/bench_monitor.py`` prints it next to the bare reductions, its floor);
+``every=k`` divides it by k. Symmetries with matrix charges (double rotations) use ``sym.charge``
+(a matrix product per step).
 """
 from __future__ import annotations
 
@@ -55,13 +59,9 @@ from torch import Tensor, nn
 from neurothermo._state import preserved_state
 from neurothermo._validate import check_batch, check_int, check_loss_fn, check_positive
 from neurothermo.monitor import names
+from neurothermo.monitor.derive import RawStep, deferred_charge, derive
 from neurothermo.monitor.history import History
-from neurothermo.monitor.quantities import (
-    SquareSums,
-    balance_residual,
-    ema_update,
-    predicted_change,
-)
+from neurothermo.monitor.quantities import SquareSums, predicted_change
 from neurothermo.monitor.symmetries import Tracked, detect, track, versions
 from neurothermo.monitor.writers import Writer
 
@@ -127,6 +127,8 @@ class ThermoMonitor:
         self._psums: tuple[tuple[int, ...], SquareSums] | None = None
         self._scratch_grads: dict[Any, Tensor] = {}
         self._scratch_params: dict[Any, Tensor] = {}
+        self._raw: list[RawStep] = []  # recorded steps whose derived columns wait for flush()
+        self._unit_keys: list[tuple[str, int, tuple[int, ...] | None]] = []
         if not self._params:
             raise ValueError("model has no trainable parameters to monitor")
         owners: dict[str, int] = {}
@@ -140,7 +142,7 @@ class ThermoMonitor:
         self._param_layer = [owners[n.rpartition(".")[0] or "(root)"] for n in self._params]
         self._sym_request = symmetries
         self._tracked: list[Tracked] | None = None
-        self.history = History(meta={"layers": self.layers, "every": self.every,
+        self._history = History(meta={"layers": self.layers, "every": self.every,
                                      "noise_every": self.noise_every,
                                      "sharpness_every": self.sharpness_every, "notes": []})
         self._ema_layer: Tensor | None = None
@@ -148,6 +150,12 @@ class ThermoMonitor:
         self._emitted = -1
         self._pending: tuple[int, dict[str, Any]] | None = None
         self._warned: set[str] = set()
+
+    @property
+    def history(self) -> History:
+        """The recorded columns (see the module docstring); derived columns are brought up to date."""
+        self._drain()
+        return self._history
 
     # ---- configuration -------------------------------------------------------------------------
     def bind(
@@ -192,7 +200,7 @@ class ThermoMonitor:
     def _note(self, key: str, text: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            self.history.meta["notes"].append(text)
+            self._history.meta["notes"].append(text)
             warnings.warn(f"ThermoMonitor: {text}", MonitorWarning, stacklevel=3)
 
     @contextmanager
@@ -226,7 +234,7 @@ class ThermoMonitor:
             if loss is not None:
                 values[names.LOSS] = loss.detach()
             if recorded:
-                self._record_grads(values, batch, lr, wd, predict=not_exact is None)
+                self._record_grads(step, values, batch, lr, wd, predict=not_exact is None)
             if lr is not None and self.noise_every is not None and step % self.noise_every == 0:
                 values.update(_entropic_terms(self, batch, loss, lr, wd))
             if self._sharpness is not None and step % self.sharpness_every == 0:  # type: ignore[operator]
@@ -248,58 +256,34 @@ class ThermoMonitor:
         """Squared-entry sums of the parameters, reused while no parameter changed in place."""
         v = versions(self._params)
         if self._psums is None or self._psums[0] != v:
-            self._psums = (v, SquareSums(self._params, self._scratch_params))
+            sums = SquareSums(self._params, self._scratch_params).prepare(self._unit_keys, self._names)
+            self._psums = (v, sums)
         return self._psums[1]
 
-    def _charge(self, t: Tracked, psums: SquareSums) -> Tensor:
-        if t.per_unit and t.sym.kind == "rescale":  # J_u = Σ_in rows² − Σ_out rows², shared sums
-            j_in, j_out = psums.unit_energies(t.sym.slices, t.sym.n_units)
-            return j_in - j_out
+    def _charge(self, t: Tracked) -> Tensor:
+        """A charge that is not derived from the shared sums (``derive.deferred_charge``)."""
         cached = t.cached_charge(self._params)
         if cached is None:
             cached = t.sym.charge(self._params)
             t.remember(cached, self._params)
         return cached
 
-    def _record_grads(self, values: dict[str, Any], batch: Sequence[Tensor], lr: float | None,
-                      wd: float, *, predict: bool) -> None:
+    def _record_grads(self, step: int, values: dict[str, Any], batch: Sequence[Tensor],
+                      lr: float | None, wd: float, *, predict: bool) -> None:
+        """The reductions of this step (kept in ``self._raw``) and the eagerly computed charges."""
         grads = {n: p.grad for n, p in self._params.items()}
-        gsums, psums = SquareSums(grads, self._scratch_grads), self._param_sums()
-        tracked = self._tracked or []
-        energies = {t.index: gsums.unit_energies(t.sym.slices, t.sym.n_units)
-                    for t in tracked if t.per_unit}
-        n_layers = len(self.layers)
-        layer_sq = gsums.totals(self._names, self._param_layer, n_layers)
-        w_norm = psums.totals(self._names, self._param_layer, n_layers).sqrt()
-        self._count += 1
-        ema = self._ema_layer = ema_update(self._ema_layer, layer_sq, self.ema)
-        ema_hat = ema / (1 - self.ema**self._count)
-        ratio = ema[:-1] / ema[1:]
-        resid = (ema[:-1] - ema[1:]) / (ema[:-1] + ema[1:])
-        for k, (c_sq, c_ema, c_w) in enumerate(self._layer_cols):
-            values[c_sq], values[c_ema], values[c_w] = layer_sq[k], ema_hat[k], w_norm[k]
-        for k, (c_ratio, c_resid) in enumerate(self._pair_cols):
-            values[c_ratio], values[c_resid] = ratio[k], resid[k]
-        if lr is not None:
-            bsz = int(batch[0].shape[0])
-            values[names.LR], values[names.BATCH_SIZE], values[names.TEMPERATURE] = lr, bsz, lr / bsz
-        for t in tracked:
-            t.before = self._charge(t, psums)
-            imbalance = None
-            c = t.cols
-            if t.per_unit:
-                e_in, e_out = energies[t.index]
-                values[c["in"]], values[c["out"]] = e_in, e_out
-                t.ema_in = ema_update(t.ema_in, e_in, self.ema)
-                t.ema_out = ema_update(t.ema_out, e_out, self.ema)
-                s_in, s_out = t.ema_in.sum(), t.ema_out.sum()
-                values[c["ratio"]] = s_in / s_out
-                values[c["residual"]] = balance_residual(t.ema_in, t.ema_out, s_in, s_out)
-                if t.sym.kind == "rescale":
-                    imbalance = e_in - e_out
-            if predict and imbalance is None:
+        gsums = SquareSums(grads, self._scratch_grads).prepare(self._unit_keys, self._names)
+        self._raw.append(RawStep(step=step, lr=lr, wd=wd, batch_size=int(batch[0].shape[0]),
+                                 predict=predict, grads=gsums, before=self._param_sums()))
+        for t in self._tracked or ():
+            if deferred_charge(t):
+                continue
+            t.before = self._charge(t)
+            t.predicted = None
+            if predict:
                 imbalance = t.sym.imbalance(grads)
-            t.predicted = None if not predict else predicted_change(t.before, imbalance, lr, wd)  # type: ignore[arg-type]
+                t.predicted = predicted_change(t.before, imbalance, lr, wd)  # type: ignore[arg-type]
+            c = t.cols
             if t.before.numel() <= self.max_charge_numel:
                 values[c["charge"]] = t.before
                 if t.predicted is not None:
@@ -320,26 +304,30 @@ class ThermoMonitor:
             values[names.LOSS] = loss.detach()
         if step % self.every == 0 and self._tracked:
             with torch.no_grad():
-                psums = self._param_sums()
+                if any(deferred_charge(t) for t in self._tracked):
+                    self._raw[-1].after = self._param_sums()
                 for t in self._tracked:
+                    if deferred_charge(t):
+                        continue
                     assert t.before is not None  # set by after_backward on recorded steps
-                    measured = self._charge(t, psums) - t.before
+                    measured = self._charge(t) - t.before
                     if t.before.numel() <= self.max_charge_numel:
                         values[t.cols["meas"]] = measured
                     if t.predicted is not None:
                         values[t.cols["err"]] = (measured - t.predicted).abs().max()
-        self.history.record(step, values)
+        self._history.record(step, values)
         if step % (self.every * self.sync_every) == 0:
             self.flush()
 
     # ---- output --------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Copy pending values to the host (one sync) and hand new rows to the writer."""
-        self.history.flush()
+        """Derive the pending columns, copy values to the host and hand new rows to the writer."""
+        self._drain()
+        self._history.flush()
         if self.writer is not None:
-            rows = self.history.to_dicts(after_step=self._emitted)
+            rows = self._history.to_dicts(after_step=self._emitted)
             if rows:
-                self.writer.write(rows, self.history.meta)
+                self.writer.write(rows, self._history.meta)
                 self._emitted = rows[-1]["step"]
             self.writer.flush()
 
@@ -353,30 +341,44 @@ class ThermoMonitor:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue recording identically after a checkpoint resume."""
         self.flush()
-        return {"history": self.history.state_dict(), "ema_layer": self._ema_layer,
+        return {"history": self._history.state_dict(), "ema_layer": self._ema_layer,
                 "count": self._count, "emitted": self._emitted,
                 "units": {t.index: (t.ema_in, t.ema_out) for t in self._tracked or ()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history.load_state_dict(state["history"])
+        self._history.load_state_dict(state["history"])
+        self._raw = []
         self._ema_layer, self._count = state["ema_layer"], int(state["count"])
         self._emitted, self._pending, self._psums = int(state["emitted"]), None, None
         self._units_state = state.get("units", {})
         for t in self._tracked or ():
             t.ema_in, t.ema_out = self._units_state.get(t.index, (None, None))
             t.forget()
-        steps = [int(s) for c in self.history.columns for s in self.history.steps(c)[-1:]]
+        steps = [int(s) for c in self._history.columns for s in self._history.steps(c)[-1:]]
         last = max(steps, default=-1)
         truncate = getattr(self.writer, "truncate", None)
         if callable(truncate):
             truncate(last)
             self._emitted = min(self._emitted, last)
 
+    def _drain(self) -> None:
+        """Compute the derived columns of the steps recorded since the last drain (``derive.py``)."""
+        if not self._raw:
+            return
+        block, self._raw = self._raw, []
+        with torch.no_grad():
+            for name, (steps, vals) in derive(self, block).items():
+                self._history.extend(name, steps, vals)
+
     def _init_symmetries(self, inputs: Tensor) -> list[Tracked]:
         with self._measuring(), torch.no_grad():
             syms = detect(self.model, inputs, self._sym_request)
         tracked = track(syms, self._params)
-        self.history.meta["symmetries"] = [t.describe() for t in tracked]
+        keys = {(s.name, s.dim, s.view): None for t in tracked if t.per_unit for s in t.sym.slices
+                if s.role != "passive" and not s.buffer and s.dim is not None}
+        self._unit_keys = list(keys)
+        self._psums = None
+        self._history.meta["symmetries"] = [t.describe() for t in tracked]
         for t in tracked:  # restore unit EMAs after a resume
             t.ema_in, t.ema_out = getattr(self, "_units_state", {}).get(t.index, (None, None))
         return tracked

@@ -47,7 +47,7 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
             raise ImportError("ThermoMonitor(data=...) entropic terms need neurothermo.entropic") from e
         d = entropic_decomposition(mon.model, mon.loss_fn, mon.data, lr=lr, batch_size=b,
                                    replacement=replacement, weight_decay=wd)
-        mon.history.meta["entropic"] = f"exact over data (N={d.n_samples})"
+        mon._history.meta["entropic"] = f"exact over data (N={d.n_samples})"
         f64 = torch.float64
         return {LOSS: torch.tensor(d.loss, dtype=f64), DISC: torch.tensor(d.discretization, dtype=f64),
                 NOISE: torch.tensor(d.noise, dtype=f64), TOTAL: torch.tensor(d.total, dtype=f64),
@@ -75,7 +75,7 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
     sample_sq = norms.detach()
     terms = batch_noise_terms(sample_sq, grad_sq, lr=lr, dataset_size=mon._n,
                               replacement=replacement, grad_sq_decayed=decayed)
-    mon.history.meta["entropic"] = "unbiased one-minibatch estimate"
+    mon._history.meta["entropic"] = "unbiased one-minibatch estimate"
     out = {DISC: terms["discretization"], NOISE: terms["noise"], TRACE: terms["trace_sigma"]}
     if loss is not None:
         base = loss.detach()

@@ -29,13 +29,18 @@ class Slice(Protocol):
     buffer: bool
 
 
+_FUSED_NORM_NUMEL = 1 << 16  # below this, norms share one _foreach_norm call (slow on big CPU tensors)
+
+
 class SquareSums:
     """Sums of squared entries of named tensors, each reduction computed once and shared.
 
-    ``along(name, dim)`` is ``Σ t²`` over every axis but ``dim`` (a vector along ``dim``); ``totals``
-    gives ``‖t‖²`` per tensor, reusing any ``along`` reduction already made and taking the rest in
-    one fused ``_foreach_norm``. One object per step and per source (gradients, or parameters), so
-    the per-unit energies, the charges and the per-layer norms read each tensor about once.
+    ``along(name, dim)`` is ``Σ t²`` over every axis but ``dim`` (a vector along ``dim``);
+    ``per_tensor`` gives ``‖t‖²`` per tensor, reusing any ``along`` reduction already made. One
+    object per step and per source (gradients, or parameters), so the per-unit energies, the
+    charges and the per-layer norms read each tensor about once. The monitor calls :meth:`prepare`
+    at the step (the reductions, then the big tensors are let go) and :meth:`stacked` joins
+    many steps for the derived columns (``derive.py``).
     """
 
     def __init__(self, tensors: Mapping[str, Tensor | None],
@@ -44,8 +49,74 @@ class SquareSums:
         self._along: dict[tuple[str, int, tuple[int, ...] | None], Tensor] = {}
         self._squares: dict[tuple[str, tuple[int, ...] | None], Tensor] = {}
         self._units: dict[int, tuple[Tensor, Tensor]] = {}
+        self._rest: dict[str, Tensor] = {}
         # reused buffers for squared entries: a fresh large allocation each step costs page faults
         self._scratch: dict[Any, Tensor] = {} if scratch is None else scratch
+
+    def prepare(self, keys: Sequence[tuple[str, int, tuple[int, ...] | None]],
+                names: Sequence[str]) -> SquareSums:
+        """Make every reduction now, then drop the references to the tensors (:meth:`release`).
+
+        ``keys`` are the ``(name, dim, view)`` of :meth:`along`; every tensor of ``names`` that no
+        key covers gets its ``‖t‖²`` (one norm kernel each, one fused call for small tensors).
+        What is left are the reduced vectors only, safe to keep for later (:meth:`stacked`).
+        """
+        for name, dim, view in keys:
+            self.along(name, dim, view)
+        covered = {n for n, _, _ in self._along}
+        rest = [n for n in names if n not in covered and self.tensors.get(n) is not None]
+        small = [n for n in rest if self.tensors[n].numel() < _FUSED_NORM_NUMEL]  # type: ignore[union-attr]
+        if small:
+            norms = torch._foreach_norm([self.tensors[n].detach() for n in small])  # type: ignore[union-attr]
+            self._rest.update(zip(small, norms))
+        for n in rest:
+            if n not in self._rest:
+                self._rest[n] = torch.linalg.vector_norm(self.tensors[n].detach())  # type: ignore[union-attr]
+        self.release()
+        return self
+
+    def release(self) -> None:
+        """Forget the source tensors and squared buffers (keep only the reductions)."""
+        self.tensors = {}
+        self._squares = {}
+
+    def per_tensor(self, names: Sequence[str]) -> Tensor:
+        """``‖t‖²`` of each of ``names`` (along the last axis: one column per name; 0 if missing).
+
+        Uses the reductions made by :meth:`along` (their sum) or :meth:`prepare` (the norm).
+        """
+        first: dict[str, Tensor] = {}
+        for (n, _, _), r in self._along.items():
+            first.setdefault(n, r)
+        cols: list[Tensor | None] = []
+        for n in names:
+            if n in first:
+                cols.append(first[n].sum(-1))
+            elif n in self._rest:
+                cols.append(self._rest[n].square())
+            else:
+                cols.append(None)
+        ref = next((c for c in cols if c is not None), None)
+        if ref is None:
+            raise ValueError("no tensors to take norms of; was backward() called?")
+        return torch.stack([ref.new_zeros(ref.shape) if c is None else c.to(ref.dtype) for c in cols], -1)
+
+    @classmethod
+    def stacked(cls, steps: Sequence[SquareSums]) -> SquareSums:
+        """The reductions of several prepared steps, each stacked along a new first axis.
+
+        A reduction missing at some step (no gradient then) is zero there. :meth:`unit_energies`
+        and :meth:`per_tensor` of the result give one row per step.
+        """
+        out = cls({})
+        for attr in ("_along", "_rest"):
+            keys = dict.fromkeys(k for s in steps for k in getattr(s, attr))
+            for k in keys:
+                vals = [getattr(s, attr).get(k) for s in steps]
+                ref = next(v for v in vals if v is not None)
+                getattr(out, attr)[k] = torch.stack(
+                    [ref.new_zeros(ref.shape) if v is None else v for v in vals])
+        return out
 
     def along(self, name: str, dim: int, view: tuple[int, ...] | None = None) -> Tensor | None:
         key = (name, dim, view)
@@ -78,7 +149,8 @@ class SquareSums:
         group element touches. With gradients of a rescale symmetry this is the incoming energy
         ``‖g_{w_u}‖² + g_{b_u}²`` and the outgoing energy ``‖g_{u_u}‖²`` of hidden unit u, whose
         difference is the imbalance ``gᵀAg``; with the parameters, the difference is the charge
-        ``J_u``. A missing tensor (``None``: no gradient) counts as zero.
+        ``J_u``. A missing tensor (``None``: no gradient) counts as zero. On :meth:`stacked`
+        sums the units are the last axis (one row per step).
         """
         memo = self._units.get(id(slices))
         if memo is not None:
@@ -91,9 +163,9 @@ class SquareSums:
             r = self.along(s.name, s.dim, s.view)
             if r is None:
                 continue
-            q = r if (s.start == 0 and s.stop in (None, r.shape[0])) else r[s.start:s.stop]
-            if q.shape[0] != n_units:
-                raise ValueError(f"slice of {s.name!r} has {q.shape[0]} units, expected {n_units}")
+            q = r if (s.start == 0 and s.stop in (None, r.shape[-1])) else r[..., s.start:s.stop]
+            if q.shape[-1] != n_units:
+                raise ValueError(f"slice of {s.name!r} has {q.shape[-1]} units, expected {n_units}")
             if s.role == "in":
                 e_in = q if e_in is None else e_in + q
             else:
@@ -101,42 +173,10 @@ class SquareSums:
         ref = e_in if e_in is not None else e_out
         if ref is None:
             raise ValueError(f"none of {[s.name for s in slices]} has a value; was backward() called?")
-        out = (ref.new_zeros(n_units) if e_in is None else e_in,
-               ref.new_zeros(n_units) if e_out is None else e_out)
+        out = (ref.new_zeros(ref.shape) if e_in is None else e_in,
+               ref.new_zeros(ref.shape) if e_out is None else e_out)
         self._units[id(slices)] = out
         return out
-
-    def totals(self, names: Sequence[str], group: Sequence[int], n_groups: int) -> Tensor:
-        """``out[k] = Σ_{i: group[i]=k} ‖t_i‖²`` over ``names`` (missing tensors count 0).
-
-        Reuses the ``along`` reductions already made (one per tensor) and takes the remaining
-        tensors in one fused ``_foreach_norm``; a single ``index_add`` forms the groups.
-        """
-        first: dict[str, Tensor] = {}
-        for (n, _, _), r in self._along.items():
-            first.setdefault(n, r)
-        parts, seg, rest = [], [], []
-        for n, k in zip(names, group):
-            if n in first:
-                parts.append(first[n])
-                seg.append((k, first[n].numel()))
-            elif self.tensors.get(n) is not None:
-                rest.append((n, k))
-        if rest:
-            norms = torch._foreach_norm([self.tensors[n].detach() for n, _ in rest])  # type: ignore[union-attr]
-            parts.append(torch.stack(norms).square())
-            seg += [(k, 1) for _, k in rest]
-        if not parts:
-            raise ValueError("no tensors to take norms of; was backward() called?")
-        dtype = parts[0].dtype
-        flat = torch.cat([p if p.dtype == dtype else p.to(dtype) for p in parts])
-        key = ("segments", tuple(seg), flat.device)
-        index = self._scratch.get(key)
-        if index is None:
-            index = torch.repeat_interleave(torch.tensor([k for k, _ in seg]),
-                                            torch.tensor([c for _, c in seg])).to(flat.device)
-            self._scratch[key] = index
-        return flat.new_zeros(n_groups).index_add_(0, index, flat)
 
 
 def predicted_change(charge: Tensor, imbalance: Tensor, lr: float, weight_decay: float) -> Tensor:
@@ -165,13 +205,12 @@ def ema_update(avg: Tensor | None, x: Tensor, beta: float) -> Tensor:
 
 def balance_residual(a: Tensor, b: Tensor, sum_a: Tensor | None = None,
                      sum_b: Tensor | None = None) -> Tensor:
-    """``Σ|a − b| / Σ(a + b)`` for non-negative energies: 0 at balance, 1 when one side is zero.
-
-    ``sum_a`` / ``sum_b`` may pass ``Σa`` / ``Σb`` when they are already computed.
+    """``Σ|a − b| / Σ(a + b)`` over the last axis, for non-negative energies: 0 at balance, 1 when
+    one side is zero. ``sum_a`` / ``sum_b`` may pass ``Σa`` / ``Σb`` when they are already computed.
     """
-    sa = a.sum() if sum_a is None else sum_a
-    sb = b.sum() if sum_b is None else sum_b
-    return (a - b).abs().sum() / (sa + sb)
+    sa = a.sum(-1) if sum_a is None else sum_a
+    sb = b.sum(-1) if sum_b is None else sum_b
+    return (a - b).abs().sum(-1) / (sa + sb)
 
 
 def batch_noise_terms(

@@ -1,0 +1,169 @@
+"""The monitor's derived columns, computed per block of recorded steps when the history is flushed.
+
+At a recorded step the monitor makes only the memory-bound reductions of the gradients and of the
+parameters (:meth:`SquareSums.prepare`: squared entries summed per unit and per tensor) and keeps
+the small vectors that result in a :class:`RawStep`. Everything else is derived here for many
+steps at once, steps along the first axis, so the training loop pays a dozen kernels per step and
+no Python bookkeeping per column:
+
+* per layer ``‖g‖²`` (sum over the layer's tensors), its running expectation
+  ``m_t = β·m_{t−1} + (1 − β)·x_t`` reported bias-corrected as ``m_t / (1 − β^t)``, the ratios
+  ``m_a / m_b`` and residuals ``(m_a − m_b)/(m_a + m_b)`` of consecutive layers, weight norms;
+* per unit of a per-unit symmetry the incoming and outgoing gradient energies, their running
+  expectations, ``Σ_u m_in / Σ_u m_out`` and ``Σ_u |m_in − m_out| / Σ_u (m_in + m_out)``;
+* for rescale symmetries the charge ``J_u = Σ_in θ² − Σ_out θ²`` before the step, its measured
+  change (after minus before) and, for plain SGD, the exact prediction
+  ``((1 − lr·wd)² − 1)·J + lr²·(e_in − e_out)`` and ``max_u |measured − predicted|``;
+* ``lr``, ``b`` and the temperature ``lr/b``.
+
+The running averages advance row by row in the same arithmetic as a step-by-step update, so the
+numbers do not depend on how steps are grouped into blocks. Conventions as in ``quantities.py``:
+``g`` is the mean-minibatch-loss gradient without weight decay, ``wd`` torch's weight decay.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from neurothermo.monitor import names
+from neurothermo.monitor.quantities import SquareSums, balance_residual, ema_update
+
+if TYPE_CHECKING:
+    from neurothermo.monitor.monitor import ThermoMonitor
+    from neurothermo.monitor.symmetries import Tracked
+
+Columns = dict[str, tuple[list[int], Tensor]]
+
+
+@dataclass(eq=False)
+class RawStep:
+    """What one recorded step keeps until the next flush (reduced vectors only, no big tensors).
+
+    ``predict``: the step is a plain SGD step, so charge predictions are exact and recorded.
+    ``after`` is set by ``after_step`` when rescale charges are tracked.
+    """
+
+    step: int
+    lr: float | None
+    wd: float
+    batch_size: int
+    predict: bool
+    grads: SquareSums
+    before: SquareSums
+    after: SquareSums | None = None
+
+
+def _running(mon_state: list[Any], rows: Tensor, beta: float) -> Tensor:
+    """EMA rows ``m_t`` for ``rows`` [T, ...], continuing from ``mon_state[0]`` (updated in place)."""
+    out = []
+    avg = mon_state[0]
+    for x in rows:
+        avg = ema_update(avg, x, beta)
+        out.append(avg)
+    mon_state[0] = avg
+    return torch.stack(out)
+
+
+def derive(mon: ThermoMonitor, block: Sequence[RawStep]) -> Columns:
+    """Every deferred column of ``block`` as ``{column: (steps, values stacked per step)}``."""
+    steps = [r.step for r in block]
+    cols: Columns = {}
+    grads = SquareSums.stacked([r.grads for r in block])
+    before = SquareSums.stacked([r.before for r in block])
+    _layers(mon, steps, grads, before, cols)
+    with_lr = [i for i, r in enumerate(block) if r.lr is not None]
+    if with_lr:
+        at = [steps[i] for i in with_lr]
+        lrs = [float(block[i].lr) for i in with_lr]  # type: ignore[arg-type]
+        bs = [block[i].batch_size for i in with_lr]
+        f64 = torch.float64
+        cols[names.LR] = (at, torch.tensor(lrs, dtype=f64))
+        cols[names.BATCH_SIZE] = (at, torch.tensor(bs, dtype=f64))
+        cols[names.TEMPERATURE] = (at, torch.tensor([lr / b for lr, b in zip(lrs, bs)], dtype=f64))
+    rescale = [t for t in mon._tracked or () if deferred_charge(t)]
+    after = (SquareSums.stacked([r.after for r in block])  # type: ignore[misc]
+             if rescale else None)
+    for t in mon._tracked or ():
+        if t.per_unit:
+            _units(mon, t, steps, grads, cols)
+        if deferred_charge(t):
+            assert after is not None
+            _charges(mon, t, block, grads, before, after, cols)
+    return cols
+
+
+def deferred_charge(t: Tracked) -> bool:
+    """Rescale charges per unit are derived from the shared sums; other kinds are computed eagerly."""
+    return t.per_unit and t.sym.kind == "rescale"
+
+
+def _layers(mon: ThermoMonitor, steps: list[int], grads: SquareSums, before: SquareSums,
+            cols: Columns) -> None:
+    n_layers = len(mon.layers)
+    group = torch.tensor(mon._param_layer)
+    per_g = grads.per_tensor(mon._names)  # [T, P]
+    per_p = before.per_tensor(mon._names)
+    index = group.to(per_g.device)
+    layer_sq = per_g.new_zeros(per_g.shape[0], n_layers).index_add_(1, index, per_g)
+    w_norm = per_p.new_zeros(per_p.shape[0], n_layers).index_add_(1, index, per_p).sqrt()
+    state = [mon._ema_layer]
+    ema = _running(state, layer_sq, mon.ema)
+    mon._ema_layer = state[0]
+    first = mon._count
+    mon._count += len(steps)
+    corr = torch.tensor([1 - mon.ema ** (first + i + 1) for i in range(len(steps))],
+                        dtype=torch.float64).to(ema.device, ema.dtype)
+    ema_hat = ema / corr[:, None]
+    ratio = ema[:, :-1] / ema[:, 1:]
+    resid = (ema[:, :-1] - ema[:, 1:]) / (ema[:, :-1] + ema[:, 1:])
+    for k, (c_sq, c_ema, c_w) in enumerate(mon._layer_cols):
+        cols[c_sq], cols[c_ema], cols[c_w] = (steps, layer_sq[:, k]), (steps, ema_hat[:, k]), (steps, w_norm[:, k])
+    for k, (c_ratio, c_resid) in enumerate(mon._pair_cols):
+        cols[c_ratio], cols[c_resid] = (steps, ratio[:, k]), (steps, resid[:, k])
+
+
+def _units(mon: ThermoMonitor, t: Tracked, steps: list[int], grads: SquareSums, cols: Columns) -> None:
+    e_in, e_out = grads.unit_energies(t.sym.slices, t.sym.n_units)
+    state = [t.ema_in]
+    m_in = _running(state, e_in, mon.ema)
+    t.ema_in = state[0]
+    state = [t.ema_out]
+    m_out = _running(state, e_out, mon.ema)
+    t.ema_out = state[0]
+    s_in, s_out = m_in.sum(-1), m_out.sum(-1)
+    c = t.cols
+    cols[c["in"]], cols[c["out"]] = (steps, e_in), (steps, e_out)
+    cols[c["ratio"]] = (steps, s_in / s_out)
+    cols[c["residual"]] = (steps, balance_residual(m_in, m_out, s_in, s_out))
+
+
+def _charges(mon: ThermoMonitor, t: Tracked, block: Sequence[RawStep], grads: SquareSums,
+             before: SquareSums, after: SquareSums, cols: Columns) -> None:
+    steps = [r.step for r in block]
+    j_in, j_out = before.unit_energies(t.sym.slices, t.sym.n_units)
+    a_in, a_out = after.unit_energies(t.sym.slices, t.sym.n_units)
+    charge = j_in - j_out
+    measured = (a_in - a_out) - charge
+    c = t.cols
+    small = t.sym.n_units <= mon.max_charge_numel
+    if small:
+        cols[c["charge"]], cols[c["meas"]] = (steps, charge), (steps, measured)
+    rows = [i for i, r in enumerate(block) if r.predict and r.lr is not None]
+    if not rows:
+        return
+    e_in, e_out = grads.unit_energies(t.sym.slices, t.sym.n_units)
+    at = [steps[i] for i in rows]
+    idx = torch.tensor(rows, device=charge.device)
+    # the coefficients in Python floats, as a per-step update with scalar lr and wd would use them
+    decay = torch.tensor([(1.0 - block[i].lr * block[i].wd) ** 2 - 1.0 for i in rows],  # type: ignore[operator]
+                         dtype=torch.float64).to(charge.device, charge.dtype)[:, None]
+    lr2 = torch.tensor([block[i].lr ** 2 for i in rows],  # type: ignore[operator]
+                       dtype=torch.float64).to(charge.device, charge.dtype)[:, None]
+    predicted = decay * charge[idx] + lr2 * (e_in - e_out)[idx]
+    if small:
+        cols[c["pred"]] = (at, predicted)
+    cols[c["err"]] = (at, (measured[idx] - predicted).abs().amax(-1))
