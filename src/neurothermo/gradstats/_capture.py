@@ -17,7 +17,7 @@ also on error.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -121,12 +121,16 @@ class _ParamUseGuard(TorchFunctionMode):
 
 
 @contextmanager
-def recording(model: nn.Module, recorder: Recorder) -> Iterator[Recorder]:
-    """Instrument every module of ``model`` that owns a wanted parameter; undo on exit."""
+def recording(model: nn.Module, recorder: Recorder, *, guard: bool = True) -> Iterator[Recorder]:
+    """Instrument every module of ``model`` that owns a wanted parameter; undo on exit.
+
+    ``guard=False`` leaves out the torch-function mode that reports parameters used outside their
+    module (``passive.py``: a mode left on the stack by an interrupted forward would outlive it).
+    """
     handles = []
     patched: list[tuple[nn.Module, Any]] = []
     missing = object()
-    guard = _ParamUseGuard(recorder)
+    mode = _ParamUseGuard(recorder) if guard else nullcontext()
     try:
         for name, module in model.named_modules():
             own = frozenset(id(p) for p in module.parameters(recurse=False))
@@ -143,7 +147,7 @@ def recording(model: nn.Module, recorder: Recorder) -> Iterator[Recorder]:
                                                             with_kwargs=True))
             handles.append(module.register_forward_hook(_hook(label, rule, recorder),
                                                         with_kwargs=True, prepend=True))
-        with guard:
+        with mode:
             yield recorder
     finally:
         for h in handles:

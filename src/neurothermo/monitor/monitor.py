@@ -145,6 +145,10 @@ class ThermoMonitor:
         self._history = History(meta={"layers": self.layers, "every": self.every,
                                      "noise_every": self.noise_every,
                                      "sharpness_every": self.sharpness_every, "notes": []})
+        self._capture: Any = None  # gradstats.passive.BackwardCapture for the noise terms
+        self._passive_ready = False
+        if self.noise_every is not None and self.data is None:
+            self._capture = _make_capture(self)
         self._ema_layer: Tensor | None = None
         self._count = 0
         self._emitted = -1
@@ -239,6 +243,8 @@ class ThermoMonitor:
                 values.update(_entropic_terms(self, batch, loss, lr, wd))
             if self._sharpness is not None and step % self.sharpness_every == 0:  # type: ignore[operator]
                 values.update(self._measure_sharpness(step, lr))
+        if self._capture is not None and self._capture.armed:
+            self._capture.disarm()  # armed for a step that did not measure noise
         self._pending = (step, values)
 
     def _measure_sharpness(self, step: int, lr: float | None) -> dict[str, Any]:
@@ -318,6 +324,9 @@ class ThermoMonitor:
         self._history.record(step, values)
         if step % (self.every * self.sync_every) == 0:
             self.flush()
+        if (self._capture is not None and self._passive_ready
+                and (step + 1) % self.noise_every == 0):  # type: ignore[operator]
+            self._capture.arm()  # the next step's forward and backward give the per-sample norms
 
     # ---- output --------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -390,6 +399,19 @@ def _entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | 
 
     with mon._measuring(), torch.enable_grad():
         return entropic_terms(mon, batch, loss, lr, wd)
+
+
+def _make_capture(mon: ThermoMonitor) -> Any:
+    """A passive per-sample-norm capture for the noise terms, or None (with a note) if unusable."""
+    try:
+        from neurothermo.gradstats.passive import BackwardCapture, capturable
+    except ImportError:
+        return None
+    reason = capturable(mon.model, mon._params)
+    if reason is not None:
+        mon._history.meta["notes"].append(f"entropic terms measured with an extra pass: {reason}")
+        return None
+    return BackwardCapture(mon.model, mon._params)
 
 
 def _make_tracker(mon: ThermoMonitor) -> Any:

@@ -31,7 +31,10 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
     ``mon`` was told, with replacement when it was not). Without: unbiased one-minibatch
     estimates from the per-sample squared gradient norms of ``batch``
     (:func:`neurothermo.monitor.quantities.batch_noise_terms`); ``entropic/loss`` is then the
-    minibatch loss passed to ``after_backward`` (omitted when none was passed).
+    minibatch loss passed to ``after_backward`` (omitted when none was passed). The norms are
+    measured by an extra pass the first time, then read from the caller's own forward and
+    backward of the step (``gradstats.passive``, armed by ``after_step`` of the step before),
+    with the extra pass again whenever a capture is not usable (a note says why).
     """
     b = int(batch[0].shape[0])
     replacement = True if mon._replacement is None else mon._replacement
@@ -69,10 +72,18 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
     if wd:
         decayed = squared_norm([p.detach() * wd if g is None else g + wd * p.detach()
                                 for g, p in zip(grads, params)])
-    with torch.enable_grad():
-        norms = per_sample_grad_norms(mon.model, mon.loss_fn, (batch[0], batch[1]))
-    assert isinstance(norms, Tensor)  # by_parameter=False gives one tensor [b]
-    sample_sq = norms.detach()
+    sample_sq = None
+    cap = mon._capture
+    if cap is not None and cap.armed:  # read from the caller's own forward and backward
+        sample_sq = cap.norms(b)
+        if sample_sq is None:
+            mon._note("passive", f"entropic terms measured with an extra pass ({cap.reason})")
+    if sample_sq is None:
+        with torch.enable_grad():
+            norms = per_sample_grad_norms(mon.model, mon.loss_fn, (batch[0], batch[1]))
+        assert isinstance(norms, Tensor)  # by_parameter=False gives one tensor [b]
+        sample_sq = norms.detach()
+        mon._passive_ready = True  # the model passed the full checks: later steps may capture
     terms = batch_noise_terms(sample_sq, grad_sq, lr=lr, dataset_size=mon._n,
                               replacement=replacement, grad_sq_decayed=decayed)
     mon._history.meta["entropic"] = "unbiased one-minibatch estimate"
