@@ -23,6 +23,7 @@ must never change training.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -36,7 +37,7 @@ from neurothermo.gradstats.rules import rule_for
 from neurothermo.gradstats.rules.fallback import tensor_leaves
 
 
-def capturable(model: nn.Module, params: dict[str, Tensor]) -> str | None:
+def capturable(model: nn.Module, params: Mapping[str, Tensor]) -> str | None:
     """``None`` if ``model`` can be captured passively, else the reason why not."""
     wanted = {id(p) for p in params.values()}
     for name, module in model.named_modules():
@@ -60,7 +61,7 @@ class BackwardCapture:
         sq = cap.norms(batch_size=x.shape[0])   # [b] ‖g_i‖², or None (see cap.reason)
     """
 
-    def __init__(self, model: nn.Module, params: dict[str, Tensor]) -> None:
+    def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:
         self.model = model
         self.params = params
         self._wanted = frozenset(id(p) for p in params.values())
