@@ -452,3 +452,11 @@ def test_an_unusable_capture_falls_back_to_the_extra_pass_and_says_why() -> None
         mon.after_step(step)
     np.testing.assert_allclose(mon.history["entropic/trace_sigma"], expected, rtol=1e-10)
     assert any("more than once" in n for n in mon.history.meta["notes"])
+
+
+def test_a_history_held_by_the_caller_is_never_partial() -> None:
+    mon = _sgd_run({"sync_every": 100}, steps=1)
+    held = mon._history  # the object nt.train returns; derived columns are still pending below
+    model_steps = held.steps(names.grad_sq("0"))
+    np.testing.assert_array_equal(model_steps, [0])
+    assert names.charge_err(0) in held and len(held) == 1

@@ -15,7 +15,8 @@ import bisect
 import itertools
 import json
 import math
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,21 @@ class History:
     def __init__(self, meta: Mapping[str, Any] | None = None) -> None:
         self._cols: dict[str, _Column] = {}
         self.meta: dict[str, Any] = dict(meta or {})
+        self._producers: list[weakref.WeakMethod[Callable[[], None]]] = []
+
+    def add_producer(self, bring_up_to_date: Callable[[], None]) -> None:
+        """Call ``bring_up_to_date()`` (a bound method, held weakly) before every read.
+
+        A producer that defers work (the monitor derives its columns per block) records what is
+        pending through it, so a reader holding this history never sees a partial table.
+        """
+        self._producers.append(weakref.WeakMethod(bring_up_to_date))
+
+    def _sync(self) -> None:
+        for ref in self._producers:
+            fn = ref()
+            if fn is not None:
+                fn()
 
     # ---- writing -------------------------------------------------------------------------------
     def record(self, step: int, values: Mapping[str, Value] | None = None, **kw: Value) -> None:
@@ -149,11 +165,13 @@ class History:
 
     def flush(self) -> None:
         """Move every pending tensor to host memory (one stack and copy per column)."""
+        self._sync()
         for col in self._cols.values():
             col.flush()
 
     def truncate(self, after_step: int) -> None:
         """Drop every entry with ``step > after_step`` (used when resuming from a checkpoint)."""
+        self._sync()
         for name in list(self._cols):
             col = self._cols[name]
             keep = sum(1 for s in col.steps if s <= after_step)
@@ -167,9 +185,11 @@ class History:
     @property
     def columns(self) -> list[str]:
         """Column names in the order they were first recorded."""
+        self._sync()
         return list(self._cols)
 
     def __contains__(self, name: object) -> bool:
+        self._sync()
         return name in self._cols
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -189,9 +209,11 @@ class History:
 
     def __len__(self) -> int:
         """Number of distinct recorded steps."""
+        self._sync()
         return len({s for col in self._cols.values() for s in col.steps})
 
     def _column(self, name: str) -> _Column:
+        self._sync()
         try:
             return self._cols[name]
         except KeyError:
@@ -204,6 +226,7 @@ class History:
 
         Scalars become Python floats, arrays nested lists. ``after_step`` keeps steps ``> after_step``.
         """
+        self._sync()
         rows: dict[int, dict[str, Any]] = {}
         for name, col in self._cols.items():
             vals = col.values()
@@ -253,6 +276,7 @@ class History:
     # ---- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Tensors and primitives only, so that ``torch.load(weights_only=True)`` reads it back."""
+        self._sync()
         cols = {
             name: {"steps": torch.as_tensor(col.steps, dtype=torch.int64),
                    "values": torch.from_numpy(np.ascontiguousarray(col.values()))}

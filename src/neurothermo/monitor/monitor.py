@@ -145,6 +145,7 @@ class ThermoMonitor:
         self._history = History(meta={"layers": self.layers, "every": self.every,
                                      "noise_every": self.noise_every,
                                      "sharpness_every": self.sharpness_every, "notes": []})
+        self._history.add_producer(self._drain)
         self._capture: Any = None  # gradstats.passive.BackwardCapture for the noise terms
         self._passive_ready = False
         if self.noise_every is not None and self.data is None:
