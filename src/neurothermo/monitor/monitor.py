@@ -18,8 +18,11 @@ expectation (bias-corrected EMA with factor ``ema``), the consecutive-layer bala
 residuals, per hidden unit of every rescale symmetry the incoming and outgoing gradient energies,
 every detected symmetry's charge ``J``, its predicted change over the step and the measured one,
 weight norms, ``lr``, ``b`` and the temperature ``lr/b``. Every ``noise_every`` steps it adds the
-entropic terms and ``Tr Σ`` (one extra per-sample-norm pass), every ``sharpness_every`` steps
-``λ_max`` and ``lr·λ_max`` on the fixed ``data``.
+entropic terms and ``Tr Σ`` from the per-sample gradient norms of the step's batch: an extra
+per-sample-norm pass the first time, then read from the loop's own forward and backward
+(``gradstats.passive``, armed in ``after_step`` of the step before; the extra pass again, with a
+note, when the loop's pass cannot be used, e.g. two forwards in one step). Every
+``sharpness_every`` steps it adds ``λ_max`` and ``lr·λ_max`` on the fixed ``data``.
 
 **Learning rate and weight decay.** Read at every step from the ``optimizer``'s param groups when
 one is given (or bound by :func:`neurothermo.train`), else from the ``lr`` / ``weight_decay``
