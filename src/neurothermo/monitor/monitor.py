@@ -406,16 +406,9 @@ def _entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | 
 
 
 def _make_capture(mon: ThermoMonitor) -> Any:
-    """A passive per-sample-norm capture for the noise terms, or None (with a note) if unusable."""
-    try:
-        from neurothermo.gradstats.passive import BackwardCapture, capturable
-    except ImportError:
-        return None
-    reason = capturable(mon.model, mon._params)
-    if reason is not None:
-        mon._history.meta["notes"].append(f"entropic terms measured with an extra pass: {reason}")
-        return None
-    return BackwardCapture(mon.model, mon._params)
+    from neurothermo.monitor.noise import make_capture
+
+    return make_capture(mon)
 
 
 def _make_tracker(mon: ThermoMonitor) -> Any:

@@ -97,6 +97,19 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
     return out
 
 
+def make_capture(mon: ThermoMonitor) -> Any:
+    """A passive per-sample-norm capture for the noise terms, or None (with a note) if unusable."""
+    try:
+        from neurothermo.gradstats.passive import BackwardCapture, capturable
+    except ImportError:
+        return None
+    reason = capturable(mon.model, mon._params)
+    if reason is not None:
+        mon._history.meta["notes"].append(f"entropic terms measured with an extra pass: {reason}")
+        return None
+    return BackwardCapture(mon.model, mon._params)
+
+
 def make_sharpness_tracker(mon: ThermoMonitor) -> Any:
     """A :class:`neurothermo.SharpnessTracker` on the monitor's fixed ``data`` (issue 7)."""
     try:
