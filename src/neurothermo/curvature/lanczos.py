@@ -52,7 +52,7 @@ class RitzResult:
 
     ``values``/``residuals``/``errors``: float64 ``(k,)`` on the CPU; ``vectors``: ``(n, k)``
     orthonormal columns in the operator's dtype/device; ``n_matvec``: products used;
-    ``block``: the top ``max(k + 1, block_size)`` Ritz vectors (when the basis has them), material
+    ``block``: the top ``max(k + 2, block_size)`` Ritz vectors (when the basis has them), material
     for the start block of a warm restart.
     """
 
@@ -108,7 +108,7 @@ def orthonormalize(W: Tensor, basis: Tensor, tiny: float,
 
 
 def ritz_errors(theta: Tensor, resid: Tensor, gap_after: int = 2, count: int | None = None,
-                max_cluster: int = 4) -> Tensor:
+                max_cluster: int = 4, gap_scale: float = 1.0) -> Tensor:
     """Error estimates of the Ritz values ``theta`` (descending) from their residuals.
 
     For a cluster ``C`` of consecutive Ritz values (up to ``max_cluster``), the quadratic residual
@@ -117,7 +117,9 @@ def ritz_errors(theta: Tensor, resid: Tensor, gap_after: int = 2, count: int | N
     by the distance to the neighbouring Ritz values. ``C = {i}`` is the Kato–Temple estimate;
     clusters keep the estimate sharp for nearly equal eigenvalues, whose individual gaps are tiny.
     The estimate is ``min(r_i, min_C ‖R_C‖²/δ_C)``; with fewer than ``gap_after`` Ritz values no gap
-    is trusted (``r_i``). Computed for the first ``count`` values (the rest: ``r_i``).
+    is trusted (``r_i``). Computed for the first ``count`` values (the rest: ``r_i``). ``gap_scale``
+    (≤ 1) counts each Ritz gap as ``gap_scale·δ_C``: a margin for Ritz values that lag their
+    eigenvalues (``θ_j ≤ λ_j``, so Ritz gaps overestimate the true ones; ``tracker.py``).
     """
     m = theta.numel()
     err = resid.clone()
@@ -130,7 +132,7 @@ def ritz_errors(theta: Tensor, resid: Tensor, gap_after: int = 2, count: int | N
             for b in range(i, min(m, a + max_cluster)):
                 above = th[a - 1] - th[a] if a > 0 else float("inf")
                 below = th[b] - th[b + 1] if b + 1 < m else float("inf")
-                gap = min(above, below)
+                gap = gap_scale * min(above, below)
                 if 0 < gap < float("inf"):
                     best = min(best, sum(x * x for x in r[a:b + 1]) / gap)
         err[i] = best
@@ -221,7 +223,7 @@ def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: in
             T[:ell, ell:ell + pend] = coupling.T
             a, end = ell, ell + pend
     kk = min(k, a)
-    block = V[:, :a] @ S[:, :min(a, max(k + 1, p))].to(device=dev, dtype=dt)
+    block = V[:, :a] @ S[:, :min(a, max(k + 2, p))].to(device=dev, dtype=dt)
     if not done:
         warnings.warn(
             f"Lanczos stopped after {op.n_matvec - used} Hessian-vector products (max_hvp={budget}) "

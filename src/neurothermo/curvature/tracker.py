@@ -23,6 +23,7 @@ only indicative).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +34,101 @@ from neurothermo._state import ParamFilter
 from neurothermo._validate import check_int, check_positive
 from neurothermo.curvature.eigen import EIGEN_METHODS, preconditioner_diagonal, solve
 from neurothermo.curvature.hvp import HVP_METHODS, LossFn, hessian_operator
+from neurothermo.curvature.lanczos import (
+    ConvergenceWarning,
+    RitzResult,
+    _check_common,
+    converged_mask,
+    orthonormalize,
+    random_block,
+    ritz_errors,
+)
 from neurothermo.curvature.operator import CongruenceOperator, LinearOperator
 
 COLD_GAP_AFTER = 20  # cold starts trust Ritz gaps from 20 basis vectors (lanczos.py)
+WARM_GAP_SCALE = 0.5  # warm starts trust half of each Ritz gap from the first product on (docstring)
+
+
+def _finite(h: Tensor) -> None:
+    if not bool(torch.isfinite(h).all()):
+        raise FloatingPointError(
+            "a Hessian-vector product contains NaN or Inf; the loss is not twice "
+            "differentiable at these parameters (or overflows)")
+
+
+def warm_davidson(op: LinearOperator, k: int, start: Tensor, *, tol: float = 1e-3,
+                  max_matvec: int | None = None, max_basis: int | None = None,
+                  gap_scale: float = WARM_GAP_SCALE,
+                  generator: torch.Generator | None = None) -> RitzResult:
+    """The ``k`` largest eigenpairs of ``op`` by Rayleigh–Ritz on a growing basis started from ``start``.
+
+    ``start`` ``(n, s)``: the previous top Ritz vectors (``s ≥ k``; ``s = k + 2`` in the tracker).
+    The basis ``V`` begins as ``orth(start)`` (``s`` products); every later step costs one product:
+    the residual ``H y_j − θ_j y_j`` of the wanted Ritz pair furthest from convergence is
+    orthogonalised against ``V`` (twice) and appended (Davidson without preconditioner). ``W = H V``
+    is stored, so the Ritz pairs ``(θ_i, y_i = V s_i)`` of ``Vᵀ W`` and their residuals
+    ``r_i = ‖W s_i − θ_i V s_i‖`` need no further products. Errors: ``ritz_errors`` (cluster
+    Kato–Temple ``‖R_C‖²/δ_C``) with each Ritz gap counted as ``gap_scale·δ_C``, trusted from the first
+    step (the start block already holds approximations of the top ``s`` eigenvectors). Thick restart
+    on the top half of the Ritz vectors when the basis reaches ``max_basis`` (default
+    ``max(30, 3s)``). Running out of ``max_matvec`` returns the estimate and warns.
+    """
+    n = op.size
+    budget = _check_common(op, k, tol, max_matvec)
+    if start.ndim != 2 or start.shape[0] != n or start.shape[1] < 1:
+        raise ValueError(f"start must have shape ({n}, s) with s >= 1, got {tuple(start.shape)}")
+    if not 0 < gap_scale <= 1:
+        raise ValueError(f"gap_scale must be in (0, 1], got {gap_scale}")
+    dt, dev = op.dtype, op.device
+    s = min(max(start.shape[1], k), n)
+    m_max = min(n, max(30, 3 * s) if max_basis is None else check_int("max_basis", max_basis, minimum=s + 1))
+    Q0 = random_block(n, s, dt, dev, generator)
+    Q0[:, :start.shape[1]] = start[:, :s].to(device=dev, dtype=dt)
+    V = torch.zeros(n, m_max, dtype=dt, device=dev)
+    W = torch.zeros(n, m_max, dtype=dt, device=dev)
+    V[:, :s], _ = orthonormalize(Q0, V[:, :0], 1e-12 * float(Q0.abs().max()), generator)
+    used = op.n_matvec
+    W[:, :s] = op.matmat(V[:, :s])
+    _finite(W[:, :s])
+    m = s
+    while True:
+        T = (V[:, :m].T @ W[:, :m]).double().cpu()
+        theta, S = torch.linalg.eigh((T + T.T) / 2)
+        theta, S = theta.flip(0), S.flip(1)
+        Sd = S.to(device=dev, dtype=dt)
+        Y, HY = V[:, :m] @ Sd, W[:, :m] @ Sd
+        R = HY - Y * theta.to(device=dev, dtype=dt)
+        resid = torch.linalg.vector_norm(R, dim=0).double().cpu()
+        errors = ritz_errors(theta, resid, 2, count=k, gap_scale=gap_scale)
+        ok = converged_mask(theta[:k], errors[:k], tol, theta, dt)
+        done = bool(ok.all()) or m == n
+        if done or op.n_matvec - used + 1 > budget:
+            break
+        # expand by the residual of the wanted pair furthest from its target
+        ratio = errors[:k] / (tol * theta[:k].abs()).clamp(min=torch.finfo(torch.float64).tiny)
+        j = int(torch.argmax(torch.where(ok, torch.zeros_like(ratio), ratio)))
+        if m == m_max:  # thick restart: keep the top Ritz vectors, H V stays consistent
+            ell = max(s, m_max // 2)
+            V[:, :ell], W[:, :ell] = Y[:, :ell], HY[:, :ell]
+            m = ell
+        w = R[:, j:j + 1].clone()
+        for _ in range(2):
+            w -= V[:, :m] @ (V[:, :m].T @ w)
+        tiny = 100 * torch.finfo(dt).eps * max(float(theta.abs().max()), 1e-300)
+        q, _ = orthonormalize(w, V[:, :m], tiny, generator)
+        V[:, m] = q[:, 0]
+        W[:, m] = op.matmat(q)[:, 0]
+        _finite(W[:, m])
+        m += 1
+    kk = min(k, m)
+    if not done:
+        warnings.warn(
+            f"warm-started eigensolver stopped after {op.n_matvec - used} Hessian-vector products "
+            f"(max_hvp={budget}) before reaching tol={tol}: error estimates {errors[:kk].tolist()} "
+            f"for eigenvalues {theta[:kk].tolist()}; raise max_hvp or tol",
+            ConvergenceWarning, stacklevel=3)
+    return RitzResult(theta[:kk].clone(), Y[:, :kk], resid[:kk].clone(), errors[:kk].clone(),
+                      op.n_matvec - used, done, Y[:, :min(m, max(k + 2, s))])
 
 
 @dataclass(frozen=True)
@@ -103,7 +196,7 @@ class SharpnessTracker:
         self.method, self.param_filter, self.mode = method, param_filter, mode
         self.hvp_method, self.microbatch_size = hvp_method, microbatch_size
         self.max_hvp, self.seed = max_hvp, seed
-        self.block_size = k + 1 if block_size is None else check_int("block_size", block_size, minimum=k)
+        self.block_size = k + 2 if block_size is None else check_int("block_size", block_size, minimum=k)
         self.history: list[SharpnessReading] = []
         self._vectors: Tensor | None = None
         self._signature: tuple[Any, ...] | None = None
@@ -134,13 +227,14 @@ class SharpnessTracker:
             sig = (hop.space.names, hop.space.shapes, hop.dtype, hop.device, preconditioner is None)
             start = self._vectors if sig == self._signature and self.method == "lanczos" else None
             warm = start is not None
-            # warm: the previous top block (k wanted + guard) is the start block; Ritz gaps are
-            # trusted after two block steps. Cold: random start, the first update uses block size k.
-            res = solve(op, self.k, self.tol, self.method, self.max_hvp,
-                        self.block_size if warm else None,
-                        None if start is None else start[:, : self.block_size],
-                        self.seed + len(self.history),
-                        gap_after=2 * self.block_size if warm else COLD_GAP_AFTER)
+            if start is not None:  # previous top block (k wanted + guards), module docstring
+                gen = torch.Generator()
+                gen.manual_seed(self.seed + len(self.history))
+                res = warm_davidson(op, self.k, start[:, : self.block_size], tol=self.tol,
+                                    max_matvec=self.max_hvp, generator=gen)
+            else:  # random start: block Lanczos, block size k
+                res = solve(op, self.k, self.tol, self.method, self.max_hvp, None, None,
+                            self.seed + len(self.history), gap_after=COLD_GAP_AFTER)
         self._vectors, self._signature = res.block, sig
         lam = float(res.values[0])
         reading = SharpnessReading(
