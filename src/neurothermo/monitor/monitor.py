@@ -244,7 +244,7 @@ class ThermoMonitor:
             if recorded:
                 self._record_grads(step, values, batch, lr, wd, predict=not_exact is None)
             if lr is not None and self.noise_every is not None and step % self.noise_every == 0:
-                values.update(_entropic_terms(self, batch, loss, lr, wd))
+                values.update(_entropic_terms(self, batch, loss, lr, wd, step))
             if self._sharpness is not None and step % self.sharpness_every == 0:  # type: ignore[operator]
                 values.update(self._measure_sharpness(step, lr))
         if self._capture is not None and self._capture.armed:
@@ -398,11 +398,12 @@ class ThermoMonitor:
 
 
 def _entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | None,
-                    lr: float, wd: float) -> dict[str, Tensor]:
+                    lr: float, wd: float, step: int) -> dict[str, Tensor]:
     from neurothermo.monitor.noise import entropic_terms
 
-    with mon._measuring(), torch.enable_grad():
-        return entropic_terms(mon, batch, loss, lr, wd)
+    raw = mon._raw[-1] if mon._raw and mon._raw[-1].step == step else None
+    grad_sq = raw.grads.per_tensor(mon._names).sum() if raw is not None else None
+    return entropic_terms(mon, batch, loss, lr, wd, step_grad_sq=grad_sq)
 
 
 def _make_capture(mon: ThermoMonitor) -> Any:

@@ -1,7 +1,8 @@
 """The monitor's occasional measurements: entropic terms / Tr Σ and sharpness.
 
-Both are called inside the monitor's ``_measuring()`` context (RNG streams, BatchNorm buffers,
-train flags and ``.grad`` restored afterwards), at ``noise_every`` / ``sharpness_every`` steps.
+Called at ``noise_every`` / ``sharpness_every`` steps. Every extra pass runs inside the monitor's
+``_measuring()`` context (RNG streams, BatchNorm buffers, train flags and ``.grad`` restored
+afterwards); reading the loop's own pass needs none.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ TOTAL = "entropic/total"
 
 
 def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | None,
-                   lr: float, wd: float) -> dict[str, Tensor]:
+                   lr: float, wd: float, step_grad_sq: Tensor | None = None) -> dict[str, Tensor]:
     """``entropic/{loss, discretization, noise, total, trace_sigma}`` for the current parameters.
 
     With ``mon.data``: the exact population decomposition over that data
@@ -35,6 +36,7 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
     measured by an extra pass the first time, then read from the caller's own forward and
     backward of the step (``gradstats.passive``, armed by ``after_step`` of the step before),
     with the extra pass again whenever a capture is not usable (a note says why).
+    ``step_grad_sq``: ``‖g_B‖²`` when the step's reductions already give it.
     """
     b = int(batch[0].shape[0])
     replacement = True if mon._replacement is None else mon._replacement
@@ -48,8 +50,9 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
             from neurothermo.entropic import entropic_decomposition
         except ImportError as e:
             raise ImportError("ThermoMonitor(data=...) entropic terms need neurothermo.entropic") from e
-        d = entropic_decomposition(mon.model, mon.loss_fn, mon.data, lr=lr, batch_size=b,
-                                   replacement=replacement, weight_decay=wd)
+        with mon._measuring(), torch.enable_grad():
+            d = entropic_decomposition(mon.model, mon.loss_fn, mon.data, lr=lr, batch_size=b,
+                                       replacement=replacement, weight_decay=wd)
         mon._history.meta["entropic"] = f"exact over data (N={d.n_samples})"
         f64 = torch.float64
         return {LOSS: torch.tensor(d.loss, dtype=f64), DISC: torch.tensor(d.discretization, dtype=f64),
@@ -67,7 +70,7 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
         ) from e
     params = list(mon._params.values())
     grads = [p.grad for p in params]
-    grad_sq = squared_norm([g for g in grads if g is not None])
+    grad_sq = step_grad_sq if step_grad_sq is not None else squared_norm([g for g in grads if g is not None])
     decayed = None
     if wd:
         decayed = squared_norm([p.detach() * wd if g is None else g + wd * p.detach()
@@ -79,7 +82,7 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
         if sample_sq is None:
             mon._note("passive", f"entropic terms measured with an extra pass ({cap.reason})")
     if sample_sq is None:
-        with torch.enable_grad():
+        with mon._measuring(), torch.enable_grad():
             norms = per_sample_grad_norms(mon.model, mon.loss_fn, (batch[0], batch[1]))
         assert isinstance(norms, Tensor)  # by_parameter=False gives one tensor [b]
         sample_sq = norms.detach()
