@@ -48,14 +48,20 @@ def _buffers_of_stateful_modules(model: nn.Module) -> dict[str, Tensor]:
 def preserved_state(model: nn.Module, mode: str | None = None) -> Iterator[nn.Module]:
     """Run a block on ``model`` and restore buffers, train/eval flags and ``.grad`` afterwards.
 
+    Within the block the parameters have no ``.grad`` (the caller's are set aside and put back).
+
     ``mode`` is ``"train"``, ``"eval"`` or ``None`` (keep the current mode) for the block.
     """
     if mode not in (None, "train", "eval"):
         raise ValueError(f"mode must be 'train', 'eval' or None, got {mode!r}")
     flags = {m: m.training for m in model.modules()}
     buffers = {n: b.detach().clone() for n, b in _buffers_of_stateful_modules(model).items()}
-    grads = {n: (None if p.grad is None else p.grad.detach().clone())
-             for n, p in model.named_parameters()}
+    # The caller's gradients are set aside, not copied: inside the block every ``.grad`` is None,
+    # so a backward there writes fresh tensors and cannot accumulate into the caller's (a copy of
+    # every gradient per call cost more than some of the blocks it protects).
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = None
     if mode is not None:
         model.train(mode == "train")
     try:
