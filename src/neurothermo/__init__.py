@@ -12,7 +12,12 @@ from neurothermo.runner import ExperimentFailed, RunResult, run_experiment
 from neurothermo.seeding import seed_everything
 
 # --- gradstats (issue 4) ---
-from neurothermo.gradstats import GradientNoise, gradient_noise, per_sample_grad_norms
+from neurothermo.gradstats import (
+    BackwardCapture,
+    GradientNoise,
+    gradient_noise,
+    per_sample_grad_norms,
+)
 # --- end gradstats ---
 
 # --- entropic (issue 3) ---
