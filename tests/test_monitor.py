@@ -402,6 +402,32 @@ def test_a_missing_gradient_counts_as_zero_and_the_charge_check_sees_it() -> Non
     assert err[2] > 1e6 * 1e-13 * scale
 
 
+def _noise_loop(noise_every: int, steps: int, *, logging_forward: bool = False
+                ) -> tuple[nt.ThermoMonitor, list[float], nn.Module]:
+    """SGD on batches of 10 with a monitor; the expected Tr Σ at each noise step from the
+    per-sample loop, computed after the monitor has read the step (its forwards come later)."""
+    x, y = _data()
+    model, mse, b = _mlp(), nn.MSELoss(), 10
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = nt.ThermoMonitor(model, mse, optimizer=opt, noise_every=noise_every, symmetries=None)
+    expected = []
+    for step in range(steps):
+        xb, yb = x[b * (step % 4):b * (step % 4 + 1)], y[b * (step % 4):b * (step % 4 + 1)]
+        opt.zero_grad(set_to_none=True)
+        if logging_forward:
+            model(xb)  # a second forward with gradients in the step (e.g. a logging pass)
+        loss = mse(model(xb), yb)
+        loss.backward()
+        mon.after_backward(step, (xb, yb), loss=loss)
+        if step % noise_every == 0:
+            sq = _per_sample_sq_norms(model, xb, yb)
+            gb = sum(p.grad.pow(2).sum() for p in model.parameters())
+            expected.append(float(b / (b - 1) * (sq.mean() - gb)))
+        opt.step()
+        mon.after_step(step)
+    return mon, expected, model
+
+
 def test_noise_terms_read_from_the_training_pass_after_the_first(monkeypatch) -> None:
     """After one extra pass, per-sample norms come from the loop's own forward/backward; same values."""
     import neurothermo.gradstats as gs
@@ -409,23 +435,7 @@ def test_noise_terms_read_from_the_training_pass_after_the_first(monkeypatch) ->
     calls = []
     real = gs.per_sample_grad_norms
     monkeypatch.setattr(gs, "per_sample_grad_norms", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    x, y = _data()
-    model, mse, b = _mlp(), nn.MSELoss(), 10
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = nt.ThermoMonitor(model, mse, optimizer=opt, noise_every=2, symmetries=None)
-    expected = []
-    for step in range(5):
-        xb, yb = x[b * (step % 4):b * (step % 4 + 1)], y[b * (step % 4):b * (step % 4 + 1)]
-        opt.zero_grad(set_to_none=True)
-        loss = mse(model(xb), yb)
-        loss.backward()
-        mon.after_backward(step, (xb, yb), loss=loss)
-        if step % 2 == 0:  # the reference's own forwards come after the monitor has read the step
-            sq = _per_sample_sq_norms(model, xb, yb)
-            gb = sum(p.grad.pow(2).sum() for p in model.parameters())
-            expected.append(float(b / (b - 1) * (sq.mean() - gb)))
-        opt.step()
-        mon.after_step(step)
+    mon, expected, model = _noise_loop(2, 5)
     assert len(calls) == 1  # step 0 only; steps 2 and 4 were captured from the loop's pass
     np.testing.assert_allclose(mon.history["entropic/trace_sigma"], expected, rtol=1e-10)
     assert not any("extra pass" in n for n in mon.history.meta["notes"])
@@ -433,23 +443,8 @@ def test_noise_terms_read_from_the_training_pass_after_the_first(monkeypatch) ->
 
 
 def test_an_unusable_capture_falls_back_to_the_extra_pass_and_says_why() -> None:
-    x, y = _data()
-    model, mse, b = _mlp(), nn.MSELoss(), 10
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = nt.ThermoMonitor(model, mse, optimizer=opt, noise_every=1, symmetries=None)
-    expected = []
-    for step in range(3):
-        xb, yb = x[b * step:b * (step + 1)], y[b * step:b * (step + 1)]
-        opt.zero_grad(set_to_none=True)
-        model(xb)  # a second forward with gradients in the step (e.g. a logging pass)
-        loss = mse(model(xb), yb)
-        loss.backward()
-        with pytest.warns(MonitorWarning, match="extra pass") if step == 1 else warnings.catch_warnings():
-            mon.after_backward(step, (xb, yb), loss=loss)
-        sq = _per_sample_sq_norms(model, xb, yb)
-        expected.append(float(b / (b - 1) * (sq.mean() - sum(p.grad.pow(2).sum() for p in model.parameters()))))
-        opt.step()
-        mon.after_step(step)
+    with pytest.warns(MonitorWarning, match="extra pass"):
+        mon, expected, _ = _noise_loop(1, 3, logging_forward=True)
     np.testing.assert_allclose(mon.history["entropic/trace_sigma"], expected, rtol=1e-10)
     assert any("more than once" in n for n in mon.history.meta["notes"])
 
