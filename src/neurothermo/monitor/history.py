@@ -27,6 +27,12 @@ from torch import Tensor
 Value = Tensor | float | int | np.ndarray
 
 
+def _to_host(t: Tensor) -> np.ndarray:
+    """A host numpy copy (half precisions as float32, which numpy can hold)."""
+    t = t.cpu()
+    return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+
+
 class _Column:
     """One column: steps (Python ints) and values, pending tensors plus flushed host chunks."""
 
@@ -44,19 +50,10 @@ class _Column:
         else:
             v = torch.as_tensor(np.asarray(value, dtype=np.float64))
         shape = v.shape
-        if self.shape is None:
-            self.shape = tuple(shape)
-        elif shape != self.shape:
-            raise ValueError(
-                f"column {name!r} holds values of shape {self.shape}; got shape {shape}. "
-                "Record values of one shape per column (use a new column name otherwise)"
-            )
+        self._check_shape(name, tuple(shape))
         self.pending.append(v)
 
-    def extend(self, name: str, steps: list[int], values: Tensor) -> None:
-        """Append a block: ``values[i]`` is the entry of ``steps[i]`` (copied to the host now)."""
-        v = values.detach()
-        shape = tuple(v.shape[1:])
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if self.shape is None:
             self.shape = shape
         elif shape != self.shape:
@@ -64,10 +61,13 @@ class _Column:
                 f"column {name!r} holds values of shape {self.shape}; got shape {shape}. "
                 "Record values of one shape per column (use a new column name otherwise)"
             )
+
+    def extend(self, name: str, steps: list[int], values: Tensor) -> None:
+        """Append a block: ``values[i]`` is the entry of ``steps[i]`` (copied to the host now)."""
+        v = values.detach()
+        self._check_shape(name, tuple(v.shape[1:]))
         self.flush()
-        if v.dtype in (torch.bfloat16, torch.float16):
-            v = v.float()
-        self.chunks.append(v.cpu().numpy())
+        self.chunks.append(_to_host(v))
         self.steps.extend(steps)
 
     def flush(self) -> None:
@@ -78,10 +78,7 @@ class _Column:
                 (self.pending[i].device, self.pending[i].dtype)
                 != (self.pending[start].device, self.pending[start].dtype)
             ):
-                stacked = torch.stack(self.pending[start:i]).cpu()
-                if stacked.dtype in (torch.bfloat16, torch.float16):
-                    stacked = stacked.float()
-                self.chunks.append(stacked.numpy())
+                self.chunks.append(_to_host(torch.stack(self.pending[start:i])))
                 start = i
         self.pending = []
 
