@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from neurothermo._version import __version__
+from neurothermo.seeding import MAX_SEED
 
 app = typer.Typer(
     add_completion=False,
@@ -35,6 +36,12 @@ def _main(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """neurothermo."""
+
+
+def _escape(text: str) -> str:
+    from neurothermo.report import untrusted
+
+    return untrusted(text)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -85,7 +92,7 @@ def describe(name: Annotated[str, typer.Argument(help="Experiment name.")]) -> N
         console.print(f"cost: {exp.cost}")
 
 
-def _run_one(name: str, quick: bool, seed: int, out: Path, overrides: list[str]) -> Any:
+def _run_one(name: str, quick: bool, seed: int, out: str, overrides: list[str]) -> Any:
     from neurothermo.config import ConfigError
     from neurothermo.experiments.base import MissingExtra, UnknownExperiment
     from neurothermo.runner import ExperimentFailed, run_experiment
@@ -98,17 +105,19 @@ def _run_one(name: str, quick: bool, seed: int, out: Path, overrides: list[str])
         raise _fail(str(exc), 2) from None
     except ExperimentFailed as exc:
         raise _fail(str(exc)) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", 2)  # RunInterrupted carries SIGTERM/SIGHUP; Ctrl-C is 2
         raise _fail("interrupted; the run folder keeps status 'interrupted' and all metrics so "
-                    "far", 130) from None
+                    "far", 128 + signum) from None
 
 
 @app.command()
 def run(
     name: Annotated[str, typer.Argument(help="Experiment name (see `neurothermo list`).")],
     quick: Annotated[bool, typer.Option("--quick", help="Use the quick preset.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for torch, numpy and random.", min=0)] = 0,
-    out: Annotated[Path, typer.Option(help="Root folder of the run store.")] = Path("runs"),
+    seed: Annotated[int, typer.Option(help="Seed for torch, numpy and random.", min=0,
+                                      max=MAX_SEED)] = 0,
+    out: Annotated[str, typer.Option(help="Root folder of the run store.")] = "runs",
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a setting: --set key=value (repeatable).")] = None,
 ) -> None:
@@ -123,8 +132,8 @@ def run(
 @app.command()
 def reproduce(
     quick: Annotated[bool, typer.Option("--quick", help="Quick presets (minutes on a laptop).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for every experiment.", min=0)] = 0,
-    out: Annotated[Path, typer.Option(help="Root folder of the run store.")] = Path("runs"),
+    seed: Annotated[int, typer.Option(help="Seed for every experiment.", min=0, max=MAX_SEED)] = 0,
+    out: Annotated[str, typer.Option(help="Root folder of the run store.")] = "runs",
 ) -> None:
     """Run every registered experiment (skipping those whose optional extra is missing)."""
     from neurothermo.experiments.base import all_experiments
@@ -145,7 +154,7 @@ def reproduce(
         try:
             result = _run_one(exp.name, quick, seed, out, [])
         except typer.Exit as exc:
-            if exc.exit_code == 130:
+            if exc.exit_code > 128:  # a signal (Ctrl-C, SIGTERM, SIGHUP) stops the whole run
                 raise
             failed = True
             rows.append((exp.name, "failed", "see error above", ""))
@@ -168,11 +177,12 @@ def reproduce(
 def show(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
     """Print a run's summary (predictions and figures) as tables."""
     from neurothermo.report import print_summary
+    from neurothermo.runstore import RunReadError
 
     try:
         print_summary(run_dir, console)
-    except FileNotFoundError as exc:
-        raise _fail(str(exc), 2) from None
+    except (FileNotFoundError, RunReadError) as exc:
+        raise _fail(_escape(str(exc)), 2) from None
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ a typo or a wrong type is an error naming the key, the value and what was expect
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar
@@ -115,6 +116,10 @@ def validate_config(cfg: Any) -> Any:
                 continue
             if isinstance(v, bool) and typing.get_origin(tp) is not tuple and tp is not bool:
                 raise ConfigError(f"setting {f.name!r}={v!r}: expected {_type_name(tp)}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"setting {f.name!r}={v!r}: must be a finite number")
+            if isinstance(v, str) and "\x00" in v:
+                raise ConfigError(f"setting {f.name!r}: contains a NUL character")
             lo, hi, choices = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
             if choices is not None and v not in choices:
                 raise ConfigError(f"setting {f.name!r}={v!r}: expected one of {choices}")
@@ -128,6 +133,12 @@ def validate_config(cfg: Any) -> Any:
             check()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        except OSError as exc:  # e.g. a path setting too long for the file system
+            keys = [f.name for f in dataclasses.fields(cfg)
+                    if exc.filename is not None and str(getattr(cfg, f.name)) == str(exc.filename)]
+            what = f"setting {keys[0]!r}" if keys else "a path setting"
+            raise ConfigError(f"{what} cannot be used as a path: {exc.strerror or exc}; "
+                              "give an existing folder with a shorter name") from None
     return cfg
 
 

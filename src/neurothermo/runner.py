@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -12,9 +16,69 @@ from typing import Any
 from neurothermo.config import apply_overrides, to_dict, validate_config
 from neurothermo.experiments.base import MissingExtra, RunContext, get_experiment
 from neurothermo.runstore import Run, check_writable, environment
-from neurothermo.seeding import seed_everything
+from neurothermo.seeding import MAX_SEED, seed_everything
 
 DEFAULT_ROOT = Path("runs")
+# errno values that mean "no room to write": disk full, file-size limit (ulimit -f), quota.
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by a signal (SIGINT, SIGTERM, SIGHUP): its folder says ``interrupted``.
+
+    ``signum`` is the signal's number; the CLI exits with ``128 + signum`` as shells do.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM and SIGHUP raise :class:`RunInterrupted`, as Ctrl-C raises
+    KeyboardInterrupt, so the run records ``interrupted`` with its metrics instead of dying with
+    ``running``. Only the main thread can own signal handlers; elsewhere this does nothing. The
+    previous handlers are restored on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise RunInterrupted(signum)
+
+    wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {s: signal.signal(s, handler) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _describe_failure(exc: BaseException, run_dir: Path) -> str:
+    """One line naming the failure; a full disk or a file-size limit is named as such."""
+    if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+        return (f"no room to write in {run_dir} ({exc.strerror}: the disk is full or a file-size "
+                "limit was hit); free space or choose another --out")
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _try(write: Callable[[], Any]) -> bool:
+    """Run one write of a failure record; a write that fails (no room left) is skipped so the
+    later, smaller writes still get their chance."""
+    try:
+        write()
+    except OSError:
+        return False
+    return True
+
+
+def check_seed(seed: Any) -> int:
+    """A seed is an int in ``[0, 2**63 − 1]`` (what torch's generators accept)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (2**63 - 1), got {seed!r}")
+    return seed
 
 
 class ExperimentFailed(RuntimeError):
@@ -48,12 +112,23 @@ def run_experiment(
 ) -> RunResult:
     """Run experiment ``name`` and return its folder and summary.
 
-    Order of checks, all before any work: the name (unknown → error listing the available ones),
-    the optional extra it needs, the settings (``key=value`` overrides, type- and range-checked),
-    the output folder (must be writable). Then the run folder is created with ``status =
-    running``; Ctrl-C leaves ``interrupted`` with every metric so far, an exception leaves
-    ``failed`` with ``traceback.txt`` and raises :class:`ExperimentFailed`.
+    Order of checks, all before anything is created: the seed (an int in ``[0, 2**63 − 1]``), the
+    name (unknown → error listing the available ones), the optional extra it needs, the settings
+    (``key=value`` overrides, type- and range-checked, finite), the output folder (non-empty and
+    writable). Then the run folder is created with ``status = running``, and every way out of it
+    leaves a true status: Ctrl-C, SIGTERM or SIGHUP leave ``interrupted`` with every metric so far
+    (raising :class:`RunInterrupted`, a KeyboardInterrupt); any exception, including a full disk,
+    leaves ``failed`` with ``traceback.txt`` and raises :class:`ExperimentFailed`. When the disk is
+    full the failure record is written with the room that is left: the status first, then the
+    traceback and the summary.
+
+    Raises:
+        ValueError: a bad seed.
+        UnknownExperiment, MissingExtra, ConfigError, RunStoreError: bad input, before any work.
+        ExperimentFailed: the experiment (or writing its results) raised.
+        RunInterrupted: a signal stopped the run.
     """
+    check_seed(seed)
     exp = get_experiment(name)
     missing = exp.missing()
     if missing:
@@ -62,11 +137,8 @@ def run_experiment(
             f"experiment {name!r} needs {', '.join(missing)}, which is not installed; {extra}"
         )
     cfg = apply_overrides(validate_config(exp.preset(quick)), overrides)
-    check_writable(Path(out))
+    check_writable(out)
     run = Run.create(Path(out), exp.name)
-    run.write_json("config.json", {"experiment": exp.name, "preset": "quick" if quick else "full",
-                                   "overrides": list(overrides), "settings": to_dict(cfg)})
-    run.write_json("env.json", environment(seed))
     ctx = RunContext(run=run, seed=seed, quick=quick, progress_factory=progress_factory)
     started = time.monotonic()
 
@@ -86,23 +158,28 @@ def run_experiment(
             **extra,
         }
 
-    seed_everything(seed)
-    try:
-        exp.run(cfg, ctx)
-    except KeyboardInterrupt:
-        run.flush()
-        run.write_json("summary.json", summary("interrupted"))
-        run.set_status("interrupted")
-        raise
-    except Exception as exc:
-        run.flush()
-        run.write_text("traceback.txt", traceback.format_exc())
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        run.write_json("summary.json", summary("failed", reason=reason))
-        run.set_status("failed")
-        raise ExperimentFailed(run.path, f"{exp.name} failed: {reason}") from exc
-    run.flush()
-    result = summary("done")
-    run.write_json("summary.json", result)
-    run.set_status("done")
+    with _signals_interrupt():
+        try:
+            run.write_json("config.json", {"experiment": exp.name,
+                                           "preset": "quick" if quick else "full",
+                                           "overrides": list(overrides), "settings": to_dict(cfg)})
+            run.write_json("env.json", environment(seed))
+            seed_everything(seed)
+            exp.run(cfg, ctx)
+            run.flush()
+            result = summary("done")
+            run.write_json("summary.json", result)
+            run.set_status("done")
+        except KeyboardInterrupt:
+            _try(run.flush)
+            _try(lambda: run.write_json("summary.json", summary("interrupted")))
+            _try(lambda: run.set_status("interrupted"))
+            raise
+        except Exception as exc:
+            reason = _describe_failure(exc, run.path)
+            _try(lambda: run.set_status("failed"))
+            _try(lambda: run.write_text("traceback.txt", traceback.format_exc()))
+            _try(run.flush)
+            _try(lambda: run.write_json("summary.json", summary("failed", reason=reason)))
+            raise ExperimentFailed(run.path, f"{exp.name} failed: {reason}") from exc
     return RunResult(run.path, "done", result)

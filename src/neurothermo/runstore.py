@@ -12,8 +12,13 @@ Layout of one run (``<root>/<experiment>/<timestamp>-<id>/``)::
 
 Atomicity: each file is written to a temporary file in the same folder and renamed over the target
 (``os.replace``), so a reader, or a run killed at any instant, sees either the old or the new
-complete file, never a torn one. ``metrics.jsonl`` is buffered in memory and flushed the same way at
-most every ``flush_seconds`` and at the end (including on Ctrl-C and on failure).
+complete file, never a torn one. ``metrics.jsonl`` is buffered in memory and appended at most every
+``flush_seconds`` and at the end (including on Ctrl-C, SIGTERM and on failure): each flush writes only
+the new lines, and a failed write is rolled back to the last complete line (:meth:`Run.flush`).
+
+Reading is defensive: a run folder is untrusted input (it may be damaged, truncated or written by
+someone else). :func:`read_summary` raises :class:`RunReadError` naming the folder and what is wrong
+instead of a parser's traceback.
 """
 from __future__ import annotations
 
@@ -23,7 +28,6 @@ import math
 import os
 import platform
 import secrets
-import shutil
 import subprocess
 import tempfile
 import time
@@ -107,8 +111,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def check_writable(root: Path) -> Path:
+def check_writable(root: Path | str) -> Path:
     """Create ``root`` if needed and prove it is writable, before any work is done."""
+    if not str(root).strip():
+        raise RunStoreError("output folder is empty (--out \"\"); give a folder, e.g. --out runs")
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -205,36 +211,114 @@ class Run:
             self.flush()
 
     def flush(self) -> None:
-        """Append pending records to ``metrics.jsonl`` by copy + append + atomic rename."""
+        """Append pending records to ``metrics.jsonl``: O(new lines), never a torn line.
+
+        The new lines go out in one ``O_APPEND`` write (retried until complete) followed by an
+        fsync; the existing file is never read or copied. If the write fails part-way (disk full,
+        file-size limit) the file is truncated back to its previous length, so it keeps only
+        complete lines, and the records stay pending. A process killed mid-write leaves at most
+        one line without its newline, which :func:`read_metrics` ignores.
+        """
         self._last_flush = time.monotonic()
         if not self._pending:
             return
+        data = ("\n".join(self._pending) + "\n").encode("utf-8")
         target = self.path / "metrics.jsonl"
-        with _replacing(target, "w") as out:
-            if target.exists():
-                with open(target, encoding="utf-8") as old:
-                    shutil.copyfileobj(old, out)
-            out.write("\n".join(self._pending) + "\n")
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
         self._pending.clear()
 
 
+class RunReadError(ValueError):
+    """A folder is not a readable run (missing, damaged or malformed files)."""
+
+
+def _read_text(f: Path, folder: Path) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RunReadError(f"{str(folder)!r} is not a readable run: {f.name} is not UTF-8 text "
+                           f"(byte {exc.start})") from None
+    except OSError as exc:
+        raise RunReadError(f"{str(folder)!r} is not a readable run: cannot read {f.name} "
+                           f"({exc.strerror or exc})") from None
+
+
 def read_status(path: Path) -> str:
+    """The run's status word, ``"unknown"`` when the file is missing or not one of the statuses."""
     f = Path(path) / "status"
-    return f.read_text().strip() if f.exists() else "unknown"
+    try:
+        word = f.read_text(encoding="utf-8").strip() if f.is_file() else "unknown"
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+    return word if word in STATUSES else "unknown"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    f = Path(path) / "metrics.jsonl"
+    """Every complete record of ``metrics.jsonl`` (a last line without its newline is skipped)."""
+    folder = Path(path)
+    f = folder / "metrics.jsonl"
     if not f.exists():
         return []
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    text = _read_text(f, folder)
+    lines = text.split("\n")[:-1]  # the part after the last newline is incomplete (or empty)
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise RunReadError(f"{str(folder)!r} is not a readable run: metrics.jsonl line {i} is "
+                               f"not JSON ({exc.msg})") from None
+    return out
+
+
+_PREDICTION_KEYS = ("name", "measured", "predicted", "tolerance", "passed")
 
 
 def read_summary(path: Path) -> dict[str, Any]:
-    f = Path(path) / "summary.json"
+    """``summary.json`` as a dict, checked: a JSON object whose predictions have every field.
+
+    Raises:
+        FileNotFoundError: there is no ``summary.json``.
+        RunReadError: the file is not UTF-8, not JSON, not an object, or a prediction lacks a field.
+    """
+    folder = Path(path)
+    f = folder / "summary.json"
     if not f.exists():
         raise FileNotFoundError(
-            f"{str(path)!r} has no summary.json (status: {read_status(Path(path))}); "
+            f"{str(path)!r} has no summary.json (status: {read_status(folder)}); "
             "is it a run folder (runs/<experiment>/<timestamp>-<id>/)?"
         )
-    return json.loads(f.read_text())
+    bad = f"{str(folder)!r} is not a readable run: summary.json"
+    try:
+        s = json.loads(_read_text(f, folder))
+    except json.JSONDecodeError as exc:
+        raise RunReadError(f"{bad} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                           "the file is damaged or truncated") from None
+    if not isinstance(s, dict):
+        raise RunReadError(f"{bad} holds a JSON {type(s).__name__}, not an object")
+    preds = s.get("predictions", [])
+    if not isinstance(preds, list):
+        raise RunReadError(f"{bad}: 'predictions' is a {type(preds).__name__}, not a list")
+    for i, p in enumerate(preds):
+        if not isinstance(p, dict):
+            raise RunReadError(f"{bad}: prediction {i} is not an object")
+        missing = [k for k in _PREDICTION_KEYS if k not in p]
+        if missing:
+            raise RunReadError(f"{bad}: prediction {i} has no {', '.join(missing)}")
+    if not isinstance(s.get("figures", {}), dict):
+        raise RunReadError(f"{bad}: 'figures' is not an object")
+    return s

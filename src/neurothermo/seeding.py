@@ -6,14 +6,16 @@ import random
 import numpy as np
 import torch
 
+MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
+
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed ``random``, ``numpy.random`` and torch (CPU and CUDA); return a fresh CPU generator.
 
     The same seed gives the same numbers on the same machine, torch build and thread count.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (2**63 - 1), got {seed!r}")
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002  (the legacy global generator is what user code draws from)
     torch.manual_seed(seed)
