@@ -16,12 +16,20 @@ matrix. ``k`` may be at most ``N − 1``.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from neurothermo.alignment._common import check_k, inverse_permutation, preprocess
+from neurothermo.alignment._common import (
+    AlignmentWarning,
+    centre,
+    check_k,
+    check_not_constant,
+    inverse_permutation,
+    preprocess,
+)
 from neurothermo.alignment._spec import pairwise, register
 
 _BLOCK_ELEMENTS = 1 << 24  # 16 M similarities per block: 64 MB in float32
@@ -69,6 +77,18 @@ def _permute_indices(idx: Tensor, perm: Tensor) -> Tensor:
     return inv[idx[perm]].sort(dim=1).values
 
 
+def _preprocess_varying(x: Tensor, name: str, normalize: bool, clip_quantile: float | None) -> Tensor:
+    """Preprocess, then refuse features that do not vary across samples (as CKA does).
+
+    Constant features (or, with ``normalize``, rows that are all positive multiples of one vector)
+    make every similarity equal: the neighbour sets would be decided by index ties alone, and two
+    such layers would score "perfect alignment". Every metric raises on them alike.
+    """
+    xp = preprocess(x, normalize=normalize, clip_quantile=clip_quantile)
+    check_not_constant(centre(xp), xp, name, "its neighbour structure")
+    return xp
+
+
 @dataclass(frozen=True)
 class _KnnStat:
     idx: Tensor  # (N, k) neighbour sets
@@ -86,7 +106,7 @@ class _KnnBase:
 
     def prepare(self, x: Tensor, name: str) -> _KnnStat:
         check_k(self.k, x.shape[0], name)
-        x = preprocess(x, normalize=self.normalize, clip_quantile=self.clip_quantile)
+        x = _preprocess_varying(x, name, self.normalize, self.clip_quantile)
         return _KnnStat(knn_indices(x, self.k))
 
     def permute(self, stat: _KnnStat, perm: Tensor) -> _KnnStat:
@@ -172,7 +192,7 @@ class Cknna:
         check_k(self.k, n, name, include_self=not self.unbiased)
         if self.k < 2:
             raise ValueError(f"cknna needs k >= 2 (got k={self.k}): one neighbour leaves no kernel to compare")
-        x = preprocess(x, normalize=self.normalize, clip_quantile=self.clip_quantile)
+        x = _preprocess_varying(x, name, self.normalize, self.clip_quantile)
         idx = knn_indices(x, self.k, exclude_self=self.unbiased)
         xd = x.to(torch.float64)
         val = torch.einsum("nd,nkd->nk", xd, xd[idx])
@@ -223,7 +243,14 @@ class Cknna:
         return t1 - (col_l @ row_k + col_k @ row_l) / n + sum_k * sum_l / n**2
 
     def compare(self, sa: _CknnaStat, sb: _CknnaStat) -> Tensor:
-        return self._hsic(sa, sb) / torch.sqrt(sa.self_sim * sb.self_sim)
+        value = self._hsic(sa, sb) / torch.sqrt(sa.self_sim * sb.self_sim)
+        if bool(value.abs() > 1):
+            warnings.warn(
+                f"CKNNA = {float(value):.4f} lies outside [-1, 1]: the masked kernels M∘K are not "
+                "positive semi-definite, so HSIC obeys no Cauchy–Schwarz bound on them (duplicated "
+                "or tied rows make this likely). Deduplicate the samples, or compare with "
+                "mutual_knn or cka, which are bounded", AlignmentWarning, stacklevel=2)
+        return value
 
 
 def cknna(
@@ -240,6 +267,10 @@ def cknna(
     The masked kernels are not symmetric (``j ∈ N(i)`` does not imply ``i ∈ N(j)``), so the unbiased
     value changes slightly when A and B are swapped (its ``1ᵀK̃L̃1`` term); the biased one does not.
     platonic-rep's default ``topk=None`` raises there; here ``k`` defaults to 10 and must be ≥ 2.
+    CKNNA is not bounded by 1, biased or unbiased: the masked kernels are not positive
+    semi-definite (with duplicated rows values ≈ 1.05 occur); such a value comes with an
+    :class:`AlignmentWarning`.
+    Features that do not vary across samples raise ``ValueError``, as for every metric.
     """
     return pairwise(Cknna(k, unbiased=unbiased, normalize=normalize, clip_quantile=clip_quantile), A, B)
 
