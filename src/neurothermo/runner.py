@@ -150,7 +150,7 @@ def run_experiment(
             "preset": "quick" if quick else "full",
             "seed": seed,
             "seconds": round(time.monotonic() - started, 3),
-            "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "figures": ctx.figures,
             "predictions": [asdict(p) for p in ctx.predictions],
             "all_passed": all(p.passed for p in ctx.predictions),

@@ -161,7 +161,7 @@ def environment(seed: int) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.is_available(),
         },
-        "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 

@@ -181,7 +181,7 @@ def charge_drift(history: History, i: int) -> tuple[float, float]:
 
 
 def summarise(history: History, cfg: LayerBalanceConfig, wd: float = 0.0) -> dict[str, Any]:
-    import neurothermo as nt
+    import neurothermo.monitor as nt
 
     lb = nt.layer_balance(history, window=cfg.window, n_blocks=cfg.n_blocks)
     nbs = nt.neuron_balance(history, window=cfg.window, n_blocks=cfg.n_blocks)
@@ -212,7 +212,8 @@ def _record(s: dict[str, Any]) -> dict[str, Any]:
 
 def train_one(cfg: LayerBalanceConfig, ctx: RunContext, data: tuple[Tensor, Tensor], label: str,
               scale: float, optimizer: str, wd: float) -> History:
-    import neurothermo as nt
+    import neurothermo.monitor as nt
+    from neurothermo.train import train
 
     loss_fn = onehot_mse if cfg.loss == "mse" else nn.CrossEntropyLoss()
     model = build_model(data[0].shape[1], cfg, scale, ctx.seed)
@@ -230,7 +231,7 @@ def train_one(cfg: LayerBalanceConfig, ctx: RunContext, data: tuple[Tensor, Tens
                         if c.startswith(("grad_sq_ema/", "neuron_ratio/"))})
             ctx.log(step, **row)
 
-        return nt.train(model, loss_fn, data, optimizer=optimizer, lr=cfg.lr,
+        return train(model, loss_fn, data, optimizer=optimizer, lr=cfg.lr,
                         batch_size=None if optimizer == "gd" else cfg.batch_size, steps=cfg.steps,
                         weight_decay=wd, seed=ctx.seed, monitor=mon, callbacks=[log])
 

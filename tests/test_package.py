@@ -1,0 +1,79 @@
+"""The package is a library: a light measuring API, static exports, dependencies pointing inward."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import neurothermo
+
+SRC = Path(neurothermo.__file__).resolve().parent
+
+
+def test_import_loads_no_experiment_plot_or_cli_code() -> None:
+    code = ("import sys, neurothermo; print(','.join(sorted(m for m in sys.modules if "
+            "m.startswith(('neurothermo.experiments', 'neurothermo.cli', 'neurothermo.runner', "
+            "'matplotlib', 'typer', 'rich', 'sklearn')))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_all_is_static_and_complete() -> None:
+    tree = ast.parse((SRC / "__init__.py").read_text())
+    (static,) = [n.value for n in tree.body if isinstance(n, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)]
+    assert isinstance(static, ast.List)  # a literal list: type checkers see the exports
+    listed = [ast.literal_eval(e) for e in static.elts]
+    public = {n for n, v in vars(neurothermo).items()
+              if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+    assert set(listed) == public | {"__version__", "alignment"}
+    assert len(listed) == len(set(listed))
+
+
+def test_framework_lives_in_its_own_namespace() -> None:
+    from neurothermo import experiments
+
+    for name in ("Experiment", "register", "RunContext", "Prediction", "setting",
+                 "run_experiment", "ConfigError"):
+        assert hasattr(experiments, name)
+        assert not hasattr(neurothermo, name)
+
+
+def _imports_of(path: Path) -> list[tuple[int, str, list[str]]]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module, [a.name for a in node.names]))
+    return out
+
+
+def test_no_module_imports_the_package_root() -> None:
+    bad = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "__init__.py" and path.parent == SRC:
+            continue
+        for line, module, names in _imports_of(path):
+            if module == "neurothermo" and any(n != "__version__" for n in names or ["*"]):
+                subs = {p.stem for p in SRC.iterdir()}
+                if not names or any(n not in subs for n in names):
+                    bad.append(f"{path.relative_to(SRC)}:{line}")
+    assert bad == [], f"import the defining module instead of the package root: {bad}"
+
+
+def test_the_core_never_imports_the_edge() -> None:
+    edge = ("neurothermo.experiments", "neurothermo.cli", "neurothermo.runner",
+            "neurothermo.report")
+    core = [p for p in SRC.rglob("*.py")
+            if not p.relative_to(SRC).parts[0].startswith(("experiments", "cli", "runner",
+                                                         "report"))]
+    bad = [f"{p.relative_to(SRC)}:{line} imports {m}" for p in core
+           for line, m, _ in _imports_of(p) if m.startswith(edge)]
+    assert bad == []
+
+
+def test_typed_marker_ships() -> None:
+    assert (SRC / "py.typed").is_file()
