@@ -65,11 +65,11 @@ def test_no_module_imports_the_package_root() -> None:
 
 
 def test_the_core_never_imports_the_edge() -> None:
-    edge = ("neurothermo.experiments", "neurothermo.cli", "neurothermo.runner",
+    edge = ("neurothermo.experiments", "neurothermo.cli", "neurothermo.runner",  # _entry is edge
             "neurothermo.report")
     core = [p for p in SRC.rglob("*.py")
             if not p.relative_to(SRC).parts[0].startswith(("experiments", "cli", "runner",
-                                                         "report"))]
+                                                         "report", "_entry"))]
     bad = [f"{p.relative_to(SRC)}:{line} imports {m}" for p in core
            for line, m, _ in _imports_of(p) if m.startswith(edge)]
     assert bad == []
@@ -77,3 +77,11 @@ def test_the_core_never_imports_the_edge() -> None:
 
 def test_typed_marker_ships() -> None:
     assert (SRC / "py.typed").is_file()
+
+
+def test_console_script_names_the_missing_extra() -> None:
+    # typer hidden: the script says which extra to install instead of an ImportError traceback
+    code = ("import sys; sys.modules['typer'] = None; from neurothermo._entry import main; main()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "pip install 'neurothermo[experiments]'" in out.stderr and "Traceback" not in out.stderr
