@@ -4,6 +4,8 @@ Framework: :class:`Experiment`, :func:`register`, :class:`RunContext`, :class:`P
 :func:`setting` / :class:`ConfigError` (settings), :func:`run_experiment` (run one into a run
 folder). The measuring API (``import neurothermo``) never imports this package.
 """
+from typing import TYPE_CHECKING
+
 from neurothermo.config import ConfigError, setting
 from neurothermo.experiments import (
     entropic_flow,
@@ -27,7 +29,22 @@ from neurothermo.experiments.base import (
     get_experiment,
     register,
 )
-from neurothermo.runner import ExperimentFailed, RunResult, run_experiment
+
+if TYPE_CHECKING:  # for type checkers; at run time they come from __getattr__ below
+    from neurothermo.runner import ExperimentFailed, RunResult, run_experiment
+
+_RUNNER = ("ExperimentFailed", "RunResult", "run_experiment")
+
+
+def __getattr__(name: str) -> object:
+    # neurothermo.runner imports this package (for the registry): re-export it lazily, so that
+    # importing either module first works.
+    if name in _RUNNER:
+        from neurothermo import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "REGISTRY",
