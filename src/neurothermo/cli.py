@@ -1,4 +1,4 @@
-"""The ``neurothermo`` command line: list, run, reproduce, show, describe."""
+"""The ``neurothermo`` command line: list, describe, run, reproduce, report, show."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -132,45 +132,88 @@ def run(
 @app.command()
 def reproduce(
     quick: Annotated[bool, typer.Option("--quick", help="Quick presets (minutes on a laptop).")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Full presets (the default; see `describe` "
+                                                      "for each one's cost).")] = False,
+    only: Annotated[list[str] | None, typer.Option(
+        "--only", help="Run only this experiment (repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for every experiment.", min=0, max=MAX_SEED)] = 0,
     out: Annotated[str, typer.Option(help="Root folder of the run store.")] = "runs",
+    rerun: Annotated[bool, typer.Option("--rerun", help="Run again even where a finished run "
+                                                        "with the same settings exists.")] = False,
 ) -> None:
-    """Run every registered experiment (skipping those whose optional extra is missing)."""
-    from neurothermo.experiments.base import all_experiments
-    from neurothermo.report import print_summary
-    from neurothermo.runstore import RunStoreError, check_writable
+    """Run every registered experiment, then write OUT/report.html.
 
+    Resumable: an experiment that already has a finished (`done`) run with the same preset, seed
+    and settings under OUT is kept, not rerun; failed, interrupted or killed runs are run again.
+    Experiments whose optional extra is missing are skipped with a note.
+    """
+    from neurothermo.experiments.base import UnknownExperiment, all_experiments, get_experiment
+    from neurothermo.htmlreport import write_report
+    from neurothermo.report import print_summary
+    from neurothermo.runner import find_finished
+    from neurothermo.runstore import RunStoreError, check_writable, read_summary
+
+    if quick and full:
+        raise _fail("choose one of --quick and --full", 2)
     try:
         check_writable(out)
-    except RunStoreError as exc:
+        chosen = [get_experiment(n) for n in only] if only else all_experiments()
+    except (RunStoreError, UnknownExperiment) as exc:
         raise _fail(str(exc), 2) from None
     rows: list[tuple[str, str, str, str]] = []
     failed = False
-    for exp in all_experiments():
+    for exp in chosen:
         if exp.missing():
             rows.append((exp.name, "skipped", f"needs extra '{exp.extra}'", ""))
             continue
         console.rule(f"{exp.name}")
-        try:
-            result = _run_one(exp.name, quick, seed, out, [])
-        except typer.Exit as exc:
-            if exc.exit_code > 128:  # a signal (Ctrl-C, SIGTERM, SIGHUP) stops the whole run
-                raise
-            failed = True
-            rows.append((exp.name, "failed", "see error above", ""))
-            continue
-        print_summary(result.path, console)
-        preds = result.summary["predictions"]
+        done = None if rerun else find_finished(exp.name, quick=quick, seed=seed, out=out)
+        if done is not None:
+            console.print(f"kept: finished run {done} (same preset, seed and settings)",
+                          highlight=False)
+            summary = read_summary(done)
+            path = done
+        else:
+            try:
+                result = _run_one(exp.name, quick, seed, out, [])
+            except typer.Exit as exc:
+                if exc.exit_code > 128:  # a signal (Ctrl-C, SIGTERM, SIGHUP) stops the whole run
+                    raise
+                failed = True
+                rows.append((exp.name, "failed", "see error above", ""))
+                continue
+            print_summary(result.path, console)
+            summary, path = result.summary, result.path
+        preds = summary["predictions"]
         passed = sum(p["passed"] for p in preds)
-        rows.append((exp.name, "done", f"{passed}/{len(preds)} predictions hold", str(result.path)))
+        rows.append((exp.name, "kept" if done is not None else "done",
+                     f"{passed}/{len(preds)} predictions hold", str(path)))
     table = Table(title="reproduce " + ("--quick" if quick else "(full)"), title_justify="left")
     for col in ("experiment", "status", "result", "run folder"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*(_escape(c) for c in r))
     console.print(table)
+    report = write_report(out)
+    console.print(f"report: {report}", highlight=False)
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    runs_dir: Annotated[str, typer.Argument(help="The run store (a folder of experiment folders).")] = "runs",
+    out: Annotated[str | None, typer.Option(help="Where to write the page "
+                                                 "(default RUNS_DIR/report.html).")] = None,
+) -> None:
+    """Write a self-contained HTML report of the newest run of every experiment in RUNS_DIR."""
+    from neurothermo.htmlreport import write_report
+
+    try:
+        path = write_report(runs_dir, out)
+    except (FileNotFoundError, OSError) as exc:
+        raise _fail(_escape(str(exc)), 2) from None
+    console.print(f"report: {path}", highlight=False)
 
 
 @app.command()

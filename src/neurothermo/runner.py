@@ -101,6 +101,32 @@ class RunResult:
         return all(p["passed"] for p in self.summary.get("predictions", []))
 
 
+def find_finished(name: str, *, quick: bool = False, seed: int = 0,
+                  out: Path | str = DEFAULT_ROOT, overrides: Iterable[str] = ()) -> Path | None:
+    """The newest ``done`` run of ``name`` under ``out`` made with the same preset, seed and final
+    settings as these arguments would give, or None. What ``reproduce`` uses to resume: a finished
+    run is kept, a failed, interrupted or still-``running`` (killed) one is run again."""
+    import json
+
+    exp = get_experiment(name)
+    cfg = apply_overrides(validate_config(exp.preset(quick)), overrides)
+    want = {"preset": "quick" if quick else "full", "settings": to_dict(cfg)}
+    folder = Path(out) / exp.name
+    if not folder.is_dir():
+        return None
+    for run_dir in sorted((p for p in folder.iterdir() if p.is_dir()), reverse=True):
+        if (run_dir / "status").exists() and run_dir.joinpath("status").read_text().strip() == "done":
+            try:
+                config = json.loads((run_dir / "config.json").read_text())
+                env = json.loads((run_dir / "env.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if ({k: config.get(k) for k in want} == json.loads(json.dumps(want))
+                    and env.get("seed") == seed):
+                return run_dir
+    return None
+
+
 def run_experiment(
     name: str,
     *,

@@ -30,6 +30,11 @@ class Prediction:
     With ``relative=True`` the tolerance is relative to ``|predicted|``. ``why`` says where the
     tolerance comes from (it is derived from the theory, not tuned). A non-finite measurement
     never passes.
+
+    ``control=True`` marks a check made on a control setting, where the theory says the effect
+    must be absent (no gradient noise, full-batch GD, an untrained network, the cause switched
+    off); the check is stated so that it passes when the effect is absent as predicted. Reports
+    count the predictions that held and, separately, the controls that behaved as predicted.
     """
 
     name: str
@@ -40,11 +45,12 @@ class Prediction:
     relative: bool = False
     why: str = ""
     sense: str = "equal"
+    control: bool = False
 
     @classmethod
     def check(
         cls, name: str, measured: float, predicted: float, tolerance: float, *,
-        relative: bool = False, why: str = "", sense: str = "equal",
+        relative: bool = False, why: str = "", sense: str = "equal", control: bool = False,
     ) -> Prediction:
         if sense not in SENSES:
             raise ValueError(f"sense must be one of {SENSES}, got {sense!r}")
@@ -59,7 +65,8 @@ class Prediction:
         else:
             ok = measured >= predicted - bound
         ok = ok and math.isfinite(measured)
-        return cls(name, measured, predicted, float(tolerance), bool(ok), relative, why, sense)
+        return cls(name, measured, predicted, float(tolerance), bool(ok), relative, why, sense,
+                   bool(control))
 
 
 class MissingExtra(RuntimeError):
@@ -155,11 +162,14 @@ class RunContext:
 
     def predict(
         self, name: str, measured: float, predicted: float, tolerance: float, *,
-        relative: bool = False, why: str = "", sense: str = "equal",
+        relative: bool = False, why: str = "", sense: str = "equal", control: bool = False,
     ) -> Prediction:
-        """Check a theory prediction (see :class:`Prediction`) and record it in ``summary.json``."""
+        """Check a theory prediction (see :class:`Prediction`) and record it in ``summary.json``.
+
+        ``control=True``: a check on a control setting, passing when the effect is absent.
+        """
         p = Prediction.check(name, measured, predicted, tolerance, relative=relative, why=why,
-                             sense=sense)
+                             sense=sense, control=control)
         self.predictions.append(p)
         return p
 
