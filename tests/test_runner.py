@@ -37,7 +37,7 @@ def test_done_run_has_every_file(tmp_path: Path, temp_experiment) -> None:
     s = res.summary
     assert s["predictions"][0] | {"measured": None} == {
         "name": "x is positive", "measured": None, "predicted": 0.0, "tolerance": 1e9,
-        "passed": True, "relative": False, "why": "", "sense": "equal"}
+        "passed": True, "relative": False, "why": "", "sense": "equal", "control": False}
     assert res.path.parent == tmp_path / "toy-walk"
 
 
