@@ -19,7 +19,10 @@ state is left as it was and a monitor's extra passes cannot shift any random str
 permutation and position), global RNG states, the history and the monitor's state. Each write goes
 to a temporary file first and is renamed into place, so a crash never leaves a torn checkpoint.
 ``resume=True`` continues from that checkpoint (or starts afresh when there is none) and reaches
-bit-for-bit the same parameters as an uninterrupted run on the same machine and thread count.
+bit-for-bit the same parameters — and, with a :class:`~neurothermo.ThermoMonitor`, the same
+history — as an uninterrupted run on the same machine and thread count. A resume is refused, with
+a message, when the data (its values, not only its size), the model's structure or a setting
+differs from the run that wrote the checkpoint, or when the checkpoint file is damaged.
 ``lr_schedule`` is a function ``step → factor`` (the learning rate at step t is
 ``lr·lr_schedule(t)``); pass the same one when resuming. ``out/history.jsonl`` is written at the end.
 
@@ -46,7 +49,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "gd")
 CHECKPOINT = "checkpoint.pt"
 _RNG_OFFSET = 1_000_003
 _CHECK_EVERY_ACCEL = 20
-_FORMAT = 1
+_FORMAT = 2  # 2: the config holds a fingerprint of the data and the model structure
 
 
 class TrainingDiverged(FloatingPointError):
@@ -202,6 +205,8 @@ def train(
     order = DataOrder(n, b, replacement=replacement, full=optimizer == "gd", seed=seed)
     config = {"optimizer": optimizer, "lr": lr, "batch_size": b, "weight_decay": wd,
               "momentum": momentum, "replacement": bool(replacement), "seed": seed, "n": n}
+    if out is not None:  # only a run that checkpoints or resumes needs to recognise its inputs
+        config["fingerprint"] = fingerprint(model, (x, y))
     if monitor is not None and callable(getattr(monitor, "bind", None)):
         monitor.bind(opt, dataset_size=n, replacement=replacement)
     mon_history = getattr(monitor, "history", None)
@@ -218,7 +223,7 @@ def train(
         torch.manual_seed(seed + _RNG_OFFSET)
         start, last_finite = 0, None
         if resume and ckpt is not None and ckpt.exists():
-            state = torch.load(ckpt, map_location=device, weights_only=True)
+            state = load_checkpoint(ckpt, device)
             _check_config(state, config, steps, ckpt)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -239,10 +244,55 @@ def train(
     return history
 
 
+def load_checkpoint(ckpt: Path, device: torch.device) -> dict[str, Any]:
+    """``torch.load`` (weights only) of a checkpoint, naming the file and the damage on failure."""
+    try:
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, OSError, UnpicklingError
+        size = ckpt.stat().st_size if ckpt.exists() else 0
+        raise ValueError(
+            f"cannot resume: {ckpt} ({size} bytes) is damaged or truncated and cannot be read "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
+            "delete it to start afresh, or resume from a copy of an intact checkpoint") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"cannot resume: {ckpt} holds a {type(state).__name__}, not a "
+                         "neurothermo checkpoint")
+    return state
+
+
+def fingerprint(model: nn.Module, tensors: Sequence[Tensor]) -> dict[str, str]:
+    """What a resume must match: a SHA-256 of the training data's values (shapes, dtypes and
+    bytes of every tensor, in order) and of the model's structure (module types, parameter and
+    buffer names, shapes and dtypes — not their values, which the checkpoint restores)."""
+    import hashlib
+
+    data = hashlib.sha256()
+    for t in tensors:
+        data.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        data.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    structure = hashlib.sha256()
+    for name, mod in model.named_modules():
+        structure.update(f"{name}:{type(mod).__qualname__};".encode())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        structure.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    return {"data": data.hexdigest(), "model": structure.hexdigest()}
+
+
 def _check_config(state: dict[str, Any], config: dict[str, Any], steps: int, ckpt: Path) -> None:
     if state.get("format") != _FORMAT:
         raise ValueError(f"{ckpt} is not a neurothermo checkpoint of format {_FORMAT}")
+    saved = state.get("config", {}).get("fingerprint", {})
+    for what, why in (("model", "a model of another structure"),
+                      ("data", "other training data (same size or not)")):
+        if saved.get(what) != config["fingerprint"][what]:
+            raise ValueError(
+                f"cannot resume from {ckpt}: this call passes {why} than the run that wrote it "
+                f"({what} fingerprint {str(saved.get(what))[:12]} there, "
+                f"{config['fingerprint'][what][:12]} here); pass the same {what}, or another out= "
+                "folder to start a new run")
     for k, v in config.items():
+        if k == "fingerprint":
+            continue
         if state["config"].get(k) != v:
             raise ValueError(
                 f"cannot resume from {ckpt}: it was written with {k}={state['config'].get(k)!r}, "

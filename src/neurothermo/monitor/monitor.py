@@ -206,10 +206,16 @@ class ThermoMonitor:
         return lr, wd, None
 
     def _note(self, key: str, text: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            self._history.meta["notes"].append(text)
-            warnings.warn(f"ThermoMonitor: {text}", MonitorWarning, stacklevel=3)
+        """Record ``text`` in ``history.meta["notes"]`` once and warn once; a note already there
+        (restored from a checkpoint) is neither repeated nor warned about again."""
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        notes = self._history.meta["notes"]
+        if text in notes:
+            return
+        notes.append(text)
+        warnings.warn(f"ThermoMonitor: {text}", MonitorWarning, stacklevel=3)
 
     @contextmanager
     def _measuring(self) -> Iterator[None]:
@@ -356,7 +362,8 @@ class ThermoMonitor:
         self.flush()
         return {"history": self._history.state_dict(), "ema_layer": self._ema_layer,
                 "count": self._count, "emitted": self._emitted,
-                "units": {t.index: (t.ema_in, t.ema_out) for t in self._tracked or ()}}
+                "units": {t.index: (t.ema_in, t.ema_out) for t in self._tracked or ()},
+                "passive_ready": self._passive_ready}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._history.load_state_dict(state["history"])
@@ -364,6 +371,10 @@ class ThermoMonitor:
         self._ema_layer, self._count = state["ema_layer"], int(state["count"])
         self._emitted, self._pending, self._psums = int(state["emitted"]), None, None
         self._units_state = state.get("units", {})
+        # Whether the model passed the full per-sample checks: then the noise steps after the
+        # resume read the loop's own pass, as the uninterrupted run did (with Dropout an extra
+        # pass would draw other masks and give other numbers).
+        self._passive_ready = bool(state.get("passive_ready", False))
         for t in self._tracked or ():
             t.ema_in, t.ema_out = self._units_state.get(t.index, (None, None))
             t.forget()

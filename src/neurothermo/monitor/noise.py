@@ -108,7 +108,7 @@ def make_capture(mon: ThermoMonitor) -> Any:
         return None
     reason = capturable(mon.model, mon._params)
     if reason is not None:
-        mon._history.meta["notes"].append(f"entropic terms measured with an extra pass: {reason}")
+        mon._note("capture", f"entropic terms measured with an extra pass: {reason}")
         return None
     return BackwardCapture(mon.model, mon._params)
 
