@@ -10,6 +10,7 @@ from neurothermo.config import ConfigError, setting
 from neurothermo.experiments.base import Experiment, Prediction, RunContext, register
 from neurothermo.runner import ExperimentFailed, RunResult, run_experiment
 from neurothermo.seeding import seed_everything
+from neurothermo._data import model_loss  # the data model: docs/data.md
 
 # --- gradstats (issue 4) ---
 from neurothermo.gradstats import (

@@ -21,12 +21,13 @@ Pooling (``pool``) of one layer's output ``h`` of shape ``(b, ...)``:
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from neurothermo._data import as_data, model_loss
 from neurothermo._state import preserved_state
 
 
@@ -86,34 +87,38 @@ def pool_output(h: Tensor, pool: str, mask: Tensor | None = None) -> Tensor:
 
 
 def _batches(inputs: Any, batch_size: int | None) -> tuple[int, list[tuple[Any, Tensor | None]]]:
-    """Split ``inputs`` (tensor, tuple of tensors, or mapping of tensors) along dim 0."""
-    if isinstance(inputs, Tensor):
-        n = inputs.shape[0]
-    elif isinstance(inputs, Mapping) and inputs:
-        n = next(iter(inputs.values())).shape[0]
-    elif isinstance(inputs, Sequence) and inputs and all(isinstance(t, Tensor) for t in inputs):
-        n = inputs[0].shape[0]
+    """``(model inputs, attention mask)`` per batch: ``inputs`` (a tensor, a tuple of tensors as
+    positional arguments, a mapping of tensors) split along dim 0, or the batches of an iterable
+    (a ``DataLoader``; each one a batch of the data model, ``docs/data.md``, whose targets are
+    ignored), each split again when larger than ``batch_size``."""
+    size = batch_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    if isinstance(inputs, Sequence) and inputs and all(isinstance(t, Tensor) for t in inputs):
+        n = inputs[0].shape[0]  # positional arguments model(*inputs)
+        if n == 0:
+            raise ValueError("inputs hold no samples")
+        step = n if size is None else size
+        return n, [(tuple(t[i:i + step] for t in inputs), None) for i in range(0, n, step)]
+    if isinstance(inputs, Tensor | Mapping):
+        data = as_data(inputs, model_loss, name="inputs")
+    elif isinstance(inputs, Iterable) and not isinstance(inputs, str | bytes):
+        data = as_data([b[0] if _is_target_pair(b) else b for b in inputs], model_loss, name="inputs")
     else:
         raise TypeError(
-            "inputs must be a tensor, a tuple of tensors (positional arguments) or a dict of tensors "
-            f"(keyword arguments), got {type(inputs).__name__}"
+            "inputs must be a tensor, a tuple of tensors (positional arguments), a dict of tensors "
+            f"(keyword arguments) or an iterable of batches (a DataLoader), got {type(inputs).__name__}"
         )
-    if n == 0:
-        raise ValueError("inputs hold no samples")
-    size = n if batch_size is None else batch_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     out: list[tuple[Any, Tensor | None]] = []
-    for start in range(0, n, size):
-        sl = slice(start, start + size)
-        if isinstance(inputs, Tensor):
-            out.append((inputs[sl], None))
-        elif isinstance(inputs, Mapping):
-            part = {k: (v[sl] if isinstance(v, Tensor) else v) for k, v in inputs.items()}
-            out.append((part, part.get("attention_mask")))
-        else:
-            out.append((tuple(t[sl] for t in inputs), None))
-    return n, out
+    for part in data.chunks(size):
+        ins = part.inputs
+        mask = ins.get("attention_mask") if isinstance(ins, dict) else None
+        out.append((ins, mask))
+    return data.count(), out
+
+
+def _is_target_pair(b: Any) -> bool:
+    return isinstance(b, tuple | list) and len(b) == 2 and isinstance(b[0], Tensor | Mapping)
 
 
 def capture_features(
@@ -123,7 +128,9 @@ def capture_features(
     """``{layer: (N, D)}`` features of ``model`` on ``inputs`` (see the module docstring).
 
     ``inputs``: a tensor (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``), split
-    into batches of ``batch_size`` along dim 0 (``None``: one batch). Raises naming the layer if a
+    into batches of ``batch_size`` along dim 0 (``None``: one batch); or an iterable of batches (a
+    ``DataLoader``) of the data model (``docs/data.md``): the inputs of each (targets ignored), each
+    split again when larger than ``batch_size``. Raises naming the layer if a
     name is unknown, if a hooked layer never ran, or if it ran more than once per forward.
     """
     if pool not in ("mean", "last", "flatten"):

@@ -59,8 +59,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from neurothermo._data import Batch, as_batch, as_data
 from neurothermo._state import preserved_state
-from neurothermo._validate import check_batch, check_int, check_loss_fn, check_positive
+from neurothermo._validate import check_int, check_loss_fn, check_positive
 from neurothermo.monitor import names
 from neurothermo.monitor.derive import RawStep, deferred_charge, derive
 from neurothermo.monitor.history import History
@@ -110,7 +111,9 @@ class ThermoMonitor:
         if writer is not None and not isinstance(writer, Writer):
             raise TypeError("writer needs write(rows, meta) and flush() (e.g. JSONLWriter(path))")
         self.model, self.loss_fn, self.writer, self.ema = model, loss_fn, writer, float(ema)
-        self.data = None if data is None else check_batch(data, "data", min_size=2)
+        self.data = None if data is None else as_data(data, loss_fn, name="data", model=model)
+        if self.data is not None and self.data.count() < 2:
+            raise ValueError("data has 1 sample; the monitor's fixed set needs at least 2")
         if self.sharpness_every is not None and self.data is None:
             raise ValueError(
                 "sharpness_every needs data=(inputs, targets): sharpness is the top Hessian "
@@ -220,16 +223,19 @@ class ThermoMonitor:
             yield
 
     # ---- the two calls -------------------------------------------------------------------------
-    def after_backward(self, step: int, batch: tuple[Tensor, Tensor], *, loss: Tensor | None = None) -> None:
-        """Record what ``p.grad`` holds for ``step`` (call after backward, before the optimizer step)."""
+    def after_backward(self, step: int, batch: Any, *, loss: Tensor | None = None) -> None:
+        """Record what ``p.grad`` holds for ``step`` (call after backward, before the optimizer step).
+
+        ``batch``: the batch the loss was computed on, in the data model (``docs/data.md``):
+        ``(inputs, targets)`` with inputs a tensor or a dict of tensors, or the inputs alone when
+        ``loss_fn`` is ``model_loss``."""
         check_int("step", step, minimum=0)
         if self._pending is not None:
             raise RuntimeError(
                 f"after_step({self._pending[0]}) was not called before after_backward({step})")
-        if not (isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[0], Tensor)):
-            raise TypeError("batch must be the pair (inputs, targets) the loss was computed on")
+        batch = as_batch(batch, self.loss_fn, name="batch", finite=False)
         if self._tracked is None:
-            self._tracked = self._init_symmetries(batch[0])
+            self._tracked = self._init_symmetries(batch.inputs)
         lr, wd, not_exact = self._rule()
         if lr is None:
             self._note("lr", "no lr known (pass optimizer= or lr=): temperature, charge "
@@ -278,12 +284,12 @@ class ThermoMonitor:
             t.remember(cached, self._params)
         return cached
 
-    def _record_grads(self, step: int, values: dict[str, Any], batch: Sequence[Tensor],
+    def _record_grads(self, step: int, values: dict[str, Any], batch: Batch,
                       lr: float | None, wd: float, *, predict: bool) -> None:
         """The reductions of this step (kept in ``self._raw``) and the eagerly computed charges."""
         grads = {n: p.grad for n, p in self._params.items()}
         gsums = SquareSums(grads, self._scratch_grads).prepare(self._unit_keys, self._names)
-        self._raw.append(RawStep(step=step, lr=lr, wd=wd, batch_size=int(batch[0].shape[0]),
+        self._raw.append(RawStep(step=step, lr=lr, wd=wd, batch_size=batch.size,
                                  predict=predict, grads=gsums, before=self._param_sums()))
         for t in self._tracked or ():
             if deferred_charge(t):
@@ -397,7 +403,7 @@ class ThermoMonitor:
         return tracked
 
 
-def _entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | None,
+def _entropic_terms(mon: ThermoMonitor, batch: Batch, loss: Tensor | None,
                     lr: float, wd: float, step: int) -> dict[str, Tensor]:
     from neurothermo.monitor.noise import entropic_terms
 
