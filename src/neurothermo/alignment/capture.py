@@ -4,9 +4,11 @@
 and returns ``{layer name: (N, D) tensor}``. The model is left exactly as it was (train/eval flags,
 BatchNorm buffers, ``.grad``), and every hook is removed also when the forward raises.
 
-Which layers (``layers="auto"``): the children of the longest ``nn.Sequential`` / ``nn.ModuleList``
-in the model (the block stack: a transformer's layers, a convnet's ``features``); if there is
-none with ≥ 2 children, the model's top-level children. Or give a list of names from
+Which layers (``layers="auto"``, :func:`auto_layers`): every block of every block stack (a
+``Sequential`` / ``ModuleList`` of modules with submodules: each stage of a ResNet, a transformer's
+layers, a convnet's ``features``), outermost stacks only; without one, the children of the longest
+``nn.Sequential`` / ``nn.ModuleList``; if there is none with ≥ 2 children, the model's top-level
+children. Or give a list of names from
 ``model.named_modules()``. A module that returns a tuple (e.g. a Hugging Face layer) contributes
 its first tensor.
 
@@ -31,8 +33,32 @@ from neurothermo._data import as_data, model_loss
 from neurothermo._state import preserved_state
 
 
+def _is_block_stack(mod: nn.Module) -> bool:
+    """A ``Sequential``/``ModuleList`` whose children are all blocks (modules with submodules of
+    their own): a ResNet stage, a transformer's layer list, a convnet's ``features``."""
+    kids = list(mod.children())
+    return (isinstance(mod, nn.Sequential | nn.ModuleList) and bool(kids)
+            and all(any(True for _ in k.children()) for k in kids))
+
+
 def auto_layers(model: nn.Module) -> list[str]:
-    """Names of the blocks of the longest ``Sequential``/``ModuleList`` (see module docstring)."""
+    """The blocks of ``model``, in registration order (see the module docstring).
+
+    Every child of every *block stack* (a ``Sequential``/``ModuleList`` of modules that have
+    submodules themselves) that does not lie inside another block stack: all four stages of a
+    torchvision ResNet (``layer1.0`` … ``layer4.1``), a ViT's ``blocks.i``, BERT's
+    ``encoder.layer.i``, GPT-2's ``h.i``. Without a block stack: the children of the longest
+    ``Sequential``/``ModuleList`` with ≥ 2 children (a plain ``nn.Sequential`` of layers), else the
+    model's top-level children.
+    """
+    stacks: list[str] = []
+    for name, mod in model.named_modules():
+        if _is_block_stack(mod) and not any(name.startswith(f"{s}.") or s == "" for s in stacks):
+            stacks.append(name)
+    blocks = [f"{s}.{c}" if s else c for s in stacks
+              for c, _ in model.get_submodule(s).named_children()]
+    if len(blocks) >= 2:
+        return blocks
     best_name, best_len = None, 1
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Sequential | nn.ModuleList) and len(mod) > best_len:
