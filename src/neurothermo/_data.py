@@ -311,6 +311,18 @@ def model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
+def batch_size_of(obj: Any) -> int:
+    """``b`` of a batch in any form of the data model: a pair ``(inputs, targets)`` or inputs."""
+    if isinstance(obj, Batch):
+        return obj.size
+    own = not (isinstance(obj, tuple | list) and len(obj) == 2 and isinstance(obj[1], Tensor))
+    return as_batch(obj, model_loss if own else _pair_loss, finite=False).size
+
+
+def _pair_loss(outputs: Any, targets: Any) -> Any:  # marks "a loss_fn that takes targets"
+    raise AssertionError("never called")
+
+
 def check_num_data(num_data: int | None, counted: int, name: str = "data") -> int:
     """``N``: the samples counted in the data, checked against ``num_data`` when given."""
     if num_data is not None and num_data != counted:
