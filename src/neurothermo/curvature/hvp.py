@@ -56,7 +56,7 @@ from neurothermo.curvature.operator import LinearOperator, ParamSpace
 
 HvpMethod = Literal["reverse", "forward_over_reverse", "finite_difference"]
 HVP_METHODS: tuple[str, ...] = ("reverse", "forward_over_reverse", "finite_difference")
-LossFn = Callable[..., Tensor]
+LossFn = Callable[..., Tensor] | None  # None: the model returns its loss (model_loss)
 
 
 def microbatches(data: Data, microbatch_size: int | None) -> list[tuple[Batch, float]]:

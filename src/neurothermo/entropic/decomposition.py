@@ -49,7 +49,7 @@ from neurothermo.entropic._common import (
 )
 from neurothermo.gradstats.norms import stats_of_batch
 
-LossFn = Callable[..., Tensor]
+LossFn = Callable[..., Tensor] | None  # None: the model returns its loss (model_loss)
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def _owned(ts: list[Tensor], keep: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _prepare(model: nn.Module, loss_fn: LossFn | None, data: Any, lr: float, batch_size: int,
+def _prepare(model: nn.Module, loss_fn: LossFn, data: Any, lr: float, batch_size: int,
              replacement: bool, weight_decay: float, chunk_size: int, num_data: int | None
              ) -> tuple[float, float, Data, int, int, dict[str, Tensor]]:
     lr, wd = check_common(lr, weight_decay)
@@ -144,7 +144,7 @@ def _prepare(model: nn.Module, loss_fn: LossFn | None, data: Any, lr: float, bat
     return lr, wd, d, n, b, params
 
 
-def _chunk_stats(model: nn.Module, loss_fn: LossFn | None, batch: Batch,
+def _chunk_stats(model: nn.Module, loss_fn: LossFn, batch: Batch,
                  params: dict[str, Tensor], *, create_graph: bool
                  ) -> tuple[Tensor, list[Tensor], Tensor]:
     """One forward + one backward of the chunk's mean loss ``l_c``: ``l_c``, ``∇l_c`` (a list in
@@ -159,7 +159,7 @@ def _chunk_stats(model: nn.Module, loss_fn: LossFn | None, batch: Batch,
     return stats.loss, [stats.mean_grad[nm] for nm in params], sq_sum
 
 
-def _mean_gradient(model: nn.Module, loss_fn: LossFn | None, data: Data, n: int,
+def _mean_gradient(model: nn.Module, loss_fn: LossFn, data: Data, n: int,
                    params: dict[str, Tensor], chunk_size: int,
                    *, norms: bool) -> tuple[Tensor, list[Tensor], Tensor]:
     """``L``, ``ḡ = ∇L`` and ``(1/N) Σ_i ‖g_i‖²`` (if ``norms``; accumulated in float64) exactly,

@@ -69,7 +69,7 @@ class GradientNoise:
 
 def gradient_noise(
     model: nn.Module,
-    loss_fn: LossFn | None,
+    loss_fn: LossFn,
     data: Any,
     *,
     batch_size: int | None = None,

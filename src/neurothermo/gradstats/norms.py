@@ -29,12 +29,12 @@ from neurothermo.gradstats._capture import Recorder, recording
 from neurothermo.gradstats._pieces import Piece, param_sq_norm
 from neurothermo.gradstats.rules import Use, check_batchnorm
 
-LossFn = Callable[..., Tensor]
+LossFn = Callable[..., Tensor] | None  # None: the model returns its loss (model_loss)
 
 
 def per_sample_grad_norms(
     model: nn.Module,
-    loss_fn: LossFn | None,
+    loss_fn: LossFn,
     batch: Any,
     *,
     by_parameter: bool = False,
@@ -106,7 +106,7 @@ class BatchGradStats:
     loss: Tensor
 
 
-def prepare(model: nn.Module, loss_fn: LossFn | None) -> dict[str, Tensor]:
+def prepare(model: nn.Module, loss_fn: LossFn) -> dict[str, Tensor]:
     """Validate ``model`` and ``loss_fn`` once; return the trainable parameters by name."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -115,7 +115,7 @@ def prepare(model: nn.Module, loss_fn: LossFn | None) -> dict[str, Tensor]:
     return select_parameters(model)
 
 
-def stats_of_batch(model: nn.Module, loss_fn: LossFn | None, batch: Batch,
+def stats_of_batch(model: nn.Module, loss_fn: LossFn, batch: Batch,
                    params: dict[str, Tensor], *, create_graph: bool = False,
                    mean_grad: bool = False, check_finite: bool = True) -> BatchGradStats:
     """Per-parameter per-sample squared norms (and the mean gradient) of one checked batch, one
@@ -138,7 +138,7 @@ def check_finite_norms(model: nn.Module, norms: Iterable[Tensor]) -> None:
         raise FloatingPointError("per-sample gradient norms are not finite (overflow?)")
 
 
-def _measure(model: nn.Module, loss_fn: LossFn | None, batch: Batch, params: dict[str, Tensor],
+def _measure(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, Tensor],
              wanted: frozenset[int], clone: bool, create_graph: bool, mean_grad: bool
              ) -> BatchGradStats | None:
     b = batch.size

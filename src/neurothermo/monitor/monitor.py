@@ -78,15 +78,17 @@ class ThermoMonitor:
     """Thermodynamic monitor for one model (see the module docstring for what it records).
 
     ``symmetries``: ``"auto"`` (``nt.find_symmetries`` on the first batch), ``None`` (none), or a
-    list of ``Symmetry`` objects. ``data``: a fixed ``(inputs, targets)`` set for the population
-    entropic terms and for sharpness; without it the entropic terms are one-minibatch unbiased
+    list of ``Symmetry`` objects (``"auto"`` needs positional tensor inputs). ``data``: a fixed set
+    for the population entropic terms and for sharpness, in the data model (``docs/data.md``: a
+    batch ``(inputs, targets)`` or an iterable of batches; ``loss_fn=model_loss`` when the model
+    returns its loss); without it the entropic terms are one-minibatch unbiased
     estimates. ``dataset_size`` / ``replacement`` describe how minibatches are drawn (set by
     ``nt.train``); unknown means i.i.d. draws. ``max_charge_numel``: charges with more entries
     (large double-rotation matrices) are recorded only through ``charge_err``.
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *, every: int = 1,
+        self, model: nn.Module, loss_fn: Callable[..., Tensor] | None, *, every: int = 1,
         noise_every: int | None = 50, sharpness_every: int | None = None,
         symmetries: str | Sequence[Any] | None = "auto", writer: Writer | None = None,
         optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
