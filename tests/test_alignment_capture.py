@@ -155,5 +155,42 @@ def test_layer_errors():
         al.capture_features(net, x, layers="0")
     with pytest.raises(ValueError, match="batch_size"):
         al.capture_features(net, x, batch_size=0)
-    with pytest.raises(TypeError, match="inputs must be"):
+    with pytest.raises(TypeError, match=r"inputs(\[0\])? must be"):
         al.capture_features(net, [1, 2])
+
+
+def test_auto_layers_take_every_block_of_the_outermost_block_stacks():
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    class MoEBlock(nn.Module):  # a block holding its own stack of blocks (experts)
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList(Expert() for _ in range(3))
+
+        def forward(self, x):
+            return sum(e(x) for e in self.experts)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 4)
+            self.stage1 = nn.Sequential(MoEBlock(), MoEBlock())
+            self.stage2 = nn.Sequential(MoEBlock())
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.stage2(self.stage1(self.stem(x))))
+
+    # every stage's blocks (a one-block stage too), never the experts inside a block
+    assert al.auto_layers(Net()) == ["stage1.0", "stage1.1", "stage2.0"]
+    # a plain Sequential of layers has no block stack: its layers
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert al.auto_layers(mlp) == ["0", "1", "2"]
+    feats = al.capture_features(Net(), torch.randn(5, 4))
+    assert list(feats) == ["stage1.0", "stage1.1", "stage2.0"] and feats["stage2.0"].shape == (5, 4)

@@ -151,7 +151,7 @@ def test_bad_loss_fn(loss_fn, exc, match) -> None:
 @pytest.mark.parametrize(
     ("batch", "exc", "match"),
     [
-        ((torch.randn(4, 3, dtype=DT), torch.randn(3, 2, dtype=DT)), ValueError, "4 samples but"),
+        ((torch.randn(4, 3, dtype=DT), torch.randn(3, 2, dtype=DT)), ValueError, "disagree on the batch size"),
         ((torch.randn(0, 3, dtype=DT), torch.randn(0, 2, dtype=DT)), ValueError, "empty"),
         ((torch.full((2, 3), float("nan"), dtype=DT), torch.randn(2, 2, dtype=DT)), ValueError,
          "NaN"),

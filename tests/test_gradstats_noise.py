@@ -141,7 +141,7 @@ def test_standard_error_is_calibrated_across_independent_datasets() -> None:
         ({"batch_size": 2, "data": (torch.randn(1, 3, dtype=DT), torch.randn(1, 2, dtype=DT))},
          ValueError, "at least 2"),
         ({"batch_size": 2, "data": (torch.randn(4, 3, dtype=DT), torch.randn(3, 2, dtype=DT))},
-         ValueError, "4 samples but"),
+         ValueError, "disagree on the batch size"),
         ({"batch_size": 2, "loss_fn": nn.MSELoss(reduction="sum")}, ValueError, "reduction"),
     ],
     ids=["bs1", "bs-too-big", "bs-float", "one-sample", "mismatched", "sum-loss"],

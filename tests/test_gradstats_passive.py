@@ -1,6 +1,8 @@
 """BackwardCapture: per-sample norms read from the caller's own pass, against a per-sample loop."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -114,3 +116,32 @@ def test_attention_is_not_captured() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.MultiheadAttention(8, 2, batch_first=True))
     reason = capturable(model, _params(model))
     assert reason is not None and "MultiheadAttention" in reason
+
+
+class _Scale(nn.Module):
+    """A module with a parameter and no closed-form rule: measured by the torch.func fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, 7, dtype=DT))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x * self.s)
+
+
+def test_fallback_modules_are_in_the_captured_norms() -> None:
+    # The fallback evaluates only the parameters an op touched; the passive capture runs without
+    # the mode that records them, and once dropped every fallback parameter from the norms.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), _Scale(), nn.Linear(7, 2)).to(DT)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 5, generator=g, dtype=DT), torch.randn(6, 2, generator=g, dtype=DT)
+    ref = naive_total_sq_norms(model, nn.MSELoss(), x, y)
+    cap = BackwardCapture(model, _params(model))
+    cap.arm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one-time FallbackWarning
+        nn.MSELoss()(model(x), y).backward()
+        got = cap.norms((x, y))
+    assert got is not None, cap.reason
+    torch.testing.assert_close(got, ref, rtol=RTOL, atol=0)

@@ -280,7 +280,7 @@ def test_bad_input() -> None:
     nn.functional.mse_loss(model(x[:4]), y[:4]).backward()
     with pytest.raises(RuntimeError, match="without after_backward"):
         mon.after_step(0)
-    with pytest.raises(TypeError, match="batch must be the pair"):
+    with pytest.raises(TypeError, match="without targets; pass the pair"):
         mon.after_backward(0, x[:4])  # type: ignore[arg-type]
     mon.after_backward(0, (x[:4], y[:4]))
     with pytest.raises(RuntimeError, match=r"after_step\(0\) was not called"):

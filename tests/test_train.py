@@ -235,7 +235,7 @@ def test_bad_input(tmp_path) -> None:
             nt.train(m, mse, data, **args)
     with pytest.raises(ValueError, match="reduction='sum'"):
         nt.train(m, nn.MSELoss(reduction="sum"), data, lr=0.1, batch_size=10, steps=3)
-    with pytest.raises(ValueError, match="same number of|samples but targets"):
+    with pytest.raises(ValueError, match="same number of|disagree on the batch size"):
         nt.train(m, mse, (data[0], data[1][:10]), lr=0.1, batch_size=10, steps=3)
     with torch.no_grad():
         m[0].weight[0, 0] = math.nan

@@ -10,6 +10,7 @@ the paper's ``γ = wd/2``); batch size ``b``, dataset size ``N`` (docs/conventio
 """
 from neurothermo._version import __version__
 from neurothermo.seeding import seed_everything
+from neurothermo._data import model_loss  # the data model: docs/data.md
 
 # --- gradstats (issue 4) ---
 from neurothermo.gradstats import (
@@ -125,6 +126,7 @@ __all__ = [
     "hessian_trace",
     "hvp",
     "layer_balance",
+    "model_loss",
     "neuron_balance",
     "per_sample_grad_norms",
     "preconditioner_from",

@@ -13,8 +13,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-Batch = tuple[Tensor, Tensor]
-
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
     """Return ``value`` as float, or raise if it is not a finite positive number (bools refused:
@@ -59,37 +57,7 @@ def all_finite(t: Tensor) -> bool:
         return bool(torch.isfinite(t).all())
 
 
-def check_batch(batch: Any, name: str = "batch", *, min_size: int = 1) -> Batch:
-    """Check that ``batch`` is a pair ``(inputs, targets)`` of tensors with equal, non-zero length."""
-    if not (isinstance(batch, tuple | list) and len(batch) == 2):
-        raise TypeError(
-            f"{name} must be a pair (inputs, targets) of tensors, got {type(batch).__name__}"
-            + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else "")
-        )
-    x, y = batch
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise TypeError(
-            f"{name} must hold tensors, got ({type(x).__name__}, {type(y).__name__}); "
-            "convert with torch.as_tensor"
-        )
-    if x.ndim == 0 or y.ndim == 0:
-        raise ValueError(f"{name}: inputs and targets need a leading sample dimension")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"{name}: inputs have {x.shape[0]} samples but targets have {y.shape[0]}"
-        )
-    n = x.shape[0]
-    if n < min_size:
-        what = "is empty" if n == 0 else f"has {n} sample(s)"
-        raise ValueError(f"{name} {what}; at least {min_size} needed")
-    if x.is_floating_point() and not all_finite(x):
-        raise ValueError(f"{name}: inputs contain NaN or Inf")
-    if y.is_floating_point() and not all_finite(y):
-        raise ValueError(f"{name}: targets contain NaN or Inf")
-    return x, y
-
-
-def check_loss_fn(loss_fn: Callable[..., Tensor]) -> None:
+def check_loss_fn(loss_fn: Callable[..., Tensor] | None) -> None:
     """Reject loss functions that declare a non-mean reduction.
 
     What can be seen is checked: a ``reduction`` attribute (``nn.MSELoss(reduction="sum")``) and
@@ -101,6 +69,8 @@ def check_loss_fn(loss_fn: Callable[..., Tensor]) -> None:
     per-sample losses over the batch, ``l_B = (1/b) Σ_i l_i``. A sum-reduced loss would scale
     every gradient by b and every entropic term by b², silently.
     """
+    if loss_fn is None:  # the model returns its own loss (neurothermo._data.model_loss)
+        return
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     reduction = getattr(loss_fn, "reduction", None)

@@ -5,7 +5,11 @@ step is ``θ ← θ − lr·(g_B + wd·θ)`` for ``"sgd"`` with ``g_B`` the mini
 ``weight_decay = wd`` torch's (penalty ``(wd/2)‖θ‖²``, the paper's ``γ = wd/2``). The temperature
 of the noise is ``lr/b``.
 
-**Data order.** ``data = (inputs, targets)`` with N samples. Without replacement every epoch is
+**Data order.** ``data`` holds N samples in the data model (``docs/data.md``): ``(inputs,
+targets)`` with inputs a tensor or a dict of tensors (``loss_fn=model_loss`` when the model returns
+its loss), or an iterable of such batches (a ``DataLoader``), read once into memory and concatenated
+in the order read: ``train`` draws its own minibatches from the N samples, so that runs are
+deterministic and resumable. Without replacement every epoch is
 a fresh permutation cut into ``N // b`` batches of exactly ``b`` samples (the remainder of the
 permutation is dropped, so the temperature ``lr/b`` is the same at every step); with
 ``replacement=True`` every batch is ``b`` indices drawn uniformly and independently;
@@ -42,7 +46,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neurothermo._validate import check_batch, check_int, check_loss_fn, check_positive
+from neurothermo._data import Batch, as_data, concat
+from neurothermo._validate import check_int, check_loss_fn, check_positive
 from neurothermo.monitor.history import History
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "gd")
@@ -144,7 +149,7 @@ def _check_schedule(lr_schedule: Callable[[int], float], step: int, lr: float) -
 
 
 def train(
-    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: tuple[Tensor, Tensor], *,
+    model: nn.Module, loss_fn: Callable[..., Tensor] | None, data: Any, *,
     optimizer: str = "sgd", lr: float, batch_size: int | None = None, steps: int,
     weight_decay: float = 0.0, momentum: float = 0.0, replacement: bool = False,
     lr_schedule: Callable[[int], float] | None = None, seed: int = 0, monitor: Any = None,
@@ -162,8 +167,8 @@ def train(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_loss_fn(loss_fn)
-    x, y = check_batch(data, "data")
-    n = x.shape[0]
+    dataset = _dataset(data, loss_fn)
+    n = dataset.size
     lr = check_positive("lr", lr)
     steps = check_int("steps", steps)
     seed = check_int("seed", seed, minimum=0)
@@ -206,7 +211,7 @@ def train(
     config = {"optimizer": optimizer, "lr": lr, "batch_size": b, "weight_decay": wd,
               "momentum": momentum, "replacement": bool(replacement), "seed": seed, "n": n}
     if out is not None:  # only a run that checkpoints or resumes needs to recognise its inputs
-        config["fingerprint"] = fingerprint(model, (x, y))
+        config["fingerprint"] = fingerprint(model, dataset.tensors())
     if monitor is not None and callable(getattr(monitor, "bind", None)):
         monitor.bind(opt, dataset_size=n, replacement=replacement)
     mon_history = getattr(monitor, "history", None)
@@ -234,7 +239,7 @@ def train(
             elif state.get("monitor") is not None and callable(getattr(monitor, "load_state_dict", None)):
                 monitor.load_state_dict(state["monitor"])
             start, last_finite = int(state["step"]), state["last_finite_loss"]
-        loop = _Loop(model, loss_fn, x, y, opt, order, monitor, history, own_history, callbacks,
+        loop = _Loop(model, loss_fn, dataset, opt, order, monitor, history, own_history, callbacks,
                      lr, lr_schedule, device, ckpt, checkpoint_every, config, last_finite)
         loop.run(start, steps)
     if monitor is not None and callable(getattr(monitor, "flush", None)):
@@ -278,6 +283,12 @@ def fingerprint(model: nn.Module, tensors: Sequence[Tensor]) -> dict[str, str]:
     return {"data": data.hexdigest(), "model": structure.hexdigest()}
 
 
+def _dataset(data: Any, loss_fn: Any) -> Batch:
+    """The training set as one batch in memory: ``data`` itself, or the batches of an iterable
+    (a ``DataLoader``) concatenated in the order read (``train`` draws its own minibatches)."""
+    return concat(as_data(data, loss_fn, name="data").batches())
+
+
 def _check_config(state: dict[str, Any], config: dict[str, Any], steps: int, ckpt: Path) -> None:
     if state.get("format") != _FORMAT:
         raise ValueError(f"{ckpt} is not a neurothermo checkpoint of format {_FORMAT}")
@@ -304,14 +315,14 @@ def _check_config(state: dict[str, Any], config: dict[str, Any], steps: int, ckp
 class _Loop:
     """The training loop proper (state shared by steps, checks and checkpoints)."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor,
-                 y: Tensor, opt: torch.optim.Optimizer, order: DataOrder, monitor: Any,
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor] | None, dataset: Batch,
+                 opt: torch.optim.Optimizer, order: DataOrder, monitor: Any,
                  history: History, own_history: bool,
                  callbacks: Sequence[Callable[[int, nn.Module, Tensor], None]], lr: float,
                  lr_schedule: Callable[[int], float] | None, device: torch.device,
                  ckpt: Path | None, checkpoint_every: int | None, config: dict[str, Any],
                  last_finite: float | None) -> None:
-        self.model, self.loss_fn, self.x, self.y, self.opt = model, loss_fn, x, y, opt
+        self.model, self.loss_fn, self.data, self.opt = model, loss_fn, dataset, opt
         self.order, self.monitor, self.history, self.own = order, monitor, history, own_history
         self.callbacks, self.lr, self.schedule, self.device = callbacks, lr, lr_schedule, device
         self.ckpt, self.every, self.config = ckpt, checkpoint_every, config
@@ -320,28 +331,25 @@ class _Loop:
         self.unchecked: list[tuple[int, float, Tensor]] = []
         self.saved: tuple[Path, int] | None = None
 
-    def batch(self) -> tuple[Tensor, Tensor]:
+    def batch(self) -> Batch:
         idx = self.order.next()
         if idx is None:
-            xb, yb = self.x, self.y
-        else:
-            idx = idx.to(self.x.device)
-            xb, yb = self.x[idx], self.y[idx]
-        return xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+            return self.data.to(self.device)
+        return self.data[idx.to(self.data.tensors()[0].device)].to(self.device)
 
     def run(self, start: int, steps: int) -> None:
         for step in range(start, steps):
             lr_t = self.lr if self.schedule is None else _check_schedule(self.schedule, step, self.lr)
             for g in self.opt.param_groups:
                 g["lr"] = lr_t
-            xb, yb = self.batch()
+            batch = self.batch()
             self.opt.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self.model(xb), yb)
+            loss = batch.loss_value(self.model, self.loss_fn)
             if not isinstance(loss, Tensor) or loss.ndim != 0:
                 raise ValueError("loss_fn must return the mean loss over the batch as a scalar tensor")
             loss.backward()
             if self.monitor is not None:
-                self.monitor.after_backward(step, (xb, yb), loss=loss)
+                self.monitor.after_backward(step, batch.as_given(), loss=loss)
             self.opt.step()
             if self.monitor is not None:
                 self.monitor.after_step(step)

@@ -4,9 +4,11 @@
 and returns ``{layer name: (N, D) tensor}``. The model is left exactly as it was (train/eval flags,
 BatchNorm buffers, ``.grad``), and every hook is removed also when the forward raises.
 
-Which layers (``layers="auto"``): the children of the longest ``nn.Sequential`` / ``nn.ModuleList``
-in the model (the block stack: a transformer's layers, a convnet's ``features``); if there is
-none with ≥ 2 children, the model's top-level children. Or give a list of names from
+Which layers (``layers="auto"``, :func:`auto_layers`): every block of every block stack (a
+``Sequential`` / ``ModuleList`` of modules with submodules: each stage of a ResNet, a transformer's
+layers, a convnet's ``features``), outermost stacks only; without one, the children of the longest
+``nn.Sequential`` / ``nn.ModuleList``; if there is none with ≥ 2 children, the model's top-level
+children. Or give a list of names from
 ``model.named_modules()``. A module that returns a tuple (e.g. a Hugging Face layer) contributes
 its first tensor.
 
@@ -21,17 +23,42 @@ Pooling (``pool``) of one layer's output ``h`` of shape ``(b, ...)``:
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from neurothermo._data import as_data, model_loss
 from neurothermo._state import preserved_state
 
 
+def _is_block_stack(mod: nn.Module) -> bool:
+    """A ``Sequential``/``ModuleList`` whose children are all blocks (modules with submodules of
+    their own): a ResNet stage, a transformer's layer list, a convnet's ``features``."""
+    kids = list(mod.children())
+    return (isinstance(mod, nn.Sequential | nn.ModuleList) and bool(kids)
+            and all(any(True for _ in k.children()) for k in kids))
+
+
 def auto_layers(model: nn.Module) -> list[str]:
-    """Names of the blocks of the longest ``Sequential``/``ModuleList`` (see module docstring)."""
+    """The blocks of ``model``, in registration order (see the module docstring).
+
+    Every child of every *block stack* (a ``Sequential``/``ModuleList`` of modules that have
+    submodules themselves) that does not lie inside another block stack: all four stages of a
+    torchvision ResNet (``layer1.0`` … ``layer4.1``), a ViT's ``blocks.i``, BERT's
+    ``encoder.layer.i``, GPT-2's ``h.i``. Without a block stack: the children of the longest
+    ``Sequential``/``ModuleList`` with ≥ 2 children (a plain ``nn.Sequential`` of layers), else the
+    model's top-level children.
+    """
+    stacks: list[str] = []
+    for name, mod in model.named_modules():
+        if _is_block_stack(mod) and not any(name.startswith(f"{s}.") or s == "" for s in stacks):
+            stacks.append(name)
+    blocks = [f"{s}.{c}" if s else c for s in stacks
+              for c, _ in model.get_submodule(s).named_children()]
+    if len(blocks) >= 2:
+        return blocks
     best_name, best_len = None, 1
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Sequential | nn.ModuleList) and len(mod) > best_len:
@@ -86,34 +113,38 @@ def pool_output(h: Tensor, pool: str, mask: Tensor | None = None) -> Tensor:
 
 
 def _batches(inputs: Any, batch_size: int | None) -> tuple[int, list[tuple[Any, Tensor | None]]]:
-    """Split ``inputs`` (tensor, tuple of tensors, or mapping of tensors) along dim 0."""
-    if isinstance(inputs, Tensor):
-        n = inputs.shape[0]
-    elif isinstance(inputs, Mapping) and inputs:
-        n = next(iter(inputs.values())).shape[0]
-    elif isinstance(inputs, Sequence) and inputs and all(isinstance(t, Tensor) for t in inputs):
-        n = inputs[0].shape[0]
+    """``(model inputs, attention mask)`` per batch: ``inputs`` (a tensor, a tuple of tensors as
+    positional arguments, a mapping of tensors) split along dim 0, or the batches of an iterable
+    (a ``DataLoader``; each one a batch of the data model, ``docs/data.md``, whose targets are
+    ignored), each split again when larger than ``batch_size``."""
+    size = batch_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    if isinstance(inputs, Sequence) and inputs and all(isinstance(t, Tensor) for t in inputs):
+        n = inputs[0].shape[0]  # positional arguments model(*inputs)
+        if n == 0:
+            raise ValueError("inputs hold no samples")
+        step = n if size is None else size
+        return n, [(tuple(t[i:i + step] for t in inputs), None) for i in range(0, n, step)]
+    if isinstance(inputs, Tensor | Mapping):
+        data = as_data(inputs, model_loss, name="inputs")
+    elif isinstance(inputs, Iterable) and not isinstance(inputs, str | bytes):
+        data = as_data([b[0] if _is_target_pair(b) else b for b in inputs], model_loss, name="inputs")
     else:
         raise TypeError(
-            "inputs must be a tensor, a tuple of tensors (positional arguments) or a dict of tensors "
-            f"(keyword arguments), got {type(inputs).__name__}"
+            "inputs must be a tensor, a tuple of tensors (positional arguments), a dict of tensors "
+            f"(keyword arguments) or an iterable of batches (a DataLoader), got {type(inputs).__name__}"
         )
-    if n == 0:
-        raise ValueError("inputs hold no samples")
-    size = n if batch_size is None else batch_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     out: list[tuple[Any, Tensor | None]] = []
-    for start in range(0, n, size):
-        sl = slice(start, start + size)
-        if isinstance(inputs, Tensor):
-            out.append((inputs[sl], None))
-        elif isinstance(inputs, Mapping):
-            part = {k: (v[sl] if isinstance(v, Tensor) else v) for k, v in inputs.items()}
-            out.append((part, part.get("attention_mask")))
-        else:
-            out.append((tuple(t[sl] for t in inputs), None))
-    return n, out
+    for part in data.chunks(size):
+        ins = part.inputs
+        mask = ins.get("attention_mask") if isinstance(ins, dict) else None
+        out.append((ins, mask))
+    return data.count(), out
+
+
+def _is_target_pair(b: Any) -> bool:
+    return isinstance(b, tuple | list) and len(b) == 2 and isinstance(b[0], Tensor | Mapping)
 
 
 def capture_features(
@@ -123,7 +154,9 @@ def capture_features(
     """``{layer: (N, D)}`` features of ``model`` on ``inputs`` (see the module docstring).
 
     ``inputs``: a tensor (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``), split
-    into batches of ``batch_size`` along dim 0 (``None``: one batch). Raises naming the layer if a
+    into batches of ``batch_size`` along dim 0 (``None``: one batch); or an iterable of batches (a
+    ``DataLoader``) of the data model (``docs/data.md``): the inputs of each (targets ignored), each
+    split again when larger than ``batch_size``. Raises naming the layer if a
     name is unknown, if a hooked layer never ran, or if it ran more than once per forward.
     """
     if pool not in ("mean", "last", "flatten"):

@@ -7,8 +7,10 @@ that of the **mean loss over all N samples of ``data``**,
 
 where ``data`` is cut into microbatches ``B_m`` of sizes ``b_m`` (``microbatch_size``, the last one
 possibly smaller): each microbatch's Hessian-vector product is weighted by its size, so the result
-does not depend on ``microbatch_size`` (up to rounding). ``data`` is one batch ``(inputs, targets)``
-or a list of such batches (their sizes may differ; they are weighted by size too).
+does not depend on ``microbatch_size`` (up to rounding). ``data`` follows the data model
+(``docs/data.md``): one batch ``(inputs, targets)`` (inputs a tensor or a dict of tensors; the inputs
+alone with ``loss_fn=model_loss``) or an iterable of batches, e.g. a ``DataLoader`` (sizes may differ;
+they are weighted by size too; the batches are read once and held on the model's device).
 
 Methods (all give ``H v``; tests check they agree):
 
@@ -28,7 +30,7 @@ flags, buffers and ``.grad`` are restored exactly afterwards (``_state.preserved
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
 
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
+from neurothermo._data import Batch, Data, as_data, resolve_loss_fn
 from neurothermo._state import (
     ParamFilter,
     has_train_mode_batchnorm,
@@ -43,7 +46,6 @@ from neurothermo._state import (
     select_parameters,
 )
 from neurothermo._validate import (
-    check_batch,
     check_finite_params,
     check_int,
     check_loss_fn,
@@ -54,36 +56,14 @@ from neurothermo.curvature.operator import LinearOperator, ParamSpace
 
 HvpMethod = Literal["reverse", "forward_over_reverse", "finite_difference"]
 HVP_METHODS: tuple[str, ...] = ("reverse", "forward_over_reverse", "finite_difference")
-LossFn = Callable[[Tensor, Tensor], Tensor]
-Batch = tuple[Tensor, Tensor]
+LossFn = Callable[..., Tensor] | None  # None: the model returns its loss (model_loss)
 
 
-def as_batches(data: Any) -> list[Batch]:
-    """``data`` as a list of checked ``(inputs, targets)`` batches.
-
-    Accepts one batch ``(x, y)`` or a non-empty sequence of batches.
-    """
-    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        return [check_batch(data, "data")]
-    if isinstance(data, tuple | list):
-        if len(data) == 0:
-            raise ValueError("data is empty; pass (inputs, targets) or a non-empty list of such batches")
-        return [check_batch(b, f"data[{i}]") for i, b in enumerate(data)]
-    raise TypeError(
-        f"data must be a pair (inputs, targets) of tensors or a list of such pairs, got {type(data).__name__}"
-    )
-
-
-def microbatches(batches: Sequence[Batch], microbatch_size: int | None) -> list[tuple[Batch, float]]:
+def microbatches(data: Data, microbatch_size: int | None) -> list[tuple[Batch, float]]:
     """Cut batches into microbatches; each comes with its weight ``b_m / N`` (weights sum to 1)."""
-    chunks: list[Batch] = []
-    for x, y in batches:
-        if microbatch_size is None:
-            chunks.append((x, y))
-        else:
-            chunks.extend(zip(x.split(microbatch_size), y.split(microbatch_size)))
-    n_total = sum(x.shape[0] for x, _ in chunks)
-    return [(c, c[0].shape[0] / n_total) for c in chunks]
+    chunks = list(data.chunks(microbatch_size))
+    n_total = sum(c.size for c in chunks)
+    return [(c, c.size / n_total) for c in chunks]
 
 
 def _disable_bn_tracking(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -145,10 +125,9 @@ class HessianOperator(LinearOperator):
         check_finite_params(model)
         self.space = ParamSpace.of(self.params)
         super().__init__(self.space.size, self.space.dtype, self.space.device)
-        batches = as_batches(data)
-        self.chunks = [((x.to(self.device), y.to(self.device)), w)
-                       for (x, y), w in microbatches(batches, microbatch_size)]
-        if len(self.chunks) > len(batches) and (bn := has_train_mode_batchnorm(model)):
+        batches = as_data(data, loss_fn, name="data", model=model)
+        self.chunks = [(c.to(self.device), w) for c, w in microbatches(batches, microbatch_size)]
+        if len(self.chunks) > (batches.n_batches or 0) and (bn := has_train_mode_batchnorm(model)):
             raise ValueError(
                 f"microbatch_size={microbatch_size} splits batches, but BatchNorm {bn!r} is in train "
                 "mode: its batch statistics would change with the split (a different loss). Use "
@@ -168,7 +147,7 @@ class HessianOperator(LinearOperator):
 
     def _loss(self, i: int, batch: Batch) -> Tensor:
         with self._rng(i):
-            return self.loss_fn(self.model(batch[0]), batch[1])
+            return batch.loss_value(self.model, self.loss_fn)
 
     def _graph_grads(self, i: int, batch: Batch) -> tuple[Tensor, list[Tensor | None]]:
         loss = self._loss(i, batch)
@@ -194,11 +173,11 @@ class HessianOperator(LinearOperator):
         """Drop the cached first-order graph."""
         self._grads = None
 
-    def _functional_loss(self, i: int, batch: Batch) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
-        def f(p: dict[str, Tensor], target: Tensor) -> Tensor:
+    def _functional_loss(self, i: int, batch: Batch) -> Callable[[dict[str, Tensor], Any], Tensor]:
+        def f(p: dict[str, Tensor], target: Any) -> Tensor:
             with self._rng(i):
-                out = functional_call(self.model, p, (batch[0],))
-            return self.loss_fn(out, target)
+                out = functional_call(self.model, p, batch.args, batch.kwargs)
+            return resolve_loss_fn(self.loss_fn)(out, target)
         return f
 
     # -- the three products ---------------------------------------------------------------------
@@ -220,10 +199,10 @@ class HessianOperator(LinearOperator):
     def _forward_over_reverse(self, i: int, batch: Batch, v: list[Tensor]) -> list[Tensor]:
         f = grad(self._functional_loss(i, batch))
         tangent = dict(zip(self.space.names, v))
-        y = batch[1]
+        y = batch.targets
         try:
             with torch.no_grad():
-                if y.is_floating_point():
+                if y is not None and y.is_floating_point():
                     # targets enter as primals with an explicit zero tangent: torch 2.13's forward
                     # derivative of mse_loss_backward fails on the implicit (ZeroTensor) one
                     hv = jvp(f, (self._primal(), y), (tangent, torch.zeros_like(y)))[1]
@@ -240,7 +219,7 @@ class HessianOperator(LinearOperator):
         fg = grad(self._functional_loss(i, batch))
 
         def f(p: dict[str, Tensor]) -> dict[str, Tensor]:
-            return fg(p, batch[1])
+            return fg(p, batch.targets)
 
         vnorm = float(torch.sqrt(sum(vi.pow(2).sum() for vi in v)))  # type: ignore[arg-type]
         if vnorm == 0.0:

@@ -13,14 +13,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from neurothermo._data import Data, as_data, check_num_data
 from neurothermo._state import select_parameters
 from neurothermo._validate import (
-    check_batch,
     check_finite_params,
     check_int,
     check_loss_fn,
     check_positive,
-    check_scalar_loss,
 )
 
 Params = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
@@ -121,10 +120,13 @@ def _check_finite_model(model: nn.Module) -> None:
     check_finite_params(model)
 
 
-def batch_objective(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Any, *,
+def batch_objective(model: nn.Module, loss_fn: Callable[..., Tensor] | None, batch: Any, *,
                     weight_decay: float = 0.0, name: str = "batch") -> Callable[[Mapping[str, Tensor]], Tensor]:
-    """``θ ↦ l_B(θ) + (wd/2)‖θ‖²`` as a pure function of a dict of parameters (by name).
+    """``θ ↦ l(θ) + (wd/2)‖θ‖²`` as a pure function of a dict of parameters (by name).
 
+    ``batch`` is data of the data model (``neurothermo._data``; ``docs/data.md``): one batch, whose
+    mean loss ``l_B`` is ``l``, or an iterable of batches, for which ``l = Σ_m (b_m/N)·l_{B_m}`` is
+    the mean over all their samples (every batch's graph is kept until the result is freed).
     The forward pass goes through ``torch.func.functional_call``; parameters missing from the dict
     (frozen ones) and the buffers are the model's own, except the buffers of BatchNorm layers in
     train mode: each call gets fresh copies of those, which the layer updates instead of the
@@ -136,7 +138,8 @@ def batch_objective(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Any
     ``functional_call``'s per-call re-registration of every parameter).
     """
     check_loss_fn(loss_fn)
-    x, y = check_batch(batch, name)
+    batches = as_data(batch, loss_fn, name=name, model=model).batches()
+    n_total = sum(b.size for b in batches)
     bn_buffers = {
         f"{mod_name}.{buf_name}" if mod_name else buf_name: buf
         for mod_name, mod in model.named_modules()
@@ -146,11 +149,14 @@ def batch_objective(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Any
 
     def objective(params: Mapping[str, Tensor]) -> Tensor:
         if not bn_buffers and _are_own_parameters(model, params):
-            out = model(x)  # what functional_call would compute, without re-registering
+            net: Callable[..., Any] = model  # what functional_call would compute, without re-registering
         else:
-            out = functional_call(model, {**params, **{k: b.clone() for k, b in bn_buffers.items()}},
-                                  (x,))
-        loss = check_scalar_loss(loss_fn(out, y))
+            def net(*args: Any, **kwargs: Any) -> Any:
+                return functional_call(model, {**params, **{k: b.clone() for k, b in bn_buffers.items()}},
+                                       args, kwargs)
+        terms = [b.loss(net, loss_fn) * (b.size / n_total) if len(batches) > 1 else b.loss(net, loss_fn)
+                 for b in batches]
+        loss = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
         if weight_decay:
             loss = loss + 0.5 * weight_decay * torch.stack(
                 [(p * p).sum() for p in params.values()]).sum()
@@ -166,10 +172,11 @@ def _are_own_parameters(model: nn.Module, params: Mapping[str, Tensor]) -> bool:
     return all(own.get(n) is t for n, t in params.items())
 
 
-def check_data(data: Any, batch_size: int, replacement: bool) -> tuple[Tensor, Tensor, int, int]:
-    """Check a dataset ``(inputs, targets)`` and the minibatch size; return ``x, y, N, b``."""
-    x, y = check_batch(data, "data")
-    n = int(x.shape[0])
+def check_data(data: Any, batch_size: int, replacement: bool, loss_fn: Any = None, *,
+               model: nn.Module | None = None, num_data: int | None = None) -> tuple[Data, int, int]:
+    """Check a dataset (data model, ``docs/data.md``) and the minibatch size; return data, N, b."""
+    d = as_data(data, loss_fn, name="data", model=model)
+    n = check_num_data(num_data, d.count())
     if n < 2:
         raise ValueError(
             "data has 1 sample; the gradient covariance Σ over a dataset needs at least 2 samples "
@@ -183,7 +190,7 @@ def check_data(data: Any, batch_size: int, replacement: bool) -> tuple[Tensor, T
             f"batch_size={b} > N={n} samples in data: minibatches drawn without replacement cannot be "
             "larger than the dataset; lower batch_size or pass replacement=True"
         )
-    return x, y, n, b
+    return d, n, b
 
 
 def batch_noise_factor(n: int, b: int, replacement: bool) -> float:

@@ -28,18 +28,18 @@ train mode (they couple the samples of a batch, so per-sample losses are undefin
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from neurothermo._data import Batch, Data
 from neurothermo._state import has_train_mode_batchnorm, preserved_state
 from neurothermo._validate import check_int, check_loss_fn
 from neurothermo.entropic._common import (
     batch_noise_factor,
-    batch_objective,
     check_common,
     check_data,
     dot,
@@ -49,7 +49,7 @@ from neurothermo.entropic._common import (
 )
 from neurothermo.gradstats.norms import stats_of_batch
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[..., Tensor] | None  # None: the model returns its loss (model_loss)
 
 
 @dataclass(frozen=True)
@@ -127,18 +127,13 @@ def _owned(ts: list[Tensor], keep: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _chunks(x: Tensor, y: Tensor, size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    for i in range(0, x.shape[0], size):
-        yield x[i:i + size], y[i:i + size]
-
-
 def _prepare(model: nn.Module, loss_fn: LossFn, data: Any, lr: float, batch_size: int,
-             replacement: bool, weight_decay: float,
-             chunk_size: int) -> tuple[float, float, Tensor, Tensor, int, int, dict[str, Tensor]]:
+             replacement: bool, weight_decay: float, chunk_size: int, num_data: int | None
+             ) -> tuple[float, float, Data, int, int, dict[str, Tensor]]:
     lr, wd = check_common(lr, weight_decay)
-    x, y, n, b = check_data(data, batch_size, replacement)
     check_int("chunk_size", chunk_size, minimum=1)
     params = model_parameters(model)
+    d, n, b = check_data(data, batch_size, replacement, loss_fn, model=model, num_data=num_data)
     bn = has_train_mode_batchnorm(model)
     if bn is not None:
         raise ValueError(
@@ -146,17 +141,17 @@ def _prepare(model: nn.Module, loss_fn: LossFn, data: Any, lr: float, batch_size
             "per-sample losses and the covariance Σ are undefined; call model.eval() first"
         )
     check_loss_fn(loss_fn)
-    return lr, wd, x, y, n, b, params
+    return lr, wd, d, n, b, params
 
 
-def _chunk_stats(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
+def _chunk_stats(model: nn.Module, loss_fn: LossFn, batch: Batch,
                  params: dict[str, Tensor], *, create_graph: bool
                  ) -> tuple[Tensor, list[Tensor], Tensor]:
     """One forward + one backward of the chunk's mean loss ``l_c``: ``l_c``, ``∇l_c`` (a list in
     the order of ``params``) and ``Σ_i ‖g_i‖²`` over the chunk. With ``create_graph`` all three
     are differentiable (the sum in the parameters' dtype), else the sum is taken in float64.
     Validated input; the caller preserves the model's state."""
-    stats = stats_of_batch(model, loss_fn, x, y, params, create_graph=create_graph,
+    stats = stats_of_batch(model, loss_fn, batch, params, create_graph=create_graph,
                            mean_grad=True)
     assert stats.mean_grad is not None
     dtype = None if create_graph else torch.float64
@@ -164,25 +159,24 @@ def _chunk_stats(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
     return stats.loss, [stats.mean_grad[nm] for nm in params], sq_sum
 
 
-def _mean_gradient(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
+def _mean_gradient(model: nn.Module, loss_fn: LossFn, data: Data, n: int,
                    params: dict[str, Tensor], chunk_size: int,
                    *, norms: bool) -> tuple[Tensor, list[Tensor], Tensor]:
     """``L``, ``ḡ = ∇L`` and ``(1/N) Σ_i ‖g_i‖²`` (if ``norms``; accumulated in float64) exactly,
-    chunk by chunk."""
-    n = x.shape[0]
+    chunk by chunk, each chunk weighted by its size ``b_c / N``."""
     leaves = list(params.values())
     loss = torch.zeros((), dtype=leaves[0].dtype, device=leaves[0].device)
     gbar: list[Tensor] | None = None
     sq = torch.zeros((), dtype=torch.float64, device=loss.device)
-    for xs, ys in _chunks(x, y, chunk_size):
-        w = xs.shape[0] / n
+    for chunk in data.chunks(chunk_size):
+        w = chunk.size / n
         if norms:  # norms and gradient from one forward + backward
-            value, g, chunk_sq = _chunk_stats(model, loss_fn, xs, ys, params, create_graph=False)
+            value, g, chunk_sq = _chunk_stats(model, loss_fn, chunk, params, create_graph=False)
             sq = sq + chunk_sq / n
         else:
-            value = batch_objective(model, loss_fn, (xs, ys), name="data")(params)
+            value = chunk.loss(model, loss_fn)
             g = grads(value, leaves)
-        if n <= chunk_size:  # one chunk: ḡ is its gradient
+        if chunk.size == n:  # one chunk: ḡ is its gradient
             gbar = g
         else:
             if gbar is None:
@@ -197,25 +191,29 @@ def _mean_gradient(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
 def entropic_decomposition(
     model: nn.Module,
     loss_fn: LossFn,
-    data: tuple[Tensor, Tensor],
+    data: Any,
     *,
     lr: float,
     batch_size: int,
     replacement: bool = True,
     weight_decay: float = 0.0,
     chunk_size: int = 512,
+    num_data: int | None = None,
 ) -> EntropicDecomposition:
     """``E_B φ_lr = L + (lr/4)‖∇L‖² + (lr/4)·Tr Σ_B`` over minibatches of ``batch_size`` from ``data``.
 
-    ``data = (inputs, targets)`` is the whole population (N ≥ 2 samples); minibatches are drawn
-    uniformly, with or without replacement. Exact: one pass over ``data`` in chunks of
-    ``chunk_size``. The model is left exactly as it was.
+    ``data`` is the whole population of N ≥ 2 samples, in the data model (``docs/data.md``): one
+    batch ``(inputs, targets)`` (inputs a tensor or a dict of tensors), or an iterable of batches
+    (a ``DataLoader``; sizes may differ, every sample weighs ``1/N``); ``loss_fn=model_loss`` when
+    the model returns its loss. ``num_data``: N if known (checked against the samples read).
+    Minibatches of ``batch_size`` are drawn uniformly, with or without replacement. Exact: one pass
+    over ``data`` in chunks of at most ``chunk_size``. The model is left exactly as it was.
     """
-    lr, wd, x, y, n, b, params = _prepare(model, loss_fn, data, lr, batch_size, replacement,
-                                          weight_decay, chunk_size)
+    lr, wd, d, n, b, params = _prepare(model, loss_fn, data, lr, batch_size, replacement,
+                                       weight_decay, chunk_size, num_data)
     leaves = list(params.values())
     with preserved_state(model):
-        loss, gbar, sq = _mean_gradient(model, loss_fn, x, y, params, chunk_size, norms=True)
+        loss, gbar, sq = _mean_gradient(model, loss_fn, d, n, params, chunk_size, norms=True)
     with torch.no_grad():
         theta = [p.detach() for p in leaves]
         g64 = [gi.to(torch.float64) for gi in gbar]
@@ -237,13 +235,14 @@ def entropic_decomposition(
 def expected_entropic_force(
     model: nn.Module,
     loss_fn: LossFn,
-    data: tuple[Tensor, Tensor],
+    data: Any,
     *,
     lr: float,
     batch_size: int,
     replacement: bool = True,
     weight_decay: float = 0.0,
     chunk_size: int = 512,
+    num_data: int | None = None,
 ) -> ExpectedEntropicForce:
     """``−(lr/4)∇E_B‖g_B‖²`` by parameter name: ``discretization = −(lr/2)(H + wd)(∇L + wd·θ)``
     and ``noise = −(lr/4)·(Tr Σ_B/Tr Σ)·∇Tr Σ`` with ``∇Tr Σ = ∇[(1/N)Σ_i‖g_i‖²] − 2Hḡ``.
@@ -252,10 +251,12 @@ def expected_entropic_force(
     and the chunk's mean gradient ``g``; the first term of ``∇Tr Σ`` is one double backward of the
     summed norms, the Hessian products are double backwards of ``⟨g, v⟩`` through the same graph.
     When ``data`` fits in one chunk ``ḡ`` is that chunk's ``g``, else it comes from a first pass.
-    Exact over ``data``; the model is left exactly as it was.
+    ``data``, ``loss_fn`` and ``num_data`` as in :func:`entropic_decomposition` (an iterable of
+    batches is read twice when it holds more than one chunk). Exact over ``data``; the model is
+    left exactly as it was.
     """
-    lr, wd, x, y, n, b, params = _prepare(model, loss_fn, data, lr, batch_size, replacement,
-                                          weight_decay, chunk_size)
+    lr, wd, d, n, b, params = _prepare(model, loss_fn, data, lr, batch_size, replacement,
+                                       weight_decay, chunk_size, num_data)
     names, leaves = list(params), list(params.values())
     factor = batch_noise_factor(n, b, replacement)
     h_gbar: Scaled | None = None  # H ḡ
@@ -263,14 +264,14 @@ def expected_entropic_force(
     d_sq: Scaled | None = None  # ∇ (1/N) Σ_i ‖g_i‖²
     with preserved_state(model):
         gbar: list[Tensor] | None = None
-        if n > chunk_size:
-            gbar = _mean_gradient(model, loss_fn, x, y, params, chunk_size, norms=False)[1]
-        for xs, ys in _chunks(x, y, chunk_size):
-            w = xs.shape[0] / n
-            g, sq_sum = _chunk_stats(model, loss_fn, xs, ys, params, create_graph=True)[1:]
+        if d.single is None or n > chunk_size:
+            gbar = _mean_gradient(model, loss_fn, d, n, params, chunk_size, norms=False)[1]
+        for chunk in d.chunks(chunk_size):
+            w = chunk.size / n
+            g, sq_sum = _chunk_stats(model, loss_fn, chunk, params, create_graph=True)[1:]
             if gbar is None:  # one chunk: ḡ is this chunk's gradient
                 gbar = [gi.detach() for gi in g]
-            keep = [*gbar, *leaves, x, y]  # accumulators must not share memory with these
+            keep = [*gbar, *leaves, *chunk.tensors()]  # accumulators must not share memory with these
             h_gbar = _accumulate(h_gbar, hvp(g, leaves, gbar, retain_graph=True), w, keep)
             keep += h_gbar[0]
             if wd:

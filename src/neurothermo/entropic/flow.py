@@ -103,8 +103,8 @@ def functional_flow(
 
 def entropic_flow(
     model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    batch: tuple[Tensor, Tensor],
+    loss_fn: Callable[..., Tensor] | None,
+    batch: Any,
     *,
     lr: float,
     time: float,
@@ -119,7 +119,8 @@ def entropic_flow(
     ``F = l_B + (wd/2)‖θ‖² + (lr/4)·c·(1 − 1/n)·gᵀΛg`` and ``θ̇ = −Λ∇F``; ``n_steps=None`` gives
     ``φ_lr`` (compare ``time = lr`` with one SGD step), ``n_steps=1`` plain gradient flow on
     ``l_B``. The model's parameters are not changed (the flow runs on copies) and the model is left
-    exactly as it was (BatchNorm buffers, flags, ``.grad``).
+    exactly as it was (BatchNorm buffers, flags, ``.grad``). ``batch``: one batch or an iterable of
+    batches of the data model (``docs/data.md``; ``l_B`` is then the mean over all their samples).
     """
     lr, wd = check_common(lr, weight_decay)
     params = model_parameters(model)

@@ -65,8 +65,8 @@ def functional_entropic_force(
 
 def entropic_force(
     model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    batch: tuple[Tensor, Tensor],
+    loss_fn: Callable[..., Tensor] | None,
+    batch: Any,
     *,
     lr: float,
     weight_decay: float = 0.0,
@@ -80,6 +80,11 @@ def entropic_force(
     ``n_steps = n`` gives the force of ``F_n`` instead, ``(1 − 1/n)`` times it. Costs one
     Hessian-vector product. The model is evaluated in its current mode and left exactly as it
     was (BatchNorm buffers, train flags, ``.grad``).
+
+    ``batch``: data of the data model (``docs/data.md``): one batch ``(inputs, targets)`` (inputs a
+    tensor or a dict of tensors) with ``l_B`` its mean loss, or an iterable of batches (a
+    ``DataLoader``), then ``l_B`` is the mean over all their samples (batch m weighs ``b_m/N``; every
+    batch's graph is held at once). ``loss_fn=model_loss`` when the model returns its own loss.
     """
     lr, wd = check_common(lr, weight_decay)
     params = model_parameters(model)

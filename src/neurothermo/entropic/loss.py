@@ -72,8 +72,8 @@ def functional_entropic_loss(
 
 def entropic_loss(
     model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    batch: tuple[Tensor, Tensor],
+    loss_fn: Callable[..., Tensor] | None,
+    batch: Any,
     *,
     lr: float,
     weight_decay: float = 0.0,
@@ -90,6 +90,11 @@ def entropic_loss(
 
     The model is evaluated in its current mode; BatchNorm running statistics, train flags and
     ``.grad`` are restored exactly, so the call itself changes nothing on the model.
+
+    ``batch``: data of the data model (``docs/data.md``): one batch ``(inputs, targets)`` (inputs a
+    tensor or a dict of tensors) with ``l_B`` its mean loss, or an iterable of batches (a
+    ``DataLoader``), then ``l_B`` is the mean over all their samples (batch m weighs ``b_m/N``; every
+    batch's graph is held at once). ``loss_fn=model_loss`` when the model returns its own loss.
     """
     lr, wd = check_common(lr, weight_decay)
     n_steps = check_n_steps(n_steps)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from neurothermo._data import as_batch
 from neurothermo._state import preserved_state
-from neurothermo._validate import check_batch, check_int
+from neurothermo._validate import check_int
 from neurothermo.entropic._common import (
     batch_objective,
     check_common,
@@ -36,7 +38,9 @@ class EntropicRegularizer:
     """``R = (lr/4)·mean_k ‖∇l_{B_k} + wd·θ‖²`` over micro-batches of ``batch_size`` samples.
 
     ``reg(model, loss_fn, batch)`` returns ``R`` as a differentiable scalar tensor; add it to the
-    loss you train on: ``loss = loss_fn(model(x), y) + reg(model, loss_fn, (x, y))``.
+    loss you train on: ``loss = loss_fn(model(x), y) + reg(model, loss_fn, (x, y))``. ``batch`` is
+    one batch of the data model (``docs/data.md``: inputs a tensor or a dict of tensors;
+    ``loss_fn=model_loss`` when the model returns its loss).
     ``batch_size=None`` uses the whole batch as one micro-batch; otherwise the batch size must
     be a multiple of it. The extra forward passes leave BatchNorm running statistics and
     ``.grad`` untouched (your own forward pass updates them as usual).
@@ -51,11 +55,11 @@ class EntropicRegularizer:
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size, minimum=1)
 
-    def __call__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
-                 batch: tuple[Tensor, Tensor]) -> Tensor:
+    def __call__(self, model: nn.Module, loss_fn: Callable[..., Tensor] | None,
+                 batch: Any) -> Tensor:
         params = model_parameters(model)
-        x, y = check_batch(batch)
-        total = int(x.shape[0])
+        whole = as_batch(batch, loss_fn, device=next(iter(params.values())).device)
+        total = whole.size
         b = total if self.batch_size is None else self.batch_size
         if total % b:
             raise ValueError(
@@ -65,9 +69,8 @@ class EntropicRegularizer:
         leaves = list(params.values())
         terms = []
         with preserved_state(model):
-            for i in range(0, total, b):
-                objective = batch_objective(model, loss_fn, (x[i:i + b], y[i:i + b]),
-                                            weight_decay=self.weight_decay)
+            for part in whole.split(b):
+                objective = batch_objective(model, loss_fn, part, weight_decay=self.weight_decay)
                 g = grads(objective(params), leaves, create_graph=True)
                 terms.append(dot(g, g))
         return self.lr / 4 * torch.stack(terms).mean()

@@ -50,6 +50,7 @@ class Recorder:
         self.stack: list[tuple[str, frozenset[int]]] = []  # (module name, parameter ids covered)
         self.stray: dict[str, str] = {}  # parameter name -> where it was used
         self.used: set[int] = set()  # ids of wanted parameters some op touched
+        self.tracks_use = True  # False without the guard mode: then ``used`` stays empty
 
     def add(self, use: Use) -> None:
         if self.active:
@@ -81,6 +82,8 @@ class Recorder:
     def _touched(self, call: Call) -> Call:
         """``call`` restricted to parameters the forward actually used (the rest have zero
         gradient: the fallback need not run for them)."""
+        if not self.tracks_use:  # nothing recorded which parameters ran: keep them all
+            return call
         return replace(call, wanted=call.wanted & frozenset(self.used))
 
     def modified_in_place(self) -> list[str]:
@@ -131,6 +134,7 @@ def recording(model: nn.Module, recorder: Recorder, *, guard: bool = True) -> It
     patched: list[tuple[nn.Module, Any]] = []
     missing = object()
     mode = _ParamUseGuard(recorder) if guard else nullcontext()
+    recorder.tracks_use = guard
     try:
         for name, module in model.named_modules():
             own = frozenset(id(p) for p in module.parameters(recurse=False))

@@ -25,15 +25,17 @@ estimate of a larger population's ``Tr Σ``). ``grad_norm_sq = ‖ḡ‖²`` (fo
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from neurothermo._data import Batch, Data, as_data, check_num_data
 from neurothermo._state import preserved_state
-from neurothermo._validate import check_batch, check_int
+from neurothermo._validate import check_int
 from neurothermo.gradstats.norms import LossFn, check_finite_norms, prepare, stats_of_batch
 
 
@@ -68,10 +70,11 @@ class GradientNoise:
 def gradient_noise(
     model: nn.Module,
     loss_fn: LossFn,
-    data: tuple[Tensor, Tensor],
+    data: Any,
     *,
-    batch_size: int,
+    batch_size: int | None = None,
     by_parameter: bool = False,
+    num_data: int | None = None,
 ) -> GradientNoise:
     """Estimate ``Tr Σ`` (and ‖g_i‖², ‖ḡ‖²) from all samples of ``data``, one backward per batch.
 
@@ -88,27 +91,36 @@ def gradient_noise(
     error from the spread of the T_k (inf for K = 1). ``trace_sigma_population`` is THEORY's
     ``(1/N) Σ_i ‖g_i‖² − ‖ḡ‖²`` over the N samples (divisor N). Details: the module docstring.
     ``by_parameter`` adds ``per_parameter``, the same statistics for each parameter alone.
+
+    Data (``docs/data.md``): one batch ``(inputs, targets)`` (inputs a tensor or a dict of
+    tensors; ``loss_fn=model_loss`` for a model returning its own loss), split as above; or an
+    iterable of batches (a ``DataLoader``): each batch is one ``B_k`` (``batch_size=None``), or is
+    split as above into batches of ``batch_size``; batches of unequal size are pooled with weights
+    ``b_k − 1`` as in the formula. ``num_data``: N if known (checked against the samples read).
     """
-    x, y = check_batch(data, "data", min_size=2)
-    n = x.shape[0]
-    bs = check_int("batch_size", batch_size, minimum=2, maximum=n)
     params = prepare(model, loss_fn)
-    k = n // bs
+    d = as_data(data, loss_fn, name="data", model=model, min_size=2)
+    if d.single is not None and batch_size is None:
+        raise ValueError("batch_size is required when data is one batch (it is split into "
+                         "batches of batch_size); pass batch_size, or an iterable of batches")
+    if batch_size is not None:
+        check_int("batch_size", batch_size, minimum=2)
     rows_s, rows_g, sizes = [], [], []
     gsum: dict[str, Tensor] = {}
     names = list(params)
     with preserved_state(model):
-        for xb, yb in zip(torch.tensor_split(x, k), torch.tensor_split(y, k)):
-            st = stats_of_batch(model, loss_fn, xb, yb, params, mean_grad=True,
+        for part in _pieces(d, batch_size):
+            st = stats_of_batch(model, loss_fn, part, params, mean_grad=True,
                                 check_finite=False)
             assert st.mean_grad is not None
-            b = xb.shape[0]
+            b = part.size
             sizes.append(b)
             rows_s.append(torch.stack([st.sq_norms[m].double() for m in names]))  # [P, b]
             rows_g.append(torch.stack([st.mean_grad[m].double().square().sum() for m in names]))
             for m in names:
                 g = st.mean_grad[m].detach().double() * b
                 gsum[m] = g if m not in gsum else gsum[m] + g
+    n, k = check_num_data(num_data, sum(sizes)), len(sizes)
     check_finite_norms(model, rows_s)
     sq = torch.cat(rows_s, 1)  # [P, N]: ‖g_i‖² per parameter
     gk = torch.stack(rows_g, 1)  # [P, K]: ‖ḡ_k‖²
@@ -124,6 +136,22 @@ def gradient_noise(
     if by_parameter:
         breakdown = MappingProxyType({m: GradientNoise(*p, *shape) for m, p in zip(names, per)})
     return GradientNoise(*tot, *shape, per_parameter=breakdown)
+
+
+def _pieces(data: Data, batch_size: int | None) -> Iterator[Batch]:
+    """The batches ``B_k``: every batch of ``data`` as it is (``batch_size=None``) or split in order
+    into ``⌊b/batch_size⌋`` consecutive pieces of near-equal size."""
+    for i, batch in enumerate(data):
+        if batch_size is None:
+            if batch.size < 2:
+                raise ValueError(f"data[{i}] has {batch.size} sample; every batch needs at least 2 "
+                                 "to estimate a covariance")
+            yield batch
+            continue
+        if batch_size > batch.size:
+            raise ValueError(f"batch_size must be >= 2 and <= {batch.size} (the samples in "
+                             f"{'data' if data.single is not None else f'data[{i}]'}), got {batch_size}")
+        yield from batch.tensor_split(batch.size // batch_size)
 
 
 def _summaries(sq: Tensor, tk: Tensor, gbar_sq: Tensor, size: Tensor

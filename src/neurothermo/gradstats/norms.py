@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
+from neurothermo._data import Batch, as_data
 from neurothermo._state import preserved_state, select_parameters
 from neurothermo._validate import (
-    check_batch,
     check_finite_params,
     check_loss_fn,
     check_scalar_loss,
@@ -29,13 +29,13 @@ from neurothermo.gradstats._capture import Recorder, recording
 from neurothermo.gradstats._pieces import Piece, param_sq_norm
 from neurothermo.gradstats.rules import Use, check_batchnorm
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[..., Tensor] | None  # None: the model returns its loss (model_loss)
 
 
 def per_sample_grad_norms(
     model: nn.Module,
     loss_fn: LossFn,
-    batch: tuple[Tensor, Tensor],
+    batch: Any,
     *,
     by_parameter: bool = False,
     create_graph: bool = False,
@@ -48,14 +48,18 @@ def per_sample_grad_norms(
         loss_fn: ``loss_fn(model(x), y)`` must be the *mean* over the batch of per-sample losses,
             ``l_B = (1/b) Σ_i l_i`` (e.g. ``nn.CrossEntropyLoss()``; over a sequence or several
             outputs, ``l_i`` is then sample i's mean over them). No parameter penalties inside it.
-        batch: ``(x, y)`` with the sample axis first.
+        batch: data of the data model (``docs/data.md``): one batch ``(inputs, targets)``
+            (inputs a tensor or a dict of tensors, samples on the leading axis; with
+            ``loss_fn=model_loss`` the inputs alone, the model returning its own mean loss), or an
+            iterable of batches (a ``DataLoader``): then the norms of all samples, in order, each
+            batch measured on its own (``l_B`` of its own batch; ``g_i`` does not depend on it).
         by_parameter: return ``{name: [b]}`` (names as in ``model.named_parameters()``; a tied
             parameter appears once) instead of their sum.
         create_graph: make the result differentiable w.r.t. the parameters (one double backward
             of ``sum(norms)`` then gives ``∇_θ Σ_i ‖g_i‖²``).
 
     Returns:
-        ``[b]`` tensor of ``‖∇_θ l_i‖²`` — the gradient of sample i's own loss (NOT divided by b:
+        ``[b]`` (``[N]`` for several batches) tensor of ``‖∇_θ l_i‖²`` — the gradient of sample i's own loss (NOT divided by b:
         the mean-loss gradient is ``(1/b) Σ_i g_i``), in the parameters' dtype; or the dict.
 
     Exact (never approximate): one forward and one backward of ``l_B`` (``torch.autograd.grad``
@@ -81,10 +85,15 @@ def per_sample_grad_norms(
             parameter used outside its own module's forward; a loss that ignores θ.
         FloatingPointError: non-finite parameters, loss or norms.
     """
-    stats = batch_grad_stats(model, loss_fn, batch, create_graph=create_graph)
+    params = prepare(model, loss_fn)
+    parts = []
+    with preserved_state(model):
+        for b in as_data(batch, loss_fn, name="batch", model=model):
+            parts.append(stats_of_batch(model, loss_fn, b, params, create_graph=create_graph).sq_norms)
+    sq = parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
     if by_parameter:
-        return stats.sq_norms
-    return torch.stack(list(stats.sq_norms.values())).sum(0)
+        return sq
+    return torch.stack(list(sq.values())).sum(0)
 
 
 @dataclass(frozen=True)
@@ -97,16 +106,6 @@ class BatchGradStats:
     loss: Tensor
 
 
-def batch_grad_stats(model: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, Tensor], *,
-                     create_graph: bool = False, mean_grad: bool = False) -> BatchGradStats:
-    """Per-parameter per-sample squared norms (and the mean gradient) of one batch, one backward."""
-    x, y = check_batch(batch)
-    params = prepare(model, loss_fn)
-    with preserved_state(model):
-        return stats_of_batch(model, loss_fn, x, y, params, create_graph=create_graph,
-                              mean_grad=mean_grad)
-
-
 def prepare(model: nn.Module, loss_fn: LossFn) -> dict[str, Tensor]:
     """Validate ``model`` and ``loss_fn`` once; return the trainable parameters by name."""
     if not isinstance(model, nn.Module):
@@ -116,14 +115,15 @@ def prepare(model: nn.Module, loss_fn: LossFn) -> dict[str, Tensor]:
     return select_parameters(model)
 
 
-def stats_of_batch(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
+def stats_of_batch(model: nn.Module, loss_fn: LossFn, batch: Batch,
                    params: dict[str, Tensor], *, create_graph: bool = False,
                    mean_grad: bool = False, check_finite: bool = True) -> BatchGradStats:
-    """The core of :func:`batch_grad_stats` on validated input (the caller preserves the model's
-    state). ``check_finite=False`` leaves the finiteness check of the norms to the caller."""
+    """Per-parameter per-sample squared norms (and the mean gradient) of one checked batch, one
+    backward (the caller preserves the model's state). ``check_finite=False`` leaves the
+    finiteness check of the norms to the caller."""
     wanted = frozenset(id(p) for p in params.values())
     for clone in (False, True):
-        stats = _measure(model, loss_fn, x, y, params, wanted, clone, create_graph, mean_grad)
+        stats = _measure(model, loss_fn, batch, params, wanted, clone, create_graph, mean_grad)
         if stats is not None:
             if check_finite:
                 check_finite_norms(model, stats.sq_norms.values())
@@ -138,15 +138,15 @@ def check_finite_norms(model: nn.Module, norms: Iterable[Tensor]) -> None:
         raise FloatingPointError("per-sample gradient norms are not finite (overflow?)")
 
 
-def _measure(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, params: dict[str, Tensor],
+def _measure(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, Tensor],
              wanted: frozenset[int], clone: bool, create_graph: bool, mean_grad: bool
              ) -> BatchGradStats | None:
-    b = x.shape[0]
+    b = batch.size
     rec = Recorder(b, wanted, clone=clone, create_graph=create_graph,
                    names={id(p): n for n, p in params.items()})
     with torch.enable_grad():
         with recording(model, rec):
-            loss = loss_fn(model(x), y)
+            loss = batch.loss_value(model, loss_fn)
         try:
             loss = check_scalar_loss(loss)
         except FloatingPointError:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from neurothermo._data import batch_size_of
 from neurothermo.gradstats._capture import Recorder, recording
 from neurothermo.gradstats.norms import _evaluate, _key
 from neurothermo.gradstats.rules import rule_for
@@ -40,6 +41,10 @@ from neurothermo.gradstats.rules.fallback import tensor_leaves
 def capturable(model: nn.Module, params: Mapping[str, Tensor]) -> str | None:
     """``None`` if ``model`` can be captured passively, else the reason why not."""
     wanted = {id(p) for p in params.values()}
+    own = [n for n, p in model.named_parameters(recurse=False) if id(p) in wanted]
+    if own:
+        return (f"the model's own top-level parameters {own} are used in its own forward, which "
+                "the capture starts inside of: they would be left out of the norms")
     for name, module in model.named_modules():
         if not any(id(p) in wanted for p in module.parameters(recurse=False)):
             continue
@@ -118,6 +123,10 @@ class BackwardCapture:
         if not leaves or leaves[0].ndim == 0:
             self._fail("the model's first input is not a batch-first tensor")
             return
+        reason = capturable(self.model, self.params)
+        if reason is not None:
+            self._fail(reason)
+            return
         self._b = int(leaves[0].shape[0])
         self._rec = Recorder(self._b, self._wanted, clone=False, create_graph=False,
                              names=self._names)
@@ -156,11 +165,14 @@ class BackwardCapture:
 
         return hook
 
-    def norms(self, batch_size: int) -> Tensor | None:
+    def norms(self, batch_size: int | Any) -> Tensor | None:
         """``[b]`` of ``‖g_i‖²`` from the recorded pass, or ``None`` (then :attr:`reason` says why).
 
-        Disarms: arm again for the next capture.
+        ``batch_size``: b, or the batch itself (data model, ``docs/data.md``). Disarms: arm again
+        for the next capture.
         """
+        if not isinstance(batch_size, int):
+            batch_size = batch_size_of(batch_size)
         try:
             if self.reason is not None:
                 return None

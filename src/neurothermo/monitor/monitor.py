@@ -59,8 +59,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from neurothermo._data import Batch, as_batch, as_data
 from neurothermo._state import preserved_state
-from neurothermo._validate import check_batch, check_int, check_loss_fn, check_positive
+from neurothermo._validate import check_int, check_loss_fn, check_positive
 from neurothermo.monitor import names
 from neurothermo.monitor.derive import RawStep, deferred_charge, derive
 from neurothermo.monitor.history import History
@@ -77,15 +78,17 @@ class ThermoMonitor:
     """Thermodynamic monitor for one model (see the module docstring for what it records).
 
     ``symmetries``: ``"auto"`` (``nt.find_symmetries`` on the first batch), ``None`` (none), or a
-    list of ``Symmetry`` objects. ``data``: a fixed ``(inputs, targets)`` set for the population
-    entropic terms and for sharpness; without it the entropic terms are one-minibatch unbiased
+    list of ``Symmetry`` objects (``"auto"`` needs positional tensor inputs). ``data``: a fixed set
+    for the population entropic terms and for sharpness, in the data model (``docs/data.md``: a
+    batch ``(inputs, targets)`` or an iterable of batches; ``loss_fn=model_loss`` when the model
+    returns its loss); without it the entropic terms are one-minibatch unbiased
     estimates. ``dataset_size`` / ``replacement`` describe how minibatches are drawn (set by
     ``nt.train``); unknown means i.i.d. draws. ``max_charge_numel``: charges with more entries
     (large double-rotation matrices) are recorded only through ``charge_err``.
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *, every: int = 1,
+        self, model: nn.Module, loss_fn: Callable[..., Tensor] | None, *, every: int = 1,
         noise_every: int | None = 50, sharpness_every: int | None = None,
         symmetries: str | Sequence[Any] | None = "auto", writer: Writer | None = None,
         optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
@@ -110,7 +113,9 @@ class ThermoMonitor:
         if writer is not None and not isinstance(writer, Writer):
             raise TypeError("writer needs write(rows, meta) and flush() (e.g. JSONLWriter(path))")
         self.model, self.loss_fn, self.writer, self.ema = model, loss_fn, writer, float(ema)
-        self.data = None if data is None else check_batch(data, "data", min_size=2)
+        self.data = None if data is None else as_data(data, loss_fn, name="data", model=model)
+        if self.data is not None and self.data.count() < 2:
+            raise ValueError("data has 1 sample; the monitor's fixed set needs at least 2")
         if self.sharpness_every is not None and self.data is None:
             raise ValueError(
                 "sharpness_every needs data=(inputs, targets): sharpness is the top Hessian "
@@ -226,16 +231,19 @@ class ThermoMonitor:
             yield
 
     # ---- the two calls -------------------------------------------------------------------------
-    def after_backward(self, step: int, batch: tuple[Tensor, Tensor], *, loss: Tensor | None = None) -> None:
-        """Record what ``p.grad`` holds for ``step`` (call after backward, before the optimizer step)."""
+    def after_backward(self, step: int, batch: Any, *, loss: Tensor | None = None) -> None:
+        """Record what ``p.grad`` holds for ``step`` (call after backward, before the optimizer step).
+
+        ``batch``: the batch the loss was computed on, in the data model (``docs/data.md``):
+        ``(inputs, targets)`` with inputs a tensor or a dict of tensors, or the inputs alone when
+        ``loss_fn`` is ``model_loss``."""
         check_int("step", step, minimum=0)
         if self._pending is not None:
             raise RuntimeError(
                 f"after_step({self._pending[0]}) was not called before after_backward({step})")
-        if not (isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[0], Tensor)):
-            raise TypeError("batch must be the pair (inputs, targets) the loss was computed on")
+        batch = as_batch(batch, self.loss_fn, name="batch", finite=False)
         if self._tracked is None:
-            self._tracked = self._init_symmetries(batch[0])
+            self._tracked = self._init_symmetries(batch.inputs)
         lr, wd, not_exact = self._rule()
         if lr is None:
             self._note("lr", "no lr known (pass optimizer= or lr=): temperature, charge "
@@ -284,12 +292,12 @@ class ThermoMonitor:
             t.remember(cached, self._params)
         return cached
 
-    def _record_grads(self, step: int, values: dict[str, Any], batch: Sequence[Tensor],
+    def _record_grads(self, step: int, values: dict[str, Any], batch: Batch,
                       lr: float | None, wd: float, *, predict: bool) -> None:
         """The reductions of this step (kept in ``self._raw``) and the eagerly computed charges."""
         grads = {n: p.grad for n, p in self._params.items()}
         gsums = SquareSums(grads, self._scratch_grads).prepare(self._unit_keys, self._names)
-        self._raw.append(RawStep(step=step, lr=lr, wd=wd, batch_size=int(batch[0].shape[0]),
+        self._raw.append(RawStep(step=step, lr=lr, wd=wd, batch_size=batch.size,
                                  predict=predict, grads=gsums, before=self._param_sums()))
         for t in self._tracked or ():
             if deferred_charge(t):
@@ -408,7 +416,7 @@ class ThermoMonitor:
         return tracked
 
 
-def _entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | None,
+def _entropic_terms(mon: ThermoMonitor, batch: Batch, loss: Tensor | None,
                     lr: float, wd: float, step: int) -> dict[str, Tensor]:
     from neurothermo.monitor.noise import entropic_terms
 

@@ -6,12 +6,12 @@ afterwards); reading the loop's own pass needs none.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from neurothermo._data import Batch
 from neurothermo._state import has_train_mode_batchnorm
 from neurothermo.monitor import names
 from neurothermo.monitor.quantities import batch_noise_terms, squared_norm
@@ -23,7 +23,7 @@ LOSS, DISC, NOISE, TRACE = names.ENTROPIC
 TOTAL = "entropic/total"
 
 
-def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | None,
+def entropic_terms(mon: ThermoMonitor, batch: Batch, loss: Tensor | None,
                    lr: float, wd: float, step_grad_sq: Tensor | None = None) -> dict[str, Tensor]:
     """``entropic/{loss, discretization, noise, total, trace_sigma}`` for the current parameters.
 
@@ -38,7 +38,7 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
     with the extra pass again whenever a capture is not usable (a note says why).
     ``step_grad_sq``: ``‖g_B‖²`` when the step's reductions already give it.
     """
-    b = int(batch[0].shape[0])
+    b = batch.size
     replacement = True if mon._replacement is None else mon._replacement
     bn = has_train_mode_batchnorm(mon.model)
     if bn is not None:
@@ -83,7 +83,7 @@ def entropic_terms(mon: ThermoMonitor, batch: Sequence[Tensor], loss: Tensor | N
             mon._note("passive", f"entropic terms measured with an extra pass ({cap.reason})")
     if sample_sq is None:
         with mon._measuring(), torch.enable_grad():
-            norms = per_sample_grad_norms(mon.model, mon.loss_fn, (batch[0], batch[1]))
+            norms = per_sample_grad_norms(mon.model, mon.loss_fn, batch)
         assert isinstance(norms, Tensor)  # by_parameter=False gives one tensor [b]
         sample_sq = norms.detach()
         mon._passive_ready = True  # the model passed the full checks: later steps may capture

@@ -25,7 +25,7 @@ from neurothermo.monitor import names
 _DETECT_SAMPLES = 8  # find_symmetries only needs a few inputs to trace and verify the model
 
 
-def detect(model: nn.Module, inputs: Tensor, request: str | Sequence[Any] | None) -> list[Any]:
+def detect(model: nn.Module, inputs: Any, request: str | Sequence[Any] | None) -> list[Any]:
     """Resolve ``symmetries=`` of the monitor: "auto" → find_symmetries, None → [], a list → it."""
     if request is None:
         return []
@@ -38,6 +38,13 @@ def detect(model: nn.Module, inputs: Tensor, request: str | Sequence[Any] | None
             "ThermoMonitor(symmetries='auto') needs neurothermo.symmetry (find_symmetries); "
             "pass symmetries=None to monitor without charges and neuron energies"
         ) from e
+    if isinstance(inputs, Mapping):  # keyword inputs (a dict, a BatchEncoding): not traceable
+        from neurothermo.symmetry import UntraceableModelError
+
+        raise UntraceableModelError(
+            "symmetries='auto' traces forward(inputs) with positional tensor inputs, but the batch "
+            f"holds a mapping of inputs (keys {list(inputs)}); pass symmetries=None, or a list "
+            "of Symmetry objects found with find_symmetries on a positional wrapper of the model")
     return list(find_symmetries(model, inputs[:_DETECT_SAMPLES]))
 
 
