@@ -154,6 +154,7 @@ class ThermoMonitor:
                                      "noise_every": self.noise_every,
                                      "sharpness_every": self.sharpness_every, "notes": []})
         self._history.add_producer(self._drain)
+        self._warned: set[str] = set()
         self._capture: Any = None  # gradstats.passive.BackwardCapture for the noise terms
         self._passive_ready = False
         if self.noise_every is not None and self.data is None:
@@ -162,7 +163,6 @@ class ThermoMonitor:
         self._count = 0
         self._emitted = -1
         self._pending: tuple[int, dict[str, Any]] | None = None
-        self._warned: set[str] = set()
 
     @property
     def history(self) -> History:
