@@ -267,13 +267,49 @@ def test_conv_routes(conv, shape, route, monkeypatch: pytest.MonkeyPatch) -> Non
     assert seen == {f"{route}.sq_norm"}
 
 
-def test_custom_module_uses_exact_fallback_and_warns_once() -> None:
+def test_free_parameters_of_a_container_are_exact_op_by_op_without_fallback() -> None:
+    # Gate owns `scale` and `shift` and contains `proj`: each use is an op with the batch
+    # (x * scale, shift * x²), handled by giving the parameter a batch axis; no fallback.
     model = custom()
     x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
-    with pytest.warns(FallbackWarning, match=r"'1' \(Gate\)"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        assert_matches_naive(model, nn.MSELoss(), x, y)
+
+
+class GateMixed(Gate):
+    """``scale`` is used once with the batch and once alone (``scale.sum()``): that parameter
+    must go through the fallback for BOTH uses (never counted twice); ``shift`` stays op-level."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(torch.sigmoid(x * self.scale) * x) * self.scale.sum() + self.shift * x
+
+
+def test_free_parameter_with_a_use_that_does_not_fit_goes_to_the_fallback_exactly() -> None:
+    model = nn.Sequential(nn.Linear(4, 5), GateMixed(5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
+    x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
+    with pytest.warns(FallbackWarning, match=r"'1' \(GateMixed\).*b × 5 numbers"):
         per_sample_grad_norms(model, nn.MSELoss(), (x, y))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)  # one warning per module instance
+        assert_matches_naive(model, nn.MSELoss(), x, y)
+
+
+def test_leaf_custom_module_uses_exact_fallback_and_warns_once() -> None:
+    class Scale(nn.Module):  # no children: the fallback (and its sample-mixing check) is kept
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(d))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.tanh(x * self.w)
+
+    model = nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Linear(5, 2)).to(DT)
+    x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
+    with pytest.warns(FallbackWarning, match=r"'1' \(Scale\)"):
+        per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
         assert_matches_naive(model, nn.MSELoss(), x, y)
 
 

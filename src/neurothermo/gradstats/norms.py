@@ -122,13 +122,25 @@ def stats_of_batch(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
     """The core of :func:`batch_grad_stats` on validated input (the caller preserves the model's
     state). ``check_finite=False`` leaves the finiteness check of the norms to the caller."""
     wanted = frozenset(id(p) for p in params.values())
-    for clone in (False, True):
-        stats = _measure(model, loss_fn, x, y, params, wanted, clone, create_graph, mean_grad)
+    clone, expand = False, True
+    while True:
+        try:
+            stats = _measure(model, loss_fn, x, y, params, wanted, clone, create_graph,
+                             mean_grad, expand)
+        except _ExpandedBroadcastFailed:
+            expand = False  # measure again without expansion: the rule then names the module
+            continue
         if stats is not None:
             if check_finite:
                 check_finite_norms(model, stats.sq_norms.values())
             return stats
-    raise AssertionError("unreachable: the clone pass always returns")
+        if clone:
+            raise AssertionError("unreachable: the clone pass always returns")
+        clone = True
+
+
+class _ExpandedBroadcastFailed(Exception):
+    """The forward failed after outputs of broadcast inputs were expanded to the batch."""
 
 
 def check_finite_norms(model: nn.Module, norms: Iterable[Tensor]) -> None:
@@ -139,14 +151,19 @@ def check_finite_norms(model: nn.Module, norms: Iterable[Tensor]) -> None:
 
 
 def _measure(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, params: dict[str, Tensor],
-             wanted: frozenset[int], clone: bool, create_graph: bool, mean_grad: bool
-             ) -> BatchGradStats | None:
+             wanted: frozenset[int], clone: bool, create_graph: bool, mean_grad: bool,
+             expand: bool = True) -> BatchGradStats | None:
     b = x.shape[0]
     rec = Recorder(b, wanted, clone=clone, create_graph=create_graph,
-                   names={id(p): n for n, p in params.items()})
+                   names={id(p): n for n, p in params.items()}, expand_broadcast=expand)
     with torch.enable_grad():
         with recording(model, rec):
-            loss = loss_fn(model(x), y)
+            try:
+                loss = loss_fn(model(x), y)
+            except Exception as e:
+                if rec.expanded:
+                    raise _ExpandedBroadcastFailed from e
+                raise
         try:
             loss = check_scalar_loss(loss)
         except FloatingPointError:
