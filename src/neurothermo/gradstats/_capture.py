@@ -247,7 +247,7 @@ def recording(model: nn.Module, recorder: Recorder, *, guard: bool = True) -> It
                 patched.append((module, module.__dict__.get("forward", missing)))
                 module.forward = _override(module, label, rule, recorder, covered)
                 continue
-            free = frozenset()
+            free: frozenset[int] = frozenset()
             if rule is None and guard and any(
                     id(p) in recorder.wanted for c in module.children() for p in c.parameters()):
                 free = own & recorder.wanted

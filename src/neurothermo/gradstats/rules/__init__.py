@@ -3,7 +3,15 @@
 ``register_rule(module_type, Rule(pieces, forward=None))`` is the extension point (see
 ``_base.py``). Modules without a rule use the exact torch.func fallback (``fallback.py``).
 """
-from neurothermo.gradstats.rules import attention, conv, embedding, hf_conv1d, linear, norms
+from neurothermo.gradstats.rules import (
+    attention,
+    conv,
+    embedding,
+    hf_conv1d,
+    linear,
+    norms,
+    recurrent,
+)
 from neurothermo.gradstats.rules._base import (
     Call,
     Rule,
@@ -30,6 +38,7 @@ __all__ = [
     "hf_conv1d",
     "linear",
     "norms",
+    "recurrent",
     "register_named_rule",
     "register_rule",
     "rule_for",

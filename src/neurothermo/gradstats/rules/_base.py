@@ -133,7 +133,7 @@ def rule_for(module: nn.Module) -> Rule | None:
     for base in cls.__mro__:
         rule = _RULES.get(base) or _NAMED_RULES.get(f"{base.__module__}.{base.__qualname__}")
         if rule is not None:
-            if cls.forward is not base.forward:
+            if cls.forward is not getattr(base, "forward", None):
                 return None
             return rule if rule.applies is None or rule.applies(module) else None
     return None
