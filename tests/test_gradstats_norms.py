@@ -452,3 +452,36 @@ def test_without_create_graph_result_is_detached_and_no_grad_is_written() -> Non
     out = per_sample_grad_norms(model, nn.CrossEntropyLoss(), (x, y))
     assert isinstance(out, Tensor) and not out.requires_grad
     assert all(p.grad is None for p in model.parameters())
+
+
+class Positions(nn.Module):
+    """Position ids of shape [1, T] broadcast over the batch (as Hugging Face passes them), a
+    [1, T, d] learned table added directly, and a Linear on a batch-free [1, d] query."""
+
+    def __init__(self, view: bool = False) -> None:
+        super().__init__()
+        self.view = view
+        self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(5, 4), nn.Linear(4, 2)
+        self.query = nn.Linear(3, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids = torch.arange(x.shape[1]).unsqueeze(0)
+        pos = self.pos(ids)
+        if self.view:  # a forward that cannot take the position rows expanded to the batch
+            pos = pos.view(-1, 4)
+        q = self.query(torch.ones(1, 3, dtype=pos.dtype))  # [1, 4]: broadcast too
+        h = torch.tanh(self.tok(x) + pos) * q.unsqueeze(1)
+        return self.head(h.mean(1))
+
+
+def test_inputs_broadcast_over_the_batch_are_exact() -> None:
+    x, y = torch.randint(9, (6, 5)), torch.randn(6, 2, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        assert_matches_naive(Positions().to(DT), nn.MSELoss(), x, y)
+
+
+def test_broadcast_input_the_forward_cannot_expand_is_refused_naming_the_module() -> None:
+    x, y = torch.randint(9, (6, 5)), torch.randn(6, 2, dtype=DT)
+    with pytest.raises(ValueError, match=r"module 'pos' got an input with leading dimension 1"):
+        per_sample_grad_norms(Positions(view=True).to(DT), nn.MSELoss(), (x, y))
