@@ -342,7 +342,7 @@ def run_case(c: Case, rounds: int, slow_rounds: int, device: torch.device,
             sync(device)
             times[name].append(clock() - t0)
     med = {n: statistics.median(v) for n, v in times.items()}
-    mem = ({n: None for n in fns} if foreign else {n: peak_bytes(fn) for n, fn in fns.items()})
+    mem = (dict.fromkeys(fns) if foreign else {n: peak_bytes(fn) for n, fn in fns.items()})
     print(f"\n{c.name}   (P = {sum(p.numel() for p in c.model.parameters()):,} parameters)")
     print(f"  {'method':<12} {'time ms':>9} {'x plain':>8} {'peak MB':>9} {'x plain':>8}")
     for n in fns:
