@@ -59,14 +59,20 @@ def per_sample_grad_norms(
         the mean-loss gradient is ``(1/b) Σ_i g_i``), in the parameters' dtype; or the dict.
 
     Exact (never approximate): one forward and one backward of ``l_B`` (``torch.autograd.grad``
-    w.r.t. the layer outputs only; no ``.grad`` is written), then per layer: Linear (any leading
-    dims, Gram form ``Σ_{t,s}(a_t·a_s)(δ_t·δ_s)`` or the dense sum, whichever is cheaper),
-    Conv1d/2d/3d (Gram form on patches, or one grouped convolution backward), Embedding,
-    LayerNorm/GroupNorm/RMSNorm/InstanceNorm/eval-BatchNorm affines, MultiheadAttention (through
-    its projections); any other module with parameters uses an exact torch.func path on that
-    module alone (a one-time :class:`FallbackWarning`; ``neurothermo.gradstats.register_rule``
-    adds a closed form). A parameter used by several modules or calls (tied weights) has its
-    per-sample gradients added before squaring.
+    w.r.t. the layer outputs only; no ``.grad`` is written), then per layer: Linear and Hugging
+    Face ``Conv1D`` (any leading dims, Gram form ``Σ_{t,s}(a_t·a_s)(δ_t·δ_s)`` or the dense sum,
+    whichever is cheaper), Conv1d/2d/3d (Gram form on patches, or one grouped convolution
+    backward), Embedding, LayerNorm/GroupNorm/RMSNorm/InstanceNorm/eval-BatchNorm affines,
+    MultiheadAttention (through its projections), LSTM/GRU/RNN (gate deltas at every step, the
+    time steps as positions; ``proj_size > 0`` uses the fallback). A module called on an input
+    broadcast over the batch (leading dimension 1, e.g. Hugging Face's ``position_ids`` of shape
+    ``[1, T]``) is measured on its output expanded to the batch, so each sample gets its own
+    rows. A model's own parameters used directly in its forward (a ViT's ``cls_token`` and
+    ``pos_embed``) are measured op by op when the op broadcasts them over the batch. Any other
+    module with parameters uses an exact torch.func path on that module alone (a one-time
+    :class:`FallbackWarning`; ``neurothermo.gradstats.register_rule`` adds a closed form). A
+    parameter used by several modules or calls (tied weights) has its per-sample gradients added
+    before squaring.
 
     Requirements, as for any per-sample gradient: samples are processed independently (sample i's
     output depends on sample i only) and activations are batch-first. Checked where it can be:
