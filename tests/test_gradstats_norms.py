@@ -401,6 +401,31 @@ def test_float32_agrees_with_float64() -> None:
 # ----------------------------------------------------------------------------- create_graph
 
 
+class ClsTokens(nn.Module):
+    """timm-style model-level parameters: a class token concatenated and a position table added."""
+
+    def __init__(self, d: int = 4, t: int = 3) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, t + 1, d))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.proj(x)], 1)
+        return self.head(torch.tanh(h + self.pos_embed)[:, 0] + h.mean(1))
+
+
+class RecurrentReg(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = cell(4, 3, num_layers=2, batch_first=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0].mean(1))
+
+
 def naive_grad_of_sum(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> list[Tensor]:
     ps = [p for p in model.parameters() if p.requires_grad]
     total = torch.zeros((), dtype=DT)
@@ -419,14 +444,21 @@ def naive_grad_of_sum(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -
         (lambda: TinyTransformer(need_weights=True).to(DT), (3, 6), "tok"),
         (custom, (5, 4), "reg2"),
         (lambda: TiedLM().to(DT), (3, 4), "tok9"),
+        (lambda: ClsTokens().to(DT), (4, 3, 4), "reg2"),
+        (lambda: RecurrentReg(nn.LSTM).to(DT), (4, 5, 4), "reg2"),
+        (lambda: RecurrentReg(nn.GRU).to(DT), (4, 5, 4), "reg2"),
+        (lambda: Positions().to(DT), (4, 5), "reg2x"),
     ],
-    ids=["mlp", "seq", "cnn", "transformer", "fallback", "tied"],
+    ids=["mlp", "seq", "cnn", "transformer", "free_params", "tied", "cls_pos", "lstm", "gru",
+         "broadcast"],
 )
 def test_create_graph_matches_double_backward_of_naive_loop(make, shape, target) -> None:
     model = make()
     if target in ("tok", "tok9"):
         v = 11 if target == "tok" else 9
         x, y, loss_fn = torch.randint(0, v, shape), torch.randint(0, v, shape), nn.CrossEntropyLoss()
+    elif target == "reg2x":
+        x, y, loss_fn = torch.randint(0, 9, shape), torch.randn(shape[0], 2, dtype=DT), nn.MSELoss()
     elif target == "cls":
         x, y, loss_fn = torch.randn(shape, dtype=DT), torch.randint(0, 3, shape[:1]), nn.CrossEntropyLoss()
     else:
