@@ -16,7 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from _helpers import DT, assert_matches_naive
-from foreign_models import CASE_IDS, CASES, ForeignCase, devices, skip_unavailable
+from foreign_models import (
+    CASE_IDS,
+    CASES,
+    HAS_TRANSFORMERS,
+    ForeignCase,
+    devices,
+    skip_unavailable,
+)
 from neurothermo.gradstats import FallbackWarning
 
 
@@ -53,3 +60,25 @@ def test_zoo_matches_the_per_sample_loop_without_fallback(c: ForeignCase, device
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)
         assert_matches_naive(model, c.loss_fn, x, y)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed (dev extra)")
+def test_hf_conv1d_rule_on_flat_and_sequence_inputs_and_not_on_a_changed_subclass() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    from neurothermo.gradstats.rules import rule_for
+
+    class Doubled(Conv1D):  # computes something else: must not get Conv1D's closed form
+        def forward(self, x: Tensor) -> Tensor:
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    assert rule_for(Conv1D(3, 4)) is not None and rule_for(Doubled(3, 4)) is None
+    flat = nn.Sequential(Conv1D(6, 4), nn.Tanh(), Conv1D(2, 6)).to(DT)
+    x, y = torch.randn(5, 4, dtype=DT), torch.randn(5, 2, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        assert_matches_naive(flat, nn.MSELoss(), x, y)
+        seq = nn.Sequential(Conv1D(6, 4), nn.GELU(), Conv1D(2, 6)).to(DT)
+        assert_matches_naive(seq, nn.MSELoss(), torch.randn(5, 7, 4, dtype=DT),
+                             torch.randn(5, 7, 2, dtype=DT))
