@@ -194,6 +194,20 @@ class Recorder:
             self.stack.pop()
 
 
+# Tensor queries that return no tensor: no gradient can flow through them, so the guard lets them
+# through without looking at their arguments (most calls it sees during a forward are these).
+_QUERIES = frozenset(
+    f for f in (
+        *(getattr(Tensor, a).__get__ for a in ("shape", "dtype", "device", "requires_grad",
+                                               "grad_fn", "_version", "is_leaf", "ndim", "data")
+          if hasattr(getattr(Tensor, a, None), "__get__")),
+        Tensor.dim, Tensor.size, Tensor.numel, Tensor.is_floating_point, Tensor.is_complex,
+        Tensor.stride, Tensor.is_contiguous, Tensor.element_size, Tensor.data_ptr,
+        Tensor.__len__,
+    )
+)
+
+
 class _ParamUseGuard(TorchFunctionMode):
     """Flags ops on wanted parameters outside the forward of a module whose rule covers them."""
 
@@ -205,7 +219,7 @@ class _ParamUseGuard(TorchFunctionMode):
                            ) -> Any:
         kwargs = kwargs or {}
         rec = self.rec
-        if not rec.active:
+        if not rec.active or func in _QUERIES:
             return func(*args, **kwargs)
         params = [t for a in (*args, *kwargs.values())
                   for t in (a if isinstance(a, list | tuple) else (a,))
