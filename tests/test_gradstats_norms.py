@@ -517,3 +517,63 @@ def test_broadcast_input_the_forward_cannot_expand_is_refused_naming_the_module(
     x, y = torch.randint(9, (6, 5)), torch.randn(6, 2, dtype=DT)
     with pytest.raises(ValueError, match=r"module 'pos' got an input with leading dimension 1"):
         per_sample_grad_norms(Positions(view=True).to(DT), nn.MSELoss(), (x, y))
+
+
+class InPlacePositions(nn.Module):
+    """Model-level parameters used by in-place ops on activations (``x += pos``, ``mul_``):
+    each must run exactly once. ``view=True`` writes into a view (a 3-d Linear output), which
+    autograd rebases: the pass is redone with the module output copied, still op by op."""
+
+    def __init__(self, view: bool, d: int = 4, t: int = 3) -> None:
+        super().__init__()
+        self.view = view
+        self.proj, self.head = nn.Linear(d, d), nn.Linear(d, 2)
+        self.pos = nn.Parameter(torch.randn(t, d))
+        self.gain = nn.Parameter(torch.randn(1, 1, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x) if self.view else self.proj(x) * 1.0
+        h += self.pos
+        h.mul_(self.gain)
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_free_parameters_in_inplace_ops_run_once_and_are_exact(view: bool) -> None:
+    model = InPlacePositions(view).to(DT)
+    x, y = torch.randn(5, 3, 4, dtype=DT), torch.randn(5, 2, dtype=DT)
+    with torch.no_grad():
+        ref_out = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        assert_matches_naive(model, nn.MSELoss(), x, y)
+    # the model computes the same function while measured (an op run twice would add pos twice)
+    seen = []
+    model.head.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    torch.testing.assert_close(model.head(seen[-1]), ref_out)
+
+
+class WritesIntoOutputs(nn.Module):
+    """Module outputs written in place: a 3-d Linear output is a view (autograd rebases it
+    when written), as is MultiheadAttention's output; a 2-d one is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.flat = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x)
+        h += 1.0
+        a = self.att(h, h, h, need_weights=False)[0]
+        a *= 2.0
+        f = self.flat(a.mean(1))
+        f += 0.5
+        return self.head(torch.tanh(f))
+
+
+def test_module_outputs_written_in_place_are_exact() -> None:
+    x, y = torch.randn(5, 3, 4, dtype=DT), torch.randn(5, 2, dtype=DT)
+    assert_matches_naive(WritesIntoOutputs().to(DT), nn.MSELoss(), x, y)

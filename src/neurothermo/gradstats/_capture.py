@@ -5,8 +5,10 @@ module's own output before user hooks) records a :class:`Call`, or the rule's ``
 replaces the module's forward. Output gradients are requested through the autograd *edges* of the
 outputs (``get_gradient_edge``), which keeps no output alive and is immune to later in-place ops
 on them (``ReLU(inplace=True)``): the gradient is the one of the value the module produced. What
-a rule reads (inputs; outputs too for the fallback's check) must not change in place afterwards:
-if it did, the pass is redone in *clone* mode, which copies those tensors at the module boundary.
+a rule reads (inputs; outputs too for the fallback's check) must not change in place afterwards,
+nor may an output that is a view (autograd rebases a view written in place, and its recorded
+edge would get no gradient): if either happened, the pass is redone in *clone* mode, which copies
+those tensors at the module boundary.
 
 A torch-function mode watches every op that takes a wanted parameter: a parameter may only be used
 inside the forward of a module whose rule covers it (its owner; for attention, also its children).
@@ -58,6 +60,10 @@ def _clone(x: Any) -> Any:
     return x.clone() if isinstance(x, Tensor) else x
 
 
+def _clone_view(x: Any) -> Any:
+    return x.clone() if isinstance(x, Tensor) and x._base is not None else x
+
+
 class Recorder:
     """Collects :class:`Use` records while ``active``."""
 
@@ -100,16 +106,33 @@ class Recorder:
 
     def free_op(self, func: Any, args: Any, kwargs: dict[str, Any], params: list[Tensor]) -> Any:
         """Run ``func`` with the free parameters ``params`` given a leading batch axis (see the
-        module docstring); record their per-sample contributions, or mark them for the fallback."""
-        out0 = func(*args, **kwargs)
+        module docstring); record their per-sample contributions, or mark them for the fallback.
+
+        An out-of-place op runs as given first (its output shape decides the batched view, and
+        is the answer if the view does not fit); an in-place op (``x += p``) runs exactly once,
+        its batched view decided by the tensor it writes to."""
         b = self.batch_size
-        if not any(o.requires_grad for o in tensor_leaves(out0)):
-            return out0  # shape queries, detached copies: no gradient flows through this use
+        target = args[0] if args and isinstance(args[0], Tensor) else None
+        shape: torch.Size | None
+        if _writes(func, kwargs):
+            out0 = None
+            # Writing into a view goes through autograd's CopySlices, which cannot hand out the
+            # gradient at the parameter's batched view (torch 2.13 asserts): fallback for p.
+            if (target is None or not torch.is_grad_enabled() or "out" in kwargs
+                    or target._base is not None or any(target is p for p in params)):
+                self.free_bad.update(id(p) for p in params)  # no per-sample record: fallback
+                return func(*args, **kwargs)
+            shape = target.shape
+        else:
+            out0 = func(*args, **kwargs)
+            if not any(o.requires_grad for o in tensor_leaves(out0)):
+                return out0  # detached copies: no gradient flows through this use
+            shape = out0.shape if isinstance(out0, Tensor) and torch.is_grad_enabled() else None
         subs: dict[int, Tensor] = {}
-        ok = (isinstance(out0, Tensor) and out0.dim() > 0 and out0.shape[0] == b
-              and torch.is_grad_enabled())
+        ok = shape is not None and len(shape) > 0 and shape[0] == b
         for p in params if ok else ():
-            k = out0.dim() - p.dim()
+            assert shape is not None
+            k = len(shape) - p.dim()
             if k < 0 or (k == 0 and p.shape[0] != 1):
                 ok = False
                 break
@@ -119,15 +142,15 @@ class Recorder:
             def sub(t: Any) -> Any:
                 return subs.get(id(t), t) if isinstance(t, Tensor) else t
 
-            try:
+            try:  # (an in-place op checks broadcasting before it writes)
                 out1 = func(*tree_map(sub, args), **tree_map(sub, kwargs))
             except Exception:  # the op does not take a batched parameter: fallback for it
                 ok = False
             else:
-                ok = isinstance(out1, Tensor) and out1.shape == out0.shape
+                ok = isinstance(out1, Tensor) and out1.shape == shape
         if not ok:
             self.free_bad.update(id(p) for p in params)
-            return out0
+            return func(*args, **kwargs) if out0 is None else out0
         for p in params:
             self.free_ok.add(id(p))
             self.add(Use(self.names.get(id(p), "?"), [get_gradient_edge(subs[id(p)])],
@@ -167,7 +190,9 @@ class Recorder:
             return fallback_pieces(self._touched(call), full)
 
         watched = tensor_leaves(call.args) + (tensor_leaves(call.kwargs) if call.kwargs else [])
-        watched += leaves if rule is None else []
+        # An output that is a view (a 3-d Linear output) and is later written in place is
+        # rebased by autograd (CopySlices): its recorded edge would then get no gradient.
+        watched += leaves if rule is None else [t for t in leaves if t._base is not None]
         own = frozenset(id(p) for p in call.module.parameters(recurse=False)) & self.wanted
         edges = [get_gradient_edge(leaves[j]) for j in pos]
         self.add(Use(call.name, edges, compute, watched, own))
@@ -192,6 +217,13 @@ class Recorder:
     def leave(self) -> None:
         if self.active and self.stack:
             self.stack.pop()
+
+
+def _writes(func: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether ``func`` writes into a tensor argument (``add_``, ``__iadd__``, ``out=``)."""
+    name = getattr(func, "__name__", "")
+    return ("out" in kwargs or (name.endswith("_") and not name.endswith("__"))
+            or (name.startswith("__i") and name.endswith("__")))
 
 
 # Tensor queries that return no tensor: no gradient can flow through them, so the guard lets them
@@ -318,8 +350,8 @@ def _hook(name: str, rule: Rule | None, rec: Recorder) -> Any:
         kept = output if rule is None else None
         rec.add_call(Call(module, name, args, kwargs, kept, rec.batch_size, rec.wanted), rule,
                      output)
-        if rec.clone and rule is None:
-            return tree_map(_clone, output)
+        if rec.clone:
+            return tree_map(_clone if rule is None else _clone_view, output)
         return output if grown is not None else None
 
     return hook
