@@ -43,6 +43,9 @@ class TokensOnly(nn.Module):
 
 def model_and_batch(c: ForeignCase, device: str, b: int = 5) -> tuple[nn.Module, Tensor, Tensor]:
     model = c.model(device=device, dtype=DT).eval()  # eval: BatchNorm uses running statistics
+    for m in model.modules():  # cuDNN runs an RNN backward in train mode only (no dropout here)
+        if isinstance(m, nn.RNNBase):
+            m.train()
     inputs, y = c.data(b, device=device, dtype=DT)
     if isinstance(inputs, dict):
         model = TokensOnly(model)
