@@ -206,7 +206,10 @@ def foreign_cases(device: torch.device, size: str = "small", b: int = 16) -> lis
             print(f"  skipped {name}: transformers is not installed")
             continue
         torch.manual_seed(0)
-        model = build().eval()
+        model = build().eval()  # BatchNorm on running statistics
+        for m in model.modules():  # cuDNN runs an RNN backward in train mode only (no dropout)
+            if isinstance(m, nn.RNNBase):
+                m.train()
         if hf:
             model = TokensOnly(model)
         model.to(device)
