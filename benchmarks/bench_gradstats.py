@@ -1,6 +1,16 @@
 """Per-sample squared gradient norms: neurothermo vs plain backward, vmap(grad), a loop, BackPACK.
 
     .venv/bin/python benchmarks/bench_gradstats.py [--rounds 15] [--threads N] [--device cpu]
+    .venv/bin/python benchmarks/bench_gradstats.py --foreign [--rounds 9] [--threads 1]
+
+``--foreign`` (issue 15): the models researchers train, at b = 16, from ``tests/foreign_models.py``:
+torchvision-layout ResNet-18 at width 64 on 3×32×32 (BatchNorm in eval mode), the timm-layout ViT
+(32×32, patch 8, d = 32, depth 2, fused qkv + SDPA, model-level cls_token / pos_embed), Hugging
+Face BERT (2 layers, d = 32, T = 10, padded attention mask) and GPT-2 (2 layers, d = 32, T = 10,
+Conv1D projections, tied wte / lm_head, position_ids [1, T]), and the LSTM classifier (embedding
+16, hidden 24, T = 7). Methods: ``plain``, ``neurothermo``, ``vmap`` and Opacus 1.6
+``GradSampleModule`` (where it accepts the model), each checked against a per-sample loop first.
+Target: neurothermo ≤ 2× plain.
 
 Cases (issue 4): MLP 784-512-512-10 at b = 128; a small CNN on 1×28×28 at b = 128; one pre-norm
 transformer block (d = 128, T = 64, 4 heads, b = 32). Methods, all giving ``‖∇_θ l_i‖²`` for every
@@ -133,6 +143,132 @@ def methods(c: Case) -> dict[str, Callable[[], Tensor | None]]:
     return out
 
 
+# ----------------------------------------------------------------- foreign models (issue 15)
+class TokensOnly(nn.Module):
+    """A Hugging Face model called from one batch-first tensor: ``[b, T]`` ids or ``[b, 2, T]``
+    ids stacked with the attention mask (so every method sees a plain ``model(x)``)."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            return self.hf(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+        return self.hf(input_ids=x).logits
+
+
+def foreign_cases(device: torch.device, size: str = "small", b: int = 16) -> list[Case]:
+    """The zoo's architectures at b = 16: ``size="zoo"`` uses the test sizes of
+    ``tests/foreign_models.py`` (tiny: Python overhead dominates), ``"small"`` the small real
+    configurations named in each case (ResNet-18 is the real width-64 network either way)."""
+    import foreign_models as fm
+
+    g = torch.Generator().manual_seed(0)
+    vocab, t = (64, 10) if size == "zoo" else (1000, 64)
+
+    def tokens(v: int, length: int) -> Tensor:
+        return torch.randint(0, v, (b, length), generator=g)
+
+    images = torch.randn(b, 3, 32, 32, generator=g)
+    labels = torch.randint(0, 10, (b,), generator=g)
+    ids = tokens(vocab, t)
+    mask = torch.ones_like(ids)
+    mask[: b // 2, 3 * t // 4:] = 0  # padded sequences
+    lm = tokens(vocab, t + 1)
+    rnn_t, rnn_v = (7, 50) if size == "zoo" else (32, 1000)
+    rnn_tok = tokens(rnn_v, rnn_t)
+    if size == "zoo":
+        vit = ("ViT (timm layout, d=32, depth 2, 4 heads, 32x32 / patch 8)",
+               lambda: fm.VisionTransformer())
+        bert = ("HF BERT (2 layers, d=32, T=10, padded mask)", lambda: fm.hf_bert())
+        gpt2 = ("HF GPT-2 (2 layers, d=32, T=10, V=64, tied)", lambda: fm.hf_gpt2())
+        lstm = ("LSTM classifier (emb 16, hidden 24, T=7)", lambda: fm.RNNClassifier("lstm"))
+    else:
+        vit = ("ViT (timm layout, d=192, depth 4, 3 heads, 32x32 / patch 4)",
+               lambda: fm.VisionTransformer(32, 4, embed_dim=192, depth=4, num_heads=3))
+        bert = ("HF BERT (2 layers, d=128, 2 heads, T=64, V=1000, padded mask)",
+                lambda: _bert(fm))
+        gpt2 = ("HF GPT-2 (2 layers, d=128, 2 heads, T=64, V=1000, tied)", lambda: _gpt2(fm))
+        lstm = ("LSTM classifier (emb 64, hidden 128, T=32, V=1000)",
+                lambda: fm.RNNClassifier("lstm", vocab=1000, dim=64, hidden=128))
+    specs: list[tuple[str, Callable[[], nn.Module], Tensor, Tensor, bool]] = [
+        ("ResNet-18 (torchvision layout, width 64, 3x32x32, BN eval)",
+         lambda: fm.resnet18(width=64), images, labels, False),
+        (*vit, images, labels, False),
+        (*bert, torch.stack([ids, mask], 1), torch.randint(0, 3, (b,), generator=g), True),
+        (*gpt2, lm[:, :-1], lm[:, 1:], True),
+        (*lstm, rnn_tok, torch.randint(0, 5, (b,), generator=g), False),
+    ]
+    out = []
+    for name, build, x, y, hf in specs:
+        if hf and not fm.HAS_TRANSFORMERS:
+            print(f"  skipped {name}: transformers is not installed")
+            continue
+        torch.manual_seed(0)
+        model = build().eval()  # BatchNorm on running statistics
+        for m in model.modules():  # cuDNN runs an RNN backward in train mode only (no dropout)
+            if isinstance(m, nn.RNNBase):
+                m.train()
+        if hf:
+            model = TokensOnly(model)
+        model.to(device)
+        out.append(Case(name, model, fm.cross_entropy, x.to(device), y.to(device),  # type: ignore[arg-type]
+                        False))
+    return out
+
+
+def _bert(fm: object) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=512, max_position_embeddings=128, num_labels=3,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def _gpt2(fm: object) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=1000, n_embd=128, n_layer=2, n_head=2, n_positions=128,
+                     bos_token_id=999, eos_token_id=999, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+def opacus_method(c: Case) -> Callable[[], Tensor] | None:
+    """Opacus ``GradSampleModule`` per-sample norms, or None (with the reason) if it refuses."""
+    try:
+        from opacus import GradSampleModule
+    except ImportError:
+        print(f"  opacus: not installed ({c.name})")
+        return None
+    try:
+        # Opacus records activations in train mode only; these models have no dropout and
+        # their BatchNorm is refused anyway, so train mode computes the same function.
+        gsm = GradSampleModule(copy.deepcopy(c.model).train(), loss_reduction="mean")
+    except Exception as e:
+        print(f"  opacus refuses {c.name}: {type(e).__name__}: {str(e)[:120]}")
+        return None
+    params = [p for p in gsm.parameters() if p.requires_grad]
+
+    def by_opacus() -> Tensor:
+        gsm.zero_grad(set_to_none=True)
+        c.loss_fn(gsm(c.x), c.y).backward()
+        # loss_reduction="mean": grad_sample holds ∇ l_i (Opacus rescales by b).
+        res = sum(p.grad_sample.flatten(1).square().sum(1) for p in params)  # type: ignore[union-attr]
+        for p in params:
+            p.grad_sample = None
+        return res  # type: ignore[return-value]
+
+    try:
+        by_opacus()
+    except Exception as e:
+        print(f"  opacus fails on {c.name}: {type(e).__name__}: {str(e)[:120]}")
+        return None
+    return by_opacus
+
+
 def peak_bytes(fn: Callable[[], object]) -> int | None:
     """Peak of live tensor bytes allocated during ``fn()`` (torch.profiler memory timeline)."""
     try:
@@ -162,18 +298,41 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(c: Case, rounds: int, slow_rounds: int, device: torch.device) -> dict[str, float]:
+def run_case(c: Case, rounds: int, slow_rounds: int, device: torch.device,
+             foreign: bool = False, clock: Callable[[], float] = time.perf_counter
+             ) -> dict[str, float]:
     fns = methods(c)
-    ref = fns["loop"]()
+    if foreign:  # the loop is the reference only; Opacus joins where it accepts the model
+        ref_fn = fns.pop("loop")
+        op = opacus_method(c)
+        if op is not None:
+            fns["opacus"] = op
+        fns = {n: fns[n] for n in ("plain", "neurothermo", "vmap", "opacus") if n in fns}
+        ref = ref_fn()
+    else:
+        ref = fns["loop"]()
     assert isinstance(ref, Tensor)
-    for name, fn in fns.items():  # correctness first (also the warm-up)
+    for name, fn in list(fns.items()):  # correctness first (also the warm-up)
         if name == "plain":
             fn()
             continue
-        got = fn()
+        if foreign and name == "vmap":
+            try:
+                got = fn()
+            except Exception as e:  # torch.func cannot run some models (data-dependent Python)
+                print(f"  vmap fails on {c.name}: {type(e).__name__}: {str(e)[:100]}")
+                del fns[name]
+                continue
+        else:
+            got = fn()
         assert isinstance(got, Tensor)
         rel = float(((got - ref).abs() / ref.abs().clamp_min(1e-30)).max())
         tol = 1e-3  # float32 with different summation orders; a wrong formula is off by O(1)
+        if foreign and name == "opacus" and not rel < tol:  # a peer's wrong answer: report it
+            print(f"  opacus is WRONG on {c.name}: max rel diff {rel:.2e} from the per-sample "
+                  "loop; not timed")
+            del fns[name]
+            continue
         assert rel < tol, f"{c.name}: {name} disagrees with the loop (max rel diff {rel:.2e})"
     times: dict[str, list[float]] = {n: [] for n in fns}
     for r in range(rounds):
@@ -181,19 +340,19 @@ def run_case(c: Case, rounds: int, slow_rounds: int, device: torch.device) -> di
             if name in ("vmap", "loop") and r >= slow_rounds:
                 continue
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     med = {n: statistics.median(v) for n, v in times.items()}
-    mem = {n: peak_bytes(fn) for n, fn in fns.items()}
+    mem = (dict.fromkeys(fns) if foreign else {n: peak_bytes(fn) for n, fn in fns.items()})
     print(f"\n{c.name}   (P = {sum(p.numel() for p in c.model.parameters()):,} parameters)")
     print(f"  {'method':<12} {'time ms':>9} {'x plain':>8} {'peak MB':>9} {'x plain':>8}")
     for n in fns:
         m, m0 = mem[n], mem["plain"]
         mem_s = f"{m / 2**20:9.1f} {m / m0:8.2f}" if m is not None and m0 else f"{'n/a':>9} {'':>8}"
         print(f"  {n:<12} {med[n] * 1e3:9.2f} {med[n] / med['plain']:8.2f} {mem_s}")
-    if "backpack" not in fns:
+    if "backpack" not in fns and not foreign:
         print("  backpack     n/a (BackPACK is not installed or does not support these layers)")
     return med
 
@@ -204,6 +363,10 @@ def main() -> None:
     ap.add_argument("--slow-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--size", choices=("small", "zoo"), default="small",
+                    help="--foreign: small real configurations, or the tiny test-zoo sizes")
+    ap.add_argument("--foreign", action="store_true",
+                    help="ResNet-18, ViT, BERT, GPT-2, LSTM at b=16 against vmap and Opacus")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,6 +376,9 @@ def main() -> None:
           f"BackPACK {'available' if HAVE_BACKPACK else 'not installed'}; float32; time = median "
           f"of {args.rounds} interleaved rounds ({args.slow_rounds} for vmap/loop); memory = "
           "torch.profiler memory timeline peak")
+    if args.foreign:
+        run_foreign(args, device)
+        return
     summary = {}
     for c in cases(device):
         summary[c.name] = run_case(c, args.rounds, args.slow_rounds, device)
@@ -227,6 +393,34 @@ def main() -> None:
             line += f", backpack/ours {med['backpack'] / med['neurothermo']:.2f}x (target >= 1)"
         if "MLP" in name:
             line += " (vmap target >= 50x)"
+        print(line)
+
+
+def run_foreign(args: argparse.Namespace, device: torch.device) -> None:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    load = os.getloadavg()
+    print(f"foreign models ({args.size} sizes) at b = 16; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
+          f"on {os.cpu_count()} cores (before)")
+    # On a shared CPU, wall time measures the other processes too: with one thread the process's
+    # CPU time is the cost of the call itself. A GPU is timed by the wall clock (synchronised).
+    cpu_clock = device.type == "cpu" and torch.get_num_threads() == 1
+    clock = time.process_time if cpu_clock else time.perf_counter
+    print(f"time = {'process CPU time (1 thread)' if cpu_clock else 'wall clock'}, median of "
+          f"{args.rounds} rounds; methods interleaved (A/B/C/D) in every round")
+    summary = {}
+    for c in foreign_cases(device, args.size):
+        summary[c.name] = run_case(c, args.rounds, args.rounds, device, foreign=True, clock=clock)
+    load = os.getloadavg()
+    print(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (after)")
+    print("Targets (issue 15): neurothermo <= 2x plain forward+backward")
+    for name, med in summary.items():
+        line = f"  {name}: {med['neurothermo'] / med['plain']:.2f}x plain"
+        line += f", vmap {med['vmap'] / med['plain']:.2f}x" if "vmap" in med else ", vmap n/a"
+        if "opacus" in med:
+            line += f", opacus {med['opacus'] / med['plain']:.2f}x"
         print(line)
 
 

@@ -267,13 +267,49 @@ def test_conv_routes(conv, shape, route, monkeypatch: pytest.MonkeyPatch) -> Non
     assert seen == {f"{route}.sq_norm"}
 
 
-def test_custom_module_uses_exact_fallback_and_warns_once() -> None:
+def test_free_parameters_of_a_container_are_exact_op_by_op_without_fallback() -> None:
+    # Gate owns `scale` and `shift` and contains `proj`: each use is an op with the batch
+    # (x * scale, shift * x²), handled by giving the parameter a batch axis; no fallback.
     model = custom()
     x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
-    with pytest.warns(FallbackWarning, match=r"'1' \(Gate\)"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        assert_matches_naive(model, nn.MSELoss(), x, y)
+
+
+class GateMixed(Gate):
+    """``scale`` is used once with the batch and once alone (``scale.sum()``): that parameter
+    must go through the fallback for BOTH uses (never counted twice); ``shift`` stays op-level."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(torch.sigmoid(x * self.scale) * x) * self.scale.sum() + self.shift * x
+
+
+def test_free_parameter_with_a_use_that_does_not_fit_goes_to_the_fallback_exactly() -> None:
+    model = nn.Sequential(nn.Linear(4, 5), GateMixed(5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
+    x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
+    with pytest.warns(FallbackWarning, match=r"'1' \(GateMixed\).*b × 5 numbers"):
         per_sample_grad_norms(model, nn.MSELoss(), (x, y))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)  # one warning per module instance
+        assert_matches_naive(model, nn.MSELoss(), x, y)
+
+
+def test_leaf_custom_module_uses_exact_fallback_and_warns_once() -> None:
+    class Scale(nn.Module):  # no children: the fallback (and its sample-mixing check) is kept
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(d))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.tanh(x * self.w)
+
+    model = nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Linear(5, 2)).to(DT)
+    x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
+    with pytest.warns(FallbackWarning, match=r"'1' \(Scale\)"):
+        per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
         assert_matches_naive(model, nn.MSELoss(), x, y)
 
 
@@ -365,6 +401,31 @@ def test_float32_agrees_with_float64() -> None:
 # ----------------------------------------------------------------------------- create_graph
 
 
+class ClsTokens(nn.Module):
+    """timm-style model-level parameters: a class token concatenated and a position table added."""
+
+    def __init__(self, d: int = 4, t: int = 3) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, t + 1, d))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.proj(x)], 1)
+        return self.head(torch.tanh(h + self.pos_embed)[:, 0] + h.mean(1))
+
+
+class RecurrentReg(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = cell(4, 3, num_layers=2, batch_first=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0].mean(1))
+
+
 def naive_grad_of_sum(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> list[Tensor]:
     ps = [p for p in model.parameters() if p.requires_grad]
     total = torch.zeros((), dtype=DT)
@@ -383,14 +444,21 @@ def naive_grad_of_sum(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -
         (lambda: TinyTransformer(need_weights=True).to(DT), (3, 6), "tok"),
         (custom, (5, 4), "reg2"),
         (lambda: TiedLM().to(DT), (3, 4), "tok9"),
+        (lambda: ClsTokens().to(DT), (4, 3, 4), "reg2"),
+        (lambda: RecurrentReg(nn.LSTM).to(DT), (4, 5, 4), "reg2"),
+        (lambda: RecurrentReg(nn.GRU).to(DT), (4, 5, 4), "reg2"),
+        (lambda: Positions().to(DT), (4, 5), "reg2x"),
     ],
-    ids=["mlp", "seq", "cnn", "transformer", "fallback", "tied"],
+    ids=["mlp", "seq", "cnn", "transformer", "free_params", "tied", "cls_pos", "lstm", "gru",
+         "broadcast"],
 )
 def test_create_graph_matches_double_backward_of_naive_loop(make, shape, target) -> None:
     model = make()
     if target in ("tok", "tok9"):
         v = 11 if target == "tok" else 9
         x, y, loss_fn = torch.randint(0, v, shape), torch.randint(0, v, shape), nn.CrossEntropyLoss()
+    elif target == "reg2x":
+        x, y, loss_fn = torch.randint(0, 9, shape), torch.randn(shape[0], 2, dtype=DT), nn.MSELoss()
     elif target == "cls":
         x, y, loss_fn = torch.randn(shape, dtype=DT), torch.randint(0, 3, shape[:1]), nn.CrossEntropyLoss()
     else:
@@ -416,3 +484,96 @@ def test_without_create_graph_result_is_detached_and_no_grad_is_written() -> Non
     out = per_sample_grad_norms(model, nn.CrossEntropyLoss(), (x, y))
     assert isinstance(out, Tensor) and not out.requires_grad
     assert all(p.grad is None for p in model.parameters())
+
+
+class Positions(nn.Module):
+    """Position ids of shape [1, T] broadcast over the batch (as Hugging Face passes them), a
+    [1, T, d] learned table added directly, and a Linear on a batch-free [1, d] query."""
+
+    def __init__(self, view: bool = False) -> None:
+        super().__init__()
+        self.view = view
+        self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(5, 4), nn.Linear(4, 2)
+        self.query = nn.Linear(3, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids = torch.arange(x.shape[1]).unsqueeze(0)
+        pos = self.pos(ids)
+        if self.view:  # a forward that cannot take the position rows expanded to the batch
+            pos = pos.view(-1, 4)
+        q = self.query(torch.ones(1, 3, dtype=pos.dtype))  # [1, 4]: broadcast too
+        h = torch.tanh(self.tok(x) + pos) * q.unsqueeze(1)
+        return self.head(h.mean(1))
+
+
+def test_inputs_broadcast_over_the_batch_are_exact() -> None:
+    x, y = torch.randint(9, (6, 5)), torch.randn(6, 2, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        assert_matches_naive(Positions().to(DT), nn.MSELoss(), x, y)
+
+
+def test_broadcast_input_the_forward_cannot_expand_is_refused_naming_the_module() -> None:
+    x, y = torch.randint(9, (6, 5)), torch.randn(6, 2, dtype=DT)
+    with pytest.raises(ValueError, match=r"module 'pos' got an input with leading dimension 1"):
+        per_sample_grad_norms(Positions(view=True).to(DT), nn.MSELoss(), (x, y))
+
+
+class InPlacePositions(nn.Module):
+    """Model-level parameters used by in-place ops on activations (``x += pos``, ``mul_``):
+    each must run exactly once. ``view=True`` writes into a view (a 3-d Linear output), which
+    autograd rebases: the pass is redone with the module output copied, still op by op."""
+
+    def __init__(self, view: bool, d: int = 4, t: int = 3) -> None:
+        super().__init__()
+        self.view = view
+        self.proj, self.head = nn.Linear(d, d), nn.Linear(d, 2)
+        self.pos = nn.Parameter(torch.randn(t, d))
+        self.gain = nn.Parameter(torch.randn(1, 1, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x) if self.view else self.proj(x) * 1.0
+        h += self.pos
+        h.mul_(self.gain)
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_free_parameters_in_inplace_ops_run_once_and_are_exact(view: bool) -> None:
+    model = InPlacePositions(view).to(DT)
+    x, y = torch.randn(5, 3, 4, dtype=DT), torch.randn(5, 2, dtype=DT)
+    with torch.no_grad():
+        ref_out = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        assert_matches_naive(model, nn.MSELoss(), x, y)
+    # the model computes the same function while measured (an op run twice would add pos twice)
+    seen = []
+    model.head.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    torch.testing.assert_close(model.head(seen[-1]), ref_out)
+
+
+class WritesIntoOutputs(nn.Module):
+    """Module outputs written in place: a 3-d Linear output is a view (autograd rebases it
+    when written), as is MultiheadAttention's output; a 2-d one is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.flat = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x)
+        h += 1.0
+        a = self.att(h, h, h, need_weights=False)[0]
+        a *= 2.0
+        f = self.flat(a.mean(1))
+        f += 0.5
+        return self.head(torch.tanh(f))
+
+
+def test_module_outputs_written_in_place_are_exact() -> None:
+    x, y = torch.randn(5, 3, 4, dtype=DT), torch.randn(5, 2, dtype=DT)
+    assert_matches_naive(WritesIntoOutputs().to(DT), nn.MSELoss(), x, y)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from _helpers import DT, RTOL, naive_total_sq_norms
+from neurothermo.gradstats import FallbackWarning
 from neurothermo.gradstats.passive import BackwardCapture, capturable
 
 
@@ -109,6 +110,43 @@ def test_unusable_passes_give_none_with_the_reason() -> None:
     loss.backward(retain_graph=True)
     loss.backward()
     assert cap.norms(9) is None and "more than once" in (cap.reason or "")
+    assert _no_hooks(model)
+
+
+def test_fallback_module_parameters_are_captured() -> None:
+    # A module without a rule (torch.func fallback) inside the caller's pass: its parameters
+    # count (they were silently left out when only the guarded pass recorded which were used).
+    from test_gradstats_norms import custom
+
+    torch.manual_seed(0)
+    model = custom()
+    x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
+    cap = BackwardCapture(model, _params(model))
+    cap.arm()
+    _step(model, x, y)
+    with pytest.warns(FallbackWarning, match="Gate"):
+        got = cap.norms(6)
+    assert got is not None, cap.reason
+    torch.testing.assert_close(got, naive_total_sq_norms(model, nn.MSELoss(), x, y), rtol=RTOL,
+                               atol=0)
+
+
+def test_broadcast_input_gives_none_with_the_reason() -> None:
+    class Positions(nn.Module):  # position ids of shape [1, T], as Hugging Face passes them
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(5, 4), nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            ids = torch.arange(x.shape[1]).unsqueeze(0)
+            return self.head((self.tok(x) + self.pos(ids)).mean(1))
+
+    model = Positions().to(DT)
+    x, y = torch.randint(9, (6, 5)), torch.randn(6, 2, dtype=DT)
+    cap = BackwardCapture(model, _params(model))
+    cap.arm()
+    _step(model, x, y)
+    assert cap.norms(6) is None and "leading dimension 1" in (cap.reason or "")
     assert _no_hooks(model)
 
 

@@ -109,3 +109,26 @@ def test_sq_norm_is_differentiable() -> None:
         (g,) = torch.autograd.grad(factored_sq_norm(U, V, method).sum(), U)
         (ref,) = torch.autograd.grad(dense_ref(U, V).sum(), U)
         torch.testing.assert_close(g, ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tied_indexed_and_factored_pieces_add_before_squaring_without_materialising(seed) -> None:
+    # A tied embedding / output layer: ‖c_A + c_B‖² by the cross term equals the materialised sum
+    # (tokens repeat within a sample, so rows are shared by both uses and by several positions).
+    gen = torch.Generator().manual_seed(seed)
+    b, t, s, rows, n = 3, 5, 4, 6, 2
+    a = Indexed(torch.randint(0, rows, (b, t), generator=gen), torch.randn(b, t, n, dtype=DT,
+                generator=gen), rows)
+    f = Factored(torch.randn(b, 1, s, rows, dtype=DT, generator=gen),
+                 torch.randn(b, 1, s, n, dtype=DT, generator=gen))
+    p = torch.zeros(rows, n, dtype=DT)
+    ref = (a.materialize() + f.materialize()).square().sum(1)
+    calls = []
+    orig = Indexed.materialize
+    Indexed.materialize = lambda self: calls.append(1) or orig(self)  # type: ignore[method-assign]
+    try:
+        got = param_sq_norm(p, [Piece(p, f), Piece(p, a)])
+    finally:
+        Indexed.materialize = orig  # type: ignore[method-assign]
+    assert not calls, "the tied pair must not be materialised"
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)

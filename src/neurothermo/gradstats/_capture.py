@@ -5,14 +5,38 @@ module's own output before user hooks) records a :class:`Call`, or the rule's ``
 replaces the module's forward. Output gradients are requested through the autograd *edges* of the
 outputs (``get_gradient_edge``), which keeps no output alive and is immune to later in-place ops
 on them (``ReLU(inplace=True)``): the gradient is the one of the value the module produced. What
-a rule reads (inputs; outputs too for the fallback's check) must not change in place afterwards:
-if it did, the pass is redone in *clone* mode, which copies those tensors at the module boundary.
+a rule reads (inputs; outputs too for the fallback's check) must not change in place afterwards,
+nor may an output that is a view (autograd rebases a view written in place, and its recorded
+edge would get no gradient): if either happened, the pass is redone in *clone* mode, which copies
+those tensors at the module boundary.
 
 A torch-function mode watches every op that takes a wanted parameter: a parameter may only be used
 inside the forward of a module whose rule covers it (its owner; for attention, also its children).
 Any other use (``h @ self.emb.weight.T`` in a parent's forward, a penalty inside ``loss_fn``) has no
 per-sample record, so it is reported instead of silently dropped. Everything is undone on exit,
 also on error.
+
+Two cases need more than a hook:
+
+* *Inputs broadcast over the batch.* A module called on a tensor with leading dimension 1 while
+  the batch has ``b > 1`` samples (Hugging Face passes ``position_ids`` of shape ``[1, T]``) gives an
+  output with leading 1 that later broadcasts against batch tensors. The gradient reaching that
+  output is already summed over the samples, so the hook returns the output *expanded* to ``b``
+  (a view: same values, and broadcasting against ``[b, …]`` tensors gives the same result) and
+  records the expanded input: the output gradient is then per sample, and the module's rule sees
+  sample ``i``'s copy of the input. A model whose forward rejects the expanded shape is measured
+  again without expansion (and the rule then names the module).
+* *Free parameters.* A module without a rule that owns parameters *and* contains modules with
+  parameters (a model's own ``cls_token`` / ``pos_embed``) would otherwise send its whole forward
+  through the per-module torch.func fallback. Instead each op that takes such a parameter ``p``
+  together with batch tensors is run on ``p`` viewed with a leading batch axis and expanded to
+  ``b`` (``p'[i] = p`` for every i); when that gives the op's own output shape (broadcasting ops,
+  ``expand``, batched ``matmul`` …), sample ``i``'s output reads only ``p'[i]``, so the gradient
+  reaching ``p'[i]`` is exactly sample ``i``'s contribution ``c_i(p)`` (summed before squaring
+  with the other uses of ``p``). If any use of ``p`` does not fit (an op on ``p`` alone, a changed
+  shape, an error), ``p`` goes through the fallback of the module as before, and its op records
+  are dropped, so nothing is counted twice. Modules without children keep the fallback, whose
+  check catches modules that mix samples.
 """
 from __future__ import annotations
 
@@ -21,12 +45,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from neurothermo.gradstats._pieces import Piece
+from neurothermo.gradstats._pieces import Dense, Piece
 from neurothermo.gradstats.rules import Call, Rule, Use, rule_for
 from neurothermo.gradstats.rules.fallback import fallback_pieces, tensor_leaves
 
@@ -35,11 +60,16 @@ def _clone(x: Any) -> Any:
     return x.clone() if isinstance(x, Tensor) else x
 
 
+def _clone_view(x: Any) -> Any:
+    return x.clone() if isinstance(x, Tensor) and x._base is not None else x
+
+
 class Recorder:
     """Collects :class:`Use` records while ``active``."""
 
     def __init__(self, batch_size: int, wanted: frozenset[int], *, clone: bool,
-                 create_graph: bool, names: dict[int, str] | None = None) -> None:
+                 create_graph: bool, names: dict[int, str] | None = None,
+                 expand_broadcast: bool = True) -> None:
         self.active = True
         self.clone = clone
         self.create_graph = create_graph
@@ -47,10 +77,96 @@ class Recorder:
         self.wanted = wanted
         self.uses: list[Use] = []
         self.names = names or {}
-        self.stack: list[tuple[str, frozenset[int]]] = []  # (module name, parameter ids covered)
+        # (module name, parameter ids covered, free parameter ids handled op by op)
+        self.stack: list[tuple[str, frozenset[int], frozenset[int]]] = []
         self.stray: dict[str, str] = {}  # parameter name -> where it was used
         self.used: set[int] = set()  # ids of wanted parameters some op touched
-        self.tracks_use = True  # False without the guard mode: then ``used`` stays empty
+        self.guarded = False  # the torch-function mode runs (``used`` is filled)
+        self.expand_broadcast = expand_broadcast
+        self.expanded: list[str] = []  # modules whose broadcast output was expanded to the batch
+        self.free_ok: set[int] = set()  # free parameters with an op-level record
+        self.free_bad: set[int] = set()  # free parameters with a use that does not fit
+
+    def broadcast(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+                  ) -> tuple[tuple[Any, ...], dict[str, Any], Any] | None:
+        """``(args, kwargs, output)`` expanded from leading dimension 1 to the batch, when every
+        tensor input and the (tensor) output have leading dimension 1 and ``b > 1``; else None."""
+        b = self.batch_size
+        if (not self.expand_broadcast or b == 1 or not isinstance(output, Tensor)
+                or output.dim() == 0 or output.shape[0] != 1):
+            return None
+        ins = [t for t in tensor_leaves(args) + tensor_leaves(kwargs) if t.dim() > 0]
+        if not ins or any(t.shape[0] != 1 for t in ins):
+            return None
+
+        def grow(t: Any) -> Any:
+            return t.expand(b, *t.shape[1:]) if isinstance(t, Tensor) and t.dim() > 0 else t
+
+        return tree_map(grow, args), tree_map(grow, kwargs), grow(output)
+
+    def free_op(self, func: Any, args: Any, kwargs: dict[str, Any], params: list[Tensor]) -> Any:
+        """Run ``func`` with the free parameters ``params`` given a leading batch axis (see the
+        module docstring); record their per-sample contributions, or mark them for the fallback.
+
+        An out-of-place op runs as given first (its output shape decides the batched view, and
+        is the answer if the view does not fit); an in-place op (``x += p``) runs exactly once,
+        its batched view decided by the tensor it writes to."""
+        b = self.batch_size
+        target = args[0] if args and isinstance(args[0], Tensor) else None
+        shape: torch.Size | None
+        if _writes(func, kwargs):
+            out0 = None
+            # Writing into a view goes through autograd's CopySlices, which cannot hand out the
+            # gradient at the parameter's batched view (torch 2.13 asserts): fallback for p.
+            if (target is None or not torch.is_grad_enabled() or "out" in kwargs
+                    or target._base is not None or any(target is p for p in params)):
+                self.free_bad.update(id(p) for p in params)  # no per-sample record: fallback
+                return func(*args, **kwargs)
+            shape = target.shape
+        else:
+            out0 = func(*args, **kwargs)
+            if not any(o.requires_grad for o in tensor_leaves(out0)):
+                return out0  # detached copies: no gradient flows through this use
+            shape = out0.shape if isinstance(out0, Tensor) and torch.is_grad_enabled() else None
+        subs: dict[int, Tensor] = {}
+        ok = shape is not None and len(shape) > 0 and shape[0] == b
+        for p in params if ok else ():
+            assert shape is not None
+            k = len(shape) - p.dim()
+            if k < 0 or (k == 0 and p.shape[0] != 1):
+                ok = False
+                break
+            v = p.reshape((1,) * k + tuple(p.shape)) if k else p
+            subs[id(p)] = v.expand(b, *v.shape[1:])
+        if ok:
+            def sub(t: Any) -> Any:
+                return subs.get(id(t), t) if isinstance(t, Tensor) else t
+
+            try:  # (an in-place op checks broadcasting before it writes)
+                out1 = func(*tree_map(sub, args), **tree_map(sub, kwargs))
+            except Exception:  # the op does not take a batched parameter: fallback for it
+                ok = False
+            else:
+                ok = isinstance(out1, Tensor) and out1.shape == shape
+        if not ok:
+            self.free_bad.update(id(p) for p in params)
+            return func(*args, **kwargs) if out0 is None else out0
+        for p in params:
+            self.free_ok.add(id(p))
+            self.add(Use(self.names.get(id(p), "?"), [get_gradient_edge(subs[id(p)])],
+                         self._free_compute(p), [], frozenset({id(p)})))
+        return out1
+
+    def _free_compute(self, p: Tensor) -> Any:
+        b = self.batch_size
+
+        def compute(deltas: list[Tensor | None]) -> list[Piece]:
+            d = deltas[0]
+            if d is None or id(p) in self.free_bad:  # the fallback covers every use of p
+                return []
+            return [Piece(p, Dense(d.reshape(b, *p.shape)))]
+
+        return compute
 
     def add(self, use: Use) -> None:
         if self.active:
@@ -74,28 +190,54 @@ class Recorder:
             return fallback_pieces(self._touched(call), full)
 
         watched = tensor_leaves(call.args) + (tensor_leaves(call.kwargs) if call.kwargs else [])
-        watched += leaves if rule is None else []
+        # An output that is a view (a 3-d Linear output) and is later written in place is
+        # rebased by autograd (CopySlices): its recorded edge would then get no gradient.
+        watched += leaves if rule is None else [t for t in leaves if t._base is not None]
         own = frozenset(id(p) for p in call.module.parameters(recurse=False)) & self.wanted
         edges = [get_gradient_edge(leaves[j]) for j in pos]
         self.add(Use(call.name, edges, compute, watched, own))
 
     def _touched(self, call: Call) -> Call:
         """``call`` restricted to parameters the forward actually used (the rest have zero
-        gradient: the fallback need not run for them)."""
-        if not self.tracks_use:  # nothing recorded which parameters ran: keep them all
+        gradient: the fallback need not run for them), less free parameters whose every use
+        has an op-level record."""
+        if not self.guarded:
             return call
-        return replace(call, wanted=call.wanted & frozenset(self.used))
+        done = self.free_ok - self.free_bad
+        return replace(call, wanted=call.wanted & frozenset(self.used - done))
 
     def modified_in_place(self) -> list[str]:
         return sorted({u.name for u in self.uses if u.modified_in_place()})
 
-    def enter(self, name: str, covered: frozenset[int]) -> None:
+    def enter(self, name: str, covered: frozenset[int], free: frozenset[int] = frozenset()
+              ) -> None:
         if self.active:
-            self.stack.append((name, covered))
+            self.stack.append((name, covered, free))
 
     def leave(self) -> None:
         if self.active and self.stack:
             self.stack.pop()
+
+
+def _writes(func: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether ``func`` writes into a tensor argument (``add_``, ``__iadd__``, ``out=``)."""
+    name = getattr(func, "__name__", "")
+    return ("out" in kwargs or (name.endswith("_") and not name.endswith("__"))
+            or (name.startswith("__i") and name.endswith("__")))
+
+
+# Tensor queries that return no tensor: no gradient can flow through them, so the guard lets them
+# through without looking at their arguments (most calls it sees during a forward are these).
+_QUERIES = frozenset(
+    f for f in (
+        *(getattr(Tensor, a).__get__ for a in ("shape", "dtype", "device", "requires_grad",
+                                               "grad_fn", "_version", "is_leaf", "ndim", "data")
+          if hasattr(getattr(Tensor, a, None), "__get__")),
+        Tensor.dim, Tensor.size, Tensor.numel, Tensor.is_floating_point, Tensor.is_complex,
+        Tensor.stride, Tensor.is_contiguous, Tensor.element_size, Tensor.data_ptr,
+        Tensor.__len__,
+    )
+)
 
 
 class _ParamUseGuard(TorchFunctionMode):
@@ -108,18 +250,22 @@ class _ParamUseGuard(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         rec = self.rec
-        if rec.active:
+        if not rec.active or func in _QUERIES:
+            return func(*args, **kwargs)
+        params = [t for a in (*args, *kwargs.values())
+                  for t in (a if isinstance(a, list | tuple) else (a,))
+                  if isinstance(t, Tensor) and id(t) in rec.wanted]
+        free = rec.stack[-1][2] if rec.stack else frozenset()
+        mine = list({id(p): p for p in params if id(p) in free}.values())
+        out = rec.free_op(func, args, kwargs, mine) if mine else func(*args, **kwargs)
+        if params:
             covered = rec.stack[-1][1] if rec.stack else frozenset()
-            for a in (*args, *kwargs.values()):
-                for t in (a if isinstance(a, list | tuple) else (a,)):
-                    if not (isinstance(t, Tensor) and id(t) in rec.wanted):
-                        continue
-                    rec.used.add(id(t))
-                    if id(t) not in covered and any(o.requires_grad for o in tensor_leaves(out)):
-                        where = rec.stack[-1][0] if rec.stack else "outside any recorded module"
-                        rec.stray.setdefault(rec.names.get(id(t), "?"), where)
+            for t in params:
+                rec.used.add(id(t))
+                if id(t) not in covered and any(o.requires_grad for o in tensor_leaves(out)):
+                    where = rec.stack[-1][0] if rec.stack else "outside any recorded module"
+                    rec.stray.setdefault(rec.names.get(id(t), "?"), where)
         return out
 
 
@@ -134,7 +280,7 @@ def recording(model: nn.Module, recorder: Recorder, *, guard: bool = True) -> It
     patched: list[tuple[nn.Module, Any]] = []
     missing = object()
     mode = _ParamUseGuard(recorder) if guard else nullcontext()
-    recorder.tracks_use = guard
+    recorder.guarded = guard
     try:
         for name, module in model.named_modules():
             own = frozenset(id(p) for p in module.parameters(recurse=False))
@@ -147,8 +293,12 @@ def recording(model: nn.Module, recorder: Recorder, *, guard: bool = True) -> It
                 patched.append((module, module.__dict__.get("forward", missing)))
                 module.forward = _override(module, label, rule, recorder, covered)
                 continue
-            handles.append(module.register_forward_pre_hook(_pre_hook(label, own, recorder),
-                                                            with_kwargs=True))
+            free: frozenset[int] = frozenset()
+            if rule is None and guard and any(
+                    id(p) in recorder.wanted for c in module.children() for p in c.parameters()):
+                free = own & recorder.wanted
+            handles.append(module.register_forward_pre_hook(
+                _pre_hook(label, own, free, recorder), with_kwargs=True))
             handles.append(module.register_forward_hook(_hook(label, rule, recorder),
                                                         with_kwargs=True, prepend=True))
         with mode:
@@ -177,11 +327,11 @@ def _override(module: nn.Module, name: str, rule: Rule, rec: Recorder,
     return patched_forward
 
 
-def _pre_hook(name: str, own: frozenset[int], rec: Recorder) -> Any:
+def _pre_hook(name: str, own: frozenset[int], free: frozenset[int], rec: Recorder) -> Any:
     def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not rec.active:
             return None
-        rec.enter(name, own)
+        rec.enter(name, own, free)
         return (tree_map(_clone, args), tree_map(_clone, kwargs)) if rec.clone else None
 
     return pre_hook
@@ -193,9 +343,15 @@ def _hook(name: str, rule: Rule | None, rec: Recorder) -> Any:
         if not rec.active:
             return None
         rec.leave()
+        grown = rec.broadcast(args, kwargs, output)
+        if grown is not None:
+            rec.expanded.append(name)
+            args, kwargs, output = grown
         kept = output if rule is None else None
         rec.add_call(Call(module, name, args, kwargs, kept, rec.batch_size, rec.wanted), rule,
                      output)
-        return tree_map(_clone, output) if rec.clone and rule is None else None
+        if rec.clone:
+            return tree_map(_clone if rule is None else _clone_view, output)
+        return output if grown is not None else None
 
     return hook

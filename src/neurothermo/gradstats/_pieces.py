@@ -15,7 +15,9 @@ exact forms (``c_i`` below is that contribution for sample ``i``; see ``norms.py
 Several pieces for one parameter (a module called twice, tied weights, the q/k/v row blocks of a
 packed attention projection) are combined exactly: per-sample gradients ADD before squaring. Pieces
 on disjoint row blocks add their squared norms; pieces of one kind on the same rows are concatenated
-(positions of a Factored/Indexed piece); anything else is materialised to ``[b, numel]`` and summed.
+(positions of a Factored/Indexed piece); an Indexed and a Factored piece on the same rows (tied
+input/output embeddings) add ``2⟨c_A, c_B⟩`` computed from their factors; anything else is
+materialised to ``[b, numel]`` and summed.
 """
 from __future__ import annotations
 
@@ -178,6 +180,47 @@ def _merge(contribs: Sequence[Contribution]) -> Contribution:
     return Dense(total)
 
 
+def indexed_factored_inner(a: Indexed, f: Factored) -> Tensor:
+    """``⟨c_A, c_B⟩`` per sample for ``c_A = Σ_t e_{idx_t} ⊗ V^A_t`` and ``c_B = Σ_s U_s ⊗ V_s``
+    (one group, rows = ``num_rows``): ``Σ_{t,s} U_s[idx_t] (V^A_t · V_s)``, never forming a
+    ``[rows, n]`` matrix (a tied embedding / output layer: ``b·T·S·n`` flops instead of
+    ``b·rows·n`` memory)."""
+    b, t = a.idx.shape
+    u = f.U[:, 0]  # [b, S, rows]
+    gathered = u.gather(2, a.idx.unsqueeze(1).expand(b, u.shape[1], t))  # [b, S, T]
+    vv = f.V[:, 0] @ a.V.mT  # [b, S, T]
+
+    def inner(g: Tensor, w: Tensor) -> Tensor:
+        return (g * w).sum((1, 2))
+
+    return chunked(inner, (gathered, vv), 2 * u.shape[1] * t, b)
+
+
+def _tied_pair(c: Sequence[Contribution]) -> tuple[Indexed, Factored] | None:
+    if len(c) != 2:
+        return None
+    a, f = (c[0], c[1]) if isinstance(c[0], Indexed) else (c[1], c[0])
+    if (isinstance(a, Indexed) and isinstance(f, Factored) and f.U.shape[1] == 1
+            and f.v_layout is None and f.U.shape[3] == a.num_rows
+            and f.V.shape[3] == a.V.shape[-1]):
+        return a, f
+    return None
+
+
+def _sum_sq_norm(contribs: Sequence[Contribution]) -> Tensor:
+    """``‖Σ c‖²`` per sample: same-kind pieces merged; an Indexed + Factored pair by the cross
+    term; anything else materialised."""
+    kinds: dict[type, list[Contribution]] = {}
+    for c in contribs:
+        kinds.setdefault(type(c), []).append(c)
+    merged = [_merge(cs) for cs in kinds.values()]
+    pair = _tied_pair(merged)
+    if pair is not None:
+        a, f = pair
+        return a.sq_norm() + f.sq_norm() + 2 * indexed_factored_inner(a, f)
+    return _merge(merged).sq_norm()
+
+
 def param_sq_norm(param: Tensor, pieces: Sequence[Piece]) -> Tensor:
     """``‖Σ_pieces c_i‖²`` per sample for one parameter (exact; see the module docstring)."""
     groups: dict[tuple[int, int] | None, list[Contribution]] = {}
@@ -187,7 +230,7 @@ def param_sq_norm(param: Tensor, pieces: Sequence[Piece]) -> Tensor:
     if len(keys) == 1 or _disjoint(keys):
         total = None
         for k in keys:
-            s = _merge(groups[k]).sq_norm()
+            s = _sum_sq_norm(groups[k])
             total = s if total is None else total + s
         assert total is not None
         return total

@@ -109,9 +109,9 @@ def gradient_noise(
     gsum: dict[str, Tensor] = {}
     names = list(params)
     with preserved_state(model):
-        for part in _pieces(d, batch_size):
+        for i, part in enumerate(_pieces(d, batch_size)):
             st = stats_of_batch(model, loss_fn, part, params, mean_grad=True,
-                                check_finite=False)
+                                check_finite=False, probe_reduction=i == 0)
             assert st.mean_grad is not None
             b = part.size
             sizes.append(b)

@@ -18,11 +18,12 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
-from neurothermo._data import Batch, as_data
+from neurothermo._data import Batch, as_data, resolve_loss_fn
 from neurothermo._state import preserved_state, select_parameters
 from neurothermo._validate import (
     check_finite_params,
     check_loss_fn,
+    check_mean_reduction,
     check_scalar_loss,
 )
 from neurothermo.gradstats._capture import Recorder, recording
@@ -63,14 +64,20 @@ def per_sample_grad_norms(
         the mean-loss gradient is ``(1/b) Σ_i g_i``), in the parameters' dtype; or the dict.
 
     Exact (never approximate): one forward and one backward of ``l_B`` (``torch.autograd.grad``
-    w.r.t. the layer outputs only; no ``.grad`` is written), then per layer: Linear (any leading
-    dims, Gram form ``Σ_{t,s}(a_t·a_s)(δ_t·δ_s)`` or the dense sum, whichever is cheaper),
-    Conv1d/2d/3d (Gram form on patches, or one grouped convolution backward), Embedding,
-    LayerNorm/GroupNorm/RMSNorm/InstanceNorm/eval-BatchNorm affines, MultiheadAttention (through
-    its projections); any other module with parameters uses an exact torch.func path on that
-    module alone (a one-time :class:`FallbackWarning`; ``neurothermo.gradstats.register_rule``
-    adds a closed form). A parameter used by several modules or calls (tied weights) has its
-    per-sample gradients added before squaring.
+    w.r.t. the layer outputs only; no ``.grad`` is written), then per layer: Linear and Hugging
+    Face ``Conv1D`` (any leading dims, Gram form ``Σ_{t,s}(a_t·a_s)(δ_t·δ_s)`` or the dense sum,
+    whichever is cheaper), Conv1d/2d/3d (Gram form on patches, or one grouped convolution
+    backward), Embedding, LayerNorm/GroupNorm/RMSNorm/InstanceNorm/eval-BatchNorm affines,
+    MultiheadAttention (through its projections), LSTM/GRU/RNN (gate deltas at every step, the
+    time steps as positions; ``proj_size > 0`` uses the fallback). A module called on an input
+    broadcast over the batch (leading dimension 1, e.g. Hugging Face's ``position_ids`` of shape
+    ``[1, T]``) is measured on its output expanded to the batch, so each sample gets its own
+    rows. A model's own parameters used directly in its forward (a ViT's ``cls_token`` and
+    ``pos_embed``) are measured op by op when the op broadcasts them over the batch. Any other
+    module with parameters uses an exact torch.func path on that module alone (a one-time
+    :class:`FallbackWarning`; ``neurothermo.gradstats.register_rule`` adds a closed form). A
+    parameter used by several modules or calls (tied weights) has its per-sample gradients added
+    before squaring.
 
     Requirements, as for any per-sample gradient: samples are processed independently (sample i's
     output depends on sample i only) and activations are batch-first. Checked where it can be:
@@ -88,8 +95,9 @@ def per_sample_grad_norms(
     params = prepare(model, loss_fn)
     parts = []
     with preserved_state(model):
-        for b in as_data(batch, loss_fn, name="batch", model=model):
-            parts.append(stats_of_batch(model, loss_fn, b, params, create_graph=create_graph).sq_norms)
+        for i, b in enumerate(as_data(batch, loss_fn, name="batch", model=model)):
+            parts.append(stats_of_batch(model, loss_fn, b, params, create_graph=create_graph,
+                                        probe_reduction=i == 0).sq_norms)
     sq = parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
     if by_parameter:
         return sq
@@ -117,18 +125,33 @@ def prepare(model: nn.Module, loss_fn: LossFn) -> dict[str, Tensor]:
 
 def stats_of_batch(model: nn.Module, loss_fn: LossFn, batch: Batch,
                    params: dict[str, Tensor], *, create_graph: bool = False,
-                   mean_grad: bool = False, check_finite: bool = True) -> BatchGradStats:
+                   mean_grad: bool = False, check_finite: bool = True,
+                   probe_reduction: bool = False) -> BatchGradStats:
     """Per-parameter per-sample squared norms (and the mean gradient) of one checked batch, one
     backward (the caller preserves the model's state). ``check_finite=False`` leaves the
-    finiteness check of the norms to the caller."""
+    finiteness check of the norms to the caller. ``probe_reduction``: also evaluate ``loss_fn``
+    on the outputs repeated twice, to refuse a loss that sums over the batch (one extra loss
+    evaluation, no model pass: see ``_validate.check_mean_reduction``)."""
     wanted = frozenset(id(p) for p in params.values())
-    for clone in (False, True):
-        stats = _measure(model, loss_fn, batch, params, wanted, clone, create_graph, mean_grad)
+    clone, expand = False, True
+    while True:
+        try:
+            stats = _measure(model, loss_fn, batch, params, wanted, clone, create_graph,
+                             mean_grad, expand, probe_reduction)
+        except _ExpandedBroadcastFailed:
+            expand = False  # measure again without expansion: the rule then names the module
+            continue
         if stats is not None:
             if check_finite:
                 check_finite_norms(model, stats.sq_norms.values())
             return stats
-    raise AssertionError("unreachable: the clone pass always returns")
+        if clone:
+            raise AssertionError("unreachable: the clone pass always returns")
+        clone = True
+
+
+class _ExpandedBroadcastFailed(Exception):
+    """The forward failed after outputs of broadcast inputs were expanded to the batch."""
 
 
 def check_finite_norms(model: nn.Module, norms: Iterable[Tensor]) -> None:
@@ -139,19 +162,28 @@ def check_finite_norms(model: nn.Module, norms: Iterable[Tensor]) -> None:
 
 
 def _measure(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, Tensor],
-             wanted: frozenset[int], clone: bool, create_graph: bool, mean_grad: bool
-             ) -> BatchGradStats | None:
+             wanted: frozenset[int], clone: bool, create_graph: bool, mean_grad: bool,
+             expand: bool = True, probe: bool = False) -> BatchGradStats | None:
     b = batch.size
     rec = Recorder(b, wanted, clone=clone, create_graph=create_graph,
-                   names={id(p): n for n, p in params.items()})
+                   names={id(p): n for n, p in params.items()}, expand_broadcast=expand)
     with torch.enable_grad():
         with recording(model, rec):
-            loss = batch.loss_value(model, loss_fn)
+            try:
+                outputs = batch.outputs(model)
+                loss = resolve_loss_fn(loss_fn)(outputs, batch.targets)
+            except Exception as e:
+                if rec.expanded:
+                    raise _ExpandedBroadcastFailed from e
+                raise
         try:
             loss = check_scalar_loss(loss)
         except FloatingPointError:
             check_finite_params(model)  # name a non-finite parameter if that is the cause
             raise
+        if probe:
+            check_mean_reduction(resolve_loss_fn(loss_fn), outputs, batch.targets, loss)
+        del outputs
         rec.active = False
         if rec.stray:
             where = "; ".join(f"{p!r} in {m!r}" for p, m in sorted(rec.stray.items()))

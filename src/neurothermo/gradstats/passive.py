@@ -11,7 +11,8 @@ of the rules alone.
 
 What the caller's pass must be (the monitor's contract anyway): one forward of the model on the
 batch, the mean loss ``loss_fn(model(x), y)`` and one ``backward`` of it, unscaled. What can be
-checked is: a second forward with gradients before ``norms`` (gradient accumulation, two views),
+checked is: a rule that refuses an input (a broadcast ``[1, T]`` input: the extra pass handles
+it), a second forward with gradients before ``norms`` (gradient accumulation, two views),
 a batch of another size, tensors the rules read modified in place later, an error inside the
 forward. Parameters used outside their module's forward are *not* checked here (the check is a
 torch-function mode, which an interrupted forward would leave behind): run
@@ -128,8 +129,10 @@ class BackwardCapture:
             self._fail(reason)
             return
         self._b = int(leaves[0].shape[0])
+        # No expansion of broadcast inputs: the caller's pass must stay bit for bit its own
+        # (a rule then refuses the broadcast input, and norms() gives None with the reason).
         self._rec = Recorder(self._b, self._wanted, clone=False, create_graph=False,
-                             names=self._names)
+                             names=self._names, expand_broadcast=False)
         self._ctx = recording(self.model, self._rec, guard=False)
         self._ctx.__enter__()
         self._state = "recording"
@@ -190,7 +193,11 @@ class BackwardCapture:
                 self._fail(f"tensors recorded at {rec.modified_in_place()} were modified in place")
                 return None
             with torch.no_grad():
-                per_param = _evaluate(rec.uses, self._delta)
+                try:
+                    per_param = _evaluate(rec.uses, self._delta)
+                except ValueError as e:  # a rule refuses this pass; an extra pass will say why
+                    self._fail(str(e))
+                    return None
                 if not per_param:
                     self._fail("no parameter received a per-sample gradient")
                     return None

@@ -3,12 +3,21 @@
 ``register_rule(module_type, Rule(pieces, forward=None))`` is the extension point (see
 ``_base.py``). Modules without a rule use the exact torch.func fallback (``fallback.py``).
 """
-from neurothermo.gradstats.rules import attention, conv, embedding, linear, norms
+from neurothermo.gradstats.rules import (
+    attention,
+    conv,
+    embedding,
+    hf_conv1d,
+    linear,
+    norms,
+    recurrent,
+)
 from neurothermo.gradstats.rules._base import (
     Call,
     Rule,
     Sink,
     Use,
+    register_named_rule,
     register_rule,
     rule_for,
 )
@@ -26,8 +35,11 @@ __all__ = [
     "conv",
     "embedding",
     "fallback_pieces",
+    "hf_conv1d",
     "linear",
     "norms",
+    "recurrent",
+    "register_named_rule",
     "register_rule",
     "rule_for",
 ]

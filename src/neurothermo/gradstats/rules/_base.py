@@ -93,13 +93,25 @@ ForwardFn = Callable[[nn.Module, str, Sink, tuple[Any, ...], dict[str, Any]], An
 class Rule:
     """``pieces(call, deltas)``: exact pieces from a call (``deltas`` follow the output's tensor
     leaves, ``None`` where a leaf does not reach the loss or needs no gradient). ``forward``: optional override of the
-    module's forward while recording, for rules that need its intermediates."""
+    module's forward while recording, for rules that need its intermediates. ``applies``:
+    optional test of a module instance (configurations the rule does not cover use the
+    fallback)."""
 
     pieces: PiecesFn
     forward: ForwardFn | None = None
+    applies: Callable[[nn.Module], bool] | None = None
 
 
 _RULES: dict[type[nn.Module], Rule] = {}
+# Rules for classes of optional packages, by "module.QualName": registering them must not import
+# the package (transformers takes seconds to import); they apply once the class exists.
+_NAMED_RULES: dict[str, Rule] = {}
+
+
+def register_named_rule(qualified_name: str, rule: Rule) -> None:
+    """Use ``rule`` for the class ``qualified_name`` (``"package.module.Class"``) and for its
+    subclasses that keep its ``forward``, without importing the package that defines it."""
+    _NAMED_RULES[qualified_name] = rule
 
 
 def register_rule(module_type: type[nn.Module], rule: Rule) -> None:
@@ -119,8 +131,11 @@ def rule_for(module: nn.Module) -> Rule | None:
     """
     cls = type(module)
     for base in cls.__mro__:
-        if base in _RULES:
-            return _RULES[base] if cls.forward is base.forward else None
+        rule = _RULES.get(base) or _NAMED_RULES.get(f"{base.__module__}.{base.__qualname__}")
+        if rule is not None:
+            if cls.forward is not getattr(base, "forward", None):
+                return None
+            return rule if rule.applies is None or rule.applies(module) else None
     return None
 
 
@@ -131,6 +146,8 @@ def batch_first(call_name: str, x: Tensor, b: int, what: str = "input") -> Tenso
         raise ValueError(
             f"module {call_name!r} got an {what} with {lead}, but the batch has {b} samples: "
             "per-sample gradients need batch-first activations (dim 0 = sample). Use "
-            "batch_first=True layouts, or call the module on batched input."
+            "batch_first=True layouts, or call the module on batched input (an input broadcast "
+            "over the batch, leading dimension 1, is handled when the module's output keeps "
+            "that leading 1 and the model accepts it expanded to the batch)."
         )
     return x

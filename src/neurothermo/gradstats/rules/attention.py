@@ -55,7 +55,12 @@ def _linear_use(sink: Sink, name: str, a: Tensor, weight: Tensor | None, bias: T
                                  weight_rows=weight_rows, bias_rows=bias_rows)
 
         ids = frozenset(id(p) for p in (wanted_w, wanted_b) if p is not None)
-        sink.add(Use(name, [get_gradient_edge(out)], compute, [a], ids))
+        # A view written in place later is rebased by autograd (its edge would get no
+        # gradient): watched, so the pass is redone with a copy (see _capture.py).
+        view = out._base is not None
+        sink.add(Use(name, [get_gradient_edge(out)], compute, [a, out] if view else [a], ids))
+        if view and sink.clone:
+            return out.clone()
     return out
 
 

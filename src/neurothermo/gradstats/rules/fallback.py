@@ -115,12 +115,13 @@ def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
     try:
         grads, per_sample_out = vmap(grad(f, has_aux=True), in_dims=(None, 0, dims),
                                      randomness="different")(theta, xs, ds)
-    except RuntimeError as e:
-        raise ValueError(
-            f"module {name!r} ({type(m).__name__}) has no closed-form rule and torch.func cannot "
-            f"evaluate it per sample ({e}). Register a rule for it with "
-            "neurothermo.gradstats.register_rule, or make it torch.func-compatible."
-        ) from e
+    except RuntimeError:
+        # vmap cannot batch some modules (in-place ops on internal unbatched tensors, e.g. a
+        # projected LSTM): the same exact gradients, one sample at a time.
+        try:
+            grads, per_sample_out = _loop(f, theta, xs, ds, dims, b)
+        except RuntimeError as e:
+            raise _no_torch_func(name, m, e) from e
     for (j, _), dim, got in zip(used, dims, per_sample_out):
         ref = outs[j].detach().movedim(dim, 0)
         got = got.detach().select(dim + 1, 0)
@@ -135,3 +136,22 @@ def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
                 "of the module, or register a rule for it (neurothermo.gradstats.register_rule)."
             )
     return [Piece(p, Dense(grads[n])) for n, p in params.items()]
+
+
+def _loop(f: Any, theta: dict[str, Tensor], xs: list[Tensor], ds: list[Tensor], dims: list[int],
+          b: int) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """``vmap(grad(f))`` as a loop over the ``b`` samples (same values, stacked)."""
+    rows = [grad(f, has_aux=True)(theta, [x[i] for x in xs], [d.select(k, i) for d, k in
+                                                              zip(ds, dims)])
+            for i in range(b)]
+    grads = {n: torch.stack([r[0][n] for r in rows]) for n in theta}
+    outs = [torch.stack([r[1][j] for r in rows]) for j in range(len(rows[0][1]))]
+    return grads, outs
+
+
+def _no_torch_func(name: str, m: nn.Module, e: Exception) -> ValueError:
+    return ValueError(
+        f"module {name!r} ({type(m).__name__}) has no closed-form rule and torch.func cannot "
+        f"evaluate it per sample ({e}). Register a rule for it with "
+        "neurothermo.gradstats.register_rule, or make it torch.func-compatible."
+    )
