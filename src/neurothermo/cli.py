@@ -1,4 +1,4 @@
-"""The ``neurothermo`` command line: list, describe, run, reproduce, report, show."""
+"""The ``neurothermo`` command line: list, describe, run, reproduce, report, show, analyze."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -198,6 +198,51 @@ def reproduce(
     console.print(f"report: {report}", highlight=False)
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def analyze(
+    spec: Annotated[str | None, typer.Argument(help="A spec file defining model(), loss_fn and "
+                                                    "data(). Loading it EXECUTES it.")] = None,
+    template: Annotated[bool, typer.Option("--template", help="Print a documented spec that "
+                                                              "runs as is, and exit.")] = False,
+    lr: Annotated[float, typer.Option(help="Learning rate η.")] = 0.1,
+    batch_size: Annotated[int, typer.Option(help="SGD batch size b.")] = 32,
+    weight_decay: Annotated[float, typer.Option(help="torch's wd (the paper's γ = wd/2).")] = 0.0,
+    steps: Annotated[int, typer.Option(help="SGD steps of a short monitored run (0: none).")] = 0,
+    k: Annotated[int, typer.Option(help="Number of top Hessian eigenvalues.")] = 3,
+    compare: Annotated[str | None, typer.Option(help="A second spec: layer × layer alignment "
+                                                     "on the same inputs.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.", min=0, max=MAX_SEED)] = 0,
+    out: Annotated[str, typer.Option(help="Root folder of the run store.")] = "runs",
+) -> None:
+    """Analyse your own model: symmetries, entropic terms, sharpness, a short monitored run.
+
+    SPEC.py defines model() -> nn.Module, loss_fn (mean-reduced; None when the model returns its
+    loss) and data() -> (inputs, targets) or a DataLoader. Loading a spec executes it: analyse only
+    files you trust. Writes a run folder with analysis.html.
+    """
+    from neurothermo.analyze import EXPERIMENT, TEMPLATE, SpecError, load_spec
+    from neurothermo.experiments.base import REGISTRY, register
+
+    if template:
+        typer.echo(TEMPLATE, nl=False)
+        return
+    if spec is None:
+        raise _fail("give a spec file (neurothermo analyze SPEC.py), or --template for one", 2)
+    try:  # bad specs are refused before a run folder exists
+        load_spec(spec)
+        if compare:
+            load_spec(compare)
+    except SpecError as exc:
+        raise _fail(_escape(str(exc)), 2) from None
+    if "analyze" not in REGISTRY:
+        register(EXPERIMENT)
+    overrides = [f"spec={spec}", f"lr={lr}", f"batch_size={batch_size}",
+                 f"weight_decay={weight_decay}", f"steps={steps}", f"k={k}",
+                 f"compare={compare or ''}"]
+    result = _run_one("analyze", False, seed, out, overrides)
+    console.print(f"analysis: {result.path / 'analysis.html'}", highlight=False)
 
 
 @app.command()

@@ -153,7 +153,8 @@ class TinyTransformer(nn.Module):
         if tokens.numel() and not bool(((tokens >= 0) & (tokens < self.vocab_size)).all()):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
-        x = self.tok_emb(tokens) + self.pos_emb(torch.arange(t, device=tokens.device))
+        # positions as [1, T] (broadcast over the batch, like Hugging Face position_ids)
+        x = self.tok_emb(tokens) + self.pos_emb(torch.arange(t, device=tokens.device)[None])
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
