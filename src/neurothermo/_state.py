@@ -15,8 +15,9 @@ random.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -141,16 +142,19 @@ def _listed(names: list[str], limit: int = 4) -> str:
 
 
 def warn_mode(model: nn.Module, mode: str | None, what: str, *, fixed_masks: bool = False,
-              stacklevel: int = 3) -> None:
+              batchnorm: bool = True, stacklevel: int = 3) -> None:
     """Issue the ``ModeWarning``s of a measurement ``what`` run on ``model`` in ``mode``.
 
     Call it before the measurement changes any flag. Two cases: ``mode=None`` with BatchNorm in
     train mode (the value uses batch statistics; ``mode="eval"`` would give another value), and
     active Dropout in the mode the measurement runs in (the value is random; with ``fixed_masks``
     the masks come from a fixed seed, so it is reproducible but depends on that seed).
+    ``batchnorm=False`` skips the first (a function without a ``mode`` argument, used in training).
     """
     check_mode(mode)
-    if mode is None and (bn := _train_mode_batchnorm(model)):
+    if not isinstance(model, nn.Module):
+        return  # the measurement's own check names the problem
+    if batchnorm and mode is None and (bn := _train_mode_batchnorm(model)):
         warnings.warn(
             f"{what} measures the model in its current mode: BatchNorm {_listed(bn)} is in train "
             "mode and normalises with the statistics of this batch; mode='eval' (running "
@@ -202,6 +206,8 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def low_precision_parameters(model: nn.Module) -> list[str]:
     """Names of the trainable parameters stored in float16 or bfloat16."""
+    if not isinstance(model, nn.Module):
+        return []
     return [n for n, p in model.named_parameters() if p.requires_grad and p.dtype in LOW_PRECISION]
 
 
@@ -231,6 +237,38 @@ def float32_copy(model: nn.Module) -> Iterator[nn.Module]:
         del clone
 
 
-def as_float32(t: Tensor) -> Tensor:
-    """``t`` in float32 if it is a float16/bfloat16 tensor, else unchanged."""
-    return t.float() if t.dtype in LOW_PRECISION else t
+def as_float32(t: Any) -> Any:
+    """``t`` with every float16/bfloat16 tensor in float32 (a tensor, or tensors in tuples, lists
+    and mappings); anything else unchanged."""
+    if isinstance(t, Tensor):
+        return t.float() if t.dtype in LOW_PRECISION else t
+    if isinstance(t, tuple | list):
+        return type(t)(as_float32(u) for u in t)
+    if isinstance(t, Mapping):
+        return {k: as_float32(u) for k, u in t.items()}
+    return t
+
+
+def frozen_rows(model: nn.Module) -> dict[str, int]:
+    """``{weight name: padding_idx}`` of the ``nn.Embedding`` layers with a ``padding_idx``.
+
+    That row is used in the forward pass but its gradient is set to zero, so it never trains, and
+    the "gradient" autograd returns is not the gradient of the loss: reverse-over-reverse products
+    then give ``Jᵀv`` of the masked gradient's Jacobian ``J`` and forward-over-reverse ``Jv``, two
+    different non-symmetric answers. Second-order measurements take the Hessian over the trainable
+    entries only, ``P H P`` with ``P`` zeroing those rows (symmetric, and what every method agrees
+    on), by zeroing the rows in the vectors and in the results.
+    """
+    rows = {}
+    for mod_name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None and m.weight.requires_grad:
+            rows[f"{mod_name}.weight" if mod_name else "weight"] = int(m.padding_idx)
+    return rows
+
+
+def zero_frozen_rows(tensors: Mapping[str, Tensor], rows: Mapping[str, int]) -> None:
+    """Zero, in place, the frozen rows (``frozen_rows``) of the entries of ``tensors`` named there."""
+    with torch.no_grad():
+        for name, idx in rows.items():
+            if name in tensors:
+                tensors[name][idx] = 0

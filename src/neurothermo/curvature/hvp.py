@@ -58,6 +58,7 @@ from neurothermo._state import (
     check_mode,
     double_backward_attention,
     float32_copy,
+    frozen_rows,
     has_train_mode_batchnorm,
     preserved_state,
     select_parameters,
@@ -178,6 +179,14 @@ class HessianOperator(LinearOperator):
         self.model, self.loss_fn, self.method = model, loss_fn, method
         self.fd_step, self.seed = fd_step, seed
         self._plist = list(self.params.values())
+        # rows of padding embeddings never train: the operator is P H P (``_state.frozen_rows``)
+        rows = {n: i for n, i in frozen_rows(model).items() if n in self.params}
+        self._mask: Tensor | None = None
+        if rows:
+            mask = {n: torch.ones_like(p) for n, p in self.params.items()}
+            for n, i in rows.items():
+                mask[n][i] = 0
+            self._mask = self.space.flatten(mask, "mask")
         self._train = model.training
         self._cache = (len(self.chunks) == 1) if cache is None else bool(cache)
         self._grads: list[list[Tensor | None]] | None = None
@@ -280,6 +289,8 @@ class HessianOperator(LinearOperator):
         product = {"reverse": self._reverse, "forward_over_reverse": self._forward_over_reverse,
                    "finite_difference": self._finite_difference}[self.method]
         rows = V.T.contiguous()  # no copy when V is stored by columns (operator.column_block)
+        if self._mask is not None:
+            rows = rows * self._mask
         out = torch.empty_like(rows)  # (p, n): each product is written once, in place
         for j in range(V.shape[1]):
             v = list(self.space.unflatten(rows[j]).values())
@@ -291,6 +302,8 @@ class HessianOperator(LinearOperator):
                         out[j].mul_(w)
                 else:
                     out[j].add_(torch.cat(hv), alpha=w)
+        if self._mask is not None:
+            out.mul_(self._mask)
         return out.T  # stored by columns, like the bases that multiply it
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from neurothermo._state import preserved_state
+from neurothermo._state import double_backward_attention, preserved_state, warn_mode
 from neurothermo._validate import check_batch, check_int
 from neurothermo.entropic._common import (
     batch_objective,
@@ -39,7 +39,10 @@ class EntropicRegularizer:
     loss you train on: ``loss = loss_fn(model(x), y) + reg(model, loss_fn, (x, y))``.
     ``batch_size=None`` uses the whole batch as one micro-batch; otherwise the batch size must
     be a multiple of it. The extra forward passes leave BatchNorm running statistics and
-    ``.grad`` untouched (your own forward pass updates them as usual).
+    ``.grad`` untouched (your own forward pass updates them as usual). They run in the model's
+    current mode (a training term); active Dropout makes ``R`` random (a ``ModeWarning`` says so).
+    Attention runs in a twice-differentiable kernel, so ``R.backward()`` works through
+    ``scaled_dot_product_attention``.
     """
 
     lr: float
@@ -64,7 +67,9 @@ class EntropicRegularizer:
             )
         leaves = list(params.values())
         terms = []
-        with preserved_state(model):
+        warn_mode(model, None, "EntropicRegularizer", batchnorm=False)
+        # the math attention kernel: R is differentiated once more by the caller's backward
+        with preserved_state(model), double_backward_attention():
             for i in range(0, total, b):
                 objective = batch_objective(model, loss_fn, (x[i:i + b], y[i:i + b]),
                                             weight_decay=self.weight_decay)
