@@ -205,3 +205,26 @@ def test_a_per_sample_loss_is_refused_with_its_shape(fn: str) -> None:
     }[fn]
     with pytest.raises(ValueError, match=r"loss_fn returned a tensor of shape \(8,\)"):
         call()
+
+
+# ------------------------------------------------------------------ graph reuse
+def test_graph_reuse_over_microbatches_is_decided_by_size_and_changes_nothing(monkeypatch) -> None:
+    import importlib
+
+    from neurothermo.curvature import hessian_operator
+
+    hvp_module = importlib.import_module("neurothermo.curvature.hvp")  # the package re-exports hvp()
+
+    model, batch = trained_mlp()
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, generator=torch.Generator().manual_seed(0))
+    with hessian_operator(model, CE, batch, microbatch_size=16, cache=False) as op:
+        ref = op.matmat(V)
+        assert not op.cached
+    with hessian_operator(model, CE, batch, microbatch_size=16) as op:
+        assert op.cached and op.graph_bytes is not None and op.graph_bytes > 0
+        torch.testing.assert_close(op.matmat(V), ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(op.matmat(V), ref, rtol=1e-6, atol=1e-7)  # the graph survives
+    monkeypatch.setattr(hvp_module, "graph_budget", lambda device: 0)  # graphs do not fit
+    with hessian_operator(model, CE, batch, microbatch_size=16) as op:
+        assert not op.cached
+        torch.testing.assert_close(op.matmat(V), ref, rtol=0, atol=0)

@@ -44,6 +44,7 @@ microbatch's graph (forward + backward + double backward) and memory stays at on
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
@@ -145,6 +146,37 @@ def _fixed_rng(device: torch.device, seed: int) -> AbstractContextManager[Any]:
     return ctx()
 
 
+def graph_budget(device: torch.device) -> int:
+    """Bytes the kept first-order graphs may take: half the free memory of ``device`` (CUDA:
+    ``mem_get_info``; CPU: available physical pages; 0 where it cannot be read, so no reuse)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]) // 2
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        except (ValueError, OSError, AttributeError):
+            return 0
+    return 0
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Count the bytes of the distinct storages an autograd graph saves (parameters excluded: they
+    exist anyway): the memory kept alive by holding on to that graph."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.bytes = 0
+        seen = {p.untyped_storage().data_ptr() for p in params}
+
+        def pack(t: Tensor) -> Tensor:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                self.bytes += t.untyped_storage().nbytes()
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+
 class HessianOperator(LinearOperator):
     """``v ↦ H v`` for the mean loss of ``model`` over ``data`` (see the module docstring).
 
@@ -188,9 +220,11 @@ class HessianOperator(LinearOperator):
                 mask[n][i] = 0
             self._mask = self.space.flatten(mask, "mask")
         self._train = model.training
-        self._cache = (len(self.chunks) == 1) if cache is None else bool(cache)
+        self._cache = cache
         self._grads: list[list[Tensor | None]] | None = None
+        self.graph_bytes: int | None = None  # measured size of one microbatch's graph
         self.loss = self._init_losses()
+        self.cached = self._grads is not None  # every product reuses the first-order graphs
 
     # -- helpers --------------------------------------------------------------------------------
     def _rng(self, i: int) -> AbstractContextManager[Any]:
@@ -206,17 +240,31 @@ class HessianOperator(LinearOperator):
         return loss, list(grads)
 
     def _init_losses(self) -> float:
+        """The loss over ``data``; with ``method="reverse"`` also the first-order graphs, kept when
+        ``cache`` is True, or None and they fit (one microbatch always: a product rebuilds the same
+        graph anyway; several when ``chunks × bytes of the first ≤ graph_budget``)."""
         total = 0.0
+        reuse = self.method == "reverse" and self._cache is not False
         grads_cache: list[list[Tensor | None]] = []
         for i, (batch, w) in enumerate(self.chunks):
-            if self._cache and self.method == "reverse":
-                loss, grads = self._graph_grads(i, batch)
-                grads_cache.append(grads)
+            if reuse:
+                if i == 0 and self._cache is None and len(self.chunks) > 1:
+                    meter = _SavedBytes(self._plist)
+                    with meter:
+                        loss, grads = self._graph_grads(i, batch)
+                    self.graph_bytes = meter.bytes
+                    if meter.bytes * len(self.chunks) > graph_budget(self.device):
+                        reuse = False
+                        grads = []
+                else:
+                    loss, grads = self._graph_grads(i, batch)
+                if reuse:
+                    grads_cache.append(grads)
             else:
                 with torch.no_grad():
                     loss = self._loss(i, batch)
             total += w * float(loss.detach())
-        if grads_cache:
+        if reuse:
             self._grads = grads_cache
         return total
 
