@@ -102,7 +102,22 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 1,
     returns the estimate with its residuals and a ``ConvergenceWarning``. ``preconditioner``: dict
     ``name -> Λ`` (the diagonal of a step ``−lr·Λ·g``, or ``nt.preconditioner_from(optimizer)``): the spectrum of ``Λ^{1/2} H Λ^{1/2}``, the
     sharpness an adaptive method feels (its stability limit is ``lr·λ < 2`` like GD's). ``mode``,
-    ``hvp_method``, ``microbatch_size``, ``param_filter``: as for ``hvp``.
+    ``hvp_method``, ``microbatch_size``, ``param_filter``: as for ``hvp`` (``mode=None``: the model
+    in its current train/eval flags; a ``ModeWarning`` flags train-mode BatchNorm and active
+    Dropout). A float16/bfloat16 model is solved in float32 (values and vectors float32).
+
+    Returns:
+        ``EigenResult`` (values float64, largest first, with residuals and error estimates).
+
+    Raises:
+        ValueError: ``loss_fn`` not returning a scalar (e.g. ``reduction="none"``), bad ``k``,
+            ``tol``, ``method`` or ``mode``.
+        FloatingPointError: non-finite parameters or Hessian-vector products.
+
+    Example::
+
+        res = nt.top_eigenvalues(model, nn.CrossEntropyLoss(), (x, y), k=2, mode="eval")
+        res.values, res.errors, res.converged
     """
     check_int("k", k)
     check_positive("tol", tol)
