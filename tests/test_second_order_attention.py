@@ -190,6 +190,19 @@ def test_every_second_order_path_is_exact_through_attention(name: str, device: s
     rg_flat = torch.cat([torch.zeros_like(p).reshape(-1) if t is None else t.reshape(-1)
                          for t, p in zip(rg, model.parameters())]) * trainable(model, all_names)
     assert torch.allclose(rg_flat, -ref_f, rtol=0, atol=RTOL * float(ref_f.abs().max()))
+    # entropic loss φ = l + (lr/4)‖g‖²: ∇φ = g + (lr/2)·H g by the caller's backward; one Euler
+    # step of the entropic flow is θ − t·∇φ
+    phi = nt.entropic_loss(model, loss_fn, batch, lr=lr)
+    pg = torch.autograd.grad(phi, list(model.parameters()), allow_unused=True)
+    pg_flat = torch.cat([torch.zeros_like(p).reshape(-1) if t is None else t.reshape(-1)
+                         for t, p in zip(pg, model.parameters())]) * trainable(model, all_names)
+    ref_phi = gvec - ref_f
+    assert torch.allclose(pg_flat, ref_phi, rtol=0, atol=RTOL * float(ref_phi.abs().max()))
+    end = nt.entropic_flow(model, loss_fn, batch, lr=lr, time=1e-3, steps=1, method="euler")
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    step = torch.cat([end[n].reshape(-1) for n in all_names]) - theta
+    assert torch.allclose(step * trainable(model, all_names), -1e-3 * ref_phi, rtol=0,
+                          atol=RTOL * 1e-3 * float(ref_phi.abs().max()))
     # eigenvalues, trace and tracker on the attention slice against its dense Hessian
     Hs = dense(model, loss_fn, batch, names)
     lam = torch.linalg.eigvalsh(Hs)
