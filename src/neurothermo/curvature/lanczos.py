@@ -208,7 +208,8 @@ def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: in
             h2 = V[:, :end].T @ w
             w.addmm_(V[:, :end], h2, alpha=-1)
             h += h2
-            if not bool(torch.linalg.vector_norm(w) < DGKS * before):
+            after = float(torch.linalg.vector_norm(w))
+            if not after < DGKS * float(before):
                 break
         hc = h.double().cpu()[:, 0]
         if not bool(torch.isfinite(hc).all()):
@@ -221,11 +222,16 @@ def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: in
         theta, S = torch.linalg.eigh(T[:a, :a])
         theta, S = theta.flip(0), S.flip(1)
         tiny = 100 * torch.finfo(dt).eps * max(float(theta.abs().max()), 1e-300)
-        q, r = orthonormalize(w, V[:, :end], tiny, generator)
-        if q.shape[1]:
-            V[:, end] = q[:, 0]
-            T[end, a - 1] = T[a - 1, end] = r[0, 0]
+        if after > tiny and end < n:  # normalise straight into the basis (one pass)
+            torch.div(w[:, 0], after, out=V[:, end])
+            T[end, a - 1] = T[a - 1, end] = after
             end += 1
+        else:  # the Krylov space is exhausted here (or full): orthonormalize handles both
+            q, r = orthonormalize(w, V[:, :end], tiny, generator)
+            if q.shape[1]:
+                V[:, end] = q[:, 0]
+                T[end, a - 1] = T[a - 1, end] = r[0, 0]
+                end += 1
         resid = torch.linalg.vector_norm(T[a:end, :a] @ S, dim=0)
         errors = ritz_errors(theta, resid, gap_after, count=k)
         done = a >= k and bool(converged_mask(theta[:k], errors[:k], tol, theta, dt).all())
