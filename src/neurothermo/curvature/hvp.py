@@ -44,7 +44,6 @@ microbatch's graph (forward + backward + double backward) and memory stays at on
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
@@ -73,6 +72,7 @@ from neurothermo._validate import (
     check_positive,
     check_scalar_loss,
 )
+from neurothermo.curvature.graph_memory import SavedBytes, graph_budget
 from neurothermo.curvature.operator import LinearOperator, ParamSpace
 
 HvpMethod = Literal["reverse", "forward_over_reverse", "finite_difference"]
@@ -144,37 +144,6 @@ def _fixed_rng(device: torch.device, seed: int) -> AbstractContextManager[Any]:
             yield
 
     return ctx()
-
-
-def graph_budget(device: torch.device) -> int:
-    """Bytes the kept first-order graphs may take: half the free memory of ``device`` (CUDA:
-    ``mem_get_info``; CPU: available physical pages; 0 where it cannot be read, so no reuse)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0]) // 2
-    if device.type == "cpu":
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-        except (ValueError, OSError, AttributeError):
-            return 0
-    return 0
-
-
-class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Count the bytes of the distinct storages an autograd graph saves (parameters excluded: they
-    exist anyway): the memory kept alive by holding on to that graph."""
-
-    def __init__(self, params: list[Tensor]) -> None:
-        self.bytes = 0
-        seen = {p.untyped_storage().data_ptr() for p in params}
-
-        def pack(t: Tensor) -> Tensor:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                self.bytes += t.untyped_storage().nbytes()
-            return t
-
-        super().__init__(pack, lambda t: t)
 
 
 class HessianOperator(LinearOperator):
@@ -249,7 +218,7 @@ class HessianOperator(LinearOperator):
         for i, (batch, w) in enumerate(self.chunks):
             if reuse:
                 if i == 0 and self._cache is None and len(self.chunks) > 1:
-                    meter = _SavedBytes(self._plist)
+                    meter = SavedBytes(self._plist)
                     with meter:
                         loss, grads = self._graph_grads(i, batch)
                     self.graph_bytes = meter.bytes
