@@ -34,15 +34,15 @@ alternate A/B/A/B for ``--rounds`` rounds; each row reports the fastest round (t
 other load), after one warm-up call each; the load average is printed with the result.
 
 Measured (2 shared CPU cores at load average 11–13, threads 1, CPU seconds, ratio neurothermo /
-PyHessian; two runs of this script, and the code before issue 15 in a third run for ResNet-18):
+PyHessian; three runs of this script, and the code before issue 15 in a fourth run for ResNet-18):
 
 =============  ==========  ===========  ============  =================================
 row            ResNet-18   ResNet-18    ViT           notes
                before      now          now
 =============  ==========  ===========  ============  =================================
-product        1.33        0.93, 1.14   1.04, 1.06    the same backward; spread = noise
-solve          4.73        1.74, 1.74   1.04, 0.98    Lanczos bookkeeping, see below
-to 1e-3        2.12        0.94         1.78          20 vs 59 products on ResNet-18
+product        1.33        0.93–1.14    0.96–1.06     the same backward; spread = noise
+solve          4.73        1.74–1.75    0.96–1.04     Lanczos bookkeeping, see below
+to 1e-3        2.12        0.76–0.94    1.78–2.26     20 vs 59 products on ResNet-18
 =============  ==========  ===========  ============  =================================
 
 Per product inside a solve the Lanczos bookkeeping (full reorthogonalisation: about ``2m`` passes
