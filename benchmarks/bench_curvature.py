@@ -29,6 +29,9 @@ the fixed 1,000 images; products per update where λ_max moved < 5% (goal ≤ 10
 the previous warm start (block Lanczos from the last top-2 Ritz vectors) and a cold
 ``top_eigenvalues`` call at the same point, and the errors against a tol-1e-8 solve at every update.
 
+Cost per Hessian-vector product against PyHessian on ResNet-18 and a ViT (issue 15): the sibling
+script ``bench_curvature_hvp.py``.
+
 Peers are optional: install with ``.venv/bin/pip install --no-deps pyhessian==0.1
 hessian-eigenthings==1.0.0a5`` (its only extra dependency, tqdm, ships with the dev environment).
 """

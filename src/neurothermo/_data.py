@@ -103,6 +103,10 @@ class Batch:
             v for v in self.inputs.values() if isinstance(v, Tensor)]
         return ins + ([] if self.targets is None else [self.targets])
 
+    def map(self, f: Callable[[Tensor], Tensor]) -> Batch:
+        """This batch with ``f`` applied to every tensor (inputs and targets)."""
+        return self._map(f)
+
     def _map(self, f: Callable[[Tensor], Tensor]) -> Batch:
         if isinstance(self.inputs, Tensor):
             ins: Tensor | dict[str, Any] = f(self.inputs)

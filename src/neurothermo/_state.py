@@ -1,13 +1,23 @@
-"""Model state helpers: parameter selection and restoring a model exactly as it was.
+"""Model state helpers: parameter selection, restoring a model exactly as it was, the train/eval
+mode of a measurement and the attention kernels of second-order measurements.
 
 Measurements (entropic terms, Hessian products, per-sample norms) run extra forward passes. They
 must never change training: BatchNorm running statistics, the train/eval flags and parameter
 ``.grad`` fields are restored exactly on exit, also when the measurement raises.
+
+Mode rule (the same for every function with a ``mode`` argument, docs/conventions.md): ``mode=None``
+(the default) measures the model as it is, in its current train/eval flags; ``mode="train"`` or
+``"eval"`` sets every module's flag for the measurement and restores it after. A ``ModeWarning``
+says when the answer depends on that choice and it was not made explicitly (BatchNorm in train mode
+uses batch statistics, in eval mode its running ones), and whenever active Dropout makes the result
+random.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,3 +96,179 @@ def has_train_mode_batchnorm(model: nn.Module) -> str | None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             return name or type(m).__name__
     return None
+
+
+class ModeWarning(UserWarning):
+    """A measurement depends on the model's train/eval mode, or active Dropout makes it random."""
+
+
+MODES = (None, "train", "eval")
+
+
+def check_mode(mode: str | None) -> str | None:
+    """``mode`` validated: ``None`` (the model's current flags), ``"train"`` or ``"eval"``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be None (the model's current mode), 'train' or 'eval', got {mode!r}")
+    return mode
+
+
+def active_dropout(model: nn.Module) -> list[str]:
+    """Names of the modules that draw random masks in their current flags: ``nn.Dropout*`` with
+    ``p > 0``, ``nn.MultiheadAttention`` with ``dropout > 0`` and multi-layer RNNs with
+    ``dropout > 0``, in train mode (Hugging Face attention dropout is an ``nn.Dropout`` module)."""
+    names = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            p = m.p
+        elif isinstance(m, nn.MultiheadAttention | nn.RNNBase):
+            p = m.dropout if not isinstance(m, nn.RNNBase) or m.num_layers > 1 else 0.0
+        else:
+            continue
+        if p > 0:
+            names.append(name or type(m).__name__)
+    return names
+
+
+def _train_mode_batchnorm(model: nn.Module) -> list[str]:
+    return [name or type(m).__name__ for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+
+def _listed(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def warn_mode(model: nn.Module, mode: str | None, what: str, *, fixed_masks: bool = False,
+              batchnorm: bool = True, stacklevel: int = 3) -> None:
+    """Issue the ``ModeWarning``s of a measurement ``what`` run on ``model`` in ``mode``.
+
+    Call it before the measurement changes any flag. Two cases: ``mode=None`` with BatchNorm in
+    train mode (the value uses batch statistics; ``mode="eval"`` would give another value), and
+    active Dropout in the mode the measurement runs in (the value is random; with ``fixed_masks``
+    the masks come from a fixed seed, so it is reproducible but depends on that seed).
+    ``batchnorm=False`` skips the first (a function without a ``mode`` argument, used in training).
+    """
+    check_mode(mode)
+    if not isinstance(model, nn.Module):
+        return  # the measurement's own check names the problem
+    if batchnorm and mode is None and (bn := _train_mode_batchnorm(model)):
+        warnings.warn(
+            f"{what} measures the model in its current mode: BatchNorm {_listed(bn)} is in train "
+            "mode and normalises with the statistics of this batch; mode='eval' (running "
+            "statistics) gives a different value. Pass mode='train' or mode='eval' to choose "
+            "explicitly", ModeWarning, stacklevel=stacklevel)
+    flags = {m: m.training for m in model.modules()}
+    if mode is not None:
+        model.train(mode == "train")
+    try:
+        drop = active_dropout(model)
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    if drop:
+        how = ("its dropout masks are drawn from a fixed seed, so the value is reproducible but "
+               "depends on that seed" if fixed_masks else
+               "two identical calls give different values")
+        warnings.warn(
+            f"{what} runs with active Dropout in {_listed(drop)} (train mode, p > 0): the result "
+            f"is random ({how}). For the deterministic function call model.eval() or pass "
+            "mode='eval'; to keep dropout fix the masks with torch.manual_seed before each call",
+            ModeWarning, stacklevel=stacklevel)
+
+
+@contextmanager
+def double_backward_attention() -> Iterator[None]:
+    """Attention kernels with a second derivative for the block; the caller's choice is restored.
+
+    The fused kernels of ``F.scaled_dot_product_attention`` (flash and memory-efficient, on CPU and
+    CUDA, and cuDNN) have a first derivative only, so a Hessian-vector product through them raises.
+    Inside the block only the math backend is enabled (the same function, computed from matmul and
+    softmax, twice differentiable) and ``nn.MultiheadAttention``'s fused inference path is off.
+    Every second-order measurement runs inside this block; on exit the caller's SDPA backend
+    selection and the MHA fast-path flag are back as they were.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def low_precision_parameters(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters stored in float16 or bfloat16."""
+    if not isinstance(model, nn.Module):
+        return []
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.dtype in LOW_PRECISION]
+
+
+@contextmanager
+def float32_copy(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` itself, or a float32 copy of it when it has float16/bfloat16 parameters.
+
+    Second-order quantities of a low-precision model are computed on the copy: its weights are the
+    model's exact values (bfloat16 and float16 embed exactly in float32), the arithmetic (forward,
+    backward, double backward, the eigensolver's orthogonalisation) is float32. Low-precision
+    arithmetic would give eigenvalues off by the rounding of every intermediate (≈ 20 % measured on
+    an MLP in bfloat16) with nothing to flag it. The copy shares nothing with the model; the caller
+    casts floating inputs to float32 (``as_float32``).
+    """
+    if not low_precision_parameters(model):
+        yield model
+        return
+    import copy
+
+    clone = copy.deepcopy(model)
+    for p in clone.parameters():
+        p.grad = None
+    clone.float()
+    try:
+        yield clone
+    finally:
+        del clone
+
+
+def as_float32(t: Any) -> Any:
+    """``t`` with every float16/bfloat16 tensor in float32 (a tensor, or tensors in tuples, lists
+    and mappings); anything else unchanged."""
+    if isinstance(t, Tensor):
+        return t.float() if t.dtype in LOW_PRECISION else t
+    if isinstance(t, tuple | list):
+        return type(t)(as_float32(u) for u in t)
+    if isinstance(t, Mapping):
+        return {k: as_float32(u) for k, u in t.items()}
+    return t
+
+
+def frozen_rows(model: nn.Module) -> dict[str, int]:
+    """``{weight name: padding_idx}`` of the ``nn.Embedding`` layers with a ``padding_idx``.
+
+    That row is used in the forward pass but its gradient is set to zero, so it never trains, and
+    the "gradient" autograd returns is not the gradient of the loss: reverse-over-reverse products
+    then give ``Jᵀv`` of the masked gradient's Jacobian ``J`` and forward-over-reverse ``Jv``, two
+    different non-symmetric answers. Second-order measurements take the Hessian over the trainable
+    entries only, ``P H P`` with ``P`` zeroing those rows (symmetric, and what every method agrees
+    on), by zeroing the rows in the vectors and in the results.
+    """
+    rows = {}
+    for mod_name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None and m.weight.requires_grad:
+            rows[f"{mod_name}.weight" if mod_name else "weight"] = int(m.padding_idx)
+    return rows
+
+
+def zero_frozen_rows(tensors: Mapping[str, Tensor], rows: Mapping[str, int]) -> None:
+    """Zero, in place, the frozen rows (``frozen_rows``) of the entries of ``tensors`` named there."""
+    with torch.no_grad():
+        for name, idx in rows.items():
+            if name in tensors:
+                tensors[name][idx] = 0

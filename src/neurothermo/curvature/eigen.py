@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neurothermo._state import ParamFilter
+from neurothermo._state import ParamFilter, warn_mode
 from neurothermo._validate import check_int, check_positive
 from neurothermo.curvature.hvp import LossFn, hessian_operator
 from neurothermo.curvature.lanczos import RitzResult, lanczos
@@ -90,7 +90,7 @@ def solve(op: LinearOperator, k: int, tol: float, method: str, max_hvp: int | No
 def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 1, tol: float = 1e-3,
                     method: str = "lanczos", param_filter: ParamFilter = None,
                     preconditioner: Any = None, max_hvp: int | None = None,
-                    mode: str = "eval", hvp_method: str = "reverse",
+                    mode: str | None = None, hvp_method: str = "reverse",
                     microbatch_size: int | None = None, block_size: int | None = None,
                     seed: int = 0) -> EigenResult:
     """The ``k`` largest eigenvalues of ``H = ∇²_θ (1/N) Σ_i l_i`` over all samples of ``data``.
@@ -102,15 +102,31 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 1,
     returns the estimate with its residuals and a ``ConvergenceWarning``. ``preconditioner``: dict
     ``name -> Λ`` (the diagonal of a step ``−lr·Λ·g``, or ``nt.preconditioner_from(optimizer)``): the spectrum of ``Λ^{1/2} H Λ^{1/2}``, the
     sharpness an adaptive method feels (its stability limit is ``lr·λ < 2`` like GD's). ``mode``,
-    ``hvp_method``, ``microbatch_size``, ``param_filter``: as for ``hvp``.
+    ``hvp_method``, ``microbatch_size``, ``param_filter``: as for ``hvp`` (``mode=None``: the model
+    in its current train/eval flags; a ``ModeWarning`` flags train-mode BatchNorm and active
+    Dropout). A float16/bfloat16 model is solved in float32 (values and vectors float32).
+
+    Returns:
+        ``EigenResult`` (values float64, largest first, with residuals and error estimates).
+
+    Raises:
+        ValueError: ``loss_fn`` not returning a scalar (e.g. ``reduction="none"``), bad ``k``,
+            ``tol``, ``method`` or ``mode``.
+        FloatingPointError: non-finite parameters or Hessian-vector products.
+
+    Example::
+
+        res = nt.top_eigenvalues(model, nn.CrossEntropyLoss(), (x, y), k=2, mode="eval")
+        res.values, res.errors, res.converged
     """
     check_int("k", k)
     check_positive("tol", tol)
     if method not in EIGEN_METHODS:
         raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
+    warn_mode(model, mode, "top_eigenvalues", fixed_masks=True)
     with hessian_operator(model, loss_fn, data, mode=mode, method=hvp_method,
                           microbatch_size=microbatch_size, param_filter=param_filter,
-                          seed=seed) as hop:
+                          seed=seed, warn=False) as hop:
         op: LinearOperator = hop
         if preconditioner is not None:
             op = CongruenceOperator(hop, preconditioner_diagonal(hop.space, preconditioner))

@@ -23,10 +23,26 @@ Methods (all give ``H v``; tests check they agree):
   ``(h²/6)·∂³_t ∇L(θ + t v)|₀ + O(h⁴)`` from truncation and ``≈ ε_mach·‖∇L‖/h`` from rounding; the
   default ``h = ε_mach^{1/3} / ‖v‖`` balances the two (perturbation of norm ``ε_mach^{1/3}``).
 
-Mode: ``mode="eval"`` (default, like PyHessian) or ``"train"``. In train mode BatchNorm uses batch
-statistics without updating its running statistics, and random layers (dropout) draw the same masks in
-every product (a fixed seed per microbatch), so the operator is a fixed symmetric matrix. The model's
-flags, buffers and ``.grad`` are restored exactly afterwards (``_state.preserved_state``).
+Mode (the rule of every measurement, docs/conventions.md): ``mode=None`` (default) takes the
+model as it is, ``"train"`` or ``"eval"`` sets every module's flag for the call. In train mode
+BatchNorm uses batch statistics without updating its running statistics, and random layers (dropout)
+draw the same masks in every product (a fixed seed per microbatch), so the operator is a fixed
+symmetric matrix. A ``ModeWarning`` says when the value depends on the mode (train-mode BatchNorm
+under ``mode=None``) or on dropout masks. The model's flags, buffers and ``.grad`` are restored
+exactly afterwards (``_state.preserved_state``).
+
+Attention: every product runs with the math backend of ``F.scaled_dot_product_attention`` (the fused
+kernels have no second derivative) and ``nn.MultiheadAttention``'s fast path off; the caller's
+selection is restored on exit (``_state.double_backward_attention``).
+
+Precision: a model with float16/bfloat16 parameters is measured on a float32 copy (its exact weights,
+float32 arithmetic, floating inputs cast to float32); results are float32 (``_state.float32_copy``).
+
+Graph reuse: with ``method="reverse"`` the first-order graph (``∇L`` with ``create_graph=True``) of
+every microbatch is built once and every product is one backward through it, as PyHessian does,
+when the graphs fit the memory budget (``cache_budget``: measured from the saved tensors of the first
+microbatch's graph against half the free memory of the device); otherwise each product rebuilds its
+microbatch's graph (forward + backward + double backward) and memory stays at one graph.
 """
 from __future__ import annotations
 
@@ -41,9 +57,15 @@ from torch.func import functional_call, grad, jvp
 from neurothermo._data import Batch, Data, as_data, resolve_loss_fn
 from neurothermo._state import (
     ParamFilter,
+    as_float32,
+    check_mode,
+    double_backward_attention,
+    float32_copy,
+    frozen_rows,
     has_train_mode_batchnorm,
     preserved_state,
     select_parameters,
+    warn_mode,
 )
 from neurothermo._validate import (
     check_finite_params,
@@ -52,6 +74,7 @@ from neurothermo._validate import (
     check_positive,
     check_scalar_loss,
 )
+from neurothermo.curvature.graph_memory import SavedBytes, graph_budget
 from neurothermo.curvature.operator import LinearOperator, ParamSpace
 
 HvpMethod = Literal["reverse", "forward_over_reverse", "finite_difference"]
@@ -77,11 +100,11 @@ def _disable_bn_tracking(model: nn.Module) -> list[nn.modules.batchnorm._BatchNo
 
 
 @contextmanager
-def measurement_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
-    """Put ``model`` in ``mode`` ("eval" or "train") for a measurement; restore everything after."""
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-    with preserved_state(model, mode), torch.enable_grad():  # callers may sit under no_grad
+def measurement_mode(model: nn.Module, mode: str | None) -> Iterator[nn.Module]:
+    """Put ``model`` in ``mode`` (None: as it is, "eval" or "train") for a second-order
+    measurement, with double-differentiable attention kernels; restore everything after."""
+    check_mode(mode)
+    with preserved_state(model, mode), torch.enable_grad(), double_backward_attention():
         changed = _disable_bn_tracking(model)
         try:
             yield model
@@ -126,7 +149,8 @@ class HessianOperator(LinearOperator):
         self.space = ParamSpace.of(self.params)
         super().__init__(self.space.size, self.space.dtype, self.space.device)
         batches = as_data(data, loss_fn, name="data", model=model)
-        self.chunks = [(c.to(self.device), w) for c, w in microbatches(batches, microbatch_size)]
+        self.chunks = [(c.to(self.device).map(as_float32), w)
+                       for c, w in microbatches(batches, microbatch_size)]
         if len(self.chunks) > (batches.n_batches or 0) and (bn := has_train_mode_batchnorm(model)):
             raise ValueError(
                 f"microbatch_size={microbatch_size} splits batches, but BatchNorm {bn!r} is in train "
@@ -136,10 +160,20 @@ class HessianOperator(LinearOperator):
         self.model, self.loss_fn, self.method = model, loss_fn, method
         self.fd_step, self.seed = fd_step, seed
         self._plist = list(self.params.values())
+        # rows of padding embeddings never train: the operator is P H P (``_state.frozen_rows``)
+        rows = {n: i for n, i in frozen_rows(model).items() if n in self.params}
+        self._mask: Tensor | None = None
+        if rows:
+            mask = {n: torch.ones_like(p) for n, p in self.params.items()}
+            for n, i in rows.items():
+                mask[n][i] = 0
+            self._mask = self.space.flatten(mask, "mask")
         self._train = model.training
-        self._cache = (len(self.chunks) == 1) if cache is None else bool(cache)
+        self._cache = cache
         self._grads: list[list[Tensor | None]] | None = None
+        self.graph_bytes: int | None = None  # measured size of one microbatch's graph
         self.loss = self._init_losses()
+        self.cached = self._grads is not None  # every product reuses the first-order graphs
 
     # -- helpers --------------------------------------------------------------------------------
     def _rng(self, i: int) -> AbstractContextManager[Any]:
@@ -147,7 +181,7 @@ class HessianOperator(LinearOperator):
 
     def _loss(self, i: int, batch: Batch) -> Tensor:
         with self._rng(i):
-            return batch.loss_value(self.model, self.loss_fn)
+            return batch.loss(self.model, self.loss_fn)
 
     def _graph_grads(self, i: int, batch: Batch) -> tuple[Tensor, list[Tensor | None]]:
         loss = self._loss(i, batch)
@@ -155,17 +189,31 @@ class HessianOperator(LinearOperator):
         return loss, list(grads)
 
     def _init_losses(self) -> float:
+        """The loss over ``data``; with ``method="reverse"`` also the first-order graphs, kept when
+        ``cache`` is True, or None and they fit (one microbatch always: a product rebuilds the same
+        graph anyway; several when ``chunks × bytes of the first ≤ graph_budget``)."""
         total = 0.0
+        reuse = self.method == "reverse" and self._cache is not False
         grads_cache: list[list[Tensor | None]] = []
         for i, (batch, w) in enumerate(self.chunks):
-            if self._cache and self.method == "reverse":
-                loss, grads = self._graph_grads(i, batch)
-                grads_cache.append(grads)
+            if reuse:
+                if i == 0 and self._cache is None and len(self.chunks) > 1:
+                    meter = SavedBytes(self._plist)
+                    with meter:
+                        loss, grads = self._graph_grads(i, batch)
+                    self.graph_bytes = meter.bytes
+                    if meter.bytes * len(self.chunks) > graph_budget(self.device):
+                        reuse = False
+                        grads = []
+                else:
+                    loss, grads = self._graph_grads(i, batch)
+                if reuse:
+                    grads_cache.append(grads)
             else:
                 with torch.no_grad():
                     loss = self._loss(i, batch)
-            total += w * float(check_scalar_loss(loss).detach())
-        if grads_cache:
+            total += w * float(loss.detach())
+        if reuse:
             self._grads = grads_cache
         return total
 
@@ -177,7 +225,10 @@ class HessianOperator(LinearOperator):
         def f(p: dict[str, Tensor], target: Any) -> Tensor:
             with self._rng(i):
                 out = functional_call(self.model, p, batch.args, batch.kwargs)
-            return resolve_loss_fn(self.loss_fn)(out, target)
+            loss = resolve_loss_fn(self.loss_fn)(out, target)
+            if not isinstance(loss, Tensor) or loss.ndim != 0:
+                check_scalar_loss(loss)  # raises, naming the shape
+            return loss
         return f
 
     # -- the three products ---------------------------------------------------------------------
@@ -234,26 +285,41 @@ class HessianOperator(LinearOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         product = {"reverse": self._reverse, "forward_over_reverse": self._forward_over_reverse,
                    "finite_difference": self._finite_difference}[self.method]
-        cols = []
+        rows = V.T.contiguous()  # no copy when V is stored by columns (operator.column_block)
+        if self._mask is not None:
+            rows = rows * self._mask
+        out = torch.empty_like(rows)  # (p, n): each product is written once, in place
         for j in range(V.shape[1]):
-            v = list(self.space.unflatten(V[:, j]).values())
-            acc: Tensor | None = None
+            v = list(self.space.unflatten(rows[j]).values())
             for i, (batch, w) in enumerate(self.chunks):
-                hv = torch.cat([h.reshape(-1) for h in product(i, batch, v)]).detach()
-                acc = w * hv if acc is None else acc.add_(hv, alpha=w)
-            assert acc is not None
-            cols.append(acc)
-        return torch.stack(cols, dim=1)
+                hv = [h.detach().reshape(-1) for h in product(i, batch, v)]
+                if i == 0:
+                    torch.cat(hv, out=out[j])
+                    if w != 1.0:
+                        out[j].mul_(w)
+                else:
+                    out[j].add_(torch.cat(hv), alpha=w)
+        if self._mask is not None:
+            out.mul_(self._mask)
+        return out.T  # stored by columns, like the bases that multiply it
 
 
 @contextmanager
-def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Any, *, mode: str = "eval",
+def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Any, *, mode: str | None = None,
                      method: str = "reverse", microbatch_size: int | None = None,
                      param_filter: ParamFilter = None, fd_step: float | None = None,
-                     cache: bool | None = None, seed: int = 0) -> Iterator[HessianOperator]:
-    """Context manager yielding a ``HessianOperator``; the model is restored exactly on exit."""
-    with measurement_mode(model, mode):
-        op = HessianOperator(model, loss_fn, data, method=method, microbatch_size=microbatch_size,
+                     cache: bool | None = None, seed: int = 0,
+                     warn: bool = True) -> Iterator[HessianOperator]:
+    """Context manager yielding a ``HessianOperator``; the model is restored exactly on exit.
+
+    ``mode``: None (the model's current flags), "train" or "eval" (module docstring); ``warn``:
+    issue the ``ModeWarning``s here (the public functions issue their own and pass False).
+    ``cache``: keep the first-order graphs for every product (None: when they fit in memory).
+    """
+    if warn:
+        warn_mode(model, mode, "hessian_operator", fixed_masks=True, stacklevel=4)
+    with float32_copy(model) as m, measurement_mode(m, mode):
+        op = HessianOperator(m, loss_fn, data, method=method, microbatch_size=microbatch_size,
                              param_filter=param_filter, fd_step=fd_step, cache=cache, seed=seed)
         try:
             yield op
@@ -263,7 +329,7 @@ def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Any, *, mode: str 
 
 def hvp(model: nn.Module, loss_fn: LossFn, data: Any, vector: Mapping[str, Tensor] | Tensor, *,
         method: str = "reverse", microbatch_size: int | None = None,
-        param_filter: ParamFilter = None, mode: str = "eval",
+        param_filter: ParamFilter = None, mode: str | None = None,
         fd_step: float | None = None) -> dict[str, Tensor]:
     """Hessian-vector product ``H v`` of the mean loss over all samples of ``data``.
 
@@ -271,11 +337,23 @@ def hvp(model: nn.Module, loss_fn: LossFn, data: Any, vector: Mapping[str, Tenso
     fixed); microbatches are weighted by their size (module docstring). ``vector`` is a dict
     ``name -> tensor`` with exactly the selected parameters' names and shapes (or a flat tensor in
     ``model.named_parameters()`` order). Returns a dict of the same form. ``fd_step`` is ``h`` of the
-    finite difference (default ``ε_mach^{1/3}/‖v‖``).
+    finite difference (default ``ε_mach^{1/3}/‖v‖``). ``mode``: None (the model as it is),
+    "train" or "eval" (module docstring). A float16/bfloat16 model is evaluated in float32 and the
+    result is float32.
+
+    Raises:
+        ValueError: a loss that is not a scalar (e.g. ``reduction="none"``), a bad vector or mode.
+        FloatingPointError: non-finite parameters or products.
+
+    Example::
+
+        hv = nt.hvp(model, nn.CrossEntropyLoss(), (x, y), {n: torch.randn_like(p) for n, p in
+                    model.named_parameters()}, mode="eval")
     """
+    warn_mode(model, mode, "hvp", fixed_masks=True)
     with hessian_operator(model, loss_fn, data, mode=mode, method=method,
                           microbatch_size=microbatch_size, param_filter=param_filter,
-                          fd_step=fd_step, cache=False) as op:
+                          fd_step=fd_step, cache=False, warn=False) as op:
         if isinstance(vector, Mapping):
             v = op.space.flatten(vector, "vector")
         elif isinstance(vector, Tensor):

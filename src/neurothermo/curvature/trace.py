@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neurothermo._state import ParamFilter
+from neurothermo._state import ParamFilter, warn_mode
 from neurothermo._validate import check_int
 from neurothermo.curvature.hvp import LossFn, hessian_operator
 from neurothermo.curvature.operator import LinearOperator
@@ -104,7 +104,7 @@ def hutchpp(op: LinearOperator, n_samples: int, *,
 
 
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, *, n_samples: int,
-                  method: str = "hutchinson", param_filter: ParamFilter = None, mode: str = "eval",
+                  method: str = "hutchinson", param_filter: ParamFilter = None, mode: str | None = None,
                   hvp_method: str = "reverse", microbatch_size: int | None = None,
                   seed: int = 0) -> TraceResult:
     """Estimate ``tr H`` of the mean loss over ``data`` (same ``H`` as ``hvp``) with its standard error.
@@ -117,8 +117,9 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, *, n_samples: in
     check_int("n_samples", n_samples, minimum=2 if method == "hutchinson" else 4)
     gen = torch.Generator()
     gen.manual_seed(seed)
+    warn_mode(model, mode, "hessian_trace", fixed_masks=True)
     with hessian_operator(model, loss_fn, data, mode=mode, method=hvp_method,
                           microbatch_size=microbatch_size, param_filter=param_filter,
-                          seed=seed) as op:
+                          seed=seed, warn=False) as op:
         est = hutchinson if method == "hutchinson" else hutchpp
         return est(op, n_samples, generator=gen)

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neurothermo._state import ParamFilter
+from neurothermo._state import ParamFilter, check_mode, warn_mode
 from neurothermo._validate import check_int, check_positive
 from neurothermo.curvature.eigen import EIGEN_METHODS, preconditioner_diagonal, solve
 from neurothermo.curvature.hvp import HVP_METHODS, LossFn, hessian_operator
@@ -59,7 +59,7 @@ from neurothermo.curvature.lanczos import (
     random_block,
     ritz_errors,
 )
-from neurothermo.curvature.operator import CongruenceOperator, LinearOperator
+from neurothermo.curvature.operator import CongruenceOperator, LinearOperator, column_block
 
 COLD_GAP_AFTER = 20  # cold starts trust Ritz gaps from 20 basis vectors (lanczos.py)
 WARM_GAP_SCALE = 0.5  # warm starts trust half of each Ritz gap from the first product on (docstring)
@@ -100,8 +100,8 @@ def warm_davidson(op: LinearOperator, k: int, start: Tensor, *, tol: float = 1e-
     m_max = min(n, max(30, 3 * s) if max_basis is None else check_int("max_basis", max_basis, minimum=s + 1))
     Q0 = random_block(n, s, dt, dev, generator)
     Q0[:, :start.shape[1]] = start[:, :s].to(device=dev, dtype=dt)
-    V = torch.zeros(n, m_max, dtype=dt, device=dev)
-    W = torch.zeros(n, m_max, dtype=dt, device=dev)
+    V = column_block(n, m_max, dt, dev)
+    W = column_block(n, m_max, dt, dev)
     V[:, :s], _ = orthonormalize(Q0, V[:, :0], 1e-12 * float(Q0.abs().max()), generator)
     used = op.n_matvec
     W[:, :s] = op.matmat(V[:, :s])
@@ -129,7 +129,7 @@ def warm_davidson(op: LinearOperator, k: int, start: Tensor, *, tol: float = 1e-
             m = ell
         w = R[:, j:j + 1].clone()
         for _ in range(2):
-            w -= V[:, :m] @ (V[:, :m].T @ w)
+            w.addmm_(V[:, :m], V[:, :m].T @ w, alpha=-1)
         tiny = 100 * torch.finfo(dt).eps * max(float(theta.abs().max()), 1e-300)
         q, _ = orthonormalize(w, V[:, :m], tiny, generator)
         V[:, m] = q[:, 0]
@@ -197,7 +197,7 @@ class SharpnessTracker:
 
     def __init__(self, *, k: int = 1, tol: float = 1e-3, lr: float | None = None,
                  momentum: float = 0.0, method: str = "lanczos", param_filter: ParamFilter = None,
-                 mode: str = "eval", hvp_method: str = "reverse", microbatch_size: int | None = None,
+                 mode: str | None = None, hvp_method: str = "reverse", microbatch_size: int | None = None,
                  max_hvp: int | None = None, block_size: int | None = None, seed: int = 0) -> None:
         self.k = check_int("k", k)
         self.tol = check_positive("tol", tol)
@@ -207,8 +207,7 @@ class SharpnessTracker:
             raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
         if hvp_method not in HVP_METHODS:
             raise ValueError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}")
-        if mode not in ("eval", "train"):
-            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        check_mode(mode)
         self.method, self.param_filter, self.mode = method, param_filter, mode
         self.hvp_method, self.microbatch_size = hvp_method, microbatch_size
         self.max_hvp, self.seed = max_hvp, seed
@@ -234,9 +233,10 @@ class SharpnessTracker:
         """Measure the top eigenvalues now; ``lr``/``momentum`` override the constructor's (schedules)."""
         lr_now = self.lr if lr is None else check_positive("lr", lr)
         mom = self.momentum if momentum is None else self._check_momentum(momentum)
+        warn_mode(model, self.mode, "SharpnessTracker.update", fixed_masks=True)
         with hessian_operator(model, loss_fn, data, mode=self.mode, method=self.hvp_method,
                               microbatch_size=self.microbatch_size, param_filter=self.param_filter,
-                              seed=self.seed) as hop:
+                              seed=self.seed, warn=False) as hop:
             op: LinearOperator = hop
             if preconditioner is not None:
                 op = CongruenceOperator(hop, preconditioner_diagonal(hop.space, preconditioner))

@@ -36,7 +36,16 @@ import torch
 from torch import Tensor, nn
 
 from neurothermo._data import Batch, Data
-from neurothermo._state import has_train_mode_batchnorm, preserved_state
+from neurothermo._state import (
+    as_float32,
+    double_backward_attention,
+    float32_copy,
+    frozen_rows,
+    has_train_mode_batchnorm,
+    preserved_state,
+    warn_mode,
+    zero_frozen_rows,
+)
 from neurothermo._validate import check_int, check_loss_fn
 from neurothermo.entropic._common import (
     batch_noise_factor,
@@ -138,7 +147,8 @@ def _prepare(model: nn.Module, loss_fn: LossFn, data: Any, lr: float, batch_size
     if bn is not None:
         raise ValueError(
             f"BatchNorm layer {bn!r} is in train mode: it couples the samples of a batch, so "
-            "per-sample losses and the covariance Σ are undefined; call model.eval() first"
+            "per-sample losses and the covariance Σ are undefined; pass mode='eval' or call "
+            "model.eval() first"
         )
     check_loss_fn(loss_fn)
     return lr, wd, d, n, b, params
@@ -151,8 +161,8 @@ def _chunk_stats(model: nn.Module, loss_fn: LossFn, batch: Batch,
     the order of ``params``) and ``Σ_i ‖g_i‖²`` over the chunk. With ``create_graph`` all three
     are differentiable (the sum in the parameters' dtype), else the sum is taken in float64.
     Validated input; the caller preserves the model's state."""
-    stats = stats_of_batch(model, loss_fn, batch, params, create_graph=create_graph,
-                           mean_grad=True)
+    stats = stats_of_batch(model, loss_fn, batch.map(as_float32), params,
+                           create_graph=create_graph, mean_grad=True)
     assert stats.mean_grad is not None
     dtype = None if create_graph else torch.float64
     sq_sum = torch.stack([s.sum(dtype=dtype) for s in stats.sq_norms.values()]).sum()
@@ -174,7 +184,7 @@ def _mean_gradient(model: nn.Module, loss_fn: LossFn, data: Data, n: int,
             value, g, chunk_sq = _chunk_stats(model, loss_fn, chunk, params, create_graph=False)
             sq = sq + chunk_sq / n
         else:
-            value = chunk.loss(model, loss_fn)
+            value = chunk.map(as_float32).loss(model, loss_fn)
             g = grads(value, leaves)
         if chunk.size == n:  # one chunk: ḡ is its gradient
             gbar = g
@@ -199,6 +209,7 @@ def entropic_decomposition(
     weight_decay: float = 0.0,
     chunk_size: int = 512,
     num_data: int | None = None,
+    mode: str | None = None,
 ) -> EntropicDecomposition:
     """``E_B φ_lr = L + (lr/4)‖∇L‖² + (lr/4)·Tr Σ_B`` over minibatches of ``batch_size`` from ``data``.
 
@@ -207,13 +218,17 @@ def entropic_decomposition(
     (a ``DataLoader``; sizes may differ, every sample weighs ``1/N``); ``loss_fn=model_loss`` when
     the model returns its loss. ``num_data``: N if known (checked against the samples read).
     Minibatches of ``batch_size`` are drawn uniformly, with or without replacement. Exact: one pass
-    over ``data`` in chunks of at most ``chunk_size``. The model is left exactly as it was.
+    over ``data`` in chunks of at most ``chunk_size``. ``mode``: None (the model's current flags),
+    "train" or "eval" for this call (BatchNorm must not be in train mode; active Dropout makes the
+    result random, with a ``ModeWarning``). A float16/bfloat16 model is evaluated on a float32
+    copy. The model is left exactly as it was.
     """
-    lr, wd, d, n, b, params = _prepare(model, loss_fn, data, lr, batch_size, replacement,
-                                       weight_decay, chunk_size, num_data)
-    leaves = list(params.values())
-    with preserved_state(model):
-        loss, gbar, sq = _mean_gradient(model, loss_fn, d, n, params, chunk_size, norms=True)
+    with float32_copy(model) as m, preserved_state(m, mode), double_backward_attention():
+        lr, wd, d, n, b, params = _prepare(m, loss_fn, data, lr, batch_size, replacement,
+                                           weight_decay, chunk_size, num_data)
+        warn_mode(m, None, "entropic_decomposition", stacklevel=4)
+        leaves = list(params.values())
+        loss, gbar, sq = _mean_gradient(m, loss_fn, d, n, params, chunk_size, norms=True)
     with torch.no_grad():
         theta = [p.detach() for p in leaves]
         g64 = [gi.to(torch.float64) for gi in gbar]
@@ -243,6 +258,7 @@ def expected_entropic_force(
     weight_decay: float = 0.0,
     chunk_size: int = 512,
     num_data: int | None = None,
+    mode: str | None = None,
 ) -> ExpectedEntropicForce:
     """``−(lr/4)∇E_B‖g_B‖²`` by parameter name: ``discretization = −(lr/2)(H + wd)(∇L + wd·θ)``
     and ``noise = −(lr/4)·(Tr Σ_B/Tr Σ)·∇Tr Σ`` with ``∇Tr Σ = ∇[(1/N)Σ_i‖g_i‖²] − 2Hḡ``.
@@ -252,35 +268,46 @@ def expected_entropic_force(
     summed norms, the Hessian products are double backwards of ``⟨g, v⟩`` through the same graph.
     When ``data`` fits in one chunk ``ḡ`` is that chunk's ``g``, else it comes from a first pass.
     ``data``, ``loss_fn`` and ``num_data`` as in :func:`entropic_decomposition` (an iterable of
-    batches is read twice when it holds more than one chunk). Exact over ``data``; the model is
-    left exactly as it was.
+    batches is read twice when it holds more than one chunk). Exact over ``data``. ``mode`` and
+    precision as for :func:`entropic_decomposition`; attention runs in a twice-differentiable
+    kernel. The model is left exactly as it was.
     """
-    lr, wd, d, n, b, params = _prepare(model, loss_fn, data, lr, batch_size, replacement,
-                                       weight_decay, chunk_size, num_data)
+    with float32_copy(model) as m, preserved_state(m, mode), double_backward_attention():
+        lr, wd, d, n, b, params = _prepare(m, loss_fn, data, lr, batch_size, replacement,
+                                           weight_decay, chunk_size, num_data)
+        warn_mode(m, None, "expected_entropic_force", stacklevel=4)
+        res = _expected_force(m, loss_fn, lr, wd, d, n, b, params, replacement, chunk_size)
+        for part in (res.discretization, res.noise, res.total):  # padding rows never train
+            zero_frozen_rows(part, frozen_rows(m))
+        return res
+
+
+def _expected_force(model: nn.Module, loss_fn: LossFn, lr: float, wd: float, d: Data,
+                    n: int, b: int, params: dict[str, Tensor], replacement: bool,
+                    chunk_size: int) -> ExpectedEntropicForce:
     names, leaves = list(params), list(params.values())
     factor = batch_noise_factor(n, b, replacement)
     h_gbar: Scaled | None = None  # H ḡ
     h_v: Scaled | None = None  # H (ḡ + wd·θ), only with weight decay
     d_sq: Scaled | None = None  # ∇ (1/N) Σ_i ‖g_i‖²
-    with preserved_state(model):
-        gbar: list[Tensor] | None = None
-        if d.single is None or n > chunk_size:
-            gbar = _mean_gradient(model, loss_fn, d, n, params, chunk_size, norms=False)[1]
-        for chunk in d.chunks(chunk_size):
-            w = chunk.size / n
-            g, sq_sum = _chunk_stats(model, loss_fn, chunk, params, create_graph=True)[1:]
-            if gbar is None:  # one chunk: ḡ is this chunk's gradient
-                gbar = [gi.detach() for gi in g]
-            keep = [*gbar, *leaves, *chunk.tensors()]  # accumulators must not share memory with these
-            h_gbar = _accumulate(h_gbar, hvp(g, leaves, gbar, retain_graph=True), w, keep)
-            keep += h_gbar[0]
-            if wd:
-                v = [gi + wd * p.detach() for gi, p in zip(gbar, leaves)]
-                h_v = _accumulate(h_v, hvp(g, leaves, v, retain_graph=True), w, keep + v)
-                keep += h_v[0]
-            del g  # the last double backward frees the graph
-            d_sq = _accumulate(d_sq, grads(sq_sum, leaves), 1.0 / n, keep)
-            del sq_sum
+    gbar: list[Tensor] | None = None
+    if d.single is None or n > chunk_size:
+        gbar = _mean_gradient(model, loss_fn, d, n, params, chunk_size, norms=False)[1]
+    for chunk in d.chunks(chunk_size):
+        w = chunk.size / n
+        g, sq_sum = _chunk_stats(model, loss_fn, chunk, params, create_graph=True)[1:]
+        if gbar is None:  # one chunk: ḡ is this chunk's gradient
+            gbar = [gi.detach() for gi in g]
+        keep = [*gbar, *leaves, *chunk.tensors()]  # accumulators must not share memory with these
+        h_gbar = _accumulate(h_gbar, hvp(g, leaves, gbar, retain_graph=True), w, keep)
+        keep += h_gbar[0]
+        if wd:
+            v = [gi + wd * p.detach() for gi, p in zip(gbar, leaves)]
+            h_v = _accumulate(h_v, hvp(g, leaves, v, retain_graph=True), w, keep + v)
+            keep += h_v[0]
+        del g  # the last double backward frees the graph
+        d_sq = _accumulate(d_sq, grads(sq_sum, leaves), 1.0 / n, keep)
+        del sq_sum
     assert gbar is not None and h_gbar is not None and d_sq is not None
     (hg, s_hg), (dq, s_dq) = h_gbar, d_sq
     c_noise = -0.25 * lr * factor

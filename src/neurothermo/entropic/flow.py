@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from neurothermo._state import preserved_state
+from neurothermo._state import double_backward_attention, preserved_state, warn_mode
 from neurothermo._validate import check_int, check_positive, check_scalar_loss
 from neurothermo.entropic._common import (
     Params,
@@ -125,7 +125,8 @@ def entropic_flow(
     lr, wd = check_common(lr, weight_decay)
     params = model_parameters(model)
     objective = batch_objective(model, loss_fn, batch, weight_decay=wd)
-    with preserved_state(model):
+    warn_mode(model, None, "entropic_flow", batchnorm=False)
+    with preserved_state(model), double_backward_attention():
         end: dict[str, Tensor] = functional_flow(
             objective, {k: p.detach() for k, p in params.items()}, time=time, steps=steps,
             method=method, lr=lr, n_steps=n_steps, preconditioner=preconditioner)

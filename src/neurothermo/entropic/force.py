@@ -18,7 +18,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from neurothermo._state import preserved_state
+from neurothermo._state import (
+    as_float32,
+    double_backward_attention,
+    float32_copy,
+    frozen_rows,
+    preserved_state,
+    warn_mode,
+    zero_frozen_rows,
+)
 from neurothermo._validate import check_positive, check_scalar_loss
 from neurothermo.entropic._common import (
     Params,
@@ -52,13 +60,14 @@ def functional_entropic_force(
     tensors, rebuild, names = flatten(params)
     leaves = as_leaves(tensors)
     lams, c = resolve(preconditioner, names, leaves)
-    value = check_scalar_loss(f(rebuild(leaves)))
-    g = grads(value, leaves, create_graph=True)
-    if lams is None:
-        v = [gi.detach() for gi in g]
-    else:
-        v = [lam * gi.detach() for lam, gi in zip(lams, g)]
-    hv = hvp(g, leaves, v)
+    with double_backward_attention():  # fused attention kernels have no second derivative
+        value = check_scalar_loss(f(rebuild(leaves)))
+        g = grads(value, leaves, create_graph=True)
+        if lams is None:
+            v = [gi.detach() for gi in g]
+        else:
+            v = [lam * gi.detach() for lam, gi in zip(lams, g)]
+        hv = hvp(g, leaves, v)
     scale = -2.0 * entropic_coefficient(lr, n_steps, c)  # −(lr/2)·c·(1 − 1/n)
     return rebuild([h.mul_(scale) for h in hv])
 
@@ -72,24 +81,42 @@ def entropic_force(
     weight_decay: float = 0.0,
     preconditioner: Preconditioner | Any = None,
     n_steps: int | None = None,
+    mode: str | None = None,
 ) -> dict[str, Tensor]:
     """``−(∇φ − ∇l) = −(lr/2)·H_B Λ g_B`` by parameter name, for the batch.
 
     ``l = l_B + (wd/2)‖θ‖²`` (``g_B`` and ``H_B`` include the decay), ``Λ = I`` unless a
     preconditioner is given (a :class:`Preconditioner` with ``c ≠ 1`` multiplies by ``c``);
     ``n_steps = n`` gives the force of ``F_n`` instead, ``(1 − 1/n)`` times it. Costs one
-    Hessian-vector product. The model is evaluated in its current mode and left exactly as it
-    was (BatchNorm buffers, train flags, ``.grad``).
+    Hessian-vector product. ``mode``: None (default: the model in its current train/eval flags),
+    "train" or "eval" for this call (docs/conventions.md); a ``ModeWarning`` flags train-mode
+    BatchNorm under ``mode=None`` and active Dropout (then the force is random). Attention runs
+    in a twice-differentiable kernel; a float16/bfloat16 model is evaluated on a float32 copy
+    (float32 result). The model is left exactly as it was (BatchNorm buffers, train flags,
+    ``.grad``, the caller's attention-kernel choice).
+
 
     ``batch``: data of the data model (``docs/data.md``): one batch ``(inputs, targets)`` (inputs a
     tensor or a dict of tensors) with ``l_B`` its mean loss, or an iterable of batches (a
     ``DataLoader``), then ``l_B`` is the mean over all their samples (batch m weighs ``b_m/N``; every
     batch's graph is held at once). ``loss_fn=model_loss`` when the model returns its own loss.
+
+    Raises:
+        ValueError: a loss that is not a scalar, a bad ``mode``, ``lr`` or ``weight_decay``.
+        FloatingPointError: non-finite parameters or loss.
+
+    Example::
+
+        force = nt.entropic_force(model, nn.CrossEntropyLoss(), (x, y), lr=0.1, mode="eval")
     """
     lr, wd = check_common(lr, weight_decay)
-    params = model_parameters(model)
-    objective = batch_objective(model, loss_fn, batch, weight_decay=wd)
-    with preserved_state(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    warn_mode(model, mode, "entropic_force")
+    with float32_copy(model) as m, preserved_state(m, mode):
+        params = model_parameters(m)
+        objective = batch_objective(m, loss_fn, as_float32(batch), weight_decay=wd)
         force: dict[str, Tensor] = functional_entropic_force(
             objective, params, lr=lr, n_steps=n_steps, preconditioner=preconditioner)
+        zero_frozen_rows(force, frozen_rows(m))  # padding rows never train: P H P (see _state)
     return force

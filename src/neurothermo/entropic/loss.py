@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from neurothermo._state import preserved_state
+from neurothermo._state import double_backward_attention, preserved_state, warn_mode
 from neurothermo._validate import check_positive, check_scalar_loss
 from neurothermo.entropic._common import (
     Params,
@@ -62,10 +62,11 @@ def functional_entropic_loss(
     leaves = as_leaves(tensors)
     lams, c = resolve(preconditioner, names, leaves)
     coef = entropic_coefficient(lr, n_steps, c)
-    value = check_scalar_loss(f(rebuild(leaves)))
-    if coef == 0.0:
-        return value
-    g = grads(value, leaves, create_graph=True)
+    with double_backward_attention():  # the result is differentiated again: math SDPA kernel
+        value = check_scalar_loss(f(rebuild(leaves)))
+        if coef == 0.0:
+            return value
+        g = grads(value, leaves, create_graph=True)
     lam_g = g if lams is None else [lam * gi for lam, gi in zip(lams, g)]
     return check_scalar_loss(value + coef * dot(lam_g, g))  # a finite loss can have ∇ = ∞
 
@@ -88,8 +89,10 @@ def entropic_loss(
     an optimizer whose own weight decay is 0. ``n_steps``: None for ``φ_lr`` (n = ∞), ``n`` for
     ``F_n``. ``preconditioner``: None (Λ = I), a dict name -> tensor, or a :class:`Preconditioner`.
 
-    The model is evaluated in its current mode; BatchNorm running statistics, train flags and
-    ``.grad`` are restored exactly, so the call itself changes nothing on the model.
+    The model is evaluated in its current mode (a training objective; active Dropout makes it
+    random, which a ``ModeWarning`` says); BatchNorm running statistics, train flags and ``.grad``
+    are restored exactly, so the call itself changes nothing on the model. Attention runs in the
+    twice-differentiable math kernel.
 
     ``batch``: data of the data model (``docs/data.md``): one batch ``(inputs, targets)`` (inputs a
     tensor or a dict of tensors) with ``l_B`` its mean loss, or an iterable of batches (a
@@ -100,6 +103,7 @@ def entropic_loss(
     n_steps = check_n_steps(n_steps)
     params = model_parameters(model)
     objective = batch_objective(model, loss_fn, batch, weight_decay=wd)
+    warn_mode(model, None, "entropic_loss", batchnorm=False)
     with preserved_state(model):
         return functional_entropic_loss(objective, params, lr=lr, n_steps=n_steps,
                                         preconditioner=preconditioner)

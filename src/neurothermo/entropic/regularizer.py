@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from neurothermo._data import as_batch
-from neurothermo._state import preserved_state
+from neurothermo._state import double_backward_attention, preserved_state, warn_mode
 from neurothermo._validate import check_int
 from neurothermo.entropic._common import (
     batch_objective,
@@ -43,7 +43,10 @@ class EntropicRegularizer:
     ``loss_fn=model_loss`` when the model returns its loss).
     ``batch_size=None`` uses the whole batch as one micro-batch; otherwise the batch size must
     be a multiple of it. The extra forward passes leave BatchNorm running statistics and
-    ``.grad`` untouched (your own forward pass updates them as usual).
+    ``.grad`` untouched (your own forward pass updates them as usual). They run in the model's
+    current mode (a training term); active Dropout makes ``R`` random (a ``ModeWarning`` says so).
+    Attention runs in a twice-differentiable kernel, so ``R.backward()`` works through
+    ``scaled_dot_product_attention``.
     """
 
     lr: float
@@ -68,7 +71,9 @@ class EntropicRegularizer:
             )
         leaves = list(params.values())
         terms = []
-        with preserved_state(model):
+        warn_mode(model, None, "EntropicRegularizer", batchnorm=False)
+        # the math attention kernel: R is differentiated once more by the caller's backward
+        with preserved_state(model), double_backward_attention():
             for part in whole.split(b):
                 objective = batch_objective(model, loss_fn, part, weight_decay=self.weight_decay)
                 g = grads(objective(params), leaves, create_graph=True)
