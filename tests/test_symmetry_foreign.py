@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from foreign_models import CASE_IDS, CASES, HAS_TRANSFORMERS, case, logits_of, skip_unavailable
 from torch import nn
 
 import neurothermo as nt
+from foreign_models import CASE_IDS, CASES, HAS_TRANSFORMERS, case, logits_of, skip_unavailable
 from neurothermo.symmetry import Symmetry
 
 D = torch.float64
@@ -48,15 +48,16 @@ EXPECTED: dict[str, list[tuple[str, str, int, bool]]] = {
     # timm ViT: per block per-head Q/K and V/O rotations through the fused qkv rows (q = rows
     # 0:32, k = 32:64, v = 64:96), the GELU MLP's permutation, LayerNorm affine → next Linear
     # rescales (norm1 → qkv, norm2 → fc1, final norm → head).
-    "vit": _transformer_expected("blocks.{}.", "attn.qkv[0:32]", "attn.qkv[64:96]", "mlp.fc1", 128,
-                                 4, ("norm1", "norm2")) + [("rescale", "norm", 32, True)],
+    "vit": [*_transformer_expected("blocks.{}.", "attn.qkv[0:32]", "attn.qkv[64:96]", "mlp.fc1",
+                                   128, 4, ("norm1", "norm2")), ("rescale", "norm", 32, True)],
     # HF BERT (post-LN): per layer Q/K and V/O per head and the intermediate GELU permutation;
     # the last LayerNorm's affine → pooler rescale; pooler → tanh → classifier sign flip and
     # permutation. Every other LayerNorm output enters the residual stream.
-    "bert": _transformer_expected("bert.encoder.layer.{}.", "attention.self.query",
-                                  "attention.self.value", "intermediate.dense", 64, 2, ())
-    + [("rescale", "bert.encoder.layer.1.output.LayerNorm", 32, True),
-       ("sign_flip", "bert.pooler.dense", 32, True), ("permutation", "bert.pooler.dense", 32, True)],
+    "bert": [*_transformer_expected("bert.encoder.layer.{}.", "attention.self.query",
+                                    "attention.self.value", "intermediate.dense", 64, 2, ()),
+             ("rescale", "bert.encoder.layer.1.output.LayerNorm", 32, True),
+             ("sign_flip", "bert.pooler.dense", 32, True),
+             ("permutation", "bert.pooler.dense", 32, True)],
     # HF GPT-2 (pre-LN, Conv1D weights [in, out], fused c_attn split in three): per block Q/K
     # and V/O per head, MLP permutation through Conv1D, ln_1 → c_attn and ln_2 → c_fc rescales.
     # ln_f → lm_head is not one: lm_head is tied to the input embedding.
