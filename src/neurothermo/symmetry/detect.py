@@ -3,37 +3,21 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal, overload
 
-import torch
 from torch import Tensor, nn
 
 from neurothermo._validate import check_int, check_positive
 from neurothermo.symmetry.base import ParamSlice, Symmetry
 from neurothermo.symmetry.capture import Block, Part, capture, split_inputs
+from neurothermo.symmetry.checking import Cand, Rejection, verify_candidates
 from neurothermo.symmetry.flow import Flow, find_producers, walk_all
 from neurothermo.symmetry.progress import Progress, ProgressArg
 from neurothermo.symmetry.recurrent import inner_symmetries
 from neurothermo.symmetry.rotation import attention_symmetries
 from neurothermo.symmetry.scale import weight_norm_symmetry
 from neurothermo.symmetry.trace import Traced
-from neurothermo.symmetry.verify import JointCheck, default_tolerance
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A pattern that is not reported, and why (``change``: measured output change, if tested)."""
-
-    location: str
-    reason: str
-    kind: str | None = None
-    change: float | None = None
-
-    def __str__(self) -> str:
-        kind = f"{self.kind}: " if self.kind else ""
-        return f"{kind}{self.location}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -213,24 +197,6 @@ def _eps_of(tr: Traced, names: list[str]) -> str:
     return ", ".join(found)
 
 
-@contextmanager
-def _tiny_eps(model: nn.Module) -> Iterator[None]:
-    """Every normalisation's eps set to the dtype's smallest normal number (the eps → 0 limit;
-    torch refuses eps = 0 in train mode)."""
-    saved: list[tuple[Any, Any]] = []
-    for mod in model.modules():
-        if isinstance(mod, _NORM):
-            w = next(iter(mod.parameters()), None)
-            dtype = w.dtype if w is not None and w.is_floating_point() else torch.float32
-            saved.append((mod, mod.eps))
-            mod.eps = torch.finfo(dtype).tiny
-    try:
-        yield
-    finally:
-        for mod, eps in saved:
-            mod.eps = eps
-
-
 def _prefixed(sym: Symmetry, prefix: str) -> Symmetry:
     if not prefix:
         return sym
@@ -238,27 +204,21 @@ def _prefixed(sym: Symmetry, prefix: str) -> Symmetry:
     return replace(sym, slices=sl, location=f"{prefix}{sym.location}")
 
 
-@dataclass
-class _Cand:
-    order: tuple[int, int]
-    sym: Symmetry
-    eps: str = ""  # the normalisations whose eps > 0 break it (scale symmetries)
-
-
-def _candidates(k: int, part: Part) -> tuple[list[_Cand], list[Rejection]]:
+def _candidates(k: int, part: Part) -> tuple[list[Cand], list[Rejection]]:
     tr, prefix = part.traced, part.prefix
     flows = [f for p in find_producers(tr) for f in walk_all(tr, p)]
     order = {node: i for i, node in enumerate(tr.gm.graph.nodes)}
-    cands: list[_Cand] = []
+    cands: list[Cand] = []
     rejected: list[Rejection] = []
     for f in flows:
         found, rej = _decide(tr, f)
         eps = _eps_of(tr, [name for name, _, _ in f.norms])
-        cands += [_Cand((k, order[f.producer.node]), s, eps if s.kind == "scale" else "")
-                  for s in found]
+        norms = [(prefix + name, kind) for name, kind, _ in f.norms]
+        cands += [Cand((k, order[f.producer.node]), s, eps, norms) if s.kind == "scale" and eps
+                  else Cand((k, order[f.producer.node]), s) for s in found]
         rejected += rej
     pairs, rej = _pairs(flows)
-    cands += [_Cand((k, order[flows[i].producer.node]), s) for i, s in pairs]
+    cands += [Cand((k, order[flows[i].producer.node]), s) for i, s in pairs]
     rejected += rej
     for node in tr.gm.graph.nodes:
         if node.op != "call_module":
@@ -272,7 +232,7 @@ def _candidates(k: int, part: Part) -> tuple[list[_Cand], list[Rejection]]:
         wn = weight_norm_symmetry(str(node.target), mod)
         if wn is not None:
             extra.append(wn)
-        cands += [_Cand((k, order[node]), s) for s in extra]
+        cands += [Cand((k, order[node]), s) for s in extra]
     cands.sort(key=lambda c: c.order)
     kept = []
     for c in cands:
@@ -280,7 +240,7 @@ def _candidates(k: int, part: Part) -> tuple[list[_Cand], list[Rejection]]:
         if problem:
             rejected.append(Rejection(prefix + c.sym.location, problem, c.sym.kind))
         else:
-            kept.append(_Cand(c.order, _prefixed(c.sym, prefix), c.eps))
+            kept.append(replace(c, sym=_prefixed(c.sym, prefix)))
     if prefix:
         rejected = [replace(r, location=prefix + r.location) for r in rejected]
     return kept, rejected
@@ -355,13 +315,13 @@ def find_symmetries(
         prog("capturing the graph")
         parts, blocks = capture(model, inputs, leaf_modules, note=prog)
         prog("following the units of every layer")
-        cands: list[_Cand] = []
+        cands: list[Cand] = []
         rejected: list[Rejection] = []
         for k, part in enumerate(parts):
             c, r = _candidates(k, part)
             cands += c
             rejected += r
-        kept = _verify(model, inputs, cands, rejected, tol, approx_tol, trials, prog)
+        kept = verify_candidates(model, inputs, cands, rejected, tol, approx_tol, trials, prog)
     finally:
         prog.close("done")
     kept.sort(key=lambda x: x[0])
@@ -372,60 +332,3 @@ def find_symmetries(
     return syms
 
 
-def _verify(
-    model: nn.Module, inputs: Any, cands: list[_Cand], rejected: list[Rejection],
-    tol: float | None, approx_tol: float | None, trials: int, prog: Progress,
-) -> list[tuple[tuple[int, int], Symmetry, float]]:
-    def limit(sym: Symmetry) -> float:
-        first = sym.slices[0]
-        t = model.get_buffer(first.name) if first.buffer else model.get_parameter(first.name)
-        return tol if tol is not None else default_tolerance(t.dtype)
-
-    done = [0]
-    total = len(cands)
-
-    def tick(n: int) -> None:
-        done[0] += 1
-        prog(f"verifying {total} candidates: check {done[0]}", minor=True)
-
-    def reject(c: _Cand, change: float, extra: str = "") -> None:
-        rejected.append(Rejection(c.sym.location, f"looks like a {c.sym.kind} symmetry, but random "
-                                  f"group elements change the outputs by {change:.1e} > "
-                                  f"{limit(c.sym):.0e}{extra}", c.sym.kind, change))
-
-    kept: list[tuple[tuple[int, int], Symmetry, float]] = []
-    plain = [c for c in cands if not c.eps]
-    suspects = [c for c in cands if c.eps]
-    prog(f"verifying {total} candidates")
-    check = JointCheck(model, inputs, trials, seed=0, tick=tick)
-    with check.session():
-        for c, ch in zip(plain, check.split([c.sym for c in plain], [limit(c.sym) for c in plain])):
-            if ch <= limit(c.sym):
-                kept.append((c.order, c.sym, ch))
-            else:
-                reject(c, ch)
-        broken = [(c, check.change([c.sym])) for c in suspects]
-        if not broken:
-            return kept
-        if approx_tol is None:
-            for c, ch in broken:
-                if ch <= limit(c.sym):
-                    kept.append((c.order, c.sym, ch))
-                    continue
-                reject(c, ch, f" ({c.eps}: scale invariance holds only up to O(eps/variance); "
-                              "pass approx_tol to report it as approximate)")
-            return kept
-        with _tiny_eps(model):
-            check.ref = []
-            with check.session():
-                limits = [limit(c.sym) for c, _ in broken]
-                at_zero = check.split([c.sym for c, _ in broken], limits)
-    for (c, ch), z, lim in zip(broken, at_zero, limits):
-        if z > lim:
-            reject(c, ch, f" (and by {z:.1e} with eps → 0: not a symmetry)")
-        elif ch > approx_tol:
-            reject(c, ch, f" ({c.eps}: exact only as eps → 0, and the breaking exceeds "
-                          f"approx_tol={approx_tol:.0e})")
-        else:
-            kept.append((c.order, replace(c.sym, exact=False, breaking=ch, broken_by=c.eps), ch))
-    return kept
