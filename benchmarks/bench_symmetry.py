@@ -73,8 +73,9 @@ def timed(fn: Callable[[], object], reps: int) -> float:
 def real(baseline: bool) -> None:
     """Detection + verification on ResNet-18 and a 6-layer base-width BERT (CPU seconds)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from foreign_models import resnet18
     from transformers import BertConfig, BertForSequenceClassification
+
+    from foreign_models import resnet18
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -90,7 +91,7 @@ def real(baseline: bool) -> None:
              ("ResNet-18 w64 eval,  4×224²", lambda: net.eval(), img, 5.0),
              ("BERT 6×768 (12 heads), 4×64 tok", lambda: bert.train(),
               {"input_ids": ids, "attention_mask": mask}, 10.0)]
-    print(f"\nfind_symmetries on real architectures (threads 1; CPU s of this process; wall s "
+    print("\nfind_symmetries on real architectures (threads 1; CPU s of this process; wall s "
           "under the current machine load)")
     for name, mode, inputs, budget in cases:
         mode()
