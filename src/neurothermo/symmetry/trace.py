@@ -8,6 +8,9 @@ A model fx cannot trace (Python control flow on tensor values, ``.item()``, nump
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
 import operator
 import traceback
 from collections.abc import Sequence
@@ -250,6 +253,18 @@ def _fail(model: nn.Module, err: BaseException) -> UntraceableModelError:
     return out
 
 
+def _defaults(model: nn.Module, given: int) -> dict[str, Any] | None:
+    """Optional ``forward`` arguments not given in the example: traced at their default value."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    out = {p.name: p.default for p in params[given:]
+           if p.default is not inspect.Parameter.empty
+           and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return out or None
+
+
 def trace_model(
     model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...],
     leaf_modules: Sequence[type | str] = (),
@@ -265,7 +280,7 @@ def trace_model(
         )
     tracer = _Tracer(leaf_modules)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_defaults(model, len(inputs)))
     except Exception as err:
         raise _fail(model, err) from err
     gm = fx.GraphModule(tracer.root, graph)
@@ -274,7 +289,7 @@ def trace_model(
         raise TypeError(f"model.forward takes {n_in} inputs, example_inputs has {len(inputs)}")
     prop = ShapeProp(gm)
     try:
-        with preserved_state(model), torch.no_grad():
+        with preserved_state(model), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             prop.propagate(*inputs)
     except Exception as err:
         current = [n.name for n in gm.graph.nodes if n not in prop.env]
