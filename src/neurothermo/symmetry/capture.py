@@ -193,12 +193,10 @@ def dynamo_trace(model: nn.Module, inputs: Args) -> Traced:
         warnings.simplefilter("ignore")
         try:
             gm, _ = dynamo.export(_Outputs(model))(*args, **kwargs)
-        except Exception as err:
+        except Exception as err:  # no dynamo.reset(): it would drop the caller's compiled code
             raise UntraceableModelError(
                 f"torch.dynamo cannot capture {type(model).__name__}: {type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''}") from err
-        finally:
-            dynamo.reset()
     flat = pytree.tree_leaves((args, kwargs))
     try:
         gm = _remodule(gm, model)
