@@ -259,6 +259,8 @@ def _defaults(model: nn.Module, given: int) -> dict[str, Any] | None:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None  # fx cannot bind concrete arguments next to *args / **kwargs
     out = {p.name: p.default for p in params[given:]
            if p.default is not inspect.Parameter.empty
            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
