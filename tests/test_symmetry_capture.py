@@ -67,8 +67,21 @@ def test_keyword_inputs_and_batch_encoding():
     enc = transformers.BatchEncoding({"x": x, "scale": torch.tensor(2.0, dtype=D)})
     assert split_inputs(enc) == ((), {"x": x, "scale": enc["scale"]})
     report = find_symmetries(model, enc, explain=True, progress=False)
-    assert report.blocks[0].how == "dynamo"
+    assert report.blocks[0].how == "fx"  # the keywords are forward's first parameters, in order
     assert _summary(report) == _summary(find_symmetries(model, x, progress=False))
+
+    class Kwargs(nn.Module):  # forward(**kwargs): only dynamo can bind them
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, **kw):
+            return self.net(kw["x"], kw["scale"])
+
+    report = find_symmetries(Kwargs(), enc, explain=True, progress=False)
+    assert report.blocks[0].how == "dynamo"
+    assert [(s.kind, s.location.replace("net.", "")) for s in report] == [
+        (s.kind, s.location) for s in find_symmetries(model, x, progress=False)]
     with pytest.raises(TypeError, match="mapping of tensors"):
         find_symmetries(model, [1, 2])
     with pytest.raises(TypeError, match="mapping must hold tensors"):

@@ -16,6 +16,7 @@ arguments, e.g. a tokenizer's ``BatchEncoding``; the batch on the leading axis).
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -247,6 +248,24 @@ def _record(model: nn.Module, inputs: Args) -> dict[str, Args]:
     return seen
 
 
+def _as_positional(model: nn.Module, inputs: Args) -> tuple[Tensor, ...] | None:
+    """The inputs as positional tensors, if keyword inputs are the first parameters of
+    ``forward`` in order (``{"x": x}`` for ``forward(self, x, mask=None)``); else None."""
+    args, kwargs = inputs
+    if not kwargs:
+        return args if all(isinstance(a, Tensor) for a in args) else None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    names = [p.name for p in params[len(args): len(args) + len(kwargs)]]
+    if sorted(names) != sorted(kwargs) or not all(isinstance(v, Tensor) for v in kwargs.values()):
+        return None
+    return (*args, *(kwargs[n] for n in names))
+
+
 def _short(err: BaseException) -> str:
     return str(err).split(". torch.fx traces")[0].splitlines()[0][:300]
 
@@ -278,9 +297,10 @@ def _capture_into(
 ) -> UntraceableModelError | None:
     label = prefix.rstrip(".")
     fx_err: UntraceableModelError | None = None
-    if not inputs[1]:
+    positional = _as_positional(model, inputs)
+    if positional is not None:
         try:
-            parts.append(Part(prefix, trace_model(model, inputs[0], leaves)))
+            parts.append(Part(prefix, trace_model(model, positional, leaves)))
             blocks.append(Block(label, "analysed", "fx"))
             return None
         except UntraceableModelError as err:
@@ -305,12 +325,13 @@ def _capture_into(
             "Check that example_inputs are valid inputs of model.forward.") from err
     if note:
         note(f"capturing {label or 'the model'} block by block")
-    if fx_err is not None:  # fx with every failing submodule opaque, each then captured alone
+    if fx_err is not None and positional is not None:
+        # fx with every failing submodule opaque, each then captured alone
         auto: list[type | str] = list(leaves)
         tr = None
         for _ in range(64):
             try:
-                tr = trace_model(model, inputs[0], auto)
+                tr = trace_model(model, positional, auto)
                 break
             except UntraceableModelError as err:
                 if not err.module_path or err.module_path in auto:
