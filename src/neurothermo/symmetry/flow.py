@@ -185,6 +185,11 @@ def walk(tr: Traced, prod: Producer) -> Flow:
             mine = [tracks[a] for a in flat_args(node) if isinstance(a, fx.Node) and a in tracks]
             flow.blocked_normed = bool(mine) and all(t.normed for t in mine)
             break
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
+            # an operation whose arguments these rules do not read: stop here, say so
+            flow.blockers.append(f"operation '{node.name}' could not be followed "
+                                 f"({type(err).__name__}: {err})")
+            break
         if new is not None:
             tracks[node] = new
     return flow

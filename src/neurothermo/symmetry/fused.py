@@ -79,6 +79,8 @@ def split_step(tr: Traced, flow: Flow, node: fx.Node, op: str, t: Track) -> Trac
 
 
 def _full(s: slice, size: int) -> bool:
+    if not all(v is None or isinstance(v, int) for v in (s.start, s.stop, s.step)):
+        return False  # bounds computed in the graph
     start, stop, step = s.start or 0, s.stop, s.step or 1
     return step == 1 and start in (0, -size) and (stop is None or stop >= size)
 
