@@ -95,8 +95,14 @@ def test_approximate_symmetries_are_monitored_with_their_breaking():
     assert len(mon.history[names.charge(0)]) == 3
 
 
-def test_detect_says_when_it_is_slow_and_accepts_keyword_inputs():
-    """Keyword inputs go through torch.dynamo; lines come through ``say`` after one second."""
+def test_detect_says_when_it_is_slow_and_accepts_keyword_inputs(monkeypatch):
+    """Lines come through ``say`` once detection has taken ``after`` seconds (0 here, so that
+    this small model counts as slow)."""
+    from neurothermo.symmetry import progress
+
+    init = progress.Progress.__init__
+    monkeypatch.setattr(progress.Progress, "__init__",
+                        lambda self, arg, what, after=1.0: init(self, arg, what, 0.0))
     torch.manual_seed(0)
     lines: list[str] = []
 
@@ -110,4 +116,25 @@ def test_detect_says_when_it_is_slow_and_accepts_keyword_inputs():
 
     syms = detect(KW().double(), {"x": torch.randn(12, 3, dtype=D)}, "auto", say=lines.append)
     assert sorted(s.kind for s in syms) == ["permutation", "rescale"]
-    assert all(line.startswith("detecting symmetries: find_symmetries: ") for line in lines)
+    assert lines and all(line.startswith("detecting symmetries: find_symmetries: ") for line in lines)
+    assert "capturing the graph" in lines[0] and "done" in lines[-1]
+
+
+def test_progress_timer_prints_the_stage_in_progress():
+    import time
+
+    from neurothermo.symmetry.progress import Progress
+
+    lines: list[str] = []
+    p = Progress(lines.append, "find_symmetries", after=0.05)
+    p("capturing the graph")  # fast so far: held back
+    assert lines == []
+    time.sleep(0.3)  # a slow stage: the timer says what is going on
+    assert len(lines) == 1 and lines[0].startswith("find_symmetries: capturing the graph …")
+    p.close("done")
+    assert lines[-1].startswith("find_symmetries: done")
+    quiet: list[str] = []
+    q = Progress(quiet.append, "x", after=10.0)
+    q("stage")
+    q.close("done")
+    assert quiet == []  # finished within the delay: nothing said
