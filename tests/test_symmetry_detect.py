@@ -252,7 +252,6 @@ def _frozen_bias() -> nn.Module:
     (FixedOffset, {"double_rotation", "rescale"}, "fixed tensor 'c'"),
     (_frozen_bias, {"double_rotation"}, "frozen"),
     (lambda: CNN().eval(), {"scale"}, "eval mode"),
-    (lambda: _ln_mlp(1e-5), {"scale"}, "eps=1e-05"),
     (lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), weight_norm(nn.Linear(5, 2))),
      {"rescale"}, "weight-normalised: its columns cannot be scaled"),
 ])
@@ -273,13 +272,25 @@ def test_fixed_offset_keeps_permutation_with_buffer():
     assert perm.kind == "permutation" and any(s.buffer and s.name == "c" for s in perm.slices)
 
 
-def test_eps_rejection_is_measured_and_tol_overrides():
+def test_eps_breaking_is_reported_as_approximate_and_measured():
     torch.manual_seed(0)
     model, x = _ln_mlp(1e-5).to(D), torch.randn(*X2, dtype=D)
     report = find_symmetries(model, x, explain=True)
-    (rej,) = [r for r in report.rejected if r.kind == "scale"]
-    assert rej.change is not None and 1e-10 < rej.change < 1e-3  # O(eps/σ²), not O(1)
-    assert "scale" in {s.kind for s in find_symmetries(model, x, tol=1e-3)}
+    (sc,) = [s for s in report if s.kind == "scale"]
+    assert not sc.exact and "eps=1e-05 of '1'" in sc.broken_by and "approximate" in str(sc)
+    assert 1e-10 < sc.breaking < 1e-3  # O(eps/σ²) in float64, not rounding and not O(1)
+    assert report.approximate == (sc,)
+    # control: the same net with eps = 0 has the exact symmetry
+    exact = find_symmetries(_ln_mlp(0.0).to(D), x, explain=True)
+    assert [s.exact for s in exact if s.kind == "scale"] == [True]
+    # approx_tol=None restores the strict rule: rejected with the measured change and the cause
+    strict = find_symmetries(model, x, explain=True, approx_tol=None)
+    (rej,) = [r for r in strict.rejected if r.kind == "scale"]
+    assert rej.change is not None and 1e-10 < rej.change < 1e-3 and "eps=1e-05" in rej.reason
+    # a breaking larger than approx_tol is rejected and says so
+    tight = find_symmetries(model, x, explain=True, approx_tol=sc.breaking / 2)
+    assert "scale" not in {s.kind for s in tight}
+    assert any("approx_tol" in r.reason for r in tight.rejected)
 
 
 def test_verify_measures_a_broken_symmetry():
@@ -331,14 +342,40 @@ class Outer(nn.Module):
         return self.h(F.relu(self.g(self.inner(x))))
 
 
-def test_untraceable_model_names_the_failing_op_and_the_way_out():
-    x = torch.randn(2, 3)
-    with pytest.raises(UntraceableModelError) as info:
-        find_symmetries(Outer(), x)
-    msg = str(info.value)
-    assert "'inner' (DataDependent)" in msg and "if x.sum() > 0" in msg and "leaf_modules" in msg
-    syms = find_symmetries(Outer(), x, leaf_modules=[DataDependent])
+class Hopeless(nn.Module):
+    """Data-dependent Python in the model's own forward and no submodule to fall back to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x @ self.w
+        return x
+
+
+def test_an_untraceable_block_stays_opaque_and_the_rest_is_searched():
+    x = -torch.rand(2, 3)  # x.sum() < 0: inner.f is never called, inner has nothing to split
+    report = find_symmetries(Outer(), x, explain=True, progress=False)
+    assert {(s.kind, s.location.split()[0]) for s in report} == {("rescale", "g"), ("permutation", "g")}
+    (opaque,) = report.opaque
+    assert opaque.path == "inner" and "if x.sum() > 0" in opaque.reason
+    assert "analysed via fx: with inner opaque" in str(report)
+    # x.sum() > 0: inner is split and its Linear analysed on its own
+    blocks = find_symmetries(Outer(), -x, explain=True, progress=False).blocks
+    assert [(b.path, b.status) for b in blocks] == [("", "analysed"), ("inner", "split"),
+                                                    ("inner.f", "analysed")]
+    syms = find_symmetries(Outer(), x, leaf_modules=[DataDependent], explain=True)
     assert {(s.kind, s.location.split()[0]) for s in syms} == {("rescale", "g"), ("permutation", "g")}
+    assert not syms.opaque
+
+
+def test_untraceable_model_names_the_failing_op_and_the_way_out():
+    with pytest.raises(UntraceableModelError) as info:
+        find_symmetries(Hopeless(), torch.randn(2, 3), progress=False)
+    msg = str(info.value)
+    assert "Hopeless" in msg and "if x.sum() > 0" in msg and "leaf_modules" in msg
 
 
 def test_bad_inputs():

@@ -404,7 +404,8 @@ class ThermoMonitor:
 
     def _init_symmetries(self, inputs: Tensor) -> list[Tracked]:
         with self._measuring(), torch.no_grad():
-            syms = detect(self.model, inputs, self._sym_request)
+            syms = detect(self.model, inputs, self._sym_request,
+                          note=lambda text: self._note("symmetries", text))
         tracked = track(syms, self._params)
         keys = {(s.name, s.dim, s.view): None for t in tracked if t.per_unit for s in t.sym.slices
                 if s.role != "passive" and not s.buffer and s.dim is not None}

@@ -14,7 +14,8 @@ since, so a tracked charge costs one evaluation per step, not two.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,27 +26,54 @@ from neurothermo.monitor import names
 _DETECT_SAMPLES = 8  # find_symmetries only needs a few inputs to trace and verify the model
 
 
-def detect(model: nn.Module, inputs: Any, request: str | Sequence[Any] | None) -> list[Any]:
-    """Resolve ``symmetries=`` of the monitor: "auto" → find_symmetries, None → [], a list → it."""
+def _say(line: str) -> None:
+    print(f"ThermoMonitor: {line}", file=sys.stderr, flush=True)
+
+
+def _first(inputs: Any, k: int) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs[:k]
+    if isinstance(inputs, Mapping):
+        return {n: v[:k] if isinstance(v, Tensor) and v.ndim else v for n, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return tuple(x[:k] if isinstance(x, Tensor) and x.ndim else x for x in inputs)
+    return inputs
+
+
+def detect(
+    model: nn.Module, inputs: Any, request: str | Sequence[Any] | None,
+    note: Callable[[str], None] | None = None, say: Callable[[str], None] = _say,
+) -> list[Any]:
+    """Resolve ``symmetries=`` of the monitor: "auto" → find_symmetries, None → [], a list → it.
+
+    With "auto", a model whose graph cannot be captured at all gives ``note(reason)`` (the
+    monitor turns it into a ``MonitorWarning``) and no symmetries; parts that stay opaque are
+    noted too and the rest is monitored. Detection that takes over a second says so through
+    ``say`` (stderr), stage by stage.
+    """
     if request is None:
         return []
     if request != "auto":
         return list(request)
     try:
-        from neurothermo.symmetry import find_symmetries
+        from neurothermo.symmetry import UntraceableModelError, find_symmetries
     except ImportError as e:
         raise ImportError(
             "ThermoMonitor(symmetries='auto') needs neurothermo.symmetry (find_symmetries); "
             "pass symmetries=None to monitor without charges and neuron energies"
         ) from e
-    if isinstance(inputs, Mapping):  # keyword inputs (a dict, a BatchEncoding): not traceable
-        from neurothermo.symmetry import UntraceableModelError
-
-        raise UntraceableModelError(
-            "symmetries='auto' traces forward(inputs) with positional tensor inputs, but the batch "
-            f"holds a mapping of inputs (keys {list(inputs)}); pass symmetries=None, or a list "
-            "of Symmetry objects found with find_symmetries on a positional wrapper of the model")
-    return list(find_symmetries(model, inputs[:_DETECT_SAMPLES]))
+    try:
+        report = find_symmetries(model, _first(inputs, _DETECT_SAMPLES), explain=True,
+                                 progress=lambda line: say(f"detecting symmetries: {line}"))
+    except UntraceableModelError as err:
+        if note is not None:
+            note(f"no symmetry columns: find_symmetries could not capture the model ({err}); "
+                 "pass symmetries=[...] (e.g. found with leaf_modules=) or symmetries=None")
+        return []
+    if report.opaque and note is not None:
+        parts = ", ".join(f"'{b.path}'" for b in report.opaque)
+        note(f"symmetries of {parts} not searched (opaque to graph capture); the rest is monitored")
+    return list(report.symmetries)
 
 
 def versions(params: Mapping[str, Tensor]) -> tuple[int, ...]:
@@ -86,8 +114,12 @@ class Tracked:
         self._cache = None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": str(self.sym.kind), "location": str(self.sym.location),
-                "units": int(self.sym.n_units), "per_unit": self.per_unit}
+        out = {"kind": str(self.sym.kind), "location": str(self.sym.location),
+               "units": int(self.sym.n_units), "per_unit": self.per_unit}
+        if not getattr(self.sym, "exact", True):  # approximate: the breaking is part of the record
+            out |= {"exact": False, "breaking": float(self.sym.breaking),
+                    "broken_by": str(self.sym.broken_by)}
+        return out
 
 
 def track(syms: Sequence[Any], params: Mapping[str, Tensor]) -> list[Tracked]:

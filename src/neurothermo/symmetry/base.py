@@ -176,8 +176,11 @@ class Symmetry:
     ``location``: readable path (``"fc1 → relu → fc2 (512 units)"``); ``slices``: the parameter
     slices it acts on; ``n_units``: size of the unit axis; ``block``: size of the blocks a
     double rotation acts on (per attention head: the head dimension); ``whole``: a single scale
-    for all slices (LayerNorm after a linear map). ``isometry`` is True for permutation and sign
-    flips. A double rotation's group is GL(block) (not isometric; its charge is the symmetric part);
+    for all slices (LayerNorm after a linear map). ``exact`` is False for an *approximate*
+    symmetry: one that holds exactly only in a limit the model does not reach (a normalisation's
+    ``eps → 0``); ``breaking`` is then the relative output change measured at detection under
+    random group elements and ``broken_by`` names the cause. ``isometry`` is True for permutation
+    and sign flips. A double rotation's group is GL(block) (not isometric; its charge is the symmetric part);
     its orthogonal subgroup O(block) acts isometrically and :meth:`transform` accepts it too.
     The diagonal of a double rotation's charge is the per-unit rescale charge.
     """
@@ -188,6 +191,9 @@ class Symmetry:
     n_units: int
     block: int = 1
     whole: bool = False
+    exact: bool = True
+    breaking: float = 0.0
+    broken_by: str = ""
 
     @property
     def isometry(self) -> bool:
@@ -213,7 +219,10 @@ class Symmetry:
         return (self.n_units // self.block, self.block, self.block)
 
     def __str__(self) -> str:
-        return f"{self.kind}: {self.location}"
+        if self.exact:
+            return f"{self.kind}: {self.location}"
+        return (f"{self.kind} (approximate, broken by {self.broken_by}: output change "
+                f"{self.breaking:.1e}): {self.location}")
 
     def _no_charge(self) -> None:
         if self.isometry:

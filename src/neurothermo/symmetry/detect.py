@@ -1,35 +1,23 @@
 """``find_symmetries``: trace, follow every layer's units, build candidates, verify, explain."""
 from __future__ import annotations
 
-import re
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 from torch import Tensor, nn
 
 from neurothermo._validate import check_int, check_positive
 from neurothermo.symmetry.base import ParamSlice, Symmetry
-from neurothermo.symmetry.flow import Flow, find_producers, walk
+from neurothermo.symmetry.capture import Block, Part, capture, split_inputs
+from neurothermo.symmetry.checking import Cand, Rejection, verify_candidates
+from neurothermo.symmetry.flow import Flow, find_producers, walk_all
+from neurothermo.symmetry.progress import Progress, ProgressArg
+from neurothermo.symmetry.recurrent import inner_symmetries
 from neurothermo.symmetry.rotation import attention_symmetries
 from neurothermo.symmetry.scale import weight_norm_symmetry
-from neurothermo.symmetry.trace import Traced, trace_model
-from neurothermo.symmetry.verify import default_tolerance, verify_symmetry
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A pattern that is not reported, and why (``change``: measured output change, if tested)."""
-
-    location: str
-    reason: str
-    kind: str | None = None
-    change: float | None = None
-
-    def __str__(self) -> str:
-        kind = f"{self.kind}: " if self.kind else ""
-        return f"{kind}{self.location}: {self.reason}"
+from neurothermo.symmetry.trace import Traced
 
 
 @dataclass(frozen=True)
@@ -40,6 +28,7 @@ class SymmetryReport:
     symmetries: tuple[Symmetry, ...]
     changes: tuple[float, ...]
     rejected: tuple[Rejection, ...]
+    blocks: tuple[Block, ...] = ()
 
     def __iter__(self) -> Iterator[Symmetry]:
         return iter(self.symmetries)
@@ -47,11 +36,24 @@ class SymmetryReport:
     def __len__(self) -> int:
         return len(self.symmetries)
 
+    @property
+    def approximate(self) -> tuple[Symmetry, ...]:
+        """The symmetries that hold only up to a measured breaking (``exact=False``)."""
+        return tuple(s for s in self.symmetries if not s.exact)
+
+    @property
+    def opaque(self) -> tuple[Block, ...]:
+        """The parts of the model that were not searched (with the reason)."""
+        return tuple(b for b in self.blocks if b.status == "opaque")
+
     def __str__(self) -> str:
-        lines = [f"{len(self.symmetries)} symmetries (verified):"]
+        n_apx = len(self.approximate)
+        lines = [f"{len(self.symmetries)} symmetries (verified; {n_apx} approximate):"]
         lines += [f"  {s}   [max output change {c:.1e}]" for s, c in zip(self.symmetries, self.changes)]
         lines.append(f"{len(self.rejected)} patterns not reported:")
         lines += [f"  {r}" for r in self.rejected]
+        lines.append("graph capture:")
+        lines += [f"  {b}" for b in self.blocks]
         return "\n".join(lines)
 
 
@@ -71,10 +73,33 @@ def _path(f: Flow, consumers: list[str]) -> str:
     return " → ".join(steps)
 
 
-def _decide(f: Flow) -> tuple[list[Symmetry], list[Rejection]]:
+def _grouped(tr: Traced, s: ParamSlice, groups: int) -> ParamSlice:
+    """Slice ``s`` (rows = channels) read as ``groups`` units of consecutive channels."""
+    shape = tuple(tr.model.get_parameter(s.name).shape)
+    return ParamSlice(s.name, s.role, 0, view=(groups, shape[0] // groups, *shape[1:]))
+
+
+def _decide_scale(tr: Traced, f: Flow) -> list[Symmetry]:
+    p, n = f.producer, f.producer.n
+    if not all(ok for _, _, ok in f.norms) or any(not c[2] for c in f.consumers):
+        return []
+    whole = any(kind == "whole" for _, kind, _ in f.norms)
+    group = any(kind == "group" for _, kind, _ in f.norms) and not whole
+    sl = tuple(ParamSlice(s.name, "in", None) if whole else
+               _grouped(tr, s, f.groups) if group else s for s in p.cov + f.cov if s.role == "in")
+    norms = ", ".join(dict.fromkeys(name for name, _, _ in f.norms))
+    what = ("one scale for all" if whole else f"{f.groups} groups of {n // f.groups} "
+            "channels" if group else f"{n} units")
+    units = 1 if whole else f.groups if group else n
+    return [Symmetry("scale", f"{p.name} → {norms} ({what})", sl, units, whole=whole)]
+
+
+def _decide(tr: Traced, f: Flow) -> tuple[list[Symmetry], list[Rejection]]:
     p = f.producer
-    if f.blockers:
+    if f.blockers and not (f.blocked_normed and f.norms):
         return [], [Rejection(p.name, f.blockers[0])]
+    if f.blockers:  # blocked after a normalisation: only the scale symmetry survives
+        return _decide_scale(tr, f), [Rejection(p.name, f.blockers[0])]
     if f.bilinear or not (f.consumers or f.norms):
         return [], []
     pre = [c for c in f.consumers if not c[2]]
@@ -89,13 +114,7 @@ def _decide(f: Flow) -> tuple[list[Symmetry], list[Rejection]]:
             rej.append(Rejection(loc, f"its units are normalised by '{f.norms[0][0]}' but also "
                                       f"used directly by '{pre[0][0]}'", "scale"))
         elif all(ok for _, _, ok in f.norms):
-            whole = any(kind == "whole" for _, kind, _ in f.norms)
-            sl = tuple(ParamSlice(s.name, "in", None) if whole else s
-                       for s in cov if s.role == "in")
-            norms = ", ".join(dict.fromkeys(name for name, _, _ in f.norms))
-            what = "one scale for all" if whole else f"{n} units"
-            found.append(Symmetry("scale", f"{p.name} → {norms} ({what})", sl,
-                                  1 if whole else n, whole=whole))
+            found += _decide_scale(tr, f)
         else:
             rej.append(Rejection(loc, f.lost.get("rescale", "not positively homogeneous"), "scale"))
     elif "gl" in f.classes and not p.diag:
@@ -109,7 +128,8 @@ def _decide(f: Flow) -> tuple[list[Symmetry], list[Rejection]]:
             rej.append(Rejection(loc, f.lost.get("rescale", "not positively homogeneous"),
                                  "rescale"))
         if "sign" in f.classes and not p.diag:
-            found.append(Symmetry("sign_flip", loc, tuple(cov + contra), n))
+            sign = p.sign_cov + f.cov if p.sign_cov is not None else cov
+            found.append(Symmetry("sign_flip", loc, tuple(sign + contra), n))
     if "perm" in f.classes and "gl" not in f.classes and not p.diag and n >= 2:
         every = [s for c in f.consumers for s in c[1]]
         found.append(Symmetry("permutation", loc, tuple(cov + f.passive + every), n))
@@ -152,7 +172,7 @@ def _pairs(flows: list[Flow]) -> tuple[list[tuple[int, Symmetry]], list[Rejectio
 
 def _structural_problem(tr: Traced, sym: Symmetry) -> str | None:
     for name in sym.param_names:
-        k = tr.uses.get(name, 0)
+        k = tr.uses.get(tr.canonical.get(id(tr.model.get_parameter(name)), name), 0)
         if k > 1:
             return (f"parameter '{name}' is used by {k} operations (tied/shared weights): one "
                     "group element would have to act on it in two incompatible ways")
@@ -164,98 +184,151 @@ def _structural_problem(tr: Traced, sym: Symmetry) -> str | None:
     return None
 
 
-def _hint(tr: Traced, sym: Symmetry) -> str:
-    names = set(re.split(r"[\s→,{}()·]+", sym.location))
-    eps = [(n, m.eps) for n, m in tr.model.named_modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.LayerNorm | nn.RMSNorm)
-           and n in names and (m.eps is None or m.eps > 0)]
-    if sym.kind == "scale" and eps:
-        return (f" ('{eps[0][0]}' has eps={eps[0][1]}: scale invariance holds only up to "
-                "O(eps/variance); set eps=0 for an exact symmetry or pass a looser tol)")
-    return ""
+_NORM = nn.modules.batchnorm._NormBase | nn.LayerNorm | nn.GroupNorm | nn.RMSNorm
 
 
-@overload
-def find_symmetries(
-    model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...], *,
-    explain: Literal[False] = False, tol: float | None = None,
-    leaf_modules: Sequence[type | str] = (), trials: int = 3,
-) -> list[Symmetry]: ...
+def _eps_of(tr: Traced, names: list[str]) -> str:
+    """``"eps=1e-05 of 'bn1'"`` for the normalisations among ``names`` with ``eps > 0``."""
+    found = []
+    for n in dict.fromkeys(names):
+        mod: Any = tr.model.get_submodule(n)
+        if isinstance(mod, _NORM) and (mod.eps is None or mod.eps > 0):
+            found.append(f"eps={mod.eps if mod.eps is not None else 'dtype eps'} of '{n}'")
+    return ", ".join(found)
 
 
-@overload
-def find_symmetries(
-    model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...], *,
-    explain: Literal[True], tol: float | None = None,
-    leaf_modules: Sequence[type | str] = (), trials: int = 3,
-) -> SymmetryReport: ...
+def _prefixed(sym: Symmetry, prefix: str) -> Symmetry:
+    if not prefix:
+        return sym
+    sl = tuple(replace(x, name=prefix + x.name) for x in sym.slices)
+    return replace(sym, slices=sl, location=f"{prefix}{sym.location}")
 
 
-def find_symmetries(
-    model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...], *,
-    explain: bool = False, tol: float | None = None,
-    leaf_modules: Sequence[type | str] = (), trials: int = 3,
-) -> list[Symmetry] | SymmetryReport:
-    """Find the model's rescale, scale, double-rotation, permutation and sign-flip symmetries.
-
-    Traces ``model`` with torch.fx (``example_inputs``: the positional arguments of ``forward``;
-    they also serve for the numerical check), follows every layer's units, and keeps a candidate
-    only if :func:`verify_symmetry` finds an output change ≤ ``tol`` (default: 1e-10 in float64,
-    1e-5 in float32) under ``trials`` random group elements. Symmetries are searched in the
-    model's *current* mode (BatchNorm removes scale only in train mode). A pattern that looks
-    symmetric but is not (residual add across the units, tied or frozen weights, BatchNorm in eval
-    mode, biases/offsets that do not transform, normalisations with ``eps > 0``) is left out; with
-    ``explain=True`` the result is a :class:`SymmetryReport` that lists why. Modules in
-    ``leaf_modules`` (classes or qualified names) are not traced into (opaque to the search).
-    Linear links (no nonlinearity) report one ``double_rotation`` (GL(d) contains the per-unit
-    rescale, permutation and sign-flip subgroups); ``nn.MultiheadAttention`` and hand-written
-    attention (``q·kᵀ``, ``softmax(·)·v`` through separate Linear layers) give per-head pairs.
-    """
-    trials = check_int("trials", trials)
-    if tol is not None:
-        tol = check_positive("tol", tol)
-    tr = trace_model(model, example_inputs, leaf_modules)
-    flows = [walk(tr, p) for p in find_producers(tr)]
+def _candidates(k: int, part: Part) -> tuple[list[Cand], list[Rejection]]:
+    tr, prefix = part.traced, part.prefix
+    flows = [f for p in find_producers(tr) for f in walk_all(tr, p)]
     order = {node: i for i, node in enumerate(tr.gm.graph.nodes)}
-    cands: list[tuple[int, Symmetry]] = []
+    cands: list[Cand] = []
     rejected: list[Rejection] = []
     for f in flows:
-        found, rej = _decide(f)
-        cands += [(order[f.producer.node], s) for s in found]
+        found, rej = _decide(tr, f)
+        eps = _eps_of(tr, [name for name, _, _ in f.norms])
+        norms = [(prefix + name, kind) for name, kind, _ in f.norms]
+        cands += [Cand((k, order[f.producer.node]), s, eps, norms) if s.kind == "scale" and eps
+                  else Cand((k, order[f.producer.node]), s) for s in found]
         rejected += rej
     pairs, rej = _pairs(flows)
-    cands += [(order[flows[i].producer.node], s) for i, s in pairs]
+    cands += [Cand((k, order[flows[i].producer.node]), s) for i, s in pairs]
     rejected += rej
     for node in tr.gm.graph.nodes:
         if node.op != "call_module":
             continue
         mod = tr.gm.get_submodule(str(node.target))
+        extra: list[Symmetry] = []
         if isinstance(mod, nn.MultiheadAttention):
-            cands += [(order[node], s) for s in attention_symmetries(str(node.target), mod)]
+            extra += attention_symmetries(str(node.target), mod)
+        if isinstance(mod, nn.RNNBase):
+            extra += inner_symmetries(str(node.target), mod)
         wn = weight_norm_symmetry(str(node.target), mod)
         if wn is not None:
-            cands.append((order[node], wn))
-    cands.sort(key=lambda x: x[0])
-    kept: list[Symmetry] = []
-    changes: list[float] = []
-    for _, sym in cands:
-        problem = _structural_problem(tr, sym)
+            extra.append(wn)
+        cands += [Cand((k, order[node]), s) for s in extra]
+    cands.sort(key=lambda c: c.order)
+    kept = []
+    for c in cands:
+        problem = _structural_problem(tr, c.sym)
         if problem:
-            rejected.append(Rejection(sym.location, problem, sym.kind))
-            continue
-        t = model.get_buffer(sym.slices[0].name) if sym.slices[0].buffer else \
-            model.get_parameter(sym.slices[0].name)
-        limit = tol if tol is not None else default_tolerance(t.dtype)
-        change = verify_symmetry(model, sym, example_inputs, trials=trials)
-        if change <= limit:
-            kept.append(sym)
-            changes.append(change)
+            rejected.append(Rejection(prefix + c.sym.location, problem, c.sym.kind))
         else:
-            rejected.append(Rejection(
-                sym.location, f"looks like a {sym.kind} symmetry, but random group elements "
-                f"change the outputs by {change:.1e} > {limit:.0e}{_hint(tr, sym)}",
-                sym.kind, change))
+            kept.append(replace(c, sym=_prefixed(c.sym, prefix)))
+    if prefix:
+        rejected = [replace(r, location=prefix + r.location) for r in rejected]
+    return kept, rejected
+
+
+Inputs = Tensor | tuple[Tensor, ...] | Mapping[str, Any]
+
+
+@overload
+def find_symmetries(
+    model: nn.Module, example_inputs: Inputs, *,
+    explain: Literal[False] = False, tol: float | None = None,
+    leaf_modules: Sequence[type | str] = (), trials: int = 3,
+    approx_tol: float | None = 1e-2, progress: ProgressArg = None,
+) -> list[Symmetry]: ...
+
+
+@overload
+def find_symmetries(
+    model: nn.Module, example_inputs: Inputs, *,
+    explain: Literal[True], tol: float | None = None,
+    leaf_modules: Sequence[type | str] = (), trials: int = 3,
+    approx_tol: float | None = 1e-2, progress: ProgressArg = None,
+) -> SymmetryReport: ...
+
+
+def find_symmetries(
+    model: nn.Module, example_inputs: Inputs, *,
+    explain: bool = False, tol: float | None = None,
+    leaf_modules: Sequence[type | str] = (), trials: int = 3,
+    approx_tol: float | None = 1e-2, progress: ProgressArg = None,
+) -> list[Symmetry] | SymmetryReport:
+    """Find the model's rescale, scale, double-rotation, permutation and sign-flip symmetries.
+
+    Captures the model's graph (torch.fx; torch.dynamo when fx fails or the inputs are keyword
+    arguments; block by block when both fail — see ``capture.py``), follows every layer's units
+    and keeps a candidate only if random group elements change the outputs by at most ``tol``
+    (default: 1e-10 in float64, 1e-5 in float32; relative Frobenius change, max over ``trials``
+    draws). ``example_inputs``: a tensor, a tuple of tensors (positional arguments of
+    ``forward``) or a mapping of tensors (keyword arguments, e.g. a Hugging Face
+    ``BatchEncoding`` with ``input_ids`` and ``attention_mask``); they also serve for the check.
+
+    Symmetries are searched in the model's *current* mode (BatchNorm removes scale only in train
+    mode). Scale symmetries of normalisations with ``eps > 0`` hold only up to O(eps/variance):
+    such a candidate is kept as *approximate* (``exact=False``, ``breaking`` = its measured output
+    change) if it is exact in the ``eps → 0`` limit (checked with every eps set to the dtype's
+    smallest normal number) and its breaking at the model's eps is ≤ ``approx_tol``
+    (``None``: reject them). A pattern that looks symmetric but is not (residual add across the
+    units, tied or frozen weights, BatchNorm in eval mode, biases that do not transform) is left
+    out; with ``explain=True`` the result is a :class:`SymmetryReport` listing why, and which
+    blocks of the model were analysed or stayed opaque. Modules in ``leaf_modules`` (classes or
+    qualified names) are not traced into. Linear links report one ``double_rotation``; attention
+    (``nn.MultiheadAttention``, ``q·kᵀ`` / ``softmax(·)·v`` or ``scaled_dot_product_attention``
+    through separate or fused q/k/v projections) gives per-head pairs; recurrent layers give
+    hidden-unit permutations and sign flips. ``progress``: see ``progress.py`` (default: lines
+    on stderr once detection has taken a second).
+
+    Candidates are verified together (a composition of symmetries is a symmetry); a group that
+    fails is split in halves, so the cost is a few forward passes plus ``O(log n)`` per false
+    candidate and ``trials`` per approximate one.
+    """
+    trials = check_int("trials", trials)
+    if tol is not None:
+        tol = check_positive("tol", tol)
+    if approx_tol is not None:
+        approx_tol = check_positive("approx_tol", approx_tol)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    inputs = split_inputs(example_inputs)
+    prog = Progress(progress, "find_symmetries")
+    try:
+        prog("capturing the graph")
+        parts, blocks = capture(model, inputs, leaf_modules, note=prog)
+        prog("following the units of every layer")
+        cands: list[Cand] = []
+        rejected: list[Rejection] = []
+        for k, part in enumerate(parts):
+            c, r = _candidates(k, part)
+            cands += c
+            rejected += r
+        kept = verify_candidates(model, inputs, cands, rejected, tol, approx_tol, trials, prog)
+    finally:
+        prog.close("done")
+    kept.sort(key=lambda x: x[0])
+    syms = [s for _, s, _ in kept]
     if explain:
-        return SymmetryReport(tuple(kept), tuple(changes), tuple(rejected))
-    return kept
+        return SymmetryReport(tuple(syms), tuple(c for _, _, c in kept), tuple(rejected),
+                              tuple(blocks))
+    return syms
+
 

@@ -19,13 +19,23 @@ output, unknown operations), which are recorded with the reason.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
 from neurothermo.symmetry.base import ParamSlice
+from neurothermo.symmetry.fused import (
+    cat_step,
+    check_plain,
+    index_step,
+    segment_producers,
+    split_step,
+    tuple_step,
+)
 from neurothermo.symmetry.ops import (
+    addmm_step,
     binary_step,
     elementwise,
     linear_step,
@@ -35,6 +45,7 @@ from neurothermo.symmetry.ops import (
     reshape_step,
     sdpa_step,
 )
+from neurothermo.symmetry.recurrent import consumer_slices, layer_slices, rnn_layout
 from neurothermo.symmetry.trace import Traced, module_op, op_name
 from neurothermo.symmetry.units import (
     _CONV,
@@ -42,6 +53,7 @@ from neurothermo.symmetry.units import (
     _NORMS,
     Blocked,
     Flow,
+    Fused,
     Producer,
     Track,
     flat_args,
@@ -50,7 +62,7 @@ from neurothermo.symmetry.units import (
     weight_slices,
 )
 
-__all__ = ["Flow", "Producer", "Track", "find_producers", "walk"]
+__all__ = ["Flow", "Producer", "Track", "find_producers", "walk", "walk_all"]
 
 
 def find_producers(tr: Traced) -> list[Producer]:
@@ -67,7 +79,25 @@ def find_producers(tr: Traced) -> list[Producer]:
     return out
 
 
+def _rnn_producer(tr: Traced, node: fx.Node, path: str, mod: nn.RNNBase) -> Producer | None:
+    lay = rnn_layout(mod)
+    nd = ndim_of(tr, node.args[0])
+    if isinstance(lay, str):
+        return Producer(node, path, 0, Track((0,)), [], problem=f"'{path}': {lay} (opaque)")
+    perm, sign = layer_slices(path, mod, mod.num_layers - 1)
+    random_masks = bool(mod.dropout) and mod.training and mod.num_layers > 1
+    allowed = frozenset({"sign"} if random_masks else {"sign", "perm"} if lay[1] is not None
+                        else {"perm"})
+    return Producer(node, path, mod.hidden_size, Track((nd - 1,), pick=0, strict=True), perm,
+                    caveat=f"'{path}' ({type(mod).__name__}) has sigmoid/tanh gates",
+                    allowed=allowed, sign_cov=sign)
+
+
 def _producer(tr: Traced, node: fx.Node, shape: tuple[int, ...] | None) -> Producer | None:
+    if node.op == "call_module":
+        rnn = tr.gm.get_submodule(str(node.target))
+        if isinstance(rnn, nn.RNNBase):
+            return _rnn_producer(tr, node, str(node.target), rnn)
     if shape is None or len(shape) == 0:
         return None
     last = Track((len(shape) - 1,))
@@ -89,6 +119,9 @@ def _producer(tr: Traced, node: fx.Node, shape: tuple[int, ...] | None) -> Produ
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine and len(shape) >= 2:
             cov = [ParamSlice(p + "weight", "in", 0), ParamSlice(p + "bias", "in", 0)]
             return Producer(node, path, mod.num_features, Track((1,)), cov, diag=True)
+        if isinstance(mod, nn.GroupNorm) and mod.affine and len(shape) >= 2:
+            cov = [ParamSlice(p + "weight", "in", 0), ParamSlice(p + "bias", "in", 0)]
+            return Producer(node, path, mod.num_channels, Track((1,)), cov, diag=True)
         if isinstance(mod, _NORMS) and len(mod.normalized_shape) == 1 and mod.weight is not None:
             cov = [ParamSlice(p + "weight", "in", 0)]
             if getattr(mod, "bias", None) is not None:
@@ -110,6 +143,18 @@ def _producer(tr: Traced, node: fx.Node, shape: tuple[int, ...] | None) -> Produ
         if w is None or tr.param_view(node.args[0]) is not None:
             return None
         return Producer(node, w[0], shape[-1], last, [ParamSlice(w[0], "in", 0 if w[1] else 1)])
+    if op == "addmm" and len(node.args) >= 3:  # bias + x @ W (Hugging Face Conv1D: W is [in, out])
+        w = tr.param_view(node.args[2])
+        if w is None or tr.param_view(node.args[1]) is not None:
+            return None
+        name = w[0].removesuffix(".weight")
+        cov = [ParamSlice(w[0], "in", 0 if w[1] else 1)]
+        b = tr.attr(node.args[0])
+        if b is None or b[0] != "param" or tr.shape(node.args[0]) != (shape[-1],):
+            return Producer(node, name, shape[-1], last, cov,
+                            problem=f"'{name}': addmm adds a tensor that is not a bias parameter")
+        cov.append(ParamSlice(b[1], "in", 0))
+        return Producer(node, name, shape[-1], last, cov)
     return None
 
 
@@ -121,7 +166,7 @@ def walk(tr: Traced, prod: Producer) -> Flow:
         flow.blockers.append(prod.problem)
         return flow
     if prod.caveat:
-        flow.restrict(_DIAG, prod.caveat)
+        flow.restrict(prod.allowed if prod.allowed is not None else _DIAG, prod.caveat)
     tracks: dict[fx.Node, Track] = {prod.node: prod.track}
     started = False
     for node in tr.gm.graph.nodes:
@@ -132,12 +177,35 @@ def walk(tr: Traced, prod: Producer) -> Flow:
             continue
         try:
             new = _step(tr, flow, node, tracks)
+        except Fused as err:
+            flow.fused = err.count
+            break
         except Blocked as err:
             flow.blockers.append(str(err))
+            mine = [tracks[a] for a in flat_args(node) if isinstance(a, fx.Node) and a in tracks]
+            flow.blocked_normed = bool(mine) and all(t.normed for t in mine)
+            break
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
+            # an operation whose arguments these rules do not read: stop here, say so
+            flow.blockers.append(f"operation '{node.name}' could not be followed "
+                                 f"({type(err).__name__}: {err})")
             break
         if new is not None:
             tracks[node] = new
     return flow
+
+
+def walk_all(tr: Traced, prod: Producer) -> list[Flow]:
+    """``walk``, and for a fused layer one walk per segment (see ``fused.py``)."""
+    flow = walk(tr, prod)
+    if not flow.fused:
+        return [flow]
+    segs = segment_producers(prod, flow.fused)
+    if not segs:
+        flow.blockers.append(f"its units are split into {flow.fused} segments in an unsupported "
+                             "layout")
+        return [flow]
+    return [walk(tr, p) for p in segs]
 
 
 
@@ -152,6 +220,24 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
     if op is None:
         raise Blocked(f"unsupported operation '{node.target}' ({node.op}) on the units")
     src = node.args[0] if node.args else None
+    if op == "getitem":
+        if not (isinstance(src, fx.Node) and src in tracks):
+            raise Blocked("the units are used as an index")
+        t = tracks[src]
+        return tuple_step(node, t) if t.pick is not None else index_step(tr, flow, node, t)
+    if op in ("split", "chunk", "unbind") and isinstance(src, fx.Node) and src in tracks:
+        check_plain(node, {src: replace(tracks[src], seg=None)})
+        return split_step(tr, flow, node, op, tracks[src])
+    if op == "cat":
+        check_plain(node, tracks)
+        return cat_step(tr, node, tracks)
+    if op in ("reshape", "transpose", "permute", "t", "identity") and isinstance(src, fx.Node) \
+            and src in tracks and tracks[src].pick is None:
+        return reshape_step(tr, flow, node, op, tracks[src]) if op != "identity" else tracks[src]
+    check_plain(node, tracks)
+    if op == "addmm":
+        addmm_step(tr, flow, node, tracks)
+        return None
     if op in ("add", "sub", "mul", "div"):
         return binary_step(tr, flow, node, op, tracks)
     if op == "matmul":
@@ -161,8 +247,6 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
         return None
     if op == "sdpa":
         return sdpa_step(tr, flow, node, tracks)
-    if op == "getitem":
-        raise Blocked("the units are indexed/sliced (getitem), which no group commutes with")
     if not (isinstance(src, fx.Node) and src in tracks) or any(
         isinstance(a, fx.Node) and a in tracks for a in flat_args(node)[1:]
     ):
@@ -193,6 +277,16 @@ def _module_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Tr
     mod = tr.gm.get_submodule(path)
     src: Any = node.args[0] if node.args else None
     others = [a for a in flat_args(node)[1:] if isinstance(a, fx.Node) and a in tracks]
+    check_plain(node, tracks)
+    if isinstance(mod, nn.RNNBase):
+        t = tracks.get(src) if isinstance(src, fx.Node) else None
+        if t is None or others or len(t.axes) == 2 or t.axes[0] != ndim_of(tr, src) - 1:
+            raise Blocked(f"'{path}' ({type(mod).__name__}) uses the units in an unsupported way")
+        slices = [unit_slice(c.name, "out", 1, tuple(mod.get_parameter(
+            c.name.removeprefix(path + ".")).shape), flow.producer.n, t.repeat)
+            for c in consumer_slices(path, mod)]
+        flow.consumers.append((path, slices, t.normed))
+        return None
     if isinstance(mod, nn.MultiheadAttention):
         qkv = list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")]
         qkv = [a for a in qkv if a is not None]
@@ -224,7 +318,7 @@ def _module_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Tr
             flow.restrict(frozenset({"sign", "perm"}), caveat + ": its columns cannot be scaled")
         flow.consumers.append((path, slices, t.normed))
         return None
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm | nn.LayerNorm | nn.RMSNorm):
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm | nn.LayerNorm | nn.RMSNorm | nn.GroupNorm):
         return norm_step(tr, flow, path, mod, t, nd)
     op = module_op(mod)
     if op is None:

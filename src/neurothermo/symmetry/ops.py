@@ -20,6 +20,7 @@ from neurothermo.symmetry.units import (
     ALL,
     Blocked,
     Flow,
+    Fused,
     Track,
     flat_args,
     label,
@@ -65,6 +66,8 @@ def norm_step(tr: Traced, flow: Flow, path: str, mod: nn.Module, t: Track, nd: i
     n, r = flow.producer.n, t.repeat
     if len(t.axes) == 2:
         raise Blocked(f"normalisation '{path}' over attention heads")
+    if isinstance(mod, nn.GroupNorm):
+        return _group_norm(flow, path, mod, t)
     is_bn = isinstance(mod, nn.modules.batchnorm._BatchNorm)
     if is_bn:
         if t.axes[0] != 1:
@@ -92,6 +95,22 @@ def norm_step(tr: Traced, flow: Flow, path: str, mod: nn.Module, t: Track, nd: i
                                        buffer=attr.startswith("running")))
     flow.path.append(path)
     return replace(t, normed=t.normed or batch_stats)
+
+
+def _group_norm(flow: Flow, path: str, mod: nn.GroupNorm, t: Track) -> Track:
+    n, g = flow.producer.n, mod.num_groups
+    if t.axes != (1,) or t.repeat != 1 or mod.num_channels != n:
+        raise Blocked(f"GroupNorm '{path}' normalises other axes than the units' channels")
+    flow.groups = g
+    flow.norms.append((path, "group", bool(flow.classes & {"gl", "rescale"})))
+    flow.restrict(_ELEM if g in (1, n) else frozenset(),
+                  f"normalised by '{path}' in groups of {n // g} channels (permutations across "
+                  "groups change the groups' statistics)")
+    for attr in ("weight", "bias"):
+        if getattr(mod, attr, None) is not None:
+            flow.passive.append(ParamSlice(f"{path}.{attr}", "passive", 0))
+    flow.path.append(path)
+    return replace(t, normed=True)
 
 
 def _groups(si: tuple[int, ...], so: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -133,18 +152,31 @@ def reshape_step(tr: Traced, flow: Flow, node: fx.Node, op: str, t: Track) -> Tr
             dims: Any = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) > 1 \
                 else node.kwargs["dims"]
             perm = [int(d) % nd for d in dims]
-        return replace(t, axes=tuple(perm.index(x) for x in t.axes))
+        seg_axis = None if t.seg_axis is None else perm.index(t.seg_axis)
+        return replace(t, axes=tuple(perm.index(x) for x in t.axes), seg_axis=seg_axis)
     groups = _groups(si, so)
 
     def find(a: int) -> tuple[list[int], list[int]]:
         g = next(g for g in groups if a in g[0])
         return [d for d in g[0] if si[d] != 1 or d == a], [d for d in g[1] if so[d] != 1]
 
+    if t.seg_axis is not None:
+        keep = [find(a) for a in (*t.axes, t.seg_axis)]
+        if not all(len(i) == 1 and len(o) == 1 for i, o in keep):
+            raise Blocked(f"'{label(node)}' reshapes the fused units before they are separated")
+        return replace(t, axes=tuple(o[0] for _, o in keep[:-1]), seg_axis=keep[-1][1][0])
     if len(t.axes) == 1:
         ax = t.axes[0]
         ie, oe = find(ax)
         if ie == [ax] and len(oe) == 1:
             return replace(t, axes=(oe[0],))
+        if t.seg is not None and ie == [ax] and len(oe) in (2, 3) and so[oe[0]] == t.seg[1] \
+                and t.repeat == 1:
+            if len(oe) == 3:
+                flow.block = so[oe[2]]
+            return replace(t, axes=tuple(oe[1:]), seg_axis=oe[0])
+        if t.seg is None and ie == [ax] and len(oe) == 3 and t.repeat == 1:
+            raise Fused(so[oe[0]])
         if ie == [ax] and len(oe) == 2 and t.repeat == 1:
             flow.block = so[oe[1]]
             return replace(t, axes=(oe[0], oe[1]))
@@ -246,8 +278,22 @@ def _param_consumer(tr: Traced, flow: Flow, w: Any, t: Track, rows: bool, what: 
         raise Blocked(f"'{what}' with a weight that is not a matrix")
     dim = (0 if rows else 1) ^ int(flipped)
     wshape = tuple(shape[::-1] if flipped else shape)
-    _consume(flow, name, unit_slice(name, "out", dim, wshape, flow.producer.n, t.repeat), t)
+    sl = unit_slice(name, "out", dim, wshape, flow.producer.n, t.repeat)
+    _consume(flow, name.removesuffix(".weight"), sl, t)
     return True
+
+
+def addmm_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -> None:
+    """``addmm(bias, x, W)`` = ``bias + x @ W`` (Hugging Face ``Conv1D``): ``W``'s rows consume ``x``."""
+    bias, mat1, mat2 = node.args[0], node.args[1], node.args[2]
+    if any(isinstance(a, fx.Node) and a in tracks for a in (bias, mat2)) or not (
+            isinstance(mat1, fx.Node) and mat1 in tracks):
+        raise Blocked("addmm uses the units as its bias or weight")
+    t = tracks[mat1]
+    if len(t.axes) != 1 or t.axes[0] != ndim_of(tr, mat1) - 1:
+        raise Blocked("addmm over another axis than the units'")
+    if not _param_consumer(tr, flow, mat2, t, rows=True, what="addmm"):
+        raise Blocked("addmm with a weight that is not a parameter")
 
 
 def linear_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track],

@@ -2,13 +2,15 @@
 
 ``f(s·w) = f(w)`` for ``s > 0``: a linear map followed by LayerNorm over its whole output (``W`` and
 ``b`` jointly, one scalar), by BatchNorm in train mode (per channel: row ``c`` of the weight and
-bias ``c``), or weight normalisation ``w = g·v/‖v‖`` (``v`` per normalised slice). The generator is
-positive definite, so there is no balance point (THEORY.md §2)::
+bias ``c``), by GroupNorm (one scale per group of consecutive channels), or weight normalisation
+``w = g·v/‖v‖`` (``v`` per normalised slice). The generator is positive definite, so the charge
+has no balance point: gradient noise only makes it grow::
 
     J = ‖w‖²,   SGD: J' = (1 − lr·wd)²·J + lr²·‖g‖²   (grows forever when wd = 0)
 
-Normalisations with ``eps > 0`` are scale invariant only up to ``O(eps/σ²)``; :func:`find_symmetries`
-then reports the pattern as rejected (set ``eps=0`` or pass a looser ``tol``).
+Normalisations with ``eps > 0`` are scale invariant only up to ``O(eps/σ²)``: :func:`find_symmetries`
+reports such a symmetry as approximate (``exact=False``) with its measured breaking when it is
+exact as ``eps → 0`` (see ``checking.py`` and docs/symmetries.md).
 """
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ A model fx cannot trace (Python control flow on tensor values, ``.item()``, nump
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
 import operator
 import traceback
 from collections.abc import Sequence
@@ -25,7 +28,12 @@ from neurothermo._state import preserved_state
 
 
 class UntraceableModelError(RuntimeError):
-    """The model cannot be traced by torch.fx; the message names the failing operation."""
+    """The model cannot be captured; the message names the failing operation.
+
+    ``module_path``: qualified name of the submodule in which torch.fx failed (``""``: the
+    model's own ``forward``)."""
+
+    module_path: str = ""
 
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
@@ -60,6 +68,10 @@ _FUNCTIONS: dict[Any, str] = {
     F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
     F.adaptive_avg_pool1d: "avg_pool", F.adaptive_avg_pool2d: "avg_pool",
     F.adaptive_avg_pool3d: "avg_pool",
+    torch.addmm: "addmm", operator.pow: "pow", torch.pow: "pow", torch.cat: "cat",
+    torch.concat: "cat", torch.split: "split", torch.unbind: "unbind", torch.chunk: "chunk",
+    torch.Size: "meta", torch.ops.aten.sym_size.int: "meta", torch.ops.aten.sym_size: "meta",
+    torch._C._nn.gelu: "gelu",
 }
 _METHODS: dict[str, str] = {
     "view": "reshape", "reshape": "reshape", "flatten": "reshape", "unflatten": "reshape",
@@ -70,13 +82,14 @@ _METHODS: dict[str, str] = {
     "div": "div", "div_": "div", "neg": "neg", "matmul": "matmul", "bmm": "matmul",
     "softmax": "softmax", "log_softmax": "softmax", "size": "meta", "dim": "meta",
     "relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid",
-    "exp": "exp", "abs": "abs", "sin": "sin", "square": "square",
+    "exp": "exp", "abs": "abs", "sin": "sin", "square": "square", "pow": "pow",
+    "split": "split", "unbind": "unbind", "chunk": "chunk",
 }
 # Positively homogeneous (rescale), odd (sign flip), merely elementwise (permutation only).
 HOMOGENEOUS = {"relu", "leaky_relu", "prelu", "max_pool"}
 ODD = {"tanh", "sin", "atan", "asinh", "sinh", "erf", "softsign", "tanhshrink", "hardshrink",
        "softshrink", "hardtanh"}
-ELEMENTWISE = {"sigmoid", "gelu", "silu", "elu", "selu", "celu", "softplus", "mish", "relu6",
+ELEMENTWISE = {"pow", "sigmoid", "gelu", "silu", "elu", "selu", "celu", "softplus", "mish", "relu6",
                "hardswish", "hardsigmoid", "logsigmoid", "exp", "abs", "square", "softmax"}
 VIEW_OPS = {"reshape", "transpose", "permute", "t", "identity", "T"}
 
@@ -227,7 +240,7 @@ def _fail(model: nn.Module, err: BaseException) -> UntraceableModelError:
     sub = f" in submodule '{where[0]}' ({where[1]})" if where and where[0] else ""
     line = _user_frame(err)
     at = f" at {line}" if line else ""
-    return UntraceableModelError(
+    out = UntraceableModelError(
         f"find_symmetries cannot trace {type(model).__name__}{sub}{at}: "
         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
         "torch.fx traces tensor operations only: Python control flow on tensor values "
@@ -236,6 +249,22 @@ def _fail(model: nn.Module, err: BaseException) -> UntraceableModelError:
         "name) as leaf_modules=[...] (symmetries inside it are then not searched), or rewrite it "
         "with tensor operations (e.g. torch.where instead of if)."
     )
+    out.module_path = where[0] if where else ""
+    return out
+
+
+def _defaults(model: nn.Module, given: int) -> dict[str, Any] | None:
+    """Optional ``forward`` arguments not given in the example: traced at their default value."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None  # fx cannot bind concrete arguments next to *args / **kwargs
+    out = {p.name: p.default for p in params[given:]
+           if p.default is not inspect.Parameter.empty
+           and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return out or None
 
 
 def trace_model(
@@ -253,7 +282,7 @@ def trace_model(
         )
     tracer = _Tracer(leaf_modules)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_defaults(model, len(inputs)))
     except Exception as err:
         raise _fail(model, err) from err
     gm = fx.GraphModule(tracer.root, graph)
@@ -262,7 +291,7 @@ def trace_model(
         raise TypeError(f"model.forward takes {n_in} inputs, example_inputs has {len(inputs)}")
     prop = ShapeProp(gm)
     try:
-        with preserved_state(model), torch.no_grad():
+        with preserved_state(model), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             prop.propagate(*inputs)
     except Exception as err:
         current = [n.name for n in gm.graph.nodes if n not in prop.env]
@@ -276,7 +305,7 @@ def trace_model(
     for name, p in model.named_parameters():
         canonical.setdefault(id(p), name)
     traced = Traced(model, gm, shapes, canonical)
-    traced.uses = _count_uses(traced)
+    traced.uses = count_uses(traced)
     return traced
 
 
@@ -290,7 +319,7 @@ def _sites(node: fx.Node) -> int:
     return total
 
 
-def _count_uses(tr: Traced) -> dict[str, int]:
+def count_uses(tr: Traced) -> dict[str, int]:
     """How many operations use each parameter (a tied weight is used more than once)."""
     uses: dict[str, int] = {}
     for node in tr.gm.graph.nodes:

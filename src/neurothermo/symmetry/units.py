@@ -25,6 +25,15 @@ class Blocked(Exception):
     """The units cannot pass this operation."""
 
 
+class Fused(Exception):
+    """The layer's units are split into ``count`` segments (a fused q/k/v projection): detection
+    restarts with one producer per segment."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"units split into {count} segments")
+        self.count = count
+
+
 @dataclass(frozen=True)
 class Track:
     """Where the units sit: ``(axis,)`` or ``(head_axis, inner_axis)``; ``repeat`` consecutive
@@ -33,6 +42,10 @@ class Track:
     axes: tuple[int, ...]
     repeat: int = 1
     normed: bool = False
+    seg: tuple[int, int] | None = None  # (k, count): segment k of a fused unit axis is ours
+    seg_axis: int | None = None  # after a reshape: the axis indexing the segments
+    pick: int | None = None  # the node is a tuple; element ``pick`` holds the units
+    strict: bool = False  # with ``pick``: using another element of the tuple blocks the flow
 
 
 @dataclass
@@ -45,6 +58,8 @@ class Producer:
     diag: bool = False
     problem: str | None = None
     caveat: str | None = None  # weight-normalised producer: diagonal groups only
+    allowed: frozenset[str] | None = None  # group classes the producer itself admits
+    sign_cov: list[ParamSlice] | None = None  # what a sign flip acts on, if not ``cov`` (RNN gates)
 
 
 @dataclass
@@ -62,6 +77,9 @@ class Flow:
     eval_norms: list[tuple[str, str]] = field(default_factory=list)
     block: int = 0
     linear: bool = True  # no nonlinear operation on the path
+    groups: int = 0  # GroupNorm: number of channel groups normalised together
+    blocked_normed: bool = False  # the blocker met the units after a normalisation
+    fused: int = 0  # > 0: the units are split into this many segments (see ``Fused``)
 
     def restrict(self, allowed: frozenset[str], reason: str) -> None:
         for c in self.classes - allowed:
