@@ -112,3 +112,17 @@ def test_unbiased_cknna_outside_unit_interval_warns() -> None:
         warnings.simplefilter("error")  # an ordinary value gives no warning
         x = torch.randn(40, 4, generator=g)
         assert abs(cknna(x, x + 0.3 * torch.randn(40, 4, generator=g), k=3)) <= 1
+
+
+def test_find_symmetries_refuses_non_finite_inputs_and_weights() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    assert len(nt.find_symmetries(model, x)) > 0  # finite: found
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="example input 0 contains NaN or Inf"):
+        nt.find_symmetries(model, bad)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="parameter '0.weight' contains NaN or Inf"):
+        nt.find_symmetries(model, x)

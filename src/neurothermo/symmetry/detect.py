@@ -249,6 +249,25 @@ def _candidates(k: int, part: Part) -> tuple[list[Cand], list[Rejection]]:
 Inputs = Tensor | tuple[Tensor, ...] | Mapping[str, Any]
 
 
+def _check_finite(model: nn.Module, inputs: object) -> None:
+    """NaN/Inf inputs or weights would make every verification fail and return [] silently."""
+    import torch
+
+    from neurothermo._validate import all_finite, check_finite_params
+
+    check_finite_params(model)
+    if isinstance(inputs, tuple | list):
+        vals: list[object] = list(inputs)
+    elif hasattr(inputs, "keys") and hasattr(inputs, "values"):
+        vals = list(inputs.values())  # a dict or a BatchEncoding
+    else:
+        vals = [inputs]
+    for i, t in enumerate(vals):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not all_finite(t):
+            raise ValueError(f"example input {i} contains NaN or Inf; the symmetry check needs "
+                             "finite inputs (replace or drop those samples)")
+
+
 @overload
 def find_symmetries(
     model: nn.Module, example_inputs: Inputs, *,
@@ -303,6 +322,7 @@ def find_symmetries(
     candidate and ``trials`` per approximate one.
     """
     trials = check_int("trials", trials)
+    _check_finite(model, example_inputs)
     if tol is not None:
         tol = check_positive("tol", tol)
     if approx_tol is not None:
