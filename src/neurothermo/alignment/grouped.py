@@ -104,7 +104,6 @@ def grouped_alignment(
     if counts is None or s < 2 or bool((counts == 0).any()):
         raise ValueError("groups must label every sample with 0 … S−1, each label used, S >= 2 "
                          "(a standard error needs at least two groups)")
-    check_int("number of groups", s, minimum=2)
     maps = []
     for label in range(s):
         idx = (groups == label).nonzero().squeeze(1)

@@ -105,9 +105,14 @@ def next_char_loss(model: nn.Module, seqs: Tensor) -> Tensor:
 
 
 class Schedule(Protocol):
-    steps: int
-    warmup: int
-    lr: float
+    """What :func:`lr_at` reads (any frozen config with these fields)."""
+
+    @property
+    def steps(self) -> int: ...
+    @property
+    def warmup(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
 
 
 def lr_at(step: int, cfg: Schedule) -> float:
@@ -119,11 +124,18 @@ def lr_at(step: int, cfg: Schedule) -> float:
 
 
 class TrainConfig(Schedule, Protocol):
-    optimizer: str
-    weight_decay: float
-    batch_size: int
-    seq_len: int
-    log_every: int
+    """What :func:`train` reads, besides the schedule."""
+
+    @property
+    def optimizer(self) -> str: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def seq_len(self) -> int: ...
+    @property
+    def log_every(self) -> int: ...
 
 
 def train(model: nn.Module, data: CharData, cfg: TrainConfig, g: torch.Generator, tag: str,

@@ -20,6 +20,7 @@ def draw_figures(ctx: RunContext, cfg: Any, maps: dict[str, dict[str, dict[str, 
 
     plt = pyplot()
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Patch
 
     n_blocks = len(maps["trained"]["cross"]["cka"].cols)
     size = max(3.6, 0.5 * n_blocks + 1.2)
@@ -55,11 +56,12 @@ def draw_figures(ctx: RunContext, cfg: Any, maps: dict[str, dict[str, dict[str, 
             for dx, when, hatch in ((-0.18, "init", "//"), (0.18, "trained", "")):
                 mean, se = rec[f"{kind}_{when}"]
                 ax.bar(x + dx, mean, 0.34, yerr=se, color=color, alpha=0.45 if when == "init" else 0.9,
-                       hatch=hatch, capsize=3, label=f"{kind} {when}" if x == 0 or dx < 0 else None)
+                       hatch=hatch, capsize=3)
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xticks([0, 1], ["MLP × MLP", "attn × attn"])
         ax.set_title(f"{label}: A vs B, mean over cells (± se)", fontsize=9)
-        ax.legend(fontsize=7, labels=["initial (hatched)", "trained"], handles=ax.patches[1:3][::-1])
+        ax.legend(handles=[Patch(facecolor="lightgray", hatch="//", label="at initialisation"),
+                           Patch(facecolor="dimgray", label="trained")], fontsize=7)
     ctx.savefig(fig, "block_summary")
 
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
