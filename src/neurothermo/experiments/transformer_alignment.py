@@ -21,7 +21,8 @@ Errors. The held-out windows are dealt into ``groups`` disjoint groups (window `
 maps that is computed on the same group for trained and untrained networks, so the ``S`` group
 values ``d_s`` are independent draws of held-out text: ``t = (d̄ − margin)/se`` with
 ``se = std(d_s)/√S`` is Student-t with ``S − 1`` degrees of freedom under "no effect", and a
-prediction passes when ``d̄ ≥ margin + t_{1−α,S−1}·se`` (one-sided level ``alpha`` per prediction).
+prediction passes when ``d̄ > margin + t_{1−α,S−1}·se`` (one-sided level ``alpha`` per prediction;
+strict, so identical trained and initial maps, ``d̄ = se = 0``, fail).
 This is the spread of the measurement over held-out text for this pair of networks; the spread over
 training seeds is not in it (run other seeds: the docs record them).
 
@@ -187,12 +188,14 @@ def predict_alignment(ctx: RunContext, cfg: TransformerAlignmentConfig, trained:
              f"(t ≥ {t_star:.2f}, {n_groups - 1} dof): the statistic is computed on the same group for "
              "trained and initial networks, so its spread over groups is the measurement's error")
 
-    def check(name: str, values: Tensor, margin: float, why: str) -> dict[str, float]:
+    def check(name: str, values: Tensor, margin: float, why: str) -> dict[str, float | None]:
         mean, se = group_mean_se(values)
         # strictly above margin + t*·se (equal trained and initial maps, se = 0, must fail)
         ctx.predict(name, mean, math.nextafter(margin + t_star * se, math.inf), 0.0, sense="at_least",
                     why=f"{why}; {level}")
-        return {"mean": mean, "se": se, "t": (mean - margin) / se if se > 0 else math.copysign(math.inf, mean - margin)}
+        diff = mean - margin
+        t = diff / se if se > 0 else (math.copysign(math.inf, diff) if diff else None)  # None: 0/0
+        return {"mean": mean, "se": se, "t": t}
 
     for label, metric, _kw in METRICS:
         tr, ini = block_means(trained[metric]), block_means(init[metric])
