@@ -5,25 +5,26 @@ import math
 import pytest
 import torch
 
-from neurothermo.alignment import AlignmentMatrix
+from neurothermo.alignment.grouped import GroupedAlignment
 from neurothermo.config import ConfigError
+from neurothermo.experiments import _char_lm as lm
 from neurothermo.experiments import transformer_alignment as ta
 from neurothermo.experiments.base import RunContext
 from neurothermo.models.transformer import TinyTransformer
 from neurothermo.runner import ExperimentFailed, run_experiment
 
 TINY = ["d_model_a=32", "d_model_b=32", "n_layers_a=2", "n_layers_b=2", "seq_len=16",
-        "warmup=10", "eval_sequences=24", "n_null=5", "log_every=25"]
+        "warmup=10", "eval_sequences=32", "log_every=25"]
 
 
 @pytest.fixture(scope="module")
-def data() -> ta.CharData:
-    return ta.CharData.from_docs(ta.docstring_corpus())
+def data() -> lm.CharData:
+    return lm.CharData.from_docs(lm.docstring_corpus())
 
 
-def test_corpus_split_and_encoding(data: ta.CharData) -> None:
-    docs = ta.docstring_corpus()
-    assert docs == ta.docstring_corpus()  # deterministic order
+def test_corpus_split_and_encoding(data: lm.CharData) -> None:
+    docs = lm.docstring_corpus()
+    assert docs == lm.docstring_corpus()  # deterministic order
     assert len(docs) > 500 and all(len(d) >= 40 for d in docs) and len(set(docs)) == len(docs)
     decode = "".join
     test = decode(data.vocab[i] for i in data.test.tolist())
@@ -33,22 +34,22 @@ def test_corpus_split_and_encoding(data: ta.CharData) -> None:
     assert set(data.vocab) <= {chr(c) for c in range(32, 127)} | {"\n"}
     assert list(data.vocab) == sorted(data.vocab)
     with pytest.raises(ValueError, match="need at least 10 documents"):
-        ta.CharData.from_docs(["only one document here"])
+        lm.CharData.from_docs(["only one document here"])
 
 
 def test_windows_are_contiguous_slices() -> None:
     ids = torch.arange(100) * 3
-    w = ta.windows(ids, 7, 9, torch.Generator().manual_seed(0))
+    w = lm.windows(ids, 7, 9, torch.Generator().manual_seed(0))
     assert w.shape == (7, 9)
     assert bool((w.diff(dim=1) == 3).all()) and bool((w[:, 0] % 3 == 0).all())
     with pytest.raises(ValueError, match="shorter than a window"):
-        ta.windows(ids[:5], 2, 6, torch.Generator())
+        lm.windows(ids[:5], 2, 6, torch.Generator())
 
 
 def test_unigram_entropy_closed_forms() -> None:
-    assert ta.unigram_entropy(torch.arange(8).repeat(5), 10) == pytest.approx(math.log(8), rel=1e-12)
+    assert lm.unigram_entropy(torch.arange(8).repeat(5), 10) == pytest.approx(math.log(8), rel=1e-12)
     ids = torch.tensor([0, 0, 0, 1])  # p = (3/4, 1/4)
-    assert ta.unigram_entropy(ids, 3) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert lm.unigram_entropy(ids, 3) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
 
 
 @torch.no_grad()
@@ -60,16 +61,16 @@ def test_next_char_loss_matches_a_per_position_loop() -> None:
         for t in range(5):  # position t predicts seqs[i, t+1] from seqs[i, :t+1] alone (causal)
             logp = torch.log_softmax(m(seqs[i : i + 1, : t + 1])[0, -1], dim=-1)
             ref -= float(logp[seqs[i, t + 1]])
-    assert float(ta.next_char_loss(m, seqs)) == pytest.approx(ref / 15, rel=1e-12)
+    assert float(lm.next_char_loss(m, seqs)) == pytest.approx(ref / 15, rel=1e-12)
 
 
 def test_learning_rate_schedule() -> None:
     cfg = ta.TransformerAlignmentConfig(lr=1.0, warmup=10, steps=110)
-    assert ta.lr_at(0, cfg) == pytest.approx(0.1)
-    assert ta.lr_at(9, cfg) == pytest.approx(1.0)
-    assert ta.lr_at(10, cfg) == pytest.approx(1.0)
-    assert ta.lr_at(60, cfg) == pytest.approx(0.5)  # half-way through the cosine
-    assert ta.lr_at(109, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert lm.lr_at(0, cfg) == pytest.approx(0.1)
+    assert lm.lr_at(9, cfg) == pytest.approx(1.0)
+    assert lm.lr_at(10, cfg) == pytest.approx(1.0)
+    assert lm.lr_at(60, cfg) == pytest.approx(0.5)  # half-way through the cosine
+    assert lm.lr_at(109, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
 
 
 def test_block_features_per_token_and_per_window() -> None:
@@ -82,78 +83,102 @@ def test_block_features_per_token_and_per_window() -> None:
     handle.remove()
     out = captured["out"]  # (4, 5, 8)
     tok = ta.block_features(m, seqs, "token")
-    assert set(tok) == {"mlp", "attn"} and list(tok["mlp"]) == ["L0", "L1"]
-    assert tok["attn"]["L0"].shape == (20, 8)
-    torch.testing.assert_close(tok["mlp"]["L1"][2 * 5 + 3], out[2, 3])  # row i·T + t is token t of window i
-    torch.testing.assert_close(ta.block_features(m, seqs, "mean")["mlp"]["L1"], out.mean(dim=1))
-    torch.testing.assert_close(ta.block_features(m, seqs, "last")["mlp"]["L1"], out[:, -1])
+    assert list(tok) == ["attn 0", "mlp 0", "attn 1", "mlp 1"]  # depth order
+    assert tok["attn 0"].shape == (20, 8)
+    torch.testing.assert_close(tok["mlp 1"][2 * 5 + 3], out[2, 3])  # row i·T + t is token t of window i
+    torch.testing.assert_close(ta.block_features(m, seqs, "mean")["mlp 1"], out.mean(dim=1))
+    torch.testing.assert_close(ta.block_features(m, seqs, "last")["mlp 1"], out[:, -1])
+    assert ta.sample_groups(5, 3, 2, "token").tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+    assert ta.sample_groups(5, 3, 2, "mean").tolist() == [0, 1, 0, 1, 0]
 
 
-def _matrix(values: list[list[float]], null_mean: float, null_std: float) -> AlignmentMatrix:
-    v = torch.tensor(values, dtype=torch.float64)
-    names = tuple(f"L{i}" for i in range(v.shape[0]))
-    return AlignmentMatrix(v, names, names, "m", True, null_mean=torch.full_like(v, null_mean),
-                           null_std=torch.full_like(v, null_std), n_null=10)
+NAMES = ("attn 0", "mlp 0", "attn 1", "mlp 1")
 
 
-def _predictions(mlp: AlignmentMatrix, attn: AlignmentMatrix, tmp_path) -> dict[str, bool]:
+def _grouped(mlp: float, attn: float, first: float, spread: float = 0.02,
+             mixed: float = 0.1) -> GroupedAlignment:
+    """A cross map over NAMES on 6 groups: MLP×MLP cells ``mlp``, attention cells ``attn`` except
+    (attn 0, attn 0) = ``first``, mixed cells ``mixed``; group s shifts every cell by spread·(s − 2.5)."""
+    base = torch.full((4, 4), mixed, dtype=torch.float64)
+    for i in (1, 3):
+        for j in (1, 3):
+            base[i, j] = mlp
+    for i in (0, 2):
+        for j in (0, 2):
+            base[i, j] = attn
+    base[0, 0] = first
+    shift = spread * (torch.arange(6, dtype=torch.float64) - 2.5)
+    return GroupedAlignment(base + shift[:, None, None], NAMES, NAMES, "m", True, (10,) * 6)
+
+
+def test_block_means_pick_the_right_cells() -> None:
+    g = _grouped(0.7, 0.05, 0.6, spread=0.0)
+    means = ta.block_means(g)
+    assert means["mlp"].tolist() == pytest.approx([0.7] * 6)
+    assert means["attn"].tolist() == pytest.approx([(0.6 + 3 * 0.05) / 4] * 6)
+    assert means["first_minus_deep"].tolist() == pytest.approx([0.6 - 0.05] * 6)
+
+
+def _predictions(trained: GroupedAlignment, init: GroupedAlignment, tmp_path, **cfg) -> dict[str, bool]:
     from neurothermo.runstore import Run
 
     ctx = RunContext(run=Run.create(tmp_path, "t"), seed=0, quick=True)
-    maps = {metric: {"mlp": mlp, "attn": attn} for _l, metric, _kw in ta.METRICS}
-    ta.predict_alignment(ctx, maps)
-    return {p.name.split(": ", 1)[1] if p.name.startswith("Gram Pearson:") else p.name: p.passed
-            for p in ctx.predictions if p.name.startswith(("Gram Pearson", "linear CKA"))}
+    ta.predict_alignment(ctx, ta.TransformerAlignmentConfig(**cfg),
+                         dict.fromkeys(ta.METRIC_NAMES, trained), dict.fromkeys(ta.METRIC_NAMES, init))
+    return {p.name: p.passed for p in ctx.predictions}
 
 
 def test_predictions_follow_the_paper_pattern_and_can_fail(tmp_path) -> None:
-    paper = _predictions(_matrix([[0.8, 0.6], [0.6, 0.7]], 0.0, 0.01),
-                         _matrix([[0.5, 0.0], [-0.1, 0.05]], 0.0, 0.01), tmp_path)
-    assert all(paper.values()) and len(paper) == 5
-    # attention more aligned than MLP, deeper attention above the first layer: those claims fail
-    reversed_ = _predictions(_matrix([[0.3, 0.2], [0.2, 0.3]], 0.0, 0.01),
-                             _matrix([[0.1, 0.6], [0.6, 0.7]], 0.0, 0.01), tmp_path)
-    assert not reversed_["linear CKA: mean MLP-block alignment ≥ mean attention-block alignment"]
-    assert not reversed_["first-layer attention pair (A0, B0) ≥ mean of deeper attention pairs"]
-    assert reversed_["linear CKA: mean MLP-block alignment exceeds the null by > 4 null std"]
-    # MLP scores within 4 null std of chance: not "strongly aligned"
-    chance = _predictions(_matrix([[0.03, 0.02], [0.02, 0.03]], 0.0, 0.01),
-                          _matrix([[0.0, 0.0], [0.0, 0.0]], 0.0, 0.01), tmp_path)
-    assert not chance["linear CKA: mean MLP-block alignment exceeds the null by > 4 null std"]
-    # a difference inside the nulls' spread (2·√2·0.01 ≈ 0.028) is not a violation
-    close = _predictions(_matrix([[0.5, 0.5], [0.5, 0.5]], 0.0, 0.01),
-                         _matrix([[0.52, 0.52], [0.52, 0.52]], 0.0, 0.01), tmp_path)
-    assert close["linear CKA: mean MLP-block alignment ≥ mean attention-block alignment"]
+    init = _grouped(0.3, 0.45, 0.5)
+    paper = _predictions(_grouped(0.75, 0.1, 0.6), init, tmp_path)
+    assert len(paper) == 11 and all(paper.values())
+    # the same networks before training: nothing gained, attention ahead: every prediction fails
+    assert not any(_predictions(init, init, tmp_path).values())
+    # attention further ahead after training than before, first layer not singled out: only the
+    # MLP gains hold
+    rev = _predictions(_grouped(0.5, 0.8, 0.5), init, tmp_path)
+    assert [k for k, v in rev.items() if v] == [k for k in rev if "learning aligns the MLP" in k]
+    # MLP ahead by less than the margin (0.08 < 0.1): the level claim fails, the gains hold
+    close = _predictions(_grouped(0.6, 0.52, 0.52), init, tmp_path, gap_metrics=("cka",))
+    assert len(close) == 7
+    assert not close["linear CKA: trained MLP blocks more aligned than attention blocks by > 0.1"]
+    assert close["linear CKA: learning opens the MLP − attention gap (trained gap − initial gap > 0)"]
+    # a gain inside the group spread is not significant: 0.02 with spread 0.2 (se ≈ 0.076)
+    noisy = _predictions(_grouped(0.32, 0.1, 0.6, spread=0.2), init, tmp_path)
+    assert not noisy["Gram Pearson: learning aligns the MLP blocks across networks (trained − initial > 0)"]
 
 
-def test_quick_run_small(tmp_path) -> None:
+def test_quick_run_small_and_its_untrained_control(tmp_path) -> None:
     res = run_experiment("transformer-alignment", quick=True, out=tmp_path, overrides=[*TINY, "steps=150"])
     s = res.summary
     preds = {p["name"]: p for p in s["predictions"]}
-    assert len(preds) == 9
+    assert len(preds) == 13
     # 150 Adam steps already beat the unigram predictor (held-out ≈ 2.8 vs 3.26 nats)
     assert preds["net A: held-out loss below the unigram entropy (learned context)"]["passed"]
     assert preds["net B: held-out loss below the unigram entropy (learned context)"]["passed"]
     fig = s["figures"]
-    assert fig["samples"] == 24 * 16  # pool=token: every token of every held-out window
-    cka = fig["alignment"]["cka"]["mlp"]
-    assert cka["rows"] == ["L0", "L1"] and len(cka["matrix"]) == 2 and cka["n_null"] == 5
-    assert all(-1 <= v <= 1 for row in fig["alignment"]["gram_alignment"]["attn"]["matrix"] for v in row)
-    assert set(fig["init_alignment_mean"]) == {"mutual_knn", "cka", "gram_alignment"}
-    assert sorted(s["files"]) == ["training.png", "transformer_alignment.png"]
+    assert fig["samples_per_group"] == 4 * 16 and fig["n_groups"] == 8  # 32 windows of 16 tokens
+    cross = fig["alignment"]["trained"]["cross"]["gram_alignment"]
+    assert cross["rows"] == list(NAMES) and cross["n_groups"] == 8
+    within = fig["alignment"]["init"]["within"]["cka"]["matrix"]
+    assert all(v == pytest.approx(1.0) for v in torch.tensor(within).diagonal().tolist())
+    assert set(fig["summary_by_metric"]) >= {"mutual_knn", "cka", "gram_alignment"}
+    assert sorted(s["files"]) == ["block_summary.png", "training.png", "transformer_alignment.png"]
     assert (res.path / "transformer_alignment.png").stat().st_size > 10_000
-    # control: two steps leave the nets at chance level (loss ≈ log V > unigram entropy)
-    res = run_experiment("transformer-alignment", quick=True, out=tmp_path,
-                         overrides=[*TINY, "steps=2", "warmup=0", "n_null=2"])
-    assert not res.summary["predictions"][0]["passed"]
+    # control: the untrained networks must fail every prediction
+    res = run_experiment("transformer-alignment", quick=True, out=tmp_path, overrides=[*TINY, "steps=0"])
+    failed = [p["name"] for p in res.summary["predictions"] if not p["passed"]]
+    assert len(failed) == 13, [p["name"] for p in res.summary["predictions"] if p["passed"]]
 
 
 @pytest.mark.parametrize(
     ("override", "match"),
     [
         (["n_heads=5"], "n_heads=5 does not divide d_model_a=48"),
-        (["k=50", "pool=mean"], "k=50 must be below the number of compared samples"),
+        (["k=50", "pool=mean"], "k=50 must be below the samples per group"),
+        (["groups=30"], "fewer than two windows per group"),
         (["warmup=600"], "warmup=600 must be below steps=600"),
+        (["gap_metrics=cka,svcca"], "gap_metrics=cka,svcca: choose one or more of"),
         (["pool=cls"], "expected one of"),
         (["activation=tanh"], "expected one of"),
         (["lr=0"], "must be >= 1e-07"),
@@ -168,5 +193,5 @@ def test_divergence_is_an_error_not_nan(tmp_path) -> None:
     with pytest.raises(ExperimentFailed, match=r"training loss became (nan|inf|-inf) at step \d+; lower lr"):
         run_experiment("transformer-alignment", quick=True, out=tmp_path,
                        overrides=["d_model_a=16", "d_model_b=16", "n_layers_a=1", "n_layers_b=1",
-                                  "seq_len=8", "steps=30", "warmup=0", "eval_sequences=8",
+                                  "seq_len=8", "steps=30", "warmup=0", "eval_sequences=16",
                                   "log_every=5", "optimizer=sgd", "lr=10"])

@@ -22,7 +22,8 @@ CKNNA); ``normalize`` (row L2 normalisation) and ``clip_quantile`` (outlier clip
 platonic-rep applies in its measuring script to every metric, are arguments of every metric,
 off except for the k-NN metrics (``normalize=True``).
 
-``permutation_null`` calibrates a score against shuffled pairings, ``alignment_matrix`` builds a
+``permutation_null`` calibrates a score against shuffled pairings, ``grouped_alignment`` gives
+maps on disjoint groups of samples with standard errors (for comparing two scores), ``alignment_matrix`` builds a
 labelled layer × layer table (``.max`` = platonic-rep's "model alignment"), ``capture_features``
 collects per-layer features with hooks, and ``platonic_kernel`` / ``kernel_distance`` give the
 theory's predicted kernel K* and a layer's distance to it.
@@ -32,6 +33,7 @@ from neurothermo.alignment.capture import auto_layers, capture_features
 from neurothermo.alignment.cca import svcca
 from neurothermo.alignment.cka import cka
 from neurothermo.alignment.gram import gram_alignment
+from neurothermo.alignment.grouped import GroupedAlignment, grouped_alignment
 from neurothermo.alignment.knn import cknna, cycle_knn, knn_indices, mutual_knn
 from neurothermo.alignment.matrix import AlignmentMatrix, alignment_matrix
 from neurothermo.alignment.null import PermutationNull, permutation_null
@@ -41,6 +43,7 @@ from neurothermo.alignment.theory import kernel_distance, platonic_kernel
 __all__ = [
     "AlignmentMatrix",
     "AlignmentWarning",
+    "GroupedAlignment",
     "PermutationNull",
     "alignment_matrix",
     "auto_layers",
@@ -50,6 +53,7 @@ __all__ = [
     "clip_outliers",
     "cycle_knn",
     "gram_alignment",
+    "grouped_alignment",
     "kernel_distance",
     "knn_indices",
     "mutual_knn",
