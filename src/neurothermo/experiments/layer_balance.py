@@ -40,10 +40,10 @@ Bonferroni z over the units).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,7 +53,6 @@ from neurothermo.config import setting
 from neurothermo.experiments.base import Experiment, RunContext, register
 from neurothermo.monitor.history import History
 
-Z = 3.0  # tolerance in standard errors for every claim on a mean
 
 
 @dataclass(frozen=True)
