@@ -54,7 +54,6 @@ from neurothermo.experiments.base import Experiment, RunContext, register
 from neurothermo.monitor.history import History
 
 
-
 @dataclass(frozen=True)
 class LayerBalanceConfig:
     mnist_dir: str = setting("", "folder with the MNIST IDX files (train split); empty: scikit-learn digits")
