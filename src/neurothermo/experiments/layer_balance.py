@@ -88,6 +88,13 @@ class LayerBalanceConfig:
             raise ValueError(f"losses={self.losses}: list 'mse' and/or 'ce' once each")
         if not 2 <= len(self.hidden) <= 4:
             raise ValueError(f"hidden={self.hidden}: the deep runs need 2 to 4 hidden layers")
+        tau = 1 / (self.lr * self.weight_decay * (2 - self.lr * self.weight_decay))
+        if self.wd_steps * (1 - self.window) < 3 * tau:
+            raise ValueError(
+                f"wd_steps={self.wd_steps}: with wd the charge relaxes in τ = 1/(η·wd(2 − η·wd)) = "
+                f"{tau:.0f} steps, and the window must start after 3τ (the start's deviation "
+                f"× e^-3) to be stationary; raise wd_steps to >= {math.ceil(3 * tau / (1 - self.window))}"
+                " or raise weight_decay")
         for name in ("steps", "ref_steps", "wd_steps"):
             if getattr(self, name) * self.window < 4 * self.n_blocks:
                 raise ValueError(f"{name}={getattr(self, name)}: the window holds fewer than 4 steps per "
