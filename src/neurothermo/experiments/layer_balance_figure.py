@@ -77,5 +77,6 @@ def figure(cfg: Any, ctx: Any, runs: dict[str, Any], sums: dict[str, dict[str, A
     ax.set_ylabel("mean η²-weighted e_in − e_out  (gradients only)")
     ax.set_title("drift identity per unit, every run (exact)", fontsize=9)
     ax.legend(fontsize=6)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.suptitle(f"layer and neuron balance, η = {cfg.lr}, b = {cfg.batch_size}; {source}", fontsize=10)
     ctx.savefig(fig, "layer_balance")
