@@ -294,8 +294,8 @@ EXPERIMENT = register(
               "stationary, the weight-decay law per neuron (Fig. 2)",
         config=LayerBalanceConfig,
         quick=LayerBalanceConfig(),
-        full=LayerBalanceConfig(steps=40_000, ref_steps=40_000, wd_steps=20_000, n_blocks=20),
+        full=LayerBalanceConfig(steps=20_000, ref_steps=20_000, wd_steps=10_000, n_blocks=20),
         run=run,
-        cost="full: 6 runs, 185k monitored steps, ~6 min on one core (see docs/experiments/layer-balance.md)",
+        cost="full: 6 runs, 110k monitored steps, FULLCOST on one core (docs/experiments/layer-balance.md)",
     )
 )
