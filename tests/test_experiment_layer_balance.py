@@ -168,8 +168,9 @@ def test_charge_drift_needs_every_step() -> None:
         charge_drift(h)
     model = build_model([6, 5, 10], False, 1.0, seed=0)
     mon = nt.ThermoMonitor(model, onehot_mse, every=1, noise_every=None)
-    h = nt.train(model, onehot_mse, (x, y), optimizer="momentum", momentum=0.9, lr=0.1,
-                 batch_size=2, steps=20, monitor=mon)
+    with pytest.warns(nt.MonitorWarning, match="not plain SGD"):
+        h = nt.train(model, onehot_mse, (x, y), optimizer="momentum", momentum=0.9, lr=0.1,
+                     batch_size=2, steps=20, monitor=mon)
     with pytest.raises(ValueError, match="plain SGD steps only"):
         charge_drift(h)
 
