@@ -52,6 +52,9 @@ def check_all(ctx: RunContext, cfg: Any, runs: dict[str, Any], sums: dict[str, d
     for i, loc in enumerate(lb.pairs):
         ctx.predict(f"layer balance, reference, {loc}: Σ_u ⟨e_in⟩ / Σ_u ⟨e_out⟩ = 1",
                     lb.pair_ratio[i], 1.0, Z * lb.pair_ratio_se[i], why=WHY_BALANCE)
+    if not ref["nb"]:
+        ctx.predict("neuron balance, reference: some hidden unit alive in the window", float("nan"), 1.0,
+                    0.0, why="every unit of the reference's hidden layer is dead: no neuron balance")
     for nb in ref["nb"]:
         ctx.predict(f"neuron balance, reference, {nb.location}: slope of ⟨e_out⟩ on ⟨e_in⟩ over units = 1",
                     nb.slope, 1.0, Z * nb.slope_se, why=WHY_BALANCE + "; SE of the slope over the blocks")
