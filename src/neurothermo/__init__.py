@@ -67,6 +67,7 @@ from neurothermo.symmetry import (
 
 # --- train / monitor (issue 6) ---
 from neurothermo.monitor import (
+    ChargeDrift,
     History,
     JSONLWriter,
     LayerBalance,
@@ -74,6 +75,7 @@ from neurothermo.monitor import (
     NeuronBalance,
     TensorBoardWriter,
     ThermoMonitor,
+    charge_drift,
     layer_balance,
     neuron_balance,
 )

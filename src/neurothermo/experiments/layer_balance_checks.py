@@ -1,0 +1,91 @@
+"""The predictions of ``layer-balance`` (see its module docstring for the theory and the runs)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from neurothermo.experiments.base import RunContext
+
+Z = 3.0  # standard errors: 0.3 % false failures for a normal mean
+FAMILY = 0.0027  # family-wise false-failure rate of the per-unit checks (same as 3 SE for one mean)
+
+WHY_IDENTITY = ("J' = (1 − η·wd)²J + η²(e_in − e_out) exactly (the loss is rescale invariant, so the "
+                "cross terms cancel); summed over the window both sides agree to round-off: the bound "
+                "is 64 ulp of Σθ² per step (update rounding plus a pairwise sum of squares, in and out)")
+WHY_BALANCE = ("wd = 0: mean imbalance = ΔJ/(η²T) exactly, so a stationary charge means balance; "
+               "tolerance 3 batch-means SE (the block means are the blocks' charge drifts, so this "
+               "asks for no more drift than J's own fluctuations)")
+WHY_CONTROL = ("the same test must fail without the cause: GD has no noise (J only moves by η²ḡᵀAḡ), a "
+               "10× smaller η relaxes J 100× slower; both keep their start's imbalance")
+WHY_WD = ("stationary mean of J' = (1 − η·wd)²J + η²(e_in − e_out): E[e_in − e_out] = wd(2 − η·wd)E[J]/η "
+          "(torch's wd; paper γ = wd/2); the measured difference is exactly ΔJ/(η²T), tolerance 3 SE")
+
+
+def unit_z_limit(n_units: int, n_blocks: int) -> float:
+    """Student-t quantile for a per-unit check with family-wise false-failure rate ``FAMILY``.
+
+    Each unit's drift is a mean over ``n_blocks`` batch means (t with n_blocks − 1 degrees of
+    freedom); Bonferroni over ``n_units`` two-sided tests.
+    """
+    from scipy import stats
+
+    return float(stats.t.ppf(1 - FAMILY / (2 * n_units), n_blocks - 1))
+
+
+def unit_z(drift: np.ndarray, se: np.ndarray) -> np.ndarray:
+    """|drift|/SE per unit; a unit with SE 0 (no gradient in the window) scores 0 if its drift is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.abs(drift) / se
+    return np.where(se > 0, z, np.where(drift == 0, 0.0, np.inf))
+
+
+def check_all(ctx: RunContext, cfg: Any, runs: dict[str, Any], sums: dict[str, dict[str, Any]],
+              early: tuple[Any, ...]) -> None:
+    """Every prediction of the experiment, recorded through ``ctx.predict``."""
+    for k, s in sums.items():
+        for d in s["drift"]:
+            ctx.predict(f"drift identity, {k}, {d.location}: mean η²-imbalance = (ΔJ + wd term)/(η²T), "
+                        "every unit", d.error, 0.0, d.roundoff, sense="at_most", why=WHY_IDENTITY)
+    ref = sums["reference"]
+    lb = ref["lb"]
+    for i, loc in enumerate(lb.pairs):
+        ctx.predict(f"layer balance, reference, {loc}: Σ_u ⟨e_in⟩ / Σ_u ⟨e_out⟩ = 1",
+                    lb.pair_ratio[i], 1.0, Z * lb.pair_ratio_se[i], why=WHY_BALANCE)
+    if not ref["nb"]:
+        ctx.predict("neuron balance, reference: some hidden unit alive in the window", float("nan"), 1.0,
+                    0.0, why="every unit of the reference's hidden layer is dead: no neuron balance")
+    for nb in ref["nb"]:
+        ctx.predict(f"neuron balance, reference, {nb.location}: slope of ⟨e_out⟩ on ⟨e_in⟩ over units = 1",
+                    nb.slope, 1.0, Z * nb.slope_se, why=WHY_BALANCE + "; SE of the slope over the blocks")
+    for k in ("GD control", "small-η control"):
+        c = sums[k]["lb"]
+        for i, loc in enumerate(c.pairs):
+            ctx.predict(f"{k}, {loc}: off balance, |ratio − 1| > 3 SE", abs(float(c.pair_ratio[i]) - 1),
+                        Z * float(c.pair_ratio_se[i]), 0.0, sense="at_least", why=WHY_CONTROL)
+    wd = sums["deep + wd"]
+    for d in wd["drift"]:
+        ctx.predict(f"wd law, deep + wd, {d.location}: Σ_u ⟨e_in − e_out⟩ = wd(2 − η·wd)·Σ_u ⟨J⟩/η",
+                    d.pair_imbalance, d.pair_decay, Z * d.pair_drift_se, why=WHY_WD)
+        z = unit_z(d.drift, d.drift_se)
+        lim = unit_z_limit(len(z), d.n_blocks)
+        ctx.predict(f"wd law per neuron, deep + wd, {d.location}: max_u |⟨e_in − e_out⟩ − "
+                    "wd(2 − η·wd)⟨J⟩/η| / SE", float(z.max()), 0.0, lim, sense="at_most",
+                    why=WHY_WD + f"; per unit, Student-t (n_blocks − 1 dof) Bonferroni limit over "
+                        f"{len(z)} units for {FAMILY:.2%} family-wise false failures")
+    wlb = wd["lb"]
+    for i, loc in enumerate(wlb.pairs):
+        ctx.predict(f"wd control, deep + wd, {loc}: off wd = 0 balance, |ratio − 1| > 3 SE",
+                    abs(float(wlb.pair_ratio[i]) - 1), Z * float(wlb.pair_ratio_se[i]), 0.0,
+                    sense="at_least", why="with wd the stationary imbalance is wd(2 − η·wd)E[J]/η ≠ 0")
+    for d in early:
+        ctx.predict(f"wd control, deep + wd, first relaxation time {d.window}, {d.location}: "
+                    "not yet stationary, |ΔJ/(η²T)| > 3 SE", abs(d.pair_drift), Z * d.pair_drift_se, 0.0,
+                    sense="at_least",
+                    why="J relaxes at rate ≈ 2η·wd from the off-balance start, so over the first "
+                        "1/(η·wd(2 − η·wd)) steps the stationary law must fail")
+
+
+def wd_scatter(d: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit: predicted stationary imbalance (wd term) and the measured mean imbalance."""
+    return d.decay, d.imbalance
