@@ -65,7 +65,7 @@ def figure(ctx: RunContext, table: list[dict[str, Any]], dist: dict[str, dict[st
            cos_min: float) -> None:
     plt = pyplot()
     fig = plt.figure(figsize=(21, 10))
-    gs = fig.add_gridspec(2, 4, height_ratios=[1.3, 1])
+    gs = fig.add_gridspec(2, 4, height_ratios=[1.3, 1], width_ratios=[1.6, 1, 1, 1])
     ax = fig.add_subplot(gs[0, 0])
     for i, row in enumerate(table):
         cond = row["condition"]
@@ -78,7 +78,8 @@ def figure(ctx: RunContext, table: list[dict[str, Any]], dist: dict[str, dict[st
                 ax.scatter(i + 0.12 * (j - 0.5) + 0.3 + torch.zeros_like(p), p, s=18, marker="x",
                            color="tab:green", label="to its predicted kernel" if i == 2 and j == 0 else None)
     ax.axhline(tau, color="black", ls=":", lw=1, label=f"τ = {tau:g}")
-    ax.set_xticks(range(len(table)), [r["condition"].replace(" ", "\n", 1) for r in table], fontsize=8)
+    ax.set_xticks(range(len(table)), [r["condition"] for r in table], fontsize=8,
+                  rotation=30, ha="right")
     ax.set_ylabel("‖G/‖G‖ − G*/‖G*‖‖ (kernel distance)")
     ax.set_title("hidden layers (all chains) per condition")
     ax.legend(fontsize=8)
@@ -89,7 +90,7 @@ def figure(ctx: RunContext, table: list[dict[str, Any]], dist: dict[str, dict[st
         im = ax.imshow(m, vmin=0, vmax=1, cmap="magma")
         ax.set_xticks(range(m.shape[1]), [f"B:h{j + 1}" for j in range(m.shape[1])])
         ax.set_yticks(range(m.shape[0]), [f"A:h{i + 1}" for i in range(m.shape[0])])
-        ax.set_title(f"{title}: cross-network Gram cosine\n(aligned ⇒ ≥ {cos_min:.2f})")
+        ax.set_title(f"{title}\ncross-network Gram cosine\n(aligned ⇒ ≥ {cos_min:.2f})", fontsize=9)
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,

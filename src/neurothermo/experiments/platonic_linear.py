@@ -271,6 +271,6 @@ EXPERIMENT = register(
                                    gd_steps=2000),
         full=PlatonicLinearConfig(),
         run=run,
-        cost="full: 2 nets × 5 conditions × 4 chains × 50k online SGD steps, ~1–2 min on one core",
+        cost="full: 2 nets × 5 conditions × 4 chains × 50k online SGD steps, ~25 s on one core",
     )
 )
