@@ -138,6 +138,17 @@ def test_quick_run_every_condition_and_its_control(tmp_path) -> None:
                        overrides=["steps=10", "sigma_eps=0,0,0"])
 
 
+def test_switching_each_cause_off_restores_k_star(tmp_path) -> None:
+    # No weight decay, an orthogonal transform (T = rotation), a flat noise window (s ≈ 1): each
+    # "broken" block becomes the reference, so its "not aligned with K*" verdict must now fail.
+    res = run_experiment("platonic-linear", quick=True, out=tmp_path,
+                         overrides=["weight_decay=0", "transform=1,1,1", "noise_width=1000"])
+    verdict = {p["name"]: p["passed"] for p in res.summary["predictions"]}
+    for cond in ("weight decay", "label transform", "input-dependent noise"):
+        assert not verdict[f"{cond}: not aligned with K* (median distance ≥ τ)"], cond
+    assert verdict["reference: aligned with K* (median distance ≤ τ)"]
+
+
 def test_bad_settings_are_refused() -> None:
     from neurothermo.config import ConfigError
 
