@@ -11,6 +11,7 @@ from neurothermo.experiments import (
     entropic_flow,
     layer_balance,
     platonic_linear,
+    platonic_nonlinear,
     pretrained_platonic,
     rescale_equilibrium,
     sgd_vs_entropic_flow,
