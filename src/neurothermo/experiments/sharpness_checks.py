@@ -107,13 +107,13 @@ def grid_checks(cfg: SharpnessPhaseConfig, ctx: RunContext, grid: dict[str, Tens
         lrs=list(map(float, lr[:, 0])), ps=list(map(float, grid["p"][0])),
         eta_lambda=_nan_list(lr * lam), eta_lambda_se=_nan_list(lr * se),
         eta_lambda_star=(lr * grid["lam_star"]).tolist(), diverged_cells=int(div.sum()),
-        sharpening_fraction_stable=dict(
-            median=float(f.median()) if len(f) else math.nan, min=float(f.min()) if len(f) else math.nan,
-            max=float(f.max()) if len(f) else math.nan,
-            note="(λ_max − λ₀)/(λ* − λ₀) at the paper's η: the finite-η shortfall (1 = λ* reached)"),
-        eta_lambda_in_saturated_region=dict(
-            mean=float((lr * lam)[sat_region].mean()) if bool(sat_region.any()) else math.nan,
-            min=float((lr * lam)[sat_region].min()) if bool(sat_region.any()) else math.nan),
+        sharpening_fraction_stable={
+            "median": float(f.median()) if len(f) else math.nan, "min": float(f.min()) if len(f) else math.nan,
+            "max": float(f.max()) if len(f) else math.nan,
+            "note": "(λ_max − λ₀)/(λ* − λ₀) at the paper's η: the finite-η shortfall (1 = λ* reached)"},
+        eta_lambda_in_saturated_region={
+            "mean": float((lr * lam)[sat_region].mean()) if bool(sat_region.any()) else math.nan,
+            "min": float((lr * lam)[sat_region].min()) if bool(sat_region.any()) else math.nan},
         K=cfg.k, reading=cfg.reading, batch_size=cfg.batch_size)
 
 
@@ -156,13 +156,13 @@ def probe_runs(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator) -
     ctx.predict("control, no label noise: max |λ_max − λ₀|/λ₀ (nothing moves)", float(drift), 0.0, 1e-12,
                 why="exact: on the manifold every per-sample residual is 0 without label noise, so SGD "
                     "never leaves the start")
-    ctx.record(probes=[dict(eta=lr, p=p, lam_star=float(star[i]), lam_balanced=float(mean[i, 0]),
-                            lam_balanced_se=float(se[i, 0]), lam_sharp_start=float(start[i, 1]),
-                            lam_sharp=float(mean[i, 1]), lam_sharp_se=float(se[i, 1]),
-                            lam_no_label_noise=float(mean[i, 2]), diverged=int(dead.reshape(m, 3, n)[i].sum()))
+    ctx.record(probes=[{"eta": lr, "p": p, "lam_star": float(star[i]), "lam_balanced": float(mean[i, 0]),
+                            "lam_balanced_se": float(se[i, 0]), "lam_sharp_start": float(start[i, 1]),
+                            "lam_sharp": float(mean[i, 1]), "lam_sharp_se": float(se[i, 1]),
+                            "lam_no_label_noise": float(mean[i, 2]), "diverged": int(dead.reshape(m, 3, n)[i].sum())}
                        for i, (lr, p) in enumerate(zip(cfg.probe_lrs, cfg.probe_ps, strict=True))])
     series = lam.reshape(lam.shape[0], m, 3, n).nanmean(-1)                # (R, m, 3)
-    return dict(series=series, star=star, lrs=cfg.probe_lrs, ps=cfg.probe_ps)
+    return {"series": series, "star": star, "lrs": cfg.probe_lrs, "ps": cfg.probe_ps}
 
 
 def sm_stationary(readings: Tensor) -> tuple[Tensor, Tensor]:
@@ -199,7 +199,7 @@ def convergence(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator) 
     lam_star = float(c["lam_star"][0])
     eta = np.array(cfg.conv_lrs)
     gap = lam_star - mean
-    out: dict[str, Any] = dict(eta=eta, mean=mean, se=se, lam_star=lam_star, lam0=float(c["lam0"][0]))
+    out: dict[str, Any] = {"eta": eta, "mean": mean, "se": se, "lam_star": lam_star, "lam0": float(c["lam0"][0])}
     if not (np.isfinite(mean).all() and np.isfinite(se).all() and (se > 0).all()):
         ctx.predict("η → 0: fitted intercept of λ̄(η) = c₀ + c₁η + c₂η² vs λ*", math.nan, lam_star, 0.0,
                     why="a chain diverged or did not move: nothing to fit")
@@ -222,10 +222,10 @@ def convergence(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator) 
     ctx.predict("η → 0: log-log slope of the gap λ* − λ̄ over the smallest η", slope, 1.0,
                 Z * slope_se if slope_se > 0 else 0.0,
                 why="leading-order theory: the gap is O(η); 3 s.e. of the weighted log-log fit")
-    ctx.record(eta_to_zero=dict(p=cfg.conv_p, batch=cfg.conv_batch, eta=eta.tolist(), lam=mean.tolist(),
-                                se=se.tolist(), lam_star=lam_star, gap=gap.tolist(),
-                                fit_c0_c1_c2=coef.tolist(), slope=slope, slope_se=slope_se,
-                                gap_per_eta_over_lam_star=float(coef[1]) / -lam_star))
+    ctx.record(eta_to_zero={"p": cfg.conv_p, "batch": cfg.conv_batch, "eta": eta.tolist(), "lam": mean.tolist(),
+                                "se": se.tolist(), "lam_star": lam_star, "gap": gap.tolist(),
+                                "fit_c0_c1_c2": coef.tolist(), "slope": slope, "slope_se": slope_se,
+                                "gap_per_eta_over_lam_star": float(coef[1]) / -lam_star})
     return out
 
 

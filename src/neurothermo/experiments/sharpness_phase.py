@@ -30,6 +30,8 @@ from neurothermo.config import setting
 from neurothermo.experiments import sharpness_model as sm
 from neurothermo.experiments.base import Experiment, RunContext, register
 
+lambda_star = sm.lambda_star  # the closed form lives in sharpness_model; kept here for old imports
+
 DT = torch.float64
 Z = 3.0  # z-score for statistical checks: chains are independent, so 3 standard errors ≈ 0.3 % two-sided
 
@@ -93,7 +95,7 @@ def _cells(lrs: tuple[float, ...], ps: tuple[float, ...], seeds: int, reading: s
     se = torch.tensor([c[1] for c in cov], dtype=DT).repeat_interleave(seeds, 0).repeat(len(lrs), 1)
     kk = torch.full_like(E, k)
     lam_star = sm.equilibrium_sharpness(sx, se, kk)          # noise scale does not move the balance
-    return dict(lr=E, p=P, k=kk, sx=sx, se=se * noise, lam0=sm.start_sharpness(sx, kk), lam_star=lam_star)
+    return {"lr": E, "p": P, "k": kk, "sx": sx, "se": se * noise, "lam0": sm.start_sharpness(sx, kk), "lam_star": lam_star}
 
 
 def sharp_start(lam_target: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,9 +176,9 @@ def run_grid(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator, *, 
     drift = charge_drift(Q, W1, W2, run_cells)
     first = slice(None, None, seeds)
     d_mean, d_se, _ = cell_stats(drift[:C], shape)
-    out = dict(lam=mean, se=se, diverged=div, drift=d_mean, drift_se=d_se, lam0=cells["lam0"][first].reshape(shape),
-               lam_star=cells["lam_star"][first].reshape(shape), start=lam_start[:C][first].reshape(shape),
-               lr=cells["lr"][first].reshape(shape), p=cells["p"][first].reshape(shape))
+    out = {"lam": mean, "se": se, "diverged": div, "drift": d_mean, "drift_se": d_se, "lam0": cells["lam0"][first].reshape(shape),
+               "lam_star": cells["lam_star"][first].reshape(shape), "start": lam_start[:C][first].reshape(shape),
+               "lr": cells["lr"][first].reshape(shape), "p": cells["p"][first].reshape(shape)}
     if sharp:
         full = torch.full((C,), float("nan"), dtype=DT)
         present = torch.zeros(C, dtype=torch.bool)
@@ -220,8 +222,8 @@ def picture_metrics(res: dict[str, Tensor]) -> dict[str, float]:
     v = res["lr"] * res["lam"]
     ok = ~res["diverged"]
     if not bool(ok.any()):
-        return dict(min=math.nan, max=math.nan, saturated_below_curve=0.0, onset_ratio=math.nan,
-                    diverged=1.0, distance=math.inf)
+        return {"min": math.nan, "max": math.nan, "saturated_below_curve": 0.0, "onset_ratio": math.nan,
+                    "diverged": 1.0, "distance": math.inf}
     below = (res["p"] < res["lr"] ** 2 / 2) & ok
     sat = float(((v >= 1.8) & below).sum() / below.sum()) if bool(below.any()) else 0.0
     ratios = []
@@ -232,8 +234,8 @@ def picture_metrics(res: dict[str, Tensor]) -> dict[str, float]:
     onset = float(torch.tensor(ratios).median()) if ratios else math.nan
     lo, hi = float(v[ok].min()), float(v[ok].max())
     div = float(res["diverged"].float().mean())
-    return dict(min=lo, max=hi, saturated_below_curve=sat, onset_ratio=onset, diverged=div,
-                distance=abs(lo - 0.6) + abs(hi - 2.0) + (1 - sat) + div)
+    return {"min": lo, "max": hi, "saturated_below_curve": sat, "onset_ratio": onset, "diverged": div,
+                "distance": abs(lo - 0.6) + abs(hi - 2.0) + (1 - sat) + div}
 
 
 def run(cfg: SharpnessPhaseConfig, ctx: RunContext) -> None:
