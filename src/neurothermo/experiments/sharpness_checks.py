@@ -66,11 +66,19 @@ def grid_checks(cfg: SharpnessPhaseConfig, ctx: RunContext, grid: dict[str, Tens
                 float((div & start_stable).sum()), 0.0, 0.0,
                 why="exact count: from a linearly stable minimum SGD drifts along the manifold, "
                     "it does not escape (a cell counts as diverged if any of its chains did)")
-    ctx.predict("min over stable cells of (charge drift toward Q*)/s.e., balanced start (sharpening)",
-                _zmin(grid["drift"], grid["drift_se"], stable), Z, 0.0, sense="at_least",
-                why="3 s.e.: in every cell with η·λ* < 2 the mean charge must move significantly from the "
-                    "balanced start toward the sharper noise-balanced charge Q* (a linear statistic: no "
-                    "fluctuation bias, unlike λ_max)")
+    d, dse = grid["drift"], grid["drift_se"]
+    ctx.predict("min over stable cells of (Tr Q drift toward Tr Q*)/s.e., balanced start (sharpening)",
+                _zmin(d, dse, stable), Z, 0.0, sense="at_least",
+                why="3 s.e. in every cell with η·λ* < 2: the mean layer charge Tr Q = ‖W₁‖² − ‖W₂‖² moves "
+                    "from the balanced start toward its noise-balanced value Σ(a_l² − a_l⁻²) (linear in Q, "
+                    "so no fluctuation bias, unlike λ_max; invariant under the freely diffusing hidden "
+                    "rotations); chains independent")
+    frac_q = (d / grid["trq_star"].abs())[stable]
+    ctx.record(charge_fraction_stable={
+        "median": float(frac_q.median()) if len(frac_q) else math.nan,
+        "min": float(frac_q.min()) if len(frac_q) else math.nan,
+        "max": float(frac_q.max()) if len(frac_q) else math.nan,
+        "note": "(Tr Q̄ − Tr Q₀)/(Tr Q* − Tr Q₀): the unbiased fraction of the way to the balance point"})
     gain_z = _zmin(lam - grid["ctrl_lam"], (se**2 + grid["ctrl_se"] ** 2).sqrt(), stable)
     ctx.record(control_p1_eta_lambda=_nan_list((lr * grid["ctrl_lam"])[:, :1].T)[0],
                min_z_lambda_above_p1_control=gain_z,

@@ -7,14 +7,17 @@ start ``W₁ = W₂ = I`` (``λ₀ = 4K·max_l s_l``); gradient noise pushes SGD
 the noise-balanced point of sharpness ``λ*(p)``, from either side; where ``η·λ* > 2`` it cannot settle
 and ``η·λ_max`` hovers near 2.
 
-Checks (each with a control run inside the experiment, or a setting that switches its cause off):
+Checks (each with a control run inside the experiment, or a setting that switches its cause off;
+details and measured numbers in ``docs/experiments/sharpness-phase.md``):
 
-* exact: ``λ₀`` and ``λ*`` against the dense Hessian; zero expected charge change at the equilibrium;
-  the charge identity ``ΔQ = η²(g₁g₁ᵀ − g₂ᵀg₂)`` along a run (round-off only).
-* grid at the paper's ``η``: every stable cell sharpens significantly above ``λ₀`` and stays below ``λ*``;
-  no cell settles above ``η·λ_max = 2``.
-* probes: the balanced start sharpens, a start sharper than ``λ*`` flattens, both reach the same
-  stationary sharpness; without label noise nothing moves.
+* exact: ``λ₀`` and ``λ*`` against the dense Hessian; zero expected charge change at the balanced
+  point; the charge identity ``ΔQ = η²(g₁g₁ᵀ − g₂ᵀg₂)`` along a run (round-off only).
+* grid at the paper's ``η`` (both starts in one batched simulation): in every stable cell the mean charge
+  moves toward the noise-balanced ``Q*`` (sharpening) from the balanced start, ``λ_max`` falls from a
+  start sharper than ``λ*`` (flattening), both reach one stationary sharpness; no cell settles above
+  ``η·λ_max = 2``; no cell with a stable start diverges. Control chains on balanced data (``p = 1``)
+  measure how much fluctuations alone lift the time-averaged ``λ_max``.
+* probes: time series from both starts; without label noise nothing moves (exact).
 * ``η → 0``: the stationary sharpness from the balanced start tends to ``λ*`` (fit intercept) with a
   gap linear in ``η`` (fitted log-log slope).
 """
@@ -176,9 +179,12 @@ def run_grid(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator, *, 
     drift = charge_drift(Q, W1, W2, run_cells)
     first = slice(None, None, seeds)
     d_mean, d_se, _ = cell_stats(drift[:C], shape)
-    out = {"lam": mean, "se": se, "diverged": div, "drift": d_mean, "drift_se": d_se, "lam0": cells["lam0"][first].reshape(shape),
-               "lam_star": cells["lam_star"][first].reshape(shape), "start": lam_start[:C][first].reshape(shape),
-               "lr": cells["lr"][first].reshape(shape), "p": cells["p"][first].reshape(shape)}
+    a2 = sm.equilibrium_scales(cells["sx"], cells["se"].clamp(min=1e-300)) ** 2
+    trq_star = (a2 - 1 / a2).sum(1)[first].reshape(shape)
+    out = {"lam": mean, "se": se, "diverged": div, "drift": d_mean, "drift_se": d_se, "trq_star": trq_star,
+           "lam0": cells["lam0"][first].reshape(shape), "lam_star": cells["lam_star"][first].reshape(shape),
+           "start": lam_start[:C][first].reshape(shape), "lr": cells["lr"][first].reshape(shape),
+           "p": cells["p"][first].reshape(shape)}
     if sharp:
         full = torch.full((C,), float("nan"), dtype=DT)
         present = torch.zeros(C, dtype=torch.bool)
@@ -198,17 +204,18 @@ def run_grid(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator, *, 
 
 
 def charge_drift(Q: Tensor, W1: Tensor, W2: Tensor, cells: dict[str, Tensor]) -> Tensor:
-    """Per chain: second-half mean charge moved toward the noise-balanced charge, in charge units.
+    """Per chain: how far the second-half mean of ``Tr Q = ‖W₁‖² − ‖W₂‖²`` moved toward its
+    noise-balanced value, ``d = (Tr Q̄ − Tr Q_start)·sign(Tr Q*)`` with ``Tr Q* = Σ_l (a_l² − a_l⁻²)``.
 
-    ``d = ⟨Q̄ − Q_start, D⟩/‖D‖`` with ``D = Q* − Q(W₁ = W₂ = I) = Q*``, ``Q* = diag(a_l² − a_l⁻²)``.
-    Linear in ``Q``, so fluctuations do not bias it (unlike ``λ_max``, a convex function of the
-    weights); ``W1, W2`` are the starts. NaN for diverged chains.
+    ``Tr Q`` is linear in ``Q`` (fluctuations do not bias its mean, unlike ``λ_max``, a convex function
+    of the weights) and invariant under the hidden-unit rotations ``W₁ → OW₁, W₂ → W₂Oᵀ`` along which
+    the iterates diffuse freely. ``W1, W2`` are the starts; NaN for diverged chains.
     """
     a2 = sm.equilibrium_scales(cells["sx"], cells["se"].clamp(min=1e-300)) ** 2
-    D = torch.diag_embed(a2 - 1 / a2)
-    norm = D.flatten(1).norm(dim=1).clamp(min=1e-300)
-    late = Q[Q.shape[0] // 2:].mean(0)
-    return ((late - sm.charge(W1, W2)) * D).flatten(1).sum(1) / norm
+    target = (a2 - 1 / a2).sum(1)
+    late = Q[Q.shape[0] // 2:].mean(0).diagonal(dim1=-2, dim2=-1).sum(-1)
+    start = sm.charge(W1, W2).diagonal(dim1=-2, dim2=-1).sum(-1)
+    return (late - start) * torch.sign(target)
 
 
 def picture_metrics(res: dict[str, Tensor]) -> dict[str, float]:
