@@ -204,3 +204,26 @@ def test_divergence_is_marked_and_never_a_pass(tmp_path) -> None:
     assert fig["diverged_cells"] > 0
     assert all(v is None for row in fig["eta_lambda"] for v in row)
     assert not all(preds.values())
+
+
+def test_input_reading_balance_point_is_where_long_sgd_runs_settle() -> None:
+    """The derived a_l⁴ = (ε_l/s_l)·TrΣ_x/TrΣ_ε for input variances diag(1, p): long SGD runs at
+    η = 0.02 and 0.03 (b = 4), extrapolated linearly to η = 0, reach the charge eigenvalues a_l² − a_l⁻²."""
+    p, n, etas = 0.25, 32, (0.02, 0.03)
+    sx0, se0 = sm.covariances(p, "input")
+    C = n * len(etas)
+    sx, se = torch.tensor([sx0] * C, dtype=DT), torch.tensor([se0] * C, dtype=DT)
+    lr = torch.tensor(etas, dtype=DT).repeat_interleave(n)
+    eye = torch.eye(2, dtype=DT).repeat(C, 1, 1)
+    _, Q, *_ = sm.simulate(eye, eye.clone(), lr=lr, k=torch.full((C,), 0.5, dtype=DT), sx=sx, se=se,
+                           batch=4, steps=150_000, every=500, generator=torch.Generator().manual_seed(5))
+    # eigenvalues: the hidden rotations W₁ → OW₁ leave the loss unchanged and the iterates diffuse along them
+    eig = torch.linalg.eigvalsh(Q[Q.shape[0] // 2:]).mean(0).reshape(len(etas), n, 2)
+    mean, err = eig.mean(1), eig.std(1) / math.sqrt(n)
+    zero = 3 * mean[0] - 2 * mean[1]                   # linear extrapolation from η = 0.02, 0.03
+    zero_se = (9 * err[0] ** 2 + 4 * err[1] ** 2).sqrt()
+    a2 = sm.equilibrium_scales(sx[:1], se[:1])[0] ** 2
+    target = (a2 - 1 / a2).sort().values
+    assert ((zero - target).abs() <= 3 * zero_se).all(), (zero, target, zero_se)
+    # and not the label-reading formula a_l⁴ ∝ ε_l (which would give 0 here: ε = (1, 1))
+    assert (target.abs() > 10 * zero_se).all()
