@@ -14,12 +14,18 @@ from torch import Tensor
 
 from neurothermo.experiments import sharpness_model as sm
 from neurothermo.experiments.base import RunContext
+from neurothermo.experiments.sharpness_grid import (
+    grid_cells,
+    grid_starts,
+    picture_metrics,
+    stationary,
+)
 
 if TYPE_CHECKING:
     from neurothermo.experiments.sharpness_phase import SharpnessPhaseConfig
 
 DT = torch.float64
-Z = 3.0
+Z = 3.0  # z-score of the statistical checks (independent chains; ≈ 0.3 % two-sided per check)
 
 
 def _t(x: Any) -> Tensor:
@@ -131,16 +137,14 @@ def _nan_list(x: Tensor) -> list[list[float | None]]:
 
 def probe_runs(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator) -> dict[str, Any]:
     """Both starts and the no-label-noise control at each probe (η, p); exact charge identity."""
-    from neurothermo.experiments.sharpness_phase import _cells, _starts
-
     n, m = cfg.probe_chains, len(cfg.probe_lrs)
     parts = []
     for lr, p in zip(cfg.probe_lrs, cfg.probe_ps, strict=True):
-        c = _cells((lr,), (p,), n, cfg.reading, cfg.k, cfg.label_noise)
+        c = grid_cells((lr,), (p,), n, cfg.reading, cfg.k, cfg.label_noise)
         quiet = dict(c, se=torch.zeros_like(c["se"]))
         parts += [(c, "balanced"), (c, "sharp"), (quiet, "balanced")]
     cells = {key: torch.cat([c[key] for c, _ in parts]) for key in parts[0][0]}
-    starts = [_starts(c, s) for c, s in parts]
+    starts = [grid_starts(c, s) for c, s in parts]
     W1, W2 = torch.cat([s[0] for s in starts]), torch.cat([s[1] for s in starts])
     lam_start = sm.sharpness(W1, W2, cells["sx"], cells["k"])
     with ctx.progress("probe runs: both starts and the no-noise control", cfg.steps) as advance:
@@ -154,7 +158,7 @@ def probe_runs(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator) -
     ctx.record(charge_first_order_error=first,
                charge_first_order_note="RMS |ΔQ − 0|/|η²(g₁g₁ᵀ − g₂ᵀg₂)|: gradient-flow conservation "
                                        "misses the whole change")
-    per_chain, dead = sm_stationary(lam)
+    per_chain, dead = stationary(lam)
     v = per_chain.reshape(m, 3, n)
     mean = v.nanmean(-1)
     se = v.std(-1) / math.sqrt(n)
@@ -173,12 +177,6 @@ def probe_runs(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator) -
     return {"series": series, "star": star, "lrs": cfg.probe_lrs, "ps": cfg.probe_ps}
 
 
-def sm_stationary(readings: Tensor) -> tuple[Tensor, Tensor]:
-    from neurothermo.experiments.sharpness_phase import stationary
-
-    return stationary(readings)
-
-
 def _wls(X: np.ndarray, y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted least squares ``y ≈ X c`` with known errors ``s``; covariance scaled by max(1, χ²/dof)."""
     w = 1 / s
@@ -192,15 +190,13 @@ def _wls(X: np.ndarray, y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def convergence(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator) -> dict[str, Any]:
     """Stationary sharpness from the balanced start at small η → λ*; the gap's scaling with η."""
-    from neurothermo.experiments.sharpness_phase import _cells, _starts
-
     n = cfg.conv_chains
-    c = _cells(tuple(cfg.conv_lrs), (cfg.conv_p,), n, cfg.reading, cfg.k, cfg.label_noise)
-    W1, W2 = _starts(c, "balanced")
+    c = grid_cells(tuple(cfg.conv_lrs), (cfg.conv_p,), n, cfg.reading, cfg.k, cfg.label_noise)
+    W1, W2 = grid_starts(c, "balanced")
     with ctx.progress("η → 0: stationary sharpness", cfg.conv_steps) as advance:
         lam, *_ = sm.simulate(W1, W2, lr=c["lr"], k=c["k"], sx=c["sx"], se=c["se"], batch=cfg.conv_batch,
                               steps=cfg.conv_steps, every=cfg.hessian_every, generator=g, advance=advance)
-    per_chain, _ = sm_stationary(lam)
+    per_chain, _ = stationary(lam)
     v = per_chain.reshape(len(cfg.conv_lrs), n)
     mean = v.nanmean(1).numpy()
     se = (v.std(1) / math.sqrt(n)).numpy()
@@ -240,8 +236,6 @@ def convergence(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator) 
 def compare_readings(cfg: SharpnessPhaseConfig, ctx: RunContext, grid: dict[str, Tensor],
                      others: dict[str, dict[str, Tensor]]) -> None:
     """Picture metrics of each reading of 'data balance'; the closest to the paper's figure."""
-    from neurothermo.experiments.sharpness_phase import picture_metrics
-
     main = f"{cfg.reading}, K={cfg.k:g}, b={cfg.batch_size} (main grid)"
     table = {main: picture_metrics(grid)}
     names = {"label": "label, K=0.5", "input": "input, K=0.5", "both": "both, K=0.5",
