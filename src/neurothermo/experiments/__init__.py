@@ -10,6 +10,7 @@ from neurothermo.config import ConfigError, setting
 from neurothermo.experiments import (
     entropic_flow,
     layer_balance,
+    noise_term,
     platonic_linear,
     pretrained_platonic,
     rescale_equilibrium,
