@@ -242,11 +242,11 @@ def _figure(cfg: NoiseTermConfig, ctx: RunContext, cells: list[Measurement]) -> 
         ax = axes[1, j]
         b0 = min(cfg.batch_sizes, key=lambda b: abs(b - cfg.train_batch))
         for sampling, color in (("with", "tab:blue"), ("without", "tab:red")):
-            pts = sorted((m.step, m.exact, m.mc, m.se) for m in cells
-                         if m.model == name and m.b == b0 and m.sampling == sampling)
-            if not pts:
+            hist = sorted((m.step, m.exact, m.mc, m.se) for m in cells
+                          if m.model == name and m.b == b0 and m.sampling == sampling)
+            if not hist:
                 continue
-            s, ex, mc, se = (np.array(c, dtype=float) for c in zip(*pts))
+            s, ex, mc, se = (np.array(c, dtype=float) for c in zip(*hist))
             ax.plot(s, ex, "-", color=color, label=f"entropic_decomposition ({sampling})")
             ax.errorbar(s, mc, yerr=2 * se, fmt="o", color=color, label=f"Monte-Carlo ({sampling})")
         ax.set_xlabel("SGD step")
