@@ -14,6 +14,7 @@ from neurothermo.experiments import (
     platonic_linear,
     pretrained_platonic,
     rescale_equilibrium,
+    scale_invariance,
     sgd_vs_entropic_flow,
     sharpness_phase,
     transformer_alignment,
