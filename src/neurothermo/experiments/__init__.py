@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from neurothermo.config import ConfigError, setting
 from neurothermo.experiments import (
+    discrete_symmetry,
     entropic_flow,
     layer_balance,
     noise_term,
