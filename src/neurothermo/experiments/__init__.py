@@ -11,6 +11,7 @@ from neurothermo.experiments import (
     discrete_symmetry,
     entropic_flow,
     layer_balance,
+    matrix_lr,
     noise_term,
     platonic_linear,
     pretrained_platonic,
