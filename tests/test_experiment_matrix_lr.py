@@ -4,12 +4,8 @@ import math
 
 import torch
 
-from neurothermo.experiments.matrix_lr import (
-    MatrixLrConfig,
-    adam_preconditioner,
-    problem,
-    top_eigenvalue,
-)
+from neurothermo.experiments._runs import problem, top_eigenvalue
+from neurothermo.experiments.matrix_lr import MatrixLrConfig, adam_preconditioner
 from neurothermo.runner import run_experiment
 
 

@@ -23,25 +23,18 @@ slope-3 check must fail.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 import neurothermo as nt
 from neurothermo.config import setting
 from neurothermo.experiments._common import loglog_slope, pyplot
-from neurothermo.experiments._runs import digits_subset
+from neurothermo.experiments._runs import Objective, distance, problem, top_eigenvalue
 from neurothermo.experiments.base import Experiment, RunContext, register
-from neurothermo.models import mlp
-
-Objective = Callable[[dict[str, Tensor]], Tensor]
 
 
 @dataclass(frozen=True)
@@ -59,31 +52,6 @@ class MatrixLrConfig:
                   "identity (the control that must fail)", choices=("lambda", "identity"))
 
 
-def problem(name: str, seed: int) -> tuple[nn.Module, Objective]:
-    """The model (its parameters are the start) and ``L`` as a function of a parameter dict."""
-    gen = torch.Generator().manual_seed(seed)
-    if name == "smooth":
-        A = torch.randn(8, 6, generator=gen, dtype=torch.float64)
-        c = torch.randn(8, generator=gen, dtype=torch.float64)
-        holder = nn.Module()
-        holder.theta = nn.Parameter(torch.randn(6, generator=gen, dtype=torch.float64))
-
-        def smooth(p: dict[str, Tensor]) -> Tensor:
-            t = p["theta"]
-            return 0.5 * ((A @ t - c) ** 2).sum() + 0.25 * (t**4).sum()
-
-        return holder, smooth
-    x, y = digits_subset(64, seed)
-    torch.manual_seed(seed)
-    model = mlp([64, 16, 10], "tanh").double()
-    net = model
-
-    def loss(p: dict[str, Tensor]) -> Tensor:
-        return F.cross_entropy(functional_call(net, p, (x,)), y)
-
-    return model, loss
-
-
 def adam_preconditioner(model: nn.Module, f: Objective, cfg: MatrixLrConfig) -> nt.Preconditioner:
     """Λ of Adam (β₁ = 0) after ``adam_steps`` steps on ``f`` (the model is moved by them)."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.adam_lr, betas=(0.0, 0.999))
@@ -92,28 +60,6 @@ def adam_preconditioner(model: nn.Module, f: Objective, cfg: MatrixLrConfig) -> 
         f(dict(model.named_parameters())).backward()
         opt.step()
     return nt.preconditioner_from(opt, model)
-
-
-def top_eigenvalue(f: Objective, theta: dict[str, Tensor], lam: dict[str, Tensor],
-                   iters: int = 100) -> float:
-    """Largest |eigenvalue| of ``Λ^½ H Λ^½`` by power iteration (Hessian-vector products)."""
-    leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-    g = torch.autograd.grad(f(leaves), list(leaves.values()), create_graph=True)
-    root = [lam[k].sqrt().expand_as(v) for k, v in leaves.items()]
-    v = [torch.randn(t.shape, generator=torch.Generator().manual_seed(0), dtype=t.dtype) for t in root]
-    est = 0.0
-    for _ in range(iters):
-        norm = math.sqrt(sum(float((vi**2).sum()) for vi in v))
-        v = [vi / norm for vi in v]
-        hv = torch.autograd.grad(g, list(leaves.values()), [r * vi for r, vi in zip(root, v)],
-                                 retain_graph=True)
-        v = [r * h for r, h in zip(root, hv)]
-        est = math.sqrt(sum(float((vi**2).sum()) for vi in v))
-    return est
-
-
-def distance(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
-    return math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in a))
 
 
 def one_step_errors(f: Objective, theta: dict[str, Tensor], pre: nt.Preconditioner,
