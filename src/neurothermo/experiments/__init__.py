@@ -12,6 +12,7 @@ from neurothermo.experiments import (
     entropic_flow,
     layer_balance,
     matrix_lr,
+    momentum,
     noise_term,
     platonic_linear,
     pretrained_platonic,
