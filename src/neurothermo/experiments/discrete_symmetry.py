@@ -188,8 +188,9 @@ def _figure(cfg: DiscreteSymmetryConfig, ctx: RunContext, traces: dict[str, tupl
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
     for kind, (steps, dist) in traces.items():
+        zero = " — exactly 0, drawn at 1e-18" if not np.any(dist[1:]) else ""
         a1.semilogy(steps[1:], np.maximum(dist[1:], 1e-18), "o-", ms=3,
-                    label=f"{kind} ({'isometry' if kind != 'rescale' else 'not an isometry'})")
+                    label=f"{kind} ({'isometry' if kind != 'rescale' else 'not an isometry'}){zero}")
     a1.axhline(ROUNDOFF_DISTANCE, color="gray", ls=":", label="round-off bound")
     a1.set_xlabel("SGD step")
     a1.set_ylabel("‖θ(t; Oθ₀) − O·θ(t; θ₀)‖ / ‖θ‖")
