@@ -10,6 +10,7 @@ from neurothermo.config import ConfigError, setting
 from neurothermo.experiments import (
     discrete_symmetry,
     entropic_flow,
+    forward_backward,
     layer_balance,
     matrix_lr,
     momentum,
