@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import neurothermo as nt
 from neurothermo.config import setting
+from neurothermo.entropic import functional_flow
 from neurothermo.experiments._common import pyplot
 from neurothermo.experiments._runs import digits_subset, flat_params
 from neurothermo.experiments.base import Experiment, RunContext, register
 from neurothermo.models import mlp
+from neurothermo.symmetry import Symmetry, find_symmetries
 
 ACTIVATION = {"permutation": "relu", "sign_flip": "tanh", "rescale": "relu"}
 #: Relative distance below which two float64 trajectories count as identical: one step's round-off
@@ -70,7 +71,7 @@ def batches(cfg: DiscreteSymmetryConfig, seed: int) -> list[Tensor]:
     return out[: cfg.steps]
 
 
-def transformed(model: nn.Module, syms: list[nt.Symmetry], elements: list[Tensor]) -> nn.Module:
+def transformed(model: nn.Module, syms: list[Symmetry], elements: list[Tensor]) -> nn.Module:
     """A copy of ``model`` with every symmetry's group element applied."""
     new = copy.deepcopy(model)
     for s, e in zip(syms, elements):
@@ -83,7 +84,7 @@ def sgd_pair(cfg: DiscreteSymmetryConfig, kind: str, x: Tensor, y: Tensor, idx: 
     """Train θ and Oθ on the same batches; return the record steps and ‖θ_B − Oθ_A‖/‖θ_B‖."""
     torch.manual_seed(seed)
     a = mlp([x.shape[1], *cfg.hidden, 10], ACTIVATION[kind]).double()
-    syms = [s for s in nt.find_symmetries(a, x[:4]) if s.kind == kind]
+    syms = [s for s in find_symmetries(a, x[:4]) if s.kind == kind]
     if not syms:
         raise RuntimeError(f"find_symmetries found no {kind} symmetry in the {ACTIVATION[kind]} MLP")
     gen = torch.Generator().manual_seed(seed + 1)
@@ -111,7 +112,7 @@ def charges(cfg: DiscreteSymmetryConfig, x: Tensor, y: Tensor, idx: list[Tensor]
     """Rescaling charges of the ReLU net along SGD and along gradient flow over the same batches."""
     torch.manual_seed(seed)
     model = mlp([x.shape[1], *cfg.hidden, 10], "relu").double()
-    syms = [s for s in nt.find_symmetries(model, x[:4]) if s.kind == "rescale"]
+    syms = [s for s in find_symmetries(model, x[:4]) if s.kind == "rescale"]
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
 
     def charge(p: dict[str, Tensor] | nn.Module) -> Tensor:
@@ -135,7 +136,7 @@ def charges(cfg: DiscreteSymmetryConfig, x: Tensor, y: Tensor, idx: list[Tensor]
             def batch_loss(p: dict[str, Tensor], i: Tensor = i) -> Tensor:
                 return F.cross_entropy(torch.func.functional_call(model, p, (x[i],)), y[i])
 
-            theta = nt.functional_flow(batch_loss, theta, time=cfg.lr, steps=substeps)
+            theta = functional_flow(batch_loss, theta, time=cfg.lr, steps=substeps)
         return charge(theta)
 
     j_gf, j_gf2 = flow(cfg.gf_substeps), flow(2 * cfg.gf_substeps)

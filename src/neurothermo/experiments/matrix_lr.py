@@ -30,8 +30,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-import neurothermo as nt
 from neurothermo.config import setting
+from neurothermo.entropic import (
+    Preconditioner,
+    functional_entropic_loss,
+    functional_flow,
+    preconditioner_from,
+)
 from neurothermo.experiments._common import loglog_slope, pyplot
 from neurothermo.experiments._runs import Objective, distance, problem, top_eigenvalue
 from neurothermo.experiments.base import Experiment, RunContext, register
@@ -52,17 +57,17 @@ class MatrixLrConfig:
                   "identity (the control that must fail)", choices=("lambda", "identity"))
 
 
-def adam_preconditioner(model: nn.Module, f: Objective, cfg: MatrixLrConfig) -> nt.Preconditioner:
+def adam_preconditioner(model: nn.Module, f: Objective, cfg: MatrixLrConfig) -> Preconditioner:
     """Λ of Adam (β₁ = 0) after ``adam_steps`` steps on ``f`` (the model is moved by them)."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.adam_lr, betas=(0.0, 0.999))
     for _ in range(cfg.adam_steps):
         opt.zero_grad()
         f(dict(model.named_parameters())).backward()
         opt.step()
-    return nt.preconditioner_from(opt, model)
+    return preconditioner_from(opt, model)
 
 
-def one_step_errors(f: Objective, theta: dict[str, Tensor], pre: nt.Preconditioner,
+def one_step_errors(f: Objective, theta: dict[str, Tensor], pre: Preconditioner,
                     lrs: np.ndarray, substeps: int) -> dict[str, np.ndarray]:
     """‖step − flow‖ for the plain loss, φ with Λ, and φ with the identity (flowed with Λ)."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
@@ -70,13 +75,13 @@ def one_step_errors(f: Objective, theta: dict[str, Tensor], pre: nt.Precondition
     out: dict[str, list[float]] = {"plain": [], "lambda": [], "identity": []}
     for lr in map(float, lrs):
         step = {k: (v - lr * pre.diag[k] * g[k]).detach() for k, v in theta.items()}
-        plain = nt.functional_flow(f, theta, time=lr, steps=substeps, preconditioner=pre)
-        ent = nt.functional_flow(f, theta, time=lr, steps=substeps, lr=lr, preconditioner=pre)
+        plain = functional_flow(f, theta, time=lr, steps=substeps, preconditioner=pre)
+        ent = functional_flow(f, theta, time=lr, steps=substeps, lr=lr, preconditioner=pre)
 
         def f_id(p: Any, lr: float = lr) -> Tensor:
-            return nt.functional_entropic_loss(f, p, lr=lr)
+            return functional_entropic_loss(f, p, lr=lr)
 
-        ident = nt.functional_flow(f_id, theta, time=lr, steps=substeps, preconditioner=pre)
+        ident = functional_flow(f_id, theta, time=lr, steps=substeps, preconditioner=pre)
         out["plain"].append(distance(plain, step))
         out["lambda"].append(distance(ent, step))
         out["identity"].append(distance(ident, step))

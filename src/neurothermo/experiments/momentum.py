@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import neurothermo as nt
 from neurothermo.config import setting
+from neurothermo.entropic import functional_flow, preconditioner_from
 from neurothermo.experiments._common import loglog_slope, pyplot
 from neurothermo.experiments._runs import Objective, distance, problem, top_eigenvalue
 from neurothermo.experiments.base import Experiment, RunContext, register
@@ -74,12 +74,12 @@ def modified_flow(f: Objective, theta: dict[str, Tensor], lr: float, beta: float
     holder = torch.nn.Linear(1, 1, bias=False)
     opt = torch.optim.SGD(holder.parameters(), lr=lr, momentum=beta) if beta > 0 else \
         torch.optim.SGD(holder.parameters(), lr=lr)
-    pre = nt.preconditioner_from(opt, holder)
+    pre = preconditioner_from(opt, holder)
     lam = float(pre.diag["weight"])
     kwargs: dict[str, Any] = {}
     if scale > 0:
         kwargs["lr"] = scale * pre.correction * lr
-    return nt.functional_flow(f, theta, time=steps * lr, steps=steps * substeps,
+    return functional_flow(f, theta, time=steps * lr, steps=steps * substeps,
                               preconditioner=lam, **kwargs)
 
 

@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-import neurothermo as nt
 from neurothermo.config import setting
+from neurothermo.entropic import entropic_decomposition
 from neurothermo.experiments._common import loglog_slope, pyplot
 from neurothermo.experiments._runs import bonferroni_z, digits_subset
 from neurothermo.experiments.base import Experiment, RunContext, register
 from neurothermo.models import mlp
+from neurothermo.train import train
 
 Sampling = Literal["with", "without"]
 
@@ -107,7 +108,7 @@ class Measurement:
     step: int
     b: int
     sampling: str
-    exact: float       # (η/4) Tr Σ_B from nt.entropic_decomposition
+    exact: float       # (η/4) Tr Σ_B from entropic_decomposition
     mc: float          # (η/4)(mean ‖g_B‖² − ‖∇L‖²)
     se: float          # its standard error (Monte-Carlo ⊕ round-off floor)
     trace_sigma: float
@@ -127,7 +128,7 @@ def measure(cfg: NoiseTermConfig, model: nn.Module, name: str, step: int, x: Ten
     out = []
     for sampling in cfg.samplings:
         for b in cfg.batch_sizes:
-            dec = nt.entropic_decomposition(model, F.cross_entropy, (x, y), lr=cfg.lr,
+            dec = entropic_decomposition(model, F.cross_entropy, (x, y), lr=cfg.lr,
                                             batch_size=b, replacement=sampling == "with")
             sq = batch_grad_sq(model, x, y, draw(len(y), b, cfg.mc_batches, sampling, gen))
             excess = float(sq.mean()) - dec.grad_norm_sq
@@ -160,7 +161,7 @@ def run(cfg: NoiseTermConfig, ctx: RunContext) -> None:
         done = 0
         for step in ctx.track(cfg.checkpoints, f"{name}: train and measure"):
             if step > done:
-                nt.train(model, F.cross_entropy, (x, y), lr=cfg.lr, batch_size=cfg.train_batch,
+                train(model, F.cross_entropy, (x, y), lr=cfg.lr, batch_size=cfg.train_batch,
                          steps=step - done, seed=ctx.seed + step)
                 done = step
             new = measure(cfg, model, name, step, x, y, gen)

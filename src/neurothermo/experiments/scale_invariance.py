@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import neurothermo as nt
 from neurothermo.config import setting
+from neurothermo.entropic import functional_flow
 from neurothermo.experiments._common import loglog_slope, pyplot
 from neurothermo.experiments._runs import bonferroni_z
 from neurothermo.experiments.base import Experiment, RunContext, register
@@ -166,7 +166,7 @@ def run(cfg: ScaleInvarianceConfig, ctx: RunContext) -> None:
     def loss_gf(p: dict[str, Tensor]) -> Tensor:
         return (0.5 * (net(p["W"], u, xb) - yb) ** 2).mean()
 
-    ends = [nt.functional_flow(loss_gf, {"W": W0}, time=cfg.gf_time, steps=s)["W"]
+    ends = [functional_flow(loss_gf, {"W": W0}, time=cfg.gf_time, steps=s)["W"]
             for s in (100, 200)]
     rel = [abs(float(e.pow(2).sum()) - 1.0) for e in ends]   # ‖W0‖ = 1
     tol_gf = 2 * abs(rel[0] - rel[1]) + 1e3 * eps
