@@ -217,6 +217,6 @@ EXPERIMENT = register(
         quick=DiscreteSymmetryConfig(steps=150),
         full=DiscreteSymmetryConfig(steps=2000, records=50),
         run=run,
-        cost="full: 2 × 2 nets × 2000 SGD steps + 2 RK4 flows over the same batches",
+        cost="full: 2 × 2 nets × 2000 SGD steps + 2 RK4 flows over the same batches, ~25 s on one core",
     )
 )
