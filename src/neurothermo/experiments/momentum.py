@@ -160,6 +160,6 @@ EXPERIMENT = register(
         quick=MomentumConfig(problems=("smooth",), n_lr=3),
         full=MomentumConfig(n_lr=5),
         run=run,
-        cost="full: 2 problems × 3 momenta × 5 learning rates",
+        cost="full: 2 problems × 3 momenta × 5 learning rates, ~2 min on one core",
     )
 )
