@@ -284,4 +284,4 @@ def page(figures: dict[str, Any], folder: Path, cfg: AnalyzeConfig) -> str:
 EXPERIMENT = Experiment(
     name="analyze", title="symmetries, entropic terms, sharpness and balance of a user's model",
     config=AnalyzeConfig, quick=AnalyzeConfig(), full=AnalyzeConfig(), run=run,
-    cost="seconds to minutes, depending on the model and --steps")
+    cost="seconds to minutes, depending on the model and --steps", threads=None)

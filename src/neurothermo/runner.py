@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from neurothermo.config import apply_overrides, to_dict, validate_config
 from neurothermo.experiments.base import MissingExtra, RunContext, get_experiment
 from neurothermo.runstore import Run, check_writable, environment
@@ -191,7 +193,13 @@ def run_experiment(
                                            "overrides": list(overrides), "settings": to_dict(cfg)})
             run.write_json("env.json", environment(seed))
             seed_everything(seed)
-            exp.run(cfg, ctx)
+            saved_threads = torch.get_num_threads()
+            if exp.threads:
+                torch.set_num_threads(exp.threads)
+            try:
+                exp.run(cfg, ctx)
+            finally:
+                torch.set_num_threads(saved_threads)
             run.flush()
             result = summary("done")
             run.write_json("summary.json", result)

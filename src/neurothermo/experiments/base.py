@@ -93,6 +93,11 @@ class Experiment:
     requires: tuple[str, ...] = ()
     extra: str | None = None
     install: str = ""  # how to install what ``requires`` lists, when more than the extra is needed
+    # torch intra-op threads while it runs (restored after). The built-in experiments train tiny
+    # models, where a second thread only adds synchronisation (measured here: platonic-nonlinear's
+    # quick preset took 22 s of CPU on one thread and over 3× that on two, with a busy second
+    # core). None leaves torch's setting (experiments with large models).
+    threads: int | None = 1
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]

