@@ -298,6 +298,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _fused_kernel(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the recurrent rule feeding torch's kernel an identity input weight on the CPU."""
+    from neurothermo.gradstats.rules import recurrent
+
+    def run() -> object:
+        recurrent.CPU_CELLS = False
+        try:
+            return fn()
+        finally:
+            recurrent.CPU_CELLS = True
+    return run
+
+
 def run_case(c: Case, rounds: int, slow_rounds: int, device: torch.device,
              foreign: bool = False, clock: Callable[[], float] = time.perf_counter
              ) -> dict[str, float]:
@@ -307,7 +320,10 @@ def run_case(c: Case, rounds: int, slow_rounds: int, device: torch.device,
         op = opacus_method(c)
         if op is not None:
             fns["opacus"] = op
-        fns = {n: fns[n] for n in ("plain", "neurothermo", "vmap", "opacus") if n in fns}
+        if "LSTM" in c.name and device.type == "cpu":  # the route before: identity-input kernel
+            fns["nt fused kernel"] = _fused_kernel(fns["neurothermo"])
+        fns = {n: fns[n] for n in ("plain", "neurothermo", "nt fused kernel", "vmap", "opacus")
+               if n in fns}
         ref = ref_fn()
     else:
         ref = fns["loop"]()
@@ -365,6 +381,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", choices=("small", "zoo"), default="small",
                     help="--foreign: small real configurations, or the tiny test-zoo sizes")
+    ap.add_argument("--cases", nargs="*", default=None,
+                    help="--foreign: only the cases whose name contains one of these words")
     ap.add_argument("--foreign", action="store_true",
                     help="ResNet-18, ViT, BERT, GPT-2, LSTM at b=16 against vmap and Opacus")
     args = ap.parse_args()
@@ -412,12 +430,16 @@ def run_foreign(args: argparse.Namespace, device: torch.device) -> None:
           f"{args.rounds} rounds; methods interleaved (A/B/C/D) in every round")
     summary = {}
     for c in foreign_cases(device, args.size):
+        if args.cases and not any(k.lower() in c.name.lower() for k in args.cases):
+            continue
         summary[c.name] = run_case(c, args.rounds, args.rounds, device, foreign=True, clock=clock)
     load = os.getloadavg()
     print(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (after)")
     print("Targets (issue 15): neurothermo <= 2x plain forward+backward")
     for name, med in summary.items():
         line = f"  {name}: {med['neurothermo'] / med['plain']:.2f}x plain"
+        if "nt fused kernel" in med:
+            line += f" (identity-input kernel {med['nt fused kernel'] / med['plain']:.2f}x)"
         line += f", vmap {med['vmap'] / med['plain']:.2f}x" if "vmap" in med else ", vmap n/a"
         if "opacus" in med:
             line += f", opacus {med['opacus'] / med['plain']:.2f}x"

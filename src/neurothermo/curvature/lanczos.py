@@ -73,8 +73,13 @@ class RitzResult:
 
 def random_block(n: int, p: int, dtype: torch.dtype, device: torch.device,
                  generator: torch.Generator | None) -> Tensor:
-    """``p`` standard normal vectors (drawn on the CPU, so a seed gives the same numbers anywhere)."""
-    return torch.randn(n, p, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    """``p`` standard normal vectors (drawn on the CPU, so a seed gives the same numbers anywhere).
+
+    Drawn in float32 for float32 (and lower-precision) operators, in float64 otherwise: drawing
+    11 M float64 numbers to round them costs as much as a Hessian-vector product on ResNet-18.
+    """
+    draw = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.randn(n, p, generator=generator, dtype=draw).to(device=device, dtype=dtype)
 
 
 def orthonormalize(W: Tensor, basis: Tensor, tiny: float,
@@ -242,7 +247,8 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
     norm_T = 0.0
     kept = 0  # Ritz vectors kept at the last restart: V[:, :kept]
     while True:
-        w = op.matmat(V[:, a:a + 1])
+        # the product goes straight into the basis slot of the new vector (no n-vector allocated)
+        w = op.matmat(V[:, a:a + 1], out=V[:, end:end + 1])
         # The band (in exact arithmetic H v_a lies in span V[:, a-p:end]), a second band pass when
         # DGKS says the first cancelled too much (see DGKS above).
         # The band: the vectors a Lanczos step couples (p before v_a, the pending ones), and the Ritz
@@ -295,7 +301,7 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
         theta, S = theta.flip(0), S.flip(1)
         tiny = 100 * eps * max(float(theta.abs().max()), 1e-300)
         if after > tiny and end < n:  # normalise straight into the basis (one pass)
-            torch.div(w[:, 0], after, out=V[:, end])
+            w.div_(after)  # w is V[:, end]
             T[end, a - 1] = T[a - 1, end] = after
             end += 1
         else:  # the Krylov space is exhausted here (or full): orthonormalize handles both

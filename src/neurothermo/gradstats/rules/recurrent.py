@@ -32,6 +32,7 @@ from neurothermo.gradstats._pieces import Dense, Factored, Piece
 from neurothermo.gradstats.rules._base import Call, Rule, Sink, Use, batch_first, register_rule
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+CPU_CELLS = True  # step the cells on the CPU (False: the identity-input kernel everywhere; benchmarks)
 
 
 def _kernel(mode: str, xproj: Tensor, hx: Any, w_hh: Tensor, b_hh: Tensor, training: bool
@@ -42,7 +43,7 @@ def _kernel(mode: str, xproj: Tensor, hx: Any, w_hh: Tensor, b_hh: Tensor, train
     elsewhere (the CPU, where torch's own kernel is a loop of per-step ops anyway) the cells are
     stepped here (``_cells``), which avoids the identity's ``(G·H)²`` product per token.
     """
-    if xproj.device.type == "cpu":
+    if CPU_CELLS and xproj.device.type == "cpu":
         return _cells(mode, xproj, hx, w_hh, b_hh)
     gh = xproj.shape[-1]
     eye = torch.eye(gh, dtype=xproj.dtype, device=xproj.device)
