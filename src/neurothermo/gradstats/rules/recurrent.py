@@ -83,7 +83,7 @@ def _cells(mode: str, xproj: Tensor, hx: Any, w_hh: Tensor, b_hh: Tensor
         xb = xproj + b_hh  # every gate is x + W_hh h + b_hh
         for x_t in xb.unbind(1):
             g = torch.addmm(x_t, h, w_t)
-            if mode == "LSTM":
+            if c is not None:  # LSTM
                 s = torch.sigmoid(g)
                 c = torch.addcmul(s[:, hid:2 * hid] * c, s[:, :hid], torch.tanh(g[:, 2 * hid:3 * hid]))
                 h = s[:, 3 * hid:] * torch.tanh(c)
