@@ -298,19 +298,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _fused_kernel(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` with the recurrent rule feeding torch's kernel an identity input weight on the CPU."""
-    from neurothermo.gradstats.rules import recurrent
-
-    def run() -> object:
-        recurrent.CPU_CELLS = False
-        try:
-            return fn()
-        finally:
-            recurrent.CPU_CELLS = True
-    return run
-
-
 def run_case(c: Case, rounds: int, slow_rounds: int, device: torch.device,
              foreign: bool = False, clock: Callable[[], float] = time.perf_counter
              ) -> dict[str, float]:
@@ -320,10 +307,7 @@ def run_case(c: Case, rounds: int, slow_rounds: int, device: torch.device,
         op = opacus_method(c)
         if op is not None:
             fns["opacus"] = op
-        if "LSTM" in c.name and device.type == "cpu":  # the route before: identity-input kernel
-            fns["nt fused kernel"] = _fused_kernel(fns["neurothermo"])
-        fns = {n: fns[n] for n in ("plain", "neurothermo", "nt fused kernel", "vmap", "opacus")
-               if n in fns}
+        fns = {n: fns[n] for n in ("plain", "neurothermo", "vmap", "opacus") if n in fns}
         ref = ref_fn()
     else:
         ref = fns["loop"]()
@@ -438,8 +422,6 @@ def run_foreign(args: argparse.Namespace, device: torch.device) -> None:
     print("Targets (issue 15): neurothermo <= 2x plain forward+backward")
     for name, med in summary.items():
         line = f"  {name}: {med['neurothermo'] / med['plain']:.2f}x plain"
-        if "nt fused kernel" in med:
-            line += f" (identity-input kernel {med['nt fused kernel'] / med['plain']:.2f}x)"
         line += f", vmap {med['vmap'] / med['plain']:.2f}x" if "vmap" in med else ", vmap n/a"
         if "opacus" in med:
             line += f", opacus {med['opacus'] / med['plain']:.2f}x"

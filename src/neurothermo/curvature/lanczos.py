@@ -256,16 +256,17 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
         # not re-estimated: their overlaps with later vectors are projected out explicitly).
         lo = max(kept, a - p)
         h = torch.zeros(end, 1, dtype=dt, device=dev)
-        before = float(torch.linalg.vector_norm(w))
         for _ in range(2):
+            removed = 0.0
             for s0, s1 in ((0, kept), (lo, end)) if kept else ((lo, end),):
                 hb = V[:, s0:s1].T @ w
                 w.addmm_(V[:, s0:s1], hb, alpha=-1)  # in place: no temporary of n numbers
                 h[s0:s1] += hb
+                removed += float(hb.double().square().sum())
             after = float(torch.linalg.vector_norm(w))
-            if not after < DGKS * before:
+            # the norm before the pass by Pythagoras (the band is orthonormal): saves a pass over w
+            if not after < DGKS * (after * after + removed) ** 0.5:
                 break
-            before = after
         hc = h.double().cpu()[:, 0]
         if not bool(torch.isfinite(hc).all()):
             raise FloatingPointError(

@@ -8,10 +8,9 @@ r_t ⊙ (W_hn h_{t-1} + b_hn))``: its recurrent rows get ``δ_t ⊙ r_t`` instea
 
 The gate deltas are not visible from outside a fused RNN kernel. While recording, each layer and
 direction is run as ``X = x W_ihᵀ + b_ih`` (one Linear over the whole sequence, whose output
-gradient is ``δ`` at every step) followed by the module's recurrence on ``X``: on the CPU stepped
-cell by cell here (torch's CPU kernel is such a loop too), elsewhere the fused kernel (cuDNN's)
-with an identity input weight and a zero input bias. The backward of the mean loss hands ``δ_t``
-for all steps at once. ``h_{t-1}`` is
+gradient is ``δ`` at every step) followed by the same fused kernel (torch's, cuDNN's) on ``X``
+with an identity input weight and a zero input bias: the kernel computes exactly the module's
+recurrence, and the backward of the mean loss hands ``δ_t`` for all steps at once. ``h_{t-1}`` is
 the kernel's output shifted by one step. Layers, ``bidirectional`` (the reverse direction runs on
 the time-flipped sequence), ``batch_first``, an initial state and inter-layer dropout (train mode,
 drawn as torch does, not bit-identical) follow torch's semantics. ``proj_size > 0`` uses the
@@ -32,19 +31,11 @@ from neurothermo.gradstats._pieces import Dense, Factored, Piece
 from neurothermo.gradstats.rules._base import Call, Rule, Sink, Use, batch_first, register_rule
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-CPU_CELLS = True  # step the cells on the CPU (False: the identity-input kernel everywhere; benchmarks)
 
 
 def _kernel(mode: str, xproj: Tensor, hx: Any, w_hh: Tensor, b_hh: Tensor, training: bool
             ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One unidirectional layer of the recurrence on pre-projected input ``xproj`` [b, T, GH].
-
-    On devices with a fused kernel (cuDNN, MIOpen) the kernel runs with an identity input weight;
-    elsewhere (the CPU, where torch's own kernel is a loop of per-step ops anyway) the cells are
-    stepped here (``_cells``), which avoids the identity's ``(G·H)²`` product per token.
-    """
-    if CPU_CELLS and xproj.device.type == "cpu":
-        return _cells(mode, xproj, hx, w_hh, b_hh)
+    """One unidirectional layer of the fused kernel on pre-projected input ``xproj`` [b, T, GH]."""
     gh = xproj.shape[-1]
     eye = torch.eye(gh, dtype=xproj.dtype, device=xproj.device)
     weights = [eye, w_hh, xproj.new_zeros(gh), b_hh]
@@ -56,42 +47,6 @@ def _kernel(mode: str, xproj: Tensor, hx: Any, w_hh: Tensor, b_hh: Tensor, train
         fn = {"GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}[mode]
         out, h = fn(xproj, hx, weights, True, 1, 0.0, training, False, True)
         return out, h, None
-
-
-def _cells(mode: str, xproj: Tensor, hx: Any, w_hh: Tensor, b_hh: Tensor
-           ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The recurrence of ``_kernel`` stepped in Python with torch's gate order and formulas.
-
-    LSTM (gates i, f, g, o): ``c' = σ(f)c + σ(i)tanh(g)``, ``h' = σ(o)tanh(c')``; GRU (r, z, n):
-    ``n = tanh(x_n + σ(r)(W_hn h + b_hn))``, ``h' = (1 − σ(z)) n + σ(z) h``; RNN: ``h' = act(x + W_hh h
-    + b_hh)``, where ``x`` is ``xproj`` at that step. Returns ``(out [b, T, H], h_T [1, b, H],
-    c_T [1, b, H] or None)``.
-    """
-    h, c = (hx[0][0], hx[1][0]) if mode == "LSTM" else (hx[0], None)
-    w_t = w_hh.t()
-    hid = w_hh.shape[1]
-    outs = []
-    if mode == "GRU":
-        for x_t in xproj.unbind(1):
-            g = torch.addmm(b_hh, h, w_t)
-            rz = torch.sigmoid(x_t[:, :2 * hid] + g[:, :2 * hid])
-            r, z = rz[:, :hid], rz[:, hid:]
-            n = torch.tanh(torch.addcmul(x_t[:, 2 * hid:], r, g[:, 2 * hid:]))
-            h = torch.lerp(n, h, z)  # (1 − z) n + z h
-            outs.append(h)
-    else:
-        xb = xproj + b_hh  # every gate is x + W_hh h + b_hh
-        for x_t in xb.unbind(1):
-            g = torch.addmm(x_t, h, w_t)
-            if c is not None:  # LSTM
-                s = torch.sigmoid(g)
-                c = torch.addcmul(s[:, hid:2 * hid] * c, s[:, :hid], torch.tanh(g[:, 2 * hid:3 * hid]))
-                h = s[:, 3 * hid:] * torch.tanh(c)
-            else:
-                h = torch.tanh(g) if mode == "RNN_TANH" else torch.relu(g)
-            outs.append(h)
-    out = torch.stack(outs, 1)
-    return out, h.unsqueeze(0), None if c is None else c.unsqueeze(0)
 
 
 def _record(sink: Sink, name: str, mode: str, x: Tensor, xproj: Tensor, h_prev: Tensor,
