@@ -1,15 +1,20 @@
-"""Largest eigenvalues of a symmetric operator: block Lanczos with full reorthogonalisation and thick
-restart (Krylov–Schur), stopped on Ritz residuals.
+"""Largest eigenvalues of a symmetric operator: block Lanczos with partial reorthogonalisation and
+thick restart (Krylov–Schur), stopped on Ritz residuals.
 
 The algorithm keeps an orthonormal basis ``V = [V_done, V_pend]`` and the projected matrix
 ``T = Vᵀ H V``: ``V_done`` holds the vectors already multiplied, ``V_pend`` the next ``p`` (at the
 start: the ``p`` start vectors). It advances one product at a time (band Lanczos, Ruhe 1979): multiply
-the oldest pending vector, project the result on the whole basis twice (classical Gram–Schmidt,
-"twice is enough": full reorthogonalisation, so no ghost copies of converged eigenvalues appear) and
-append the normalised remainder as a new pending vector. The basis spans the same block Krylov space
-as a block step of ``p`` products would, but convergence is checked after every product instead of
-every ``p``. Since every product is projected on every vector, ``H V_done = V T[:, done]`` holds, so a
-Ritz pair ``(θ_i, y_i = V_done s_i)`` of ``T[done, done]`` has residual
+the oldest pending vector, project the result on the band of vectors it couples to (and on the Ritz
+vectors kept at the last restart) and append the normalised remainder as a new pending vector. Its
+overlap with the older vectors, which rounding makes grow once a Ritz value converges (the origin of
+ghost copies of converged eigenvalues, Paige 1976), is estimated by the ω-recurrence (Simon 1984,
+``band_lanczos``) without reading them; only when an estimate exceeds ``ε^¾`` is the vector projected
+on the whole basis. So most products cost a few passes over ``n`` numbers instead of ``2m`` (an
+``m``-vector basis), and the basis stays orthogonal to ``ε^¾`` (no ghosts). The basis spans the
+same block Krylov space as a block step of ``p`` products would, but convergence is checked after
+every product instead of every ``p``. Since every product's coefficients are kept,
+``H V_done = V T[:, done]`` holds (to rounding), so a Ritz pair ``(θ_i, y_i = V_done s_i)`` of
+``T[done, done]`` has residual
 
     r_i = ‖H y_i − θ_i y_i‖ = ‖T[pend, done] · s_i‖,
 
