@@ -19,8 +19,9 @@ a shared machine, which wall time is not):
 * ``solve``: a top-eigenvalue solve of ``--products`` products, everything included (building the
   graph, the solver's own arithmetic) divided by the products. PyHessian:
   ``hessian(model, loss, data, cuda=False).eigenvalues(maxIter=m, tol=-1)`` (power iteration);
-  neurothermo: ``top_eigenvalues(max_hvp=m, tol=1e-12)`` (block Lanczos with full
-  reorthogonalisation, whose bookkeeping grows with the basis).
+  neurothermo: ``top_eigenvalues(max_hvp=m, tol=1e-12)`` (block Lanczos with partial
+  reorthogonalisation). ``solve, full reorth.``: the same with every product projected on the whole
+  basis (``band_lanczos(reorth="full")``, the behaviour before), everything else equal.
 
 * ``to 1e-3``: a whole solve to relative tolerance 1e-3, total CPU seconds and products (PyHessian:
   ``eigenvalues(maxIter=100, tol=1e-3)``, its stopping rule is the relative change of the Rayleigh
@@ -33,24 +34,25 @@ inside ``sdpa_kernel(SDPBackend.MATH)``, the selection neurothermo makes itself.
 alternate A/B/A/B for ``--rounds`` rounds; each row reports the fastest round (the least disturbed by
 other load), after one warm-up call each; the load average is printed with the result.
 
-Measured (2 shared CPU cores at load average 11–13, threads 1, CPU seconds, ratio neurothermo /
-PyHessian; three runs of this script, and the code before issue 15 in a fourth run for ResNet-18):
+Measured (2 shared CPU cores at load average 11–14, threads 1, CPU seconds, ratio neurothermo /
+PyHessian, ResNet-18; "before" is the code before partial reorthogonalisation, run at the same time
+as "now" in a second process):
 
-=============  ==========  ===========  ============  =================================
-row            ResNet-18   ResNet-18    ViT           notes
-               before      now          now
-=============  ==========  ===========  ============  =================================
-product        1.33        0.93–1.14    0.96–1.06     the same backward; spread = noise
-solve          4.73        1.74–1.75    0.96–1.04     Lanczos bookkeeping, see below
-to 1e-3        2.12        0.76–0.94    1.78–2.26     20 vs 59 products on ResNet-18
-=============  ==========  ===========  ============  =================================
+=====================  ==========  ==========  ============  ==================================
+row                    before      now         now, alone    notes
+=====================  ==========  ==========  ============  ==================================
+product                0.91        1.02        0.98          the same backward; spread = noise
+solve                  1.64        1.33        1.21          graph build, basis, band passes
+solve, full reorth.    —           1.48        1.26          the reorthogonalisation's share
+to 1e-3                1.16        1.01        0.71          20 vs 59 products
+=====================  ==========  ==========  ============  ==================================
 
-Per product inside a solve the Lanczos bookkeeping (full reorthogonalisation: about ``2m`` passes
-over an ``m``-vector basis of 11.2 M numbers, 1.4 GB at ``m = 31``) costs ~0.15 s on ResNet-18,
-against PyHessian's few vector operations; it buys convergence in 3× fewer products and a
-certified answer (PyHessian's tol-1e-3 stop returned λ_max 2.6147, 0.5 % below the converged
-2.6285). Before: the basis was stored row-major (a column read cost a pass over the whole block)
-and every product was copied three times.
+Per product inside a solve the bookkeeping is now a few passes over the 11.2 M numbers (the band
+projection, a norm, the normalisation) and the first touch of each new basis column (a fresh
+45 MB page-faulted in: system time, which ``process_time`` counts); a pass over the whole basis
+(≈ 2m columns) only when the estimated loss of orthogonality exceeds ε^¾ (6 of 20 products in the
+tol-1e-3 solve, none of the 8 in the ``solve`` rows). PyHessian stores no basis; its tol-1e-3
+stop returned λ_max 2.6147, 0.5 % below the converged 2.6285.
 
 PyHessian is optional: ``.venv/bin/pip install --no-deps pyhessian==0.1``.
 """
