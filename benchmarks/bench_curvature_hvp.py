@@ -19,8 +19,9 @@ a shared machine, which wall time is not):
 * ``solve``: a top-eigenvalue solve of ``--products`` products, everything included (building the
   graph, the solver's own arithmetic) divided by the products. PyHessian:
   ``hessian(model, loss, data, cuda=False).eigenvalues(maxIter=m, tol=-1)`` (power iteration);
-  neurothermo: ``top_eigenvalues(max_hvp=m, tol=1e-12)`` (block Lanczos with full
-  reorthogonalisation, whose bookkeeping grows with the basis).
+  neurothermo: ``top_eigenvalues(max_hvp=m, tol=1e-12)`` (block Lanczos with partial
+  reorthogonalisation). ``solve, full reorth.``: the same with every product projected on the whole
+  basis (``band_lanczos(reorth="full")``, the behaviour before), everything else equal.
 
 * ``to 1e-3``: a whole solve to relative tolerance 1e-3, total CPU seconds and products (PyHessian:
   ``eigenvalues(maxIter=100, tol=1e-3)``, its stopping rule is the relative change of the Rayleigh
@@ -33,30 +34,32 @@ inside ``sdpa_kernel(SDPBackend.MATH)``, the selection neurothermo makes itself.
 alternate A/B/A/B for ``--rounds`` rounds; each row reports the fastest round (the least disturbed by
 other load), after one warm-up call each; the load average is printed with the result.
 
-Measured (2 shared CPU cores at load average 11–13, threads 1, CPU seconds, ratio neurothermo /
-PyHessian; three runs of this script, and the code before issue 15 in a fourth run for ResNet-18):
+Measured (2 shared CPU cores at load average 11–14, threads 1, CPU seconds, ratio neurothermo /
+PyHessian, ResNet-18; "before" is the code before partial reorthogonalisation, run at the same time
+as "now" in a second process):
 
-=============  ==========  ===========  ============  =================================
-row            ResNet-18   ResNet-18    ViT           notes
-               before      now          now
-=============  ==========  ===========  ============  =================================
-product        1.33        0.93–1.14    0.96–1.06     the same backward; spread = noise
-solve          4.73        1.74–1.75    0.96–1.04     Lanczos bookkeeping, see below
-to 1e-3        2.12        0.76–0.94    1.78–2.26     20 vs 59 products on ResNet-18
-=============  ==========  ===========  ============  =================================
+=====================  ==========  ==========  ============  ==================================
+row                    before      now         now, alone    notes
+=====================  ==========  ==========  ============  ==================================
+product                0.91        1.02        0.98          the same backward; spread = noise
+solve                  1.64        1.33        1.21          graph build, basis, band passes
+solve, full reorth.    —           1.48        1.26          the reorthogonalisation's share
+to 1e-3                1.16        1.01        0.71          20 vs 59 products
+=====================  ==========  ==========  ============  ==================================
 
-Per product inside a solve the Lanczos bookkeeping (full reorthogonalisation: about ``2m`` passes
-over an ``m``-vector basis of 11.2 M numbers, 1.4 GB at ``m = 31``) costs ~0.15 s on ResNet-18,
-against PyHessian's few vector operations; it buys convergence in 3× fewer products and a
-certified answer (PyHessian's tol-1e-3 stop returned λ_max 2.6147, 0.5 % below the converged
-2.6285). Before: the basis was stored row-major (a column read cost a pass over the whole block)
-and every product was copied three times.
+Per product inside a solve the bookkeeping is now a few passes over the 11.2 M numbers (the band
+projection, a norm, the normalisation) and the first touch of each new basis column (a fresh
+45 MB page-faulted in: system time, which ``process_time`` counts); a pass over the whole basis
+(≈ 2m columns) only when the estimated loss of orthogonality exceeds ε^¾ (6 of 20 products in the
+tol-1e-3 solve, none of the 8 in the ``solve`` rows). PyHessian stores no basis; its tol-1e-3
+stop returned λ_max 2.6147, 0.5 % below the converged 2.6285.
 
 PyHessian is optional: ``.venv/bin/pip install --no-deps pyhessian==0.1``.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -72,6 +75,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import neurothermo as nt
 from foreign_models import VisionTransformer, resnet18
 from neurothermo.curvature import ConvergenceWarning, hessian_operator
+from neurothermo.curvature.lanczos import band_lanczos, lanczos
+
+eigen_mod = sys.modules["neurothermo.curvature.eigen"]  # top_eigenvalues calls its `lanczos`
 
 try:
     import pyhessian  # noqa: F401
@@ -122,7 +128,7 @@ def pyhessian_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int,
 
 
 def ours_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-              m: int) -> tuple[Callable[[], int], Callable[[], int]]:
+              m: int) -> tuple[Callable[[], int], Callable[[], int], Callable[[], int]]:
     def product() -> int:
         with hessian_operator(model, CE, (x, y), mode="eval") as op:
             v = torch.randn(op.size)
@@ -137,14 +143,21 @@ def ours_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             warnings.simplefilter("ignore", ConvergenceWarning)
             return nt.top_eigenvalues(model, CE, (x, y), max_hvp=m, tol=1e-12, mode="eval").n_hvp
 
-    return product, solve
+    def solve_full() -> int:  # the same solve with full reorthogonalisation (the code before)
+        eigen_mod.lanczos = functools.partial(band_lanczos, reorth="full")
+        try:
+            return solve()
+        finally:
+            eigen_mod.lanczos = lanczos
+
+    return product, solve, solve_full
 
 
 def measure(name: str, m: int, rounds: int) -> None:
     model, x, y = problem(name)
     n_params = sum(p.numel() for p in model.parameters())
     ctx = (lambda: sdpa_kernel(SDPBackend.MATH)) if name == "vit" else (lambda: _Null())
-    ours_p, ours_s = ours_rows(model, x, y, m)
+    ours_p, ours_s, ours_f = ours_rows(model, x, y, m)
     ph_p, ph_s = pyhessian_rows(model, x, y, m, ctx)
     for fn in (ph_p, ours_p):  # warm-up: first calls pay for allocations and lazy initialisation
         fn()
@@ -153,7 +166,7 @@ def measure(name: str, m: int, rounds: int) -> None:
         for key, fn in (("ph product", ph_p), ("nt product", ours_p)):
             fn()
             best[key] = min(best.get(key, float("inf")), fn.spent / m)  # type: ignore[attr-defined]
-        for key, fn in (("ph solve", ph_s), ("nt solve", ours_s)):
+        for key, fn in (("ph solve", ph_s), ("nt solve", ours_s), ("nt solve full", ours_f)):
             best[key] = min(best.get(key, float("inf")), cpu_seconds(fn))
     with ctx():  # type: ignore[attr-defined]
         t0 = time.process_time()
@@ -175,17 +188,24 @@ def measure(name: str, m: int, rounds: int) -> None:
     finally:
         ph.hessian_vector_product = inner
     model.zero_grad(set_to_none=True)
-    t0 = time.process_time()
-    res = nt.top_eigenvalues(model, CE, (x, y), tol=1e-3, mode="eval")
-    t_nt = time.process_time() - t0
+    stats: dict[str, int] = {}
+    eigen_mod.lanczos = functools.partial(band_lanczos, stats=stats)
+    try:
+        t0 = time.process_time()
+        res = nt.top_eigenvalues(model, CE, (x, y), tol=1e-3, mode="eval")
+        t_nt = time.process_time() - t0
+    finally:
+        eigen_mod.lanczos = lanczos
     print(f"\n{name}: {n_params / 1e6:.2f} M parameters, b = 16, {m} products per run, "
           f"best of {rounds} A/B rounds, CPU seconds per product")
     print(f"  {'':10s} {'PyHessian':>10s} {'neurothermo':>12s} {'ratio':>7s}")
-    for row in ("product", "solve"):
-        a, b = best[f"ph {row}"], best[f"nt {row}"]
+    for row, ours in (("product", "nt product"), ("solve", "nt solve"),
+                      ("solve, full reorth.", "nt solve full")):
+        a, b = best[f"ph {row.split(',')[0]}"], best[ours]
         print(f"  {row:10s} {a:10.4f} {b:12.4f} {b / a:7.2f}")
     print(f"  {'to 1e-3':10s} {t_ph:10.2f} {t_nt:12.2f} {t_nt / t_ph:7.2f}   (total CPU s; products "
-          f"{counted['n']} vs {res.n_hvp}; λ_max {lam_ph:.5g} vs {res.lambda_max:.5g})")
+          f"{counted['n']} vs {res.n_hvp}, {stats.get('full_passes')} of them with a full "
+          f"reorthogonalisation pass; λ_max {lam_ph:.5g} vs {res.lambda_max:.5g})")
 
 
 class _Null:

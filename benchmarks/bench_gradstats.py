@@ -365,6 +365,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", choices=("small", "zoo"), default="small",
                     help="--foreign: small real configurations, or the tiny test-zoo sizes")
+    ap.add_argument("--cases", nargs="*", default=None,
+                    help="--foreign: only the cases whose name contains one of these words")
     ap.add_argument("--foreign", action="store_true",
                     help="ResNet-18, ViT, BERT, GPT-2, LSTM at b=16 against vmap and Opacus")
     args = ap.parse_args()
@@ -412,6 +414,8 @@ def run_foreign(args: argparse.Namespace, device: torch.device) -> None:
           f"{args.rounds} rounds; methods interleaved (A/B/C/D) in every round")
     summary = {}
     for c in foreign_cases(device, args.size):
+        if args.cases and not any(k.lower() in c.name.lower() for k in args.cases):
+            continue
         summary[c.name] = run_case(c, args.rounds, args.rounds, device, foreign=True, clock=clock)
     load = os.getloadavg()
     print(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (after)")

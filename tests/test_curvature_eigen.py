@@ -41,7 +41,7 @@ def gen(seed: int = 0) -> torch.Generator:
 # ---- explicit matrices ----------------------------------------------------------------------
 
 def test_repeated_eigenvalues_found_with_their_multiplicity_and_no_ghosts() -> None:
-    # λ = 10, 9 (×3), 5 (×2), then 194 values in [-1, 3). With full reorthogonalisation each
+    # λ = 10, 9 (×3), 5 (×2), then 194 values in [-1, 3). With (partial) reorthogonalisation each
     # eigenvalue appears exactly as often as its multiplicity: a ghost would be a 4th copy of 9 or a
     # second 10; a single-vector method would miss copies. Block size k resolves multiplicity ≤ k.
     rest = torch.linspace(-1, 3, 194, dtype=torch.float64)

@@ -95,7 +95,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 1,
                     seed: int = 0) -> EigenResult:
     """The ``k`` largest eigenvalues of ``H = ∇²_θ (1/N) Σ_i l_i`` over all samples of ``data``.
 
-    ``method="lanczos"`` (block Lanczos, full reorthogonalisation, thick restart; block size
+    ``method="lanczos"`` (block Lanczos, partial reorthogonalisation, thick restart; block size
     ``block_size``, default ``k``, so eigenvalues of multiplicity ≤ k are resolved) or ``"power"``
     (deflated power iteration). ``tol``: relative accuracy of each eigenvalue (error estimate ≤
     ``tol·|λ|``). ``max_hvp`` (default ``200 + 50k``) caps the Hessian-vector products; running out

@@ -283,25 +283,31 @@ class HessianOperator(LinearOperator):
         return [(g_plus[n] - g_minus[n]) / (2 * h) for n in self.space.names]
 
     def _matmat(self, V: Tensor) -> Tensor:
+        out = torch.empty(V.shape[1], V.shape[0], dtype=V.dtype, device=V.device)  # (p, n)
+        return self._matmat_into(V, out.T)  # stored by columns, like the bases that multiply it
+
+    def _matmat_into(self, V: Tensor, out_cols: Tensor) -> Tensor:
         product = {"reverse": self._reverse, "forward_over_reverse": self._forward_over_reverse,
                    "finite_difference": self._finite_difference}[self.method]
         rows = V.T.contiguous()  # no copy when V is stored by columns (operator.column_block)
         if self._mask is not None:
             rows = rows * self._mask
-        out = torch.empty_like(rows)  # (p, n): each product is written once, in place
+        out = out_cols.T  # (p, n); a view when out_cols is stored by columns
         for j in range(V.shape[1]):
             v = list(self.space.unflatten(rows[j]).values())
+            dest = list(self.space.unflatten(out[j]).values())  # views of out[j]
             for i, (batch, w) in enumerate(self.chunks):
-                hv = [h.detach().reshape(-1) for h in product(i, batch, v)]
-                if i == 0:
-                    torch.cat(hv, out=out[j])
-                    if w != 1.0:
-                        out[j].mul_(w)
-                else:
-                    out[j].add_(torch.cat(hv), alpha=w)
+                # one pass per piece, whatever its memory layout (reshape + cat: two for strided ones)
+                for d, h in zip(dest, product(i, batch, v)):
+                    if i == 0:
+                        d.copy_(h.detach())
+                    else:
+                        d.add_(h.detach(), alpha=w)
+                if i == 0 and w != 1.0:
+                    out[j].mul_(w)
         if self._mask is not None:
             out.mul_(self._mask)
-        return out.T  # stored by columns, like the bases that multiply it
+        return out_cols
 
 
 @contextmanager

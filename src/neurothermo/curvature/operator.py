@@ -41,12 +41,24 @@ class LinearOperator:
     def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def matmat(self, V: Tensor) -> Tensor:
-        """``H @ V`` for ``V`` of shape ``(n, p)``; costs ``p`` matrix-vector products."""
+    def matmat(self, V: Tensor, out: Tensor | None = None) -> Tensor:
+        """``H @ V`` for ``V`` of shape ``(n, p)``; costs ``p`` matrix-vector products.
+
+        ``out``: an ``(n, p)`` tensor (not overlapping ``V``) to write the result into and return;
+        operators that can write there directly (``HessianOperator``) save an allocation of ``n·p``
+        numbers, the others copy.
+        """
         if V.ndim != 2 or V.shape[0] != self.size:
             raise ValueError(f"expected a block of shape ({self.size}, p), got {tuple(V.shape)}")
+        if out is not None and out.shape != V.shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(V.shape)}")
         self.n_matvec += V.shape[1]
-        return self._matmat(V)
+        if out is None:
+            return self._matmat(V)
+        return self._matmat_into(V, out)
+
+    def _matmat_into(self, V: Tensor, out: Tensor) -> Tensor:
+        return out.copy_(self._matmat(V))
 
     def matvec(self, v: Tensor) -> Tensor:
         """``H @ v`` for a flat vector ``v`` of length ``n``."""
@@ -95,10 +107,10 @@ class CongruenceOperator(LinearOperator):
         self.inner = inner
         self.d = d.to(device=inner.device, dtype=inner.dtype)
 
-    def matmat(self, V: Tensor) -> Tensor:
-        out = self.inner.matmat(self.d[:, None] * V)
+    def matmat(self, V: Tensor, out: Tensor | None = None) -> Tensor:
+        res = self.inner.matmat(self.d[:, None] * V, out=out)
         self.n_matvec = self.inner.n_matvec
-        return self.d[:, None] * out
+        return res.mul_(self.d[:, None])
 
 
 @dataclass(frozen=True)
