@@ -214,3 +214,31 @@ def read_summary_json(path: Path) -> dict[str, Any] | None:
         return dict(json.loads((path / "summary.json").read_text()))
     except (OSError, ValueError):
         return None
+
+
+def print_table(rows: list[dict[str, Any]], keys: Sequence[str], console: Any) -> None:
+    """Print the grid points with each prediction's measured mean ± se and seeds passing
+    (predictions as P1, P2, … with a legend); every quantity is in ``table.csv``."""
+    from rich.table import Table
+
+    from neurothermo.report import untrusted
+
+    preds = list(dict.fromkeys(k for r in rows for k in r["predictions"]))
+    table = Table(title_justify="left")
+    for k in [*keys, "seeds"]:
+        table.add_column(untrusted(k))
+    for j, _ in enumerate(preds):
+        table.add_column(f"P{j + 1}", overflow="fold")
+    for r in rows:
+        cells = [untrusted(str(r["point"][k])) for k in keys] + [str(r["seeds_done"])]
+        for k in preds:
+            e = r["predictions"].get(k)
+            if not e or e["mean"] is None:
+                cells.append("")
+                continue
+            se = "" if e["se"] is None else f" ± {e['se']:.3g}"
+            cells.append(f"{e['mean']:.4g}{se} ({e['passed']}/{e['n']})")
+        table.add_row(*cells)
+    console.print(table)
+    for j, k in enumerate(preds):
+        console.print(untrusted(f"P{j + 1}: {k}"), highlight=False, soft_wrap=True)
