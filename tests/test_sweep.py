@@ -32,7 +32,7 @@ def _config():
     return get_experiment(NAME).config
 
 
-@pytest.mark.parametrize("specs, key", [
+@pytest.mark.parametrize(("specs", "key"), [
     (["lrx=0.1"], "lrx"),                      # unknown key
     (["lr=abc"], "lr"),                        # unparsable value
     (["lr=0.1:0.2:0"], "lr"),                  # empty range
@@ -95,7 +95,7 @@ def _numbers(result) -> dict:
 
 def test_serial_and_local_cluster_give_identical_numbers(tmp_path: Path) -> None:
     pytest.importorskip("dask.distributed")
-    kw = dict(grid=["lr=0.002,0.004"], seeds=2, quick=True, base=TINY)
+    kw = {"grid": ["lr=0.002,0.004"], "seeds": 2, "quick": True, "base": TINY}
     serial = run_sweep(NAME, out=tmp_path / "a", workers=0, **kw)
     dist = run_sweep(NAME, out=tmp_path / "b", workers=2, **kw)
     assert not serial.failed and not dist.failed and len(serial.cells) == 4
@@ -161,7 +161,8 @@ def test_killed_worker_has_its_cells_rerun(tmp_path: Path) -> None:
 
 def test_sigkilled_driver_loses_no_finished_cell(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "neurothermo.cli", "sweep", NAME, "--quick", "--workers", "0",
-           "--grid", "lr=0.001:0.006:6", "--out", str(tmp_path), *sum((["--set", b] for b in TINY), [])]
+           "--grid", "lr=0.001:0.006:6", "--out", str(tmp_path),
+           *(a for b in TINY for a in ("--set", b))]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     before: list = []

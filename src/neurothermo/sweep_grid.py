@@ -88,7 +88,7 @@ def _spaced(key: str, raw: str, tp: Any) -> list[Any]:
         if any(abs(x - round(x)) > 1e-9 * max(1.0, abs(x)) for x in xs):
             raise ConfigError(f"grid {key!r}: range {raw!r} gives non-integer values for an "
                               "integer setting; choose start, stop and count so the step is whole")
-        return [int(round(x)) for x in xs]
+        return [round(x) for x in xs]
     if tp is not float:
         raise ConfigError(f"grid {key!r}: a start:stop:count range needs a numeric setting; "
                           f"{key!r} is {_type_name(tp)}: list its values instead (key=a,b)")

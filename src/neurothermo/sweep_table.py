@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import re
@@ -122,14 +123,14 @@ def cell_edges(values: Sequence[Any]) -> tuple[list[float], bool, list[str] | No
     if len(xs) == 1:
         half = abs(xs[0]) * 0.5 or 0.5
         return [xs[0] - half, xs[0] + half], False, None
-    lin = [b - a for a, b in zip(xs, xs[1:], strict=False)]
+    lin = [b - a for a, b in itertools.pairwise(xs)]
     log = all(x > 0 for x in xs) and len(xs) > 2
     if log:
-        ratios = [math.log(b / a) for a, b in zip(xs, xs[1:], strict=False)]
+        ratios = [math.log(b / a) for a, b in itertools.pairwise(xs)]
         spread = lambda d: (max(d) - min(d)) / (abs(sum(d) / len(d)) or 1.0)  # noqa: E731
         log = spread(ratios) < spread(lin)
     t = [math.log(x) for x in xs] if log else xs
-    mids = [(a + b) / 2 for a, b in zip(t, t[1:], strict=False)]
+    mids = [(a + b) / 2 for a, b in itertools.pairwise(t)]
     edges = [t[0] - (mids[0] - t[0]), *mids, t[-1] + (t[-1] - mids[-1])]
     return ([math.exp(e) for e in edges] if log else edges), log, None
 
@@ -159,7 +160,7 @@ def heatmaps(folder: Path, axes: Sequence[tuple[str, Sequence[Any]]], rows: list
     index = {tuple(r["point"][k] for k in keys): r for r in rows}
     quantities = [("predictions", k) for k in dict.fromkeys(k for r in rows for k in r["predictions"])]
     quantities += [("figures", k) for k in sorted({k for r in rows for k in r["figures"]})]
-    files = []
+    files: list[str] = []
     for kind, name in quantities[:MAX_HEATMAPS]:
         xv = sorted_vals[0]
         yv = sorted_vals[1] if len(axes) == 2 else [None]
