@@ -191,8 +191,14 @@ def heatmaps(folder: Path, axes: Sequence[tuple[str, Sequence[Any]]], rows: list
             ax.set_yscale("log")
         if xlab:
             ax.set_xticks(range(len(xlab)), xlab)
+        elif len(xv) <= 12:  # tick the grid values themselves
+            ax.set_xticks([float(x) for x in xv], [f"{x:g}" for x in xv])
+            ax.minorticks_off()
         if ylab:
             ax.set_yticks(range(len(ylab)), ylab)
+        elif len(axes) == 2 and len(yv) <= 12:
+            ax.set_yticks([float(y) for y in yv], [f"{y:g}" for y in yv])
+            ax.minorticks_off()
         ax.tick_params(axis="x", labelrotation=30)
         ax.set_xlabel(keys[0])
         if len(axes) == 2:
