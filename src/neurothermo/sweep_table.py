@@ -197,7 +197,7 @@ def heatmaps(folder: Path, axes: Sequence[tuple[str, Sequence[Any]]], rows: list
         if ylab:
             ax.set_yticks(range(len(ylab)), ylab)
         elif len(axes) == 2 and len(yv) <= 12:
-            ax.set_yticks([float(y) for y in yv], [f"{y:g}" for y in yv])
+            ax.set_yticks([float(y) for y in yv if y is not None], [f"{y:g}" for y in yv])
             ax.minorticks_off()
         ax.tick_params(axis="x", labelrotation=30)
         ax.set_xlabel(keys[0])
