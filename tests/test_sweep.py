@@ -52,7 +52,7 @@ def test_bad_grids_name_the_key_before_anything_runs(tmp_path: Path, specs, key)
 
 def test_no_declared_sweep_and_bad_seeds(tmp_path: Path) -> None:
     with pytest.raises(SweepError, match="declares no sweep"):
-        run_sweep(NAME, out=tmp_path, workers=0)
+        run_sweep("entropic-flow", out=tmp_path, workers=0)
     with pytest.raises(ValueError, match="seeds"):
         run_sweep(NAME, grid=["lr=0.001"], seeds=0, out=tmp_path, workers=0)
 

@@ -156,7 +156,7 @@ def run_sweep(
     out = check_writable(Path(out))
     spec = _spec(name, quick, g)
     folder = _folder(out, name, spec, rerun)
-    cells_root = folder / "cells"
+    cells_root = (folder / "cells").resolve()  # absolute: workers may run in another folder
     entries = [_entry(c, g.base) for c in g.cells]
     index: dict[str, Any] = {"spec": spec, "created": _dt.datetime.now(_dt.timezone.utc)
                              .isoformat(timespec="seconds"), "complete": False, "cells": entries}
