@@ -221,3 +221,16 @@ def test_cli_bad_grid_exits_2(tmp_path: Path) -> None:
                                    "--out", str(tmp_path)])
     assert res.exit_code == 2 and "'lr'" in res.output and "twice" in res.output
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_existing_scheduler(tmp_path: Path) -> None:
+    pytest.importorskip("dask.distributed")
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        result = run_sweep(NAME, grid=["lr=0.002,0.004"], quick=True, base=TINY,
+                           out=tmp_path, scheduler=cluster.scheduler_address)
+    assert len(result.cells) == 2 and not result.failed
+    assert [r["seeds_done"] for r in result.rows] == [1, 1]
+    assert all(r["predictions"][k]["se"] is None for r in result.rows for k in r["predictions"])

@@ -241,9 +241,9 @@ def sweep(
     except (UnknownExperiment, ConfigError, RunStoreError, MissingExtra, SweepError,
             ValueError) as exc:
         raise _fail(_escape(str(exc)), 2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         raise _fail("interrupted; finished cells are kept: run the same command again to "
-                    "resume", 130) from None
+                    "resume", 128 + getattr(exc, "signum", 2)) from None
     from neurothermo.sweep_table import print_table
 
     print_table(result.rows, result.keys, console)
