@@ -1,4 +1,4 @@
-"""The ``neurothermo`` command line: list, describe, run, reproduce, report, show, analyze."""
+"""The ``neurothermo`` command line: list, describe, run, reproduce, sweep, report, show, analyze."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -198,6 +198,58 @@ def reproduce(
     console.print(f"report: {report}", highlight=False)
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def sweep(
+    name: Annotated[str, typer.Argument(help="Experiment name (see `neurothermo list`).")],
+    grid: Annotated[list[str] | None, typer.Option(
+        "--grid", help="An axis: key=v1,v2 or key=start:stop:count[:log] (repeatable).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per grid point.", min=1)] = None,
+    seed: Annotated[int, typer.Option(help="First seed.", min=0, max=MAX_SEED)] = 0,
+    quick: Annotated[bool, typer.Option("--quick", help="Start every cell from the quick preset.")] = False,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a setting in every cell: --set key=value (repeatable).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Address of a running dask scheduler "
+                                                       "(tcp://host:8786); OUT must be shared.")] = None,
+    workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes (default: CPU "
+                                                     "count); 0 runs cells here, without dask.",
+                                                min=0)] = None,
+    out: Annotated[str, typer.Option(help="Root folder of the run store.")] = "runs",
+    rerun: Annotated[bool, typer.Option("--rerun", help="Start a fresh sweep folder.")] = False,
+) -> None:
+    """Run a grid over settings and seeds into OUT/sweeps/<name>-<stamp>/ (see docs/sweeps.md).
+
+    Without --grid and --seeds the experiment's declared sweep runs. Resumable: the same command
+    again keeps finished cells and reruns failed or interrupted ones.
+    """
+    from neurothermo.config import ConfigError
+    from neurothermo.experiments.base import MissingExtra, UnknownExperiment
+    from neurothermo.runstore import RunStoreError
+    from neurothermo.sweep import SweepError, run_sweep
+
+    def line(e: dict[str, Any]) -> None:
+        what = " ".join(f"{k}={v}" for k, v in e["point"].items())
+        status = "kept" if e.get("kept") else e["status"]
+        err.print(_escape(f"  {status:<7} {what} seed={e['seed']}  {e.get('reason', '')}"),
+                  highlight=False, soft_wrap=True)
+
+    try:
+        result = run_sweep(name, grid=grid, seeds=seeds, first_seed=seed, quick=quick,
+                           base=list(set_ or []), out=out, workers=workers, scheduler=scheduler,
+                           rerun=rerun, on_cell=line)
+    except (UnknownExperiment, ConfigError, RunStoreError, MissingExtra, SweepError,
+            ValueError) as exc:
+        raise _fail(_escape(str(exc)), 2) from None
+    except KeyboardInterrupt as exc:
+        raise _fail("interrupted; finished cells are kept: run the same command again to "
+                    "resume", 128 + getattr(exc, "signum", 2)) from None
+    from neurothermo.sweep_table import print_table
+
+    print_table(result.rows, result.keys, console)
+    console.print(f"sweep folder: {result.path}", highlight=False)
+    if result.failed:
+        raise _fail(f"{len(result.failed)} cell(s) failed; run the same command again to rerun them")
 
 
 @app.command()

@@ -69,6 +69,28 @@ class Prediction:
                    bool(control))
 
 
+@dataclass(frozen=True)
+class SweepPlan:
+    """A sweep an experiment declares, run by ``neurothermo sweep NAME`` without ``--grid``.
+
+    ``grid`` holds one ``key=spec`` string per axis, in the syntax of ``--grid``
+    (``lr=0.1,0.2`` lists values, ``p=0.05:0.4:8`` is 8 evenly spaced values, ``...:8:log``
+    geometrically spaced); ``seeds`` is the number of seeds per grid point. ``quick_grid`` and
+    ``quick_seeds``, when given, replace them under ``--quick``.
+    """
+
+    grid: tuple[str, ...] = ()
+    seeds: int = 1
+    quick_grid: tuple[str, ...] | None = None
+    quick_seeds: int | None = None
+
+    def for_preset(self, quick: bool) -> tuple[tuple[str, ...], int]:
+        if quick:
+            grid = self.grid if self.quick_grid is None else self.quick_grid
+            return grid, self.seeds if self.quick_seeds is None else self.quick_seeds
+        return self.grid, self.seeds
+
+
 class MissingExtra(RuntimeError):
     """The experiment needs an optional extra that is not installed."""
 
@@ -80,7 +102,8 @@ class Experiment:
     ``config`` is a frozen dataclass type built with :func:`neurothermo.config.setting`;
     ``quick`` and ``full`` are instances of it. ``cost`` documents what the full preset costs.
     ``requires`` lists importable module names and ``extra`` the pip extra that provides them;
-    ``install`` overrides the install hint when the extra alone is not enough.
+    ``install`` overrides the install hint when the extra alone is not enough. ``sweep`` (optional)
+    declares the grid over settings and seeds that ``neurothermo sweep NAME`` runs by default.
     """
 
     name: str
@@ -98,6 +121,7 @@ class Experiment:
     # quick preset took 22 s of CPU on one thread and over 3× that on two, with a busy second
     # core). None leaves torch's setting (experiments with large models).
     threads: int | None = 1
+    sweep: SweepPlan | None = None  # the grid and seeds `neurothermo sweep NAME` runs by default
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]

@@ -22,7 +22,7 @@ import numpy as np
 
 from neurothermo.config import setting
 from neurothermo.experiments._common import pyplot
-from neurothermo.experiments.base import Experiment, RunContext, register
+from neurothermo.experiments.base import Experiment, RunContext, SweepPlan, register
 
 
 @dataclass(frozen=True)
@@ -175,5 +175,9 @@ EXPERIMENT = register(
         full=RescaleEquilibriumConfig(),
         run=run,
         cost="full: 600k steps × 16 chains, ~15 s on one core",
+        # `neurothermo sweep rescale-equilibrium`: the equilibrium |u| must not depend on η at
+        # leading order, so every η of the grid should reach the same point, seed after seed.
+        sweep=SweepPlan(grid=("lr=0.004,0.008,0.016",), seeds=3,
+                        quick_grid=("lr=0.01,0.02,0.04",), quick_seeds=2),
     )
 )
