@@ -64,6 +64,7 @@ from neurothermo._state import preserved_state
 from neurothermo._validate import check_int, check_loss_fn, check_positive
 from neurothermo.monitor import names
 from neurothermo.monitor.derive import RawStep, deferred_charge, derive
+from neurothermo.monitor.distributed import unwrap
 from neurothermo.monitor.history import History
 from neurothermo.monitor.quantities import SquareSums, predicted_change
 from neurothermo.monitor.symmetries import Tracked, detect, track, versions
@@ -112,6 +113,9 @@ class ThermoMonitor:
             raise ValueError(f"symmetries must be 'auto', None or a list of Symmetry, got {symmetries!r}")
         if writer is not None and not isinstance(writer, Writer):
             raise TypeError("writer needs write(rows, meta) and flush() (e.g. JSONLWriter(path))")
+        model, self._dist = unwrap(model)  # DDP: the inner module; reductions over its group
+        if self._dist is not None and self._dist.rank != 0:
+            writer = None  # rank 0 writes the rows; every rank keeps the same history
         self.model, self.loss_fn, self.writer, self.ema = model, loss_fn, writer, float(ema)
         self.data = None if data is None else as_data(data, loss_fn, name="data", model=model)
         if self.data is not None and self.data.count() < 2:
@@ -254,7 +258,8 @@ class ThermoMonitor:
         recorded = step % self.every == 0
         with torch.no_grad():
             if loss is not None:
-                values[names.LOSS] = loss.detach()
+                loss = loss.detach() if self._dist is None else self._dist.mean(loss)
+                values[names.LOSS] = loss
             if recorded:
                 self._record_grads(step, values, batch, lr, wd, predict=not_exact is None)
             if lr is not None and self.noise_every is not None and step % self.noise_every == 0:
@@ -297,7 +302,8 @@ class ThermoMonitor:
         """The reductions of this step (kept in ``self._raw``) and the eagerly computed charges."""
         grads = {n: p.grad for n, p in self._params.items()}
         gsums = SquareSums(grads, self._scratch_grads).prepare(self._unit_keys, self._names)
-        self._raw.append(RawStep(step=step, lr=lr, wd=wd, batch_size=batch.size,
+        b = batch.size * (1 if self._dist is None else self._dist.world)  # the global batch
+        self._raw.append(RawStep(step=step, lr=lr, wd=wd, batch_size=b,
                                  predict=predict, grads=gsums, before=self._param_sums()))
         for t in self._tracked or ():
             if deferred_charge(t):
@@ -325,7 +331,7 @@ class ThermoMonitor:
         _, values = self._pending
         self._pending = None
         if loss is not None and names.LOSS not in values:
-            values[names.LOSS] = loss.detach()
+            values[names.LOSS] = loss.detach() if self._dist is None else self._dist.mean(loss)
         if step % self.every == 0 and self._tracked:
             with torch.no_grad():
                 if any(deferred_charge(t) for t in self._tracked):

@@ -1,0 +1,86 @@
+"""One rank of the multi-process monitor tests (run as a script by tests/test_monitor_distributed.py).
+
+``python tests/dist_worker.py MODE OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set.
+Rank r trains on samples ``[r·b, (r+1)·b)`` of every global batch; the test compares what the
+ranks record with one process on the global batches (``run_single``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+STEPS, GLOBAL_B, LR, WD, NOISE_EVERY = 4, 8, 0.05, 0.01, 2
+
+
+def data() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(STEPS * GLOBAL_B, 5, generator=g, dtype=torch.float64)
+    y = torch.sin(x.sum(1, keepdim=True)) + 0.1 * torch.randn(len(x), 1, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def model() -> nn.Module:
+    """Rescale (0→2, 3→5), double rotation (2→3), whole scale (5 → LayerNorm), in float64."""
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 7),
+        nn.LayerNorm(7, eps=0.0, elementwise_affine=False), nn.Tanh(), nn.Linear(7, 1)).double()
+
+
+def train(net: nn.Module, inner: nn.Module, rank: int, world: int, writer: Any = None) -> Any:
+    """``STEPS`` plain-SGD steps; rank ``rank`` of ``world`` takes its slice of each global batch."""
+    import neurothermo as nt
+
+    x, y = data()
+    opt = torch.optim.SGD(net.parameters(), lr=LR, weight_decay=WD)
+    mon = nt.ThermoMonitor(net, nn.MSELoss(), optimizer=opt, noise_every=NOISE_EVERY, writer=writer)
+    b = GLOBAL_B // world
+    for step in range(STEPS):
+        lo = step * GLOBAL_B + rank * b
+        xb, yb = x[lo:lo + b], y[lo:lo + b]
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(net(xb), yb)
+        loss.backward()
+        mon.after_backward(step, (xb, yb), loss=loss)
+        opt.step()
+        mon.after_step(step)
+    mon.close()
+    return mon
+
+
+def run_single() -> tuple[list[dict[str, Any]], Tensor]:
+    net = model()
+    mon = train(net, net, 0, 1)
+    return mon.history.to_dicts(), torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def main(mode: str, out: Path) -> None:
+    import torch.distributed as dist
+
+    from neurothermo.monitor.writers import JSONLWriter
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = model()
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped: nn.Module = DDP(net)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    mon = train(wrapped, net, rank, world, writer=JSONLWriter(out / f"rank{rank}.jsonl"))
+    torch.save({"rows": mon.history.to_dicts(), "meta": mon.history.meta,
+                "params": torch.cat([p.detach().reshape(-1) for p in net.parameters()])},
+               out / f"hist{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
+    os._exit(0)

@@ -1,0 +1,109 @@
+"""The monitor under torch.distributed: 2 gloo ranks on CPU against one process on the global batches.
+
+Each multi-process test starts 2 Python processes (~4 s CPU each for ``import torch``); the models
+are tiny and train for 4 steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import neurothermo as nt
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_worker as W
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch built without the gloo backend")
+
+# float64 throughout. DDP's all-reduce adds the two ranks' mean gradients in another order than one
+# process's mean over 8 samples: each gradient entry differs by a few ulps (eps64 = 2.2e-16 relative),
+# and 4 SGD steps with lr 0.05 carry that into the parameters without amplification (lr·‖H‖ < 1 on
+# this model). 1e-10 relative leaves a 10^5 margin over rounding, while every real error a missing
+# reduction causes (local b = 4 for 8, half the per-sample norms, a rank's own loss) is O(10%) or
+# more: the control below checks that the local half's columns differ by far more than this.
+RTOL, ATOL = 1e-10, 1e-12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _launch(mode: str, out: Path, world: int = 2, timeout: float = 120.0) -> None:
+    port = _free_port()
+    src = str(Path(__file__).parents[1] / "src")
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).parent / "dist_worker.py"),
+                                       mode, str(out)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+
+
+def _compare(rows: list[dict[str, Any]], ref: list[dict[str, Any]]) -> None:
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    for got, want in zip(rows, ref):
+        assert set(got) == set(want), set(got) ^ set(want)
+        for k, v in want.items():
+            a, b = np.asarray(got[k], dtype=np.float64), np.asarray(v, dtype=np.float64)
+            np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"step {want['step']} {k}")
+
+
+@pytest.fixture(scope="module")
+def single() -> tuple[list[dict[str, Any]], torch.Tensor]:
+    return W.run_single()
+
+
+def test_ddp_two_ranks_give_the_single_process_columns_on_the_global_batch(
+        tmp_path: Path, single: tuple[list[dict[str, Any]], torch.Tensor]) -> None:
+    _launch("ddp", tmp_path)
+    ref, ref_params = single
+    h0, h1 = (torch.load(tmp_path / f"hist{r}.pt", weights_only=False) for r in (0, 1))
+    torch.testing.assert_close(h0["params"], ref_params, rtol=RTOL, atol=ATOL)
+    # the columns the noise steps add are there (per-sample norms gathered from both ranks)
+    assert "entropic/trace_sigma" in ref[0] and "entropic/trace_sigma" in ref[2]
+    assert any(k.startswith("charge/") for k in ref[0])
+    _compare(h0["rows"], ref)
+    _compare(h1["rows"], ref)  # every rank keeps the same history
+    # rank 0 alone writes the rows
+    assert not (tmp_path / "rank1.jsonl").exists()
+    lines = [json.loads(s) for s in (tmp_path / "rank0.jsonl").read_text().splitlines()]
+    assert "__meta__" in lines[0]
+    _compare(lines[1:], json.loads(json.dumps(nt.History.from_jsonl(
+        tmp_path / "rank0.jsonl").to_dicts())))
+    _compare(nt.History.from_jsonl(tmp_path / "rank0.jsonl").to_dicts(), ref)
+
+
+def test_control_one_ranks_half_alone_differs_from_the_global_batch(
+        single: tuple[list[dict[str, Any]], torch.Tensor]) -> None:
+    """Without the reductions a rank would record its own half: the comparison above must see it."""
+    ref, _ = single
+    net = W.model()
+    half = W.train(net, net, rank=0, world=2).history.to_dicts()  # rank 0's half, no process group
+    for col in ("temperature", "loss", "entropic/trace_sigma"):
+        a, b = float(half[0][col]), float(ref[0][col])
+        assert abs(a - b) > 1e3 * (RTOL * abs(b) + ATOL), col
