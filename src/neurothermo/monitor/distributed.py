@@ -118,3 +118,23 @@ def full(t: Tensor | None) -> Tensor | None:
         return None
     to_full = getattr(t, "full_tensor", None)
     return to_full() if callable(to_full) else t
+
+
+def attach(monitor: Any) -> None:
+    """Reduce over the default process group when a framework hands the monitor the unwrapped model.
+
+    The Hugging Face Trainer and Lightning wrap the model in DDP themselves and give callbacks the
+    inner module: a monitor built on it would record each rank's own half. With an initialised
+    group of more than one rank this sets the monitor's reductions (as for a DDP model) and keeps
+    the writer on rank 0 only. A monitor that already has them is left as it is.
+    """
+    import torch.distributed as dist
+
+    if monitor._dist is not None or not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    monitor._dist = Dist(rank=dist.get_rank(), world=world)
+    if monitor._dist.rank != 0:
+        monitor.writer = None
