@@ -59,12 +59,57 @@ def run_single() -> tuple[list[dict[str, Any]], Tensor]:
     return mon.history.to_dicts(), torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 
+def lightning_ddp(out: Path) -> None:
+    """The Lightning callback under ``strategy="ddp"``: Lightning starts rank 1 by running this
+    script again. Each rank loads its own half of every global batch (as in ``train``)."""
+    import lightning
+
+    import neurothermo as nt
+    from neurothermo.monitor.lightning import ThermoMonitorCallback
+    from neurothermo.monitor.writers import JSONLWriter
+
+    net = model()
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=LR, weight_decay=WD)
+
+        def train_dataloader(self) -> Any:  # rank r: samples [8k + 4r, 8k + 4r + 4) at step k
+            r, b = self.trainer.global_rank, GLOBAL_B // 2
+            batches = [list(range(k * GLOBAL_B + r * b, k * GLOBAL_B + (r + 1) * b)) for k in range(STEPS)]
+            x, y = data()
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_sampler=batches)
+
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    mon = nt.ThermoMonitor(net, nn.MSELoss(), noise_every=NOISE_EVERY,
+                           writer=JSONLWriter(out / f"rank{rank}.jsonl"))
+    trainer = lightning.Trainer(max_steps=STEPS, callbacks=[ThermoMonitorCallback(mon)],
+                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, accelerator="cpu", devices=2,
+                                strategy="ddp", use_distributed_sampler=False)
+    trainer.fit(Module())
+    mon.close()
+    torch.save({"rows": mon.history.to_dicts(), "meta": mon.history.meta,
+                "params": torch.cat([p.detach().reshape(-1) for p in net.parameters()])},
+               out / f"hist{trainer.global_rank}.pt")
+
+
 def main(mode: str, out: Path) -> None:
     import torch.distributed as dist
 
     from neurothermo.monitor.writers import JSONLWriter
 
     torch.set_num_threads(1)
+    if mode == "lightning_ddp":
+        lightning_ddp(out)
+        return
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     net = model()

@@ -41,14 +41,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(mode: str, out: Path, world: int = 2, timeout: float = 120.0) -> None:
+def _launch(mode: str, out: Path, world: int = 2, timeout: float = 120.0, ranks: int | None = None) -> None:
+    """Start ``ranks`` processes (default ``world``) of tests/dist_worker.py and wait for them."""
     port = _free_port()
     src = str(Path(__file__).parents[1] / "src")
     procs = []
-    for rank in range(world):
+    for rank in range(world if ranks is None else ranks):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+        if ranks is not None:  # the framework starts the other ranks and sets their ranks itself
+            del env["RANK"], env["WORLD_SIZE"]
         procs.append(subprocess.Popen([sys.executable, str(Path(__file__).parent / "dist_worker.py"),
                                        mode, str(out)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
@@ -107,3 +110,17 @@ def test_control_one_ranks_half_alone_differs_from_the_global_batch(
     for col in ("temperature", "loss", "entropic/trace_sigma"):
         a, b = float(half[0][col]), float(ref[0][col])
         assert abs(a - b) > 1e3 * (RTOL * abs(b) + ATOL), col
+
+
+def test_lightning_ddp_two_ranks_give_the_single_process_columns(
+        tmp_path: Path, single: tuple[list[dict[str, Any]], torch.Tensor]) -> None:
+    """Lightning's ``ddp`` strategy starts rank 1 itself; the callback attaches the reductions."""
+    pytest.importorskip("lightning")
+    _launch("lightning_ddp", tmp_path, ranks=1, timeout=180.0)
+    ref, ref_params = single
+    for r in (0, 1):
+        h = torch.load(tmp_path / f"hist{r}.pt", weights_only=False)
+        torch.testing.assert_close(h["params"], ref_params, rtol=RTOL, atol=ATOL)
+        _compare(h["rows"], ref)
+    assert not (tmp_path / "rank1.jsonl").exists()
+    _compare(nt.History.from_jsonl(tmp_path / "rank0.jsonl").to_dicts(), ref)
