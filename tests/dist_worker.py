@@ -32,13 +32,15 @@ def model() -> nn.Module:
         nn.LayerNorm(7, eps=0.0, elementwise_affine=False), nn.Tanh(), nn.Linear(7, 1)).double()
 
 
-def train(net: nn.Module, inner: nn.Module, rank: int, world: int, writer: Any = None) -> Any:
+def train(net: nn.Module, inner: nn.Module, rank: int, world: int, writer: Any = None,
+          **monitor: Any) -> Any:
     """``STEPS`` plain-SGD steps; rank ``rank`` of ``world`` takes its slice of each global batch."""
     import neurothermo as nt
 
     x, y = data()
     opt = torch.optim.SGD(net.parameters(), lr=LR, weight_decay=WD)
-    mon = nt.ThermoMonitor(net, nn.MSELoss(), optimizer=opt, noise_every=NOISE_EVERY, writer=writer)
+    monitor.setdefault("noise_every", NOISE_EVERY)
+    mon = nt.ThermoMonitor(net, nn.MSELoss(), optimizer=opt, writer=writer, **monitor)
     b = GLOBAL_B // world
     for step in range(STEPS):
         lo = step * GLOBAL_B + rank * b
@@ -53,9 +55,9 @@ def train(net: nn.Module, inner: nn.Module, rank: int, world: int, writer: Any =
     return mon
 
 
-def run_single() -> tuple[list[dict[str, Any]], Tensor]:
+def run_single(**monitor: Any) -> tuple[list[dict[str, Any]], Tensor]:
     net = model()
-    mon = train(net, net, 0, 1)
+    mon = train(net, net, 0, 1, **monitor)
     return mon.history.to_dicts(), torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 
@@ -113,16 +115,28 @@ def main(mode: str, out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     net = model()
+    kw: dict[str, Any] = {}
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped: nn.Module = DDP(net)
+    elif mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        import neurothermo as nt
+
+        kw = {"symmetries": nt.find_symmetries(net, data()[0][:8]), "noise_every": None}
+
+        for layer in net:
+            if any(p.requires_grad for p in layer.parameters()):
+                fully_shard(layer)
+        wrapped = fully_shard(net)
     else:
         raise SystemExit(f"unknown mode {mode}")
-    mon = train(wrapped, net, rank, world, writer=JSONLWriter(out / f"rank{rank}.jsonl"))
+    mon = train(wrapped, net, rank, world, writer=JSONLWriter(out / f"rank{rank}.jsonl"), **kw)
+    params = [getattr(p, "full_tensor", p.detach)().detach() for p in net.parameters()]
     torch.save({"rows": mon.history.to_dicts(), "meta": mon.history.meta,
-                "params": torch.cat([p.detach().reshape(-1) for p in net.parameters()])},
-               out / f"hist{rank}.pt")
+                "params": torch.cat([p.reshape(-1) for p in params])}, out / f"hist{rank}.pt")
     dist.destroy_process_group()
 
 

@@ -124,3 +124,27 @@ def test_lightning_ddp_two_ranks_give_the_single_process_columns(
         _compare(h["rows"], ref)
     assert not (tmp_path / "rank1.jsonl").exists()
     _compare(nt.History.from_jsonl(tmp_path / "rank0.jsonl").to_dicts(), ref)
+
+
+def test_fsdp2_two_ranks_give_the_single_process_columns(tmp_path: Path) -> None:
+    """FSDP2 (``fully_shard`` per layer and at the root): parameters and gradients are sharded
+    DTensors; gradient energies, balance and charges equal one process's on the global batches."""
+    pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP2")
+    _launch("fsdp", tmp_path)
+    ref, ref_params = W.run_single(noise_every=None)
+    assert any(k.startswith("charge/") for k in ref[0]) and "energy_in/sym0" in ref[0]
+    for r in (0, 1):
+        h = torch.load(tmp_path / f"hist{r}.pt", weights_only=False)
+        torch.testing.assert_close(h["params"], ref_params, rtol=RTOL, atol=ATOL)
+        _compare(h["rows"], ref)
+    assert not (tmp_path / "rank1.jsonl").exists()
+
+
+def test_sharded_models_refuse_what_needs_unsharded_passes() -> None:
+    from neurothermo.monitor.distributed import check_sharded
+
+    with pytest.raises(ValueError, match="before fully_shard and pass symmetries=syms"):
+        check_sharded("auto", None, None)
+    with pytest.raises(ValueError, match="noise_every=None and sharpness_every=None"):
+        check_sharded(None, 10, None)
+    check_sharded(None, None, None)

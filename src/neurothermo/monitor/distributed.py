@@ -24,6 +24,7 @@ wrapper, so they never start DDP's gradient all-reduce.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,3 +139,31 @@ def attach(monitor: Any) -> None:
     monitor._dist = Dist(rank=dist.get_rank(), world=world)
     if monitor._dist.rank != 0:
         monitor.writer = None
+
+
+def full_tensors(tensors: Mapping[str, Tensor | None]) -> dict[str, Tensor | None]:
+    """``{name: full tensor}`` of sharded ``DTensor`` parameters or gradients (FSDP2): one
+    all-gather per tensor, every rank taking part in the same order."""
+    return {n: full(t) for n, t in tensors.items()}
+
+
+def check_sharded(symmetries: Any, noise_every: int | None, sharpness_every: int | None) -> None:
+    """What the monitor supports on FSDP2-sharded models, with the way out for the rest.
+
+    Raises:
+        ValueError: ``symmetries="auto"`` (detection runs the model on plain tensors, which mixed
+            with sharded parameters fails: detect on the model before ``fully_shard`` and pass
+            the list), or noise terms / sharpness requested (their extra per-sample and Hessian
+            passes read unsharded parameters).
+    """
+    if symmetries == "auto":
+        raise ValueError(
+            "ThermoMonitor on an FSDP2 (fully_shard) model cannot detect symmetries: run "
+            "syms = nt.find_symmetries(model, example_inputs) before fully_shard and pass "
+            "symmetries=syms (or symmetries=None)")
+    if noise_every is not None or sharpness_every is not None:
+        raise ValueError(
+            "ThermoMonitor on an FSDP2 (fully_shard) model records gradient energies, balance and "
+            "charges; the noise terms and sharpness need per-sample and Hessian passes over "
+            "unsharded parameters: pass noise_every=None and sharpness_every=None (or monitor "
+            "the model under DDP, where they are reduced across ranks)")
