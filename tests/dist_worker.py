@@ -103,12 +103,29 @@ def lightning_ddp(out: Path) -> None:
                out / f"hist{trainer.global_rank}.pt")
 
 
+def hf_ddp(out: Path) -> None:
+    """The Trainer callback with 2 ranks of 4 samples per step (no accumulation)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import test_monitor_hf as hf
+
+    from neurothermo.monitor.hf import ThermoTrainerCallback
+
+    cb = ThermoTrainerCallback(noise_every=hf.NOISE_EVERY, symmetries=None)
+    hf._train([cb], out / f"trainer{os.environ['RANK']}", accum=1, ddp_backend="gloo")
+    assert cb.monitor is not None
+    torch.save({"rows": cb.monitor.history.to_dicts(), "meta": cb.monitor.history.meta},
+               out / f"hist{os.environ['RANK']}.pt")
+
+
 def main(mode: str, out: Path) -> None:
     import torch.distributed as dist
 
     from neurothermo.monitor.writers import JSONLWriter
 
     torch.set_num_threads(1)
+    if mode == "hf_ddp":  # the Trainer initialises the group from RANK / WORLD_SIZE / LOCAL_RANK
+        hf_ddp(out)
+        return
     if mode == "lightning_ddp":
         lightning_ddp(out)
         return

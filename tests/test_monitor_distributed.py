@@ -47,11 +47,11 @@ def _launch(mode: str, out: Path, world: int = 2, timeout: float = 120.0, ranks:
     src = str(Path(__file__).parents[1] / "src")
     procs = []
     for rank in range(world if ranks is None else ranks):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
         if ranks is not None:  # the framework starts the other ranks and sets their ranks itself
-            del env["RANK"], env["WORLD_SIZE"]
+            del env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]
         procs.append(subprocess.Popen([sys.executable, str(Path(__file__).parent / "dist_worker.py"),
                                        mode, str(out)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
@@ -148,3 +148,35 @@ def test_sharded_models_refuse_what_needs_unsharded_passes() -> None:
     with pytest.raises(ValueError, match="noise_every=None and sharpness_every=None"):
         check_sharded(None, 10, None)
     check_sharded(None, None, None)
+
+
+def test_hf_trainer_ddp_two_ranks_give_the_single_process_columns(tmp_path: Path) -> None:
+    """The Trainer under DDP (2 ranks x 4 samples) against one process accumulating 2 x 4 samples:
+    the Trainer hands both the same 8 samples per step, so the columns agree to float32 rounding
+    (gradients summed in another order: ~1e-7 relative per entry; Tr Σ is a difference of sums of
+    ~40k squared entries, 1e-4 of mean‖g_i‖² as in test_monitor_hf)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import test_monitor_hf as hf
+
+    from neurothermo.monitor.hf import ThermoTrainerCallback
+
+    _launch("hf_ddp", tmp_path, timeout=180.0)
+    cb = ThermoTrainerCallback(noise_every=hf.NOISE_EVERY, symmetries=None)
+    hf._train([cb], tmp_path / "single")  # 4 samples x 2 accumulated micro-batches
+    assert cb.monitor is not None
+    ref = cb.monitor.history
+    for r in (0, 1):
+        rows = torch.load(tmp_path / f"hist{r}.pt", weights_only=False)["rows"]
+        assert [row["step"] for row in rows] == list(ref.steps("loss"))
+        for row in rows:
+            i = list(ref.steps("loss")).index(row["step"])
+            assert row["batch_size"] == ref["batch_size"][i] == 8
+            assert row["loss"] == pytest.approx(float(ref["loss"][i]), rel=1e-5)
+            for c in [c for c in row if c.startswith("grad_sq/")]:
+                assert row[c] == pytest.approx(float(ref[c][i]), rel=1e-4, abs=1e-12), c
+            if "entropic/trace_sigma" in row:
+                j = list(ref.steps("entropic/trace_sigma")).index(row["step"])
+                assert row["entropic/trace_sigma"] == pytest.approx(
+                    float(ref["entropic/trace_sigma"][j]), rel=1e-4), row["step"]
+        assert sum("entropic/trace_sigma" in row for row in rows) == len(ref.steps("entropic/trace_sigma"))

@@ -91,11 +91,11 @@ class _Reference(TrainerCallback):  # type: ignore[misc]
         self.rows[step] = row
 
 
-def _train(callbacks: list[Any], tmp: Any) -> tuple[Trainer, nn.Module]:
+def _train(callbacks: list[Any], tmp: Any, accum: int = ACCUM, **kw: Any) -> tuple[Trainer, nn.Module]:
     data, _ = _texts()
     model = _bert()
-    args = TrainingArguments(output_dir=str(tmp), per_device_train_batch_size=PER_DEVICE,
-                             gradient_accumulation_steps=ACCUM, max_steps=STEPS, learning_rate=1e-3,
+    args = TrainingArguments(output_dir=str(tmp), per_device_train_batch_size=PER_DEVICE, **kw,
+                             gradient_accumulation_steps=accum, max_steps=STEPS, learning_rate=1e-3,
                              weight_decay=0.01, logging_steps=1, report_to=[], use_cpu=True, seed=0,
                              save_strategy="no", disable_tqdm=True, log_level="error", dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)

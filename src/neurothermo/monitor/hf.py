@@ -30,7 +30,9 @@ columns stay in ``callback.monitor.history`` (or a writer). Integrations that re
 callback first so that they report the columns too.
 
 Under DDP (``torchrun`` with the Trainer) the reductions of ``neurothermo.monitor.distributed``
-are attached to the monitor (the Trainer hands callbacks the unwrapped model).
+are attached to the monitor (the Trainer hands callbacks the unwrapped model); with
+``average_tokens_across_devices`` the count is global, so a rank's summed loss is scaled by the
+number of ranks before the mean over ranks, as the Trainer scales it before backward.
 """
 from __future__ import annotations
 
@@ -134,6 +136,11 @@ class ThermoTrainerCallback(TrainerCallback):
         loss = None
         if len(losses) == len(inputs):  # the step's mean loss over all its samples
             loss = torch.stack(losses).sum() if self._summed else torch.stack(losses).mean()
+            world = int(getattr(args, "world_size", 1) or 1)
+            if self._summed and world > 1 and getattr(args, "average_tokens_across_devices", False):
+                # count gathered over the ranks: this rank's sum / global count; the monitor's
+                # mean over ranks times world is then the global mean (the Trainer scales the same)
+                loss = loss * world
         self._step = int(state.global_step)
         self._busy = True
         try:
