@@ -107,7 +107,6 @@ def hf_ddp(out: Path) -> None:
     """The Trainer callback with 2 ranks of 4 samples per step (no accumulation)."""
     sys.path.insert(0, str(Path(__file__).parent))
     import test_monitor_hf as hf
-
     from neurothermo.monitor.hf import ThermoTrainerCallback
 
     cb = ThermoTrainerCallback(noise_every=hf.NOISE_EVERY, symmetries=None)

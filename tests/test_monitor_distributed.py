@@ -158,7 +158,6 @@ def test_hf_trainer_ddp_two_ranks_give_the_single_process_columns(tmp_path: Path
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     import test_monitor_hf as hf
-
     from neurothermo.monitor.hf import ThermoTrainerCallback
 
     _launch("hf_ddp", tmp_path, timeout=180.0)
