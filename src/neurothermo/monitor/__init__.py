@@ -5,11 +5,18 @@ gradient energies, symmetry charges with their predicted and measured changes, t
 and occasionally the entropic terms and sharpness; ``History`` (history.py) is its columnar table;
 ``layer_balance`` / ``neuron_balance`` (balance.py) summarise the paper's Figure 2 quantities;
 ``charge_drift`` (drift.py) checks that a window's mean imbalance is its charge's drift, exactly;
-writers.py streams rows to JSON lines or TensorBoard; lightning.py adapts the monitor to
-PyTorch Lightning (optional). Column names: :mod:`neurothermo.monitor.names`.
+writers.py streams rows to JSON lines, TensorBoard, W&B or MLflow; lightning.py and hf.py adapt it to
+PyTorch Lightning and the Hugging Face Trainer (optional); distributed.py reduces across ranks
+(DDP, FSDP2). Column names: :mod:`neurothermo.monitor.names`.
 """
 from neurothermo.monitor.balance import LayerBalance, NeuronBalance, layer_balance, neuron_balance
 from neurothermo.monitor.drift import ChargeDrift, charge_drift
 from neurothermo.monitor.history import History
 from neurothermo.monitor.monitor import MonitorWarning, ThermoMonitor
-from neurothermo.monitor.writers import JSONLWriter, TensorBoardWriter, Writer
+from neurothermo.monitor.writers import (
+    JSONLWriter,
+    MLflowWriter,
+    TensorBoardWriter,
+    WandbWriter,
+    Writer,
+)

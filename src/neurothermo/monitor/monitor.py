@@ -64,6 +64,7 @@ from neurothermo._state import preserved_state
 from neurothermo._validate import check_int, check_loss_fn, check_positive
 from neurothermo.monitor import names
 from neurothermo.monitor.derive import RawStep, deferred_charge, derive
+from neurothermo.monitor.distributed import check_sharded, full_tensors, is_sharded, unwrap
 from neurothermo.monitor.history import History
 from neurothermo.monitor.quantities import SquareSums, predicted_change
 from neurothermo.monitor.symmetries import Tracked, detect, track, versions
@@ -112,6 +113,12 @@ class ThermoMonitor:
             raise ValueError(f"symmetries must be 'auto', None or a list of Symmetry, got {symmetries!r}")
         if writer is not None and not isinstance(writer, Writer):
             raise TypeError("writer needs write(rows, meta) and flush() (e.g. JSONLWriter(path))")
+        model, self._dist = unwrap(model)  # DDP: the inner module; reductions over its group
+        self._sharded = is_sharded(model)  # FSDP2: read full tensors (distributed.py)
+        if self._sharded:
+            check_sharded(symmetries, noise_every, sharpness_every)
+        if self._dist is not None and self._dist.rank != 0:
+            writer = None  # rank 0 writes the rows; every rank keeps the same history
         self.model, self.loss_fn, self.writer, self.ema = model, loss_fn, writer, float(ema)
         self.data = None if data is None else as_data(data, loss_fn, name="data", model=model)
         if self.data is not None and self.data.count() < 2:
@@ -254,7 +261,8 @@ class ThermoMonitor:
         recorded = step % self.every == 0
         with torch.no_grad():
             if loss is not None:
-                values[names.LOSS] = loss.detach()
+                loss = loss.detach() if self._dist is None else self._dist.mean(loss)
+                values[names.LOSS] = loss
             if recorded:
                 self._record_grads(step, values, batch, lr, wd, predict=not_exact is None)
             if lr is not None and self.noise_every is not None and step % self.noise_every == 0:
@@ -280,7 +288,8 @@ class ThermoMonitor:
         """Squared-entry sums of the parameters, reused while no parameter changed in place."""
         v = versions(self._params)
         if self._psums is None or self._psums[0] != v:
-            sums = SquareSums(self._params, self._scratch_params).prepare(self._unit_keys, self._names)
+            params = full_tensors(self._params) if self._sharded else self._params
+            sums = SquareSums(params, self._scratch_params).prepare(self._unit_keys, self._names)
             self._psums = (v, sums)
         return self._psums[1]
 
@@ -288,7 +297,7 @@ class ThermoMonitor:
         """A charge that is not derived from the shared sums (``derive.deferred_charge``)."""
         cached = t.cached_charge(self._params)
         if cached is None:
-            cached = t.sym.charge(self._params)
+            cached = t.sym.charge(full_tensors(self._params) if self._sharded else self._params)
             t.remember(cached, self._params)
         return cached
 
@@ -296,8 +305,11 @@ class ThermoMonitor:
                       lr: float | None, wd: float, *, predict: bool) -> None:
         """The reductions of this step (kept in ``self._raw``) and the eagerly computed charges."""
         grads = {n: p.grad for n, p in self._params.items()}
+        if self._sharded:
+            grads = full_tensors(grads)
         gsums = SquareSums(grads, self._scratch_grads).prepare(self._unit_keys, self._names)
-        self._raw.append(RawStep(step=step, lr=lr, wd=wd, batch_size=batch.size,
+        b = batch.size * (1 if self._dist is None else self._dist.world)  # the global batch
+        self._raw.append(RawStep(step=step, lr=lr, wd=wd, batch_size=b,
                                  predict=predict, grads=gsums, before=self._param_sums()))
         for t in self._tracked or ():
             if deferred_charge(t):
@@ -325,7 +337,7 @@ class ThermoMonitor:
         _, values = self._pending
         self._pending = None
         if loss is not None and names.LOSS not in values:
-            values[names.LOSS] = loss.detach()
+            values[names.LOSS] = loss.detach() if self._dist is None else self._dist.mean(loss)
         if step % self.every == 0 and self._tracked:
             with torch.no_grad():
                 if any(deferred_charge(t) for t in self._tracked):

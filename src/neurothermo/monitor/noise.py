@@ -58,6 +58,15 @@ def entropic_terms(mon: ThermoMonitor, batch: Batch, loss: Tensor | None,
         return {LOSS: torch.tensor(d.loss, dtype=f64), DISC: torch.tensor(d.discretization, dtype=f64),
                 NOISE: torch.tensor(d.noise, dtype=f64), TOTAL: torch.tensor(d.total, dtype=f64),
                 TRACE: torch.tensor(d.trace_sigma, dtype=f64)}
+    sizes = None
+    if mon._dist is not None:  # every rank takes part in the gathers below, or none does
+        sizes = mon._dist.sizes(b, next(iter(mon._params.values())).device)
+        if len(set(sizes)) > 1:
+            mon._note("noise_sizes", f"entropic terms not recorded at steps whose ranks hold "
+                      f"unequal batches ({sizes}): DDP's mean of rank means is then not the global "
+                      "batch's gradient; give every rank the same batch size (DistributedSampler)")
+            return {}
+        b = sum(sizes)
     if b < 2:
         mon._note("noise_b1", "entropic terms need b >= 2 per batch (or data=); not recorded")
         return {}
@@ -78,7 +87,7 @@ def entropic_terms(mon: ThermoMonitor, batch: Batch, loss: Tensor | None,
     sample_sq = None
     cap = mon._capture
     if cap is not None and cap.armed:  # read from the caller's own forward and backward
-        sample_sq = cap.norms(b)
+        sample_sq = cap.norms(batch.size)
         if sample_sq is None:
             mon._note("passive", f"entropic terms measured with an extra pass ({cap.reason})")
     if sample_sq is None:
@@ -87,6 +96,8 @@ def entropic_terms(mon: ThermoMonitor, batch: Batch, loss: Tensor | None,
         assert isinstance(norms, Tensor)  # by_parameter=False gives one tensor [b]
         sample_sq = norms.detach()
         mon._passive_ready = True  # the model passed the full checks: later steps may capture
+    if sizes is not None and mon._dist is not None:  # each rank holds its own samples' norms
+        sample_sq = mon._dist.gather(sample_sq, sizes)
     terms = batch_noise_terms(sample_sq, grad_sq, lr=lr, dataset_size=mon._n,
                               replacement=replacement, grad_sq_decayed=decayed)
     mon._history.meta["entropic"] = "unbiased one-minibatch estimate"

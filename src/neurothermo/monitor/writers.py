@@ -1,4 +1,5 @@
-"""Where a monitor's rows go while training runs: JSON lines (always), TensorBoard (if installed).
+"""Where a monitor's rows go while training runs: JSON lines (always); TensorBoard, Weights & Biases
+and MLflow when installed.
 
 A writer is any object with ``write(rows, meta)`` (rows: the dicts of :meth:`History.to_dicts`,
 newly flushed, in step order) and ``flush()``; ``truncate(after_step)`` (optional) drops rows after
@@ -103,3 +104,101 @@ class TensorBoardWriter:
 
     def close(self) -> None:
         self._w.close()
+
+
+def _scalars(row: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar columns of a row (per-unit vectors and matrices are left to histogram writers)."""
+    return {k: float(v) for k, v in row.items() if k != "step" and not isinstance(v, list)}
+
+
+class WandbWriter:
+    """Rows to a Weights & Biases run: scalars with ``run.log(..., step=step)``, vectors as
+    ``wandb.Histogram`` (needs ``wandb``; install the ``wandb`` extra).
+
+    ``run``: an active run (``wandb.init(...)``), or None to start one with ``init_kwargs``
+    (``mode="offline"`` logs to local files, synced later with ``wandb sync``). ``close()``
+    finishes a run this writer started. Under ``torch.distributed`` only rank 0 receives rows.
+    """
+
+    def __init__(self, run: Any = None, **init_kwargs: Any) -> None:
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("WandbWriter needs the 'wandb' package (pip install "
+                              "'neurothermo[wandb]'); JSONLWriter works without it") from e
+        if run is not None and init_kwargs:
+            raise ValueError("give either an active run or wandb.init keyword arguments, not both")
+        self._wandb = wandb
+        self._owned = run is None
+        self.run = wandb.init(**init_kwargs) if run is None else run
+
+    def write(self, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> None:
+        import numpy as np
+
+        for row in rows:
+            out: dict[str, Any] = _scalars(row)
+            for k, v in row.items():
+                if isinstance(v, list):
+                    arr = np.asarray(v, dtype=np.float64).reshape(-1)
+                    if arr.size and np.isfinite(arr).all():
+                        out[k] = self._wandb.Histogram(arr.tolist())
+            self.run.log(out, step=int(row["step"]))
+
+    def flush(self) -> None:  # wandb streams in the background
+        return None
+
+    def close(self) -> None:
+        if self._owned:
+            self.run.finish()
+
+
+class MLflowWriter:
+    """Scalar columns to an MLflow run with ``log_metrics(..., step=step)`` (needs ``mlflow`` or
+    ``mlflow-skinny``; install the ``mlflow`` extra).
+
+    MLflow metric keys may not contain ``:`` (``layer_ratio/0:2``): it is written as ``-``. Per-unit
+    vectors are not written (MLflow metrics are scalars; keep a JSONLWriter beside it for them).
+    ``run_id``: log to that run, else a new run is started (``tracking_uri``, e.g.
+    ``"file:/path/mlruns"`` for a local file store, and ``experiment`` name if given); ``close()``
+    ends a run this writer started.
+    """
+
+    def __init__(self, run_id: str | None = None, *, tracking_uri: str | None = None,
+                 experiment: str | None = None) -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError as e:
+            raise ImportError("MLflowWriter needs the 'mlflow' package (pip install "
+                              "'neurothermo[mlflow]'); JSONLWriter works without it") from e
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._owned = run_id is None
+        if run_id is None:
+            exp_id = "0"
+            if experiment is not None:
+                found = self.client.get_experiment_by_name(experiment)
+                exp_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            run_id = self.client.create_run(exp_id).info.run_id
+        self.run_id = run_id
+
+    @staticmethod
+    def key(column: str) -> str:
+        """The MLflow metric key of a column (``:`` is not allowed in MLflow keys)."""
+        return column.replace(":", "-")
+
+    def write(self, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(self.key(k), v, now, int(row["step"]))
+                   for row in rows for k, v in _scalars(row).items()]
+        for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
+    def flush(self) -> None:  # log_batch is synchronous
+        return None
+
+    def close(self) -> None:
+        if self._owned:
+            self.client.set_terminated(self.run_id)
