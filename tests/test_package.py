@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 import types
 from pathlib import Path
+
+import pytest
 
 import neurothermo
 
@@ -30,6 +33,32 @@ def test_all_is_static_and_complete() -> None:
               if not n.startswith("_") and not isinstance(v, types.ModuleType)}
     assert set(listed) == public | {"__version__", "alignment"}
     assert len(listed) == len(set(listed))
+
+
+PACKAGES = sorted(p.parent for p in SRC.glob("*/__init__.py") if not p.parent.name.startswith("_"))
+
+
+def _static_all(init: Path) -> list[str] | None:
+    tree = ast.parse(init.read_text())
+    found = [n.value for n in tree.body if isinstance(n, ast.Assign)
+             and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)]
+    if len(found) != 1 or not isinstance(found[0], ast.List | ast.Tuple):
+        return None
+    return [ast.literal_eval(e) for e in found[0].elts]
+
+
+@pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
+def test_every_public_subpackage_has_a_static_complete_all(pkg: Path) -> None:
+    listed = _static_all(pkg / "__init__.py")
+    assert listed is not None, f"{pkg.name}/__init__.py: __all__ must be one literal list"
+    module = importlib.import_module(f"neurothermo.{pkg.name}")
+    public = {n for n, v in vars(module).items()
+              if not n.startswith("_") and not isinstance(v, types.ModuleType)
+              and getattr(v, "__module__", "").startswith("neurothermo")}
+    assert len(listed) == len(set(listed))
+    assert set(listed) >= public, f"{pkg.name}: public but not in __all__: {public - set(listed)}"
+    missing = [n for n in listed if not hasattr(module, n)]
+    assert missing == [], f"{pkg.name}: listed in __all__ but not defined: {missing}"
 
 
 def test_framework_lives_in_its_own_namespace() -> None:
@@ -65,11 +94,12 @@ def test_no_module_imports_the_package_root() -> None:
 
 
 def test_the_core_never_imports_the_edge() -> None:
-    edge = ("neurothermo.experiments", "neurothermo.cli", "neurothermo.runner",  # _entry is edge
+    edge = ("neurothermo.experiments", "neurothermo.cli", "neurothermo.runner",  # _entry, analyze, htmlreport: edge
             "neurothermo.report")
     core = [p for p in SRC.rglob("*.py")
             if not p.relative_to(SRC).parts[0].startswith(("experiments", "cli", "runner",
-                                                         "report", "_entry"))]
+                                                         "report", "_entry", "analyze",
+                                                         "htmlreport"))]
     bad = [f"{p.relative_to(SRC)}:{line} imports {m}" for p in core
            for line, m, _ in _imports_of(p) if m.startswith(edge)]
     assert bad == []

@@ -89,6 +89,7 @@ from neurothermo import alignment
 
 __all__ = [
     "BackwardCapture",
+    "ChargeDrift",
     "ChargeEquilibrium",
     "ConvergenceWarning",
     "EigenResult",
@@ -114,6 +115,7 @@ __all__ = [
     "UntraceableModelError",
     "__version__",
     "alignment",
+    "charge_drift",
     "charge_equilibrium",
     "entropic_decomposition",
     "entropic_flow",

@@ -180,8 +180,12 @@ def _symmetries(spec: Spec, ctx: RunContext) -> dict[str, Any]:
 
 
 def run(cfg: AnalyzeConfig, ctx: RunContext) -> None:
-    import neurothermo as nt
+    from neurothermo import alignment
+    from neurothermo.curvature import top_eigenvalues
+    from neurothermo.entropic import entropic_decomposition
     from neurothermo.experiments._common import pyplot
+    from neurothermo.monitor import ThermoMonitor, layer_balance
+    from neurothermo.train import train
 
     spec = load_spec(cfg.spec)
     n = sum(b.size for b in spec.data)
@@ -189,23 +193,23 @@ def run(cfg: AnalyzeConfig, ctx: RunContext) -> None:
                parameters=sum(p.numel() for p in spec.model.parameters() if p.requires_grad))
     sym = _symmetries(spec, ctx)
     ctx.record(symmetries=sym)
-    dec = nt.entropic_decomposition(spec.model, spec.loss_fn, spec.data, lr=cfg.lr,
+    dec = entropic_decomposition(spec.model, spec.loss_fn, spec.data, lr=cfg.lr,
                                     batch_size=min(cfg.batch_size, n),
                                     weight_decay=cfg.weight_decay)
     ctx.record(entropic={"loss": dec.loss, "discretization": dec.discretization,
                          "noise": dec.noise, "trace_sigma": dec.trace_sigma,
                          "temperature": cfg.lr / min(cfg.batch_size, n)})
     subset = _first(spec, cfg.eigen_samples)
-    eig = nt.top_eigenvalues(spec.model, spec.loss_fn, subset.as_given(), k=min(cfg.k, 50))
+    eig = top_eigenvalues(spec.model, spec.loss_fn, subset.as_given(), k=min(cfg.k, 50))
     lam = [float(v) for v in eig.values]
     ctx.record(eigenvalues=lam, lr_times_lambda_max=cfg.lr * lam[0], stable=cfg.lr * lam[0] < 2)
     if cfg.compare:
         other = load_spec(cfg.compare)
         inputs = _first(spec, 256).as_given()
         inputs = inputs[0] if isinstance(inputs, tuple) else inputs
-        fa = nt.alignment.capture_features(spec.model.eval(), inputs)
-        fb = nt.alignment.capture_features(other.model.eval(), inputs)
-        m = nt.alignment.alignment_matrix(fa, fb, "cka")
+        fa = alignment.capture_features(spec.model.eval(), inputs)
+        fb = alignment.capture_features(other.model.eval(), inputs)
+        m = alignment.alignment_matrix(fa, fb, "cka")
         ctx.record(alignment={"metric": "cka", "rows": list(m.rows), "cols": list(m.cols),
                               "matrix": m.matrix.tolist()})
         plt = pyplot()
@@ -219,11 +223,11 @@ def run(cfg: AnalyzeConfig, ctx: RunContext) -> None:
         ctx.savefig(fig, "alignment")
     if cfg.steps:
         spec.model.train()
-        mon = nt.ThermoMonitor(spec.model, spec.loss_fn, noise_every=max(1, cfg.steps // 20))
-        hist = nt.train(spec.model, spec.loss_fn, spec.data, lr=cfg.lr,
+        mon = ThermoMonitor(spec.model, spec.loss_fn, noise_every=max(1, cfg.steps // 20))
+        hist = train(spec.model, spec.loss_fn, spec.data, lr=cfg.lr,
                         batch_size=min(cfg.batch_size, n), steps=cfg.steps,
                         weight_decay=cfg.weight_decay, monitor=mon, seed=ctx.seed)
-        lb = nt.layer_balance(hist)
+        lb = layer_balance(hist)
         ctx.record(balance={"layers": list(lb.layers) if hasattr(lb, "layers") else [],
                             "pair_ratio": [float(r) for r in lb.pair_ratio]})
         loss = torch.as_tensor(hist["loss"]).double()

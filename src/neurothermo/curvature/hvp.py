@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Literal
+from typing import Any, get_args
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +67,7 @@ from neurothermo._state import (
     select_parameters,
     warn_mode,
 )
+from neurothermo._types import HvpMethod, LossFn, Mode
 from neurothermo._validate import (
     check_finite_params,
     check_int,
@@ -77,9 +78,7 @@ from neurothermo._validate import (
 from neurothermo.curvature.graph_memory import SavedBytes, graph_budget
 from neurothermo.curvature.operator import LinearOperator, ParamSpace
 
-HvpMethod = Literal["reverse", "forward_over_reverse", "finite_difference"]
-HVP_METHODS: tuple[str, ...] = ("reverse", "forward_over_reverse", "finite_difference")
-LossFn = Callable[..., Tensor] | None  # None: the model returns its loss (model_loss)
+HVP_METHODS: tuple[str, ...] = get_args(HvpMethod)
 
 
 def microbatches(data: Data, microbatch_size: int | None) -> list[tuple[Batch, float]]:
@@ -100,7 +99,7 @@ def _disable_bn_tracking(model: nn.Module) -> list[nn.modules.batchnorm._BatchNo
 
 
 @contextmanager
-def measurement_mode(model: nn.Module, mode: str | None) -> Iterator[nn.Module]:
+def measurement_mode(model: nn.Module, mode: Mode) -> Iterator[nn.Module]:
     """Put ``model`` in ``mode`` (None: as it is, "eval" or "train") for a second-order
     measurement, with double-differentiable attention kernels; restore everything after."""
     check_mode(mode)
@@ -134,7 +133,7 @@ class HessianOperator(LinearOperator):
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, *,
-                 method: str = "reverse", microbatch_size: int | None = None,
+                 method: HvpMethod = "reverse", microbatch_size: int | None = None,
                  param_filter: ParamFilter = None, fd_step: float | None = None,
                  cache: bool | None = None, seed: int = 0) -> None:
         check_loss_fn(loss_fn)
@@ -305,8 +304,8 @@ class HessianOperator(LinearOperator):
 
 
 @contextmanager
-def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Any, *, mode: str | None = None,
-                     method: str = "reverse", microbatch_size: int | None = None,
+def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Any, *, mode: Mode = None,
+                     method: HvpMethod = "reverse", microbatch_size: int | None = None,
                      param_filter: ParamFilter = None, fd_step: float | None = None,
                      cache: bool | None = None, seed: int = 0,
                      warn: bool = True) -> Iterator[HessianOperator]:
@@ -328,8 +327,8 @@ def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Any, *, mode: str 
 
 
 def hvp(model: nn.Module, loss_fn: LossFn, data: Any, vector: Mapping[str, Tensor] | Tensor, *,
-        method: str = "reverse", microbatch_size: int | None = None,
-        param_filter: ParamFilter = None, mode: str | None = None,
+        method: HvpMethod = "reverse", microbatch_size: int | None = None,
+        param_filter: ParamFilter = None, mode: Mode = None,
         fd_step: float | None = None) -> dict[str, Tensor]:
     """Hessian-vector product ``H v`` of the mean loss over all samples of ``data``.
 

@@ -47,9 +47,10 @@ import torch
 from torch import Tensor, nn
 
 from neurothermo._state import ParamFilter, check_mode, warn_mode
+from neurothermo._types import EigenMethod, HvpMethod, LossFn, Mode
 from neurothermo._validate import check_int, check_positive
 from neurothermo.curvature.eigen import EIGEN_METHODS, preconditioner_diagonal, solve
-from neurothermo.curvature.hvp import HVP_METHODS, LossFn, hessian_operator
+from neurothermo.curvature.hvp import HVP_METHODS, hessian_operator
 from neurothermo.curvature.lanczos import (
     ConvergenceWarning,
     RitzResult,
@@ -196,8 +197,8 @@ class SharpnessTracker:
     """
 
     def __init__(self, *, k: int = 1, tol: float = 1e-3, lr: float | None = None,
-                 momentum: float = 0.0, method: str = "lanczos", param_filter: ParamFilter = None,
-                 mode: str | None = None, hvp_method: str = "reverse", microbatch_size: int | None = None,
+                 momentum: float = 0.0, method: EigenMethod = "lanczos", param_filter: ParamFilter = None,
+                 mode: Mode = None, hvp_method: HvpMethod = "reverse", microbatch_size: int | None = None,
                  max_hvp: int | None = None, block_size: int | None = None, seed: int = 0) -> None:
         self.k = check_int("k", k)
         self.tol = check_positive("tol", tol)

@@ -28,7 +28,6 @@ train mode (they couple the samples of a batch, so per-sample losses are undefin
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +45,7 @@ from neurothermo._state import (
     warn_mode,
     zero_frozen_rows,
 )
+from neurothermo._types import LossFn, Mode
 from neurothermo._validate import check_int, check_loss_fn
 from neurothermo.entropic._common import (
     batch_noise_factor,
@@ -57,8 +57,6 @@ from neurothermo.entropic._common import (
     model_parameters,
 )
 from neurothermo.gradstats.norms import stats_of_batch
-
-LossFn = Callable[..., Tensor] | None  # None: the model returns its loss (model_loss)
 
 
 @dataclass(frozen=True)
@@ -209,7 +207,7 @@ def entropic_decomposition(
     weight_decay: float = 0.0,
     chunk_size: int = 512,
     num_data: int | None = None,
-    mode: str | None = None,
+    mode: Mode = None,
 ) -> EntropicDecomposition:
     """``E_B φ_lr = L + (lr/4)‖∇L‖² + (lr/4)·Tr Σ_B`` over minibatches of ``batch_size`` from ``data``.
 
@@ -258,7 +256,7 @@ def expected_entropic_force(
     weight_decay: float = 0.0,
     chunk_size: int = 512,
     num_data: int | None = None,
-    mode: str | None = None,
+    mode: Mode = None,
 ) -> ExpectedEntropicForce:
     """``−(lr/4)∇E_B‖g_B‖²`` by parameter name: ``discretization = −(lr/2)(H + wd)(∇L + wd·θ)``
     and ``noise = −(lr/4)·(Tr Σ_B/Tr Σ)·∇Tr Σ`` with ``∇Tr Σ = ∇[(1/N)Σ_i‖g_i‖²] − 2Hḡ``.

@@ -27,6 +27,7 @@ from neurothermo._state import (
     warn_mode,
     zero_frozen_rows,
 )
+from neurothermo._types import Mode
 from neurothermo._validate import check_positive, check_scalar_loss
 from neurothermo.entropic._common import (
     Params,
@@ -81,7 +82,7 @@ def entropic_force(
     weight_decay: float = 0.0,
     preconditioner: Preconditioner | Any = None,
     n_steps: int | None = None,
-    mode: str | None = None,
+    mode: Mode = None,
 ) -> dict[str, Tensor]:
     """``−(∇φ − ∇l) = −(lr/2)·H_B Λ g_B`` by parameter name, for the batch.
 

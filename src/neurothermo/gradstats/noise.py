@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from neurothermo._data import Batch, Data, as_data, check_num_data
 from neurothermo._state import preserved_state
+from neurothermo._types import LossFn
 from neurothermo._validate import check_int
-from neurothermo.gradstats.norms import LossFn, check_finite_norms, prepare, stats_of_batch
+from neurothermo.gradstats.norms import check_finite_norms, prepare, stats_of_batch
 
 
 @dataclass(frozen=True)

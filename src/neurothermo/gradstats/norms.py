@@ -10,9 +10,9 @@ exists, and the squared norms are multiplied by ``b²``: the result is ``‖g_i�
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,7 @@ from torch.autograd.graph import GradientEdge
 
 from neurothermo._data import Batch, as_data, resolve_loss_fn
 from neurothermo._state import preserved_state, select_parameters
+from neurothermo._types import LossFn
 from neurothermo._validate import (
     check_finite_params,
     check_loss_fn,
@@ -30,7 +31,26 @@ from neurothermo.gradstats._capture import Recorder, recording
 from neurothermo.gradstats._pieces import Piece, param_sq_norm
 from neurothermo.gradstats.rules import Use, check_batchnorm
 
-LossFn = Callable[..., Tensor] | None  # None: the model returns its loss (model_loss)
+
+@overload
+def per_sample_grad_norms(
+    model: nn.Module, loss_fn: LossFn, batch: Any, *,
+    by_parameter: Literal[False] = False, create_graph: bool = False,
+) -> Tensor: ...
+
+
+@overload
+def per_sample_grad_norms(
+    model: nn.Module, loss_fn: LossFn, batch: Any, *,
+    by_parameter: Literal[True], create_graph: bool = False,
+) -> dict[str, Tensor]: ...
+
+
+@overload
+def per_sample_grad_norms(
+    model: nn.Module, loss_fn: LossFn, batch: Any, *,
+    by_parameter: bool, create_graph: bool = False,
+) -> Tensor | dict[str, Tensor]: ...
 
 
 def per_sample_grad_norms(

@@ -13,3 +13,18 @@ from neurothermo.monitor.drift import ChargeDrift, charge_drift
 from neurothermo.monitor.history import History
 from neurothermo.monitor.monitor import MonitorWarning, ThermoMonitor
 from neurothermo.monitor.writers import JSONLWriter, TensorBoardWriter, Writer
+
+__all__ = [
+    "ChargeDrift",
+    "History",
+    "JSONLWriter",
+    "LayerBalance",
+    "MonitorWarning",
+    "NeuronBalance",
+    "TensorBoardWriter",
+    "ThermoMonitor",
+    "Writer",
+    "charge_drift",
+    "layer_balance",
+    "neuron_balance",
+]
