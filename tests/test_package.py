@@ -115,3 +115,30 @@ def test_console_script_names_the_missing_extra() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 2
     assert "pip install 'neurothermo[experiments]'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_monitor_helpers_use_no_private_state_of_the_monitor() -> None:
+    # derive.py / noise.py and the other helpers get what they need passed in (Layout, LayerEma,
+    # NoiseSetup) and return what changed; only monitor.py touches ThermoMonitor's own fields.
+    mon_dir = SRC / "monitor"
+    private = {t.attr for node in ast.walk(ast.parse((mon_dir / "monitor.py").read_text()))
+               if isinstance(node, ast.Assign | ast.AnnAssign)
+               for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+               for t in ([*t.elts] if isinstance(t, ast.Tuple) else [t])
+               if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)
+               and t.value.id == "self" and t.attr.startswith("_")}
+    assert {"_ema_layer", "_passive_ready", "_history"} <= private  # the parse found the fields
+    bad = [f"{p.name}:{n.lineno} .{n.attr}" for p in mon_dir.glob("*.py") if p.name != "monitor.py"
+           for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Attribute)
+           and n.attr in private and not (isinstance(n.value, ast.Name) and n.value.id == "self")]
+    assert bad == []
+
+
+def test_one_loss_fn_alias() -> None:
+    defs = [f"{p.relative_to(SRC)}:{n.lineno}" for p in SRC.rglob("*.py")
+            for n in ast.walk(ast.parse(p.read_text()))
+            if (isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "LossFn"
+                                                  for t in n.targets))
+            or (isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+                and n.target.id == "LossFn")]
+    assert len(defs) == 1 and defs[0].startswith("_types.py:"), defs

@@ -63,7 +63,7 @@ from neurothermo._data import Batch, as_batch, as_data
 from neurothermo._state import preserved_state
 from neurothermo._validate import check_int, check_loss_fn, check_positive
 from neurothermo.monitor import names
-from neurothermo.monitor.derive import RawStep, deferred_charge, derive
+from neurothermo.monitor.derive import LayerEma, Layout, RawStep, deferred_charge, derive
 from neurothermo.monitor.history import History
 from neurothermo.monitor.quantities import SquareSums, predicted_change
 from neurothermo.monitor.symmetries import Tracked, detect, track, versions
@@ -399,7 +399,11 @@ class ThermoMonitor:
             return
         block, self._raw = self._raw, []
         with torch.no_grad():
-            for name, (steps, vals) in derive(self, block).items():
+            layout = Layout(self._names, self._param_layer, self._layer_cols, self._pair_cols,
+                            self.ema, self.max_charge_numel)
+            cols, ema = derive(layout, self._tracked or (), LayerEma(self._ema_layer, self._count), block)
+            self._ema_layer, self._count = ema.avg, ema.count
+            for name, (steps, vals) in cols.items():
                 self._history.extend(name, steps, vals)
 
     def _init_symmetries(self, inputs: Tensor) -> list[Tracked]:
@@ -419,21 +423,27 @@ class ThermoMonitor:
 
 def _entropic_terms(mon: ThermoMonitor, batch: Batch, loss: Tensor | None,
                     lr: float, wd: float, step: int) -> dict[str, Tensor]:
-    from neurothermo.monitor.noise import entropic_terms
+    from neurothermo.monitor.noise import NoiseSetup, entropic_terms
 
     raw = mon._raw[-1] if mon._raw and mon._raw[-1].step == step else None
     grad_sq = raw.grads.per_tensor(mon._names).sum() if raw is not None else None
-    return entropic_terms(mon, batch, loss, lr, wd, step_grad_sq=grad_sq)
+    setup = NoiseSetup(mon.model, mon.loss_fn, mon.data, mon._params, mon._n, mon._replacement,
+                       mon._capture, mon._note, mon._measuring)
+    res = entropic_terms(setup, batch, loss, lr, wd, step_grad_sq=grad_sq)
+    if res.method is not None:
+        mon._history.meta["entropic"] = res.method
+    mon._passive_ready = mon._passive_ready or res.passive_ready
+    return res.columns
 
 
 def _make_capture(mon: ThermoMonitor) -> Any:
     from neurothermo.monitor.noise import make_capture
 
-    return make_capture(mon)
+    return make_capture(mon.model, mon._params, mon._note)
 
 
 def _make_tracker(mon: ThermoMonitor) -> Any:
     from neurothermo.monitor.noise import make_sharpness_tracker
 
-    return make_sharpness_tracker(mon)
+    return make_sharpness_tracker()
 
