@@ -142,3 +142,35 @@ def test_one_loss_fn_alias() -> None:
             or (isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
                 and n.target.id == "LossFn")]
     assert len(defs) == 1 and defs[0].startswith("_types.py:"), defs
+
+
+def test_one_double_backward_hvp_kernel() -> None:
+    # a torch.autograd.grad over a list of gradients with grad_outputs v is an HVP; it lives only in
+    # curvature/hvp.py (double_backward_hvp), which the entropic terms import
+    sites = [f"{p.relative_to(SRC)}:{n.lineno}" for p in SRC.rglob("*.py")
+             for n in ast.walk(ast.parse(p.read_text()))
+             if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("autograd.grad")
+             and n.args and isinstance(n.args[0], ast.List | ast.ListComp)]
+    assert len(sites) == 1 and sites[0].startswith("curvature/hvp.py:"), sites
+
+
+def test_double_backward_hvp_matches_the_dense_hessian() -> None:
+    import torch
+
+    from neurothermo.curvature.hvp import double_backward_hvp
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    a = a + a.T
+    x = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)  # f linear in c
+    f = 0.5 * x @ a @ x + c.sum() + x.sin().sum()
+    g = list(torch.autograd.grad(f, [x, c], create_graph=True))
+    v = [torch.randn(4, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen,
+                                                                        dtype=torch.float64)]
+    hx, hc = double_backward_hvp(g, [x, c], v)
+    dense = a - torch.diag(x.detach().sin())  # ∇² of ½xᵀAx + Σ sin x
+    torch.testing.assert_close(hx, dense @ v[0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(hc, torch.zeros(3, dtype=torch.float64))  # H_cc = 0, H_cx = 0
+    (h0,) = double_backward_hvp([None], [x], [v[0]])
+    assert torch.equal(h0, torch.zeros(4, dtype=torch.float64))

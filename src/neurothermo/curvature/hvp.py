@@ -46,7 +46,7 @@ microbatch's graph (forward + backward + double backward) and memory stays at on
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, get_args
 
@@ -79,6 +79,30 @@ from neurothermo.curvature.graph_memory import SavedBytes, graph_budget
 from neurothermo.curvature.operator import LinearOperator, ParamSpace
 
 HVP_METHODS: tuple[str, ...] = get_args(HvpMethod)
+
+
+def double_backward_hvp(grads: Sequence[Tensor | None], inputs: Sequence[Tensor],
+                        v: Sequence[Tensor], *, retain_graph: bool = False) -> list[Tensor]:
+    """``H·v = ∇_θ ⟨g, v⟩``: the Hessian-vector product by one double backward (the package's one
+    kernel for it; ``HessianOperator``'s ``"reverse"`` products and the entropic force use it).
+
+    Args:
+        grads: ``g = ∇_θ f``, one entry per input, built with ``create_graph=True``; an entry that is
+            ``None`` or does not depend on the inputs contributes nothing.
+        inputs: the tensors θ the gradient was taken with respect to.
+        v: the vector, one tensor per input, shaped like it.
+        retain_graph: keep the first-order graph for further products.
+
+    Returns:
+        ``H v`` per input (zeros where the result does not depend on an input; all zeros when
+        ``f`` is linear in θ, ``H = 0``).
+    """
+    pairs = [(g, vi) for g, vi in zip(grads, v) if g is not None and g.requires_grad]
+    if not pairs:  # f linear (or constant) in the inputs: H = 0
+        return [torch.zeros_like(p) for p in inputs]
+    hv = torch.autograd.grad([g for g, _ in pairs], list(inputs), grad_outputs=[vi for _, vi in pairs],
+                             retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h for p, h in zip(inputs, hv)]
 
 
 def microbatches(data: Data, microbatch_size: int | None) -> list[tuple[Batch, float]]:
@@ -236,12 +260,7 @@ class HessianOperator(LinearOperator):
             grads, retain = self._grads[i], True
         else:
             grads, retain = self._graph_grads(i, batch)[1], False
-        pairs = [(g, vi) for g, vi in zip(grads, v) if g is not None and g.requires_grad]
-        if not pairs:  # loss linear (or constant) in the selected parameters: H = 0
-            return [torch.zeros_like(p) for p in self._plist]
-        hv = torch.autograd.grad([g for g, _ in pairs], self._plist, grad_outputs=[vi for _, vi in pairs],
-                                 retain_graph=retain, allow_unused=True)
-        return [torch.zeros_like(p) if h is None else h for p, h in zip(self._plist, hv)]
+        return double_backward_hvp(grads, self._plist, v, retain_graph=retain)
 
     def _primal(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in self.params.items()}

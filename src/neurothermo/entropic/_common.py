@@ -65,18 +65,6 @@ def grads(out: Tensor, inputs: list[Tensor], *, create_graph: bool = False,
     return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, inputs)]
 
 
-def hvp(g: list[Tensor], inputs: list[Tensor], v: list[Tensor], *,
-        retain_graph: bool = False) -> list[Tensor]:
-    """``H·v = ∇⟨g, v⟩`` for ``g = ∇f`` built with ``create_graph=True`` (one double backward);
-    entries of ``g`` that do not depend on the inputs contribute nothing."""
-    pairs = [(gi, vi) for gi, vi in zip(g, v) if gi.requires_grad]
-    if not pairs:
-        return [torch.zeros_like(p) for p in inputs]
-    hs = torch.autograd.grad([gi for gi, _ in pairs], inputs, grad_outputs=[vi for _, vi in pairs],
-                             retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(p) if h is None else h for h, p in zip(hs, inputs)]
-
-
 def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """``Σ_k ⟨a_k, b_k⟩`` over a list of tensors (differentiable)."""
     return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()

@@ -47,13 +47,13 @@ from neurothermo._state import (
 )
 from neurothermo._types import LossFn, Mode
 from neurothermo._validate import check_int, check_loss_fn
+from neurothermo.curvature.hvp import double_backward_hvp as hvp  # the one HVP kernel
 from neurothermo.entropic._common import (
     batch_noise_factor,
     check_common,
     check_data,
     dot,
     grads,
-    hvp,
     model_parameters,
 )
 from neurothermo.gradstats.norms import stats_of_batch

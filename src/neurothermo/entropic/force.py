@@ -29,6 +29,7 @@ from neurothermo._state import (
 )
 from neurothermo._types import Mode
 from neurothermo._validate import check_positive, check_scalar_loss
+from neurothermo.curvature.hvp import double_backward_hvp as hvp  # the one HVP kernel
 from neurothermo.entropic._common import (
     Params,
     as_leaves,
@@ -38,7 +39,6 @@ from neurothermo.entropic._common import (
     entropic_coefficient,
     flatten,
     grads,
-    hvp,
     model_parameters,
 )
 from neurothermo.entropic.preconditioner import Preconditioner, resolve
