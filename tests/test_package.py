@@ -174,3 +174,14 @@ def test_double_backward_hvp_matches_the_dense_hessian() -> None:
     assert torch.equal(hc, torch.zeros(3, dtype=torch.float64))  # H_cc = 0, H_cx = 0
     (h0,) = double_backward_hvp([None], [x], [v[0]])
     assert torch.equal(h0, torch.zeros(4, dtype=torch.float64))
+
+
+def test_no_file_cites_the_external_theory_notes() -> None:
+    # the theory is stated in the project's own words in docs/theory.md (§1–§5): cite that
+    root = SRC.parents[1]
+    if not (root / "docs").is_dir():
+        pytest.skip("not a source checkout (docs/ absent)")
+    bad = [str(p.relative_to(root)) for d in ("src", "docs") for p in (root / d).rglob("*")
+           if p.is_file() and p.suffix in {".py", ".md", ".txt", ".toml", ".json", ".html"}
+           and "THEORY" in p.read_text(errors="replace")]
+    assert bad == [], f"cite docs/theory.md §N instead of THEORY.md: {bad}"

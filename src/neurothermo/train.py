@@ -1,6 +1,6 @@
 """``nt.train``: a deterministic, resumable training loop for SGD, momentum, Adam and full-batch GD.
 
-Conventions (THEORY.md): ``loss_fn(outputs, targets)`` is mean-reduced over the batch, so the
+Conventions (docs/theory.md): ``loss_fn(outputs, targets)`` is mean-reduced over the batch, so the
 step is ``θ ← θ − lr·(g_B + wd·θ)`` for ``"sgd"`` with ``g_B`` the minibatch gradient and
 ``weight_decay = wd`` torch's (penalty ``(wd/2)‖θ‖²``, the paper's ``γ = wd/2``). The temperature
 of the noise is ``lr/b``.

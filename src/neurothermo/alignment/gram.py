@@ -1,4 +1,4 @@
-"""Gram-matrix alignment (THEORY.md §3): how similar are ``K = AAᵀ`` and ``L = BBᵀ``?
+"""Gram-matrix alignment (docs/theory.md §3): how similar are ``K = AAᵀ`` and ``L = BBᵀ``?
 
 The Platonic claim is about raw inner products, ``c·h_A(x₁)ᵀh_A(x₂) = h_B(x₁)ᵀh_B(x₂)``, so
 nothing is centred:

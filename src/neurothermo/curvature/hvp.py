@@ -1,6 +1,6 @@
 """Hessian-vector products of the mean loss over a fixed data set, three ways.
 
-Convention (THEORY.md): ``loss_fn(outputs, targets)`` is mean-reduced over its batch. The Hessian is
+Convention (docs/theory.md): ``loss_fn(outputs, targets)`` is mean-reduced over its batch. The Hessian is
 that of the **mean loss over all N samples of ``data``**,
 
     L(θ) = (1/N) Σ_i l_i(θ) = Σ_m (b_m / N) · l_{B_m}(θ),     H = ∇²L,

@@ -30,7 +30,7 @@ cold start: median 15); over all 40 updates the error against a tol-1e-8 solve s
 On the four other trajectories: ≤ 9 products per such update and errors ≤ 0.4·tol. The cost is set
 by the tolerance and by how close the top eigenvalues are.
 
-Stability (THEORY.md §4, Cohen et al. 2021): gradient descent with learning rate η is stable on a
+Stability (docs/theory.md §4, Cohen et al. 2021): gradient descent with learning rate η is stable on a
 quadratic while ``η·λ_max < 2``; heavy-ball momentum β moves the limit to ``2(1 + β)``
 (``torch.optim.SGD(momentum=β, dampening=0)``). Each reading reports ``η·λ_max`` against that limit.
 For adaptive methods pass ``preconditioner`` (``Λ`` of the step ``−η Λ g``): the reading is then the

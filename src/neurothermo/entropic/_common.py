@@ -1,6 +1,6 @@
 """Shared plumbing of the entropic engine: parameter structures, the batch objective, checks.
 
-Conventions (THEORY.md): ``loss_fn(outputs, targets)`` is the mean over the batch,
+Conventions (docs/theory.md): ``loss_fn(outputs, targets)`` is the mean over the batch,
 ``l_B = (1/b) Σ_i l_i``; ``weight_decay`` is torch's ``wd``, entering as the penalty
 ``(wd/2)‖θ‖²`` added to ``l_B`` (so the gradient is ``g_B + wd·θ``), on every trainable parameter.
 """

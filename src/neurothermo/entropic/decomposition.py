@@ -1,4 +1,4 @@
-"""The entropic loss expected over minibatches and its force (THEORY.md §1).
+"""The entropic loss expected over minibatches and its force (docs/theory.md §1).
 
     E_B φ_η = L + (η/4)‖∇L‖² + (η/4)·Tr Σ_B
               loss  discretization   noise

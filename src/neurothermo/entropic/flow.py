@@ -2,7 +2,7 @@
 
 ``θ̇ = −Λ∇F(θ)`` integrated for a time ``T`` with a fixed-step Runge–Kutta method, where ``F`` is
 the plain objective or its entropic loss ``F_n = f + (lr/4)·c·(1 − 1/n)·∇fᵀΛ∇f``
-(:func:`functional_entropic_loss`). THEORY.md §1: the time-``lr`` flow of ``φ_lr`` matches one
+(:func:`functional_entropic_loss`). docs/theory.md §1: the time-``lr`` flow of ``φ_lr`` matches one
 step ``θ − lr·Λ·g`` to ``O(lr³)``; the flow of the plain loss only to ``O(lr²)``.
 
 Methods: ``"euler"`` (order 1), ``"midpoint"`` (order 2), ``"rk4"`` (classical, order 4). With

@@ -1,4 +1,4 @@
-"""The entropic force of one minibatch: ``−(∇φ − ∇l) = −(lr/2)·H_B Λ g_B`` (THEORY.md §1).
+"""The entropic force of one minibatch: ``−(∇φ − ∇l) = −(lr/2)·H_B Λ g_B`` (docs/theory.md §1).
 
 One Hessian-vector product (double backward): ``g = ∇l`` is built with ``create_graph=True`` and
 ``H·(Λg) = ∇⟨g, stop_grad(Λg)⟩``. With weight decay ``wd`` the loss is ``l_B + (wd/2)‖θ‖²``, so

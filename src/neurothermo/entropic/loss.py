@@ -1,4 +1,4 @@
-"""The entropic loss of one minibatch (THEORY.md §1).
+"""The entropic loss of one minibatch (docs/theory.md §1).
 
 One SGD step ``θ' = θ − η·g_B`` equals, up to ``O(η³)``, gradient flow for time ``η`` on
 

@@ -1,4 +1,4 @@
-"""Explicit entropic regularisation: add SGD's implicit term to a loss (THEORY.md §1).
+"""Explicit entropic regularisation: add SGD's implicit term to a loss (docs/theory.md §1).
 
 Small-batch SGD with learning rate η follows, to first order, the modified loss
 ``L + (η/4)·E_B‖g_B‖² = L + (η/4)(‖∇L‖² + Tr Σ_B)`` (Smith et al. 2021). A model trained with large

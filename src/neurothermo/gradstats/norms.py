@@ -1,6 +1,6 @@
 """Per-sample squared gradient norms ``‖∇_θ l_i‖²`` from one forward and one backward pass.
 
-Convention (THEORY.md): ``loss_fn(outputs, targets)`` returns the MEAN of per-sample losses,
+Convention (docs/theory.md): ``loss_fn(outputs, targets)`` returns the MEAN of per-sample losses,
 ``l_B = (1/b) Σ_i l_i``. One backward of ``l_B`` gives, at every layer output ``y``, ``δ_i/b`` with
 ``δ_i = ∂l_i/∂y_i``. The layer rules (``rules/``) turn those and the recorded layer inputs into exact
 per-sample contributions (``_pieces``) without forming per-sample gradients where a closed form

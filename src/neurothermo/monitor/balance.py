@@ -1,4 +1,4 @@
-"""Layer balance and neuron balance: the quantities of the paper's Figure 2 (THEORY.md §2, §5.2).
+"""Layer balance and neuron balance: the quantities of the paper's Figure 2 (docs/theory.md §2, §5.2).
 
 Both summaries read a :class:`~neurothermo.monitor.History` written by a ThermoMonitor and average
 over a window of recorded steps at the end of the run (by default its second half), because the

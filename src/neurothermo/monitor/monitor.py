@@ -119,7 +119,7 @@ class ThermoMonitor:
         if self.sharpness_every is not None and self.data is None:
             raise ValueError(
                 "sharpness_every needs data=(inputs, targets): sharpness is the top Hessian "
-                "eigenvalue on a fixed set (never on single minibatches, THEORY.md §4)"
+                "eigenvalue on a fixed set (never on single minibatches, docs/theory.md §4)"
             )
         self._sharpness: Any = _make_tracker(self) if self.sharpness_every is not None else None
         self._opt: torch.optim.Optimizer | None = None

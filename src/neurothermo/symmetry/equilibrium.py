@@ -1,4 +1,4 @@
-"""Stationary charge of a symmetry under SGD with weight decay (THEORY.md §2).
+"""Stationary charge of a symmetry under SGD with weight decay (docs/theory.md §2).
 
 Taking expectations of the exact step ``J' = (1 − lr·wd)²·J + lr²·gᵀAg`` at stationarity gives::
 
