@@ -119,6 +119,18 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 1,
 
         res = nt.top_eigenvalues(model, nn.CrossEntropyLoss(), (x, y), k=2, mode="eval")
         res.values, res.errors, res.converged
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> eig = nt.top_eigenvalues(model, loss_fn, (x, y), k=2)
+        >>> eig.values.shape, bool(eig.values[0] >= eig.values[1])
+        (torch.Size([2]), True)
     """
     check_int("k", k)
     check_positive("tol", tol)

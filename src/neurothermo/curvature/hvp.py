@@ -367,6 +367,19 @@ def hvp(model: nn.Module, loss_fn: LossFn, data: Any, vector: Mapping[str, Tenso
 
         hv = nt.hvp(model, nn.CrossEntropyLoss(), (x, y), {n: torch.randn_like(p) for n, p in
                     model.named_parameters()}, mode="eval")
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+        >>> hv = nt.hvp(model, loss_fn, (x, y), v)  # H v of the mean loss
+        >>> hv["0.weight"].shape
+        torch.Size([8, 4])
     """
     warn_mode(model, mode, "hvp", fixed_masks=True)
     with hessian_operator(model, loss_fn, data, mode=mode, method=method,

@@ -112,6 +112,18 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, *, n_samples: in
 
     ``n_samples`` is the budget of Hessian-vector products (Hutchinson: probes, ≥ 2; Hutch++: split
     in thirds, ≥ 4). Per-layer traces: ``param_filter``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> tr = nt.hessian_trace(model, loss_fn, (x, y), n_samples=20)
+        >>> tr.n_hvp, tr.method
+        (20, 'hutchinson')
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")

@@ -194,6 +194,19 @@ class SharpnessTracker:
     ``hvp_method``, ``microbatch_size``, ``max_hvp``; ``block_size``: the number of previous Ritz
     vectors a warm start begins from, default ``k + 2``). ``history`` keeps every
     reading. Measure on a fixed data set (e.g. a few thousand examples): minibatch estimates are noisy.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> tracker = nt.SharpnessTracker(lr=0.1)
+        >>> reading = tracker.update(model, loss_fn, (x, y), step=0)
+        >>> reading.stability_limit  # GD is stable while lr·λ_max < 2
+        2.0
     """
 
     def __init__(self, *, k: int = 1, tol: float = 1e-3, lr: float | None = None,

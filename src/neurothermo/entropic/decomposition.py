@@ -220,6 +220,20 @@ def entropic_decomposition(
     "train" or "eval" for this call (BatchNorm must not be in train mode; active Dropout makes the
     result random, with a ``ModeWarning``). A float16/bfloat16 model is evaluated on a float32
     copy. The model is left exactly as it was.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> dec = nt.entropic_decomposition(model, loss_fn, (x, y), lr=0.1, batch_size=8)
+        >>> abs(dec.total - (dec.loss + dec.discretization + dec.noise)) < 1e-6
+        True
+        >>> dec.n_samples, dec.batch_size
+        (32, 8)
     """
     with float32_copy(model) as m, preserved_state(m, mode), double_backward_attention():
         lr, wd, d, n, b, params = _prepare(m, loss_fn, data, lr, batch_size, replacement,
@@ -269,6 +283,18 @@ def expected_entropic_force(
     batches is read twice when it holds more than one chunk). Exact over ``data``. ``mode`` and
     precision as for :func:`entropic_decomposition`; attention runs in a twice-differentiable
     kernel. The model is left exactly as it was.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> ef = nt.expected_entropic_force(model, loss_fn, (x, y), lr=0.1, batch_size=8)
+        >>> sorted(ef.total) == sorted(n for n, _ in model.named_parameters())
+        True
     """
     with float32_copy(model) as m, preserved_state(m, mode), double_backward_attention():
         lr, wd, d, n, b, params = _prepare(m, loss_fn, data, lr, batch_size, replacement,

@@ -37,6 +37,19 @@ class Preconditioner:
     ``lr`` is the learning rate Λ is normalised to (the optimizer's first group), ``correction``
     the ``c`` of ``φ = l + c(η/4)gᵀΛg``; ``exact`` is False where a momentum approximation enters,
     and ``note`` says which.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> pre = nt.Preconditioner({n: torch.tensor(0.5) for n, _ in model.named_parameters()}, lr=0.1)
+        >>> force = nt.entropic_force(model, loss_fn, (x, y), lr=0.1, preconditioner=pre)  # −(lr/2)·H Λ g
+        >>> force["2.bias"].shape
+        torch.Size([3])
     """
 
     diag: Mapping[str, Tensor]
@@ -78,6 +91,21 @@ def preconditioner_from(optimizer: torch.optim.Optimizer, model: nn.Module | Non
     taken (Λ is read from the second-moment state). The optimizer's own weight decay is recorded in
     :attr:`Preconditioner.weight_decay`; pass it as ``weight_decay=`` (L2, coupled, as in SGD/Adam;
     AdamW's decoupled decay is a different dynamics and is not represented).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        >>> loss_fn(model(x), y).backward(); opt.step()  # Λ is read from Adam's second moments
+        >>> pre = nt.preconditioner_from(opt, model)
+        >>> phi = nt.entropic_loss(model, loss_fn, (x, y), lr=1e-3, preconditioner=pre)
+        >>> phi.ndim
+        0
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")

@@ -98,6 +98,20 @@ def gradient_noise(
     iterable of batches (a ``DataLoader``): each batch is one ``B_k`` (``batch_size=None``), or is
     split as above into batches of ``batch_size``; batches of unequal size are pooled with weights
     ``b_k − 1`` as in the formula. ``num_data``: N if known (checked against the samples read).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> noise = nt.gradient_noise(model, loss_fn, (x, y), batch_size=8)
+        >>> noise.n_samples, noise.n_batches
+        (32, 4)
+        >>> bool(noise.trace_sigma > 0) and bool(noise.trace_sigma_se > 0)
+        True
     """
     params = prepare(model, loss_fn)
     d = as_data(data, loss_fn, name="data", model=model, min_size=2)

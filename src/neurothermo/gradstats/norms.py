@@ -111,6 +111,23 @@ def per_sample_grad_norms(
             a non-mean ``loss_fn``; a bad batch; activations that are not batch-first; a
             parameter used outside its own module's forward; a loss that ignores θ.
         FloatingPointError: non-finite parameters, loss or norms.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> norms = nt.per_sample_grad_norms(model, loss_fn, (x, y))
+        >>> norms.shape
+        torch.Size([32])
+        >>> by = nt.per_sample_grad_norms(model, loss_fn, (x, y), by_parameter=True)
+        >>> sorted(by)
+        ['0.bias', '0.weight', '2.bias', '2.weight']
+        >>> torch.allclose(sum(by.values()), norms)
+        True
     """
     params = prepare(model, loss_fn)
     parts = []

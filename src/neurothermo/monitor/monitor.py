@@ -85,6 +85,20 @@ class ThermoMonitor:
     estimates. ``dataset_size`` / ``replacement`` describe how minibatches are drawn (set by
     ``nt.train``); unknown means i.i.d. draws. ``max_charge_numel``: charges with more entries
     (large double-rotation matrices) are recorded only through ``charge_err``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> monitor = nt.ThermoMonitor(model, loss_fn, noise_every=None)
+        >>> history = nt.train(model, loss_fn, (x, y), lr=0.1, batch_size=8, steps=40, monitor=monitor)
+        >>> bal = nt.layer_balance(history)  # the monitor's per-layer gradient energies
+        >>> bal.layers
+        ('0', '2')
     """
 
     def __init__(

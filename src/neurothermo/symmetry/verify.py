@@ -55,6 +55,18 @@ def verify_symmetry(
     a mapping of tensors (keyword arguments). The model runs in its current train/eval mode with
     the same RNG seed for every forward (dropout masks agree); parameters, buffers, flags and
     ``.grad`` are restored. Exact symmetries give rounding error (float64 ~1e-15, float32 ~1e-7).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> sym = next(s for s in nt.find_symmetries(model, x[:4]) if s.kind == "rescale")
+        >>> nt.verify_symmetry(model, sym, x[:4]) < 1e-5  # relative output change under random elements
+        True
     """
     if not isinstance(symmetry, Symmetry):
         raise TypeError(f"symmetry must be a Symmetry, got {type(symmetry).__name__}")
