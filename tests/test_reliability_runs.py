@@ -130,7 +130,7 @@ def test_failure_after_the_folder_exists_ends_failed(tmp_path: Path, monkeypatch
 
 @pytest.mark.parametrize(("name", "key"), [("entropic-flow", "x0"), ("layer-balance", "lr"),
                                            ("layer-balance", "window"),
-                                           ("layer-balance", "init_scales")])
+                                           ("layer-balance", "init_scale")])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_non_finite_float_settings_are_refused(name: str, key: str, value: str) -> None:
     exp = get_experiment(name)

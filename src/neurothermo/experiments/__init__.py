@@ -8,12 +8,18 @@ from typing import TYPE_CHECKING
 
 from neurothermo.config import ConfigError, setting
 from neurothermo.experiments import (
+    discrete_symmetry,
     entropic_flow,
+    forward_backward,
     layer_balance,
+    matrix_lr,
+    momentum,
+    noise_term,
     platonic_linear,
     platonic_nonlinear,
     pretrained_platonic,
     rescale_equilibrium,
+    scale_invariance,
     sgd_vs_entropic_flow,
     sharpness_phase,
     transformer_alignment,

@@ -255,7 +255,8 @@ def _check_finite(model: nn.Module, inputs: object) -> None:
 
     from neurothermo._validate import all_finite, check_finite_params
 
-    check_finite_params(model)
+    if isinstance(model, nn.Module):  # other types are refused by the checks that follow
+        check_finite_params(model)
     if isinstance(inputs, tuple | list):
         vals: list[object] = list(inputs)
     elif hasattr(inputs, "keys") and hasattr(inputs, "values"):
