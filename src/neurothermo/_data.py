@@ -38,6 +38,17 @@ def model_loss(outputs: Any, targets: Any = None) -> Tensor:
     be the mean over the batch (Hugging Face's is the mean over tokens: the mean of per-sample
     means when every sample has the same number of labelled tokens).
 
+    Args:
+        outputs: what the model returned.
+        targets: ignored.
+
+    Returns:
+        The model's loss, a scalar tensor (still attached to the graph).
+
+    Raises:
+        ValueError: the outputs carry no loss (``loss=None``: the labels were not among the
+            inputs), or the loss is not a scalar tensor.
+
     Example:
         >>> import torch
         >>> from types import SimpleNamespace

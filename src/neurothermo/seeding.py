@@ -14,6 +14,15 @@ def seed_everything(seed: int) -> torch.Generator:
 
     The same seed gives the same numbers on the same machine, torch build and thread count.
 
+    Args:
+        seed: an integer from 0 to 2**63 − 1 (numpy's global generator gets ``seed mod 2**32``).
+
+    Returns:
+        A new CPU ``torch.Generator`` seeded with ``seed`` (for explicit ``generator=`` draws).
+
+    Raises:
+        ValueError: ``seed`` is not an integer in that range (a bool is refused too).
+
     Example:
         >>> import torch
         >>> import neurothermo as nt

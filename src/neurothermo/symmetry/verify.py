@@ -56,6 +56,20 @@ def verify_symmetry(
     the same RNG seed for every forward (dropout masks agree); parameters, buffers, flags and
     ``.grad`` are restored. Exact symmetries give rounding error (float64 ~1e-15, float32 ~1e-7).
 
+    Args:
+        model: the network the symmetry was found in.
+        symmetry: a :class:`Symmetry` of ``model`` (e.g. from :func:`find_symmetries`).
+        inputs: the inputs to run the model on, as above.
+        trials: the number of random group elements tried.
+        seed: seeds the random group elements (and every forward's RNG).
+
+    Returns:
+        The largest relative output change, a Python float (0 for no change).
+
+    Raises:
+        TypeError: ``symmetry`` is not a :class:`Symmetry`.
+        ValueError: ``trials`` is not a positive integer.
+
     Example:
         >>> import torch
         >>> from torch import nn
