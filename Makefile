@@ -45,7 +45,7 @@ test: install-dev
 # themselves run as doctests in `make test` (tests/test_docstring_examples.py).
 docs: install-dev
 	$(INSTALL) -e ".[docs]"
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d build/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d build/site  # no -q: it would hide the warnings --strict counts
 
 # Build sdist + wheel, install the wheel into a fresh venv outside the repository, run the README
 # tour there (.ci/wheel-check).
