@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 # The exact torch build (and anything else pinned for reproducibility) comes from constraints.txt.
 INSTALL := $(PIP) install -c constraints.txt
 
-.PHONY: demo test install install-dev offline lint pytest bench clean
+.PHONY: demo test install install-dev offline lint pytest bench clean docs wheel-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,19 @@ test: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy src/neurothermo
 	$(BIN)/python -m pytest
+
+# The API reference (mkdocs.yml, docs/api/) with every warning an error; the docstring examples
+# themselves run as doctests in `make test` (tests/test_docstring_examples.py).
+docs: install-dev
+	$(INSTALL) -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d build/site  # no -q: it would hide the warnings --strict counts
+
+# Build sdist + wheel, install the wheel into a fresh venv outside the repository, run the README
+# tour there (.ci/wheel-check). Measured on the shared 2-core machine: 61 s user CPU with the full
+# dependency install (torch CPU build, experiments extra); WHEEL_CHECK_REUSE=1 takes the
+# dependencies from .venv instead (17 s user CPU, 30 s wall).
+wheel-check: install-dev
+	BASE_PY=$(PY) .ci/wheel-check $(BIN)/python
 
 bench: install-dev
 	$(INSTALL) -e ".[bench]"

@@ -1,4 +1,4 @@
-"""platonic_kernel (K* of THEORY.md §3) and kernel_distance against closed forms."""
+"""platonic_kernel (K* of docs/theory.md §3) and kernel_distance against closed forms."""
 from __future__ import annotations
 
 import math

@@ -8,20 +8,20 @@ import torch
 from torch import Tensor, nn
 
 import neurothermo as nt
-from neurothermo.curvature import (
-    ConvergenceWarning,
-    DenseOperator,
-    FunctionOperator,
-    lanczos,
-    power_iteration,
-)
-from test_curvature_reference import (
+from _helpers import (
     classification_data,
     cnn,
     deep_linear,
     dense_hessian,
     mlp,
     regression_data,
+)
+from neurothermo.curvature import (
+    ConvergenceWarning,
+    DenseOperator,
+    FunctionOperator,
+    lanczos,
+    power_iteration,
 )
 
 CE = nn.CrossEntropyLoss()

@@ -9,8 +9,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp
 
 import neurothermo as nt
-from neurothermo.curvature import hessian_operator
-from test_curvature_reference import (
+from _helpers import (
     classification_data,
     cnn,
     deep_linear,
@@ -19,6 +18,7 @@ from test_curvature_reference import (
     mlp,
     regression_data,
 )
+from neurothermo.curvature import hessian_operator
 
 METHODS = ["reverse", "forward_over_reverse", "finite_difference"]
 CE = nn.CrossEntropyLoss()

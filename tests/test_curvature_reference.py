@@ -1,78 +1,20 @@
-"""Dense float64 references for the curvature tests (and tests of the references themselves).
+"""Checks of the dense float64 curvature references (defined in ``_helpers.py``).
 
 ``dense_hessian`` differentiates the mean loss twice with ``torch.func.hessian`` on a flat parameter
 vector: an independent path from the Hessian-vector products under test.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call, hessian
+from torch import nn
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def flat_params(model: nn.Module, names: list[str] | None = None) -> tuple[list[str], Tensor]:
-    params = dict(model.named_parameters())
-    names = list(params) if names is None else names
-    return names, torch.cat([params[n].detach().reshape(-1) for n in names])
-
-
-def loss_of_flat(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
-                 names: list[str] | None = None) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-    """``f(flat θ) = loss_fn(model_θ(x), y)`` over the parameters ``names`` (others fixed)."""
-    params = dict(model.named_parameters())
-    names, theta = flat_params(model, names)
-    shapes = [params[n].shape for n in names]
-    numels = [params[n].numel() for n in names]
-
-    def f(flat: Tensor) -> Tensor:
-        d = {n: c.view(s) for n, c, s in zip(names, flat.split(numels), shapes)}
-        return loss_fn(functional_call(model, d, (x,)), y)
-
-    return f, theta
-
-
-def dense_hessian(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
-                  names: list[str] | None = None) -> Tensor:
-    """Dense Hessian of the mean loss over all of ``(x, y)`` (float64 if the model is)."""
-    f, theta = loss_of_flat(model, loss_fn, x, y, names)
-    H = hessian(f)(theta).detach()
-    # a reference must be trustworthy: torch.func's batching of some kernels (native batch_norm's
-    # double backward) returns asymmetric Hessians, so refuse those
-    assert torch.allclose(H, H.T, rtol=1e-10, atol=1e-12), "dense reference Hessian is not symmetric"
-    return H
-
-
-def mlp(seed: int = 0, act: type[nn.Module] = nn.Tanh) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 6), act(), nn.Linear(6, 3)).double()
-
-
-def cnn(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
-
-
-def deep_linear(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 4, bias=False),
-                         nn.Linear(4, 2, bias=False)).double()
-
-
-def classification_data(n: int = 40, shape: tuple[int, ...] = (5,), seed: int = 1) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, *shape, generator=g, dtype=torch.float64),
-            torch.randint(0, 3, (n,), generator=g))
-
-
-def regression_data(n: int = 30, d: int = 3, o: int = 2, seed: int = 2) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=g, dtype=torch.float64),
-            torch.randn(n, o, generator=g, dtype=torch.float64))
-
+from _helpers import (
+    classification_data,
+    dense_hessian,
+    loss_of_flat,
+    mlp,
+    regression_data,
+)
 
 # ---- tests of the reference itself ----------------------------------------------------------
 

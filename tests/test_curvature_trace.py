@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import neurothermo as nt
+from _helpers import classification_data, dense_hessian, mlp, regression_data
 from neurothermo.curvature import DenseOperator, hutchinson, hutchpp
-from test_curvature_reference import classification_data, dense_hessian, mlp, regression_data
 
 CE = nn.CrossEntropyLoss()
 SEEDS = 300

@@ -7,9 +7,9 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 import neurothermo as nt
+from _helpers import classification_data, dense_hessian, mlp
 from neurothermo.curvature import ConvergenceWarning, DenseOperator, lanczos
 from neurothermo.curvature.tracker import warm_davidson
-from test_curvature_reference import classification_data, dense_hessian, mlp
 
 CE = nn.CrossEntropyLoss()
 

@@ -1,5 +1,5 @@
 """preconditioner_from: Λ read off optimizer state reproduces the optimizer's step; the heavy-ball
-approximation is tested as an approximation (THEORY.md §1, "Other optimizers")."""
+approximation is tested as an approximation (docs/theory.md §1, "Other optimizers")."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import neurothermo as nt
-from test_entropic_refs import (
+from _helpers import (
     DT,
     dist,
     loglog_slope,
@@ -44,7 +44,7 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
 def test_lambda_reproduces_the_step_exactly(make: Callable[..., torch.optim.Optimizer]) -> None:
     """With no first-moment momentum the step is exactly −lr·Λ·g, Λ read after the step."""
     model = tiny_regressor()
-    x, y = regression_data(6)
+    x, y = regression_data(6, seed=1)
     opt = make(model.named_parameters())
     for _ in range(3):
         g, delta = _step(model, opt, x, y)
@@ -56,7 +56,7 @@ def test_lambda_reproduces_the_step_exactly(make: Callable[..., torch.optim.Opti
 
 def test_adamw_decoupled_decay_is_outside_lambda_and_beta1_is_flagged() -> None:
     model = tiny_regressor()
-    x, y = regression_data(6)
+    x, y = regression_data(6, seed=1)
     opt = torch.optim.AdamW(model.named_parameters(), lr=0.01, betas=(0.0, 0.9), weight_decay=0.1)
     before = params_of(model)
     for _ in range(2):
@@ -74,7 +74,7 @@ def test_adamw_decoupled_decay_is_outside_lambda_and_beta1_is_flagged() -> None:
 
 def test_parameter_groups_with_different_lrs_fold_into_lambda() -> None:
     model = tiny_regressor()
-    x, y = regression_data(6)
+    x, y = regression_data(6, seed=1)
     groups: list[dict[str, Any]] = [{"params": model[0].parameters(), "lr": 0.02},
                                     {"params": model[2].parameters()}]
     opt = torch.optim.RMSprop(groups, lr=0.01)
@@ -87,7 +87,7 @@ def test_parameter_groups_with_different_lrs_fold_into_lambda() -> None:
 
 def test_heavy_ball_approximation_is_second_order_accurate() -> None:
     """Momentum SGD (β = ½) for time T = Kη vs flow with Λ = 1/(1−β) on l + c(η/4)gᵀΛg,
-    c = (1+β)/(1−β) (THEORY.md, Ghosh et al.): error O(η²); without the correction: O(η).
+    c = (1+β)/(1−β) (docs/theory.md, Ghosh et al.): error O(η²); without the correction: O(η).
 
     The momentum buffer starts at its steady state g₀/(1−β): a zero buffer leaves an O(η) lag
     that no modified equation describes. It is an approximation: the test checks orders, not
@@ -95,7 +95,7 @@ def test_heavy_ball_approximation_is_second_order_accurate() -> None:
     """
     beta = 0.5
     model = tiny_regressor()
-    x, y = regression_data(8)
+    x, y = regression_data(8, seed=1)
     f = objective(model, nn.MSELoss(), x, y)
     p0 = params_of(model)
     lrs, t = [0.02, 0.01, 0.005], 0.4
@@ -136,7 +136,7 @@ def test_bad_optimizers_and_states_raise() -> None:
         nt.preconditioner_from(torch.optim.SGD(model.named_parameters(), lr=0.1, maximize=True))
     with pytest.raises(TypeError, match="supports Adam"):
         nt.preconditioner_from(torch.optim.Adagrad(model.named_parameters()))
-    x, y = regression_data(4)
+    x, y = regression_data(4, seed=1)
     with pytest.raises(ValueError, match="does not broadcast"):
         nt.entropic_loss(model, nn.MSELoss(), (x, y), lr=0.1,
                          preconditioner={k: torch.ones(7, dtype=DT) for k, _ in model.named_parameters()})

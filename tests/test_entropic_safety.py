@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import neurothermo as nt
-from test_entropic_refs import DT, regression_data, tiny_regressor
+from _helpers import DT, regression_data, tiny_regressor
 
 LOSS = nn.MSELoss()
 
@@ -63,7 +63,7 @@ def assert_same(a: dict[str, Any], b: dict[str, Any], *, grads: bool = True) -> 
 @pytest.mark.parametrize("name", sorted(BATCH_CALLS))
 def test_batchnorm_in_train_mode_is_left_exactly_as_it_was(name: str) -> None:
     model = tiny_regressor(batchnorm=True).train()
-    x, y = regression_data(6)
+    x, y = regression_data(6, seed=1)
     model(x)  # non-trivial running statistics
     first = dict(model.named_parameters())["0.weight"]
     first.grad = torch.full_like(first, 0.5)  # a pre-existing .grad
@@ -76,7 +76,7 @@ def test_batchnorm_in_train_mode_is_left_exactly_as_it_was(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(DATA_CALLS))
 def test_data_functions_refuse_train_mode_batchnorm_and_change_nothing(name: str) -> None:
     model = tiny_regressor(batchnorm=True).train()
-    x, y = regression_data(6)
+    x, y = regression_data(6, seed=1)
     model(x)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"BatchNorm .* train mode.*model\.eval\(\)"):
@@ -91,7 +91,7 @@ def test_data_functions_refuse_train_mode_batchnorm_and_change_nothing(name: str
 @pytest.mark.parametrize("name", sorted(set(ALL_CALLS) - {"entropic_loss_backward"}))
 def test_no_gradients_or_hooks_are_left_behind(name: str) -> None:
     model = tiny_regressor()
-    x, y = regression_data(6)
+    x, y = regression_data(6, seed=1)
     before = snapshot(model)
     ALL_CALLS[name](model, LOSS, (x, y))
     assert_same(before, snapshot(model))
@@ -109,7 +109,7 @@ def nan_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", sorted(set(ALL_CALLS) - {"entropic_loss_backward"}))
 def test_bad_loss_functions_raise(name: str) -> None:
     model = tiny_regressor()
-    data = regression_data(6)
+    data = regression_data(6, seed=1)
     call = ALL_CALLS[name]
     with pytest.raises(ValueError, match="shape .* scalar"):
         call(model, non_scalar, data)
@@ -128,7 +128,7 @@ def test_bad_loss_functions_raise(name: str) -> None:
 @pytest.mark.parametrize("lr", [0.0, -0.1, math.nan, math.inf])
 def test_bad_learning_rates_raise(lr: float) -> None:
     model = tiny_regressor()
-    data = regression_data(6)
+    data = regression_data(6, seed=1)
     for call in (
         lambda: nt.entropic_loss(model, LOSS, data, lr=lr),
         lambda: nt.entropic_force(model, LOSS, data, lr=lr),
@@ -145,14 +145,14 @@ def test_bad_learning_rates_raise(lr: float) -> None:
 @pytest.mark.parametrize("fn", [nt.entropic_decomposition, nt.expected_entropic_force])
 def test_bad_batch_sizes_and_datasets_raise(fn: Callable[..., Any]) -> None:
     model = tiny_regressor()
-    data = regression_data(6)
+    data = regression_data(6, seed=1)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         fn(model, LOSS, data, lr=0.1, batch_size=0)
     with pytest.raises(ValueError, match=r"batch_size=7 > N=6.*replacement=True"):
         fn(model, LOSS, data, lr=0.1, batch_size=7, replacement=False)
     fn(model, LOSS, data, lr=0.1, batch_size=7, replacement=True)  # allowed with replacement
     with pytest.raises(ValueError, match="data has 1 sample"):
-        fn(model, LOSS, regression_data(1), lr=0.1, batch_size=1)
+        fn(model, LOSS, regression_data(1, seed=1), lr=0.1, batch_size=1)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         fn(model, LOSS, data, lr=0.1, batch_size=2, chunk_size=0)
     with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
@@ -163,7 +163,7 @@ def test_bad_batch_sizes_and_datasets_raise(fn: Callable[..., Any]) -> None:
 
 def test_bad_flow_and_step_settings_raise() -> None:
     model = tiny_regressor()
-    data = regression_data(6)
+    data = regression_data(6, seed=1)
     with pytest.raises(ValueError, match="time must be a finite number > 0"):
         nt.entropic_flow(model, LOSS, data, lr=0.1, time=0.0, steps=2)
     with pytest.raises(ValueError, match="steps must be >= 1"):

@@ -14,7 +14,7 @@ from neurothermo.runner import run_experiment
 
 
 def test_prediction_matches_the_papers_number() -> None:
-    # THEORY.md §2: Σ_x = diag(2, 1, .5, .5), v = (.3, −1, 2, 1.5) → |u| ≈ 1.019
+    # docs/theory.md §2: Σ_x = diag(2, 1, .5, .5), v = (.3, −1, 2, 1.5) → |u| ≈ 1.019
     u = predicted_u(np.array([2, 1, 0.5, 0.5]), np.array([0.3, -1, 2, 1.5]))
     assert u == pytest.approx(1.0185, abs=1e-4)
 

@@ -1,4 +1,4 @@
-"""layer_balance / neuron_balance: against direct computations, and SGD reaching balance (THEORY §2)."""
+"""layer_balance / neuron_balance: against direct computations, and SGD reaching balance (docs/theory.md §2)."""
 from __future__ import annotations
 
 import math
@@ -135,7 +135,7 @@ def test_sgd_reaches_neuron_balance_from_both_sides_gd_does_not() -> None:
         early = h[names.energy_in(0)][:12].sum() / h[names.energy_out(0)][:12].sum()
         # the init is unbalanced on opposite sides (in-energy ∝ scale⁻², out-energy ∝ scale²) ...
         assert (early > 2) if scale < 1 else (early < 0.6)
-        # ... and SGD's stationary state is balanced: E[in] = E[out] (THEORY §2). The window
+        # ... and SGD's stationary state is balanced: E[in] = E[out] (docs/theory.md §2). The window
         # means are ≈ normal with the batch-means SE; 3 SE bounds a false failure by 0.3 %.
         (nb,) = nt.neuron_balance(h, window=0.5, n_blocks=10)
         assert abs(first.pair_ratio[0] - 1) < 3 * first.pair_ratio_se[0]

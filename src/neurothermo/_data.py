@@ -37,6 +37,24 @@ def model_loss(outputs: Any, targets: Any = None) -> Tensor:
     mapping with ``"loss"``; ``targets`` is ignored (the labels are among the inputs). The loss must
     be the mean over the batch (Hugging Face's is the mean over tokens: the mean of per-sample
     means when every sample has the same number of labelled tokens).
+
+    Args:
+        outputs: what the model returned.
+        targets: ignored.
+
+    Returns:
+        The model's loss, a scalar tensor (still attached to the graph).
+
+    Raises:
+        ValueError: the outputs carry no loss (``loss=None``: the labels were not among the
+            inputs), or the loss is not a scalar tensor.
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> import neurothermo as nt
+        >>> nt.model_loss(SimpleNamespace(loss=torch.tensor(1.5)))  # Hugging Face style outputs.loss
+        tensor(1.5000)
     """
     loss = outputs
     if not isinstance(outputs, Tensor):

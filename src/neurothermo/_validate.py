@@ -65,7 +65,7 @@ def check_loss_fn(loss_fn: Callable[..., Tensor] | None) -> None:
     that sums inside cannot be seen without evaluating it; :func:`check_mean_reduction` probes
     such a loss on outputs the caller already has.
 
-    neurothermo's convention (THEORY.md): ``loss_fn(outputs, targets)`` returns the *mean* of the
+    neurothermo's convention (docs/theory.md): ``loss_fn(outputs, targets)`` returns the *mean* of the
     per-sample losses over the batch, ``l_B = (1/b) Σ_i l_i``. A sum-reduced loss would scale
     every gradient by b and every entropic term by b², silently.
     """

@@ -79,7 +79,7 @@ def read_mnist(folder: str | Path, split: str = "train", *, dtype: torch.dtype =
 
 def linear_teacher(n: int, sigma_x: Tensor, v: Tensor, sigma_eps: Tensor, *,
                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """``x ~ N(0, Σ_x)``, ``y = V x + ε`` with ``ε ~ N(0, Σ_ε)`` independent of x (THEORY.md §2–§4).
+    """``x ~ N(0, Σ_x)``, ``y = V x + ε`` with ``ε ~ N(0, Σ_ε)`` independent of x (docs/theory.md §2–§4).
 
     ``v`` is a matrix ``(d_out, d_in)`` or a vector (one output). Covariances must be symmetric
     positive semi-definite.

@@ -1,6 +1,6 @@
 """``nt.train``: a deterministic, resumable training loop for SGD, momentum, Adam and full-batch GD.
 
-Conventions (THEORY.md): ``loss_fn(outputs, targets)`` is mean-reduced over the batch, so the
+Conventions (docs/theory.md): ``loss_fn(outputs, targets)`` is mean-reduced over the batch, so the
 step is ``θ ← θ − lr·(g_B + wd·θ)`` for ``"sgd"`` with ``g_B`` the minibatch gradient and
 ``weight_decay = wd`` torch's (penalty ``(wd/2)‖θ‖²``, the paper's ``γ = wd/2``). The temperature
 of the noise is ``lr/b``.
@@ -163,6 +163,18 @@ def train(
     ``after_backward(step, batch, loss=...)`` and ``after_step(step)``. ``callbacks`` are called
     as ``cb(step, model, loss)`` after every step (raise ``KeyboardInterrupt`` there to stop). The
     model is put in train mode. Returns a :class:`History` with ``loss`` and ``lr`` per step.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> history = nt.train(model, loss_fn, (x, y), lr=0.1, batch_size=8, steps=20)
+        >>> int(history.steps("loss")[-1])  # the loss of every step is recorded
+        19
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

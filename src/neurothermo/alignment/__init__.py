@@ -1,4 +1,4 @@
-"""Representation alignment (THEORY.md §3): metrics, layer × layer maps, null calibration, theory.
+"""Representation alignment (docs/theory.md §3): metrics, layer × layer maps, null calibration, theory.
 
 Metrics on two feature matrices ``A: (N, D_a)``, ``B: (N, D_b)`` — the same N samples in the same
 order, any device — each returning a float:

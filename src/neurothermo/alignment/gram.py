@@ -1,4 +1,4 @@
-"""Gram-matrix alignment (THEORY.md §3): how similar are ``K = AAᵀ`` and ``L = BBᵀ``?
+"""Gram-matrix alignment (docs/theory.md §3): how similar are ``K = AAᵀ`` and ``L = BBᵀ``?
 
 The Platonic claim is about raw inner products, ``c·h_A(x₁)ᵀh_A(x₂) = h_B(x₁)ᵀh_B(x₂)``, so
 nothing is centred:
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from neurothermo._types import GramMethod
 from neurothermo.alignment._common import compress, preprocess
 from neurothermo.alignment._spec import pairwise, register
 
@@ -40,7 +41,7 @@ class GramAlignment:
     symmetric = True
 
     def __init__(
-        self, method: str = "cosine", *, normalize: bool = False, clip_quantile: float | None = None
+        self, method: GramMethod = "cosine", *, normalize: bool = False, clip_quantile: float | None = None
     ) -> None:
         if method not in ("cosine", "pearson_offdiag"):
             raise ValueError(f"method must be 'cosine' or 'pearson_offdiag', got {method!r}")
@@ -86,7 +87,7 @@ class GramAlignment:
 
 
 def gram_alignment(
-    A: Tensor, B: Tensor, method: str = "cosine", *, normalize: bool = False,
+    A: Tensor, B: Tensor, method: GramMethod = "cosine", *, normalize: bool = False,
     clip_quantile: float | None = None,
 ) -> float:
     """Alignment of the uncentred Gram matrices ``AAᵀ`` and ``BBᵀ`` (see the module docstring)."""

@@ -73,7 +73,8 @@ def grouped_alignment(
     """:func:`alignment_matrix` on each group of samples (see the module docstring).
 
     Args:
-        features_a, features_b: dict layer name → ``(N, D)`` features (``features_b=None``: A vs A).
+        features_a: dict layer name → ``(N, D)`` features.
+        features_b: the same for the second model (``None``: A against A).
         metric: a built-in metric name or function (as for :func:`alignment_matrix`); ``kw`` go to it.
         groups: ``(N,)`` integer group labels ``0 … S−1``, every label used, ``S ≥ 2``.
 

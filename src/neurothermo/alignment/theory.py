@@ -1,4 +1,4 @@
-"""The predicted universal kernel K* of THEORY.md §3 and the distance of a layer's Gram matrix to it.
+"""The predicted universal kernel K* of docs/theory.md §3 and the distance of a layer's Gram matrix to it.
 
 Embedded deep linear networks trained by SGD on ``y = V*x + ε`` (``Cov x = Σ_x``, label noise
 ``Cov ε = Σ_ε ≻ 0`` independent of ``x``, MSE, no weight decay) reach, at the entropic equilibrium,
@@ -80,7 +80,7 @@ def kernel_distance(features: Any, inputs: Any, K: Any) -> float:
 
     ``features`` ``F``: ``(N, D)`` hidden representations of the ``N`` inputs ``X``: ``(N, d)``;
     ``K``: ``(d, d)`` symmetric (e.g. :func:`platonic_kernel`). The Gram matrices are uncentred
-    (THEORY.md §3 states the claim for raw inner products) and Frobenius-normalised, so the distance
+    (docs/theory.md §3 states the claim for raw inner products) and Frobenius-normalised, so the distance
     is invariant to rotations and scaling of the features; it is ``√(2 − 2 cos(G, G*))``, 0 iff
     ``G ∝ G*``, at most ``√2`` for positive semi-definite ``K``. Computed in feature space
     (``O(N·D·d)``, no ``N × N`` matrix) in float64.

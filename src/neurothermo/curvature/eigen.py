@@ -3,19 +3,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor, nn
 
 from neurothermo._state import ParamFilter, warn_mode
+from neurothermo._types import EigenMethod, HvpMethod, LossFn, Mode
 from neurothermo._validate import check_int, check_positive
-from neurothermo.curvature.hvp import LossFn, hessian_operator
+from neurothermo.curvature.hvp import hessian_operator
 from neurothermo.curvature.lanczos import RitzResult, lanczos
 from neurothermo.curvature.operator import CongruenceOperator, LinearOperator, ParamSpace
 from neurothermo.curvature.power import power_iteration
 
-EIGEN_METHODS = ("lanczos", "power")
+EIGEN_METHODS: tuple[str, ...] = get_args(EigenMethod)
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,9 @@ def solve(op: LinearOperator, k: int, tol: float, method: str, max_hvp: int | No
 
 
 def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 1, tol: float = 1e-3,
-                    method: str = "lanczos", param_filter: ParamFilter = None,
+                    method: EigenMethod = "lanczos", param_filter: ParamFilter = None,
                     preconditioner: Any = None, max_hvp: int | None = None,
-                    mode: str | None = None, hvp_method: str = "reverse",
+                    mode: Mode = None, hvp_method: HvpMethod = "reverse",
                     microbatch_size: int | None = None, block_size: int | None = None,
                     seed: int = 0) -> EigenResult:
     """The ``k`` largest eigenvalues of ``H = ∇²_θ (1/N) Σ_i l_i`` over all samples of ``data``.
@@ -118,6 +119,18 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 1,
 
         res = nt.top_eigenvalues(model, nn.CrossEntropyLoss(), (x, y), k=2, mode="eval")
         res.values, res.errors, res.converged
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> eig = nt.top_eigenvalues(model, loss_fn, (x, y), k=2)
+        >>> eig.values.shape, bool(eig.values[0] >= eig.values[1])
+        (torch.Size([2]), True)
     """
     check_int("k", k)
     check_positive("tol", tol)

@@ -1,6 +1,6 @@
 """Hessian-vector products of the mean loss over a fixed data set, three ways.
 
-Convention (THEORY.md): ``loss_fn(outputs, targets)`` is mean-reduced over its batch. The Hessian is
+Convention (docs/theory.md): ``loss_fn(outputs, targets)`` is mean-reduced over its batch. The Hessian is
 that of the **mean loss over all N samples of ``data``**,
 
     L(θ) = (1/N) Σ_i l_i(θ) = Σ_m (b_m / N) · l_{B_m}(θ),     H = ∇²L,
@@ -46,9 +46,9 @@ microbatch's graph (forward + backward + double backward) and memory stays at on
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Literal
+from typing import Any, get_args
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +67,7 @@ from neurothermo._state import (
     select_parameters,
     warn_mode,
 )
+from neurothermo._types import HvpMethod, LossFn, Mode
 from neurothermo._validate import (
     check_finite_params,
     check_int,
@@ -77,9 +78,31 @@ from neurothermo._validate import (
 from neurothermo.curvature.graph_memory import SavedBytes, graph_budget
 from neurothermo.curvature.operator import LinearOperator, ParamSpace
 
-HvpMethod = Literal["reverse", "forward_over_reverse", "finite_difference"]
-HVP_METHODS: tuple[str, ...] = ("reverse", "forward_over_reverse", "finite_difference")
-LossFn = Callable[..., Tensor] | None  # None: the model returns its loss (model_loss)
+HVP_METHODS: tuple[str, ...] = get_args(HvpMethod)
+
+
+def double_backward_hvp(grads: Sequence[Tensor | None], inputs: Sequence[Tensor],
+                        v: Sequence[Tensor], *, retain_graph: bool = False) -> list[Tensor]:
+    """``H·v = ∇_θ ⟨g, v⟩``: the Hessian-vector product by one double backward (the package's one
+    kernel for it; ``HessianOperator``'s ``"reverse"`` products and the entropic force use it).
+
+    Args:
+        grads: ``g = ∇_θ f``, one entry per input, built with ``create_graph=True``; an entry that is
+            ``None`` or does not depend on the inputs contributes nothing.
+        inputs: the tensors θ the gradient was taken with respect to.
+        v: the vector, one tensor per input, shaped like it.
+        retain_graph: keep the first-order graph for further products.
+
+    Returns:
+        ``H v`` per input (zeros where the result does not depend on an input; all zeros when
+        ``f`` is linear in θ, ``H = 0``).
+    """
+    pairs = [(g, vi) for g, vi in zip(grads, v) if g is not None and g.requires_grad]
+    if not pairs:  # f linear (or constant) in the inputs: H = 0
+        return [torch.zeros_like(p) for p in inputs]
+    hv = torch.autograd.grad([g for g, _ in pairs], list(inputs), grad_outputs=[vi for _, vi in pairs],
+                             retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h for p, h in zip(inputs, hv)]
 
 
 def microbatches(data: Data, microbatch_size: int | None) -> list[tuple[Batch, float]]:
@@ -100,7 +123,7 @@ def _disable_bn_tracking(model: nn.Module) -> list[nn.modules.batchnorm._BatchNo
 
 
 @contextmanager
-def measurement_mode(model: nn.Module, mode: str | None) -> Iterator[nn.Module]:
+def measurement_mode(model: nn.Module, mode: Mode) -> Iterator[nn.Module]:
     """Put ``model`` in ``mode`` (None: as it is, "eval" or "train") for a second-order
     measurement, with double-differentiable attention kernels; restore everything after."""
     check_mode(mode)
@@ -134,7 +157,7 @@ class HessianOperator(LinearOperator):
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, *,
-                 method: str = "reverse", microbatch_size: int | None = None,
+                 method: HvpMethod = "reverse", microbatch_size: int | None = None,
                  param_filter: ParamFilter = None, fd_step: float | None = None,
                  cache: bool | None = None, seed: int = 0) -> None:
         check_loss_fn(loss_fn)
@@ -237,12 +260,7 @@ class HessianOperator(LinearOperator):
             grads, retain = self._grads[i], True
         else:
             grads, retain = self._graph_grads(i, batch)[1], False
-        pairs = [(g, vi) for g, vi in zip(grads, v) if g is not None and g.requires_grad]
-        if not pairs:  # loss linear (or constant) in the selected parameters: H = 0
-            return [torch.zeros_like(p) for p in self._plist]
-        hv = torch.autograd.grad([g for g, _ in pairs], self._plist, grad_outputs=[vi for _, vi in pairs],
-                                 retain_graph=retain, allow_unused=True)
-        return [torch.zeros_like(p) if h is None else h for p, h in zip(self._plist, hv)]
+        return double_backward_hvp(grads, self._plist, v, retain_graph=retain)
 
     def _primal(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in self.params.items()}
@@ -311,8 +329,8 @@ class HessianOperator(LinearOperator):
 
 
 @contextmanager
-def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Any, *, mode: str | None = None,
-                     method: str = "reverse", microbatch_size: int | None = None,
+def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Any, *, mode: Mode = None,
+                     method: HvpMethod = "reverse", microbatch_size: int | None = None,
                      param_filter: ParamFilter = None, fd_step: float | None = None,
                      cache: bool | None = None, seed: int = 0,
                      warn: bool = True) -> Iterator[HessianOperator]:
@@ -334,8 +352,8 @@ def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Any, *, mode: str 
 
 
 def hvp(model: nn.Module, loss_fn: LossFn, data: Any, vector: Mapping[str, Tensor] | Tensor, *,
-        method: str = "reverse", microbatch_size: int | None = None,
-        param_filter: ParamFilter = None, mode: str | None = None,
+        method: HvpMethod = "reverse", microbatch_size: int | None = None,
+        param_filter: ParamFilter = None, mode: Mode = None,
         fd_step: float | None = None) -> dict[str, Tensor]:
     """Hessian-vector product ``H v`` of the mean loss over all samples of ``data``.
 
@@ -355,6 +373,19 @@ def hvp(model: nn.Module, loss_fn: LossFn, data: Any, vector: Mapping[str, Tenso
 
         hv = nt.hvp(model, nn.CrossEntropyLoss(), (x, y), {n: torch.randn_like(p) for n, p in
                     model.named_parameters()}, mode="eval")
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+        >>> hv = nt.hvp(model, loss_fn, (x, y), v)  # H v of the mean loss
+        >>> hv["0.weight"].shape
+        torch.Size([8, 4])
     """
     warn_mode(model, mode, "hvp", fixed_masks=True)
     with hessian_operator(model, loss_fn, data, mode=mode, method=method,

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor, nn
 
 from neurothermo._state import ParamFilter, warn_mode
+from neurothermo._types import HvpMethod, LossFn, Mode, TraceMethod
 from neurothermo._validate import check_int
-from neurothermo.curvature.hvp import LossFn, hessian_operator
+from neurothermo.curvature.hvp import hessian_operator
 from neurothermo.curvature.operator import LinearOperator
 
-TRACE_METHODS = ("hutchinson", "hutch++")
+TRACE_METHODS: tuple[str, ...] = get_args(TraceMethod)
 
 
 @dataclass(frozen=True)
@@ -104,13 +105,25 @@ def hutchpp(op: LinearOperator, n_samples: int, *,
 
 
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, *, n_samples: int,
-                  method: str = "hutchinson", param_filter: ParamFilter = None, mode: str | None = None,
-                  hvp_method: str = "reverse", microbatch_size: int | None = None,
+                  method: TraceMethod = "hutchinson", param_filter: ParamFilter = None, mode: Mode = None,
+                  hvp_method: HvpMethod = "reverse", microbatch_size: int | None = None,
                   seed: int = 0) -> TraceResult:
     """Estimate ``tr H`` of the mean loss over ``data`` (same ``H`` as ``hvp``) with its standard error.
 
     ``n_samples`` is the budget of Hessian-vector products (Hutchinson: probes, ≥ 2; Hutch++: split
     in thirds, ≥ 4). Per-layer traces: ``param_filter``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> tr = nt.hessian_trace(model, loss_fn, (x, y), n_samples=20)
+        >>> tr.n_hvp, tr.method
+        (20, 'hutchinson')
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")

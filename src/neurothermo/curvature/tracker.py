@@ -30,7 +30,7 @@ cold start: median 15); over all 40 updates the error against a tol-1e-8 solve s
 On the four other trajectories: ≤ 9 products per such update and errors ≤ 0.4·tol. The cost is set
 by the tolerance and by how close the top eigenvalues are.
 
-Stability (THEORY.md §4, Cohen et al. 2021): gradient descent with learning rate η is stable on a
+Stability (docs/theory.md §4, Cohen et al. 2021): gradient descent with learning rate η is stable on a
 quadratic while ``η·λ_max < 2``; heavy-ball momentum β moves the limit to ``2(1 + β)``
 (``torch.optim.SGD(momentum=β, dampening=0)``). Each reading reports ``η·λ_max`` against that limit.
 For adaptive methods pass ``preconditioner`` (``Λ`` of the step ``−η Λ g``): the reading is then the
@@ -47,9 +47,10 @@ import torch
 from torch import Tensor, nn
 
 from neurothermo._state import ParamFilter, check_mode, warn_mode
+from neurothermo._types import EigenMethod, HvpMethod, LossFn, Mode
 from neurothermo._validate import check_int, check_positive
 from neurothermo.curvature.eigen import EIGEN_METHODS, preconditioner_diagonal, solve
-from neurothermo.curvature.hvp import HVP_METHODS, LossFn, hessian_operator
+from neurothermo.curvature.hvp import HVP_METHODS, hessian_operator
 from neurothermo.curvature.lanczos import (
     ConvergenceWarning,
     RitzResult,
@@ -193,11 +194,24 @@ class SharpnessTracker:
     ``hvp_method``, ``microbatch_size``, ``max_hvp``; ``block_size``: the number of previous Ritz
     vectors a warm start begins from, default ``k + 2``). ``history`` keeps every
     reading. Measure on a fixed data set (e.g. a few thousand examples): minibatch estimates are noisy.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> tracker = nt.SharpnessTracker(lr=0.1)
+        >>> reading = tracker.update(model, loss_fn, (x, y), step=0)
+        >>> reading.stability_limit  # GD is stable while lr·λ_max < 2
+        2.0
     """
 
     def __init__(self, *, k: int = 1, tol: float = 1e-3, lr: float | None = None,
-                 momentum: float = 0.0, method: str = "lanczos", param_filter: ParamFilter = None,
-                 mode: str | None = None, hvp_method: str = "reverse", microbatch_size: int | None = None,
+                 momentum: float = 0.0, method: EigenMethod = "lanczos", param_filter: ParamFilter = None,
+                 mode: Mode = None, hvp_method: HvpMethod = "reverse", microbatch_size: int | None = None,
                  max_hvp: int | None = None, block_size: int | None = None, seed: int = 0) -> None:
         self.k = check_int("k", k)
         self.tol = check_positive("tol", tol)

@@ -1,4 +1,4 @@
-"""The entropic engine (THEORY.md §1): entropic loss, force, expected decomposition, flow.
+"""The entropic engine (docs/theory.md §1): entropic loss, force, expected decomposition, flow.
 
 Model-level functions take ``(model, loss_fn, batch_or_data, *, lr, ...)`` with a mean-reduced
 ``loss_fn``; the functional core takes ``f(params) -> scalar`` and a tensor / sequence / dict of

@@ -1,6 +1,6 @@
 """Shared plumbing of the entropic engine: parameter structures, the batch objective, checks.
 
-Conventions (THEORY.md): ``loss_fn(outputs, targets)`` is the mean over the batch,
+Conventions (docs/theory.md): ``loss_fn(outputs, targets)`` is the mean over the batch,
 ``l_B = (1/b) Σ_i l_i``; ``weight_decay`` is torch's ``wd``, entering as the penalty
 ``(wd/2)‖θ‖²`` added to ``l_B`` (so the gradient is ``g_B + wd·θ``), on every trainable parameter.
 """
@@ -63,18 +63,6 @@ def grads(out: Tensor, inputs: list[Tensor], *, create_graph: bool = False,
     gs = torch.autograd.grad(out, inputs, grad_outputs=grad_outputs, create_graph=create_graph,
                              retain_graph=retain_graph, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, inputs)]
-
-
-def hvp(g: list[Tensor], inputs: list[Tensor], v: list[Tensor], *,
-        retain_graph: bool = False) -> list[Tensor]:
-    """``H·v = ∇⟨g, v⟩`` for ``g = ∇f`` built with ``create_graph=True`` (one double backward);
-    entries of ``g`` that do not depend on the inputs contribute nothing."""
-    pairs = [(gi, vi) for gi, vi in zip(g, v) if gi.requires_grad]
-    if not pairs:
-        return [torch.zeros_like(p) for p in inputs]
-    hs = torch.autograd.grad([gi for gi, _ in pairs], inputs, grad_outputs=[vi for _, vi in pairs],
-                             retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(p) if h is None else h for h, p in zip(hs, inputs)]
 
 
 def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:

@@ -2,7 +2,7 @@
 
 ``θ̇ = −Λ∇F(θ)`` integrated for a time ``T`` with a fixed-step Runge–Kutta method, where ``F`` is
 the plain objective or its entropic loss ``F_n = f + (lr/4)·c·(1 − 1/n)·∇fᵀΛ∇f``
-(:func:`functional_entropic_loss`). THEORY.md §1: the time-``lr`` flow of ``φ_lr`` matches one
+(:func:`functional_entropic_loss`). docs/theory.md §1: the time-``lr`` flow of ``φ_lr`` matches one
 step ``θ − lr·Λ·g`` to ``O(lr³)``; the flow of the plain loss only to ``O(lr²)``.
 
 Methods: ``"euler"`` (order 1), ``"midpoint"`` (order 2), ``"rk4"`` (classical, order 4). With
@@ -56,6 +56,16 @@ def functional_flow(
     ``F = f`` when ``lr`` is None (plain gradient flow), otherwise the entropic loss ``F_n`` of
     :func:`functional_entropic_loss` with that ``lr``, ``n_steps`` (None: n = ∞) and
     ``preconditioner`` (Λ; None: identity). ``steps`` fixed steps of ``method``.
+
+    Example:
+        >>> import math
+        >>> import torch
+        >>> import neurothermo as nt
+        >>> f = lambda w: 0.5 * (w ** 2).sum()  # flow of φ = (1/2 + lr/4)‖w‖²: w(t) = w₀·exp(−(1 + lr/2)t)
+        >>> w = torch.tensor([1.0, 2.0])
+        >>> wt = nt.functional_flow(f, w, time=1.0, steps=50, lr=0.1)
+        >>> torch.allclose(wt, w * math.exp(-1.05), atol=1e-6)
+        True
     """
     time = check_positive("time", time)
     steps = check_int("steps", steps, minimum=1)
@@ -121,6 +131,18 @@ def entropic_flow(
     ``l_B``. The model's parameters are not changed (the flow runs on copies) and the model is left
     exactly as it was (BatchNorm buffers, flags, ``.grad``). ``batch``: one batch or an iterable of
     batches of the data model (``docs/data.md``; ``l_B`` is then the mean over all their samples).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> flowed = nt.entropic_flow(model, loss_fn, (x, y), lr=0.1, time=0.1, steps=2)  # θ after time 0.1
+        >>> sorted(flowed) == sorted(n for n, _ in model.named_parameters())
+        True
     """
     lr, wd = check_common(lr, weight_decay)
     params = model_parameters(model)

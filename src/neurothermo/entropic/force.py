@@ -1,4 +1,4 @@
-"""The entropic force of one minibatch: ``−(∇φ − ∇l) = −(lr/2)·H_B Λ g_B`` (THEORY.md §1).
+"""The entropic force of one minibatch: ``−(∇φ − ∇l) = −(lr/2)·H_B Λ g_B`` (docs/theory.md §1).
 
 One Hessian-vector product (double backward): ``g = ∇l`` is built with ``create_graph=True`` and
 ``H·(Λg) = ∇⟨g, stop_grad(Λg)⟩``. With weight decay ``wd`` the loss is ``l_B + (wd/2)‖θ‖²``, so
@@ -27,7 +27,9 @@ from neurothermo._state import (
     warn_mode,
     zero_frozen_rows,
 )
+from neurothermo._types import Mode
 from neurothermo._validate import check_positive, check_scalar_loss
+from neurothermo.curvature.hvp import double_backward_hvp as hvp  # the one HVP kernel
 from neurothermo.entropic._common import (
     Params,
     as_leaves,
@@ -37,7 +39,6 @@ from neurothermo.entropic._common import (
     entropic_coefficient,
     flatten,
     grads,
-    hvp,
     model_parameters,
 )
 from neurothermo.entropic.preconditioner import Preconditioner, resolve
@@ -54,7 +55,16 @@ def functional_entropic_force(
     """``−(lr/2)·c·(1 − 1/n)·H Λ ∇f`` at ``params`` (same structure as ``params``, detached),
     ``H`` the Hessian of ``f``: the difference ``−(∇F_n − ∇f)`` of the entropic loss of
     :func:`functional_entropic_loss` (``n = ∞`` when ``n_steps`` is None). One Hessian-vector
-    product."""
+    product.
+
+    Example:
+        >>> import torch
+        >>> import neurothermo as nt
+        >>> f = lambda w: 0.5 * (w ** 2).sum()           # H = I, g = w
+        >>> w = torch.tensor([1.0, 2.0])
+        >>> nt.functional_entropic_force(f, w, lr=0.1)   # −(lr/2)·H·g
+        tensor([-0.0500, -0.1000])
+    """
     lr = check_positive("lr", lr)
     n_steps = check_n_steps(n_steps)
     tensors, rebuild, names = flatten(params)
@@ -81,7 +91,7 @@ def entropic_force(
     weight_decay: float = 0.0,
     preconditioner: Preconditioner | Any = None,
     n_steps: int | None = None,
-    mode: str | None = None,
+    mode: Mode = None,
 ) -> dict[str, Tensor]:
     """``−(∇φ − ∇l) = −(lr/2)·H_B Λ g_B`` by parameter name, for the batch.
 
@@ -108,6 +118,18 @@ def entropic_force(
     Example::
 
         force = nt.entropic_force(model, nn.CrossEntropyLoss(), (x, y), lr=0.1, mode="eval")
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> force = nt.entropic_force(model, loss_fn, (x, y), lr=0.1)  # −(lr/2)·H_B·g_B per parameter
+        >>> {name: tuple(f.shape) for name, f in force.items()}
+        {'0.weight': (8, 4), '0.bias': (8,), '2.weight': (3, 8), '2.bias': (3,)}
     """
     lr, wd = check_common(lr, weight_decay)
     if not isinstance(model, nn.Module):

@@ -1,4 +1,4 @@
-"""The entropic loss of one minibatch (THEORY.md §1).
+"""The entropic loss of one minibatch (docs/theory.md §1).
 
 One SGD step ``θ' = θ − η·g_B`` equals, up to ``O(η³)``, gradient flow for time ``η`` on
 
@@ -55,6 +55,14 @@ def functional_entropic_loss(
     The gradient is taken with ``create_graph=True``, so the result can be differentiated again
     (its gradient is ``∇f + (lr/2)·c·(1 − 1/n)·H Λ ∇f``). Tensors in ``params`` that require grad
     are used as they are, so gradients of the result reach them; others are replaced by leaf copies.
+
+    Example:
+        >>> import torch
+        >>> import neurothermo as nt
+        >>> f = lambda w: 0.5 * (w ** 2).sum()           # ∇f = w
+        >>> w = torch.tensor([1.0, 2.0])
+        >>> float(nt.functional_entropic_loss(f, w, lr=0.1))  # f + (lr/4)‖∇f‖² = 2.5 + 0.025·5
+        2.625
     """
     lr = check_positive("lr", lr)
     n_steps = check_n_steps(n_steps)
@@ -98,6 +106,20 @@ def entropic_loss(
     tensor or a dict of tensors) with ``l_B`` its mean loss, or an iterable of batches (a
     ``DataLoader``), then ``l_B`` is the mean over all their samples (batch m weighs ``b_m/N``; every
     batch's graph is held at once). ``loss_fn=model_loss`` when the model returns its own loss.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> phi = nt.entropic_loss(model, loss_fn, (x, y), lr=0.1)
+        >>> loss = loss_fn(model(x), y)  # φ = l_B + (lr/4)‖∇l_B‖²
+        >>> g = torch.autograd.grad(loss, list(model.parameters()))
+        >>> torch.allclose(phi, loss + 0.1 / 4 * sum((t ** 2).sum() for t in g))
+        True
     """
     lr, wd = check_common(lr, weight_decay)
     n_steps = check_n_steps(n_steps)

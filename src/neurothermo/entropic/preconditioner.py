@@ -1,4 +1,4 @@
-"""Matrix learning rates Λ: the entropic loss of an optimizer other than plain SGD (THEORY.md §1).
+"""Matrix learning rates Λ: the entropic loss of an optimizer other than plain SGD (docs/theory.md §1).
 
 A step ``θ' = θ − η·Λ·g`` with a diagonal ``Λ`` frozen on the slow time scale has the entropic loss
 
@@ -11,7 +11,7 @@ with ``c = 1``. :func:`preconditioner_from` reads Λ off an optimizer's current 
   ``g`` itself, so it changes no time scale, but its lag is *not* modelled (``exact=False`` when
   β₁ > 0). AdamW's decoupled decay ``−η·wd·θ`` is not preconditioned and is not part of Λ.
 * RMSprop: ``Λ = 1/(√v + ε)`` (centered: ``1/(√(v − m²) + ε)``), no bias correction, as torch.
-* SGD: ``Λ = I``. With heavy-ball momentum β (and dampening τ) THEORY.md's leading-order
+* SGD: ``Λ = I``. With heavy-ball momentum β (and dampening τ) docs/theory.md's leading-order
   approximation (Ghosh et al. 2023) applies: the iterates follow gradient flow with
   ``Λ = (1 − τ)/(1 − β)`` on ``L + η(1 − τ)(1 + β)/(4(1 − β)²)·‖∇L‖²``, i.e. ``c = (1 + β)/(1 − β)``
   in the form above. This is an approximation (``exact=False``), including for RMSprop's momentum.
@@ -37,6 +37,19 @@ class Preconditioner:
     ``lr`` is the learning rate Λ is normalised to (the optimizer's first group), ``correction``
     the ``c`` of ``φ = l + c(η/4)gᵀΛg``; ``exact`` is False where a momentum approximation enters,
     and ``note`` says which.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> pre = nt.Preconditioner({n: torch.tensor(0.5) for n, _ in model.named_parameters()}, lr=0.1)
+        >>> force = nt.entropic_force(model, loss_fn, (x, y), lr=0.1, preconditioner=pre)  # −(lr/2)·H Λ g
+        >>> force["2.bias"].shape
+        torch.Size([3])
     """
 
     diag: Mapping[str, Tensor]
@@ -71,13 +84,28 @@ def _scalar(x: Any) -> float:
 
 def preconditioner_from(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> Preconditioner:
     """Λ of an Adam / AdamW / RMSprop / SGD optimizer's current state, normalised so that its step is
-    ``θ' = θ − lr·Λ·g`` (momentum SGD: THEORY.md's heavy-ball approximation, ``exact=False``).
+    ``θ' = θ − lr·Λ·g`` (momentum SGD: docs/theory.md's heavy-ball approximation, ``exact=False``).
 
     Names come from ``optimizer.param_groups[k]["param_names"]`` (optimizers built from
     ``model.named_parameters()``) or from ``model``. Adam-type optimizers need at least one step
     taken (Λ is read from the second-moment state). The optimizer's own weight decay is recorded in
     :attr:`Preconditioner.weight_decay`; pass it as ``weight_decay=`` (L2, coupled, as in SGD/Adam;
     AdamW's decoupled decay is a different dynamics and is not represented).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        >>> loss_fn(model(x), y).backward(); opt.step()  # Λ is read from Adam's second moments
+        >>> pre = nt.preconditioner_from(opt, model)
+        >>> phi = nt.entropic_loss(model, loss_fn, (x, y), lr=1e-3, preconditioner=pre)
+        >>> phi.ndim
+        0
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -127,7 +155,7 @@ def _diag_for(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tensor
             return torch.ones((), dtype=p.dtype, device=p.device), 1.0, True, ""
         if group.get("nesterov", False):
             raise ValueError("SGD with nesterov=True: no leading-order approximation is implemented "
-                             "(THEORY.md covers heavy-ball momentum); use nesterov=False")
+                             "(docs/theory.md covers heavy-ball momentum); use nesterov=False")
         tau = _scalar(group.get("dampening", 0.0))
         lam = torch.full((), (1 - tau) / (1 - beta), dtype=p.dtype, device=p.device)
         return lam, (1 + beta) / (1 - beta), False, (

@@ -1,4 +1,4 @@
-"""Explicit entropic regularisation: add SGD's implicit term to a loss (THEORY.md §1).
+"""Explicit entropic regularisation: add SGD's implicit term to a loss (docs/theory.md §1).
 
 Small-batch SGD with learning rate η follows, to first order, the modified loss
 ``L + (η/4)·E_B‖g_B‖² = L + (η/4)(‖∇L‖² + Tr Σ_B)`` (Smith et al. 2021). A model trained with large
@@ -47,6 +47,21 @@ class EntropicRegularizer:
     current mode (a training term); active Dropout makes ``R`` random (a ``ModeWarning`` says so).
     Attention runs in a twice-differentiable kernel, so ``R.backward()`` works through
     ``scaled_dot_product_attention``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> reg = nt.EntropicRegularizer(lr=0.1)
+        >>> loss = loss_fn(model(x), y)
+        >>> total = loss + reg(model, loss_fn, (x, y))  # R = (lr/4)‖∇l_B‖², differentiable
+        >>> g = torch.autograd.grad(loss, list(model.parameters()))
+        >>> torch.allclose(total, loss + 0.1 / 4 * sum((t ** 2).sum() for t in g))
+        True
     """
 
     lr: float

@@ -1,4 +1,4 @@
-"""``entropic-flow``: the paper's Figure 1 (THEORY.md §1, §5.1).
+"""``entropic-flow``: the paper's Figure 1 (docs/theory.md §1, §5.1).
 
 On a smooth, non-quadratic 2-D loss ``L``, compare one GD step of size η with ``n`` steps of size
 η/n taken (a) on ``L`` itself and (b) on the corrected loss

@@ -1,4 +1,4 @@
-"""``pretrained-platonic``: independently trained pretrained models agree (THEORY.md §3).
+"""``pretrained-platonic``: independently trained pretrained models agree (docs/theory.md §3).
 
 Two pairs of real pretrained models, trained by different people on different data:
 
@@ -186,7 +186,7 @@ def compare_pair(ctx: RunContext, tag: str, a: Tensor, b: Tensor, cfg: Pretraine
     cka = al.permutation_null("cka", a, b, n=cfg.n_null, seed=seed)
     ucka = al.permutation_null("cka", a, b, n=cfg.n_null, seed=seed, unbiased=True)
     rotated = al.cka(a, b.double() @ _random_rotation(b.shape[1], seed))
-    why_beyond = ("Platonic hypothesis (THEORY.md §3): paired samples align beyond chance; one-sided "
+    why_beyond = ("Platonic hypothesis (docs/theory.md §3): paired samples align beyond chance; one-sided "
                   f"permutation p-value over {cfg.n_null} row shuffles, smallest possible "
                   f"1/(n+1) = {1 / (cfg.n_null + 1):.2g}")
     ctx.predict(f"{tag}: mutual kNN@{cfg.k} beyond the null (p-value)", knn.p_value, 0.0, cfg.alpha,

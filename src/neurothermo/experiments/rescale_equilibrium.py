@@ -1,4 +1,4 @@
-"""``rescale-equilibrium``: SGD's entropic force picks one point of every rescaling orbit (THEORY.md §2).
+"""``rescale-equilibrium``: SGD's entropic force picks one point of every rescaling orbit (docs/theory.md §2).
 
 Model ``f(x) = u·(wᵀx)``, data ``y = vᵀx + ε`` with ``x ~ N(0, Σ_x)`` (diagonal), ``ε ~ N(0, σ²)``
 independent of x; loss ``½(f − y)²`` averaged over a batch of size b (the factor ½ and σ drop out of

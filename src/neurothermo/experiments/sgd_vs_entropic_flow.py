@@ -1,4 +1,4 @@
-"""``sgd-vs-entropic-flow``: SGD is gradient flow on the entropic loss, to one order more (THEORY.md §1).
+"""``sgd-vs-entropic-flow``: SGD is gradient flow on the entropic loss, to one order more (docs/theory.md §1).
 
 A small MLP on scikit-learn's digits is trained by SGD with learning rate η for a fixed total time
 ``T = K·η`` over a fixed sequence of minibatches in *time*: batch ``B_m`` is used during the window

@@ -1,4 +1,4 @@
-"""Per-sample gradient statistics at the cost of one backward pass (THEORY.md §1).
+"""Per-sample gradient statistics at the cost of one backward pass (docs/theory.md §1).
 
 ``per_sample_grad_norms`` gives ``‖∇_θ l_i‖²`` for every sample of a batch, exactly, from one
 forward and one backward; ``gradient_noise`` turns them into ``Tr Σ`` with its standard error.

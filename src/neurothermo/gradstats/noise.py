@@ -1,4 +1,4 @@
-"""Gradient noise ``Tr Σ`` from per-sample gradient norms, with its standard error (THEORY.md §1).
+"""Gradient noise ``Tr Σ`` from per-sample gradient norms, with its standard error (docs/theory.md §1).
 
 Notation: per-sample gradients ``g_i = ∇_θ l_i``; batch ``B_k`` of ``b_k`` samples with mean
 ``ḡ_k = ∇_θ l_{B_k}``; ``N`` samples in all with mean ``ḡ = (1/N) Σ_i g_i``.
@@ -12,12 +12,12 @@ pooled over the K batches with weights ``b_k − 1`` (the pooled within-batch co
 mean when all batches have one size). Divisor convention: ``b_k − 1``, so ``E T_k = Tr Σ`` for the
 covariance ``Σ = Cov[g(x)]`` of the distribution the samples are drawn from (i.i.d.), and
 ``E T_k = N_pop/(N_pop − 1) · Tr Σ_pop`` for batches drawn without replacement from a finite set
-of ``N_pop`` samples whose covariance is taken with divisor ``N_pop`` (THEORY's convention).
+of ``N_pop`` samples whose covariance is taken with divisor ``N_pop`` (the convention of docs/theory.md).
 Standard error: the spread of the ``T_k`` across batches,
 ``se² = K/(K−1) · Σ_k w_k² (T_k − T̄)² / (Σ_k w_k)²`` (``= s²_T/K`` for equal sizes); ``inf`` with
 a single batch (no spread to estimate it from).
 
-``trace_sigma_population`` is THEORY's definition with the N given samples as the population:
+``trace_sigma_population`` is the definition of docs/theory.md with the N given samples as the population:
 ``(1/N) Σ_i ‖g_i‖² − ‖ḡ‖²`` (divisor N; exact for these samples, biased low by ``(N−1)/N`` as an
 estimate of a larger population's ``Tr Σ``). ``grad_norm_sq = ‖ḡ‖²`` (for i.i.d. samples
 ``E‖ḡ‖² = ‖∇L‖² + Tr Σ / N``).
@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from neurothermo._data import Batch, Data, as_data, check_num_data
 from neurothermo._state import preserved_state
+from neurothermo._types import LossFn
 from neurothermo._validate import check_int
-from neurothermo.gradstats.norms import LossFn, check_finite_norms, prepare, stats_of_batch
+from neurothermo.gradstats.norms import check_finite_norms, prepare, stats_of_batch
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class GradientNoise:
         mean_grad_sq_norm: ``(1/N) Σ_i ‖g_i‖²`` (per-sample gradients, not divided by b).
         mean_grad_sq_norm_se: ``sd_i(‖g_i‖²) / √N``.
         grad_norm_sq: ``‖ḡ‖²``, ``ḡ`` the mean gradient over all N samples.
-        trace_sigma_population: ``mean_grad_sq_norm − grad_norm_sq`` (divisor N, THEORY §1).
+        trace_sigma_population: ``mean_grad_sq_norm − grad_norm_sq`` (divisor N, docs/theory.md §1).
         n_samples, n_batches, batch_size: N, K and the smallest batch size used.
         per_parameter: ``{name: GradientNoise}`` for each parameter alone (trace, mean and
             ‖ḡ‖² add up over parameters; standard errors do not), or None.
@@ -82,13 +83,13 @@ def gradient_noise(
     ``K = ⌊N / batch_size⌋`` consecutive batches of near-equal size (``batch_size`` or a little
     more, so every sample is used); shuffle ``data`` first if its order is not random. Each batch
     costs one forward and one backward (:func:`per_sample_grad_norms` plus the batch gradient).
-    ``loss_fn`` is mean-reduced (THEORY conventions); ``g_i = ∇_θ l_i`` is NOT divided by b.
+    ``loss_fn`` is mean-reduced (docs/theory.md conventions); ``g_i = ∇_θ l_i`` is NOT divided by b.
 
     ``trace_sigma`` = Σ_k (b_k−1)·T_k / Σ_k (b_k−1) with, per batch,
     ``T_k = (b_k/(b_k−1))·[(1/b_k) Σ_{i∈B_k} ‖g_i‖² − ‖ḡ_k‖²]`` (divisor b−1: unbiased for
     ``Tr Cov[g(x)]`` of i.i.d. samples; for batches drawn without replacement from a finite set of
-    ``N_pop`` it estimates ``N_pop/(N_pop−1)`` times THEORY's divisor-N ``Tr Σ``), with standard
-    error from the spread of the T_k (inf for K = 1). ``trace_sigma_population`` is THEORY's
+    ``N_pop`` it estimates ``N_pop/(N_pop−1)`` times docs/theory.md's divisor-N ``Tr Σ``), with standard
+    error from the spread of the T_k (inf for K = 1). ``trace_sigma_population`` is docs/theory.md's
     ``(1/N) Σ_i ‖g_i‖² − ‖ḡ‖²`` over the N samples (divisor N). Details: the module docstring.
     ``by_parameter`` adds ``per_parameter``, the same statistics for each parameter alone.
 
@@ -97,6 +98,20 @@ def gradient_noise(
     iterable of batches (a ``DataLoader``): each batch is one ``B_k`` (``batch_size=None``), or is
     split as above into batches of ``batch_size``; batches of unequal size are pooled with weights
     ``b_k − 1`` as in the formula. ``num_data``: N if known (checked against the samples read).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> noise = nt.gradient_noise(model, loss_fn, (x, y), batch_size=8)
+        >>> noise.n_samples, noise.n_batches
+        (32, 4)
+        >>> bool(noise.trace_sigma > 0) and bool(noise.trace_sigma_se > 0)
+        True
     """
     params = prepare(model, loss_fn)
     d = as_data(data, loss_fn, name="data", model=model, min_size=2)

@@ -1,6 +1,6 @@
 """Per-sample squared gradient norms ``‖∇_θ l_i‖²`` from one forward and one backward pass.
 
-Convention (THEORY.md): ``loss_fn(outputs, targets)`` returns the MEAN of per-sample losses,
+Convention (docs/theory.md): ``loss_fn(outputs, targets)`` returns the MEAN of per-sample losses,
 ``l_B = (1/b) Σ_i l_i``. One backward of ``l_B`` gives, at every layer output ``y``, ``δ_i/b`` with
 ``δ_i = ∂l_i/∂y_i``. The layer rules (``rules/``) turn those and the recorded layer inputs into exact
 per-sample contributions (``_pieces``) without forming per-sample gradients where a closed form
@@ -10,9 +10,9 @@ exists, and the squared norms are multiplied by ``b²``: the result is ``‖g_i�
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,7 @@ from torch.autograd.graph import GradientEdge
 
 from neurothermo._data import Batch, as_data, resolve_loss_fn
 from neurothermo._state import preserved_state, select_parameters
+from neurothermo._types import LossFn
 from neurothermo._validate import (
     check_finite_params,
     check_loss_fn,
@@ -30,7 +31,26 @@ from neurothermo.gradstats._capture import Recorder, recording
 from neurothermo.gradstats._pieces import Piece, param_sq_norm
 from neurothermo.gradstats.rules import Use, check_batchnorm
 
-LossFn = Callable[..., Tensor] | None  # None: the model returns its loss (model_loss)
+
+@overload
+def per_sample_grad_norms(
+    model: nn.Module, loss_fn: LossFn, batch: Any, *,
+    by_parameter: Literal[False] = False, create_graph: bool = False,
+) -> Tensor: ...
+
+
+@overload
+def per_sample_grad_norms(
+    model: nn.Module, loss_fn: LossFn, batch: Any, *,
+    by_parameter: Literal[True], create_graph: bool = False,
+) -> dict[str, Tensor]: ...
+
+
+@overload
+def per_sample_grad_norms(
+    model: nn.Module, loss_fn: LossFn, batch: Any, *,
+    by_parameter: bool, create_graph: bool = False,
+) -> Tensor | dict[str, Tensor]: ...
 
 
 def per_sample_grad_norms(
@@ -91,6 +111,23 @@ def per_sample_grad_norms(
             a non-mean ``loss_fn``; a bad batch; activations that are not batch-first; a
             parameter used outside its own module's forward; a loss that ignores θ.
         FloatingPointError: non-finite parameters, loss or norms.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> norms = nt.per_sample_grad_norms(model, loss_fn, (x, y))
+        >>> norms.shape
+        torch.Size([32])
+        >>> by = nt.per_sample_grad_norms(model, loss_fn, (x, y), by_parameter=True)
+        >>> sorted(by)
+        ['0.bias', '0.weight', '2.bias', '2.weight']
+        >>> torch.allclose(sum(by.values()), norms)
+        True
     """
     params = prepare(model, loss_fn)
     parts = []

@@ -65,6 +65,22 @@ class BackwardCapture:
         cap.arm()                        # before the step's forward
         loss = loss_fn(model(x), y); loss.backward()
         sq = cap.norms(batch_size=x.shape[0])   # [b] ‖g_i‖², or None (see cap.reason)
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> params = dict(model.named_parameters())
+        >>> cap = nt.BackwardCapture(model, params)
+        >>> cap.arm()  # before the step's own forward
+        >>> loss_fn(model(x), y).backward()
+        >>> sq = cap.norms(32)  # ‖g_i‖² of every sample, read from that backward
+        >>> torch.allclose(sq, nt.per_sample_grad_norms(model, loss_fn, (x, y)))
+        True
     """
 
     def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:

@@ -1,4 +1,4 @@
-"""Deep linear networks, plain and embedded (THEORY.md §3).
+"""Deep linear networks, plain and embedded (docs/theory.md §3).
 
 The embedded deep linear network is ``f(x) = M_out · W_D ⋯ W_1 · M_in · x`` with trainable ``W_k``
 and fixed invertible ``M_in``, ``M_out`` (stand-ins for the layers around a linear block). Hidden
@@ -72,6 +72,6 @@ class EmbeddedDeepLinear(nn.Module):
         """Hidden layers between two trainable maps, ``h_k = W_k ⋯ W_1 M_in x``, k = 1 … D−1.
 
         (The output of ``W_D`` feeds the fixed ``M_out``: no balance condition holds there, so it
-        is not a hidden layer of THEORY.md §3's claim.)
+        is not a hidden layer of docs/theory.md §3's claim.)
         """
         return self.body.hidden(x @ self.m_in.T)

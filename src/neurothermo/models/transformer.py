@@ -1,4 +1,4 @@
-"""A small pre-LN decoder-only transformer, written plainly (THEORY.md §3, §5.4).
+"""A small pre-LN decoder-only transformer, written plainly (docs/theory.md §3, §5.4).
 
 ``tokens (b, T) → logits (b, T, V)``::
 

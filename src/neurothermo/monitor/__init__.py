@@ -20,3 +20,20 @@ from neurothermo.monitor.writers import (
     WandbWriter,
     Writer,
 )
+
+__all__ = [
+    "ChargeDrift",
+    "History",
+    "JSONLWriter",
+    "LayerBalance",
+    "MLflowWriter",
+    "MonitorWarning",
+    "NeuronBalance",
+    "TensorBoardWriter",
+    "ThermoMonitor",
+    "WandbWriter",
+    "Writer",
+    "charge_drift",
+    "layer_balance",
+    "neuron_balance",
+]

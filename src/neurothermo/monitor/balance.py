@@ -1,4 +1,4 @@
-"""Layer balance and neuron balance: the quantities of the paper's Figure 2 (THEORY.md §2, §5.2).
+"""Layer balance and neuron balance: the quantities of the paper's Figure 2 (docs/theory.md §2, §5.2).
 
 Both summaries read a :class:`~neurothermo.monitor.History` written by a ThermoMonitor and average
 over a window of recorded steps at the end of the run (by default its second half), because the
@@ -155,6 +155,20 @@ def layer_balance(history: History, *, window: float | int = 0.5, n_blocks: int 
 
     ``window`` is the fraction of recorded steps at the end to average over, or an int: the first
     step of the window. ``n_blocks`` sets the batch-means error estimate.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> monitor = nt.ThermoMonitor(model, loss_fn, noise_every=None)
+        >>> history = nt.train(model, loss_fn, (x, y), lr=0.1, batch_size=8, steps=40, monitor=monitor)
+        >>> bal = nt.layer_balance(history)  # mean over the last half of the run
+        >>> bal.layers, bal.pair_ratio.shape
+        (('0', '2'), (1,))
     """
     layers = _layers(history)
     cols = [names.grad_sq(n) for n in layers]
@@ -232,7 +246,22 @@ def _inf_if_none(x: float | None) -> float:
 def neuron_balance(
     history: History, *, window: float | int = 0.5, n_blocks: int = 10
 ) -> tuple[NeuronBalance, ...]:
-    """One :class:`NeuronBalance` per rescale-symmetric hidden layer, averaged over ``window``."""
+    """One :class:`NeuronBalance` per rescale-symmetric hidden layer, averaged over ``window``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> monitor = nt.ThermoMonitor(model, loss_fn, noise_every=None)
+        >>> history = nt.train(model, loss_fn, (x, y), lr=0.1, batch_size=8, steps=40, monitor=monitor)
+        >>> (nb,) = nt.neuron_balance(history)  # one per rescale symmetry (the ReLU's 8 units)
+        >>> nb.energy_in.shape  # E‖incoming‖² per unit over the window (numpy)
+        (8,)
+    """
     found = _rescale_indices(history)
     if not found:
         raise ValueError(

@@ -33,7 +33,6 @@ from neurothermo.monitor import names
 from neurothermo.monitor.quantities import SquareSums, balance_residual, ema_update
 
 if TYPE_CHECKING:
-    from neurothermo.monitor.monitor import ThermoMonitor
     from neurothermo.monitor.symmetries import Tracked
 
 Columns = dict[str, tuple[list[int], Tensor]]
@@ -57,24 +56,53 @@ class RawStep:
     after: SquareSums | None = None
 
 
-def _running(mon_state: list[Any], rows: Tensor, beta: float) -> Tensor:
-    """EMA rows ``m_t`` for ``rows`` [T, ...], continuing from ``mon_state[0]`` (updated in place)."""
+@dataclass(frozen=True)
+class Layout:
+    """What the derivation needs to know of the monitor, fixed when the monitor is built.
+
+    ``names``: the parameters' names; ``param_layer``: each parameter's layer index; ``layer_cols``
+    / ``pair_cols``: per layer ``(‖g‖², its EMA, weight norm)`` column names and per consecutive
+    pair ``(ratio, residual)``; ``beta``: the EMA factor β; ``max_charge_numel``: charges with more
+    units are summarised, not stored."""
+
+    names: list[str]
+    param_layer: list[int]
+    layer_cols: list[tuple[str, str, str]]
+    pair_cols: list[tuple[str, str]]
+    beta: float
+    max_charge_numel: int
+
+
+@dataclass(frozen=True)
+class LayerEma:
+    """The per-layer running expectation carried from one flush to the next: the raw EMA ``m_t``
+    (``None`` before the first step) and the number of steps ``t`` folded in (for the bias
+    correction ``1 − β^t``)."""
+
+    avg: Tensor | None = None
+    count: int = 0
+
+
+def _running(state: list[Any], rows: Tensor, beta: float) -> Tensor:
+    """EMA rows ``m_t`` for ``rows`` [T, ...], continuing from ``state[0]`` (updated in place)."""
     out = []
-    avg = mon_state[0]
+    avg = state[0]
     for x in rows:
         avg = ema_update(avg, x, beta)
         out.append(avg)
-    mon_state[0] = avg
+    state[0] = avg
     return torch.stack(out)
 
 
-def derive(mon: ThermoMonitor, block: Sequence[RawStep]) -> Columns:
-    """Every deferred column of ``block`` as ``{column: (steps, values stacked per step)}``."""
+def derive(layout: Layout, tracked: Sequence[Tracked], ema: LayerEma, block: Sequence[RawStep]
+           ) -> tuple[Columns, LayerEma]:
+    """Every deferred column of ``block`` as ``{column: (steps, values stacked per step)}``, and the
+    layer EMA after the block. ``tracked``'s unit EMAs (``ema_in``/``ema_out``) advance in place."""
     steps = [r.step for r in block]
     cols: Columns = {}
     grads = SquareSums.stacked([r.grads for r in block])
     before = SquareSums.stacked([r.before for r in block])
-    _layers(mon, steps, grads, before, cols)
+    ema = _layers(layout, ema, steps, grads, before, cols)
     with_lr = [i for i, r in enumerate(block) if r.lr is not None]
     if with_lr:
         at = [steps[i] for i in with_lr]
@@ -84,16 +112,16 @@ def derive(mon: ThermoMonitor, block: Sequence[RawStep]) -> Columns:
         cols[names.LR] = (at, torch.tensor(lrs, dtype=f64))
         cols[names.BATCH_SIZE] = (at, torch.tensor(bs, dtype=f64))
         cols[names.TEMPERATURE] = (at, torch.tensor([lr / b for lr, b in zip(lrs, bs)], dtype=f64))
-    rescale = [t for t in mon._tracked or () if deferred_charge(t)]
+    rescale = [t for t in tracked if deferred_charge(t)]
     after = (SquareSums.stacked([r.after for r in block])  # type: ignore[misc]
              if rescale else None)
-    for t in mon._tracked or ():
+    for t in tracked:
         if t.per_unit:
-            _units(mon, t, steps, grads, cols)
+            _units(layout.beta, t, steps, grads, cols)
         if deferred_charge(t):
             assert after is not None
-            _charges(mon, t, block, grads, before, after, cols)
-    return cols
+            _charges(layout.max_charge_numel, t, block, grads, before, after, cols)
+    return cols, ema
 
 
 def deferred_charge(t: Tracked) -> bool:
@@ -101,38 +129,37 @@ def deferred_charge(t: Tracked) -> bool:
     return t.per_unit and t.sym.kind == "rescale"
 
 
-def _layers(mon: ThermoMonitor, steps: list[int], grads: SquareSums, before: SquareSums,
-            cols: Columns) -> None:
-    n_layers = len(mon.layers)
-    group = torch.tensor(mon._param_layer)
-    per_g = grads.per_tensor(mon._names)  # [T, P]
-    per_p = before.per_tensor(mon._names)
+def _layers(layout: Layout, ema_in: LayerEma, steps: list[int], grads: SquareSums,
+            before: SquareSums, cols: Columns) -> LayerEma:
+    n_layers = len(layout.layer_cols)
+    group = torch.tensor(layout.param_layer)
+    per_g = grads.per_tensor(layout.names)  # [T, P]
+    per_p = before.per_tensor(layout.names)
     index = group.to(per_g.device)
     layer_sq = per_g.new_zeros(per_g.shape[0], n_layers).index_add_(1, index, per_g)
     w_norm = per_p.new_zeros(per_p.shape[0], n_layers).index_add_(1, index, per_p).sqrt()
-    state = [mon._ema_layer]
-    ema = _running(state, layer_sq, mon.ema)
-    mon._ema_layer = state[0]
-    first = mon._count
-    mon._count += len(steps)
-    corr = torch.tensor([1 - mon.ema ** (first + i + 1) for i in range(len(steps))],
+    state = [ema_in.avg]
+    ema = _running(state, layer_sq, layout.beta)
+    first = ema_in.count
+    corr = torch.tensor([1 - layout.beta ** (first + i + 1) for i in range(len(steps))],
                         dtype=torch.float64).to(ema.device, ema.dtype)
     ema_hat = ema / corr[:, None]
     ratio = ema[:, :-1] / ema[:, 1:]
     resid = (ema[:, :-1] - ema[:, 1:]) / (ema[:, :-1] + ema[:, 1:])
-    for k, (c_sq, c_ema, c_w) in enumerate(mon._layer_cols):
+    for k, (c_sq, c_ema, c_w) in enumerate(layout.layer_cols):
         cols[c_sq], cols[c_ema], cols[c_w] = (steps, layer_sq[:, k]), (steps, ema_hat[:, k]), (steps, w_norm[:, k])
-    for k, (c_ratio, c_resid) in enumerate(mon._pair_cols):
+    for k, (c_ratio, c_resid) in enumerate(layout.pair_cols):
         cols[c_ratio], cols[c_resid] = (steps, ratio[:, k]), (steps, resid[:, k])
+    return LayerEma(state[0], first + len(steps))
 
 
-def _units(mon: ThermoMonitor, t: Tracked, steps: list[int], grads: SquareSums, cols: Columns) -> None:
+def _units(beta: float, t: Tracked, steps: list[int], grads: SquareSums, cols: Columns) -> None:
     e_in, e_out = grads.unit_energies(t.sym.slices, t.sym.n_units)
     state = [t.ema_in]
-    m_in = _running(state, e_in, mon.ema)
+    m_in = _running(state, e_in, beta)
     t.ema_in = state[0]
     state = [t.ema_out]
-    m_out = _running(state, e_out, mon.ema)
+    m_out = _running(state, e_out, beta)
     t.ema_out = state[0]
     s_in, s_out = m_in.sum(-1), m_out.sum(-1)
     c = t.cols
@@ -141,7 +168,7 @@ def _units(mon: ThermoMonitor, t: Tracked, steps: list[int], grads: SquareSums, 
     cols[c["residual"]] = (steps, balance_residual(m_in, m_out, s_in, s_out))
 
 
-def _charges(mon: ThermoMonitor, t: Tracked, block: Sequence[RawStep], grads: SquareSums,
+def _charges(max_charge_numel: int, t: Tracked, block: Sequence[RawStep], grads: SquareSums,
              before: SquareSums, after: SquareSums, cols: Columns) -> None:
     steps = [r.step for r in block]
     j_in, j_out = before.unit_energies(t.sym.slices, t.sym.n_units)
@@ -149,7 +176,7 @@ def _charges(mon: ThermoMonitor, t: Tracked, block: Sequence[RawStep], grads: Sq
     charge = j_in - j_out
     measured = (a_in - a_out) - charge
     c = t.cols
-    small = t.sym.n_units <= mon.max_charge_numel
+    small = t.sym.n_units <= max_charge_numel
     if small:
         cols[c["charge"]], cols[c["meas"]] = (steps, charge), (steps, measured)
     rows = [i for i, r in enumerate(block) if r.predict and r.lr is not None]

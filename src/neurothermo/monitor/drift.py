@@ -123,6 +123,20 @@ def charge_drift(history: History, *, window: float | tuple[int, int] = 0.5, n_b
         mon = nt.ThermoMonitor(model, loss_fn, every=1, noise_every=None)
         h = nt.train(model.double(), loss_fn, data, lr=0.1, batch_size=1, steps=2000, monitor=mon)
         d = charge_drift(h)[0]; assert d.error <= d.roundoff   # mean imbalance = ΔJ/(η²T)
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> monitor = nt.ThermoMonitor(model, loss_fn, noise_every=None)
+        >>> history = nt.train(model, loss_fn, (x, y), lr=0.1, batch_size=8, steps=40, monitor=monitor)
+        >>> (cd,) = nt.charge_drift(history, weight_decay=0.0)  # mean imbalance = the charge's drift, exactly
+        >>> bool((cd.error <= 10 * cd.roundoff + 1e-6).all())
+        True
     """
     notes = " ".join(history.meta.get("notes", []))
     if "charge predictions not recorded" in notes:

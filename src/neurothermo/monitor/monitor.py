@@ -63,7 +63,7 @@ from neurothermo._data import Batch, as_batch, as_data
 from neurothermo._state import preserved_state
 from neurothermo._validate import check_int, check_loss_fn, check_positive
 from neurothermo.monitor import names
-from neurothermo.monitor.derive import RawStep, deferred_charge, derive
+from neurothermo.monitor.derive import LayerEma, Layout, RawStep, deferred_charge, derive
 from neurothermo.monitor.distributed import check_sharded, full_tensors, is_sharded, unwrap
 from neurothermo.monitor.history import History
 from neurothermo.monitor.quantities import SquareSums, predicted_change
@@ -86,6 +86,20 @@ class ThermoMonitor:
     estimates. ``dataset_size`` / ``replacement`` describe how minibatches are drawn (set by
     ``nt.train``); unknown means i.i.d. draws. ``max_charge_numel``: charges with more entries
     (large double-rotation matrices) are recorded only through ``charge_err``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> monitor = nt.ThermoMonitor(model, loss_fn, noise_every=None)
+        >>> history = nt.train(model, loss_fn, (x, y), lr=0.1, batch_size=8, steps=40, monitor=monitor)
+        >>> bal = nt.layer_balance(history)  # the monitor's per-layer gradient energies
+        >>> bal.layers
+        ('0', '2')
     """
 
     def __init__(
@@ -126,7 +140,7 @@ class ThermoMonitor:
         if self.sharpness_every is not None and self.data is None:
             raise ValueError(
                 "sharpness_every needs data=(inputs, targets): sharpness is the top Hessian "
-                "eigenvalue on a fixed set (never on single minibatches, THEORY.md §4)"
+                "eigenvalue on a fixed set (never on single minibatches, docs/theory.md §4)"
             )
         self._sharpness: Any = _make_tracker(self) if self.sharpness_every is not None else None
         self._opt: torch.optim.Optimizer | None = None
@@ -411,7 +425,11 @@ class ThermoMonitor:
             return
         block, self._raw = self._raw, []
         with torch.no_grad():
-            for name, (steps, vals) in derive(self, block).items():
+            layout = Layout(self._names, self._param_layer, self._layer_cols, self._pair_cols,
+                            self.ema, self.max_charge_numel)
+            cols, ema = derive(layout, self._tracked or (), LayerEma(self._ema_layer, self._count), block)
+            self._ema_layer, self._count = ema.avg, ema.count
+            for name, (steps, vals) in cols.items():
                 self._history.extend(name, steps, vals)
 
     def _init_symmetries(self, inputs: Tensor) -> list[Tracked]:
@@ -431,21 +449,27 @@ class ThermoMonitor:
 
 def _entropic_terms(mon: ThermoMonitor, batch: Batch, loss: Tensor | None,
                     lr: float, wd: float, step: int) -> dict[str, Tensor]:
-    from neurothermo.monitor.noise import entropic_terms
+    from neurothermo.monitor.noise import NoiseSetup, entropic_terms
 
     raw = mon._raw[-1] if mon._raw and mon._raw[-1].step == step else None
     grad_sq = raw.grads.per_tensor(mon._names).sum() if raw is not None else None
-    return entropic_terms(mon, batch, loss, lr, wd, step_grad_sq=grad_sq)
+    setup = NoiseSetup(mon.model, mon.loss_fn, mon.data, mon._params, mon._n, mon._replacement,
+                       mon._capture, mon._note, mon._measuring, dist=mon._dist)
+    res = entropic_terms(setup, batch, loss, lr, wd, step_grad_sq=grad_sq)
+    if res.method is not None:
+        mon._history.meta["entropic"] = res.method
+    mon._passive_ready = mon._passive_ready or res.passive_ready
+    return res.columns
 
 
 def _make_capture(mon: ThermoMonitor) -> Any:
     from neurothermo.monitor.noise import make_capture
 
-    return make_capture(mon)
+    return make_capture(mon.model, mon._params, mon._note)
 
 
 def _make_tracker(mon: ThermoMonitor) -> Any:
     from neurothermo.monitor.noise import make_sharpness_tracker
 
-    return make_sharpness_tracker(mon)
+    return make_sharpness_tracker()
 

@@ -1,6 +1,6 @@
 """Pure functions on tensors behind the monitor: gradient energies, charges, step predictions.
 
-Conventions (THEORY.md): ``g`` is the gradient of the mean minibatch loss ``l_B`` (what
+Conventions (docs/theory.md): ``g`` is the gradient of the mean minibatch loss ``l_B`` (what
 ``loss.backward()`` leaves in ``p.grad``, *without* weight decay); ``lr`` is η; ``weight_decay`` is
 torch's ``wd`` (the step uses ``g + wd·θ``). Nothing here synchronises with the device.
 """
@@ -180,7 +180,7 @@ class SquareSums:
 
 
 def predicted_change(charge: Tensor, imbalance: Tensor, lr: float, weight_decay: float) -> Tensor:
-    """Change of a charge over one plain SGD step, exact for any ``lr`` (THEORY.md §2).
+    """Change of a charge over one plain SGD step, exact for any ``lr`` (docs/theory.md §2).
 
     ``J' − J = ((1 − lr·wd)² − 1)·J + lr²·gᵀAg`` with ``gᵀAg`` the gradient imbalance (for rescale
     symmetry: incoming minus outgoing gradient energy per unit).
@@ -217,7 +217,7 @@ def batch_noise_terms(
     sample_sq_norms: Tensor, grad_sq: Tensor, *, lr: float, dataset_size: int | None,
     replacement: bool, grad_sq_decayed: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Entropic discretization and noise terms estimated from one minibatch (THEORY.md §1).
+    """Entropic discretization and noise terms estimated from one minibatch (docs/theory.md §1).
 
     ``sample_sq_norms = [‖g_i‖²]`` for the b per-sample loss gradients, ``grad_sq = ‖g_B‖²`` for their
     mean (the minibatch gradient), ``grad_sq_decayed = ‖g_B + wd·θ‖²`` when there is weight decay

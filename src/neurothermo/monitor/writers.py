@@ -28,6 +28,23 @@ class JSONLWriter:
 
     Readable with :meth:`History.from_jsonl` or ``[json.loads(line) for line in open(path)]``.
     Non-finite floats are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (strict JSON).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.jsonl"
+        >>> monitor = nt.ThermoMonitor(model, loss_fn, noise_every=None,
+        ...                           writer=nt.JSONLWriter(path))
+        >>> history = nt.train(model, loss_fn, (x, y), lr=0.1, batch_size=8, steps=40, monitor=monitor)
+        >>> back = nt.History.from_jsonl(path)
+        >>> int(back.steps("loss")[-1]) == int(history.steps("loss")[-1])
+        True
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

@@ -1,4 +1,4 @@
-"""The :class:`Symmetry` record and its Noether charge (THEORY.md §2).
+"""The :class:`Symmetry` record and its Noether charge (docs/theory.md §2).
 
 A symmetry acts on slices of parameters. Every slice is read as a matrix ``M`` of shape
 ``(n_units, m)``: the unit axis ``dim`` of the (optionally reshaped) tensor moved to the front and
@@ -228,7 +228,7 @@ class Symmetry:
         if self.isometry:
             raise ValueError(
                 f"{self.kind} symmetries are isometries of parameter space: they have no Noether "
-                "charge and SGD never breaks them (THEORY.md §2). Use transform/verify instead."
+                "charge and SGD never breaks them (docs/theory.md §2). Use transform/verify instead."
             )
 
     def _form(self, source: Params, what: str) -> Tensor:
@@ -259,7 +259,7 @@ class Symmetry:
     def imbalance(self, grads: Mapping[str, Tensor | None]) -> Tensor:
         """``gᵀAg = Σ_in g gᵀ − Σ_out g gᵀ`` for a mapping name → gradient (e.g. ``{n: p.grad}``).
 
-        Zero in expectation at gradient balance (THEORY.md §2); same shape as the charge.
+        Zero in expectation at gradient balance (docs/theory.md §2); same shape as the charge.
         """
         self._no_charge()
         if not isinstance(grads, Mapping):

@@ -321,6 +321,17 @@ def find_symmetries(
     Candidates are verified together (a composition of symmetries is a symmetry); a group that
     fails is split in halves, so the cost is a few forward passes plus ``O(log n)`` per false
     candidate and ``trials`` per approximate one.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> sorted({s.kind for s in nt.find_symmetries(model, x[:4])})
+        ['permutation', 'rescale']
     """
     trials = check_int("trials", trials)
     _check_finite(model, example_inputs)

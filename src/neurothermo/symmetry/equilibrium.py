@@ -1,4 +1,4 @@
-"""Stationary charge of a symmetry under SGD with weight decay (THEORY.md §2).
+"""Stationary charge of a symmetry under SGD with weight decay (docs/theory.md §2).
 
 Taking expectations of the exact step ``J' = (1 − lr·wd)²·J + lr²·gᵀAg`` at stationarity gives::
 
@@ -85,6 +85,27 @@ def charge_equilibrium(
 
     ``grad_stats``: samples of the imbalance ``symmetry.imbalance(grads)`` stacked on dim 0 (or one
     value), or gradient mappings ``{name: g_B}`` (minibatch gradients without the weight-decay term).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()
+        >>> sym = next(s for s in nt.find_symmetries(model, x[:4]) if s.kind == "rescale")
+        >>> names = [n for n, _ in model.named_parameters()]
+        >>> samples = []
+        >>> for i in range(4):  # gᵀAg of four minibatch gradients
+        ...     g = torch.autograd.grad(loss_fn(model(x[8 * i:8 * i + 8]), y[8 * i:8 * i + 8]),
+        ...                             list(model.parameters()))
+        ...     samples.append(sym.imbalance(dict(zip(names, g))))
+        >>> eq = nt.charge_equilibrium(sym, torch.stack(samples), lr=0.1, weight_decay=1e-3)
+        >>> eq.samples, eq.charge.shape
+        (4, torch.Size([8]))
+        >>> torch.allclose(eq.charge, 0.1 / (1e-3 * (2 - 0.1 * 1e-3)) * eq.mean_imbalance)
+        True
     """
     if not isinstance(symmetry, Symmetry):
         raise TypeError(f"symmetry must be a Symmetry, got {type(symmetry).__name__}")

@@ -2,7 +2,7 @@
 
 Permuting the units (in-weights rows, biases, per-unit activation/normalisation parameters and
 running statistics, out-weight columns) leaves the function unchanged. A discrete isometry: no
-charge, never broken by SGD (THEORY.md §2).
+charge, never broken by SGD (docs/theory.md §2).
 """
 from __future__ import annotations
 

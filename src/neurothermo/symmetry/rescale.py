@@ -2,7 +2,7 @@
 
 ``σ(s·z) = s·σ(z)`` for ``s > 0`` (ReLU, leaky ReLU, PReLU with a shared or per-channel slope,
 max-pooling, the identity). Scaling the unit's in-weights and bias by ``s_i`` and its out-weights
-by ``1/s_i`` leaves the function unchanged. Charge per unit (THEORY.md §2, table)::
+by ``1/s_i`` leaves the function unchanged. Charge per unit (docs/theory.md §2, table)::
 
     J_i = ‖w_i‖² + b_i² − ‖u_i‖²,    SGD: J_i' = (1 − lr·wd)²·J_i + lr²·(‖g_wi‖² + g_bi² − ‖g_ui‖²)
 """

@@ -3,7 +3,7 @@
 ``W_{k+1}·W_k = (W_{k+1}G⁻¹)·(G W_k)`` for any invertible ``G``; a bias of the first map moves with
 it (``b → G b``). Attention has one such pair per head: query–key (``q·kᵀ = (Gq)·(G⁻ᵀk)ᵀ``, both maps
 covariant in torch's ``(out, in)`` layout, the key one with ``G⁻ᵀ``) and value–output. Charge
-(THEORY.md §2; torch layout, weights ``(out, in)``)::
+(docs/theory.md §2; torch layout, weights ``(out, in)``)::
 
     J = W_k W_kᵀ + b_k b_kᵀ − W_{k+1}ᵀ W_{k+1}              (value–output: W_V,h ⋯ − W_O,hᵀ W_O,h)
     J = W_Q,h W_Q,hᵀ + b_Q,h b_Q,hᵀ − W_K,h W_K,hᵀ − b_K,h b_K,hᵀ            (query–key, per head)

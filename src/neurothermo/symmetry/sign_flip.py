@@ -1,7 +1,7 @@
 """Sign-flip symmetry: hidden units behind odd activations (tanh, sin, softsign, …).
 
 ``σ(−z) = −σ(z)``: flipping the sign of a unit's in-weights, bias and out-weights leaves the function
-unchanged. A discrete isometry of parameter space: no charge, never broken by SGD (THEORY.md §2).
+unchanged. A discrete isometry of parameter space: no charge, never broken by SGD (docs/theory.md §2).
 """
 from __future__ import annotations
 

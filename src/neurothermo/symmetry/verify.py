@@ -55,6 +55,32 @@ def verify_symmetry(
     a mapping of tensors (keyword arguments). The model runs in its current train/eval mode with
     the same RNG seed for every forward (dropout masks agree); parameters, buffers, flags and
     ``.grad`` are restored. Exact symmetries give rounding error (float64 ~1e-15, float32 ~1e-7).
+
+    Args:
+        model: the network the symmetry was found in.
+        symmetry: a :class:`Symmetry` of ``model`` (e.g. from :func:`find_symmetries`).
+        inputs: the inputs to run the model on, as above.
+        trials: the number of random group elements tried.
+        seed: seeds the random group elements (and every forward's RNG).
+
+    Returns:
+        The largest relative output change, a Python float (0 for no change).
+
+    Raises:
+        TypeError: ``symmetry`` is not a :class:`Symmetry`.
+        ValueError: ``trials`` is not a positive integer.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss_fn = nn.CrossEntropyLoss()  # mean-reduced
+        >>> sym = next(s for s in nt.find_symmetries(model, x[:4]) if s.kind == "rescale")
+        >>> nt.verify_symmetry(model, sym, x[:4]) < 1e-5  # relative output change under random elements
+        True
     """
     if not isinstance(symmetry, Symmetry):
         raise TypeError(f"symmetry must be a Symmetry, got {type(symmetry).__name__}")
