@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from neurothermo.config import ConfigError, setting
 from neurothermo.experiments import (
     entropic_flow,
+    gpt_balance,
     layer_balance,
     platonic_linear,
     platonic_nonlinear,
