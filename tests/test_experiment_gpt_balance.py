@@ -150,7 +150,7 @@ def test_small_lr_control_fails_the_main_law(tmp_path: Path) -> None:
 def test_broken_control_fails_the_qk_identity_and_law(tmp_path: Path) -> None:
     res = run_experiment("gpt-balance", out=tmp_path, overrides=(*TINY, "variant=broken"))
     preds = _preds(res)
-    qk = [p for n, p in preds.items() if "Q/K" in n]
+    qk = [p for n, p in preds.items() if "Q/K" in n and ("(sum" in n or "identity" in n)]
     assert len(qk) == 2 and not any(p["passed"] for p in qk)
     for n, p in preds.items():
         if "identity" in n and ("V/O" in n or "MLP" in n):

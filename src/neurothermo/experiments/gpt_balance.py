@@ -192,10 +192,14 @@ def main_predictions(ctx: RunContext, res: RunResult, cfg: GptBalanceConfig, sta
                         f"limit, Bonferroni over {len(fl)} families at level {cfg.alpha}")
         summary[f"law_{fam}"] = {"gag": float(law.gag[0]), "cJ": float(law.cj[0]),
                                  "resid": float(law.resid[0]), "se": float(law.se[0]), "z": z}
-    zmax = max(float(np.abs(law.z).max()) for rows in fl.values() for _l, law in rows[1:])
-    ctx.predict(f"{tag}: weight-decay law per head / per layer, max |z| over {n_groups} groups",
-                zmax, 0.0, lim_grp, sense="at_most",
-                why=f"as the family law, per group; Bonferroni over the {n_groups} groups")
+    zmax = 0.0
+    for fam, rows in fl.items():
+        zf = max(float(np.abs(law.z).max()) for _l, law in rows[1:])
+        zmax = max(zmax, zf)
+        ctx.predict(f"{tag}: weight-decay law per group ({'head' if fam in ('qk', 'vo') else 'layer'}"
+                    f"), {tr.FAMILY_LABEL[fam]}, max |z| over {len(rows) - 1}", zf, 0.0, lim_grp,
+                    sense="at_most",
+                    why=f"as the family law, per group; Bonferroni over all {n_groups} groups")
     late = float(np.mean(res.losses[-max(1, len(res.losses) // 10):]))
     ctx.predict(f"{tag}: learns the text (last-tenth training loss below the unigram entropy)",
                 late, unigram, 0.0, sense="at_most",
