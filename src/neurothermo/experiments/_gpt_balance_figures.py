@@ -5,8 +5,8 @@ matrix charge; ``|J_u|`` per unit) against steps, log scale: SGD, the small-η c
 control and AdamW, with the theory curve ``(1 − η·wd)^{2t}`` times the start (how fast SGD with
 decay forgets an initial imbalance, before the η² noise term sets the floor) and the window of the
 law. ``energies``: per unit (MLP, LayerNorm) and per head (Q/K, V/O, trace), the late-window
-⟨‖g_in‖²⟩ against ⟨‖g_out‖²⟩ + c·⟨J⟩ (SGD: the weight-decay law puts every point on the
-diagonal) beside AdamW's ⟨‖g_in‖²⟩ against ⟨‖g_out‖²⟩ (measured, no prediction).
+⟨‖g_in‖²⟩ against ⟨‖g_out‖²⟩ + c·⟨N⟩ (SGD: the weight-decay law on the noise-driven charge N
+puts every point on the diagonal; only the family and per-layer/per-head sums are checked) beside AdamW's ⟨‖g_in‖²⟩ against ⟨‖g_out‖²⟩ (measured, no prediction).
 """
 from __future__ import annotations
 
@@ -36,10 +36,13 @@ def normalised_imbalance(traces: list[Trace], fam: str) -> np.ndarray:
 
 
 def late_energies(t: Trace, start: int, lr: float, wd: float) -> tuple[np.ndarray, np.ndarray]:
-    """(⟨e_in⟩, ⟨e_out⟩ + c⟨J⟩) per unit/head on the window; c = wd(2 − η·wd)/η."""
+    """(⟨e_in⟩, ⟨e_out⟩ + c⟨N⟩) per unit/head on the window; c = wd(2 − η·wd)/η and
+    ``N_t = J_t − (1 − η·wd)^{2t}J_0`` the noise-driven part of the charge (as the law is checked)."""
     e_in = t.stacked("e_in").numpy()[start:].mean(0)
     e_out = t.stacked("e_out").numpy()[start:].mean(0)
-    j = t.stacked("charge").numpy()[start:-1]
+    j = t.stacked("charge").numpy()
+    steps = np.arange(j.shape[0], dtype=np.float64).reshape((-1,) + (1,) * (j.ndim - 1))
+    j = (j - (1.0 - lr * wd) ** (2 * steps) * j[:1])[start:-1]
     jj = np.trace(j, axis1=-2, axis2=-1).reshape(j.shape[0], -1) if j.ndim >= 3 else j
     c = wd * (2.0 - lr * wd) / lr if wd else 0.0
     return e_in, e_out + c * jj.mean(0)
@@ -68,7 +71,7 @@ def draw_figures(ctx: Any, runs: dict[str, Any], cfg: Any, start: int) -> None:
     fig.suptitle("Imbalance of the charges along training (grey: the window of the law)")
     ctx.savefig(fig, "imbalance")
 
-    panels = [("sgd", "SGD: ⟨‖g_out‖²⟩ + wd(2−η·wd)⟨J⟩/η")]
+    panels = [("sgd", "SGD: ⟨‖g_out‖²⟩ + wd(2−η·wd)⟨N⟩/η")]
     if "adamw" in runs:
         panels.append(("adamw", "AdamW: ⟨‖g_out‖²⟩ (measured only)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6), squeeze=False)
