@@ -11,6 +11,7 @@ from neurothermo.experiments import (
     discrete_symmetry,
     entropic_flow,
     forward_backward,
+    gpt_balance,
     layer_balance,
     matrix_lr,
     momentum,

@@ -1,0 +1,95 @@
+"""Pure checks of ``gpt-balance`` on recorded traces (numpy, float64).
+
+Identity. One plain SGD step θ' = θ − η(g + wd·θ), decay on every parameter of the orbit, changes
+the charge exactly to ``J' = (1 − η·wd)²J + η²·gᵀAg`` (docs/theory.md §2). In floating point each
+updated entry is rounded twice (product, subtraction) and each charge entry is a sum of ≤ 2³⁰
+squares (pairwise-summed, in and out), so the residual of an entry is bounded by
+``KAPPA·ε·(P_t + P_{t+1} + η²·(e_in + e_out))`` with ``P`` the gross ``Σ_in‖M‖² + Σ_out‖M‖²`` of
+that unit/head and ``KAPPA = 2·(2 + 30)`` ulp (Cauchy–Schwarz bounds every entry of a head's
+matrix charge by its gross). ``identity_ratio`` is the largest residual over that bound: ≤ 1 when
+the identity holds to round-off.
+
+Weight-decay law. The identity is linear in J, so the charge splits exactly into the decaying
+memory of its start and a noise-driven part: ``J_t = (1 − η·wd)^{2t}·J_0 + N_t`` with
+``N_{t+1} = (1 − η·wd)²N_t + η²·gᵀAg_t``, ``N_0 = 0``. ``N`` relaxes to its stationary level within
+a few ``τ = 1/(η·wd(2 − η·wd))`` whatever ``J_0``, while the memory term needs
+``τ·ln(|J_0|/|N|)`` to fall below ``N`` (≈ 10τ for a LayerNorm gain that starts at 1). Summing the
+identity over a window, the mean of ``x_t = gᵀAg_t − c·N_t`` with ``c = wd(2 − η·wd)/η`` is
+``(N_end − N_start)/(η²·n)`` exactly: it vanishes when the noise-driven charge has stopped
+drifting (stationarity), which is the law ``E[gᵀAg] = c·E[N]`` (``= c·E[J]`` once the start is
+forgotten; gradient balance ``E[gᵀAg] = 0`` for ``wd = 0``). Checked per group (a head's trace for the attention rotations, a layer's
+sum over units for the rescales) with block-mean standard errors: ``z = mean/se``, and the
+family-wise limit is the two-sided Student-t quantile with Bonferroni correction over the groups.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+KAPPA = 2 * (2 + 30)
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+def identity_ratio(charge: np.ndarray, gag: np.ndarray, gross: np.ndarray, e_sum: np.ndarray,
+                   lr: float, wd: float, eps: float = EPS64) -> float:
+    """max over steps and entries of ``|J_{t+1} − (1−η·wd)²J_t − η²·gAg_t| / bound``.
+
+    ``charge``: ``(T+1, *shape)``; ``gag``: ``(T, *shape)``; ``gross``: ``(T+1, groups)``;
+    ``e_sum``: ``(T, groups)`` (``e_in + e_out``). ``shape`` is ``(groups,)`` for rescales or
+    ``(groups, d, d)`` for rotations; a single block's ``(d, d)`` counts as one group.
+    """
+    pred = (1.0 - lr * wd) ** 2 * charge[:-1] + lr**2 * gag
+    resid = np.abs(charge[1:] - pred)
+    bound = KAPPA * eps * (gross[:-1] + gross[1:] + lr**2 * e_sum)  # (T, groups)
+    resid = resid.reshape(resid.shape[0], bound.shape[1], -1)
+    return float((resid / bound[:, :, None]).max())
+
+
+def group_series(charge: np.ndarray, gag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scalar charge and imbalance per group: trace per head (rotations) or Σ over units."""
+    if charge.ndim >= 3:  # (T, [groups,] d, d)
+        tr = np.trace(charge, axis1=-2, axis2=-1)
+        tg = np.trace(gag, axis1=-2, axis2=-1)
+        return tr.reshape(tr.shape[0], -1), tg.reshape(tg.shape[0], -1)
+    return charge.sum(1, keepdims=True), gag.sum(1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class WdLaw:
+    """The weight-decay law on a window, per group: means, standard errors and ``z``."""
+
+    gag: np.ndarray  # ⟨gᵀAg⟩ per group
+    cj: np.ndarray  # c·⟨N⟩ per group (N: the noise-driven part of J)
+    resid: np.ndarray  # ⟨gᵀAg − c·J⟩
+    se: np.ndarray
+    z: np.ndarray
+    drift: np.ndarray  # (N_end − N_start)/(η²·n): equals resid exactly (identity)
+
+
+def wd_law(j: np.ndarray, gag: np.ndarray, lr: float, wd: float, start: int, n_blocks: int,
+           stop: int | None = None) -> WdLaw:
+    """``j``: ``(T+1, groups)`` scalar charges, ``gag``: ``(T, groups)``; window ``[start, stop)``
+    (``stop`` defaults to T). The law is checked on the noise-driven part ``N`` of ``J``."""
+    stop = gag.shape[0] if stop is None else stop
+    c = wd * (2.0 - lr * wd) / lr
+    t = np.arange(j.shape[0], dtype=np.float64)[:, None]
+    j = j - (1.0 - lr * wd) ** (2 * t) * j[:1]
+    j, gag = j[:stop + 1], gag[:stop]
+    x = gag[start:] - c * j[start:-1]
+    blocks = np.stack([b.mean(0) for b in np.array_split(x, n_blocks, axis=0)])
+    mean = x.mean(0)
+    se = blocks.std(0, ddof=1) / math.sqrt(n_blocks)
+    n = x.shape[0]
+    drift = (j[-1] - j[start]) / (lr**2 * n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, mean / se, np.where(mean == 0, 0.0, np.inf))
+    return WdLaw(gag[start:].mean(0), c * j[start:-1].mean(0), mean, se, z, drift)
+
+
+def z_limit(n_blocks: int, n_tests: int, alpha: float) -> float:
+    """Two-sided Student-t limit (``n_blocks − 1`` dof) at family-wise level ``alpha``."""
+    from scipy.stats import t
+
+    return float(t.ppf(1.0 - alpha / (2 * max(n_tests, 1)), n_blocks - 1))

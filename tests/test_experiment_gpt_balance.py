@@ -1,0 +1,157 @@
+"""gpt-balance: charge orientation against Conv1D weights, the identity's round-off bound and its
+sensitivity, the law on a synthetic process, whole runs and the two controls (main predictions fail)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import neurothermo as nt
+from neurothermo.experiments import _char_lm as lm
+from neurothermo.experiments import _gpt_balance_checks as ck
+from neurothermo.experiments import _gpt_balance_train as tr
+from neurothermo.runner import run_experiment
+
+D, H = 16, 2
+DH = D // H
+
+
+@pytest.fixture(scope="module")
+def gpt() -> tuple[torch.nn.Module, list[nt.Symmetry], lm.CharData]:
+    data = lm.CharData.from_docs(lm.docstring_corpus())
+    model = tr.build_gpt(len(data.vocab), D, 1, H, 16, 0, torch.float64)
+    with torch.no_grad():  # non-zero biases, so the bias rows of the charges are tested too
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    x = lm.windows(data.train, 4, 16, torch.Generator().manual_seed(0))
+    return model, nt.find_symmetries(model, x, progress=False), data
+
+
+def _by_family(syms: list[nt.Symmetry], fam: str) -> nt.Symmetry:
+    return next(s for s in syms if tr.family(s) == fam)
+
+
+def test_every_family_is_found(gpt) -> None:
+    _m, syms, _d = gpt
+    assert {tr.family(s) for s in syms} >= {"qk", "vo", "mlp", "ln"}
+
+
+def test_qk_and_vo_charges_match_the_conv1d_columns(gpt) -> None:
+    """Orientation: HF Conv1D stores (in, out); a head's Q/K charge is W_QᵀW_Q + b_Q b_Qᵀ − (K)."""
+    model, syms, _d = gpt
+    w = model.transformer.h[0].attn.c_attn.weight.detach()  # (D, 3D)
+    b = model.transformer.h[0].attn.c_attn.bias.detach()
+    wo = model.transformer.h[0].attn.c_proj.weight.detach()  # (D in, D out)
+    jqk, jvo = _by_family(syms, "qk").charge(model), _by_family(syms, "vo").charge(model)
+    for h in range(H):
+        q, k, v = (slice(o + h * DH, o + (h + 1) * DH) for o in (0, D, 2 * D))
+        ref_qk = (w[:, q].T @ w[:, q] + torch.outer(b[q], b[q])
+                  - w[:, k].T @ w[:, k] - torch.outer(b[k], b[k]))
+        rows = slice(h * DH, (h + 1) * DH)  # c_proj's input rows read head h's output
+        ref_vo = w[:, v].T @ w[:, v] + torch.outer(b[v], b[v]) - wo[rows] @ wo[rows].T
+        torch.testing.assert_close(jqk[h], ref_qk, rtol=0, atol=1e-14)
+        torch.testing.assert_close(jvo[h], ref_vo, rtol=0, atol=1e-14)
+    fc, fcb = model.transformer.h[0].mlp.c_fc.weight.detach(), model.transformer.h[0].mlp.c_fc.bias
+    pr = model.transformer.h[0].mlp.c_proj.weight.detach()
+    ref = fc.square().sum(0) + fcb.detach().square() - pr.square().sum(1)
+    torch.testing.assert_close(_by_family(syms, "mlp").charge(model), ref, rtol=0, atol=1e-14)
+
+
+def _steps(gpt, spec: tr.RunSpec, dtype: torch.dtype = torch.float64) -> list[tr.Trace]:
+    import copy
+
+    model, syms, data = gpt
+    m = copy.deepcopy(model).to(dtype)
+    traces, _ = tr.train_recorded(m, syms, data, spec, 8, 16, torch.Generator().manual_seed(3),
+                                  lambda *a, **k: None, lambda n: None, 100)
+    return traces
+
+
+def _ratio(t: tr.Trace, lr: float, wd: float, eps: float = ck.EPS64) -> float:
+    a = {k: t.stacked(k).numpy() for k in ("charge", "gag", "e_in", "e_out", "gross")}
+    return ck.identity_ratio(a["charge"], a["gag"], a["gross"], a["e_in"] + a["e_out"], lr, wd, eps)
+
+
+def test_identity_holds_to_round_off_and_the_bound_is_sharp_enough(gpt) -> None:
+    lr, wd = 0.3, 0.05
+    traces = _steps(gpt, tr.RunSpec("sgd", lr, wd, 15))
+    assert max(_ratio(t, lr, wd) for t in traces) <= 1.0
+    # the check can fail: a wrong weight decay in the prediction, or float32 arithmetic
+    assert min(_ratio(t, lr, 0.0) for t in traces) > 1e3
+    t32 = _steps(gpt, tr.RunSpec("sgd", lr, wd, 15), torch.float32)
+    assert max(_ratio(t, lr, wd) for t in t32) > 10.0
+
+
+def test_adamw_breaks_the_identity(gpt) -> None:
+    """AdamW is only measured: its update has no exact charge identity (checked, not assumed)."""
+    traces = _steps(gpt, tr.RunSpec("adamw", 1e-3, 0.1, 10))
+    assert max(_ratio(t, 1e-3, 0.1) for t in traces) > 1e3
+
+
+def test_wd_law_on_a_synthetic_charge() -> None:
+    """N' = (1−ηwd)²N + η²x with x iid: the law holds after 5τ; a ramping x (non-stationary) fails."""
+    lr, wd, n = 0.5, 0.1, 4000
+    rng = np.random.default_rng(0)
+    d = (1 - lr * wd) ** 2
+
+    def charge(x: np.ndarray, j0: float) -> np.ndarray:
+        j = np.empty(n + 1)
+        j[0] = j0
+        for t in range(n):
+            j[t + 1] = d * j[t] + lr**2 * x[t]
+        return j
+
+    x = rng.normal(1.0, 1.0, n)
+    tau = 1 / (lr * wd * (2 - lr * wd))
+    start = int(5 * tau)
+    law = ck.wd_law(charge(x, 50.0)[:, None], x[:, None], lr, wd, start, 10)
+    lim = ck.z_limit(10, 1, 0.01)
+    assert abs(law.z[0]) < lim
+    np.testing.assert_allclose(law.resid, law.drift, rtol=1e-9)  # the exact windowed identity
+    ramp = x + np.linspace(0, 40, n)
+    assert abs(ck.wd_law(charge(ramp, 50.0)[:, None], ramp[:, None], lr, wd, start, 10).z[0]) > lim
+
+
+TINY = ("d_model=16", "n_layers=1", "n_heads=2", "seq_len=16", "batch_size=8", "steps=520",
+        "weight_decay=0.02", "n_blocks=8", "log_every=130")
+
+
+def _preds(res) -> dict[str, dict]:
+    return {p["name"]: p for p in res.summary["predictions"]}
+
+
+def test_main_run_identities_and_controls(tmp_path: Path) -> None:
+    res = run_experiment("gpt-balance", out=tmp_path, overrides=(*TINY, "adamw_steps=60"))
+    preds = _preds(res)
+    for name, p in preds.items():
+        if "identity" in name or p["control"] or ("(sum" in name and "Q/K" not in name):
+            assert p["passed"], (name, p["measured"], res.summary["figures"].get("small_lr"))
+    # the Q/K law fails here, for a measured reason: the attention logits are not learned, weight
+    # decay shrinks W_Q and W_K through the window, so the noise driving N_QK is not stationary
+    qk = res.summary["figures"]["sgd"]["gross_qk"]
+    assert qk["end"] < qk["window_start"] / 2
+    assert {"imbalance.png", "energies.png"} <= {f.name for f in res.path.iterdir()}
+
+
+def test_small_lr_control_fails_the_main_law(tmp_path: Path) -> None:
+    res = run_experiment("gpt-balance", out=tmp_path, overrides=(*TINY, "variant=small-lr"))
+    preds = _preds(res)
+    law = [p for n, p in preds.items() if "weight-decay law" in n and "(sum" in n
+           and ("MLP" in n or "LayerNorm" in n)]  # the families with the largest initial imbalance
+    assert len(law) == 2 and not any(p["passed"] for p in law)
+    assert all(p["passed"] for n, p in preds.items() if "identity" in n)  # still exact
+
+
+def test_broken_control_fails_the_qk_identity_and_law(tmp_path: Path) -> None:
+    res = run_experiment("gpt-balance", out=tmp_path, overrides=(*TINY, "variant=broken"))
+    preds = _preds(res)
+    qk = [p for n, p in preds.items() if "Q/K" in n and ("(sum" in n or "identity" in n)]
+    assert len(qk) == 2 and not any(p["passed"] for p in qk)
+    for n, p in preds.items():
+        if "identity" in n and ("V/O" in n or "MLP" in n):
+            assert p["passed"], n
