@@ -220,8 +220,8 @@ def _train(ctx: RunContext, model0: torch.nn.Module, syms: list, data: lm.CharDa
 
 
 def run(cfg: GptBalanceConfig, ctx: RunContext) -> None:
-    import neurothermo as nt
     from neurothermo.experiments._gpt_balance_figures import draw_figures
+    from neurothermo.symmetry import find_symmetries
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -230,7 +230,7 @@ def run(cfg: GptBalanceConfig, ctx: RunContext) -> None:
     model0 = tr.build_gpt(len(data.vocab), cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.seq_len,
                           ctx.seed, torch.float64)
     probe = lm.windows(data.train, 8, cfg.seq_len, torch.Generator().manual_seed(ctx.seed))
-    syms = nt.find_symmetries(model0, probe, progress=False)
+    syms = find_symmetries(model0, probe, progress=False)
     found = {f: sum(1 for s in syms if tr.family(s) == f) for f in tr.FAMILIES}
     ctx.record(symmetries=[str(s) for s in syms], families_found=found, unigram_entropy=unigram)
     missing = [f for f, n in found.items() if n == 0]

@@ -129,16 +129,17 @@ def attach(monitor: Any) -> None:
     group of more than one rank this sets the monitor's reductions (as for a DDP model) and keeps
     the writer on rank 0 only. A monitor that already has them is left as it is.
     """
+    monitor.reduce_across_ranks()
+
+
+def default_group() -> Dist | None:
+    """The reductions over the default process group, or None without one (or with one rank)."""
     import torch.distributed as dist
 
-    if monitor._dist is not None or not (dist.is_available() and dist.is_initialized()):
-        return
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
     world = dist.get_world_size()
-    if world == 1:
-        return
-    monitor._dist = Dist(rank=dist.get_rank(), world=world)
-    if monitor._dist.rank != 0:
-        monitor.writer = None
+    return None if world == 1 else Dist(rank=dist.get_rank(), world=world)
 
 
 def full_tensors(tensors: Mapping[str, Tensor | None]) -> dict[str, Tensor | None]:

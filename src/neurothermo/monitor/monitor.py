@@ -372,6 +372,19 @@ class ThermoMonitor:
                 and (step + 1) % self.noise_every == 0):  # type: ignore[operator]
             self._capture.arm()  # the next step's forward and backward give the per-sample norms
 
+    def reduce_across_ranks(self) -> None:
+        """Reduce over the default process group (a framework that wraps the model in DDP itself
+        hands callbacks the inner module): each rank then records the global batch's columns, and
+        only rank 0 keeps its writer. Without a group of several ranks, or when the monitor was
+        built on a DDP model, nothing changes."""
+        from neurothermo.monitor.distributed import default_group
+
+        if self._dist is not None:
+            return
+        self._dist = default_group()
+        if self._dist is not None and self._dist.rank != 0:
+            self.writer = None
+
     # ---- output --------------------------------------------------------------------------------
     def flush(self) -> None:
         """Derive the pending columns, copy values to the host and hand new rows to the writer."""
