@@ -175,3 +175,19 @@ def test_bad_inputs() -> None:
         m(torch.full((1, 4), -1, dtype=torch.long))
     with pytest.raises(ValueError, match="kind must be 'attn' or 'mlp'"):
         m.block_names("ffn")
+
+
+def test_symmetries_of_the_project_transformer_are_found() -> None:
+    # The input checks are skipped under graph capture, so find_symmetries sees every block: per
+    # block the Q/K and V/O double rotations, the MLP permutation and the LayerNorm rescales.
+    import neurothermo as nt
+
+    m = TinyTransformer(12, d_model=16, n_layers=2, n_heads=2, max_len=8,
+                        generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 12, (4, 8), generator=torch.Generator().manual_seed(1))
+    found = {(s.kind, s.location) for s in nt.find_symmetries(m, x)}
+    for i in range(2):
+        assert ("double_rotation", f"blocks.{i}.attn.q · blocks.{i}.attn.kᵀ (2 heads × 8)") in found
+        assert ("double_rotation", f"blocks.{i}.attn.v → blocks.{i}.attn.o (2 heads × 8)") in found
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        m(torch.full((2, 4), 99))  # the checks still run outside capture

@@ -89,6 +89,13 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def _tracing() -> bool:
+    """Whether the forward runs under torch.fx symbolic tracing or torch.compile/export capture."""
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+    return bool(is_fx_symbolic_tracing() or torch.compiler.is_compiling())
+
+
 def _positive(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -143,6 +150,16 @@ class TinyTransformer(nn.Module):
         return [f"blocks.{i}.{kind}" for i in range(len(self.blocks))]
 
     def forward(self, tokens: Tensor) -> Tensor:
+        if not _tracing():  # input checks are Python on values: graph capture skips them
+            self._check(tokens)
+        t = tokens.shape[1]
+        # positions as [1, T] (broadcast over the batch, like Hugging Face position_ids)
+        x = self.tok_emb(tokens) + self.pos_emb(torch.arange(t, device=tokens.device)[None])
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    def _check(self, tokens: Tensor) -> None:
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor of shape (batch, T), got "
                              f"{tokens.dtype} of shape {tuple(tokens.shape)}")
@@ -153,8 +170,3 @@ class TinyTransformer(nn.Module):
         if tokens.numel() and not bool(((tokens >= 0) & (tokens < self.vocab_size)).all()):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
-        # positions as [1, T] (broadcast over the batch, like Hugging Face position_ids)
-        x = self.tok_emb(tokens) + self.pos_emb(torch.arange(t, device=tokens.device)[None])
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
