@@ -144,20 +144,6 @@ def methods(c: Case) -> dict[str, Callable[[], Tensor | None]]:
 
 
 # ----------------------------------------------------------------- foreign models (issue 15)
-class TokensOnly(nn.Module):
-    """A Hugging Face model called from one batch-first tensor: ``[b, T]`` ids or ``[b, 2, T]``
-    ids stacked with the attention mask (so every method sees a plain ``model(x)``)."""
-
-    def __init__(self, hf: nn.Module) -> None:
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 3:
-            return self.hf(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
-        return self.hf(input_ids=x).logits
-
-
 def foreign_cases(device: torch.device, size: str = "small", b: int = 16) -> list[Case]:
     """The zoo's architectures at b = 16: ``size="zoo"`` uses the test sizes of
     ``tests/foreign_models.py`` (tiny: Python overhead dominates), ``"small"`` the small real
@@ -211,7 +197,7 @@ def foreign_cases(device: torch.device, size: str = "small", b: int = 16) -> lis
             if isinstance(m, nn.RNNBase):
                 m.train()
         if hf:
-            model = TokensOnly(model)
+            model = fm.TokensOnly(model)
         model.to(device)
         out.append(Case(name, model, fm.cross_entropy, x.to(device), y.to(device),  # type: ignore[arg-type]
                         False))

@@ -254,6 +254,21 @@ def hf_gpt2(vocab: int = 64, layers: int = 2, hidden: int = 32, heads: int = 2,
     return GPT2LMHeadModel(cfg)
 
 
+class TokensOnly(nn.Module):
+    """A Hugging Face model called with keyword arguments from one batch-first tensor: ``[b, T]``
+    token ids, or ``[b, 2, T]`` ids stacked with the attention mask (so code that expects a plain
+    ``model(x)`` can take it)."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            return self.hf(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+        return self.hf(input_ids=x).logits
+
+
 # ---------------------------------------------------------------- the cases
 @dataclass(frozen=True)
 class ForeignCase:

@@ -21,24 +21,11 @@ from foreign_models import (
     CASES,
     HAS_TRANSFORMERS,
     ForeignCase,
+    TokensOnly,
     devices,
     skip_unavailable,
 )
 from neurothermo.gradstats import FallbackWarning
-
-
-class TokensOnly(nn.Module):
-    """A Hugging Face model called with keyword arguments from one batch-first tensor: ``[b, T]``
-    token ids, or ``[b, 2, T]`` ids stacked with the attention mask."""
-
-    def __init__(self, hf: nn.Module) -> None:
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 3:
-            return self.hf(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
-        return self.hf(input_ids=x).logits
 
 
 def model_and_batch(c: ForeignCase, device: str, b: int = 5) -> tuple[nn.Module, Tensor, Tensor]:

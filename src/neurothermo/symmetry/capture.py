@@ -33,7 +33,7 @@ from neurothermo.symmetry.trace import (
     Traced,
     UntraceableModelError,
     _get_attr,
-    count_uses,
+    annotate,
     trace_model,
 )
 
@@ -210,22 +210,7 @@ def dynamo_trace(model: nn.Module, inputs: Args) -> Traced:
         raise UntraceableModelError(
             f"the graph torch.dynamo captured of {type(model).__name__} cannot be replayed: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
-    return _annotate(model, gm)
-
-
-def _annotate(model: nn.Module, gm: fx.GraphModule) -> Traced:
-    shapes: dict[fx.Node, tuple[int, ...] | None] = {}
-    for node in gm.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        scalar = node.meta.get("type") in (int, float, bool) or isinstance(
-            node.meta.get("val"), int | float | bool | torch.SymInt)
-        shapes[node] = tuple(meta.shape) if hasattr(meta, "shape") else () if scalar else None
-    canonical: dict[int, str] = {}
-    for name, p in model.named_parameters():
-        canonical.setdefault(id(p), name)
-    traced = Traced(model, gm, shapes, canonical)
-    traced.uses = count_uses(traced)
-    return traced
+    return annotate(model, gm)
 
 
 def _record(model: nn.Module, inputs: Args) -> dict[str, Args]:

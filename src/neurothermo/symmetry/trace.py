@@ -296,10 +296,17 @@ def trace_model(
     except Exception as err:
         current = [n.name for n in gm.graph.nodes if n not in prop.env]
         raise _run_failure(model, err, current[0] if current else "?") from err
+    return annotate(model, gm)
+
+
+def annotate(model: nn.Module, gm: fx.GraphModule) -> Traced:
+    """The :class:`Traced` of a shape-propagated graph (fx or dynamo): every node's shape (``()``
+    for Python or symbolic scalars, None when unknown), parameter names and use counts."""
     shapes: dict[fx.Node, tuple[int, ...] | None] = {}
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
-        scalar = node.meta.get("type") in (int, float, bool)
+        scalar = node.meta.get("type") in (int, float, bool) or isinstance(
+            node.meta.get("val"), int | float | bool | torch.SymInt)
         shapes[node] = tuple(meta.shape) if hasattr(meta, "shape") else () if scalar else None
     canonical: dict[int, str] = {}
     for name, p in model.named_parameters():
