@@ -76,13 +76,17 @@ class SweepPlan:
     ``grid`` holds one ``key=spec`` string per axis, in the syntax of ``--grid``
     (``lr=0.1,0.2`` lists values, ``p=0.05:0.4:8`` is 8 evenly spaced values, ``...:8:log``
     geometrically spaced); ``seeds`` is the number of seeds per grid point. ``quick_grid`` and
-    ``quick_seeds``, when given, replace them under ``--quick``.
+    ``quick_seeds``, when given, replace them under ``--quick``. ``feeds`` names a setting of the
+    experiment's own run that takes the sweep's folder, whose cells then replace a computation the
+    run would otherwise do itself (``reproduce --workers/--scheduler`` runs the sweep first, then
+    the run with ``--set FEEDS=SWEEP_FOLDER``).
     """
 
     grid: tuple[str, ...] = ()
     seeds: int = 1
     quick_grid: tuple[str, ...] | None = None
     quick_seeds: int | None = None
+    feeds: str | None = None
 
     def for_preset(self, quick: bool) -> tuple[tuple[str, ...], int]:
         if quick:

@@ -1,6 +1,7 @@
 """The (η × p) grid of ``sharpness-phase`` as one batched simulation, and its per-cell statistics."""
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import TYPE_CHECKING
 
@@ -51,10 +52,21 @@ def grid_starts(cells: dict[str, Tensor], start: str) -> tuple[Tensor, Tensor]:
     return sharp_start(target, cells["k"])
 
 
+def _sum_in_order(x: Tensor, dim: int) -> Tensor:
+    """Sum along ``dim`` one slice after another. torch's reductions may vectorise differently for
+    different sizes of the other dimensions, which changes the last bits; this order depends on
+    nothing but ``dim``, so a cell gives the same bits alone as inside the batched grid."""
+    parts = x.unbind(dim)
+    acc = parts[0].clone()
+    for part in parts[1:]:
+        acc += part
+    return acc
+
+
 def stationary(readings: Tensor) -> tuple[Tensor, Tensor]:
     """Per-chain time average over the second half of the readings, and NaN-marked divergence."""
     late = readings[readings.shape[0] // 2:]
-    return late.mean(0), torch.isnan(readings).any(0)
+    return _sum_in_order(late, 0) / late.shape[0], torch.isnan(readings).any(0)
 
 
 def cell_stats(per_chain: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
@@ -65,23 +77,42 @@ def cell_stats(per_chain: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tenso
     and checks). Standard error: seed-to-seed spread / √n (independent chains).
     """
     x = per_chain.reshape(*shape, -1)
-    n = (~torch.isnan(x)).sum(-1)
-    mean = x.nanmean(-1)
-    var = ((x - mean[..., None]) ** 2).nansum(-1) / (n - 1).clamp(min=1)
+    ok = ~torch.isnan(x)
+    n = ok.sum(-1)
+    zero = torch.zeros_like(x)
+    mean = _sum_in_order(torch.where(ok, x, zero), -1) / n
+    var = _sum_in_order(torch.where(ok, (x - mean[..., None]) ** 2, zero), -1) / (n - 1).clamp(min=1)
     se = (var / n.clamp(min=1)).sqrt()
     diverged = n < x.shape[-1]
     nan = torch.full_like(mean, float("nan"))
     return torch.where(diverged, nan, mean), torch.where(diverged, nan, se), diverged
 
 
+def cell_stream(seed: int, label: str, role: str, lr: float, p: float) -> torch.Generator:
+    """The random stream of one group of chains: a generator seeded by a hash of the run's seed,
+    the grid's label, the group's role (``balanced``, ``sharp``, ``control``) and its cell ``(η, p)``.
+
+    It depends on nothing else, so a cell simulated alone (a sweep cell: ``--set lr=… p=…``) draws
+    exactly what it draws inside the batched grid.
+    """
+    key = f"sharpness-phase|{seed}|{label}|{role}|{float(lr)!r}|{float(p)!r}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
+                                         & (2**63 - 1))
+
+
 def run_grid(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator, *, reading: str, k: float,
-             batch: int, seeds: int, sharp: bool = False, label: str = "grid") -> dict[str, Tensor]:
+             batch: int, seeds: int, sharp: bool = False, label: str = "grid",
+             seed: int | None = None) -> dict[str, Tensor]:
     """All (η, p, seed) chains of one reading as one batched simulation; per-cell statistics.
 
     With ``sharp``, the same tensor also carries, for every cell with ``η·λ* < 2``, chains started
     sharper than λ* (keys ``sharp_*``; NaN where absent or diverged), and for every η control chains on
     balanced data ``p = 1`` (keys ``ctrl_*``): there λ* = λ₀, so their time-averaged λ_max measures the
     upward bias that fluctuations alone give a top eigenvalue (Jensen: λ_max is convex).
+
+    With ``seed`` (the run's seed) every group of chains draws from its own :func:`cell_stream`
+    instead of ``g``, and ``g`` is left untouched: each cell's numbers are then the same whether the
+    grid runs here in one batch or cell by cell (a declared sweep over ``lr`` and ``p``).
     """
     cells = grid_cells(cfg.lrs, cfg.ps, seeds, reading, k, cfg.label_noise)
     C = cells["lr"].shape[0]
@@ -97,10 +128,19 @@ def run_grid(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator, *, 
     run_cells = {key: torch.cat([v, sub[key], ctrl[key]]) for key, v in cells.items()}
     W1, W2 = torch.cat([W1, S1, C1]), torch.cat([W2, S2, C2])
     lam_start = sm.sharpness(W1, W2, run_cells["sx"], run_cells["k"])
+    streams: sm.Streams = g
+    if seed is not None:
+        pts = [(lr, p) for lr in cfg.lrs for p in cfg.ps]
+        stable = (cells["lr"] * cells["lam_star"] < 2)[::seeds].tolist() if sharp else [False] * len(pts)
+        streams = ([(cell_stream(seed, label, "balanced", lr, p), seeds) for lr, p in pts]
+                   + [(cell_stream(seed, label, "sharp", lr, p), seeds)
+                      for (lr, p), st in zip(pts, stable, strict=True) if st]
+                   + ([(cell_stream(seed, label, "control", lr, 1.0), seeds) for lr in cfg.lrs]
+                      if sharp else []))
     with ctx.progress(f"SGD on the (η, p) grid: {label}", cfg.steps) as advance:
         lam, Q, *_ = sm.simulate(W1, W2, lr=run_cells["lr"], k=run_cells["k"], sx=run_cells["sx"],
                               se=run_cells["se"], batch=batch, steps=cfg.steps, every=cfg.hessian_every,
-                              generator=g, advance=advance)
+                              generator=streams, advance=advance)
     per_chain, _ = stationary(lam)
     shape = (len(cfg.lrs), len(cfg.ps))
     mean, se, div = cell_stats(per_chain[:C], shape)
@@ -141,7 +181,8 @@ def charge_drift(Q: Tensor, W1: Tensor, W2: Tensor, cells: dict[str, Tensor]) ->
     """
     a2 = sm.equilibrium_scales(cells["sx"], cells["se"].clamp(min=1e-300)) ** 2
     target = (a2 - 1 / a2).sum(1)
-    late = Q[Q.shape[0] // 2:].mean(0).diagonal(dim1=-2, dim2=-1).sum(-1)
+    late = (_sum_in_order(Q[Q.shape[0] // 2:], 0) / (Q.shape[0] - Q.shape[0] // 2)).diagonal(
+        dim1=-2, dim2=-1).sum(-1)
     start = sm.charge(W1, W2).diagonal(dim1=-2, dim2=-1).sum(-1)
     return (late - start) * torch.sign(target)
 

@@ -24,7 +24,7 @@ covariance, of relative size ``O(ηλ)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -161,7 +161,10 @@ def sharpness(W1: Tensor, W2: Tensor, sx: Tensor, k: Tensor, limit: float = 1e3)
     return torch.where(ok, top, torch.full_like(top, float("nan")))
 
 
-def sample_moments(batch: int, sx: Tensor, se: Tensor, generator: torch.Generator,
+Streams = torch.Generator | Sequence[tuple[torch.Generator, int]]
+
+
+def sample_moments(batch: int, sx: Tensor, se: Tensor, generator: Streams,
                    n: int = 1) -> tuple[Tensor, Tensor]:
     """Batch second moments ``S_xx = (1/b)Σ x xᵀ`` and ``S_εx = (1/b)Σ ε xᵀ`` for ``n`` steps × C chains.
 
@@ -171,6 +174,11 @@ def sample_moments(batch: int, sx: Tensor, se: Tensor, generator: torch.Generato
     ``A_ij ~ N(0, 1)`` below the diagonal, ``b·S = L A Aᵀ Lᵀ``): cost independent of ``b``. For
     ``b < 4`` the samples themselves are drawn. ``batch = 0`` means the full batch (``S = Σ``).
 
+    ``generator`` is one random stream for all chains, or a sequence of ``(generator, count)``
+    streams whose counts add up to ``C``: consecutive groups of chains, each drawn from its own
+    stream. A group's draws then do not depend on which other chains run beside it, so one cell
+    of a grid simulated alone gives the numbers it gets inside the batched grid.
+
     Returns:
         ``S_xx, S_εx`` of shape (n, C, 2, 2) on the device and dtype of ``sx``.
     """
@@ -179,14 +187,22 @@ def sample_moments(batch: int, sx: Tensor, se: Tensor, generator: torch.Generato
     if batch == 0:
         Sxx = torch.diag_embed(sx).expand(n, C, 2, 2)
         return Sxx, torch.zeros_like(Sxx)
+    streams = [(generator, C)] if isinstance(generator, torch.Generator) else list(generator)
+    if sum(c for _, c in streams) != C:
+        raise ValueError(f"the streams cover {sum(c for _, c in streams)} chains, not {C}")
     if batch < 4:
-        z = torch.randn(n, C, batch, 4, generator=generator, dtype=dt).to(dev) * sd[:, None, :]
+        z = torch.cat([torch.randn(n, c, batch, 4, generator=gen, dtype=dt) for gen, c in streams],
+                      1).to(dev) * sd[:, None, :]
         S = z.transpose(-1, -2) @ z / batch
     else:
-        dof = torch.tensor([batch - i for i in range(4)], dtype=dt).expand(n, C, 4)
         # χ²(ν) = 2·Gamma(ν/2); torch's sampler with an explicit generator (reproducible runs)
-        diag = (2 * torch._standard_gamma(dof / 2, generator=generator)).sqrt()
-        low = torch.randn(n, C, 6, generator=generator, dtype=dt)
+        dof = torch.tensor([batch - i for i in range(4)], dtype=dt)
+        gam, lows = [], []
+        for gen, c in streams:
+            gam.append(torch._standard_gamma(dof.expand(n, c, 4) / 2, generator=gen))
+            lows.append(torch.randn(n, c, 6, generator=gen, dtype=dt))
+        diag = (2 * torch.cat(gam, 1)).sqrt()
+        low = torch.cat(lows, 1)
         A = torch.diag_embed(diag)
         rows, cols = torch.tril_indices(4, 4, -1)
         A[..., rows, cols] = low
@@ -207,7 +223,7 @@ def moment_gradients(W1: Tensor, W2: Tensor, Sxx: Tensor, Sex: Tensor, k: Tensor
 
 def simulate(
     W1: Tensor, W2: Tensor, *, lr: Tensor, k: Tensor, sx: Tensor, se: Tensor, batch: int, steps: int,
-    every: int, generator: torch.Generator, advance: Callable[[int], None] | None = None,
+    every: int, generator: Streams, advance: Callable[[int], None] | None = None,
     track_charge: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[float, float]]:
     """Online SGD (fresh samples each step) on C chains at once; exact sharpness every ``every`` steps.
@@ -217,7 +233,9 @@ def simulate(
         sx, se: (C, 2) input / label-noise variances per chain (``se = 0``: no label noise).
         batch: samples per step ``b`` (0: full batch, i.e. gradient descent on the population loss).
         steps: SGD steps. every: steps between sharpness readings.
-        generator: the random stream (CPU; samples are moved to the weights' device).
+        generator: the random stream (CPU; samples are moved to the weights' device), or
+            ``(generator, count)`` streams for consecutive groups of chains (see
+            :func:`sample_moments`).
         advance: progress callback, called with ``every`` after each reading.
         track_charge: for the first ``track_charge`` steps compare ``Q' − Q`` with
             ``η²(g₁g₁ᵀ − g₂ᵀg₂)`` (exact for any ``η``).

@@ -23,14 +23,15 @@ details and measured numbers in ``docs/experiments/sharpness-phase.md``):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from neurothermo.config import setting
 from neurothermo.experiments import sharpness_model as sm
-from neurothermo.experiments.base import Experiment, RunContext, register
+from neurothermo.experiments.base import Experiment, RunContext, SweepPlan, register
 from neurothermo.experiments.sharpness_grid import run_grid
+from neurothermo.experiments.sharpness_sweep import cell_figure, load_grid
 
 lambda_star = sm.lambda_star  # the closed form lives in sharpness_model; kept here for old imports
 
@@ -68,6 +69,12 @@ class SharpnessPhaseConfig:
                               min=100)
     conv_chains: int = setting(64, "chains per η in the η → 0 study", min=3, max=1024)
     check_samples: int = setting(20_000, "fixed sample for the Lanczos cross-check", min=100)
+    lr: float = setting(0.0, "one η: with p, run only the grid cell (lr, p), a sweep cell "
+                             "(0: the whole experiment)", min=0.0, max=2.0)
+    p: float = setting(0.0, "one data balance p, paired with lr (0: the whole experiment)",
+                       min=0.0, max=1.0)
+    grid_from: str = setting("", "a sweep folder whose finished cells (lr × p, this seed) replace "
+                                 "the in-run grid (what reproduce --workers/--scheduler sets)")
 
     def check(self) -> None:
         """Cross-field checks (run by the config validation); ``ValueError`` names the setting."""
@@ -81,6 +88,14 @@ class SharpnessPhaseConfig:
         if unknown:
             raise ValueError(f"setting 'compare': unknown readings {sorted(unknown)}; "
                              "choose from label, input, both, k1, b1")
+        if (self.lr > 0) != (self.p > 0):
+            raise ValueError("settings 'lr' and 'p' pick one grid cell together: give both "
+                             "(e.g. --set lr=0.5 --set p=0.1) or neither")
+        if self.p > 0:
+            sm.check_balance(self.p, "p")
+            if self.grid_from:
+                raise ValueError("setting 'grid_from' reads a whole grid; it cannot be combined "
+                                 "with one cell (lr, p)")
         if len(self.conv_lrs) < 3:
             raise ValueError("setting 'conv_lrs' needs at least 3 learning rates to fit the gap's scaling")
 
@@ -91,9 +106,19 @@ def run(cfg: SharpnessPhaseConfig, ctx: RunContext) -> None:
 
     cfg.check()
     g = torch.Generator().manual_seed(ctx.seed)
+    if cfg.lr > 0:  # one cell of the grid (a sweep cell): its statistics and checks, nothing else
+        one = replace(cfg, lrs=(cfg.lr,), ps=(cfg.p,))
+        cell = run_grid(one, ctx, g, reading=cfg.reading, k=cfg.k, batch=cfg.batch_size,
+                        seeds=cfg.seeds, sharp=True, seed=ctx.seed)
+        ctx.record(cell=cell_figure(cell))
+        chk.grid_checks(one, ctx, cell)
+        return
     chk.exact_checks(cfg, ctx)
-    grid = run_grid(cfg, ctx, g, reading=cfg.reading, k=cfg.k, batch=cfg.batch_size, seeds=cfg.seeds,
-                    sharp=True)
+    if cfg.grid_from:  # the grid's cells were run as a sweep (on dask): the same numbers, read back
+        grid = load_grid(cfg, ctx.seed, cfg.grid_from)
+    else:
+        grid = run_grid(cfg, ctx, g, reading=cfg.reading, k=cfg.k, batch=cfg.batch_size,
+                        seeds=cfg.seeds, sharp=True, seed=ctx.seed)
     chk.grid_checks(cfg, ctx, grid)
     probes = chk.probe_runs(cfg, ctx, g)
     conv = chk.convergence(cfg, ctx, g)
@@ -110,18 +135,28 @@ def run(cfg: SharpnessPhaseConfig, ctx: RunContext) -> None:
     series_figure(cfg, ctx, probes, conv)
 
 
+def _axes(lrs: tuple[float, ...], ps: tuple[float, ...]) -> tuple[str, ...]:
+    return (f"lr={','.join(map(repr, lrs))}", f"p={','.join(map(repr, ps))}")
+
+
+QUICK = SharpnessPhaseConfig(
+    lrs=(0.3125, 0.4375, 0.5625, 0.6875), ps=(0.01, 0.03, 0.1, 0.3), steps=20_000, seeds=4,
+    compare=("input", "k1"), compare_seeds=2, probe_chains=8, conv_lrs=(0.03, 0.045, 0.07, 0.1),
+    conv_steps=70_000, conv_chains=48, check_samples=5000)
+
 EXPERIMENT = register(
     Experiment(
         name="sharpness-phase",
         title="SGD sharpens (or flattens) toward the noise-balanced λ*(p), capped at 2/η (Figs. 5–6)",
         config=SharpnessPhaseConfig,
-        quick=SharpnessPhaseConfig(
-            lrs=(0.3125, 0.4375, 0.5625, 0.6875), ps=(0.01, 0.03, 0.1, 0.3), steps=20_000, seeds=4,
-            compare=("input", "k1"), compare_seeds=2, probe_chains=8, conv_lrs=(0.03, 0.045, 0.07, 0.1),
-            conv_steps=70_000, conv_chains=48, check_samples=5000),
+        quick=QUICK,
         full=SharpnessPhaseConfig(),
         run=run,
         cost="full: 16 η × 27 p × 4 seeds from both starts, 4 other readings, probes, η → 0 study: "
              "≈ 165 s CPU on one core",
+        # `neurothermo sweep sharpness-phase`: the phase diagram cell by cell (each cell a run with
+        # --set lr=… p=…); `reproduce --workers/--scheduler` feeds it to the main run (grid_from).
+        sweep=SweepPlan(grid=_axes(PAPER_LRS, PAPER_PS), seeds=1,
+                        quick_grid=_axes(QUICK.lrs, QUICK.ps), feeds="grid_from"),
     )
 )
