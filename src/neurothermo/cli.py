@@ -140,12 +140,20 @@ def reproduce(
     out: Annotated[str, typer.Option(help="Root folder of the run store.")] = "runs",
     rerun: Annotated[bool, typer.Option("--rerun", help="Run again even where a finished run "
                                                         "with the same settings exists.")] = False,
+    scheduler: Annotated[str | None, typer.Option(help="Run on the dask cluster at this address "
+                                                       "(tcp://host:8786); OUT must be shared.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Run on a dask LocalCluster of N single-"
+                                                     "threaded worker processes.", min=1)] = None,
 ) -> None:
     """Run every registered experiment, then write OUT/report.html.
 
     Resumable: an experiment that already has a finished (`done`) run with the same preset, seed
     and settings under OUT is kept, not rerun; failed, interrupted or killed runs are run again.
     Experiments whose optional extra is missing are skipped with a note.
+
+    With --workers or --scheduler the experiments run as tasks on dask.distributed, together with
+    the sweeps they declare (their seeds and grids, into OUT/sweeps/; sharpness-phase's phase
+    diagram cell by cell), resumable the same way (see docs/sweeps.md, also for Slurm/PBS).
     """
     from neurothermo.experiments.base import UnknownExperiment, all_experiments, get_experiment
     from neurothermo.htmlreport import write_report
@@ -162,6 +170,10 @@ def reproduce(
         raise _fail(str(exc), 2) from None
     rows: list[tuple[str, str, str, str]] = []
     failed = False
+    if workers is not None or scheduler is not None:
+        failed = _reproduce_on_dask([e.name for e in chosen], quick, seed, out, rerun, workers,
+                                    scheduler, rows)
+        chosen = []
     for exp in chosen:
         if exp.missing():
             rows.append((exp.name, "skipped", f"needs extra '{exp.extra}'", ""))
@@ -198,6 +210,48 @@ def reproduce(
     console.print(f"report: {report}", highlight=False)
     if failed:
         raise typer.Exit(1)
+
+
+def _reproduce_on_dask(names: list[str], quick: bool, seed: int, out: str, rerun: bool,
+                      workers: int | None, scheduler: str | None,
+                      rows: list[tuple[str, str, str, str]]) -> bool:
+    """The experiments and their declared sweeps as dask tasks; fills ``rows``; True if one failed."""
+    from neurothermo.report import print_summary
+    from neurothermo.reproduce_dask import Outcome, reproduce_on_dask
+    from neurothermo.sweep import SweepError
+
+    def show(o: Outcome) -> None:
+        if o.status in ("done", "kept") and o.path is not None:
+            console.rule(f"{o.name} ({o.status})")
+            print_summary(o.path, console)
+        elif o.status == "failed":
+            err.print("[red]error:[/] " + _escape(f"{o.name} failed: {o.note}"), highlight=False,
+                      soft_wrap=True)
+
+    def cell(e: dict[str, Any]) -> None:
+        what = " ".join(f"{k}={v}" for k, v in e["point"].items())
+        status = "kept" if e.get("kept") else e["status"]
+        err.print(_escape(f"  cell {status:<7} {what} seed={e['seed']}  {e.get('reason', '')}"),
+                  highlight=False, soft_wrap=True)
+
+    try:
+        outcomes = reproduce_on_dask(names, quick=quick, seed=seed, out=out, rerun=rerun,
+                                     workers=workers, scheduler=scheduler, on_outcome=show,
+                                     on_cell=cell)
+    except SweepError as exc:
+        raise _fail(_escape(str(exc)), 2) from None
+    except KeyboardInterrupt as exc:
+        raise _fail("interrupted; finished runs and cells are kept: run the same command again "
+                    "to resume", 128 + getattr(exc, "signum", 2)) from None
+    for o in outcomes:
+        if o.status in ("done", "kept") and o.summary is not None:
+            preds = o.summary["predictions"]
+            result = f"{sum(p['passed'] for p in preds)}/{len(preds)} predictions hold"
+        else:
+            result = o.note if o.status == "skipped" else "see error above"
+        where = str(o.path or "") + (f" (sweep {o.sweep})" if o.sweep else "")
+        rows.append((o.name, o.status, result, where))
+    return any(o.status == "failed" for o in outcomes)
 
 
 @app.command()
