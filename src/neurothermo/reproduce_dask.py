@@ -98,6 +98,11 @@ def reproduce_on_dask(
     Returns:
         One :class:`Outcome` per experiment, in the order of ``names``.
 
+    Example (what ``neurothermo reproduce --quick --only noise-term --workers 2`` runs)::
+
+        outcomes = reproduce_on_dask(["noise-term"], quick=True, out="runs", workers=2)
+        outcomes[0].status, outcomes[0].summary["all_passed"]     # ('done', True)
+
     Raises:
         UnknownExperiment: a name is not registered (before anything runs).
         RunStoreError: ``out`` is not writable (before anything runs).

@@ -94,6 +94,11 @@ def cell_stream(seed: int, label: str, role: str, lr: float, p: float) -> torch.
 
     It depends on nothing else, so a cell simulated alone (a sweep cell: ``--set lr=… p=…``) draws
     exactly what it draws inside the batched grid.
+
+    Example:
+        >>> a, b = (cell_stream(0, "grid", "balanced", 0.5, 0.1) for _ in range(2))
+        >>> torch.equal(torch.randn(3, generator=a), torch.randn(3, generator=b))
+        True
     """
     key = f"sharpness-phase|{seed}|{label}|{role}|{float(lr)!r}|{float(p)!r}".encode()
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little")

@@ -36,7 +36,10 @@ SHARED = ("reading", "k", "batch_size", "label_noise", "steps", "seeds", "hessia
 
 
 def cell_figure(grid: dict[str, Tensor]) -> dict[str, float]:
-    """The statistics of a one-cell grid as plain floats (booleans as 0/1), and ``eta_lambda``."""
+    """The statistics of a one-cell grid as plain floats (booleans as 0/1), and ``eta_lambda``.
+
+    Example: ``ctx.record(cell=cell_figure(run_grid(one_cell_cfg, ctx, g, ..., seed=ctx.seed)))``.
+    """
     out = {key: float(grid[key].reshape(-1)[0]) for key in FLOAT_KEYS}
     out.update({key: float(bool(grid[key].reshape(-1)[0])) for key in BOOL_KEYS})
     out["eta_lambda"] = out["lr"] * out["lam"]
@@ -52,6 +55,10 @@ def load_grid(cfg: SharpnessPhaseConfig, seed: int, folder: Path | str) -> dict[
 
     Returns the same tensors as ``run_grid(..., sharp=True, seed=seed)`` (shape ``(len(lrs),
     len(ps))``).
+
+    Example (what ``--set grid_from=runs/sweeps/sharpness-phase-<stamp>`` does in the run)::
+
+        grid = load_grid(cfg, ctx.seed, cfg.grid_from)   # instead of run_grid(cfg, ctx, g, ...)
 
     Raises:
         SweepCellsError: no ``index.json``, a cell of the grid not finished in the folder, or a
