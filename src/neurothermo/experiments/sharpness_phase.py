@@ -20,6 +20,9 @@ details and measured numbers in ``docs/experiments/sharpness-phase.md``):
 * probes: time series from both starts; without label noise nothing moves (exact).
 * ``η → 0``: the stationary sharpness from the balanced start tends to ``λ*`` (fit intercept) with a
   gap linear in ``η`` (fitted log-log slope).
+
+The grid is also a declared sweep: ``--set lr=… p=…`` runs one cell, and ``grid_from`` reads the
+cells back, with the same numbers as the batched grid (:mod:`.sharpness_sweep`).
 """
 from __future__ import annotations
 
