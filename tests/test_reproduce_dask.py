@@ -106,3 +106,40 @@ def test_declared_sweep_feeds_its_run_and_failed_cells_rerun(tmp_path: Path, fed
     assert index["complete"] and [bool(e.get("kept")) for e in index["cells"]] == [True, True,
                                                                                    False, False]
     assert json.loads((fed2.path / "config.json").read_text())["settings"]["source"] == str(fed2.sweep)
+
+
+def test_killed_worker_loses_no_run(tmp_path: Path) -> None:
+    import os
+    import signal
+    import threading
+    import time
+
+    from dask.distributed import Client, LocalCluster
+
+    from neurothermo.reproduce_dask import reproduce_on_dask
+
+    names = ["noise-term", "entropic-flow"]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        box: dict = {}
+        t = threading.Thread(target=lambda: box.update(r=reproduce_on_dask(
+            names, quick=True, out=tmp_path, client=client)))
+        t.start()
+        killed = None
+        deadline = time.monotonic() + 60
+        while killed is None and time.monotonic() < deadline and t.is_alive():
+            running = [p for p in tmp_path.glob("*/*/status") if p.read_text().strip() == "running"]
+            busy = [w for w, keys in client.processing().items() if keys]
+            if running and busy:
+                pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+            time.sleep(0.05)
+        t.join(timeout=120)
+        assert killed is not None and not t.is_alive()
+    outcomes = box["r"]
+    assert [o.status for o in outcomes] == ["done", "done"]
+    statuses = [p.read_text().strip() for p in tmp_path.glob("*/*/status")]
+    # The killed run's folder stays at "running"; its rerun on the other worker finished.
+    assert statuses.count("done") == 2 and statuses.count("running") >= 1
+    assert all((o.path / "status").read_text().strip() == "done" for o in outcomes)
