@@ -156,7 +156,8 @@ def apply_overrides(cfg: C, overrides: typing.Iterable[str]) -> C:
             raise ConfigError(f"unknown setting {key!r}; valid keys: {', '.join(names)}")
         changes[key] = _parse(key, raw.strip(), hints[key])
     new = dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
-    return validate_config(new)
+    checked: C = validate_config(new)
+    return checked
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

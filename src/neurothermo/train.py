@@ -359,7 +359,7 @@ class _Loop:
             loss = batch.loss_value(self.model, self.loss_fn)
             if not isinstance(loss, Tensor) or loss.ndim != 0:
                 raise ValueError("loss_fn must return the mean loss over the batch as a scalar tensor")
-            loss.backward()
+            torch.autograd.backward(loss)
             if self.monitor is not None:
                 self.monitor.after_backward(step, batch.as_given(), loss=loss)
             self.opt.step()

@@ -55,7 +55,8 @@ def as_features(x: Any, name: str = "A") -> Tensor:
             f"{x.shape[0]} samples); the layer diverged or was captured wrongly. Drop those samples "
             "from both models or fix the layer"
         )
-    return x
+    result: Tensor = x
+    return result
 
 
 def check_pair(a: Tensor, b: Tensor, name_a: str = "A", name_b: str = "B") -> None:
@@ -145,7 +146,8 @@ def compress(x: Tensor) -> Tensor:
     if d <= n:
         return x
     r = torch.linalg.qr(x.T, mode="reduced").R  # (N, N)
-    return r.T
+    result: Tensor = r.T
+    return result
 
 
 def inverse_permutation(perm: Tensor) -> Tensor:

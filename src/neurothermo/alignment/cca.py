@@ -105,7 +105,8 @@ class Svcca:
     def compare(self, sa: _SvStat, sb: _SvStat) -> Tensor:
         m = (sa.u * sa.w).T @ (sb.u * sb.w)
         rho = torch.linalg.svdvals(m).clamp(max=1.0)
-        return rho[: min(m.shape)].mean()
+        result: Tensor = rho[: min(m.shape)].mean()
+        return result
 
     def permute(self, stat: _SvStat, perm: Tensor) -> _SvStat:
         return _SvStat(stat.u[perm], stat.w)

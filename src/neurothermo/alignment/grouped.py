@@ -54,7 +54,8 @@ class GroupedAlignment:
 
     @property
     def se(self) -> Tensor:
-        return self.per_group.std(dim=0) / self.n_groups**0.5
+        result: Tensor = self.per_group.std(dim=0) / self.n_groups**0.5
+        return result
 
     def matrix(self) -> AlignmentMatrix:
         return AlignmentMatrix(self.mean, self.rows, self.cols, self.metric,

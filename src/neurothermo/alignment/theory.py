@@ -42,12 +42,14 @@ def _pd_power(t: Tensor, power: float, name: str) -> Tensor:
             + ("without label noise the theory predicts no unique kernel"
                if name == "sigma_eps" else "drop degenerate input directions first")
         )
-    return (v * w.pow(power)) @ v.T
+    result: Tensor = (v * w.pow(power)) @ v.T
+    return result
 
 
 def _psd_sqrt(t: Tensor) -> Tensor:
     w, v = torch.linalg.eigh((t + t.T) / 2)
-    return (v * w.clamp_min(0.0).sqrt()) @ v.T
+    result: Tensor = (v * w.clamp_min(0.0).sqrt()) @ v.T
+    return result
 
 
 def platonic_kernel(sigma_x: Any, v: Any, sigma_eps: Any) -> Tensor:

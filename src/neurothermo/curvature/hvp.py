@@ -288,7 +288,8 @@ class HessianOperator(LinearOperator):
         fg = grad(self._functional_loss(i, batch))
 
         def f(p: dict[str, Tensor]) -> dict[str, Tensor]:
-            return fg(p, batch.targets)
+            result: dict[str, Tensor] = fg(p, batch.targets)
+            return result
 
         vnorm = float(torch.sqrt(sum(vi.pow(2).sum() for vi in v)))  # type: ignore[arg-type]
         if vnorm == 0.0:

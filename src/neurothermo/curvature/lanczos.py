@@ -37,6 +37,7 @@ eigenvalue only, which is why the default block size is ``k``.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -196,7 +197,7 @@ def orthogonality_level(dtype: torch.dtype) -> float:
     ``O(ε‖H‖)`` (Simon 1984); ``ε^¾`` also keeps the returned Ritz vectors orthogonal to
     ``≈ m·ε^¾`` (float64: 1e-11, float32: 1e-4 at m = 30) instead of ``m·√ε``.
     """
-    return float(torch.finfo(dtype).eps) ** 0.75
+    return math.pow(torch.finfo(dtype).eps, 0.75)
 
 
 def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: int | None = None,

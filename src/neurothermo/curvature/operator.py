@@ -165,10 +165,10 @@ class ParamSpace:
         For a block the result has shapes ``(p, *param.shape)``.
         """
         if flat.ndim == 1:
-            return {n: c.view(s) for n, c, s in zip(self.names, flat.split(self.numels), self.shapes)}
+            return {n: c.view(s) for n, c, s in zip(self.names, torch.split(flat, list(self.numels)), self.shapes)}
         p = flat.shape[1]
         return {n: c.T.reshape(p, *s) for n, c, s in
-                zip(self.names, flat.split(self.numels), self.shapes)}
+                zip(self.names, torch.split(flat, list(self.numels)), self.shapes)}
 
     def flatten_block(self, tensors: Mapping[str, Tensor] | list[Tensor]) -> Tensor:
         """Inverse of ``unflatten`` on blocks: ``(p, *shape)`` per parameter -> ``(n, p)``."""

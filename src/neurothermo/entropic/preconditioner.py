@@ -216,12 +216,12 @@ def resolve(preconditioner: Any, names: list[str] | None, tensors: list[Tensor])
     for i, (lam, t) in enumerate(zip(lams, tensors)):
         label = names[i] if names is not None else str(i)
         lam_t = torch.as_tensor(lam, dtype=t.dtype, device=t.device)
-        try:
-            torch.broadcast_shapes(lam_t.shape, t.shape)
+        try:  # torch.broadcast_shapes carries no annotations in torch itself
+            shape = torch.broadcast_shapes(lam_t.shape, t.shape)  # type: ignore[no-untyped-call]
         except RuntimeError:
             raise ValueError(f"preconditioner for {label!r} has shape {tuple(lam_t.shape)}, which "
                              f"does not broadcast to the parameter's {tuple(t.shape)}") from None
-        if lam_t.shape != t.shape and torch.broadcast_shapes(lam_t.shape, t.shape) != t.shape:
+        if shape != t.shape:
             raise ValueError(f"preconditioner for {label!r} has shape {tuple(lam_t.shape)}, larger "
                              f"than the parameter's {tuple(t.shape)}")
         if not bool(torch.isfinite(lam_t).all()) or bool((lam_t < 0).any()):

@@ -66,7 +66,8 @@ class EmbeddedDeepLinear(nn.Module):
     m_out: Tensor
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x @ self.m_in.T) @ self.m_out.T
+        out: Tensor = self.body(x @ self.m_in.T) @ self.m_out.T
+        return out
 
     def hidden(self, x: Tensor) -> list[Tensor]:
         """Hidden layers between two trainable maps, ``h_k = W_k ⋯ W_1 M_in x``, k = 1 … D−1.

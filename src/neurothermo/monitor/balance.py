@@ -86,7 +86,8 @@ def block_means(x: np.ndarray, n_blocks: int) -> np.ndarray:
 
 
 def _se(blocks: np.ndarray) -> np.ndarray:
-    return blocks.std(axis=0, ddof=1) / math.sqrt(blocks.shape[0])
+    result: np.ndarray = blocks.std(axis=0, ddof=1) / math.sqrt(blocks.shape[0])
+    return result
 
 
 def _ratio_se(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -197,12 +197,13 @@ class History:
         """The steps at which column ``name`` was recorded (int64 array)."""
         return np.asarray(self._column(name).steps, dtype=np.int64)
 
-    def last(self, name: str) -> np.ndarray:
-        """The most recent value of column ``name``."""
+    def last(self, name: str) -> np.ndarray | np.generic:
+        """The most recent value of column ``name`` (a numpy scalar for a scalar column)."""
         vals = self[name]
         if len(vals) == 0:
             raise KeyError(f"column {name!r} is empty")
-        return vals[-1]
+        last: np.ndarray | np.generic = vals[-1]
+        return last
 
     def __len__(self) -> int:
         """Number of distinct recorded steps."""

@@ -99,7 +99,8 @@ class TensorBoardWriter:
                 "JSONLWriter works without it"
             ) from e
         self._w = SummaryWriter(log_dir=str(log_dir))
-        self.log_dir = Path(self._w.get_logdir())
+        # tensorboard's SummaryWriter.get_logdir carries no annotations
+        self.log_dir = Path(self._w.get_logdir())  # type: ignore[no-untyped-call]
 
     def write(self, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> None:
         import numpy as np

@@ -91,7 +91,8 @@ def _batch_norm(call: Call, m: nn.modules.batchnorm._BatchNorm) -> Tensor:
 
 def _instance_norm(call: Call, m: nn.modules.instancenorm._InstanceNorm) -> Tensor:
     x = _input(call)
-    if x.dim() != m._get_no_batch_dim() + 1:
+    # torch's private _get_no_batch_dim carries no annotations
+    if x.dim() != m._get_no_batch_dim() + 1:  # type: ignore[no-untyped-call]
         raise ValueError(f"module {call.name!r}: unbatched InstanceNorm input has no batch axis")
     use_input_stats = m.training or not m.track_running_stats
     # Never pass the running buffers when normalising with input statistics: they would update.
