@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+__all__ = ["linear_teacher", "load_digits", "read_mnist"]
+
 
 def load_digits(dtype: torch.dtype = torch.float32, *, flatten: bool = True) -> tuple[Tensor, Tensor]:
     """scikit-learn's 1,797 real 8×8 handwritten digits, pixels scaled to [0, 1]; targets int64."""

@@ -366,14 +366,37 @@ def hvp(model: nn.Module, loss_fn: LossFn, data: Any, vector: Mapping[str, Tenso
     "train" or "eval" (module docstring). A float16/bfloat16 model is evaluated in float32 and the
     result is float32.
 
+    Args:
+        model: the network; θ are its trainable parameters selected by ``param_filter``. Left
+            unchanged.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch (``l_B = (1/b) Σ_i
+            l_i``), or ``model_loss`` / None when the model returns its own mean loss.
+        data: one batch ``(inputs, targets)`` or an iterable of batches (the data model,
+            ``docs/data.md``); ``H`` is of the mean loss over all N of their samples.
+        vector: ``v``: a dict name -> tensor over exactly the selected parameters, or a flat
+            tensor in ``model.named_parameters()`` order.
+        method: ``"reverse"`` (double backward), ``"forward_over_reverse"`` or
+            ``"finite_difference"``.
+        microbatch_size: at most this many samples per pass (≥ 1; microbatches weighted
+            ``b_m/N``); None: the batches as given.
+        param_filter: which parameters θ spans: None (all trainable), a name prefix, a list of
+            names / prefixes, or a predicate ``(name, tensor) -> bool``.
+        mode: None (the model's current train/eval flags), ``"train"`` or ``"eval"``.
+        fd_step: ``h`` of the finite difference (> 0); None for ``ε_mach^{1/3}/‖v‖``.
+
+    Returns:
+        ``{name: (H v)[name]}`` over the selected parameters (detached; float32 for a
+        half-precision model).
+
     Raises:
-        ValueError: a loss that is not a scalar (e.g. ``reduction="none"``), a bad vector or mode.
+        TypeError: ``vector`` neither a dict nor a tensor, ``loss_fn`` not callable, non-number
+            arguments, data of the wrong type.
+        ValueError: a loss that is not a scalar (e.g. ``reduction="none"``) or not mean-reduced,
+            a vector of the wrong names / shapes or with NaN/Inf, an unknown ``method`` or
+            ``mode``, a ``param_filter`` matching nothing.
         FloatingPointError: non-finite parameters or products.
-
-    Example::
-
-        hv = nt.hvp(model, nn.CrossEntropyLoss(), (x, y), {n: torch.randn_like(p) for n, p in
-                    model.named_parameters()}, mode="eval")
+        RuntimeError: ``method="forward_over_reverse"`` on an operation without a forward-mode
+            derivative (use ``method="reverse"``).
 
     Example:
         >>> import torch

@@ -37,11 +37,12 @@ TRACE_METHODS: tuple[str, ...] = get_args(TraceMethod)
 class TraceResult:
     """A trace estimate with its standard error.
 
-    estimate:  the estimate of ``tr H``.
-    stderr:    its standard error (see the module docstring; 0 when the sketch spans everything).
-    n_hvp:     Hessian-vector products used.
-    method:    "hutchinson" or "hutch++".
-    samples:   the Hutchinson quadratic forms ``q_j`` (float64, CPU).
+    Attributes:
+        estimate: the estimate of ``tr H``.
+        stderr: its standard error (see the module docstring; 0 when the sketch spans everything).
+        n_hvp: Hessian-vector products used.
+        method: "hutchinson" or "hutch++".
+        samples: the Hutchinson quadratic forms ``q_j`` (float64, CPU).
     """
 
     estimate: float
@@ -111,7 +112,38 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, *, n_samples: in
     """Estimate ``tr H`` of the mean loss over ``data`` (same ``H`` as ``hvp``) with its standard error.
 
     ``n_samples`` is the budget of Hessian-vector products (Hutchinson: probes, ≥ 2; Hutch++: split
-    in thirds, ≥ 4). Per-layer traces: ``param_filter``.
+    in thirds, ≥ 4). Per-layer traces: ``param_filter``. Hutchinson's estimate is the mean of
+    ``q_j = z_jᵀ H z_j`` over Rademacher probes, its standard error ``std(q)/√m``.
+
+    Args:
+        model: the network; θ are its trainable parameters selected by ``param_filter``. Left
+            unchanged.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch (``l_B = (1/b) Σ_i
+            l_i``), or ``model_loss`` / None when the model returns its own mean loss.
+        data: one batch ``(inputs, targets)`` or an iterable of batches (the data model,
+            ``docs/data.md``); ``H`` is of the mean loss over all N of their samples.
+        n_samples: the number of Hessian-vector products.
+        method: ``"hutchinson"`` or ``"hutch++"``.
+        hvp_method: how each product is computed: ``"reverse"`` (double backward),
+            ``"forward_over_reverse"`` or ``"finite_difference"``.
+        microbatch_size: at most this many samples per pass (≥ 1; microbatches weighted
+            ``b_m/N``); None: the batches as given.
+        param_filter: which parameters θ spans: None (all trainable), a name prefix, a list of
+            names / prefixes, or a predicate ``(name, tensor) -> bool``.
+        mode: None (the model's current train/eval flags), ``"train"`` or ``"eval"``.
+        seed: seed of the random probes.
+
+    Returns:
+        A :class:`TraceResult`: ``estimate`` of ``tr H``, ``stderr``, ``n_hvp`` and the ``samples``.
+
+    Raises:
+        TypeError: ``loss_fn`` not callable, non-number or non-int arguments, data of the
+            wrong type.
+        ValueError: an unknown ``method``, ``n_samples`` below its minimum, a loss that is not a scalar (e.g. ``reduction="none"``) or not
+            mean-reduced, an unknown ``hvp_method`` or ``mode``, a ``param_filter`` matching
+            nothing, ``microbatch_size`` splitting batches of train-mode BatchNorm, data with
+            NaN/Inf.
+        FloatingPointError: non-finite parameters or Hessian-vector products.
 
     Example:
         >>> import torch
