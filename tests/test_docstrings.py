@@ -2,8 +2,8 @@
 
 Functions: ``Args:`` naming every parameter, ``Returns:`` unless annotated ``-> None``, ``Raises:``
 and a ``>>>`` example. Classes users construct: the constructor's ``Args:`` (every parameter),
-``Raises:`` and an example. Result records (frozen dataclasses the API returns): ``Attributes:``
-naming every field. Exceptions and warnings: a docstring saying when they are raised. The
+``Raises:`` and an example. Result records (frozen dataclasses the API returns) and protocols:
+``Attributes:`` naming every field. Exceptions and warnings: a docstring saying when they are raised. The
 examples themselves are executed by ``tests/test_docstring_examples.py``.
 """
 from __future__ import annotations
@@ -82,8 +82,16 @@ def _parameters(obj: Callable[..., Any]) -> tuple[list[str], Any]:
     return names, sig.return_annotation
 
 
-def _is_record(name: str, obj: Any) -> bool:
-    return (inspect.isclass(obj) and dataclasses.is_dataclass(obj) and name not in CONSTRUCTED)
+def _record_fields(name: str, obj: Any) -> list[str] | None:
+    """The fields a record documents under ``Attributes:`` (a frozen-dataclass result, or a
+    Protocol's attributes); None for anything else."""
+    if not inspect.isclass(obj) or name in CONSTRUCTED:
+        return None
+    if dataclasses.is_dataclass(obj):
+        return [f.name for f in dataclasses.fields(obj)]
+    if getattr(obj, "_is_protocol", False):
+        return list(getattr(obj, "__annotations__", {}))
+    return None
 
 
 def problems(name: str, obj: Any) -> list[str]:
@@ -95,8 +103,8 @@ def problems(name: str, obj: Any) -> list[str]:
         return []  # an exception or warning: its docstring says when it is raised
     s = sections(doc)
     out: list[str] = []
-    if _is_record(name, obj):
-        fields = [f.name for f in dataclasses.fields(obj)]
+    fields = _record_fields(name, obj)
+    if fields is not None:
         missing = [f for f in fields if f not in documented_names(s.get("Attributes", []))]
         if missing:
             out.append(f"Attributes lacks {missing}")
