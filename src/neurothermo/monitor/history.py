@@ -96,7 +96,24 @@ class History:
     """Columnar table of a run. ``history["loss"]`` → values, ``history.steps("loss")`` → steps.
 
     ``meta`` is a free-form dict of JSON-serialisable facts about the run (layer names, detected
-    symmetries, notes on what was not recorded and why).
+    symmetries, notes on what was not recorded and why). :func:`train` and :class:`ThermoMonitor`
+    fill one; build one yourself to record your own columns.
+
+    Args:
+        meta: the initial ``meta`` (copied); None for an empty one.
+
+    Raises:
+        nothing at construction; :meth:`record` raises ``TypeError`` for a non-int step and
+        ``ValueError`` for a step that does not increase; reading an unknown column raises
+        ``KeyError``.
+
+    Example:
+        >>> import neurothermo as nt
+        >>> h = nt.History({"note": "by hand"})
+        >>> for step in range(3):
+        ...     h.record(step, loss=1.0 / (step + 1))
+        >>> h["loss"].round(3).tolist(), h.steps("loss").tolist()
+        ([1.0, 0.5, 0.333], [0, 1, 2])
     """
 
     def __init__(self, meta: Mapping[str, Any] | None = None) -> None:
