@@ -1,7 +1,8 @@
 """Every exported callable of the public namespaces documents itself completely (Google style).
 
 Functions: ``Args:`` naming every parameter, ``Returns:`` unless annotated ``-> None``, ``Raises:``
-and a ``>>>`` example. Classes users construct: the constructor's ``Args:`` (every parameter),
+(entries ``Type: description``, as the API reference parses them; ``Nothing:`` for a function
+that raises nothing of its own) and a ``>>>`` example. Classes users construct: the constructor's ``Args:`` (every parameter),
 ``Raises:`` and an example. Result records (frozen dataclasses the API returns) and protocols:
 ``Attributes:`` naming every field. Exceptions and warnings: a docstring saying when they are raised. The
 examples themselves are executed by ``tests/test_docstring_examples.py``.
@@ -76,6 +77,21 @@ def documented_names(body: list[str]) -> set[str]:
     return names
 
 
+_RAISES_ENTRY = re.compile(r"^[A-Za-z_][\w.]*(\s*,\s*[A-Za-z_][\w.]*)*:(\s|$)")
+
+
+def _malformed_entries(body: list[str]) -> list[str]:
+    """Lines of a Raises body that start an entry without ``Type:`` (``Nothing:`` says that a
+    function raises nothing of its own). The API reference (griffe) reads every line at the
+    entries' indentation as a new entry, so a continuation line must be indented further."""
+    entries = [ln for ln in body if ln.strip()]
+    if not entries:
+        return ["(empty)"]
+    indent = min(len(ln) - len(ln.lstrip()) for ln in entries)
+    return [ln.strip() for ln in entries
+            if len(ln) - len(ln.lstrip()) == indent and not _RAISES_ENTRY.match(ln.strip())]
+
+
 def _parameters(obj: Callable[..., Any]) -> tuple[list[str], Any]:
     sig = inspect.signature(obj)
     names = [p.name for p in sig.parameters.values() if p.name not in ("self", "cls")]
@@ -121,6 +137,8 @@ def problems(name: str, obj: Any) -> list[str]:
         out.append("no Returns section")
     if "Raises" not in s:
         out.append("no Raises section")
+    elif bad := _malformed_entries(s["Raises"]):
+        out.append(f"Raises entries not 'Type: description': {bad}")
     if ">>>" not in doc:
         out.append("no >>> example")
     return out
@@ -167,7 +185,7 @@ def _good(model: int, *, lr: float = 0.1) -> float:
         ``model·lr``.
 
     Raises:
-        nothing of its own.
+        Nothing: of its own.
 
     Example:
         >>> _good(2)
@@ -188,13 +206,33 @@ def _lacks_a_parameter(model: int, *, lr: float = 0.1, steps: int = 1) -> float:
         ``model·lr``.
 
     Raises:
-        nothing of its own.
+        Nothing: of its own.
 
     Example:
         >>> _lacks_a_parameter(2)
         0.2
     """
     return model * lr * steps
+
+
+def _raises_in_prose(model: int) -> int:
+    """Identity.
+
+    Args:
+        model: a number.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        nothing of its own; a ``TypeError`` from
+        torch, which propagates.
+
+    Example:
+        >>> _raises_in_prose(1)
+        1
+    """
+    return model
 
 
 def _prose_only(model: int) -> int:
@@ -237,6 +275,8 @@ class _Thing:
     (_lacks_a_parameter, ["Args lacks ['steps']"]),
     (_prose_only, ["no Args section", "no Returns section", "no Raises section",
                    "no >>> example"]),
+    (_raises_in_prose, ["Raises entries not 'Type: description': ["
+                        "'nothing of its own; a ``TypeError`` from', 'torch, which propagates.']"]),
     (_Record, ["Attributes lacks ['stderr']"]),
     (_Thing, ["Args lacks ['seed']"]),
 ])

@@ -39,9 +39,9 @@ class LinearOperator:
         device: their device.
 
     Raises:
-        nothing at construction; :meth:`matmat` and :meth:`matvec` raise ``ValueError`` for a
-        block or vector of the wrong shape, and the base class's ``_matmat`` raises
-        ``NotImplementedError``.
+        ValueError: from :meth:`matmat` / :meth:`matvec`: a block or vector of the wrong shape
+            (nothing at construction).
+        NotImplementedError: the base class's ``_matmat`` (a subclass implements it).
 
     Example:
         >>> import torch
@@ -126,7 +126,7 @@ class FunctionOperator(LinearOperator):
         device: their device.
 
     Raises:
-        nothing at construction; products propagate what ``fn`` raises.
+        Nothing: at construction; products propagate what ``fn`` raises.
 
     Example:
         >>> import torch

@@ -49,9 +49,9 @@ class Preconditioner:
             ``weight_decay=``.
 
     Raises:
-        nothing of its own at construction: the entries are checked where Λ is used (a
-        ``ValueError`` for a missing parameter, a shape that does not broadcast, or entries that
-        are negative or not finite).
+        Nothing: at construction. The entries are checked where Λ is used: a ``ValueError``
+            for a missing parameter, a shape that does not broadcast, or entries that are
+            negative or not finite.
 
     Example:
         >>> import torch

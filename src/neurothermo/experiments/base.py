@@ -132,7 +132,7 @@ class Experiment:
         sweep: the default sweep of ``neurothermo sweep NAME``, or None.
 
     Raises:
-        nothing at construction; :func:`register` checks the presets.
+        Nothing: at construction; :func:`register` checks the presets.
 
     Example:
         >>> import dataclasses, tempfile
@@ -254,8 +254,8 @@ def all_experiments() -> list[Experiment]:
         The :class:`Experiment` s, by name.
 
     Raises:
-        nothing of its own (the built-in experiments import their optional dependencies,
-        matplotlib, transformers, scikit-learn, only when they run).
+        Nothing: of its own (the built-in experiments import their optional dependencies,
+            matplotlib, transformers, scikit-learn, only when they run).
 
     Example:
         >>> from neurothermo.experiments import all_experiments
@@ -286,8 +286,8 @@ class RunContext:
         figure_files: the PNG files written so far.
 
     Raises:
-        nothing at construction; :meth:`predict` raises ``ValueError`` for an unknown ``sense``
-        or a negative or non-finite tolerance.
+        ValueError: from :meth:`predict`: an unknown ``sense``, or a negative or non-finite
+            tolerance (nothing at construction).
 
     Example:
         >>> import dataclasses, tempfile

@@ -76,8 +76,8 @@ class BackwardCapture:
         params: the trainable parameters θ by name (e.g. ``dict(model.named_parameters())``).
 
     Raises:
-        nothing of its own at construction; :meth:`norms` returns ``None`` (and sets
-        :attr:`reason`) rather than raising when the recorded pass cannot be read.
+        Nothing: at construction; :meth:`norms` returns ``None`` (and sets :attr:`reason`)
+            rather than raising when the recorded pass cannot be read.
 
     Example:
         >>> import torch

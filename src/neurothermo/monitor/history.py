@@ -103,9 +103,9 @@ class History:
         meta: the initial ``meta`` (copied); None for an empty one.
 
     Raises:
-        nothing at construction; :meth:`record` raises ``TypeError`` for a non-int step and
-        ``ValueError`` for a step that does not increase; reading an unknown column raises
-        ``KeyError``.
+        TypeError: from :meth:`record`: a non-int step (nothing at construction).
+        ValueError: from :meth:`record`: a step that does not increase.
+        KeyError: reading a column that was never recorded.
 
     Example:
         >>> import neurothermo as nt

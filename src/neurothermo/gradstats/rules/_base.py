@@ -134,8 +134,8 @@ class Rule:
             fallback.
 
     Raises:
-        nothing at construction (a frozen record); a ``pieces`` that cannot handle a call
-        should raise ``ValueError`` naming the module, which the caller reports.
+        Nothing: at construction (a frozen record). A ``pieces`` that cannot handle a call
+            should raise ``ValueError`` naming the module, which the caller reports.
 
     Example:
         >>> import torch
@@ -184,7 +184,7 @@ def register_named_rule(qualified_name: str, rule: Rule) -> None:
         rule: the :class:`Rule`.
 
     Raises:
-        nothing: the name is not checked (a class that never appears never matches).
+        Nothing: the name is not checked (a class that never appears never matches).
 
     Example:
         >>> import torch
@@ -265,7 +265,7 @@ def rule_for(module: nn.Module) -> Rule | None:
         it): the exact fallback is used.
 
     Raises:
-        nothing of its own; it propagates what a rule's ``applies`` raises.
+        Nothing: of its own; it propagates what a rule's ``applies`` raises.
 
     Example:
         >>> from torch import nn
