@@ -1,11 +1,12 @@
 """Every exported callable of the public namespaces documents itself completely (Google style).
 
-Functions: ``Args:`` naming every parameter, ``Returns:`` unless annotated ``-> None``, ``Raises:``
-(entries ``Type: description``, as the API reference parses them; ``Nothing:`` for a function
-that raises nothing of its own) and a ``>>>`` example. Classes users construct: the constructor's ``Args:`` (every parameter),
-``Raises:`` and an example. Result records (frozen dataclasses the API returns) and protocols:
-``Attributes:`` naming every field. Exceptions and warnings: a docstring saying when they are raised. The
-examples themselves are executed by ``tests/test_docstring_examples.py``.
+Functions: ``Args:`` naming every parameter, ``Returns:`` unless annotated ``-> None``,
+``Raises:`` (entries ``Type: description``, as the API reference parses them; ``Nothing:`` for a
+function that raises nothing of its own) and a ``>>>`` example. Classes users construct: the
+constructor's ``Args:`` (every parameter), ``Raises:`` and an example. Result records (frozen
+dataclasses the API returns) and protocols: ``Attributes:`` naming every field. Exceptions and
+warnings: a docstring saying when they are raised. The examples themselves are executed by
+``tests/test_docstring_examples.py``.
 """
 from __future__ import annotations
 

@@ -23,9 +23,8 @@ class Writer(Protocol):
     ``write(rows, meta)`` receives new rows (each a dict with ``"step"`` and the columns recorded
     at that step: floats, or nested lists for per-unit vectors and matrices) and the history's
     ``meta``; ``flush()`` is called at the end of training and before checkpoints.
-
-    Attributes:
-        (none: a protocol of the two methods ``write`` and ``flush``.)
+    :class:`JSONLWriter`, :class:`TensorBoardWriter`, :class:`WandbWriter` and
+    :class:`MLflowWriter` implement it.
     """
 
     def write(self, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> None: ...
