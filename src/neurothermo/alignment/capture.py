@@ -185,7 +185,8 @@ def capture_features(
         batch_size: samples per forward (≥ 1); None: the batches as given.
 
     Returns:
-        ``{layer: (N, D)}`` features on the CPU, in the order of ``layers``.
+        ``{layer: (N, D)}`` features (detached, on the device the layer ran on), one entry per
+        layer.
 
     Raises:
         TypeError: inputs of another type, or a layer whose output is not a tensor (or a tuple

@@ -68,8 +68,8 @@ class BackwardCapture:
 
     The norms are ``‖∇_θ l_i‖²`` of each sample's own loss (the backward of a mean-reduced
     ``l_B`` carries ``1/b``; the capture undoes it), as :func:`per_sample_grad_norms` returns.
-    The instance holds hooks only while armed; a model it cannot read (an op it does not know,
-    a broadcast input) gives ``None`` with :attr:`reason` instead of a wrong number.
+    The instance holds hooks only while armed; a pass it cannot read gives ``None`` with
+    :attr:`reason` instead of a wrong number.
 
     Args:
         model: the network whose next forward/backward is recorded.

@@ -117,7 +117,7 @@ class ThermoMonitor:
             ``dataset_size`` < 1, ``ema`` outside [0, 1), bad ``symmetries``, both ``optimizer``
             and ``lr``/``weight_decay``, ``lr`` ≤ 0, ``weight_decay`` < 0, ``data`` with fewer
             than 2 samples, ``sharpness_every`` without ``data``, a model without trainable
-            parameters, noise or auto-symmetries on an FSDP2 model.
+            parameters, noise, sharpness or ``symmetries="auto"`` on an FSDP2 model.
 
     Example:
         >>> import torch
