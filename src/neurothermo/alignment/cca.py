@@ -141,8 +141,9 @@ def svcca(
 
     Raises:
         TypeError: features that are not a real (N, D) tensor or array, or complex.
-        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or
-            constant across samples, fewer than 2 samples, ``dims`` < 1, ``variance`` outside (0, 1], ``ridge`` < 0; ``clip_quantile`` outside (0, 1].
+        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or constant
+            across samples, fewer than 2 samples, ``dims`` < 1, ``variance`` outside (0, 1],
+            ``ridge`` < 0; ``clip_quantile`` outside (0, 1].
 
     Warns:
         AlignmentWarning: N < D without ``ridge`` (regularised CCA is used).

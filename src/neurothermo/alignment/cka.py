@@ -194,8 +194,10 @@ def cka(
 
     Raises:
         TypeError: features that are not a real (N, D) tensor or array, or complex.
-        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or
-            constant across samples, fewer than 2 samples (4 when unbiased), an unknown ``kernel``, ``sigma`` ≤ 0 or without ``kernel='rbf'``, a vanishing RBF kernel; ``clip_quantile`` outside (0, 1].
+        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or constant
+            across samples, fewer than 2 samples (4 when unbiased), an unknown ``kernel``, ``sigma``
+            ≤ 0 or without ``kernel='rbf'``, a vanishing RBF kernel;
+            ``clip_quantile`` outside (0, 1].
 
     Example:
         >>> import torch

@@ -105,8 +105,9 @@ def gram_alignment(
 
     Raises:
         TypeError: features that are not a real (N, D) tensor or array, or complex.
-        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or
-            constant across samples, all-zero features, fewer than 3 samples for ``pearson_offdiag``, an unknown ``method``; ``clip_quantile`` outside (0, 1].
+        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or constant
+            across samples, all-zero features, fewer than 3 samples for ``pearson_offdiag``, an
+            unknown ``method``; ``clip_quantile`` outside (0, 1].
 
     Example:
         >>> import torch

@@ -54,8 +54,9 @@ def knn_indices(
         ``(N, k)`` int64 neighbour indices, each row ascending.
 
     Raises:
-        TypeError: ``x`` not a real (N, D) tensor, or a non-int ``k``.
-        ValueError: ``x`` not 2-D, empty or with NaN/Inf, ``k`` out of range.
+        TypeError: a non-int ``k``.
+        ValueError: ``k`` out of range. ``x`` itself is not checked here (a low-level helper):
+            pass a finite ``(N, D)`` tensor; the metrics check theirs.
 
     Example:
         >>> import torch
@@ -354,8 +355,9 @@ def cknna(
 
     Raises:
         TypeError: features that are not a real (N, D) tensor or array, or complex.
-        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or
-            constant across samples, ``k`` < 2 or out of range, N < 4 when unbiased; ``clip_quantile`` outside (0, 1].
+        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or constant
+            across samples, ``k`` < 2 or out of range, N < 4 when unbiased; ``clip_quantile``
+            outside (0, 1].
 
     Warns:
         AlignmentWarning: a value outside [−1, 1] (the masked kernels are not PSD).

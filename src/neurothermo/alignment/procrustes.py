@@ -80,8 +80,9 @@ def procrustes_distance(
 
     Raises:
         TypeError: features that are not a real (N, D) tensor or array, or complex.
-        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or
-            constant across samples, fewer than 2 samples, an unknown ``form``; ``clip_quantile`` outside (0, 1].
+        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or constant
+            across samples, fewer than 2 samples, an unknown ``form``;
+            ``clip_quantile`` outside (0, 1].
 
     Example:
         >>> import torch

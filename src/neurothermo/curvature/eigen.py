@@ -138,10 +138,10 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 1,
     Raises:
         TypeError: ``loss_fn`` not callable, non-number or non-int arguments, data of the
             wrong type.
-        ValueError: bad ``k``, ``tol``, ``method`` or ``block_size``, a loss that is not a scalar (e.g. ``reduction="none"``) or not
-            mean-reduced, an unknown ``hvp_method`` or ``mode``, a ``param_filter`` matching
-            nothing, ``microbatch_size`` splitting batches of train-mode BatchNorm, data with
-            NaN/Inf.
+        ValueError: bad ``k``, ``tol``, ``method`` or ``block_size``, a loss that is not a scalar
+            (e.g. ``reduction="none"``) or not mean-reduced, an unknown ``hvp_method`` or ``mode``,
+            a ``param_filter`` matching nothing, ``microbatch_size`` splitting batches of train-mode
+            BatchNorm, data with NaN/Inf.
         FloatingPointError: non-finite parameters or Hessian-vector products.
 
     Warns:

@@ -212,7 +212,8 @@ def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: in
 
     Raises:
         TypeError: non-int ``k``/``max_matvec`` or a non-number ``tol``.
-        ValueError: ``k`` < 1 or ≥ n, ``tol`` ≤ 0, ``max_matvec`` < k, ``block_size`` out of range, ``max_basis`` < k + 2p, a ``start`` of the wrong shape.
+        ValueError: ``k`` < 1 or ≥ n, ``tol`` ≤ 0, ``max_matvec`` < k, ``block_size`` out of range,
+            ``max_basis`` < k + 2p, a ``start`` of the wrong shape.
         FloatingPointError: a product contains NaN or Inf.
 
     Warns:

@@ -187,10 +187,10 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, *, n_samples: in
     Raises:
         TypeError: ``loss_fn`` not callable, non-number or non-int arguments, data of the
             wrong type.
-        ValueError: an unknown ``method``, ``n_samples`` below its minimum, a loss that is not a scalar (e.g. ``reduction="none"``) or not
-            mean-reduced, an unknown ``hvp_method`` or ``mode``, a ``param_filter`` matching
-            nothing, ``microbatch_size`` splitting batches of train-mode BatchNorm, data with
-            NaN/Inf.
+        ValueError: an unknown ``method``, ``n_samples`` below its minimum, a loss that is not a
+            scalar (e.g. ``reduction="none"``) or not mean-reduced, an unknown ``hvp_method`` or
+            ``mode``, a ``param_filter`` matching nothing, ``microbatch_size`` splitting batches of
+            train-mode BatchNorm, data with NaN/Inf.
         FloatingPointError: non-finite parameters or Hessian-vector products.
 
     Example:

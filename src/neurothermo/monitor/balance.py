@@ -211,8 +211,9 @@ def layer_balance(history: History, *, window: float | int = 0.5, n_blocks: int 
 
     Raises:
         TypeError: ``window`` neither a float nor an int.
-        ValueError: no per-layer columns in ``history``, columns recorded at different steps, ``window`` outside (0, 1], ``n_blocks`` < 2 or not an int, fewer
-            than 2 recorded steps in the window.
+        ValueError: no per-layer columns in ``history``, columns recorded at different steps,
+            ``window`` outside (0, 1], ``n_blocks`` < 2 or not an int, fewer than 2 recorded steps
+            in the window.
         KeyError: a column the monitor should have written is missing.
 
     Example:
@@ -318,8 +319,9 @@ def neuron_balance(
 
     Raises:
         TypeError: ``window`` neither a float nor an int.
-        ValueError: no per-unit energy columns in ``history`` (no rescale symmetry), ``window`` outside (0, 1], ``n_blocks`` < 2 or not an int, fewer
-            than 2 recorded steps in the window.
+        ValueError: no per-unit energy columns in ``history`` (no rescale symmetry), ``window``
+            outside (0, 1], ``n_blocks`` < 2 or not an int, fewer than 2 recorded steps in the
+            window.
         KeyError: a column the monitor should have written is missing.
 
     Example:
