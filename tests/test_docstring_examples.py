@@ -49,9 +49,7 @@ def test_the_public_api_has_examples() -> None:
         # frozen result records, shown in the examples of the functions that return them
         "ChargeDrift", "ChargeEquilibrium", "EigenResult", "EntropicDecomposition",
         "ExpectedEntropicForce", "GradientNoise", "LayerBalance", "NeuronBalance",
-        "SharpnessReading", "Symmetry", "SymmetryReport", "TraceResult", "Rejection", "History",
-        # needs the optional `monitor` extra (tensorboard), which `make test` does not install
-        "TensorBoardWriter",
+        "SharpnessReading", "Symmetry", "SymmetryReport", "TraceResult", "Rejection",
     }
     lacking = []
     for name in neurothermo.__all__:

@@ -28,7 +28,33 @@ def setting(
     max: float | None = None,
     choices: tuple[Any, ...] | None = None,
 ) -> Any:
-    """A dataclass field with a help text and optional bounds (inclusive) or choices."""
+    """A dataclass field with a help text and optional bounds (inclusive) or choices.
+
+    The CLI shows the help, bounds and choices, and every preset and override is checked against
+    them (:class:`ConfigError`) before a run starts.
+
+    Args:
+        default: the default value (use tuples, not lists, for sequences).
+        help: the help text.
+        min: the smallest allowed value (inclusive); None: no bound.
+        max: the largest allowed value (inclusive); None: no bound.
+        choices: the allowed values; None: any of the field's type.
+
+    Returns:
+        A ``dataclasses.field`` carrying the metadata.
+
+    Raises:
+        TypeError: a list or dict default.
+
+    Example:
+        >>> import dataclasses
+        >>> from neurothermo.experiments import setting
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Cfg:
+        ...     lr: float = setting(0.1, "learning rate η", min=0.0)
+        >>> dataclasses.fields(Cfg)[0].metadata["help"], Cfg().lr
+        ('learning rate η', 0.1)
+    """
     meta = {"help": help, "min": min, "max": max, "choices": choices}
     if isinstance(default, list | dict):
         raise TypeError("use tuples for sequence settings so configs stay frozen and hashable")
@@ -156,7 +182,8 @@ def apply_overrides(cfg: C, overrides: typing.Iterable[str]) -> C:
             raise ConfigError(f"unknown setting {key!r}; valid keys: {', '.join(names)}")
         changes[key] = _parse(key, raw.strip(), hints[key])
     new = dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
-    return validate_config(new)
+    checked: C = validate_config(new)
+    return checked
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

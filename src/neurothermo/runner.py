@@ -94,6 +94,14 @@ class ExperimentFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class RunResult:
+    """The outcome of :func:`run_experiment`; ``all_passed`` says whether every prediction held.
+
+    Attributes:
+        path: the run folder.
+        status: ``"done"`` (the other outcomes raise).
+        summary: the content of ``summary.json``.
+    """
+
     path: Path
     status: str
     summary: dict[str, Any]
@@ -150,11 +158,41 @@ def run_experiment(
     full the failure record is written with the room that is left: the status first, then the
     traceback and the summary.
 
+    Args:
+        name: the registered experiment's name.
+        quick: run the quick preset instead of the full one.
+        seed: the seed, an int in ``[0, 2**63 − 1]``.
+        out: the root folder; the run goes to ``out/<name>/<timestamp>-<id>``.
+        overrides: ``"key=value"`` settings over the preset.
+        progress_factory: ``(description, total) -> context manager yielding advance(n)``;
+            None: silent.
+
+    Returns:
+        A :class:`RunResult`: the run folder, its status (``"done"``) and ``summary.json``'s
+        content (predictions, figures, timing).
+
     Raises:
         ValueError: a bad seed.
         UnknownExperiment, MissingExtra, ConfigError, RunStoreError: bad input, before any work.
         ExperimentFailed: the experiment (or writing its results) raised.
         RunInterrupted: a signal stopped the run.
+
+    Example:
+        >>> import dataclasses, tempfile
+        >>> from neurothermo.experiments import (REGISTRY, Experiment, register, run_experiment,
+        ...                                      setting)
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Cfg:
+        ...     n: int = setting(100, "number of terms", min=2)
+        >>> def run(cfg: Cfg, ctx) -> None:  # ctx: the RunContext
+        ...     mean = sum(range(cfg.n)) / cfg.n
+        ...     ctx.predict("mean", mean, (cfg.n - 1) / 2, 1e-12, why="exact arithmetic")
+        >>> exp = register(Experiment(name="toy-mean", title="The mean of 0 … n−1", config=Cfg,
+        ...                           quick=Cfg(10), full=Cfg(), run=run))
+        >>> res = run_experiment("toy-mean", quick=True, out=tempfile.mkdtemp(), overrides=["n=20"])
+        >>> res.status, res.all_passed, res.summary["predictions"][0]["measured"]
+        ('done', True, 9.5)
+        >>> del REGISTRY["toy-mean"]  # (a doctest: leave the registry as it was)
     """
     check_seed(seed)
     exp = get_experiment(name)

@@ -92,8 +92,9 @@ def resolve_grid(name: str, grid: Sequence[str] | None, seeds: int | None, quick
 
 
 def _spec(name: str, quick: bool, grid: Grid) -> dict[str, Any]:
-    return json.loads(json.dumps({"experiment": name, "preset": "quick" if quick else "full",
-                                  **grid.describe()}))
+    spec: dict[str, Any] = json.loads(json.dumps(
+        {"experiment": name, "preset": "quick" if quick else "full", **grid.describe()}))
+    return spec
 
 
 def _folder(out: Path, name: str, spec: dict[str, Any], fresh: bool) -> Path:
@@ -214,16 +215,18 @@ def _run_dask(name: str, quick: bool, cells_root: Path, entries: list[dict[str, 
         raise SweepError('dask.distributed is not installed; pip install -e ".[dist]", or run '
                          "the cells in this process with --workers 0") from None
     own: list[Any] = []
+    # dask.distributed's Client, LocalCluster and as_completed carry no annotations
     try:
         if client is None:
             if scheduler:
-                client = Client(scheduler)
+                client = Client(scheduler)  # type: ignore[no-untyped-call]
             else:
                 n = workers if workers is not None else min(os.cpu_count() or 1, len(todo))
-                cluster = LocalCluster(n_workers=max(1, n), threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
+                cluster = LocalCluster(  # type: ignore[no-untyped-call]
+                    n_workers=max(1, n), threads_per_worker=1, processes=True,
+                    dashboard_address=None)
                 own.append(cluster)
-                client = Client(cluster)
+                client = Client(cluster)  # type: ignore[no-untyped-call]
             own.insert(0, client)
         futures, where = [], {}
         for i in todo:
@@ -232,7 +235,7 @@ def _run_dask(name: str, quick: bool, cells_root: Path, entries: list[dict[str, 
                                 pure=False, key=f"cell-{i}-{secrets.token_hex(4)}")
             futures.append(fut)
             where[fut.key] = i
-        for fut in as_completed(futures):
+        for fut in as_completed(futures):  # type: ignore[no-untyped-call]
             i = where[fut.key]
             try:
                 res = fut.result()

@@ -127,7 +127,10 @@ def cell_edges(values: Sequence[Any]) -> tuple[list[float], bool, list[str] | No
     log = all(x > 0 for x in xs) and len(xs) > 2
     if log:
         ratios = [math.log(b / a) for a, b in itertools.pairwise(xs)]
-        spread = lambda d: (max(d) - min(d)) / (abs(sum(d) / len(d)) or 1.0)  # noqa: E731
+
+        def spread(d: list[float]) -> float:
+            return (max(d) - min(d)) / (abs(sum(d) / len(d)) or 1.0)
+
         log = spread(ratios) < spread(lin)
     t = [math.log(x) for x in xs] if log else xs
     mids = [(a + b) / 2 for a, b in itertools.pairwise(t)]

@@ -164,6 +164,47 @@ def train(
     as ``cb(step, model, loss)`` after every step (raise ``KeyboardInterrupt`` there to stop). The
     model is put in train mode. Returns a :class:`History` with ``loss`` and ``lr`` per step.
 
+    Args:
+        model: the network, trained in place (its device is used for the data).
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch (``l_B = (1/b) Σ_i
+            l_i``), or ``model_loss`` / None when the model returns its own mean loss.
+        data: the N training samples, as described in the module docstring.
+        optimizer: ``"sgd"``, ``"momentum"`` (heavy ball), ``"adam"`` or ``"gd"`` (full batch).
+        lr: the learning rate η (> 0).
+        batch_size: b (≥ 1; ≤ N without replacement); required except for ``"gd"``.
+        steps: the number of optimizer steps (≥ 1).
+        weight_decay: torch's coupled ``wd`` (≥ 0), penalty ``(wd/2)‖θ‖²``, the paper's
+            ``γ = wd/2``.
+        momentum: β in (0, 1) for ``"momentum"``; 0 for the others.
+        replacement: draw each batch with replacement instead of from epoch permutations.
+        lr_schedule: ``step -> factor`` (the lr at step t is ``lr·lr_schedule(t)``); None: constant.
+        seed: seed (≥ 0) of the data order and of the global RNG inside training.
+        monitor: a :class:`ThermoMonitor`, or an object with ``after_backward`` and
+            ``after_step``; None.
+        checkpoint_every: write ``out/checkpoint.pt`` every this many steps (≥ 1; needs ``out``).
+        out: the folder for checkpoints and ``history.jsonl``; None: nothing is written.
+        resume: continue from ``out/checkpoint.pt`` if it exists (needs ``out``).
+        callbacks: functions ``cb(step, model, loss)`` called after every step.
+
+    Returns:
+        The run's :class:`History` (the monitor's, when one is given): ``loss`` and ``lr`` per
+        step, plus the monitor's columns; ``meta["train"]`` holds the settings.
+
+    Raises:
+        TypeError: ``model`` not an ``nn.Module``, ``loss_fn`` not callable, a ``monitor``
+            without ``after_backward``/``after_step``, an ``lr_schedule`` that is not callable or
+            returns a non-number, non-number or non-int settings, data of the wrong type.
+        ValueError: an unknown ``optimizer``, ``lr`` ≤ 0, ``steps`` < 1, ``seed`` < 0,
+            ``weight_decay`` < 0, a ``momentum`` that does not fit the optimizer, a
+            ``batch_size`` missing, < 1 or (without replacement) > N, ``"gd"`` with
+            ``batch_size`` ≠ N or ``replacement``, ``checkpoint_every`` or ``resume`` without
+            ``out``, a model without trainable parameters or with non-finite ones, a loss that
+            is not a mean-reduced scalar, an ``lr_schedule`` factor that is negative or not
+            finite, a damaged checkpoint or one written by a different run (data, model or
+            settings).
+        TrainingDiverged: a non-finite loss or parameter during training (it names the step
+            and the checkpoint to resume from).
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -359,7 +400,7 @@ class _Loop:
             loss = batch.loss_value(self.model, self.loss_fn)
             if not isinstance(loss, Tensor) or loss.ndim != 0:
                 raise ValueError("loss_fn must return the mean loss over the batch as a scalar tensor")
-            loss.backward()
+            torch.autograd.backward(loss)
             if self.monitor is not None:
                 self.monitor.after_backward(step, batch.as_given(), loss=loss)
             self.opt.step()

@@ -55,7 +55,8 @@ def as_features(x: Any, name: str = "A") -> Tensor:
             f"{x.shape[0]} samples); the layer diverged or was captured wrongly. Drop those samples "
             "from both models or fix the layer"
         )
-    return x
+    result: Tensor = x
+    return result
 
 
 def check_pair(a: Tensor, b: Tensor, name_a: str = "A", name_b: str = "B") -> None:
@@ -90,6 +91,23 @@ def clip_outliers(x: Tensor, q: float = 0.95) -> Tensor:
     This is platonic-rep's ``remove_outliers`` (non-exact variant), applied to one layer. Clipping
     acts entry-wise, so it breaks the rotation invariance of every metric: leave it off unless you
     reproduce platonic-rep.
+
+    Args:
+        x: ``(N, D)`` features.
+        q: the quantile in (0, 1] (1: no clipping).
+
+    Returns:
+        ``x`` clamped entry-wise to ``[−t, t]`` (same shape and dtype).
+
+    Raises:
+        ValueError: ``q`` outside (0, 1].
+
+    Example:
+        >>> import torch
+        >>> from neurothermo.alignment import clip_outliers
+        >>> x = torch.tensor([[1.0, 2.0, 100.0], [1.0, 2.0, 3.0]])
+        >>> clip_outliers(x, q=0.5).tolist()  # t = mean of the row medians of |x| = 2
+        [[1.0, 2.0, 2.0], [1.0, 2.0, 2.0]]
     """
     if not (0.0 < float(q) <= 1.0):
         raise ValueError(f"clip_quantile must be in (0, 1], got {q!r}")
@@ -145,7 +163,8 @@ def compress(x: Tensor) -> Tensor:
     if d <= n:
         return x
     r = torch.linalg.qr(x.T, mode="reduced").R  # (N, N)
-    return r.T
+    result: Tensor = r.T
+    return result
 
 
 def inverse_permutation(perm: Tensor) -> Tensor:

@@ -50,6 +50,22 @@ def auto_layers(model: nn.Module) -> list[str]:
     ``encoder.layer.i``, GPT-2's ``h.i``. Without a block stack: the children of the longest
     ``Sequential``/``ModuleList`` with ≥ 2 children (a plain ``nn.Sequential`` of layers), else the
     model's top-level children.
+
+    Args:
+        model: the network.
+
+    Returns:
+        Qualified module names, in registration order.
+
+    Raises:
+        ValueError: the model has no submodules to hook (pass ``layers=[...]`` to
+            :func:`capture_features`).
+
+    Example:
+        >>> from torch import nn
+        >>> from neurothermo.alignment import auto_layers
+        >>> auto_layers(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+        ['0', '1', '2']
     """
     stacks: list[str] = []
     for name, mod in model.named_modules():
@@ -158,6 +174,35 @@ def capture_features(
     ``DataLoader``) of the data model (``docs/data.md``): the inputs of each (targets ignored), each
     split again when larger than ``batch_size``. Raises naming the layer if a
     name is unknown, if a hooked layer never ran, or if it ran more than once per forward.
+
+    Args:
+        model: the network (run under ``no_grad`` in its current mode).
+        inputs: the N samples, as described above.
+        layers: ``"auto"`` (:func:`auto_layers`) or a list of qualified module names.
+        pool: how a layer output ``(b, ...)`` becomes ``(b, D)``: ``"mean"`` over the sequence
+            or spatial axes (masked by an ``attention_mask`` in ``inputs``), ``"last"`` (the last
+            position), or ``"flatten"``.
+        batch_size: samples per forward (≥ 1); None: the batches as given.
+
+    Returns:
+        ``{layer: (N, D)}`` features (detached, on the device the layer ran on), one entry per
+        layer.
+
+    Raises:
+        TypeError: inputs of another type, or a layer whose output is not a tensor (or a tuple
+            starting with one).
+        ValueError: an unknown ``pool``, bad or unknown ``layers``, ``batch_size`` < 1, inputs
+            without samples, a model without submodules (with ``layers="auto"``).
+        RuntimeError: a hooked layer never ran, or ran more than once per forward.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from neurothermo.alignment import capture_features
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> feats = capture_features(model, torch.randn(10, 4), layers=["1", "2"])
+        >>> {name: tuple(f.shape) for name, f in feats.items()}
+        {'1': (10, 8), '2': (10, 3)}
     """
     if pool not in ("mean", "last", "flatten"):
         raise ValueError(f"pool must be 'mean', 'last' or 'flatten', got {pool!r}")

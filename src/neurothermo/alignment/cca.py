@@ -105,7 +105,8 @@ class Svcca:
     def compare(self, sa: _SvStat, sb: _SvStat) -> Tensor:
         m = (sa.u * sa.w).T @ (sb.u * sb.w)
         rho = torch.linalg.svdvals(m).clamp(max=1.0)
-        return rho[: min(m.shape)].mean()
+        result: Tensor = rho[: min(m.shape)].mean()
+        return result
 
     def permute(self, stat: _SvStat, perm: Tensor) -> _SvStat:
         return _SvStat(stat.u[perm], stat.w)
@@ -124,6 +125,37 @@ def svcca(
     it is invariant to any invertible linear map of either layer; the SVD truncation keeps it
     invariant to rotations, isotropic scaling, translations and column permutations. Symmetric.
     ``N < D`` warns and regularises (ridge 0.1) unless ``ridge`` is given.
+
+    Args:
+        A: ``(N, D_a)`` features of the N samples (a tensor or array; any device).
+        B: ``(N, D_b)`` features of the same samples, in the same order, on the same device.
+        dims: SVD directions kept per layer (≥ 1); None: enough for ``variance``.
+        variance: the fraction in (0, 1] of variance the kept directions explain (``dims=None``).
+        ridge: CCA regularisation (≥ 0); None: 0, or 0.1 with a warning when N < D.
+        standardize: z-score columns first (breaks rotation invariance).
+        normalize: L2-normalise rows first (cosine geometry).
+        clip_quantile: clip outliers with :func:`clip_outliers` at this quantile first; None: off.
+
+    Returns:
+        The mean canonical correlation, in [0, 1].
+
+    Raises:
+        TypeError: features that are not a real (N, D) tensor or array, or complex.
+        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or constant
+            across samples, fewer than 2 samples, ``dims`` < 1, ``variance`` outside (0, 1],
+            ``ridge`` < 0; ``clip_quantile`` outside (0, 1].
+
+    Warns:
+        AlignmentWarning: N < D without ``ridge`` (regularised CCA is used).
+
+    Example:
+        >>> import torch
+        >>> from neurothermo import alignment
+        >>> _ = torch.manual_seed(0)
+        >>> A = torch.randn(200, 16)
+        >>> Q, _ = torch.linalg.qr(torch.randn(16, 16))  # a random rotation
+        >>> round(alignment.svcca(A, A @ Q), 6)
+        1.0
     """
     metric = Svcca(dims, variance=variance, ridge=ridge, standardize=standardize,
                    normalize=normalize, clip_quantile=clip_quantile)

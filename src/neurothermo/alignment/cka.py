@@ -178,6 +178,35 @@ def cka(
     metric; Kornblith's CKA does not, and neither do we by default). Invariant to rotations,
     isotropic scaling, translations and column permutations; in [0, 1] (biased), ≤ 1 (unbiased);
     symmetric; 1 for identical inputs. Raises for constant features.
+
+    Args:
+        A: ``(N, D_a)`` features of the N samples (a tensor or array; any device).
+        B: ``(N, D_b)`` features of the same samples, in the same order, on the same device.
+        kernel: ``"linear"`` or ``"rbf"``.
+        unbiased: the unbiased HSIC (N ≥ 4) instead of Kornblith's biased one.
+        sigma: the RBF bandwidth (> 0; only with ``kernel="rbf"``); None: the median pairwise
+            distance.
+        normalize: L2-normalise rows first (cosine geometry).
+        clip_quantile: clip outliers with :func:`clip_outliers` at this quantile first; None: off.
+
+    Returns:
+        CKA, in [0, 1] (biased) or ≤ 1 (unbiased).
+
+    Raises:
+        TypeError: features that are not a real (N, D) tensor or array, or complex.
+        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or constant
+            across samples, fewer than 2 samples (4 when unbiased), an unknown ``kernel``, ``sigma``
+            ≤ 0 or without ``kernel='rbf'``, a vanishing RBF kernel;
+            ``clip_quantile`` outside (0, 1].
+
+    Example:
+        >>> import torch
+        >>> from neurothermo import alignment
+        >>> _ = torch.manual_seed(0)
+        >>> A = torch.randn(200, 16)
+        >>> Q, _ = torch.linalg.qr(torch.randn(16, 16))  # a random rotation
+        >>> round(alignment.cka(A, 2 * A @ Q + 1.0), 6)  # rotation, scale and shift
+        1.0
     """
     metric = Cka(kernel, unbiased=unbiased, sigma=sigma, normalize=normalize, clip_quantile=clip_quantile)
     return pairwise(metric, A, B)

@@ -90,7 +90,34 @@ def gram_alignment(
     A: Tensor, B: Tensor, method: GramMethod = "cosine", *, normalize: bool = False,
     clip_quantile: float | None = None,
 ) -> float:
-    """Alignment of the uncentred Gram matrices ``AAᵀ`` and ``BBᵀ`` (see the module docstring)."""
+    """Alignment of the uncentred Gram matrices ``AAᵀ`` and ``BBᵀ`` (see the module docstring).
+
+    Args:
+        A: ``(N, D_a)`` features of the N samples (a tensor or array; any device).
+        B: ``(N, D_b)`` features of the same samples, in the same order, on the same device.
+        method: ``"cosine"`` (``⟨G_A, G_B⟩_F / (‖G_A‖_F‖G_B‖_F)``, in [0, 1]) or
+            ``"pearson_offdiag"`` (the correlation of the off-diagonal entries, in [−1, 1]).
+        normalize: L2-normalise rows first (cosine geometry).
+        clip_quantile: clip outliers with :func:`clip_outliers` at this quantile first; None: off.
+
+    Returns:
+        The alignment of the two Gram matrices.
+
+    Raises:
+        TypeError: features that are not a real (N, D) tensor or array, or complex.
+        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or constant
+            across samples, all-zero features, fewer than 3 samples for ``pearson_offdiag``, an
+            unknown ``method``; ``clip_quantile`` outside (0, 1].
+
+    Example:
+        >>> import torch
+        >>> from neurothermo import alignment
+        >>> _ = torch.manual_seed(0)
+        >>> A = torch.randn(200, 16)
+        >>> Q, _ = torch.linalg.qr(torch.randn(16, 16))  # a random rotation
+        >>> round(alignment.gram_alignment(A, 2 * A @ Q), 6)
+        1.0
+    """
     return pairwise(GramAlignment(method, normalize=normalize, clip_quantile=clip_quantile), A, B)
 
 

@@ -33,7 +33,17 @@ class GroupedAlignment:
     """Layer × layer maps on ``S`` disjoint groups of samples: ``per_group`` is ``(S, L_a, L_b)``.
 
     ``mean`` is the ``(L_a, L_b)`` map averaged over groups and ``se`` its per-cell standard error
-    ``std(ddof=1)/√S``; ``matrix()`` returns the mean as an :class:`AlignmentMatrix`.
+    ``std(ddof=1)/√S``; ``matrix()`` returns the mean as an :class:`AlignmentMatrix`. Returned
+    by :func:`grouped_alignment`.
+
+    Attributes:
+        per_group: ``(S, L_a, L_b)`` scores, one map per group.
+        rows: the layer names of A.
+        cols: the layer names of B.
+        metric: the metric's name.
+        higher_is_more_aligned: the direction of the score.
+        group_size: the number of samples of each group.
+        params: the metric's keyword arguments.
     """
 
     per_group: Tensor
@@ -54,7 +64,8 @@ class GroupedAlignment:
 
     @property
     def se(self) -> Tensor:
-        return self.per_group.std(dim=0) / self.n_groups**0.5
+        result: Tensor = self.per_group.std(dim=0) / self.n_groups**0.5
+        return result
 
     def matrix(self) -> AlignmentMatrix:
         return AlignmentMatrix(self.mean, self.rows, self.cols, self.metric,
@@ -75,8 +86,9 @@ def grouped_alignment(
     Args:
         features_a: dict layer name → ``(N, D)`` features.
         features_b: the same for the second model (``None``: A against A).
-        metric: a built-in metric name or function (as for :func:`alignment_matrix`); ``kw`` go to it.
+        metric: a built-in metric name or function (as for :func:`alignment_matrix`).
         groups: ``(N,)`` integer group labels ``0 … S−1``, every label used, ``S ≥ 2``.
+        **kw: keyword arguments of the metric.
 
     Returns:
         A :class:`GroupedAlignment` with the ``(S, L_a, L_b)`` maps.

@@ -42,6 +42,28 @@ def knn_indices(
 
     ``exclude_self`` leaves ``j = i`` out. Ties at the k-th place go to the lower index. Rows are
     sorted by index (a neighbour *set*; its order carries no information).
+
+    Args:
+        x: ``(N, D)`` features (normalise rows first for cosine neighbours).
+        k: neighbours per row (1 ≤ k ≤ N − 1, or ≤ N with ``exclude_self=False``).
+        exclude_self: leave ``j = i`` out.
+        block_rows: rows of the ``x·xᵀ`` similarity computed at once (bounds the memory);
+            None: chosen from N.
+
+    Returns:
+        ``(N, k)`` int64 neighbour indices, each row ascending.
+
+    Raises:
+        TypeError: a non-int ``k``.
+        ValueError: ``k`` out of range. ``x`` itself is not checked here (a low-level helper):
+            pass a finite ``(N, D)`` tensor; the metrics check theirs.
+
+    Example:
+        >>> import torch
+        >>> from neurothermo.alignment import knn_indices
+        >>> x = torch.tensor([[0.0], [1.0], [1.1], [5.0]])
+        >>> knn_indices(x, 1).flatten().tolist()  # the largest inner product x_i·x_j
+        [1, 3, 3, 2]
     """
     n = x.shape[0]
     check_k(k, n, "the features", include_self=not exclude_self)
@@ -144,6 +166,30 @@ def mutual_knn(
     Symmetric, in [0, 1], 1 for identical inputs; invariant to rotations and column permutations,
     and to isotropic scale; not to translations (no centring). Independent features give
     ``k/(N − 1)`` on average.
+
+    Args:
+        A: ``(N, D_a)`` features of the N samples (a tensor or array; any device).
+        B: ``(N, D_b)`` features of the same samples, in the same order, on the same device.
+        k: neighbours per sample (1 ≤ k ≤ N − 1).
+        normalize: L2-normalise rows first (cosine geometry).
+        clip_quantile: clip outliers with :func:`clip_outliers` at this quantile first; None: off.
+
+    Returns:
+        The mean fraction of shared neighbours, in [0, 1].
+
+    Raises:
+        TypeError: features that are not a real (N, D) tensor or array, or complex.
+        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or
+            constant across samples, ``k`` out of range; ``clip_quantile`` outside (0, 1].
+
+    Example:
+        >>> import torch
+        >>> from neurothermo import alignment
+        >>> _ = torch.manual_seed(0)
+        >>> A = torch.randn(200, 16)
+        >>> Q, _ = torch.linalg.qr(torch.randn(16, 16))  # a random rotation
+        >>> alignment.mutual_knn(A, 3 * A @ Q, k=10)  # the same neighbours
+        1.0
     """
     return pairwise(MutualKnn(k, normalize=normalize, clip_quantile=clip_quantile), A, B)
 
@@ -154,6 +200,30 @@ def cycle_knn(
     """Cycle k-NN ``(1/N) Σ_i 1[∃ j ∈ N_B(i) with i ∈ N_A(j)]`` (platonic-rep's ``cycle_knn``).
 
     Not symmetric. Independent features give about ``1 − (1 − k/(N−1))^k`` on average.
+
+    Args:
+        A: ``(N, D_a)`` features of the N samples (a tensor or array; any device).
+        B: ``(N, D_b)`` features of the same samples, in the same order, on the same device.
+        k: neighbours per sample (1 ≤ k ≤ N − 1).
+        normalize: L2-normalise rows first (cosine geometry).
+        clip_quantile: clip outliers with :func:`clip_outliers` at this quantile first; None: off.
+
+    Returns:
+        The fraction of samples whose B-neighbourhood leads back to them in A, in [0, 1].
+
+    Raises:
+        TypeError: features that are not a real (N, D) tensor or array, or complex.
+        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or
+            constant across samples, ``k`` out of range; ``clip_quantile`` outside (0, 1].
+
+    Example:
+        >>> import torch
+        >>> from neurothermo import alignment
+        >>> _ = torch.manual_seed(0)
+        >>> A = torch.randn(200, 16)
+        >>> Q, _ = torch.linalg.qr(torch.randn(16, 16))  # a random rotation
+        >>> alignment.cycle_knn(A, A @ Q, k=10)
+        1.0
     """
     return pairwise(CycleKnn(k, normalize=normalize, clip_quantile=clip_quantile), A, B)
 
@@ -271,6 +341,36 @@ def cknna(
     semi-definite (with duplicated rows values ≈ 1.05 occur); such a value comes with an
     :class:`AlignmentWarning`.
     Features that do not vary across samples raise ``ValueError``, as for every metric.
+
+    Args:
+        A: ``(N, D_a)`` features of the N samples (a tensor or array; any device).
+        B: ``(N, D_b)`` features of the same samples, in the same order, on the same device.
+        k: neighbours per sample (2 ≤ k ≤ N − 1 when unbiased, ≤ N otherwise).
+        unbiased: Song et al.'s unbiased HSIC with self excluded (needs N ≥ 4); False: biased.
+        normalize: L2-normalise rows first (cosine geometry).
+        clip_quantile: clip outliers with :func:`clip_outliers` at this quantile first; None: off.
+
+    Returns:
+        CKNNA, ≈ [0, 1] (not a bound: see above).
+
+    Raises:
+        TypeError: features that are not a real (N, D) tensor or array, or complex.
+        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or constant
+            across samples, ``k`` < 2 or out of range, N < 4 when unbiased; ``clip_quantile``
+            outside (0, 1].
+
+    Warns:
+        AlignmentWarning: a value outside [−1, 1] (the masked kernels are not PSD).
+
+    Example:
+        >>> import torch
+        >>> from neurothermo import alignment
+        >>> _ = torch.manual_seed(0)
+        >>> A = torch.randn(200, 16)
+        >>> Q, _ = torch.linalg.qr(torch.randn(16, 16))  # a random rotation
+        >>> noisy = A @ Q + 0.5 * torch.randn(200, 16)
+        >>> 0.0 < alignment.cknna(A, noisy, k=10) < 1.0
+        True
     """
     return pairwise(Cknna(k, unbiased=unbiased, normalize=normalize, clip_quantile=clip_quantile), A, B)
 

@@ -33,7 +33,19 @@ class AlignmentMatrix:
     """A labelled ``(L_a, L_b)`` alignment table (float64, CPU), optionally with its permutation null.
 
     ``null_mean``/``null_std`` (when ``null > 0`` was asked) are per-cell over the same ``n_null``
-    row shuffles of B; ``z`` is ``(matrix − null_mean)/null_std``.
+    row shuffles of B; ``z`` is ``(matrix − null_mean)/null_std``. Returned by
+    :func:`alignment_matrix`.
+
+    Attributes:
+        matrix: ``(L_a, L_b)`` scores.
+        rows: the layer names of A.
+        cols: the layer names of B.
+        metric: the metric's name.
+        higher_is_more_aligned: the direction of the score.
+        params: the metric's keyword arguments.
+        null_mean: per-cell mean of the null, or None.
+        null_std: per-cell standard deviation of the null, or None.
+        n_null: the number of shuffles (0: no null).
     """
 
     matrix: Tensor
@@ -128,6 +140,35 @@ def alignment_matrix(
     a name or a metric function of this package (default ``"mutual_knn"``, platonic-rep's); ``kw``
     go to it (``k=10``, ``kernel="linear"``, …). ``null > 0`` adds a permutation null per cell
     (``null`` seeded row shuffles of B shared by all cells). Errors name the offending layer.
+
+    Args:
+        features_a: dict layer name → ``(N, D)`` features, or a list of them.
+        features_b: the same for the second model; None: A against itself.
+        metric: a built-in metric name or function (``"mutual_knn"``, ``"cka"``, …).
+        null: row shuffles of B per cell for a permutation null (≥ 0; 0: none).
+        seed: seed of the shuffles.
+        **kw: keyword arguments of the metric.
+
+    Returns:
+        An :class:`AlignmentMatrix` (``(L_a, L_b)`` float64 on the CPU, with the null's mean and
+        std per cell when ``null > 0``).
+
+    Raises:
+        TypeError: features that are not a dict or list of tensors, keyword arguments the
+            metric does not take.
+        ValueError: a metric that is not a built-in name or function (or a ``functools.partial``
+            of one), no layers, layers with different N or devices, or what the metric raises
+            for a layer (named).
+
+    Example:
+        >>> import torch
+        >>> from neurothermo.alignment import alignment_matrix
+        >>> _ = torch.manual_seed(0)
+        >>> a = {"h1": torch.randn(50, 6), "h2": torch.randn(50, 4)}
+        >>> Q, _ = torch.linalg.qr(torch.randn(6, 6))
+        >>> m = alignment_matrix(a, {"g": a["h1"] @ Q}, "cka")
+        >>> m.rows, m.cols, round(float(m.matrix[0, 0]), 6)  # h1 against a rotation of itself
+        (('h1', 'h2'), ('g',), 1.0)
     """
     found = lookup(metric)
     if found is None:

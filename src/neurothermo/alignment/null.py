@@ -33,7 +33,22 @@ from neurothermo.alignment._spec import build, lookup
 
 @dataclass(frozen=True)
 class PermutationNull:
-    """A score with its permutation null (see the module docstring)."""
+    """A score with its permutation null (see the module docstring).
+
+    Returned by :func:`permutation_null`; ``excess`` is the score beyond the null's mean (sign
+    flipped for distances).
+
+    Attributes:
+        metric: the metric's name.
+        score: ``metric(A, B)``.
+        null_mean: the mean of the shuffled scores.
+        null_std: their standard deviation (``ddof=1``).
+        z: ``(score − null_mean) / null_std`` (±inf when the null has no spread).
+        p_value: ``(1 + #{null at least as extreme as score}) / (n + 1)``, one-sided.
+        n: the number of shuffles.
+        higher_is_more_aligned: the direction of the score.
+        null: the shuffled scores.
+    """
 
     metric: str
     score: float
@@ -85,6 +100,35 @@ def permutation_null(
     ``metric`` is a metric name (``"cka"``), one of this package's metric functions, or any
     callable ``(A, B) -> float``. ``higher_is_more_aligned`` is known for the built-in metrics
     (``False`` only for ``procrustes_distance``) and defaults to ``True`` for other callables.
+
+    Args:
+        metric: a metric name, a metric function of this package, or ``(A, B) -> float``.
+        A: ``(N, D_a)`` features.
+        B: ``(N, D_b)`` features of the same samples.
+        n: the number of row shuffles of ``B`` (≥ 2).
+        seed: seed of the shuffles.
+        higher_is_more_aligned: the direction of the score; None: known or True.
+        **kw: keyword arguments of the metric.
+
+    Returns:
+        A :class:`PermutationNull`: the score, the null's mean and std, ``z`` and the
+        permutation ``p_value = (1 + #{null at least as extreme}) / (n + 1)``.
+
+    Raises:
+        TypeError: ``metric`` neither a name nor a callable, features of the wrong type,
+            keyword arguments a built-in metric does not take.
+        ValueError: an unknown metric name, a ``functools.partial`` of a built-in metric with
+            arguments, ``n`` < 2, or what the metric raises.
+        FloatingPointError: the metric returned a non-finite value.
+
+    Example:
+        >>> import torch
+        >>> from neurothermo.alignment import permutation_null
+        >>> _ = torch.manual_seed(0)
+        >>> A = torch.randn(60, 5)
+        >>> res = permutation_null("cka", A, A @ torch.randn(5, 5), n=20)
+        >>> res.p_value == 1 / 21, res.z > 3  # no shuffle comes close
+        (True, True)
     """
     check_int("n", n, minimum=2)
     a = as_features(A, "A")

@@ -67,6 +67,31 @@ def procrustes_distance(
     """Procrustes shape distance between two ``(N, D)`` feature matrices (module docstring).
 
     Lower is more aligned (``permutation_null`` knows and tests the lower tail).
+
+    Args:
+        A: ``(N, D_a)`` features of the N samples (a tensor or array; any device).
+        B: ``(N, D_b)`` features of the same samples, in the same order, on the same device.
+        form: ``"angular"`` (in [0, π/2]) or ``"euclidean"``.
+        normalize: L2-normalise rows first (cosine geometry).
+        clip_quantile: clip outliers with :func:`clip_outliers` at this quantile first; None: off.
+
+    Returns:
+        The distance (0 for identical shapes).
+
+    Raises:
+        TypeError: features that are not a real (N, D) tensor or array, or complex.
+        ValueError: features not 2-D, empty, with NaN/Inf, with different N or devices, or constant
+            across samples, fewer than 2 samples, an unknown ``form``;
+            ``clip_quantile`` outside (0, 1].
+
+    Example:
+        >>> import torch
+        >>> from neurothermo import alignment
+        >>> _ = torch.manual_seed(0)
+        >>> A = torch.randn(200, 16)
+        >>> Q, _ = torch.linalg.qr(torch.randn(16, 16))  # a random rotation
+        >>> alignment.procrustes_distance(A, 2 * A @ Q + 1.0) < 1e-6  # LOWER = aligned
+        True
     """
     return pairwise(Procrustes(form=form, normalize=normalize, clip_quantile=clip_quantile), A, B)
 

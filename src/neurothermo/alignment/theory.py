@@ -42,12 +42,14 @@ def _pd_power(t: Tensor, power: float, name: str) -> Tensor:
             + ("without label noise the theory predicts no unique kernel"
                if name == "sigma_eps" else "drop degenerate input directions first")
         )
-    return (v * w.pow(power)) @ v.T
+    result: Tensor = (v * w.pow(power)) @ v.T
+    return result
 
 
 def _psd_sqrt(t: Tensor) -> Tensor:
     w, v = torch.linalg.eigh((t + t.T) / 2)
-    return (v * w.clamp_min(0.0).sqrt()) @ v.T
+    result: Tensor = (v * w.clamp_min(0.0).sqrt()) @ v.T
+    return result
 
 
 def platonic_kernel(sigma_x: Any, v: Any, sigma_eps: Any) -> Tensor:
@@ -58,6 +60,26 @@ def platonic_kernel(sigma_x: Any, v: Any, sigma_eps: Any) -> Tensor:
     ``(d_out, d_out)`` (or its diagonal), positive definite. Defined up to the overall scale that the
     theory leaves free (``∝``); here the formula's own scale. Example: diagonal ``Σ_x = diag(σ)``,
     ``V = diag(v)``, ``Σ_ε = diag(ε)`` give ``K* = diag(|v|·√ε/√σ)``.
+
+    Args:
+        sigma_x: ``Σ_x``, ``(d_in, d_in)`` or its diagonal, symmetric positive definite.
+        v: the teacher ``V*``, ``(d_out, d_in)``.
+        sigma_eps: ``Σ_ε``, ``(d_out, d_out)`` or its diagonal, symmetric positive definite.
+
+    Returns:
+        ``K*``, ``(d_in, d_in)`` float64.
+
+    Raises:
+        ValueError: a matrix of the wrong shape, not symmetric, not positive definite, or with
+            NaN/Inf.
+
+    Example:
+        >>> import torch
+        >>> from neurothermo.alignment import platonic_kernel
+        >>> platonic_kernel(torch.tensor([1.0, 4.0]), torch.diag(torch.tensor([2.0, 1.0])),
+        ...                 torch.tensor([1.0, 1.0]))  # diag(|v|·√ε/√σ)
+        tensor([[2.0000, 0.0000],
+                [0.0000, 0.5000]], dtype=torch.float64)
     """
     vt = torch.as_tensor(v).to(torch.float64)
     if vt.ndim != 2:
@@ -84,6 +106,29 @@ def kernel_distance(features: Any, inputs: Any, K: Any) -> float:
     is invariant to rotations and scaling of the features; it is ``√(2 − 2 cos(G, G*))``, 0 iff
     ``G ∝ G*``, at most ``√2`` for positive semi-definite ``K``. Computed in feature space
     (``O(N·D·d)``, no ``N × N`` matrix) in float64.
+
+    Args:
+        features: ``F``, ``(N, D)``.
+        inputs: ``X``, ``(N, d)``, the same samples in the same order.
+        K: ``(d, d)`` symmetric (or its diagonal).
+
+    Returns:
+        The distance, in [0, √2] for positive semi-definite ``K``.
+
+    Raises:
+        TypeError: features or inputs that are not real tensors or arrays.
+        ValueError: shapes that do not fit, NaN/Inf, a ``K`` that is not symmetric, all-zero
+            features, or a zero predicted Gram matrix.
+
+    Example:
+        >>> import torch
+        >>> from neurothermo.alignment import kernel_distance
+        >>> _ = torch.manual_seed(0)
+        >>> X = torch.randn(30, 3)
+        >>> K = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
+        >>> F = 5.0 * X @ K.sqrt()  # G = F Fᵀ ∝ X K Xᵀ
+        >>> kernel_distance(F, X, K) < 1e-6
+        True
     """
     f = as_features(features, "features").to(torch.float64)
     x = as_features(inputs, "inputs").to(torch.float64)

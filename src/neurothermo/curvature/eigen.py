@@ -23,14 +23,17 @@ EIGEN_METHODS: tuple[str, ...] = get_args(EigenMethod)
 class EigenResult:
     """Top-``k`` eigenpairs of the Hessian (or of ``Λ^{1/2} H Λ^{1/2}`` with a preconditioner).
 
-    values:     (k,) float64, largest first.
-    vectors:    one dict ``name -> tensor`` per eigenvalue (unit norm over the selected parameters;
-                with a preconditioner, eigenvectors ``u`` of ``Λ^{1/2} H Λ^{1/2}``: the parameter-space
-                direction is ``Λ^{1/2} u``).
-    residuals:  (k,) ``‖H u − λ u‖``: some eigenvalue lies within it of ``values[i]``.
-    errors:     (k,) error estimates of ``values`` (``min(r, r²/gap)``, see ``lanczos``).
-    n_hvp:      Hessian-vector products used.
-    converged:  whether all errors reached ``tol`` (if not a ``ConvergenceWarning`` was issued).
+    Attributes:
+        values: (k,) float64, largest first.
+        vectors: one dict ``name -> tensor`` per eigenvalue (unit norm over the selected
+            parameters; with a preconditioner, eigenvectors ``u`` of ``Λ^{1/2} H Λ^{1/2}``: the
+            parameter-space direction is ``Λ^{1/2} u``).
+        residuals: (k,) ``‖H u − λ u‖``: some eigenvalue lies within it of ``values[i]``.
+        errors: (k,) error estimates of ``values`` (``min(r, r²/gap)``, see ``lanczos``).
+        n_hvp: Hessian-vector products used.
+        converged: whether all errors reached ``tol`` (if not a ``ConvergenceWarning`` was issued).
+        method: ``"lanczos"`` or ``"power"``.
+        preconditioned: whether the spectrum is that of ``Λ^{1/2} H Λ^{1/2}``.
     """
 
     values: Tensor
@@ -107,18 +110,42 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 1,
     in its current train/eval flags; a ``ModeWarning`` flags train-mode BatchNorm and active
     Dropout). A float16/bfloat16 model is solved in float32 (values and vectors float32).
 
+    Args:
+        model: the network; θ are its trainable parameters selected by ``param_filter``. Left
+            unchanged.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch (``l_B = (1/b) Σ_i
+            l_i``), or ``model_loss`` / None when the model returns its own mean loss.
+        data: one batch ``(inputs, targets)`` or an iterable of batches (the data model,
+            ``docs/data.md``); ``H`` is of the mean loss over all N of their samples.
+        k: how many of the largest eigenvalues (≥ 1).
+        tol: relative accuracy of each eigenvalue (> 0).
+        method: ``"lanczos"`` or ``"power"``.
+        param_filter: which parameters θ spans: None (all trainable), a name prefix, a list of
+            names / prefixes, or a predicate ``(name, tensor) -> bool``.
+        preconditioner: None, a dict name -> Λ, or a :class:`Preconditioner`: then the spectrum
+            of ``Λ^{1/2} H Λ^{1/2}``.
+        max_hvp: the cap on Hessian-vector products; None for ``200 + 50k``.
+        mode: None (the model's current train/eval flags), ``"train"`` or ``"eval"``.
+        hvp_method: how each product is computed: ``"reverse"``, ``"forward_over_reverse"`` or
+            ``"finite_difference"``.
+        microbatch_size: at most this many samples per pass; None: the batches as given.
+        block_size: the Lanczos block size (≥ 1); None for ``k``.
+        seed: seed of the random start vectors.
+
     Returns:
         ``EigenResult`` (values float64, largest first, with residuals and error estimates).
 
     Raises:
-        ValueError: ``loss_fn`` not returning a scalar (e.g. ``reduction="none"``), bad ``k``,
-            ``tol``, ``method`` or ``mode``.
+        TypeError: ``loss_fn`` not callable, non-number or non-int arguments, data of the
+            wrong type.
+        ValueError: bad ``k``, ``tol``, ``method`` or ``block_size``, a loss that is not a scalar
+            (e.g. ``reduction="none"``) or not mean-reduced, an unknown ``hvp_method`` or ``mode``,
+            a ``param_filter`` matching nothing, ``microbatch_size`` splitting batches of train-mode
+            BatchNorm, data with NaN/Inf.
         FloatingPointError: non-finite parameters or Hessian-vector products.
 
-    Example::
-
-        res = nt.top_eigenvalues(model, nn.CrossEntropyLoss(), (x, y), k=2, mode="eval")
-        res.values, res.errors, res.converged
+    Warns:
+        ConvergenceWarning: ``max_hvp`` ran out before ``tol`` was met (the estimate is returned).
 
     Example:
         >>> import torch

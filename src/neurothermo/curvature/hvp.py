@@ -154,6 +154,38 @@ class HessianOperator(LinearOperator):
 
     Build it through ``hessian_operator(...)`` (a context manager that sets the mode and restores the
     model afterwards), not directly. ``space`` maps flat vectors to parameter dicts.
+
+    Args:
+        model: the network; θ are its trainable parameters selected by ``param_filter``.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch (``l_B = (1/b) Σ_i
+            l_i``), or ``model_loss`` / None when the model returns its own mean loss.
+        data: one batch or an iterable of batches (``docs/data.md``); ``H`` is of the mean loss
+            ``(1/N) Σ_i l_i`` over all N samples (microbatches weighted ``b_m/N``).
+        method: ``"reverse"``, ``"forward_over_reverse"`` or ``"finite_difference"``.
+        microbatch_size: at most this many samples per pass (≥ 1); None: the batches as given.
+        param_filter: which parameters θ spans: None (all trainable), a name prefix, a list of
+            names / prefixes, or a predicate ``(name, tensor) -> bool``.
+        fd_step: ``h`` of the finite difference (> 0); None: ``ε_mach^{1/3}/‖v‖``.
+        cache: keep the first-order graphs for every product; None: when they fit in memory.
+        seed: seed of the fixed dropout masks (train mode).
+
+    Raises:
+        TypeError: ``loss_fn`` not callable, non-number arguments, data of the wrong type.
+        ValueError: an unknown ``method``, ``microbatch_size`` < 1, ``fd_step`` ≤ 0, a
+            ``param_filter`` matching nothing, ``microbatch_size`` splitting batches of
+            train-mode BatchNorm, data with NaN/Inf; products raise it for a loss that is not a
+            scalar.
+        FloatingPointError: non-finite parameters.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from neurothermo.curvature import HessianOperator, hessian_operator
+        >>> model = nn.Linear(3, 1)
+        >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
+        >>> with hessian_operator(model, nn.MSELoss(), (x, y)) as op:
+        ...     isinstance(op, HessianOperator), op.size  # 3 weights + 1 bias
+        (True, 4)
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, *,
@@ -288,7 +320,8 @@ class HessianOperator(LinearOperator):
         fg = grad(self._functional_loss(i, batch))
 
         def f(p: dict[str, Tensor]) -> dict[str, Tensor]:
-            return fg(p, batch.targets)
+            result: dict[str, Tensor] = fg(p, batch.targets)
+            return result
 
         vnorm = float(torch.sqrt(sum(vi.pow(2).sum() for vi in v)))  # type: ignore[arg-type]
         if vnorm == 0.0:
@@ -339,6 +372,44 @@ def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Any, *, mode: Mode
     ``mode``: None (the model's current flags), "train" or "eval" (module docstring); ``warn``:
     issue the ``ModeWarning``s here (the public functions issue their own and pass False).
     ``cache``: keep the first-order graphs for every product (None: when they fit in memory).
+
+    Args:
+        model: the network; θ are its trainable parameters selected by ``param_filter``.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch (``l_B = (1/b) Σ_i
+            l_i``), or ``model_loss`` / None when the model returns its own mean loss.
+        data: one batch or an iterable of batches (``docs/data.md``); ``H`` is of the mean loss
+            ``(1/N) Σ_i l_i`` over all N samples (microbatches weighted ``b_m/N``).
+        mode: None (the model's current flags), ``"train"`` or ``"eval"``.
+        method: ``"reverse"``, ``"forward_over_reverse"`` or ``"finite_difference"``.
+        microbatch_size: at most this many samples per pass (≥ 1); None: the batches as given.
+        param_filter: which parameters θ spans: None (all trainable), a name prefix, a list of
+            names / prefixes, or a predicate ``(name, tensor) -> bool``.
+        fd_step: ``h`` of the finite difference (> 0); None: ``ε_mach^{1/3}/‖v‖``.
+        cache: keep the first-order graphs for every product; None: when they fit in memory.
+        seed: seed of the fixed dropout masks (train mode).
+        warn: issue the mode warnings here (the public functions issue their own).
+
+    Yields:
+        The :class:`HessianOperator` (flat vectors in ``op.space`` order); its products run in
+        ``mode`` on a float32 copy of a half-precision model.
+
+    Raises:
+        TypeError: ``loss_fn`` not callable, non-number arguments, data of the wrong type.
+        ValueError: an unknown ``method`` or ``mode``, ``microbatch_size`` < 1, ``fd_step`` ≤ 0, a
+            ``param_filter`` matching nothing, ``microbatch_size`` splitting batches of
+            train-mode BatchNorm, data with NaN/Inf; products raise it for a loss that is not a
+            scalar.
+        FloatingPointError: non-finite parameters.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from neurothermo.curvature import hessian_operator
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> x, y = torch.eye(2), torch.zeros(2, 1)
+        >>> with hessian_operator(model, nn.MSELoss(), (x, y)) as op:  # L = (w₁² + w₂²)/2: H = I
+        ...     op.matvec(torch.tensor([1.0, 2.0])).tolist()
+        [1.0, 2.0]
     """
     if warn:
         warn_mode(model, mode, "hessian_operator", fixed_masks=True, stacklevel=4)
@@ -365,14 +436,37 @@ def hvp(model: nn.Module, loss_fn: LossFn, data: Any, vector: Mapping[str, Tenso
     "train" or "eval" (module docstring). A float16/bfloat16 model is evaluated in float32 and the
     result is float32.
 
+    Args:
+        model: the network; θ are its trainable parameters selected by ``param_filter``. Left
+            unchanged.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch (``l_B = (1/b) Σ_i
+            l_i``), or ``model_loss`` / None when the model returns its own mean loss.
+        data: one batch ``(inputs, targets)`` or an iterable of batches (the data model,
+            ``docs/data.md``); ``H`` is of the mean loss over all N of their samples.
+        vector: ``v``: a dict name -> tensor over exactly the selected parameters, or a flat
+            tensor in ``model.named_parameters()`` order.
+        method: ``"reverse"`` (double backward), ``"forward_over_reverse"`` or
+            ``"finite_difference"``.
+        microbatch_size: at most this many samples per pass (≥ 1; microbatches weighted
+            ``b_m/N``); None: the batches as given.
+        param_filter: which parameters θ spans: None (all trainable), a name prefix, a list of
+            names / prefixes, or a predicate ``(name, tensor) -> bool``.
+        mode: None (the model's current train/eval flags), ``"train"`` or ``"eval"``.
+        fd_step: ``h`` of the finite difference (> 0); None for ``ε_mach^{1/3}/‖v‖``.
+
+    Returns:
+        ``{name: (H v)[name]}`` over the selected parameters (detached; float32 for a
+        half-precision model).
+
     Raises:
-        ValueError: a loss that is not a scalar (e.g. ``reduction="none"``), a bad vector or mode.
+        TypeError: ``vector`` neither a dict nor a tensor, ``loss_fn`` not callable, non-number
+            arguments, data of the wrong type.
+        ValueError: a loss that is not a scalar (e.g. ``reduction="none"``) or not mean-reduced,
+            a vector of the wrong names / shapes or with NaN/Inf, an unknown ``method`` or
+            ``mode``, a ``param_filter`` matching nothing.
         FloatingPointError: non-finite parameters or products.
-
-    Example::
-
-        hv = nt.hvp(model, nn.CrossEntropyLoss(), (x, y), {n: torch.randn_like(p) for n, p in
-                    model.named_parameters()}, mode="eval")
+        RuntimeError: ``method="forward_over_reverse"`` on an operation without a forward-mode
+            derivative (use ``method="reverse"``).
 
     Example:
         >>> import torch

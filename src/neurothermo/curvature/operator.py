@@ -29,7 +29,29 @@ def column_block(n: int, m: int, dtype: torch.dtype, device: torch.device | str,
 class LinearOperator:
     """A symmetric ``n × n`` operator given by its action on blocks of vectors.
 
-    Subclasses implement ``_matmat(V) -> H @ V``; this class counts the products.
+    Subclasses implement ``_matmat(V) -> H @ V``; this class counts the products
+    (``n_matvec``) and checks the shapes. :func:`lanczos`, :func:`power_iteration`,
+    :func:`hutchinson` and :func:`hutchpp` take any instance.
+
+    Args:
+        size: ``n``.
+        dtype: the dtype of the vectors it acts on.
+        device: their device.
+
+    Raises:
+        ValueError: from :meth:`matmat` / :meth:`matvec`: a block or vector of the wrong shape
+            (nothing at construction).
+        NotImplementedError: the base class's ``_matmat`` (a subclass implements it).
+
+    Example:
+        >>> import torch
+        >>> from neurothermo.curvature import LinearOperator
+        >>> class Twice(LinearOperator):  # H = 2·I
+        ...     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        ...         return 2 * V
+        >>> op = Twice(3, torch.float64, "cpu")
+        >>> op.matvec(torch.ones(3, dtype=torch.float64)).tolist(), op.n_matvec
+        ([2.0, 2.0, 2.0], 1)
     """
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
@@ -68,7 +90,21 @@ class LinearOperator:
 
 
 class DenseOperator(LinearOperator):
-    """An explicit symmetric matrix as an operator (tests, and small problems)."""
+    """An explicit symmetric matrix as an operator (tests, and small problems).
+
+    Args:
+        matrix: the ``(n, n)`` symmetric matrix (its dtype and device are the operator's).
+
+    Raises:
+        ValueError: ``matrix`` is not square.
+
+    Example:
+        >>> import torch
+        >>> from neurothermo.curvature import DenseOperator, lanczos
+        >>> op = DenseOperator(torch.diag(torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)))
+        >>> lanczos(op, k=1).values.tolist()
+        [3.0]
+    """
 
     def __init__(self, matrix: Tensor) -> None:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
@@ -81,7 +117,24 @@ class DenseOperator(LinearOperator):
 
 
 class FunctionOperator(LinearOperator):
-    """An operator from a function ``V (n, p) -> H V (n, p)``."""
+    """An operator from a function ``V (n, p) -> H V (n, p)``.
+
+    Args:
+        fn: the block product; it must return an ``(n, p)`` tensor for an ``(n, p)`` input.
+        size: ``n``.
+        dtype: the dtype of the vectors.
+        device: their device.
+
+    Raises:
+        Nothing: at construction; products propagate what ``fn`` raises.
+
+    Example:
+        >>> import torch
+        >>> from neurothermo.curvature import FunctionOperator, hutchinson
+        >>> op = FunctionOperator(lambda V: 5.0 * V, 4, torch.float64, "cpu")  # H = 5·I
+        >>> hutchinson(op, 8).estimate  # zᵀHz = 5·n for every ±1 probe
+        20.0
+    """
 
     def __init__(self, fn: Callable[[Tensor], Tensor], size: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
@@ -98,6 +151,22 @@ class CongruenceOperator(LinearOperator):
     With ``d = Λ^{1/2}`` (``Λ`` the diagonal of an optimizer's step ``−η Λ g``) its spectrum is that
     of ``Λ H`` (similar matrices), the curvature an adaptive method feels. Counting is delegated:
     one product here is one product of the inner operator.
+
+    Args:
+        inner: the operator ``H``.
+        d: the diagonal of ``D``, a flat vector of length ``n`` (moved to ``inner``'s device
+            and dtype).
+
+    Raises:
+        ValueError: ``d`` is not of shape ``(n,)``.
+
+    Example:
+        >>> import torch
+        >>> from neurothermo.curvature import CongruenceOperator, DenseOperator
+        >>> H = DenseOperator(torch.eye(2, dtype=torch.float64))
+        >>> op = CongruenceOperator(H, torch.tensor([2.0, 3.0]))  # D H D = diag(4, 9)
+        >>> op.matvec(torch.ones(2, dtype=torch.float64)).tolist()
+        [4.0, 9.0]
     """
 
     def __init__(self, inner: LinearOperator, d: Tensor) -> None:
@@ -118,6 +187,13 @@ class ParamSpace:
     """Names and shapes of a set of parameters; converts dicts of tensors to flat vectors and back.
 
     The flat order is the order of ``names`` (``model.named_parameters()`` order after filtering).
+    Built with :meth:`of`; ``flatten`` / ``unflatten`` convert.
+
+    Attributes:
+        names: the parameter names, in flat order.
+        shapes: their shapes.
+        dtype: the dtype of flat vectors (the first parameter's).
+        device: their device.
     """
 
     names: tuple[str, ...]
@@ -165,10 +241,10 @@ class ParamSpace:
         For a block the result has shapes ``(p, *param.shape)``.
         """
         if flat.ndim == 1:
-            return {n: c.view(s) for n, c, s in zip(self.names, flat.split(self.numels), self.shapes)}
+            return {n: c.view(s) for n, c, s in zip(self.names, torch.split(flat, list(self.numels)), self.shapes)}
         p = flat.shape[1]
         return {n: c.T.reshape(p, *s) for n, c, s in
-                zip(self.names, flat.split(self.numels), self.shapes)}
+                zip(self.names, torch.split(flat, list(self.numels)), self.shapes)}
 
     def flatten_block(self, tensors: Mapping[str, Tensor] | list[Tensor]) -> Tensor:
         """Inverse of ``unflatten`` on blocks: ``(p, *shape)`` per parameter -> ``(n, p)``."""

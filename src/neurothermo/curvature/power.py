@@ -35,7 +35,35 @@ def _project_out(v: Tensor, Y: Tensor) -> Tensor:
 def power_iteration(op: LinearOperator, k: int = 1, *, tol: float = 1e-3,
                     max_matvec: int | None = None,
                     generator: torch.Generator | None = None) -> RitzResult:
-    """The ``k`` algebraically largest eigenpairs of ``op`` by deflated (shifted) power iteration."""
+    """The ``k`` algebraically largest eigenpairs of ``op`` by deflated (shifted) power iteration.
+
+    Args:
+        op: a symmetric :class:`LinearOperator` of size n.
+        k: how many of the largest eigenvalues (1 ≤ k < n).
+        tol: relative accuracy of each eigenvalue (> 0): stop when every error estimate is
+            ``≤ tol·|λ|``.
+        max_matvec: the cap on products (≥ k); None: ``200 + 50k``.
+        generator: the random source of the start vectors (drawn on the CPU).
+
+    Returns:
+        A :class:`RitzResult`, largest first, with residuals and error estimates.
+
+    Raises:
+        TypeError: non-int ``k``/``max_matvec`` or a non-number ``tol``.
+        ValueError: ``k`` < 1 or ≥ n, ``tol`` ≤ 0, ``max_matvec`` < k.
+        FloatingPointError: a product contains NaN or Inf.
+
+    Warns:
+        ConvergenceWarning: the budget ran out before ``tol`` was met (the estimate is returned).
+
+    Example:
+        >>> import torch
+        >>> from neurothermo.curvature import DenseOperator, power_iteration
+        >>> op = DenseOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
+        >>> res = power_iteration(op, k=2, tol=1e-8)
+        >>> [round(v, 6) for v in res.values.tolist()], res.converged
+        ([10.0, 9.0], True)
+    """
     n = op.size
     budget = _check_common(op, k, tol, max_matvec)
     dt, dev = op.dtype, op.device

@@ -152,14 +152,17 @@ def warm_davidson(op: LinearOperator, k: int, start: Tensor, *, tol: float = 1e-
 class SharpnessReading:
     """One sharpness measurement.
 
-    step:                the caller's step number (or the update count when none was given).
-    values, residuals, errors: top-``k`` eigenvalues (float64, largest first) and their estimates.
-    lambda_max:          ``values[0]``.
-    lr, momentum:        η and β used for the stability numbers (``lr`` may be None).
-    lr_lambda_max:       ``η·λ_max`` (None without ``lr``).
-    stability_limit:     ``2(1 + β)``; GD-type dynamics are unstable above it.
-    n_hvp:               Hessian-vector products this update cost.
-    warm_started, converged: as named.
+    Attributes:
+        step: the caller's step number (or the update count when none was given).
+        values, residuals, errors: top-``k`` eigenvalues (float64, largest first), their
+            residuals and error estimates.
+        lambda_max: ``values[0]``.
+        lr, momentum: η and β used for the stability numbers (``lr`` may be None).
+        lr_lambda_max: ``η·λ_max`` (None without ``lr``).
+        stability_limit: ``2(1 + β)``; GD-type dynamics are unstable above it.
+        n_hvp: Hessian-vector products this update cost.
+        warm_started, converged: whether the solve began from the previous readings' Ritz
+            vectors; whether every error reached ``tol``.
     """
 
     step: int
@@ -194,6 +197,27 @@ class SharpnessTracker:
     ``hvp_method``, ``microbatch_size``, ``max_hvp``; ``block_size``: the number of previous Ritz
     vectors a warm start begins from, default ``k + 2``). ``history`` keeps every
     reading. Measure on a fixed data set (e.g. a few thousand examples): minibatch estimates are noisy.
+
+    Args:
+        k: how many of the largest eigenvalues (≥ 1).
+        tol: relative accuracy of each eigenvalue (> 0).
+        lr: η, for ``lr_lambda_max = η·λ_max``; None to report λ only.
+        momentum: β in [0, 1), for the stability limit ``2(1 + β)``.
+        method: ``"lanczos"`` or ``"power"`` (the cold solves; warm ones use the previous vectors).
+        param_filter: which parameters θ spans: None (all trainable), a name prefix, a list of
+            names / prefixes, or a predicate ``(name, tensor) -> bool``.
+        mode: None (the model's current train/eval flags), ``"train"`` or ``"eval"``.
+        hvp_method: ``"reverse"``, ``"forward_over_reverse"`` or ``"finite_difference"``.
+        microbatch_size: at most this many samples per pass; None: the batches as given.
+        max_hvp: the cap on Hessian-vector products per update; None for the default.
+        block_size: previous Ritz vectors a warm start begins from (≥ ``k``); None for ``k + 2``.
+        seed: seed of the random start vectors.
+
+    Raises:
+        TypeError: non-number or non-int arguments.
+        ValueError: ``k`` or ``block_size`` out of range, ``tol`` or ``lr`` ≤ 0, ``momentum``
+            outside [0, 1), an unknown ``method``, ``hvp_method`` or ``mode``. :meth:`update`
+            raises as :func:`top_eigenvalues` does.
 
     Example:
         >>> import torch

@@ -63,10 +63,23 @@ from neurothermo.gradstats.norms import stats_of_batch
 class EntropicDecomposition:
     """``E_B φ_lr = loss + discretization + noise`` at the current parameters (exact over data).
 
-    ``loss = L + (wd/2)‖θ‖²``; ``grad_norm_sq = ‖∇L + wd·θ‖²``; ``discretization =
-    (lr/4)·grad_norm_sq``; ``trace_sigma = Tr Σ`` (population, 1/N); ``trace_sigma_batch =
-    Tr Σ_B``; ``noise = (lr/4)·Tr Σ_B``; ``total`` their sum with ``loss``. All parts are exact
-    (``exact = True``): there is no Monte-Carlo error to report.
+    Returned by :func:`entropic_decomposition`. All parts are exact (``exact = True``): there is
+    no Monte-Carlo error to report.
+
+    Attributes:
+        loss: ``L + (wd/2)‖θ‖²``, ``L`` the mean loss over the N samples (torch ``wd``).
+        discretization: ``(lr/4)·grad_norm_sq``.
+        noise: ``(lr/4)·Tr Σ_B``.
+        total: ``loss + discretization + noise``.
+        trace_sigma: ``Tr Σ``, the population covariance of the per-sample gradients (divisor N).
+        trace_sigma_batch: ``Tr Σ_B``, the covariance of a minibatch's mean gradient: ``Tr Σ/b``
+            with replacement, ``(N − b)/(b(N − 1))·Tr Σ`` without.
+        grad_norm_sq: ``‖∇L + wd·θ‖²``.
+        lr: η.
+        batch_size: b.
+        replacement: whether minibatches are drawn with replacement.
+        n_samples: N.
+        exact: always True here.
     """
 
     loss: float
@@ -90,8 +103,20 @@ class EntropicDecomposition:
 
 @dataclass(frozen=True, eq=False)
 class ExpectedEntropicForce:
-    """``−(lr/4)∇E_B‖g_B‖²`` split into ``discretization = −(lr/2)·H∇L`` and ``noise =
-    −(lr/4)·∇Tr Σ_B``; ``total`` is their sum. Dicts by parameter name, exact over data."""
+    """``−(lr/4)∇E_B‖g_B‖²`` split into its discretization and noise parts, exact over data.
+
+    Returned by :func:`expected_entropic_force`.
+
+    Attributes:
+        discretization: ``{name: −(lr/2)·(H + wd)(∇L + wd·θ)}``.
+        noise: ``{name: −(lr/4)·∇Tr Σ_B}``.
+        total: ``{name: discretization + noise}``.
+        lr: η.
+        batch_size: b.
+        replacement: whether minibatches are drawn with replacement.
+        n_samples: N.
+        exact: always True here.
+    """
 
     discretization: dict[str, Tensor]
     noise: dict[str, Tensor]
@@ -221,6 +246,35 @@ def entropic_decomposition(
     result random, with a ``ModeWarning``). A float16/bfloat16 model is evaluated on a float32
     copy. The model is left exactly as it was.
 
+    Args:
+        model: the network; θ are its trainable parameters. Left unchanged.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch (``l_B = (1/b) Σ_i
+            l_i``), or ``model_loss`` / None when the model returns its own mean loss.
+        data: the whole population of N ≥ 2 samples, as described above.
+        lr: the learning rate η (> 0).
+        batch_size: the minibatch size b (≥ 1; ≤ N without replacement).
+        replacement: draw minibatches with replacement (``Tr Σ_B = Tr Σ/b``) or without
+            (``Tr Σ_B = (N − b)/(b(N − 1))·Tr Σ``).
+        weight_decay: torch's ``wd`` (≥ 0): the penalty ``(wd/2)‖θ‖²``, the paper's ``γ = wd/2``
+            (it adds to the gradient, not to Σ).
+        chunk_size: at most this many samples per forward/backward pass (≥ 1).
+        num_data: N if known (checked against the number of samples read); None to count.
+        mode: None (the model's current flags), ``"train"`` or ``"eval"`` for this call.
+
+    Returns:
+        An :class:`EntropicDecomposition`: ``loss = L + (wd/2)‖θ‖²``, ``discretization =
+        (lr/4)‖∇L + wd·θ‖²``, ``noise = (lr/4)·Tr Σ_B`` (Σ the population covariance of the
+        per-sample gradients, divisor N) and ``total`` their sum, as floats.
+
+    Raises:
+        TypeError: ``model`` not an ``nn.Module``, ``loss_fn`` not callable, non-number
+            arguments, ``replacement`` not a bool, data of the wrong type.
+        ValueError: fewer than 2 samples, ``batch_size`` > N without replacement, ``lr`` ≤ 0,
+            ``weight_decay`` < 0, ``chunk_size`` < 1, ``num_data`` different from the samples
+            read, BatchNorm in train mode, a loss that is not a scalar or not mean-reduced,
+            data with NaN/Inf, a bad ``mode``.
+        FloatingPointError: non-finite parameters or loss.
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -283,6 +337,34 @@ def expected_entropic_force(
     batches is read twice when it holds more than one chunk). Exact over ``data``. ``mode`` and
     precision as for :func:`entropic_decomposition`; attention runs in a twice-differentiable
     kernel. The model is left exactly as it was.
+
+    Args:
+        model: the network; θ are its trainable parameters. Left unchanged.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch (``l_B = (1/b) Σ_i
+            l_i``), or ``model_loss`` / None when the model returns its own mean loss.
+        data: the whole population of N ≥ 2 samples, as in :func:`entropic_decomposition`.
+        lr: the learning rate η (> 0).
+        batch_size: the minibatch size b (≥ 1; ≤ N without replacement).
+        replacement: draw minibatches with replacement (``Tr Σ_B = Tr Σ/b``) or without
+            (``Tr Σ_B = (N − b)/(b(N − 1))·Tr Σ``).
+        weight_decay: torch's ``wd`` (≥ 0): the penalty ``(wd/2)‖θ‖²``, the paper's ``γ = wd/2``
+            (it adds to the gradient, not to Σ).
+        chunk_size: at most this many samples per forward/backward pass (≥ 1).
+        num_data: N if known (checked against the number of samples read); None to count.
+        mode: None (the model's current flags), ``"train"`` or ``"eval"`` for this call.
+
+    Returns:
+        An :class:`ExpectedEntropicForce`: dicts name -> tensor ``discretization``, ``noise`` and
+        ``total`` (detached, the parameters' shapes).
+
+    Raises:
+        TypeError: ``model`` not an ``nn.Module``, ``loss_fn`` not callable, non-number
+            arguments, ``replacement`` not a bool, data of the wrong type.
+        ValueError: fewer than 2 samples, ``batch_size`` > N without replacement, ``lr`` ≤ 0,
+            ``weight_decay`` < 0, ``chunk_size`` < 1, ``num_data`` different from the samples
+            read, BatchNorm in train mode, a loss that is not a scalar or not mean-reduced,
+            data with NaN/Inf, a bad ``mode``.
+        FloatingPointError: non-finite parameters or loss.
 
     Example:
         >>> import torch

@@ -57,6 +57,28 @@ def functional_flow(
     :func:`functional_entropic_loss` with that ``lr``, ``n_steps`` (None: n = ∞) and
     ``preconditioner`` (Λ; None: identity). ``steps`` fixed steps of ``method``.
 
+    Args:
+        f: ``f(params) -> scalar tensor``, twice differentiable when ``lr`` is given.
+        params: the start θ(0): a tensor, a sequence of tensors or a dict name -> tensor.
+        time: the flow time ``T`` (> 0; compare ``T = k·lr`` with k SGD steps).
+        steps: the number of fixed integration steps (≥ 1), each of length ``time/steps``.
+        method: ``"euler"`` or ``"rk4"``.
+        lr: η of the entropic term; None for plain gradient flow on ``f``.
+        n_steps: ``n`` of ``F_n`` (≥ 1); None for ``n = ∞``.
+        preconditioner: Λ: None (identity), a tensor / number, a structure matching ``params``,
+            or a :class:`Preconditioner` (which also carries ``c``).
+
+    Returns:
+        θ(time) in the structure of ``params`` (detached tensors).
+
+    Raises:
+        TypeError: ``params`` not floating-point tensors, non-number arguments, a preconditioner
+            of another type, ``f`` not returning a tensor.
+        ValueError: ``time`` or ``lr`` ≤ 0, ``steps`` or ``n_steps`` < 1, an unknown ``method``,
+            ``f`` returning a non-scalar, a preconditioner that does not fit ``params``.
+        FloatingPointError: ``f`` not finite at the start, or the flow diverged (non-finite
+            parameters at the end: use more steps or a smaller ``lr``).
+
     Example:
         >>> import math
         >>> import torch
@@ -131,6 +153,30 @@ def entropic_flow(
     ``l_B``. The model's parameters are not changed (the flow runs on copies) and the model is left
     exactly as it was (BatchNorm buffers, flags, ``.grad``). ``batch``: one batch or an iterable of
     batches of the data model (``docs/data.md``; ``l_B`` is then the mean over all their samples).
+
+    Args:
+        model: the network; θ(0) are its trainable parameters. Left unchanged.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch (``l_B = (1/b) Σ_i
+            l_i``), or ``model_loss`` / None when the model returns its own mean loss.
+        batch: one batch or an iterable of batches, as described above.
+        lr: the learning rate η (> 0) of the entropic term.
+        time: the flow time ``T`` (> 0).
+        steps: the number of fixed integration steps (≥ 1).
+        method: ``"euler"`` or ``"rk4"``.
+        weight_decay: torch's ``wd`` (≥ 0): the penalty ``(wd/2)‖θ‖²``, the paper's ``γ = wd/2``.
+        n_steps: ``n`` of ``F_n`` (≥ 1); None for ``φ_lr`` (n = ∞).
+        preconditioner: Λ: None (identity), a dict name -> tensor, or a :class:`Preconditioner`.
+
+    Returns:
+        ``{name: θ(time)[name]}`` for every trainable parameter (detached copies).
+
+    Raises:
+        TypeError: ``model`` not an ``nn.Module``, ``loss_fn`` not callable, non-number
+            arguments, a batch of the wrong type, a preconditioner of another type.
+        ValueError: ``lr`` or ``time`` ≤ 0, ``weight_decay`` < 0, ``steps`` or ``n_steps`` < 1,
+            an unknown ``method``, a loss that is not a scalar or not mean-reduced, a batch with
+            NaN/Inf, a preconditioner missing a parameter.
+        FloatingPointError: non-finite parameters or loss, or the flow diverged.
 
     Example:
         >>> import torch

@@ -57,6 +57,26 @@ def functional_entropic_force(
     :func:`functional_entropic_loss` (``n = ∞`` when ``n_steps`` is None). One Hessian-vector
     product.
 
+    Args:
+        f: ``f(params) -> scalar tensor``, any twice-differentiable function of ``params`` (for a
+            model: its mean-reduced batch loss ``l_B``, plus ``(wd/2)‖θ‖²`` if decay is meant).
+        params: the point θ: a tensor, a sequence of tensors or a dict name -> tensor, passed to
+            ``f`` in that structure. Floating point.
+        lr: the learning rate η (> 0).
+        n_steps: ``n`` of ``F_n`` (≥ 1); None for ``n = ∞`` (``φ_lr``).
+        preconditioner: Λ. None (Λ = I), a tensor / number, a structure matching ``params``, or a
+            :class:`Preconditioner` (which also carries ``c``; otherwise ``c = 1``).
+
+    Returns:
+        ``−(lr/2)·c·(1 − 1/n)·H Λ ∇f`` in the structure of ``params`` (detached tensors).
+
+    Raises:
+        TypeError: ``params`` not tensors / not floating point, a non-number ``lr``, a
+            preconditioner of another type, or ``f`` not returning a tensor.
+        ValueError: ``lr`` ≤ 0 or not finite, ``n_steps`` < 1, a preconditioner missing a
+            parameter or of a shape that does not broadcast, ``f`` returning a non-scalar.
+        FloatingPointError: ``f`` is not finite at ``params``.
+
     Example:
         >>> import torch
         >>> import neurothermo as nt
@@ -111,13 +131,28 @@ def entropic_force(
     ``DataLoader``), then ``l_B`` is the mean over all their samples (batch m weighs ``b_m/N``; every
     batch's graph is held at once). ``loss_fn=model_loss`` when the model returns its own loss.
 
+    Args:
+        model: the network; θ are its trainable parameters. Left unchanged.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch (``l_B = (1/b) Σ_i
+            l_i``), or ``model_loss`` / None when the model returns its own mean loss.
+        batch: one batch or an iterable of batches, as described above.
+        lr: the learning rate η (> 0).
+        weight_decay: torch's ``wd`` (≥ 0): the penalty ``(wd/2)‖θ‖²``, the paper's ``γ = wd/2``.
+        preconditioner: Λ: None (Λ = I), a dict name -> tensor, or a :class:`Preconditioner`.
+        n_steps: ``n`` of ``F_n`` (≥ 1); None for ``n = ∞``.
+        mode: None, ``"train"`` or ``"eval"``, as described above.
+
+    Returns:
+        ``{name: −(lr/2)·c·(1 − 1/n)·(H_B Λ g_B)[name]}`` for every trainable parameter (detached;
+        float32 for a half-precision model).
+
     Raises:
-        ValueError: a loss that is not a scalar, a bad ``mode``, ``lr`` or ``weight_decay``.
+        TypeError: ``model`` not an ``nn.Module``, ``loss_fn`` not callable, a non-number ``lr``
+            or ``weight_decay``, a batch of the wrong type, a preconditioner of another type.
+        ValueError: a loss that is not a scalar or not mean-reduced, a bad ``mode``, ``lr`` ≤ 0,
+            ``weight_decay`` < 0, ``n_steps`` < 1, a batch with NaN/Inf or mismatched sizes, a
+            preconditioner missing a parameter.
         FloatingPointError: non-finite parameters or loss.
-
-    Example::
-
-        force = nt.entropic_force(model, nn.CrossEntropyLoss(), (x, y), lr=0.1, mode="eval")
 
     Example:
         >>> import torch

@@ -56,6 +56,26 @@ def functional_entropic_loss(
     (its gradient is ``∇f + (lr/2)·c·(1 − 1/n)·H Λ ∇f``). Tensors in ``params`` that require grad
     are used as they are, so gradients of the result reach them; others are replaced by leaf copies.
 
+    Args:
+        f: ``f(params) -> scalar tensor``, any twice-differentiable function of ``params`` (for a
+            model: its mean-reduced batch loss ``l_B``, plus ``(wd/2)‖θ‖²`` if decay is meant).
+        params: the point θ: a tensor, a sequence of tensors or a dict name -> tensor, passed to
+            ``f`` in that structure. Floating point.
+        lr: the learning rate η (> 0).
+        n_steps: ``n`` of ``F_n`` (≥ 1); None for ``n = ∞`` (``φ_lr``).
+        preconditioner: Λ. None (Λ = I), a tensor / number, a structure matching ``params``, or a
+            :class:`Preconditioner` (which also carries ``c``; otherwise ``c = 1``).
+
+    Returns:
+        The scalar tensor ``F_n(θ)``, with its graph (``create_graph=True``).
+
+    Raises:
+        TypeError: ``params`` not tensors / not floating point, a non-number ``lr``, a
+            preconditioner of another type, or ``f`` not returning a tensor.
+        ValueError: ``lr`` ≤ 0 or not finite, ``n_steps`` < 1, a preconditioner missing a
+            parameter or of a shape that does not broadcast, ``f`` returning a non-scalar.
+        FloatingPointError: ``f`` or the result is not finite at ``params``.
+
     Example:
         >>> import torch
         >>> import neurothermo as nt
@@ -106,6 +126,27 @@ def entropic_loss(
     tensor or a dict of tensors) with ``l_B`` its mean loss, or an iterable of batches (a
     ``DataLoader``), then ``l_B`` is the mean over all their samples (batch m weighs ``b_m/N``; every
     batch's graph is held at once). ``loss_fn=model_loss`` when the model returns its own loss.
+
+    Args:
+        model: the network; θ are its trainable parameters. Left unchanged.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch (``l_B = (1/b) Σ_i
+            l_i``), or ``model_loss`` / None when the model returns its own mean loss.
+        batch: one batch or an iterable of batches, as described above.
+        lr: the learning rate η (> 0).
+        weight_decay: torch's ``wd`` (≥ 0): the penalty ``(wd/2)‖θ‖²``, the paper's ``γ = wd/2``.
+        n_steps: ``n`` of ``F_n`` (≥ 1); None for ``φ_lr`` (n = ∞).
+        preconditioner: Λ: None (Λ = I), a dict name -> tensor, or a :class:`Preconditioner`.
+
+    Returns:
+        The scalar tensor ``F_n(θ)``, differentiable in the model's parameters.
+
+    Raises:
+        TypeError: ``model`` not an ``nn.Module``, ``loss_fn`` not callable, a non-number ``lr``
+            or ``weight_decay``, a batch of the wrong type, a preconditioner of another type.
+        ValueError: a loss that is not a scalar or not mean-reduced, ``lr`` ≤ 0,
+            ``weight_decay`` < 0, ``n_steps`` < 1, a batch with NaN/Inf, a preconditioner missing
+            a parameter.
+        FloatingPointError: non-finite parameters, loss or result.
 
     Example:
         >>> import torch

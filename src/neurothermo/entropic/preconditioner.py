@@ -36,7 +36,22 @@ class Preconditioner:
     ``diag[name]`` broadcasts against the parameter (a 0-dim tensor is a scalar block).
     ``lr`` is the learning rate Λ is normalised to (the optimizer's first group), ``correction``
     the ``c`` of ``φ = l + c(η/4)gᵀΛg``; ``exact`` is False where a momentum approximation enters,
-    and ``note`` says which.
+    and ``note`` says which. Built by :func:`preconditioner_from`, or by hand; the instance is a
+    frozen record that the entropic functions accept as ``preconditioner=``.
+
+    Args:
+        diag: ``{name: Λ block}``, each tensor broadcasting to its parameter (entries ≥ 0).
+        lr: the learning rate Λ is normalised to; None if not tied to an optimizer.
+        correction: the factor ``c`` of the entropic term (1 for plain SGD).
+        exact: False where an approximation (momentum) enters.
+        note: which approximation, in words.
+        weight_decay: the optimizer's own (coupled, torch ``wd``) weight decay, to pass on as
+            ``weight_decay=``.
+
+    Raises:
+        Nothing: at construction. The entries are checked where Λ is used: a ``ValueError``
+            for a missing parameter, a shape that does not broadcast, or entries that are
+            negative or not finite.
 
     Example:
         >>> import torch
@@ -91,6 +106,21 @@ def preconditioner_from(optimizer: torch.optim.Optimizer, model: nn.Module | Non
     taken (Λ is read from the second-moment state). The optimizer's own weight decay is recorded in
     :attr:`Preconditioner.weight_decay`; pass it as ``weight_decay=`` (L2, coupled, as in SGD/Adam;
     AdamW's decoupled decay is a different dynamics and is not represented).
+
+    Args:
+        optimizer: a ``torch.optim`` Adam, AdamW, RMSprop or SGD instance.
+        model: the model the optimizer trains, to name its parameters; None when the optimizer
+            was built from ``model.named_parameters()``.
+
+    Returns:
+        A :class:`Preconditioner` with ``diag`` by parameter name, ``lr`` the first group's
+        learning rate, ``correction`` the momentum factor ``c``, ``exact`` and ``note``.
+
+    Raises:
+        TypeError: ``optimizer`` not a ``torch.optim.Optimizer``, or of another kind.
+        ValueError: unnamed parameters (no ``param_names``, no ``model``), a learning rate ≤ 0,
+            ``maximize=True``, different momenta across groups (different weight decays only add
+            a ``note``), Nesterov SGD, an Adam-type or RMSprop optimizer without a step taken.
 
     Example:
         >>> import torch
@@ -216,12 +246,12 @@ def resolve(preconditioner: Any, names: list[str] | None, tensors: list[Tensor])
     for i, (lam, t) in enumerate(zip(lams, tensors)):
         label = names[i] if names is not None else str(i)
         lam_t = torch.as_tensor(lam, dtype=t.dtype, device=t.device)
-        try:
-            torch.broadcast_shapes(lam_t.shape, t.shape)
+        try:  # torch.broadcast_shapes carries no annotations in torch itself
+            shape = torch.broadcast_shapes(lam_t.shape, t.shape)  # type: ignore[no-untyped-call]
         except RuntimeError:
             raise ValueError(f"preconditioner for {label!r} has shape {tuple(lam_t.shape)}, which "
                              f"does not broadcast to the parameter's {tuple(t.shape)}") from None
-        if lam_t.shape != t.shape and torch.broadcast_shapes(lam_t.shape, t.shape) != t.shape:
+        if shape != t.shape:
             raise ValueError(f"preconditioner for {label!r} has shape {tuple(lam_t.shape)}, larger "
                              f"than the parameter's {tuple(t.shape)}")
         if not bool(torch.isfinite(lam_t).all()) or bool((lam_t < 0).any()):

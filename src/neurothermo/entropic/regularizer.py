@@ -46,7 +46,22 @@ class EntropicRegularizer:
     ``.grad`` untouched (your own forward pass updates them as usual). They run in the model's
     current mode (a training term); active Dropout makes ``R`` random (a ``ModeWarning`` says so).
     Attention runs in a twice-differentiable kernel, so ``R.backward()`` works through
-    ``scaled_dot_product_attention``.
+    ``scaled_dot_product_attention``. The instance is a frozen, callable record of its settings.
+
+    Args:
+        lr: the learning rate η (> 0).
+        batch_size: the micro-batch size (≥ 1), or None for the whole batch as one.
+        weight_decay: torch's ``wd`` (≥ 0): ``g = ∇l_B + wd·θ`` is the gradient of ``l_B +
+            (wd/2)‖θ‖²`` (the paper's ``γ = wd/2``).
+
+    Raises:
+        TypeError: a non-number ``lr`` or ``weight_decay``, a non-int ``batch_size``; when
+            called, ``model`` not an ``nn.Module``, ``loss_fn`` not callable, a batch of the
+            wrong type.
+        ValueError: ``lr`` ≤ 0, ``weight_decay`` < 0, ``batch_size`` < 1; when called, a batch
+            whose size is not a multiple of ``batch_size``, a loss that is not a mean-reduced
+            scalar, a batch with NaN/Inf.
+        FloatingPointError: (when called) non-finite parameters or loss.
 
     Example:
         >>> import torch

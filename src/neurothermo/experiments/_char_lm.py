@@ -159,7 +159,7 @@ def train(model: nn.Module, data: CharData, cfg: TrainConfig, g: torch.Generator
             group["lr"] = lr_at(step, cfg)
         loss = next_char_loss(model, windows(data.train, cfg.batch_size, cfg.seq_len + 1, g))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         opt.step()
         running += loss.detach()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:

@@ -32,7 +32,8 @@ def normalised_imbalance(traces: list[Trace], fam: str) -> np.ndarray:
         mag = np.sqrt((j**2).sum(axis=(-2, -1))) if j.ndim >= 3 else np.abs(j)
         num = num + mag.reshape(mag.shape[0], -1).sum(1)
         den = den + t.stacked("gross").numpy().sum(1)
-    return np.asarray(num) / np.asarray(den)
+    result: np.ndarray = np.asarray(num) / np.asarray(den)
+    return result
 
 
 def late_energies(t: Trace, start: int, lr: float, wd: float) -> tuple[np.ndarray, np.ndarray]:

@@ -59,7 +59,8 @@ class Logits(nn.Module):
         self.model = model
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.model(input_ids=tokens).logits
+        result: Tensor = self.model(input_ids=tokens).logits
+        return result
 
 
 def family(sym: Symmetry) -> str | None:
@@ -173,7 +174,7 @@ def train_recorded(model: nn.Module, syms: list[Symmetry], data: lm.CharData, sp
         seqs = lm.windows(data.train, batch_size, seq_len + 1, g)
         loss = lm.next_char_loss(net, seqs)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         grads = {n: p.grad for n, p in named.items() if p.grad is not None}
         for tr in traces:
             tr.gag.append(tr.sym.imbalance(grads))

@@ -32,7 +32,8 @@ Chains = list[Tensor]  # one (C, d_out, d_in) stack per trainable map
 def well_conditioned(d: int, g: torch.Generator, dtype: torch.dtype = torch.float64) -> Tensor:
     """A random rotation times singular values spread over [0.8, 1.3] (invertible, condition 1.6)."""
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=dtype))
-    return q @ torch.diag(torch.linspace(1.3, 0.8, d, dtype=dtype))
+    out: Tensor = q @ torch.diag(torch.linspace(1.3, 0.8, d, dtype=dtype))
+    return out
 
 
 def init_chains(widths: tuple[int, ...], chains: int, scale: float, g: torch.Generator) -> Chains:
@@ -102,7 +103,8 @@ def balanced_kernel(m_in: Tensor, P: Tensor, k: int, depth: int) -> Tensor:
         raise ValueError(f"k must be a hidden layer 1 … {depth - 1}, got {k}")
     w, u = torch.linalg.eigh(P.transpose(-1, -2) @ P)
     power = (u * w.clamp_min(0.0).pow(k / depth).unsqueeze(-2)) @ u.transpose(-1, -2)
-    return m_in.T @ power @ m_in
+    out: Tensor = m_in.T @ power @ m_in
+    return out
 
 
 def window_scale(z: Tensor, width: float) -> Tensor:

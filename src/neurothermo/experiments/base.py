@@ -29,7 +29,18 @@ class Prediction:
     ``measured <= predicted + tolerance``; ``"at_least"``: ``measured >= predicted − tolerance``.
     With ``relative=True`` the tolerance is relative to ``|predicted|``. ``why`` says where the
     tolerance comes from (it is derived from the theory, not tuned). A non-finite measurement
-    never passes.
+    never passes. Made by :meth:`RunContext.predict` (through :meth:`check`).
+
+    Attributes:
+        name: the prediction's name.
+        measured: the measured value.
+        predicted: the theory's value.
+        tolerance: the allowed deviation (absolute, or relative with ``relative``).
+        passed: whether the check held.
+        relative: the tolerance is relative to ``|predicted|``.
+        why: where the tolerance comes from.
+        sense: ``"equal"``, ``"at_most"`` or ``"at_least"``.
+        control: a check on a control setting.
 
     ``control=True`` marks a check made on a control setting, where the theory says the effect
     must be absent (no gradient noise, full-batch GD, an untrained network, the cause switched
@@ -108,6 +119,40 @@ class Experiment:
     ``requires`` lists importable module names and ``extra`` the pip extra that provides them;
     ``install`` overrides the install hint when the extra alone is not enough. ``sweep`` (optional)
     declares the grid over settings and seeds that ``neurothermo sweep NAME`` runs by default.
+    The instance is a frozen record; :func:`register` makes it runnable by name.
+
+    Args:
+        name: the CLI name (``neurothermo run NAME``).
+        title: a one-line title.
+        config: the settings dataclass type.
+        quick: the quick preset (an instance of ``config``; ``reproduce --quick``).
+        full: the full preset.
+        run: ``run(cfg, ctx)``, the experiment itself (``ctx`` a :class:`RunContext`).
+        cost: what the full preset costs, measured.
+        requires: importable module names it needs.
+        extra: the pip extra that provides them.
+        install: an install hint when the extra alone is not enough.
+        threads: torch intra-op threads while it runs (restored after); None: torch's setting.
+        sweep: the default sweep of ``neurothermo sweep NAME``, or None.
+
+    Raises:
+        Nothing: at construction; :func:`register` checks the presets.
+
+    Example:
+        >>> import dataclasses, tempfile
+        >>> from neurothermo.experiments import (REGISTRY, Experiment, register, run_experiment,
+        ...                                      setting)
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Cfg:
+        ...     n: int = setting(100, "number of terms", min=2)
+        >>> def run(cfg: Cfg, ctx) -> None:  # ctx: the RunContext
+        ...     mean = sum(range(cfg.n)) / cfg.n
+        ...     ctx.predict("mean", mean, (cfg.n - 1) / 2, 1e-12, why="exact arithmetic")
+        >>> exp = register(Experiment(name="toy-mean", title="The mean of 0 … n−1", config=Cfg,
+        ...                           quick=Cfg(10), full=Cfg(), run=run))
+        >>> exp.preset(quick=True)
+        Cfg(n=10)
+        >>> del REGISTRY["toy-mean"]
     """
 
     name: str
@@ -143,6 +188,34 @@ class UnknownExperiment(KeyError):
 
 
 def register(exp: Experiment) -> Experiment:
+    """Add ``exp`` to the registry (``REGISTRY``) under its name; registering it again is a no-op.
+
+    Args:
+        exp: the :class:`Experiment`.
+
+    Returns:
+        ``exp`` itself.
+
+    Raises:
+        ValueError: another experiment is registered under the same name.
+        TypeError: a preset that is not an instance of ``exp.config``.
+
+    Example:
+        >>> import dataclasses, tempfile
+        >>> from neurothermo.experiments import (REGISTRY, Experiment, register, run_experiment,
+        ...                                      setting)
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Cfg:
+        ...     n: int = setting(100, "number of terms", min=2)
+        >>> def run(cfg: Cfg, ctx) -> None:  # ctx: the RunContext
+        ...     mean = sum(range(cfg.n)) / cfg.n
+        ...     ctx.predict("mean", mean, (cfg.n - 1) / 2, 1e-12, why="exact arithmetic")
+        >>> exp = register(Experiment(name="toy-mean", title="The mean of 0 … n−1", config=Cfg,
+        ...                           quick=Cfg(10), full=Cfg(), run=run))
+        >>> exp.name in REGISTRY
+        True
+        >>> del REGISTRY["toy-mean"]
+    """
     if exp.name in REGISTRY and REGISTRY[exp.name] is not exp:
         raise ValueError(f"experiment {exp.name!r} is registered twice")
     for preset in (exp.quick, exp.full):
@@ -153,6 +226,22 @@ def register(exp: Experiment) -> Experiment:
 
 
 def get_experiment(name: str) -> Experiment:
+    """The registered experiment ``name`` (the built-in ones are registered on first use).
+
+    Args:
+        name: the experiment's name.
+
+    Returns:
+        Its :class:`Experiment`.
+
+    Raises:
+        KeyError: no experiment of that name (``UnknownExperiment``, listing the available ones).
+
+    Example:
+        >>> from neurothermo.experiments import get_experiment
+        >>> get_experiment("layer-balance").name
+        'layer-balance'
+    """
     import neurothermo.experiments  # noqa: F401  (registers the built-in experiments)
 
     if name not in REGISTRY:
@@ -163,6 +252,20 @@ def get_experiment(name: str) -> Experiment:
 
 
 def all_experiments() -> list[Experiment]:
+    """Every registered experiment, sorted by name (the built-in ones are registered on first use).
+
+    Returns:
+        The :class:`Experiment` s, by name.
+
+    Raises:
+        Nothing: of its own (the built-in experiments import their optional dependencies,
+            matplotlib, transformers, scikit-learn, only when they run).
+
+    Example:
+        >>> from neurothermo.experiments import all_experiments
+        >>> "entropic-flow" in [e.name for e in all_experiments()]
+        True
+    """
     import neurothermo.experiments  # noqa: F401
 
     return [REGISTRY[k] for k in sorted(REGISTRY)]
@@ -170,7 +273,43 @@ def all_experiments() -> list[Experiment]:
 
 @dataclass
 class RunContext:
-    """What an experiment's ``run`` uses to talk to the outside world."""
+    """What an experiment's ``run`` uses to talk to the outside world.
+
+    :func:`run_experiment` builds it; ``run(cfg, ctx)`` calls ``ctx.log`` (metrics stream),
+    ``ctx.record`` (summary figures), ``ctx.predict`` (checked predictions), ``ctx.savefig`` and
+    ``ctx.track`` / ``ctx.progress`` (progress bars in the CLI).
+
+    Args:
+        run: the run folder's store (``neurothermo.runstore.Run``).
+        seed: the run's seed.
+        quick: whether the quick preset runs.
+        progress_factory: ``(description, total) -> context manager yielding advance(n)``; None:
+            silent.
+        predictions: the predictions checked so far.
+        figures: the figures recorded so far.
+        figure_files: the PNG files written so far.
+
+    Raises:
+        ValueError: from :meth:`predict`: an unknown ``sense``, or a negative or non-finite
+            tolerance (nothing at construction).
+
+    Example:
+        >>> import dataclasses, tempfile
+        >>> from neurothermo.experiments import (REGISTRY, Experiment, register, run_experiment,
+        ...                                      setting)
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Cfg:
+        ...     n: int = setting(100, "number of terms", min=2)
+        >>> def run(cfg: Cfg, ctx) -> None:  # ctx: the RunContext
+        ...     mean = sum(range(cfg.n)) / cfg.n
+        ...     ctx.predict("mean", mean, (cfg.n - 1) / 2, 1e-12, why="exact arithmetic")
+        >>> exp = register(Experiment(name="toy-mean", title="The mean of 0 … n−1", config=Cfg,
+        ...                           quick=Cfg(10), full=Cfg(), run=run))
+        >>> res = run_experiment("toy-mean", quick=True, out=tempfile.mkdtemp(), overrides=["n=20"])
+        >>> res.status, res.all_passed, res.summary["predictions"][0]["measured"]
+        ('done', True, 9.5)
+        >>> del REGISTRY["toy-mean"]  # (a doctest: leave the registry as it was)
+    """
 
     run: Run
     seed: int

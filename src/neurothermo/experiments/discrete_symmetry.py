@@ -97,7 +97,7 @@ def sgd_pair(cfg: DiscreteSymmetryConfig, kind: str, x: Tensor, y: Tensor, idx: 
     for t, i in enumerate(idx, start=1):
         for m, opt in ((a, opt_a), (b, opt_b)):
             opt.zero_grad()
-            F.cross_entropy(m(x[i]), y[i]).backward()
+            torch.autograd.backward(F.cross_entropy(m(x[i]), y[i]))
             opt.step()
         if t % every == 0 or t == len(idx):
             oa = flat_params(transformed(a, syms, elements))

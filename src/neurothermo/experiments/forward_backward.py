@@ -117,7 +117,8 @@ def balance_sides(Ws: Chains, m_in: Tensor, m_out: Tensor, V: Tensor, sx: Tensor
 
 
 def _fro(a: Tensor) -> Tensor:
-    return a.flatten(1).norm(dim=1)
+    result: Tensor = a.flatten(1).norm(dim=1)
+    return result
 
 
 def measures(sides: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> tuple[np.ndarray, np.ndarray]:

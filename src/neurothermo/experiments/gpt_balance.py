@@ -53,6 +53,7 @@ from neurothermo.experiments import _char_lm as lm
 from neurothermo.experiments import _gpt_balance_checks as ck
 from neurothermo.experiments import _gpt_balance_train as tr
 from neurothermo.experiments.base import Experiment, RunContext, register
+from neurothermo.symmetry.base import Symmetry
 
 VARIANTS = ("main", "small-lr", "broken")
 
@@ -209,7 +210,7 @@ def main_predictions(ctx: RunContext, res: RunResult, cfg: GptBalanceConfig, sta
     return summary
 
 
-def _train(ctx: RunContext, model0: torch.nn.Module, syms: list, data: lm.CharData,
+def _train(ctx: RunContext, model0: torch.nn.Module, syms: list[Symmetry], data: lm.CharData,
            spec: tr.RunSpec, cfg: GptBalanceConfig, seed: int, label: str) -> RunResult:
     model = copy.deepcopy(model0)
     g = torch.Generator().manual_seed(seed + 1)  # the same windows for every run

@@ -116,7 +116,8 @@ def whiten(x: Tensor, k: int) -> Tensor:
         raise ValueError(
             f"pca={k}: the data has only {int((var > 1e-8 * var[0]).sum())} directions of nonzero "
             "variance; lower pca")
-    return ((xc @ vt[:k].T) / var.sqrt()).to(x.dtype)
+    result: Tensor = ((xc @ vt[:k].T) / var.sqrt()).to(x.dtype)
+    return result
 
 
 def load_data(cfg: LayerBalanceConfig) -> tuple[Tensor, Tensor, str]:

@@ -62,7 +62,7 @@ def adam_preconditioner(model: nn.Module, f: Objective, cfg: MatrixLrConfig) -> 
     opt = torch.optim.Adam(model.parameters(), lr=cfg.adam_lr, betas=(0.0, 0.999))
     for _ in range(cfg.adam_steps):
         opt.zero_grad()
-        f(dict(model.named_parameters())).backward()
+        torch.autograd.backward(f(dict(model.named_parameters())))
         opt.step()
     return preconditioner_from(opt, model)
 

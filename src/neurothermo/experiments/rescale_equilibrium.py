@@ -16,6 +16,7 @@ exact ``η²(g_u² − ‖g_w‖²)`` per step) and so ends where its start dict
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +51,8 @@ def predicted_u(sigma_x: np.ndarray, v: np.ndarray) -> float:
 
 
 def sgd_chains(cfg: RescaleEquilibriumConfig, rng: np.random.Generator,
-               on_block=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               on_block: Callable[[int, np.ndarray], None] | None = None,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run all chains; return starts, |u| after each block, and the late-time RMS |u| per chain."""
     sx, v = np.asarray(cfg.sigma_x), np.asarray(cfg.v)
     u0 = np.repeat(np.asarray(cfg.u0), cfg.chains)

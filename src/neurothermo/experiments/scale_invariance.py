@@ -21,6 +21,7 @@ in the run's time and the stationarity check must fail (the failing-control test
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,7 +74,8 @@ class Chains:
 
 
 def sgd_chains(cfg: ScaleInvarianceConfig, lr: Tensor, wd: Tensor, gen: torch.Generator,
-               W0: Tensor, u: Tensor, teacher: Tensor, on_block=None) -> Chains:
+               W0: Tensor, u: Tensor, teacher: Tensor,
+               on_block: Callable[[int, Tensor], None] | None = None) -> Chains:
     """Run SGD with weight decay on all chains at once (chain c: ``lr[c]``, ``wd[c]``)."""
     C = len(lr)
     W = W0.expand(C, -1, -1).clone()

@@ -269,7 +269,8 @@ def cross_check(cfg: SharpnessPhaseConfig, ctx: RunContext, g: torch.Generator) 
     mse = nn.MSELoss()
 
     def loss_fn(out: Tensor, target: Tensor) -> Tensor:
-        return mse(out, target) * (2 * k)          # nn.MSELoss is K = ½; rescale to the configured K
+        result: Tensor = mse(out, target) * (2 * k)          # nn.MSELoss is K = ½; rescale to the configured K
+        return result
 
     res = top_eigenvalues(net, loss_fn, (x, y), k=1, tol=1e-8)
     exact = float(sm.equilibrium_sharpness(sx, se, k)[0])

@@ -102,7 +102,8 @@ def manifold_drift(A: Tensor, sx: Tensor, se: Tensor, k: Tensor | float, b: int)
     Ai = torch.linalg.inv(A)
     t1 = sx.sum(-1)[..., None, None] * Ai.transpose(-1, -2) @ torch.diag_embed(se) @ Ai
     t2 = se.sum(-1)[..., None, None] * A @ torch.diag_embed(sx) @ A.transpose(-1, -2)
-    return (4 * k**2 / b)[..., None, None] * (t1 - t2) if k.ndim else 4 * k**2 / b * (t1 - t2)
+    out: Tensor = (4 * k**2 / b)[..., None, None] * (t1 - t2) if k.ndim else 4 * k**2 / b * (t1 - t2)
+    return out
 
 
 def charge(W1: Tensor, W2: Tensor) -> Tensor:

@@ -99,6 +99,30 @@ def gradient_noise(
     split as above into batches of ``batch_size``; batches of unequal size are pooled with weights
     ``b_k − 1`` as in the formula. ``num_data``: N if known (checked against the samples read).
 
+    Args:
+        model: the network; θ are its trainable parameters. Left unchanged.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch (``l_B = (1/b) Σ_i
+            l_i``), or ``model_loss`` / None when the model returns its own mean loss.
+        data: one batch (N ≥ 2 samples) or an iterable of batches, as described above.
+        batch_size: the size b of the batches ``B_k`` (≥ 2); required for one batch, None to
+            take an iterable's batches as they are.
+        by_parameter: also return the statistics of each parameter alone (``per_parameter``).
+        num_data: N if known (checked against the samples read); None to count.
+
+    Returns:
+        A :class:`GradientNoise` with ``trace_sigma`` and its standard error, ``mean_grad_sq_norm``
+        (``(1/N) Σ_i ‖g_i‖²``), ``grad_norm_sq`` (``‖ḡ‖²``), ``trace_sigma_population`` and the
+        counts N, K and b.
+
+    Raises:
+        TypeError: ``model`` not an ``nn.Module``, ``loss_fn`` not callable, a non-int
+            ``batch_size``, data of the wrong type.
+        ValueError: one batch without ``batch_size``, ``batch_size`` < 2, fewer than 2 samples,
+            ``num_data`` different from the samples read, BatchNorm normalising with batch
+            statistics (train mode: use ``model.eval()``), a loss that is not a mean-reduced
+            scalar, data with NaN/Inf, activations that are not batch-first.
+        FloatingPointError: non-finite parameters, loss or norms.
+
     Example:
         >>> import torch
         >>> from torch import nn

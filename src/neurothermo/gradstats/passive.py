@@ -66,6 +66,19 @@ class BackwardCapture:
         loss = loss_fn(model(x), y); loss.backward()
         sq = cap.norms(batch_size=x.shape[0])   # [b] ‖g_i‖², or None (see cap.reason)
 
+    The norms are ``‖∇_θ l_i‖²`` of each sample's own loss (the backward of a mean-reduced
+    ``l_B`` carries ``1/b``; the capture undoes it), as :func:`per_sample_grad_norms` returns.
+    The instance holds hooks only while armed; a pass it cannot read gives ``None`` with
+    :attr:`reason` instead of a wrong number.
+
+    Args:
+        model: the network whose next forward/backward is recorded.
+        params: the trainable parameters θ by name (e.g. ``dict(model.named_parameters())``).
+
+    Raises:
+        Nothing: at construction; :meth:`norms` returns ``None`` (and sets :attr:`reason`)
+            rather than raising when the recorded pass cannot be read.
+
     Example:
         >>> import torch
         >>> from torch import nn

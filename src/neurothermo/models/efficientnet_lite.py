@@ -64,7 +64,8 @@ class MBConvBlock(nn.Module):
         h = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
         h = F.relu6(self._bn1(self._depthwise_conv(h)))
         h = self._bn2(self._project_conv(h))
-        return x + h if self.skip else h  # drop-connect is a training-time regulariser: omitted
+        out: Tensor = x + h if self.skip else h  # drop-connect is a training-time regulariser: omitted
+        return out
 
 
 class EfficientNetLite0(nn.Module):
@@ -90,7 +91,8 @@ class EfficientNetLite0(nn.Module):
         for block in self._blocks:
             h = block(h)
         h = F.relu6(self._bn1(self._conv_head(h)))
-        return self._fc(self._dropout(self.pool(h)))
+        out: Tensor = self._fc(self._dropout(self.pool(h)))
+        return out
 
 
 def pretrained_path() -> Path:

@@ -15,7 +15,28 @@ from torch import Tensor, nn
 
 
 class DeepLinear(nn.Module):
-    """``W_D ⋯ W_1 x`` with ``widths = (d_in, h_1, …, d_out)``; layers named ``layers.0 …``."""
+    """``W_D ⋯ W_1 x`` with ``widths = (d_in, h_1, …, d_out)``; layers named ``layers.0 …``.
+
+    Weights are drawn ``N(0, init_scale²/fan_in)``; biases (if any) start at 0.
+
+    Args:
+        widths: ``(d_in, h_1, …, d_out)``, at least two, each ≥ 1.
+        bias: give every layer a bias.
+        init_scale: the standard deviation of the weights times ``√fan_in``.
+        generator: the random source of the initial weights; None: torch's global one.
+
+    Raises:
+        ValueError: fewer than two widths, or a width < 1.
+
+    Example:
+        >>> import torch
+        >>> from neurothermo.models import DeepLinear
+        >>> net = DeepLinear([3, 5, 5, 2], generator=torch.Generator().manual_seed(0))
+        >>> x = torch.randn(4, 3)
+        >>> w = net.layers[2].weight @ net.layers[1].weight @ net.layers[0].weight
+        >>> torch.allclose(net(x), x @ w.T, atol=1e-6), [h.shape[1] for h in net.hidden(x)]
+        (True, [5, 5])
+    """
 
     def __init__(self, widths: Sequence[int], *, bias: bool = False, init_scale: float = 1.0,
                  generator: torch.Generator | None = None) -> None:
@@ -46,7 +67,27 @@ class DeepLinear(nn.Module):
 
 
 class EmbeddedDeepLinear(nn.Module):
-    """``M_out · DeepLinear(widths) · M_in`` with ``M_in`` (widths[0] × d_in) and ``M_out`` fixed."""
+    """``M_out · DeepLinear(widths) · M_in`` with ``M_in`` (widths[0] × d_in) and ``M_out`` fixed.
+
+    ``M_in`` and ``M_out`` are buffers (copied), not parameters: only the ``W_k`` train.
+
+    Args:
+        m_in: ``(widths[0], d_in)``, the fixed map before the trainable block.
+        widths: the trainable block's widths, as for :class:`DeepLinear` (no biases).
+        m_out: ``(d_out, widths[-1])``, the fixed map after it.
+        init_scale: as for :class:`DeepLinear`.
+        generator: the random source of the initial weights; None: torch's global one.
+
+    Raises:
+        ValueError: ``m_in`` or ``m_out`` not matrices, shapes that do not chain, or bad widths.
+
+    Example:
+        >>> import torch
+        >>> from neurothermo.models import EmbeddedDeepLinear
+        >>> net = EmbeddedDeepLinear(torch.eye(3), [3, 4, 3], 2 * torch.eye(3))
+        >>> sorted(n for n, _ in net.named_parameters())  # M_in and M_out are fixed
+        ['body.layers.0.weight', 'body.layers.1.weight']
+    """
 
     def __init__(self, m_in: Tensor, widths: Sequence[int], m_out: Tensor, *,
                  init_scale: float = 1.0, generator: torch.Generator | None = None) -> None:
@@ -66,7 +107,8 @@ class EmbeddedDeepLinear(nn.Module):
     m_out: Tensor
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x @ self.m_in.T) @ self.m_out.T
+        out: Tensor = self.body(x @ self.m_in.T) @ self.m_out.T
+        return out
 
     def hidden(self, x: Tensor) -> list[Tensor]:
         """Hidden layers between two trainable maps, ``h_k = W_k ⋯ W_1 M_in x``, k = 1 … D−1.

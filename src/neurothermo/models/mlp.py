@@ -19,6 +19,26 @@ def mlp(sizes: Sequence[int], activation: str = "relu", *, bias: bool = True) ->
     """``Linear(sizes[0], sizes[1]) → act → … → Linear(sizes[-2], sizes[-1])`` (no final activation).
 
     The Linear layers are named ``0, 2, 4, …`` as in any ``nn.Sequential``.
+
+    Args:
+        sizes: the widths ``(d_in, h_1, …, d_out)``, at least two, each ≥ 1.
+        activation: ``"relu"``, ``"leaky_relu"``, ``"tanh"``, ``"gelu"`` or ``"identity"``.
+        bias: give every Linear layer a bias.
+
+    Returns:
+        The ``nn.Sequential`` (torch's default initialisation).
+
+    Raises:
+        ValueError: fewer than two sizes, a size < 1, or an unknown ``activation``.
+
+    Example:
+        >>> from neurothermo.models import mlp
+        >>> mlp([4, 8, 3], "tanh")
+        Sequential(
+          (0): Linear(in_features=4, out_features=8, bias=True)
+          (1): Tanh()
+          (2): Linear(in_features=8, out_features=3, bias=True)
+        )
     """
     if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
         raise ValueError(f"sizes must list at least 2 positive widths, got {list(sizes)}")

@@ -47,7 +47,8 @@ class InvertedResidual(nn.Module):
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+        out: Tensor = x + self.conv(x) if self.use_res_connect else self.conv(x)
+        return out
 
 
 class MobileNetV2(nn.Module):
@@ -67,7 +68,8 @@ class MobileNetV2(nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.pool(self.features(x)))
+        out: Tensor = self.classifier(self.pool(self.features(x)))
+        return out
 
 
 def pretrained_path() -> Path:

@@ -58,7 +58,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         y = self.weights(x) @ self._heads(self.v(x))
-        return self.o(y.transpose(1, 2).reshape(b, t, d))
+        out: Tensor = self.o(y.transpose(1, 2).reshape(b, t, d))
+        return out
 
 
 class FeedForward(nn.Module):
@@ -71,7 +72,8 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(d_ff, d_model)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(h)))
+        out: Tensor = self.fc2(self.act(self.fc1(h)))
+        return out
 
 
 class Block(nn.Module):
@@ -86,7 +88,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        out: Tensor = x + self.mlp(self.ln2(x))
+        return out
 
 
 def _tracing() -> bool:
@@ -157,7 +160,8 @@ class TinyTransformer(nn.Module):
         x = self.tok_emb(tokens) + self.pos_emb(torch.arange(t, device=tokens.device)[None])
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))
+        out: Tensor = self.head(self.ln_f(x))
+        return out
 
     def _check(self, tokens: Tensor) -> None:
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):

@@ -30,7 +30,28 @@ from neurothermo.monitor.history import History
 
 @dataclass(frozen=True, eq=False)
 class LayerBalance:
-    """Expected squared gradient norms per layer and the ratios between consecutive layers."""
+    """Expected squared gradient norms per layer and the ratios between consecutive layers.
+
+    Returned by :func:`layer_balance`. ``g_k`` is layer k's minibatch gradient (of the
+    mean-reduced loss, without weight decay); ``E`` a time average over the window; each ``*_se``
+    a batch-means standard error.
+
+    Attributes:
+        layers: the layer names (module paths owning parameters), input first.
+        sq_norm: ``[L]`` ``E‖g_k‖²``.
+        sq_norm_se: its standard errors.
+        ratio: ``[L−1]`` ``E‖g_k‖² / E‖g_{k+1}‖²``.
+        ratio_se: their delta-method standard errors.
+        residual: ``[L−1]`` ``(E_k − E_{k+1}) / (E_k + E_{k+1})``.
+        pairs: locations of the rescale-symmetric hidden layers.
+        pair_in: per pair ``Σ_u E[‖g_{w_u}‖² + g_{b_u}²]`` (incoming weights and biases).
+        pair_out: per pair ``Σ_u E‖g_{u_u}‖²`` (outgoing weights).
+        pair_ratio: ``pair_in / pair_out``: 1 at balance.
+        pair_ratio_se: its standard errors.
+        window: the first and last step averaged over.
+        n_steps: the number of recorded steps in the window.
+        n_blocks: the number of blocks of the error estimate.
+    """
 
     layers: tuple[str, ...]
     sq_norm: np.ndarray  # [L] E‖g_k‖², time average over the window
@@ -59,6 +80,26 @@ class NeuronBalance:
     ``residual = Σ_u |in − out| / Σ_u (in + out)``: 0 at balance. Each statistic is computed from
     the window means, and its ``*_se`` from the spread of the same statistic over the ``n_blocks``
     block means (batch means: ``std/√n_blocks``), i.e. the error from the finite time average.
+    Returned by :func:`neuron_balance`.
+
+    Attributes:
+        location: the rescale symmetry's location (the hidden layer).
+        energy_in: ``[units]`` ``E[‖g_{w_u}‖² + g_{b_u}²]``.
+        energy_in_se: its standard errors.
+        energy_out: ``[units]`` ``E‖g_{u_u}‖²``.
+        energy_out_se: its standard errors.
+        slope: ``out ≈ slope·in`` through the origin.
+        slope_se: its standard error.
+        correlation: Pearson correlation across units, or None.
+        correlation_se: its standard error, or None.
+        log_slope: the log–log slope, or None.
+        log_slope_se: its standard error, or None.
+        log_correlation: the log–log correlation, or None.
+        residual: ``Σ_u |in − out| / Σ_u (in + out)``.
+        residual_se: its standard error.
+        window: the first and last step averaged over.
+        n_steps: the number of recorded steps in the window.
+        n_blocks: the number of blocks of the error estimate.
     """
 
     location: str
@@ -86,7 +127,8 @@ def block_means(x: np.ndarray, n_blocks: int) -> np.ndarray:
 
 
 def _se(blocks: np.ndarray) -> np.ndarray:
-    return blocks.std(axis=0, ddof=1) / math.sqrt(blocks.shape[0])
+    result: np.ndarray = blocks.std(axis=0, ddof=1) / math.sqrt(blocks.shape[0])
+    return result
 
 
 def _ratio_se(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -155,6 +197,24 @@ def layer_balance(history: History, *, window: float | int = 0.5, n_blocks: int 
 
     ``window`` is the fraction of recorded steps at the end to average over, or an int: the first
     step of the window. ``n_blocks`` sets the batch-means error estimate.
+
+    Args:
+        history: the :class:`History` of a run recorded by a :class:`ThermoMonitor`.
+        window: the fraction in (0, 1] of recorded steps at the end to average over, or an int:
+            the first step of the window.
+        n_blocks: the number of consecutive blocks (≥ 2) of the batch-means error estimate.
+
+    Returns:
+        A :class:`LayerBalance` with ``E‖g_k‖²`` per layer, the consecutive ratios and, per
+        rescale-symmetric hidden layer, the exact incoming/outgoing pair, each with standard
+        errors.
+
+    Raises:
+        TypeError: ``window`` neither a float nor an int.
+        ValueError: no per-layer columns in ``history``, columns recorded at different steps,
+            ``window`` outside (0, 1], ``n_blocks`` < 2 or not an int, fewer than 2 recorded steps
+            in the window.
+        KeyError: a column the monitor should have written is missing.
 
     Example:
         >>> import torch
@@ -247,6 +307,22 @@ def neuron_balance(
     history: History, *, window: float | int = 0.5, n_blocks: int = 10
 ) -> tuple[NeuronBalance, ...]:
     """One :class:`NeuronBalance` per rescale-symmetric hidden layer, averaged over ``window``.
+
+    Args:
+        history: the :class:`History` of a run recorded by a :class:`ThermoMonitor`.
+        window: the fraction in (0, 1] of recorded steps at the end to average over, or an int:
+            the first step of the window.
+        n_blocks: the number of consecutive blocks (≥ 2) of the batch-means error estimate.
+
+    Returns:
+        One :class:`NeuronBalance` per rescale symmetry the monitor recorded, in its order.
+
+    Raises:
+        TypeError: ``window`` neither a float nor an int.
+        ValueError: no per-unit energy columns in ``history`` (no rescale symmetry), ``window``
+            outside (0, 1], ``n_blocks`` < 2 or not an int, fewer than 2 recorded steps in the
+            window.
+        KeyError: a column the monitor should have written is missing.
 
     Example:
         >>> import torch

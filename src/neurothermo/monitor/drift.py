@@ -50,6 +50,23 @@ class ChargeDrift:
     ``drift_se`` (per unit) and ``pair_drift_se`` (the layer's sum): batch-means standard errors
     over ``n_blocks`` blocks of the per-step series ``η_t²(e_in − e_out) − (1 − c_t)J`` (whose block
     means are the blocks' charge drifts), i.e. how far ``drift`` may be from 0 by fluctuation alone.
+    Returned by :func:`charge_drift`.
+
+    Attributes:
+        location: the rescale symmetry's location (the hidden layer).
+        window: the first and last step of the window (inclusive).
+        n_steps: the number of steps in the window.
+        imbalance: per unit, ``Σ_t η_t²(e_in − e_out) / Σ_t η_t²``.
+        drift: per unit, ``(J(end) − J(start)) / Σ_t η_t²``.
+        decay: per unit, ``Σ_t (1 − c_t)·J(t) / Σ_t η_t²`` (0 without weight decay).
+        drift_se: per unit, the batch-means standard error of ``drift``.
+        pair_drift_se: the same for the layer's sum over units.
+        error: ``max_u |imbalance − drift − decay|``.
+        roundoff: the floating-point bound on ``error``.
+        mean_in: per unit, the η²-weighted mean incoming energy ``e_in``.
+        mean_out: per unit, the η²-weighted mean outgoing energy ``e_out``.
+        charge: per unit, the mean charge ``J`` over the window.
+        n_blocks: the number of blocks of the error estimate.
     """
 
     location: str
@@ -117,12 +134,6 @@ def charge_drift(history: History, *, window: float | tuple[int, int] = 0.5, n_b
     Raises:
         ValueError: a step of the window was not recorded (``every`` > 1), no lr was recorded, the
             history has no rescale symmetry, or the optimizer was not plain SGD.
-
-    Example::
-
-        mon = nt.ThermoMonitor(model, loss_fn, every=1, noise_every=None)
-        h = nt.train(model.double(), loss_fn, data, lr=0.1, batch_size=1, steps=2000, monitor=mon)
-        d = charge_drift(h)[0]; assert d.error <= d.roundoff   # mean imbalance = ΔJ/(η²T)
 
     Example:
         >>> import torch

@@ -96,7 +96,24 @@ class History:
     """Columnar table of a run. ``history["loss"]`` → values, ``history.steps("loss")`` → steps.
 
     ``meta`` is a free-form dict of JSON-serialisable facts about the run (layer names, detected
-    symmetries, notes on what was not recorded and why).
+    symmetries, notes on what was not recorded and why). :func:`train` and :class:`ThermoMonitor`
+    fill one; build one yourself to record your own columns.
+
+    Args:
+        meta: the initial ``meta`` (copied); None for an empty one.
+
+    Raises:
+        TypeError: from :meth:`record`: a non-int step (nothing at construction).
+        ValueError: from :meth:`record`: a step that does not increase.
+        KeyError: reading a column that was never recorded.
+
+    Example:
+        >>> import neurothermo as nt
+        >>> h = nt.History({"note": "by hand"})
+        >>> for step in range(3):
+        ...     h.record(step, loss=1.0 / (step + 1))
+        >>> h["loss"].round(3).tolist(), h.steps("loss").tolist()
+        ([1.0, 0.5, 0.333], [0, 1, 2])
     """
 
     def __init__(self, meta: Mapping[str, Any] | None = None) -> None:
@@ -197,12 +214,13 @@ class History:
         """The steps at which column ``name`` was recorded (int64 array)."""
         return np.asarray(self._column(name).steps, dtype=np.int64)
 
-    def last(self, name: str) -> np.ndarray:
-        """The most recent value of column ``name``."""
+    def last(self, name: str) -> np.ndarray | np.generic:
+        """The most recent value of column ``name`` (a numpy scalar for a scalar column)."""
         vals = self[name]
         if len(vals) == 0:
             raise KeyError(f"column {name!r} is empty")
-        return vals[-1]
+        last: np.ndarray | np.generic = vals[-1]
+        return last
 
     def __len__(self) -> int:
         """Number of distinct recorded steps."""

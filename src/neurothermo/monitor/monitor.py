@@ -87,6 +87,38 @@ class ThermoMonitor:
     ``nt.train``); unknown means i.i.d. draws. ``max_charge_numel``: charges with more entries
     (large double-rotation matrices) are recorded only through ``charge_err``.
 
+    Args:
+        model: the network being trained (a DDP wrapper is unwrapped; FSDP2 is read through
+            full tensors). Its trainable parameters are θ.
+        loss_fn: the training loss ``loss_fn(outputs, targets)``, mean-reduced over the batch
+            (``l_B = (1/b) Σ_i l_i``), or ``model_loss`` / None when the model returns its loss.
+        every: record every ``every``-th step (≥ 1).
+        noise_every: add the entropic terms and ``Tr Σ`` every ``noise_every`` steps; None: never.
+        sharpness_every: add ``λ_max`` on ``data`` every ``sharpness_every`` steps; None: never.
+        symmetries: ``"auto"``, None, or a list of :class:`Symmetry`, as above.
+        writer: a :class:`Writer` (e.g. :class:`JSONLWriter`) that receives the rows; None.
+        optimizer: the optimizer whose param groups give ``lr`` and ``wd`` at every step.
+        lr: η of a plain SGD step, when no optimizer is given.
+        weight_decay: torch's ``wd`` of that step (penalty ``(wd/2)‖θ‖²``, the paper's
+            ``γ = wd/2``), when no optimizer is given.
+        data: the fixed set, as above; None.
+        dataset_size: N, the size of the training set minibatches are drawn from; None: unknown.
+        replacement: whether minibatches are drawn with replacement; None: unknown (i.i.d.).
+        ema: the factor of the running expectations of ``‖g‖²``, in [0, 1).
+        sync_every: copy the history to the host (and write rows) every this many recorded
+            steps (≥ 1).
+        max_charge_numel: charges with more entries are recorded only through ``charge_err``.
+
+    Raises:
+        TypeError: ``model`` not an ``nn.Module``, ``loss_fn`` not callable, ``writer`` without
+            ``write``/``flush``, ``optimizer`` not a ``torch.optim.Optimizer``, non-int or
+            non-number arguments.
+        ValueError: ``every``, ``noise_every``, ``sharpness_every``, ``sync_every`` or
+            ``dataset_size`` < 1, ``ema`` outside [0, 1), bad ``symmetries``, both ``optimizer``
+            and ``lr``/``weight_decay``, ``lr`` ≤ 0, ``weight_decay`` < 0, ``data`` with fewer
+            than 2 samples, ``sharpness_every`` without ``data``, a model without trainable
+            parameters, noise, sharpness or ``symmetries="auto"`` on an FSDP2 model.
+
     Example:
         >>> import torch
         >>> from torch import nn

@@ -18,6 +18,15 @@ from neurothermo.monitor.history import dumps_row
 
 @runtime_checkable
 class Writer(Protocol):
+    """What :class:`ThermoMonitor` needs of a ``writer=``: any object with these two methods.
+
+    ``write(rows, meta)`` receives new rows (each a dict with ``"step"`` and the columns recorded
+    at that step: floats, or nested lists for per-unit vectors and matrices) and the history's
+    ``meta``; ``flush()`` is called at the end of training and before checkpoints.
+    :class:`JSONLWriter`, :class:`TensorBoardWriter`, :class:`WandbWriter` and
+    :class:`MLflowWriter` implement it.
+    """
+
     def write(self, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> None: ...
 
     def flush(self) -> None: ...
@@ -28,6 +37,15 @@ class JSONLWriter:
 
     Readable with :meth:`History.from_jsonl` or ``[json.loads(line) for line in open(path)]``.
     Non-finite floats are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (strict JSON).
+    Each ``write`` opens, appends and closes the file; an existing file is appended to (its meta
+    line is not repeated).
+
+    Args:
+        path: the ``.jsonl`` file (its folder is created if missing).
+
+    Raises:
+        IsADirectoryError: ``path`` is a directory.
+        OSError: the folder cannot be created (propagated).
 
     Example:
         >>> import torch
@@ -88,6 +106,21 @@ class TensorBoardWriter:
 
     Column names are used as tags (``grad_sq/fc1``, ``charge_err/sym0``, …), so TensorBoard groups
     them by their prefix. Matrices (double-rotation charges) are written as histograms of entries.
+
+    Args:
+        log_dir: the TensorBoard log folder (created by ``SummaryWriter``).
+
+    Raises:
+        ImportError: ``tensorboard`` is not installed (the ``monitor`` extra).
+
+    Example:
+        >>> import tempfile
+        >>> from neurothermo.monitor import TensorBoardWriter
+        >>> tb = TensorBoardWriter(tempfile.mkdtemp())
+        >>> tb.write([{"step": 0, "loss": 1.25, "grad_sq/fc1": [0.5, 0.25]}], meta={})
+        >>> tb.flush()
+        >>> any(tb.log_dir.iterdir())  # the event file
+        True
     """
 
     def __init__(self, log_dir: str | os.PathLike[str]) -> None:
@@ -99,7 +132,8 @@ class TensorBoardWriter:
                 "JSONLWriter works without it"
             ) from e
         self._w = SummaryWriter(log_dir=str(log_dir))
-        self.log_dir = Path(self._w.get_logdir())
+        # tensorboard's SummaryWriter.get_logdir carries no annotations
+        self.log_dir = Path(self._w.get_logdir())  # type: ignore[no-untyped-call]
 
     def write(self, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> None:
         import numpy as np
@@ -135,6 +169,26 @@ class WandbWriter:
     ``run``: an active run (``wandb.init(...)``), or None to start one with ``init_kwargs``
     (``mode="offline"`` logs to local files, synced later with ``wandb sync``). ``close()``
     finishes a run this writer started. Under ``torch.distributed`` only rank 0 receives rows.
+
+    Args:
+        run: an active wandb run, or None to start one.
+        **init_kwargs: keyword arguments of ``wandb.init`` (only without ``run``).
+
+    Raises:
+        ImportError: ``wandb`` is not installed (the ``wandb`` extra).
+        ValueError: both ``run`` and ``init_kwargs`` given.
+
+    Example:
+        >>> from neurothermo.monitor import WandbWriter
+        >>> class Run:  # stands in for wandb.init(mode="offline")
+        ...     def __init__(self) -> None:
+        ...         self.logged: list[tuple[int, dict[str, float]]] = []
+        ...     def log(self, data: dict[str, float], step: int) -> None:
+        ...         self.logged.append((step, data))
+        >>> writer = WandbWriter(run=Run())
+        >>> writer.write([{"step": 3, "loss": 0.5}], meta={})
+        >>> writer.run.logged
+        [(3, {'loss': 0.5})]
     """
 
     def __init__(self, run: Any = None, **init_kwargs: Any) -> None:
@@ -178,6 +232,28 @@ class MLflowWriter:
     ``run_id``: log to that run, else a new run is started (``tracking_uri``, e.g.
     ``"file:/path/mlruns"`` for a local file store, and ``experiment`` name if given); ``close()``
     ends a run this writer started.
+
+    Args:
+        run_id: an existing MLflow run to log to; None to start one.
+        tracking_uri: the tracking server or store (None: MLflow's default).
+        experiment: the experiment name of a new run (created if missing); None: experiment 0.
+
+    Raises:
+        ImportError: ``mlflow`` is not installed (the ``mlflow`` extra).
+        mlflow.exceptions.MlflowException: the store cannot be reached or the run does not
+            exist (propagated).
+
+    Example:
+        >>> import os, pathlib, tempfile
+        >>> from neurothermo.monitor import MLflowWriter
+        >>> os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # recent MLflow wants a database otherwise
+        >>> store = pathlib.Path(tempfile.mkdtemp()) / "mlruns"
+        >>> writer = MLflowWriter(tracking_uri=store.as_uri(), experiment="demo")
+        >>> writer.write([{"step": 0, "loss": 1.5, "layer_ratio/0:2": 0.5}], meta={})
+        >>> sorted(writer.client.get_run(writer.run_id).data.metrics)  # ":" is not allowed in keys
+        ['layer_ratio/0-2', 'loss']
+        >>> writer.close()
+        >>> del os.environ["MLFLOW_ALLOW_FILE_STORE"]
     """
 
     def __init__(self, run_id: str | None = None, *, tracking_uri: str | None = None,

@@ -41,7 +41,16 @@ _SIGN = {"in": 1.0, "out": -1.0}
 
 @dataclass(frozen=True)
 class ParamSlice:
-    """One tensor's share of a symmetry's orbit (see the module docstring for ``M``)."""
+    """One tensor's share of a symmetry's orbit (see the module docstring for ``M``).
+
+    Attributes:
+        name: the parameter's (or buffer's) qualified name in the model.
+        role: ``"in"`` (``M → G·M``), ``"out"`` (``M → G⁻ᵀ·M``) or ``"passive"`` (only permuted).
+        dim: the unit axis of the (viewed) tensor; None: the whole tensor is one unit's share.
+        start, stop: the range of units along ``dim`` (``stop`` None: to the end).
+        view: a shape the tensor is viewed as first (fused projections, heads); None: as it is.
+        buffer: True for a buffer (running statistics), which has no gradient.
+    """
 
     name: str
     role: str
@@ -183,6 +192,19 @@ class Symmetry:
     and sign flips. A double rotation's group is GL(block) (not isometric; its charge is the symmetric part);
     its orthogonal subgroup O(block) acts isometrically and :meth:`transform` accepts it too.
     The diagonal of a double rotation's charge is the per-unit rescale charge.
+
+    Attributes:
+        kind: ``"rescale"``, ``"scale"``, ``"double_rotation"``, ``"permutation"`` or
+            ``"sign_flip"``.
+        location: readable path (``"fc1 → relu → fc2 (512 units)"``).
+        slices: the parameter slices it acts on (:class:`ParamSlice`).
+        n_units: size of the unit axis.
+        block: size of the blocks a double rotation acts on (per attention head: the head
+            dimension); 1 otherwise.
+        whole: a single scale for all slices (LayerNorm after a linear map).
+        exact: False for an approximate symmetry (exact only as a normalisation's ``eps → 0``).
+        breaking: the relative output change measured at detection (approximate symmetries).
+        broken_by: the cause of the breaking, in words.
     """
 
     kind: str

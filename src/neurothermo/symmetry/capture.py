@@ -48,6 +48,12 @@ class Block:
     was captured and searched), ``"opaque"`` (not searched: ``reason`` says why) or ``"split"``
     (not captured as a whole: its children were captured separately); ``how``: ``"fx"`` or
     ``"dynamo"`` for analysed blocks.
+
+    Attributes:
+        path: the qualified module name (``""``: the whole model).
+        status: ``"analysed"``, ``"opaque"`` or ``"split"``.
+        how: ``"fx"`` or ``"dynamo"`` for analysed blocks, else ``""``.
+        reason: why an opaque block was not searched.
     """
 
     path: str

@@ -29,7 +29,14 @@ _NORM = nn.modules.batchnorm._NormBase | nn.LayerNorm | nn.GroupNorm | nn.RMSNor
 
 @dataclass(frozen=True)
 class Rejection:
-    """A pattern that is not reported, and why (``change``: measured output change, if tested)."""
+    """A pattern that is not reported, and why.
+
+    Attributes:
+        location: where in the model (as :attr:`Symmetry.location`).
+        reason: why it is not a symmetry (or not reported), in words.
+        kind: the kind of symmetry it looked like, if any.
+        change: the measured relative output change, if it was tested numerically.
+    """
 
     location: str
     reason: str

@@ -22,8 +22,16 @@ from neurothermo.symmetry.trace import Traced
 
 @dataclass(frozen=True)
 class SymmetryReport:
-    """What :func:`find_symmetries` found (``symmetries``, each with its verified output change
-    in ``changes``) and what it left out (``rejected``, with reasons)."""
+    """What :func:`find_symmetries` found and what it left out (``explain=True``).
+
+    Iterating over it, or ``len`` of it, goes over ``symmetries``.
+
+    Attributes:
+        symmetries: the verified symmetries (:class:`Symmetry`).
+        changes: each one's verified relative output change, in the same order.
+        rejected: the patterns left out, with reasons (:class:`Rejection`).
+        blocks: the parts of the model and how detection saw each (:class:`Block`).
+    """
 
     symmetries: tuple[Symmetry, ...]
     changes: tuple[float, ...]
@@ -321,6 +329,33 @@ def find_symmetries(
     Candidates are verified together (a composition of symmetries is a symmetry); a group that
     fails is split in halves, so the cost is a few forward passes plus ``O(log n)`` per false
     candidate and ``trials`` per approximate one.
+
+    Args:
+        model: the network, searched in its current train/eval mode. Left unchanged.
+        example_inputs: a tensor, a tuple of tensors (positional arguments) or a mapping of
+            tensors (keyword arguments); used for the capture and the numerical check.
+        explain: return a :class:`SymmetryReport` (with the rejected patterns and the blocks
+            analysed) instead of the list.
+        tol: the largest relative output change a verified symmetry may cause (> 0); None for
+            1e-10 in float64, 1e-5 in float32.
+        leaf_modules: module classes or qualified names not to trace into.
+        trials: random group elements drawn per verification (≥ 1).
+        approx_tol: the largest breaking an approximate (``eps > 0``) symmetry may have (> 0);
+            None to reject approximate symmetries.
+        progress: None (lines on stderr once detection has taken a second), True / False
+            (always / never), or a callable that receives the lines instead of stderr.
+
+    Returns:
+        The verified symmetries (a list of :class:`Symmetry`), or a :class:`SymmetryReport`
+        when ``explain=True``.
+
+    Raises:
+        TypeError: ``model`` not an ``nn.Module``, ``example_inputs`` not tensors, non-number
+            ``tol`` / ``approx_tol``, a non-int ``trials``, a ``progress`` of another type.
+        ValueError: ``tol`` or ``approx_tol`` ≤ 0, ``trials`` < 1, inputs with NaN/Inf.
+        FloatingPointError: non-finite parameters.
+        UntraceableModelError: no part of the model could be captured, or the model fails on
+            ``example_inputs``.
 
     Example:
         >>> import torch

@@ -29,11 +29,21 @@ GradStats = Tensor | Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]] | Seq
 class ChargeEquilibrium:
     """Predicted stationary charge, with the standard errors propagated from ``grad_stats``.
 
-    ``mean_imbalance``: the estimate of ``E[gᵀAg]`` (shape of the charge); ``imbalance_stderr``:
-    its standard error, ``std/√samples`` treating samples as independent (``None`` with fewer than
-    two samples; samples taken along one trajectory are correlated: pass batch means instead).
-    ``charge``: predicted ``E[J]`` (``None`` when ``weight_decay = 0``: the prediction is then
-    balance, ``E[gᵀAg] = 0``); ``charge_stderr``: its standard error.
+    Returned by :func:`charge_equilibrium`.
+
+    Attributes:
+        kind: the symmetry's kind.
+        lr: η.
+        weight_decay: torch's ``wd``.
+        samples: how many samples of ``gᵀAg`` were given.
+        mean_imbalance: the estimate of ``E[gᵀAg]`` (shape of the charge).
+        imbalance_stderr: its standard error, ``std/√samples`` treating samples as independent
+            (``None`` with fewer than two samples; samples taken along one trajectory are
+            correlated: pass batch means instead).
+        charge: predicted ``E[J] = lr·E[gᵀAg]/(wd·(2 − lr·wd))`` (``None`` when ``weight_decay =
+            0``: the prediction is then balance, ``E[gᵀAg] = 0``).
+        charge_stderr: its standard error (None where ``charge`` or ``imbalance_stderr`` is).
+        note: the prediction in words.
     """
 
     kind: str
@@ -85,6 +95,27 @@ def charge_equilibrium(
 
     ``grad_stats``: samples of the imbalance ``symmetry.imbalance(grads)`` stacked on dim 0 (or one
     value), or gradient mappings ``{name: g_B}`` (minibatch gradients without the weight-decay term).
+    ``g_B`` is the gradient of a minibatch's mean-reduced loss; ``weight_decay`` is torch's ``wd``
+    (penalty ``(wd/2)‖θ‖²``, the paper's ``γ = wd/2``), so ``wd·(2 − lr·wd)`` is ``1 − (1 − lr·wd)²``,
+    the per-step decay of ``J`` under SGD.
+
+    Args:
+        symmetry: a non-isometric :class:`Symmetry` (rescale, scale or double rotation).
+        grad_stats: an imbalance tensor (the charge's shape, or samples stacked on dim 0), a
+            gradient mapping ``{name: g_B}``, or a non-empty sequence of either.
+        lr: the learning rate η (> 0).
+        weight_decay: torch's ``wd`` (≥ 0, with ``lr·wd < 2``).
+
+    Returns:
+        A :class:`ChargeEquilibrium`: the mean imbalance with its standard error and the
+        predicted charge ``E[J]`` with its (None when ``wd = 0``: the prediction is balance).
+
+    Raises:
+        TypeError: ``symmetry`` not a :class:`Symmetry`, ``grad_stats`` of another type, or
+            non-number ``lr`` / ``weight_decay``.
+        ValueError: an isometry (permutation, sign flip: no charge), ``lr`` ≤ 0,
+            ``weight_decay`` < 0, ``lr·wd`` ≥ 2 (no stationary charge), ``grad_stats`` of the
+            wrong shape, empty, or with NaN/Inf.
 
     Example:
         >>> import torch

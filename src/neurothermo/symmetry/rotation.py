@@ -50,7 +50,8 @@ class DoubleRotationKind:
         b, h = sym.block, sym.n_units // sym.block
         a = torch.randn(h, b, b, generator=generator, dtype=torch.float64) * (0.5 / math.sqrt(b))
         g = torch.linalg.matrix_exp(a)  # invertible, condition number ≲ e²
-        return g.reshape(sym.charge_shape).to(dtype=dtype, device=device)
+        result: Tensor = g.reshape(sym.charge_shape).to(dtype=dtype, device=device)
+        return result
 
     def act(self, sym: Symmetry, element: Tensor, role: str, m: Tensor) -> Tensor:
         if role == "passive":
@@ -70,7 +71,8 @@ def random_orthogonal(sym: Symmetry, generator: torch.Generator, dtype: torch.dt
     b, h = sym.block, sym.n_units // sym.block
     a = torch.randn(h, b, b, generator=generator, dtype=torch.float64)
     q = torch.linalg.matrix_exp(a - a.transpose(1, 2))
-    return q.reshape(sym.charge_shape).to(dtype)
+    result: Tensor = q.reshape(sym.charge_shape).to(dtype)
+    return result
 
 
 def attention_symmetries(path: str, mha: nn.MultiheadAttention) -> list[Symmetry]:

@@ -26,7 +26,16 @@ class Call:
     """One recorded forward call of ``module`` (qualified name ``name``) on a batch of ``b``.
 
     ``output`` is kept only for the fallback (None for modules with a rule: rules get the output
-    gradients, and holding every output would raise the peak memory of the backward).
+    gradients, and holding every output would raise the peak memory of the backward). A rule's
+    ``pieces(call, deltas)`` receives it; :meth:`param` and :meth:`input` read it.
+
+    Attributes:
+        module: the module instance that was called.
+        name: its qualified name in the model.
+        args, kwargs: the call's positional and keyword arguments.
+        output: the call's output (fallback only), else None.
+        batch_size: b, the number of samples of the batch.
+        wanted: ids of the parameters whose per-sample gradients are wanted.
     """
 
     module: nn.Module
@@ -56,7 +65,16 @@ class Use:
 
     ``watched`` are the tensors ``compute`` reads; they must not be modified in place later.
     ``params`` are the ids of the parameters its pieces may be for (a parameter with a single use
-    is reduced to its norm, and its inputs freed, as soon as that use is evaluated).
+    is reduced to its norm, and its inputs freed, as soon as that use is evaluated). A rule's
+    ``forward`` override creates them and hands them to :meth:`Sink.add`.
+
+    Attributes:
+        name: the qualified name of the module (for messages).
+        targets: autograd edges of the outputs whose gradients ``compute`` needs.
+        compute: ``compute(deltas) -> list[Piece]``.
+        watched: the tensors ``compute`` reads.
+        params: ids of the parameters its pieces may be for.
+        versions: the ``watched`` tensors' version counters when recorded (set on creation).
     """
 
     name: str
@@ -74,7 +92,15 @@ class Use:
 
 
 class Sink(Protocol):
-    """What a ``forward`` override sees of the recorder."""
+    """What a ``forward`` override (a :class:`Rule`'s ``forward``) sees of the recorder.
+
+    Attributes:
+        active: whether recording is on (False: run the plain forward).
+        clone: whether recorded inputs must be cloned (they may be modified in place later).
+        create_graph: whether the pieces must stay differentiable.
+        batch_size: b.
+        wanted: ids of the parameters whose per-sample gradients are wanted.
+    """
 
     active: bool
     clone: bool
@@ -91,11 +117,52 @@ ForwardFn = Callable[[nn.Module, str, Sink, tuple[Any, ...], dict[str, Any]], An
 
 @dataclass(frozen=True)
 class Rule:
-    """``pieces(call, deltas)``: exact pieces from a call (``deltas`` follow the output's tensor
-    leaves, ``None`` where a leaf does not reach the loss or needs no gradient). ``forward``: optional override of the
-    module's forward while recording, for rules that need its intermediates. ``applies``:
-    optional test of a module instance (configurations the rule does not cover use the
-    fallback)."""
+    """A per-sample gradient rule for one module type; register it with :func:`register_rule`.
+
+    ``deltas[j] = ∂l_B/∂(output leaf j)`` is the gradient of the *mean* batch loss ``l_B = (1/b)
+    Σ_i l_i``, so the pieces a rule returns carry the factor ``1/b`` of sample i's share of
+    ``∇l_B``; the norms are rescaled to ``‖∇l_i‖²`` afterwards. The instance is a frozen record.
+
+    Args:
+        pieces: ``pieces(call, deltas) -> list[Piece]``: exact pieces of the per-sample gradients
+            of the module's own parameters from a :class:`Call` (``deltas`` follow the output's
+            tensor leaves, ``None`` where a leaf does not reach the loss or needs no gradient).
+        forward: optional ``forward(module, name, sink, args, kwargs)`` that replaces the
+            module's forward while recording, for rules that need its intermediates (it adds
+            :class:`Use` records to the :class:`Sink`).
+        applies: optional test of a module instance; configurations it rejects use the exact
+            fallback.
+
+    Raises:
+        Nothing: at construction (a frozen record). A ``pieces`` that cannot handle a call
+            should raise ``ValueError`` naming the module, which the caller reports.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> from neurothermo.gradstats import Rule, register_rule
+        >>> from neurothermo.gradstats._pieces import Dense, Piece
+        >>> class Gain(nn.Module):  # y = g ⊙ x: no built-in rule
+        ...     def __init__(self, d: int) -> None:
+        ...         super().__init__()
+        ...         self.g = nn.Parameter(torch.ones(d))
+        ...     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ...         return self.g * x
+        >>> def gain_pieces(call, deltas):  # sample i's share of ∂l_B/∂g: δ_i ⊙ x_i
+        ...     g, (delta,) = call.param("g"), deltas
+        ...     return [] if g is None or delta is None else [Piece(g, Dense(delta * call.input()))]
+        >>> register_rule(Gain, Rule(gain_pieces))
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 3), Gain(3))
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> norms = nt.per_sample_grad_norms(model, nn.CrossEntropyLoss(), (x, y))
+        >>> naive = torch.stack([sum((t ** 2).sum() for t in torch.autograd.grad(  # one sample at a time
+        ...     nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters())))
+        ...     for i in range(8)])
+        >>> torch.allclose(norms, naive)
+        True
+    """
 
     pieces: PiecesFn
     forward: ForwardFn | None = None
@@ -110,12 +177,73 @@ _NAMED_RULES: dict[str, Rule] = {}
 
 def register_named_rule(qualified_name: str, rule: Rule) -> None:
     """Use ``rule`` for the class ``qualified_name`` (``"package.module.Class"``) and for its
-    subclasses that keep its ``forward``, without importing the package that defines it."""
+    subclasses that keep its ``forward``, without importing the package that defines it.
+
+    Args:
+        qualified_name: ``f"{cls.__module__}.{cls.__qualname__}"`` of the class.
+        rule: the :class:`Rule`.
+
+    Raises:
+        Nothing: the name is not checked (a class that never appears never matches).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from neurothermo.gradstats import Rule
+        >>> from neurothermo.gradstats.rules import fallback_pieces, register_named_rule, rule_for
+        >>> class Gain(nn.Module):  # y = g ⊙ x
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.g = nn.Parameter(torch.ones(3))
+        ...     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ...         return self.g * x
+        >>> rule = Rule(fallback_pieces)  # the exact generic path, standing in for a closed form
+        >>> register_named_rule(f"{Gain.__module__}.{Gain.__qualname__}", rule)
+        >>> rule_for(Gain()) is rule
+        True
+    """
     _NAMED_RULES[qualified_name] = rule
 
 
 def register_rule(module_type: type[nn.Module], rule: Rule) -> None:
-    """Use ``rule`` for ``module_type`` and for subclasses that do not override ``forward``."""
+    """Use ``rule`` for ``module_type`` and for subclasses that do not override ``forward``.
+
+    Registering a type again replaces its rule. Test a new rule against the per-sample loop in
+    float64 (``tests/_helpers.assert_matches_naive``).
+
+    Args:
+        module_type: the ``nn.Module`` subclass.
+        rule: its :class:`Rule`.
+
+    Raises:
+        TypeError: ``module_type`` not an ``nn.Module`` subclass, or ``rule`` not a :class:`Rule`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> from neurothermo.gradstats import Rule, register_rule
+        >>> from neurothermo.gradstats._pieces import Dense, Piece
+        >>> class Gain(nn.Module):  # y = g ⊙ x: no built-in rule
+        ...     def __init__(self, d: int) -> None:
+        ...         super().__init__()
+        ...         self.g = nn.Parameter(torch.ones(d))
+        ...     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ...         return self.g * x
+        >>> def gain_pieces(call, deltas):  # sample i's share of ∂l_B/∂g: δ_i ⊙ x_i
+        ...     g, (delta,) = call.param("g"), deltas
+        ...     return [] if g is None or delta is None else [Piece(g, Dense(delta * call.input()))]
+        >>> register_rule(Gain, Rule(gain_pieces))
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 3), Gain(3))
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> norms = nt.per_sample_grad_norms(model, nn.CrossEntropyLoss(), (x, y))
+        >>> naive = torch.stack([sum((t ** 2).sum() for t in torch.autograd.grad(  # one sample at a time
+        ...     nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters())))
+        ...     for i in range(8)])
+        >>> torch.allclose(norms, naive)
+        True
+    """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
     if not isinstance(rule, Rule):
@@ -128,6 +256,22 @@ def rule_for(module: nn.Module) -> Rule | None:
 
     A subclass of a registered type gets its rule only if it keeps the registered ``forward``: a
     subclass that computes something else must never be given a closed form that no longer holds.
+
+    Args:
+        module: the module instance.
+
+    Returns:
+        Its :class:`Rule`, or None when none is registered for its type (or ``applies`` rejects
+        it): the exact fallback is used.
+
+    Raises:
+        Nothing: of its own; it propagates what a rule's ``applies`` raises.
+
+    Example:
+        >>> from torch import nn
+        >>> from neurothermo.gradstats.rules import rule_for
+        >>> rule_for(nn.Linear(2, 2)) is not None, rule_for(nn.PReLU())
+        (True, None)
     """
     cls = type(module)
     for base in cls.__mro__:

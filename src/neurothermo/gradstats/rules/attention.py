@@ -124,10 +124,10 @@ def _forward(m: nn.Module, name: str, sink: Sink, args: tuple[Any, ...],
     if m._qkv_same_embed_dim:
         w = m.in_proj_weight
         if q_in is k_in and k_in is v_in:
-            q, k, v = _linear_use(sink, name, q_in, w, bias, None, None).split(e, -1)
+            q, k, v = torch.split(_linear_use(sink, name, q_in, w, bias, None, None), e, -1)
         elif k_in is v_in:
             q = _linear_use(sink, name, q_in, w, bias, blocks[0], blocks[0])
-            k, v = _linear_use(sink, name, k_in, w, bias, (e, 3 * e), (e, 3 * e)).split(e, -1)
+            k, v = torch.split(_linear_use(sink, name, k_in, w, bias, (e, 3 * e), (e, 3 * e)), e, -1)
         else:
             q, k, v = (_linear_use(sink, name, x, w, bias, r, r)
                        for x, r in zip((q_in, k_in, v_in), blocks))

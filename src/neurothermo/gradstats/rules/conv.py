@@ -58,7 +58,8 @@ class ConvWeightGrad:
             delta.reshape(1, -1, *delta.shape[2:]), x.reshape(1, -1, *x.shape[2:]), w, None,
             list(self.stride), list(self.padding), list(self.dilation), False,
             [0] * len(self.stride), n * self.groups, [False, True, False])[1]
-        return gw.reshape(n, -1)
+        result: Tensor = gw.reshape(n, -1)
+        return result
 
     def sq_norm(self) -> Tensor:
         return chunked(lambda x, d: self._grads(x, d).square().sum(1), (self.x, self.delta),

@@ -54,7 +54,38 @@ def _batch_dim(full: Tensor, probe: Tensor, b: int) -> int | None:
 
 
 def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
-    """Pieces of the module's direct parameters (``deltas`` follow the output's tensor leaves)."""
+    """Pieces of the module's direct parameters (``deltas`` follow the output's tensor leaves).
+
+    The exact generic rule: ``torch.func`` ``vmap`` over the samples of the module's forward,
+    pulling each sample's output gradient back to the module's own parameters (``deltas`` are
+    gradients of the mean batch loss ``l_B``, so each piece is sample i's share of ``∇l_B``).
+    Used for every module without a registered :class:`Rule`, once with a
+    :class:`FallbackWarning` per module.
+
+    Args:
+        call: the recorded :class:`Call` of the module.
+        deltas: ``∂l_B/∂(output leaf j)`` per tensor leaf of the output, None where a leaf does
+            not reach the loss.
+
+    Returns:
+        One piece per wanted direct parameter (empty when none is wanted or no delta is given).
+
+    Raises:
+        ValueError: the module has no batch-first tensor input, or the batch axis of an output
+            cannot be found.
+
+    Warns:
+        FallbackWarning: the first time a module instance takes this path.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from neurothermo.gradstats import Rule
+        >>> from neurothermo.gradstats.rules import fallback_pieces
+        >>> rule = Rule(fallback_pieces)  # the rule every module without one gets
+        >>> rule.pieces is fallback_pieces
+        True
+    """
     m, name, b = call.module, call.name, call.batch_size
     params = {n: p for n, p in m.named_parameters(recurse=False) if id(p) in call.wanted}
     if not params or all(d is None for d in deltas):

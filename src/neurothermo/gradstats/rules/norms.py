@@ -21,7 +21,28 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def check_batchnorm(model: nn.Module) -> None:
-    """Raise if a BatchNorm of ``model`` would normalise with the statistics of the batch."""
+    """Raise if a BatchNorm of ``model`` would normalise with the statistics of the batch.
+
+    Such a layer makes a sample's output depend on the other samples of its batch, so
+    per-sample gradients are ill-defined.
+
+    Args:
+        model: the network to check.
+
+    Raises:
+        ValueError: a BatchNorm in train mode or with ``track_running_stats=False``, named (use
+            ``model.eval()``, or GroupNorm / LayerNorm).
+
+    Example:
+        >>> from torch import nn
+        >>> from neurothermo.gradstats.rules import check_batchnorm
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> check_batchnorm(model.eval())  # running statistics: fine
+        >>> check_batchnorm(model.train())
+        Traceback (most recent call last):
+        ...
+        ValueError: BatchNorm module '1' is in train mode: ...
+    """
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
             m.training or m.running_mean is None
@@ -91,7 +112,8 @@ def _batch_norm(call: Call, m: nn.modules.batchnorm._BatchNorm) -> Tensor:
 
 def _instance_norm(call: Call, m: nn.modules.instancenorm._InstanceNorm) -> Tensor:
     x = _input(call)
-    if x.dim() != m._get_no_batch_dim() + 1:
+    # torch's private _get_no_batch_dim carries no annotations
+    if x.dim() != m._get_no_batch_dim() + 1:  # type: ignore[no-untyped-call]
         raise ValueError(f"module {call.name!r}: unbatched InstanceNorm input has no batch axis")
     use_input_stats = m.training or not m.track_running_stats
     # Never pass the running buffers when normalising with input statistics: they would update.
