@@ -61,11 +61,14 @@ def _client(workers: int | None, scheduler: str | None, client: Any) -> Iterator
         raise SweepError('dask.distributed is not installed; pip install -e ".[dist]", or run '
                          "reproduce without --workers and --scheduler") from None
     if scheduler:
-        with Client(scheduler) as c:
+        # dask ships these unannotated
+        with Client(scheduler) as c:  # type: ignore[no-untyped-call]
             yield c
         return
-    with LocalCluster(n_workers=max(1, workers or 1), threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as c:
+    with LocalCluster(  # type: ignore[no-untyped-call]  # dask ships it unannotated
+            n_workers=max(1, workers or 1), threads_per_worker=1, processes=True,
+            dashboard_address=None) as cluster, \
+            Client(cluster) as c:  # type: ignore[no-untyped-call]
         yield c
 
 
@@ -155,7 +158,8 @@ def reproduce_on_dask(
                                f"{res.path} failed", sweep=res.path))
             else:
                 submit(exp, [f"{exp.sweep.feeds}={res.path}"], res.path)
-        for fut in as_completed([f for _, f, _ in futures.values()]):
+        for fut in as_completed(  # type: ignore[no-untyped-call]  # dask, unannotated
+                [f for _, f, _ in futures.values()]):
             name, _, sweep = futures[fut.key]
             sweep = sweep or sweeps.get(name)
             try:
