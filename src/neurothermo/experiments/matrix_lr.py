@@ -20,6 +20,14 @@ Tolerance: the errors are ``Cη^p(1 + aη + …)`` with ``|a| ≲ 2λ``, λ the 
 Control, in the run: the correction with the identity in place of Λ (``L + (η/4)‖∇L‖²`` flowed with
 Λ) does not cancel the ``η²`` term — its slope stays 2. Run with ``correction=identity`` the
 slope-3 check must fail.
+
+Drift part (:mod:`.matrix_lr_drift`, settings ``drift_*``): an MLP trained with Adam (β₁ = 0), Λ
+frozen there; the mean over many reshuffled epochs (N/b steps, batches without replacement) of
+preconditioned SGD, minus the Λ-flow of L, against ``T·Λ·F_Λ`` with
+``F_Λ = −(η/4)∇[∇LᵀΛ∇L + Tr(ΛΣ_B)]`` — size and direction within ``ε = ε_stat + Tλ_B`` (Monte-Carlo
+error of the mean; the O(η³) remainder). Control: the plain force ``F_I`` in place of ``F_Λ``
+(with ``correction=identity`` it is the main check and fails). Adam with its moving Λ is measured
+only.
 """
 from __future__ import annotations
 
@@ -161,8 +169,9 @@ EXPERIMENT = register(
               "(Adam's Λ; §1)",
         config=MatrixLrConfig,
         quick=MatrixLrConfig(n_lr=4),
-        full=MatrixLrConfig(n_lr=7, substeps=8),
+        full=MatrixLrConfig(n_lr=7, substeps=8, drift_x=(0.0125, 0.025, 0.05, 0.1, 0.2, 0.4)),
         run=run,
-        cost="full: 2 problems × 7 learning rates × 3 RK4 flows, ~5 s on one core",
+        cost="full: 2 problems × 7 learning rates × 3 RK4 flows, and 6 epoch times × 8000 "
+             "reshuffled epochs of the drift part, FULLCOST s on one core",
     )
 )
