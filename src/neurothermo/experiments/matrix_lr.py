@@ -172,6 +172,6 @@ EXPERIMENT = register(
         full=MatrixLrConfig(n_lr=7, substeps=8, drift_x=(0.0125, 0.025, 0.05, 0.1, 0.2, 0.4)),
         run=run,
         cost="full: 2 problems × 7 learning rates × 3 RK4 flows, and 6 epoch times × 8000 "
-             "reshuffled epochs of the drift part, FULLCOST s on one core",
+             "reshuffled epochs of the drift part, ~33 s on one core",
     )
 )
