@@ -300,6 +300,9 @@ def drift_figure(ctx: RunContext, res: dict[str, Any]) -> None:
                             ("relerr_identity", "^:", "control: identity in place of Λ")):
         a2.loglog(xs, [r[key] for r in rows], fmt, label=label)
     a2.loglog(xs, [r["eps"] for r in rows], "k-", lw=1, label="allowance ε = ε_stat + Tλ_B")
+    from matplotlib.ticker import NullFormatter
+
+    a2.xaxis.set_minor_formatter(NullFormatter())
     a2.set_xlabel("epoch time in units of the Λ-flow time, Tλ")
     a2.set_ylabel("‖D_meas − D_pred‖ / ‖D_pred‖")
     a2.set_title("relative error of the predicted drift")
