@@ -20,6 +20,14 @@ Tolerance: the errors are ``Cη^p(1 + aη + …)`` with ``|a| ≲ 2λ``, λ the 
 Control, in the run: the correction with the identity in place of Λ (``L + (η/4)‖∇L‖²`` flowed with
 Λ) does not cancel the ``η²`` term — its slope stays 2. Run with ``correction=identity`` the
 slope-3 check must fail.
+
+Drift part (:mod:`.matrix_lr_drift`, settings ``drift_*``): an MLP trained with Adam (β₁ = 0), Λ
+frozen there; the mean over many reshuffled epochs (N/b steps, batches without replacement) of
+preconditioned SGD, minus the Λ-flow of L, against ``T·Λ·F_Λ`` with
+``F_Λ = −(η/4)∇[∇LᵀΛ∇L + Tr(ΛΣ_B)]`` — size and direction within ``ε = ε_stat + Tλ_B`` (Monte-Carlo
+error of the mean; the O(η³) remainder). Control: the plain force ``F_I`` in place of ``F_Λ``
+(with ``correction=identity`` it is the main check and fails). Adam with its moving Λ is measured
+only.
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ from neurothermo.entropic import (
 from neurothermo.experiments._common import loglog_slope, pyplot
 from neurothermo.experiments._runs import Objective, distance, problem, top_eigenvalue
 from neurothermo.experiments.base import Experiment, RunContext, register
+from neurothermo.experiments.matrix_lr_drift import drift_figure, matrix_lr_drift_check
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,19 @@ class MatrixLrConfig:
     correction: Literal["lambda", "identity"] = setting(
         "lambda", "metric of the entropic correction in the main check: lambda (theory) or "
                   "identity (the control that must fail)", choices=("lambda", "identity"))
+    drift: bool = setting(True, "also measure the drift of preconditioned SGD on an Adam-trained "
+                                "MLP against the entropic force in Λ-geometry")
+    drift_n_data: int = setting(256, "digits N of the drift part (one epoch = N/b steps)", min=4,
+                                max=1797)
+    drift_batch: int = setting(32, "batch size b of the drift part (divides N; without replacement)",
+                               min=1, max=1797)
+    drift_hidden: int = setting(16, "hidden width of the tanh MLP 64 → h → 10", min=1, max=1024)
+    drift_train_steps: int = setting(300, "Adam steps (β₁ = 0, lr 0.01, b, with replacement) before "
+                                          "Λ is frozen", min=1, max=100_000)
+    drift_x: tuple[float, ...] = setting((0.05,), "epoch times T = mη as multiples x = Tλ of the Λ-flow "
+                                                  "time scale 1/λ", min=1e-4, max=0.5)
+    drift_replicates: int = setting(8000, "independent reshuffled epochs averaged per η", min=10,
+                                    max=10_000_000)
 
 
 def adam_preconditioner(model: nn.Module, f: Objective, cfg: MatrixLrConfig) -> Preconditioner:
@@ -112,10 +134,14 @@ def run(cfg: MatrixLrConfig, ctx: RunContext) -> None:
                     s["identity"], 2.0, tol, control=True,
                     why=why + "; the identity correction cancels ½ηΛHg, not ½ηΛHΛg")
         results[name] = (lrs, err, s, lam)
+    drift = matrix_lr_drift_check(cfg, ctx) if cfg.drift else None
     ctx.record(**{name: {"lrs": r[0].tolist(), "top_eigenvalue": r[3],
                          **{f"error_{k}": v.tolist() for k, v in r[1].items()},
                          **{f"slope_{k}": v for k, v in r[2].items()}} for name, r in results.items()})
     _figure(ctx, results)
+    if drift is not None:
+        ctx.record(drift=drift)
+        drift_figure(ctx, drift)
 
 
 def _figure(ctx: RunContext, results: dict[str, Any]) -> None:
@@ -143,8 +169,9 @@ EXPERIMENT = register(
               "(Adam's Λ; §1)",
         config=MatrixLrConfig,
         quick=MatrixLrConfig(n_lr=4),
-        full=MatrixLrConfig(n_lr=7, substeps=8),
+        full=MatrixLrConfig(n_lr=7, substeps=8, drift_x=(0.0125, 0.025, 0.05, 0.1, 0.2, 0.4)),
         run=run,
-        cost="full: 2 problems × 7 learning rates × 3 RK4 flows, ~5 s on one core",
+        cost="full: 2 problems × 7 learning rates × 3 RK4 flows, and 6 epoch times × 8000 "
+             "reshuffled epochs of the drift part, ~33 s on one core",
     )
 )
