@@ -98,7 +98,7 @@ def train_with_adam(model: nn.Module, x: Tensor, y: Tensor, *, steps: int, lr: f
     for _ in range(steps):
         idx = torch.randint(0, len(y), (batch,), generator=gen)
         opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        torch.autograd.backward(F.cross_entropy(model(x[idx]), y[idx]))
         opt.step()
     pre = preconditioner_from(opt, model)
     named = dict(model.named_parameters())
