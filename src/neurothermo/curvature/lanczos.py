@@ -37,6 +37,7 @@ eigenvalue only, which is why the default block size is ``k``.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -52,6 +53,43 @@ from neurothermo.curvature.operator import LinearOperator, column_block
 # the bookkeeping that dominates on large models.
 DGKS = 2 ** -0.5
 
+# Inner products over n numbers are summed in pieces of this length, the pieces' sums added in
+# float64: a float32 dot product of 11 M terms summed in one go is off by ~1e-3 relative (measured:
+# ‖v‖² of a Gaussian vector 8.7e-4 low; summed by pieces 2.6e-6), which is the size of the
+# tolerances asked for. Reading pieces costs the same memory passes (one gemv each).
+DOT_CHUNK = 1 << 18
+
+
+def column_dots(B: Tensor, w: Tensor) -> Tensor:
+    """``Bᵀ w`` for ``B`` of shape ``(n, c)`` stored by columns and ``w`` of length ``n``, float64
+    on the CPU, summed by pieces of ``DOT_CHUNK`` (see there): one pass over ``B`` and ``w``."""
+    n = w.shape[0]
+    Bt = B.T
+    if n <= DOT_CHUNK:
+        return (Bt @ w).double().cpu()
+    parts = [Bt[:, i:i + DOT_CHUNK] @ w[i:i + DOT_CHUNK] for i in range(0, n, DOT_CHUNK)]
+    return torch.stack(parts).double().sum(0).cpu()
+
+
+def band_pass(V: Tensor, end: int, segs: tuple[tuple[int, int], ...]) -> tuple[list[Tensor], float]:
+    """Coefficients of ``w = V[:, end]`` on the column ranges ``segs`` (classical Gram–Schmidt, not
+    yet subtracted) and ``‖w‖²``, reading ``w`` once: the last range ends at ``end``, so its product
+    includes ``w`` itself. Coefficients float64 on the CPU."""
+    w = V[:, end]
+    coef = [column_dots(V[:, s0:s1], w) for s0, s1 in segs[:-1]]
+    s0, s1 = segs[-1]
+    last = column_dots(V[:, s0:s1 + 1], w)
+    return [*coef, last[:-1]], float(last[-1])
+
+
+def subtract(V: Tensor, end: int, segs: tuple[tuple[int, int], ...], coef: list[Tensor],
+             scale: float = 1.0) -> None:
+    """``V[:, end] ← (V[:, end] − Σ V[:, s0:s1] c) · scale`` in place, one pass per range."""
+    w = V[:, end:end + 1]
+    for i, ((s0, s1), c) in enumerate(zip(segs, coef)):
+        w.addmm_(V[:, s0:s1], c.to(device=w.device, dtype=w.dtype)[:, None],
+                 beta=scale if i == 0 else 1.0, alpha=-scale)
+
 
 class ConvergenceWarning(UserWarning):
     """An eigenvalue or trace solver stopped at its product budget before reaching ``tol``."""
@@ -64,7 +102,7 @@ class RitzResult:
     ``values``/``residuals``/``errors``: float64 ``(k,)`` on the CPU; ``vectors``: ``(n, k)``
     orthonormal columns in the operator's dtype/device; ``n_matvec``: products used;
     ``block``: the top ``max(k + 2, block_size)`` Ritz vectors (when the basis has them), material
-    for the start block of a warm restart.
+    for the start block of a warm restart (None when the solver was asked not to keep it).
     """
 
     values: Tensor
@@ -85,6 +123,16 @@ def random_block(n: int, p: int, dtype: torch.dtype, device: torch.device,
     """
     draw = torch.float64 if dtype == torch.float64 else torch.float32
     return torch.randn(n, p, generator=generator, dtype=draw).to(device=device, dtype=dtype)
+
+
+def random_column(out: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Fill the vector ``out`` with the numbers ``random_block(n, 1, ...)`` gives, in place (no
+    temporary of ``n`` numbers where ``out`` is a contiguous CPU vector of the drawing dtype)."""
+    n, dt = out.shape[0], out.dtype
+    draw = torch.float64 if dt == torch.float64 else torch.float32
+    if out.device.type == "cpu" and dt == draw and out.is_contiguous():
+        return torch.randn(n, generator=generator, dtype=draw, out=out)
+    return out.copy_(random_block(n, 1, dt, out.device, generator)[:, 0])
 
 
 def orthonormalize(W: Tensor, basis: Tensor, tiny: float,
@@ -125,6 +173,34 @@ def orthonormalize(W: Tensor, basis: Tensor, tiny: float,
             Q[:, cnt] = z / torch.linalg.vector_norm(z)
         cnt += 1
     return Q, R
+
+
+def project(V: Tensor, end: int,
+            segs: tuple[tuple[int, int], ...]) -> tuple[list[Tensor], list[Tensor] | None, float]:
+    """Project ``w = V[:, end]`` on the orthonormal column ranges ``segs``: one classical Gram–Schmidt
+    pass, a second when DGKS says the first cancelled too much (see DGKS above).
+
+    The norm after a pass follows from Pythagoras, ``‖w − V c‖² = ‖w‖² − ‖c‖²`` (the ranges are
+    orthonormal), with ``‖w‖²`` read in the same pass as the coefficients; it is exact to rounding
+    whenever no second pass is due (at most half of ``‖w‖²`` removed). The last pass's coefficients
+    are returned unsubtracted (``pending``) for the caller to subtract together with the
+    normalisation; after two passes that still cancelled, everything is subtracted (``None``) and the
+    norm computed directly.
+
+    Returns:
+        (coefficients per range, summed over the passes, float64 CPU; pending coefficients or
+        None; ``‖w − V c‖``).
+    """
+    total: list[Tensor] = []
+    for attempt in range(2):
+        coef, ww = band_pass(V, end, segs)
+        total = coef if attempt == 0 else [t + c for t, c in zip(total, coef)]
+        after2 = ww - sum(float(c.square().sum()) for c in coef)
+        if after2 >= DGKS * DGKS * ww:  # False for NaN: caught by the caller's finiteness check
+            return total, coef, after2 ** 0.5
+        subtract(V, end, segs, coef)
+    w = V[:, end]
+    return total, None, float(column_dots(V[:, end:end + 1], w)[0]) ** 0.5
 
 
 def ritz_errors(theta: Tensor, resid: Tensor, gap_after: int = 2, count: int | None = None,
@@ -178,15 +254,18 @@ def _check_common(op: LinearOperator, k: int, tol: float, max_matvec: int | None
 
 def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: int | None = None,
             block_size: int | None = None, max_basis: int | None = None, start: Tensor | None = None,
-            generator: torch.Generator | None = None, gap_after: int = 20) -> RitzResult:
+            generator: torch.Generator | None = None, gap_after: int = 20,
+            keep_block: bool = True) -> RitzResult:
     """The ``k`` algebraically largest eigenpairs of ``op`` (module docstring).
 
     ``block_size`` p (default ``k``), ``max_basis`` (default ``max(30, 2k + 4p)``, capped at ``n``),
     ``start``: ``(n, s)`` initial vectors (warm start; padded with random vectors to ``p``),
-    ``gap_after``: basis size from which the gap estimate ``r²/gap`` is trusted (before: ``r``).
+    ``gap_after``: basis size from which the gap estimate ``r²/gap`` is trusted (before: ``r``),
+    ``keep_block``: also return ``block`` (material for a warm restart).
     """
     return band_lanczos(op, k, tol=tol, max_matvec=max_matvec, block_size=block_size,
-                        max_basis=max_basis, start=start, generator=generator, gap_after=gap_after)
+                        max_basis=max_basis, start=start, generator=generator, gap_after=gap_after,
+                        keep_block=keep_block)
 
 
 def orthogonality_level(dtype: torch.dtype) -> float:
@@ -203,7 +282,7 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
                  block_size: int | None = None, max_basis: int | None = None,
                  start: Tensor | None = None, generator: torch.Generator | None = None,
                  gap_after: int = 20, reorth: str = "partial",
-                 stats: dict[str, int] | None = None) -> RitzResult:
+                 stats: dict[str, int] | None = None, keep_block: bool = True) -> RitzResult:
     """``lanczos`` with the choice of reorthogonalisation (``reorth``):
 
     * ``"full"``: every new vector is projected on the whole basis (one classical Gram–Schmidt pass,
@@ -222,6 +301,8 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
       estimates are reset to ``ε``. Restarts carry ``Ω`` over exactly as the basis: ``SᵀΩS``.
 
     ``stats`` (a dict, optional) receives ``full_passes``: how many products needed a full pass.
+    ``keep_block=False``: compute only the ``k`` wanted Ritz vectors, no ``block`` for a warm
+    restart (each further vector is a pass over the basis and ``n`` new numbers).
     """
     if reorth not in ("partial", "full"):
         raise ValueError(f"reorth must be 'partial' or 'full', got {reorth!r}")
@@ -238,13 +319,17 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
     V = column_block(n, m_max + 1, dt, dev, zero=False)  # only written columns are read
     T = torch.zeros(m_max + 1, m_max + 1, dtype=torch.float64)
     Om = torch.eye(m_max + 1, dtype=torch.float64)  # estimates of VᵀV (partial reorthogonalisation)
-    Q0 = random_block(n, p, dt, dev, generator)
-    if start is not None:
-        if start.ndim != 2 or start.shape[0] != n:
-            raise ValueError(f"start must have shape ({n}, s), got {tuple(start.shape)}")
-        s = min(start.shape[1], p)
-        Q0[:, :s] = start[:, :s].to(device=dev, dtype=dt)
-    V[:, :p], _ = orthonormalize(Q0, V[:, :0], 1e-12 * float(Q0.abs().max()), generator)
+    if p == 1 and start is None:  # drawn and normalised in place: no temporary of n numbers
+        random_column(V[:, 0], generator)
+        V[:, 0].div_(float(column_dots(V[:, :1], V[:, 0])[0]) ** 0.5)
+    else:
+        Q0 = random_block(n, p, dt, dev, generator)
+        if start is not None:
+            if start.ndim != 2 or start.shape[0] != n:
+                raise ValueError(f"start must have shape ({n}, s), got {tuple(start.shape)}")
+            s = min(start.shape[1], p)
+            Q0[:, :s] = start[:, :s].to(device=dev, dtype=dt)
+        V[:, :p], _ = orthonormalize(Q0, V[:, :0], 1e-12 * float(Q0.abs().max()), generator)
     Om[:p, :p] += eps * (1 - torch.eye(p, dtype=torch.float64))
     a, end = 0, p  # V[:, :a] multiplied, V[:, a:end] pending (p of them until the space is full)
     used = op.n_matvec
@@ -259,21 +344,15 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
         # The band: the vectors a Lanczos step couples (p before v_a, the pending ones), and the Ritz
         # vectors kept at the last restart (coupled to the pending vectors of that restart, and
         # not re-estimated: their overlaps with later vectors are projected out explicitly).
+        # ``project`` leaves its last coefficients unsubtracted (``pending``): they are subtracted
+        # together with the normalisation below, one pass over w instead of two.
         lo = max(kept, a - p)
-        h = torch.zeros(end, 1, dtype=dt, device=dev)
-        for _ in range(2):
-            removed = 0.0
-            for s0, s1 in ((0, kept), (lo, end)) if kept else ((lo, end),):
-                hb = V[:, s0:s1].T @ w
-                w.addmm_(V[:, s0:s1], hb, alpha=-1)  # in place: no temporary of n numbers
-                h[s0:s1] += hb
-                removed += float(hb.double().square().sum())
-            after = float(torch.linalg.vector_norm(w))
-            # the norm before the pass by Pythagoras (the band is orthonormal): saves a pass over w
-            if not after < DGKS * (after * after + removed) ** 0.5:
-                break
-        hc = h.double().cpu()[:, 0]
-        if not bool(torch.isfinite(hc).all()):
+        segs = ((0, kept), (lo, end)) if lo > kept > 0 else ((0 if kept else lo, end),)
+        total, pending, after = project(V, end, segs)
+        hc = torch.zeros(end, dtype=torch.float64)
+        for (s0, s1), c in zip(segs, total):
+            hc[s0:s1] += c
+        if not (bool(torch.isfinite(hc).all()) and math.isfinite(after)):
             raise FloatingPointError(
                 "a Hessian-vector product contains NaN or Inf; the loss is not twice "
                 "differentiable at these parameters (or overflows)")
@@ -289,14 +368,11 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
             Om[end, kept:lo] = Om[kept:lo, end] = est  # end ≤ m_max: the basis has room
         if full:  # project on the whole basis (classical Gram–Schmidt), twice when DGKS says so
             full_passes += 1
-            for _ in range(2):
-                before = after
-                h2 = V[:, :end].T @ w
-                w.addmm_(V[:, :end], h2, alpha=-1)
-                hc = hc + h2.double().cpu()[:, 0]
-                after = float(torch.linalg.vector_norm(w))
-                if not after < DGKS * before:
-                    break
+            if pending is not None:
+                subtract(V, end, segs, pending)
+            segs = ((0, end),)
+            total, pending, after = project(V, end, segs)
+            hc = hc + total[0]
             T[:end, a] = hc
             T[a, :end] = hc
             Om[end, kept:lo] = Om[kept:lo, end] = eps
@@ -306,11 +382,16 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
         theta, S = torch.linalg.eigh(T[:a, :a])
         theta, S = theta.flip(0), S.flip(1)
         tiny = 100 * eps * max(float(theta.abs().max()), 1e-300)
-        if after > tiny and end < n:  # normalise straight into the basis (one pass)
-            w.div_(after)  # w is V[:, end]
+        if after > tiny and end < n:  # subtract what is pending and normalise: one pass over w
+            if pending is None:
+                w.div_(after)  # w is V[:, end]
+            else:
+                subtract(V, end, segs, pending, scale=1 / after)
             T[end, a - 1] = T[a - 1, end] = after
             end += 1
         else:  # the Krylov space is exhausted here (or full): orthonormalize handles both
+            if pending is not None:
+                subtract(V, end, segs, pending)
             q, r = orthonormalize(w, V[:, :end], tiny, generator)
             if q.shape[1]:
                 V[:, end] = q[:, 0]
@@ -330,9 +411,9 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
             om_rr = Sl.T @ Om[:a, :a] @ Sl  # the estimates transform as the basis does
             om_rp = Sl.T @ Om[:a, a:end]
             om_pp = Om[a:end, a:end].clone()
-            pending = V[:, a:end].clone()
+            pend_vecs = V[:, a:end].clone()
             V[:, :ell] = V[:, :a] @ Sl.to(device=dev, dtype=dt)
-            V[:, ell:ell + pend] = pending
+            V[:, ell:ell + pend] = pend_vecs
             T.zero_()
             T[:ell, :ell] = torch.diag(theta[:ell])
             T[ell:ell + pend, :ell] = coupling
@@ -345,7 +426,9 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
             Om.fill_diagonal_(1.0)
             a, end, kept = ell, ell + pend, ell
     kk = min(k, a)
-    block = V[:, :a] @ S[:, :min(a, max(k + 2, p))].to(device=dev, dtype=dt)
+    # Ritz vectors as columns of a (c, n) row-major product: contiguous columns, one pass per column
+    width = min(a, max(k + 2, p)) if keep_block else kk
+    block = (S[:, :width].T.to(device=dev, dtype=dt) @ V[:, :a].T).T
     if stats is not None:
         stats["full_passes"] = full_passes
     if not done:
@@ -355,4 +438,4 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
             f"{theta[:kk].tolist()}; raise max_hvp or tol",
             ConvergenceWarning, stacklevel=3)
     return RitzResult(theta[:kk].clone(), block[:, :kk], resid[:kk].clone(), errors[:kk].clone(),
-                      op.n_matvec - used, done, block)
+                      op.n_matvec - used, done, block if keep_block else None)
