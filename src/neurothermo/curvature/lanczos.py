@@ -368,8 +368,9 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
             Om[end, kept:lo] = Om[kept:lo, end] = est  # end ≤ m_max: the basis has room
         if full:  # project on the whole basis (classical Gram–Schmidt), twice when DGKS says so
             full_passes += 1
-            if pending is not None:
-                subtract(V, end, segs, pending)
+            if pending is not None:  # not subtracted yet: the full pass measures them again
+                for (s0, s1), c in zip(segs, pending):
+                    hc[s0:s1] -= c
             segs = ((0, end),)
             total, pending, after = project(V, end, segs)
             hc = hc + total[0]
