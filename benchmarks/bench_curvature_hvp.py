@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -91,11 +92,11 @@ except ImportError:  # pragma: no cover - optional peer
 CE = nn.CrossEntropyLoss()
 
 
-def problem(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def problem(name: str, b: int = 16) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = resnet18(num_classes=10, width=64) if name == "resnet18" else VisionTransformer()
     g = torch.Generator().manual_seed(1)
-    return model.eval(), torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    return model.eval(), torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, 10, (b,), generator=g)
 
 
 def cpu_seconds(fn: Callable[[], int]) -> float:
@@ -168,21 +169,24 @@ def fresh_column_seconds(n: int) -> float:
     return best
 
 
-def measure(name: str, m: int, rounds: int) -> None:
-    model, x, y = problem(name)
+def measure(name: str, m: int, rounds: int, b: int) -> None:
+    model, x, y = problem(name, b)
     n_params = sum(p.numel() for p in model.parameters())
     ctx = (lambda: sdpa_kernel(SDPBackend.MATH)) if name == "vit" else (lambda: _Null())
     ours_p, ours_s, ours_f = ours_rows(model, x, y, m)
     ph_p, ph_s = pyhessian_rows(model, x, y, m, ctx)
     for fn in (ph_p, ours_p):  # warm-up: first calls pay for allocations and lazy initialisation
         fn()
-    best: dict[str, float] = {}
-    for _ in range(rounds):  # A/B/A/B
-        for key, fn in (("ph product", ph_p), ("nt product", ours_p)):
+    runs: dict[str, list[float]] = {}
+    for r in range(rounds):  # the order alternates round by round, so drifting load hits both
+        products = (("ph product", ph_p), ("nt product", ours_p))
+        solves = (("ph solve", ph_s), ("nt solve", ours_s), ("nt solve full", ours_f))
+        for key, fn in products if r % 2 == 0 else products[::-1]:
             fn()
-            best[key] = min(best.get(key, float("inf")), fn.spent / m)  # type: ignore[attr-defined]
-        for key, fn in (("ph solve", ph_s), ("nt solve", ours_s), ("nt solve full", ours_f)):
-            best[key] = min(best.get(key, float("inf")), cpu_seconds(fn))
+            runs.setdefault(key, []).append(fn.spent / m)  # type: ignore[attr-defined]
+        for key, fn in solves if r % 2 == 0 else solves[::-1]:
+            runs.setdefault(key, []).append(cpu_seconds(fn))
+    best = {key: min(v) for key, v in runs.items()}
     counted = {"n": 0}
     inner = ph.hessian_vector_product
 
@@ -211,14 +215,17 @@ def measure(name: str, m: int, rounds: int) -> None:
         eigen_mod.lanczos = lanczos
     ref = nt.top_eigenvalues(model, CE, (x, y), tol=1e-7, mode="eval").lambda_max  # the reference
     col = fresh_column_seconds(n_params)
-    print(f"\n{name}: {n_params / 1e6:.2f} M parameters, b = 16, {m} products per solve, "
-          f"best of {rounds} A/B rounds, CPU seconds")
+    print(f"\n{name}: {n_params / 1e6:.2f} M parameters, b = {b}, {m} products per solve, "
+          f"fastest of {rounds} alternating rounds, CPU seconds; last column: the ratio per round, "
+          "median (min–max)")
     print(f"  {'':32s} {'PyHessian':>10s} {'neurothermo':>12s} {'ratio':>7s}")
     for row, theirs, ours in (("HVP alone, per product", "ph product", "nt product"),
                               ("in a solve, per product", "ph solve", "nt solve"),
                               ("  the same, full reorth.", "ph solve", "nt solve full")):
-        a, b = best[theirs], best[ours]
-        print(f"  {row:32s} {a:10.4f} {b:12.4f} {b / a:7.2f}")
+        a, c = best[theirs], best[ours]
+        per_round = sorted(o / t for o, t in zip(runs[ours], runs[theirs]))
+        print(f"  {row:32s} {a:10.4f} {c:12.4f} {c / a:7.2f}   {statistics.median(per_round):.2f} "
+              f"({per_round[0]:.2f}–{per_round[-1]:.2f})")
     print(f"  {'whole solve to tol 1e-3':32s} {t_ph:10.2f} {t_nt:12.2f} {t_nt / t_ph:7.2f}")
     print(f"    products {counted['n']} vs {res.n_hvp} ({stats.get('full_passes')} with a full "
           f"reorthogonalisation pass); λ_max {lam_ph:.6g} vs {res.lambda_max:.6g}, error against "
@@ -242,6 +249,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--products", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--models", nargs="*", default=["resnet18", "vit"])
     args = ap.parse_args()
     if ph is None:
@@ -252,7 +260,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {args.threads}, load average before "
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}, {os.cpu_count()} CPUs")
     for name in args.models:
-        measure(name, args.products, args.rounds)
+        measure(name, args.products, args.rounds, args.batch)
     print(f"\nload average after {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

@@ -317,7 +317,7 @@ class HessianOperator(LinearOperator):
             for i, (batch, w) in enumerate(self.chunks):
                 # one pass per piece, whatever its memory layout (reshape + cat: two for strided
                 # ones), all pieces in one call
-                hv = [h.detach() for h in product(i, batch, v)]
+                hv = product(i, batch, v)  # plain tensors: no graph is built for them
                 with torch.no_grad():
                     if i == 0:
                         torch._foreach_copy_(dest, hv)
