@@ -1,58 +1,90 @@
 """Cost per Hessian-vector product against PyHessian, side by side in one run (issue 15, item 4).
 
     .venv/bin/python benchmarks/bench_curvature_hvp.py [--threads 1] [--rounds 2] [--products 8]
+        [--batch 16] [--models resnet18 vit]
 
 Models from the foreign-model zoo (``tests/foreign_models.py``), eval mode (PyHessian forces it),
-cross-entropy, float32, one batch:
+cross-entropy, float32, one batch of ``--batch`` images 3×32×32 (default 16):
 
-* ResNet-18 in torchvision's layout, width 64 (11.2 M parameters at 10 classes), BatchNorm,
-  b = 16 images 3×32×32;
-* the timm-layout ViT (fused ``qkv``, ``F.scaled_dot_product_attention``), zoo default size,
-  b = 16 images 3×32×32.
+* ResNet-18 in torchvision's layout, width 64 (11.2 M parameters at 10 classes), BatchNorm;
+* the timm-layout ViT (fused ``qkv``, ``F.scaled_dot_product_attention``), zoo default size
+  (0.03 M parameters: the per-call overhead shows, not the memory traffic).
 
-Rows, each a cost per product in CPU seconds (``time.process_time``: robust to the other processes on
-a shared machine, which wall time is not):
+PyHessian is the package itself (``pyhessian==0.1``, not a re-implementation): its products are
+``torch.autograd.grad(gradsH, params, grad_outputs=v, retain_graph=True)`` on the gradient graph it
+builds once per ``hessian(...)``, as neurothermo's ``"reverse"`` products on a single batch are.
 
-* ``product``: one Hessian-vector product alone, the first-order graph built beforehand.
-  PyHessian: ``hessian_vector_product(gradsH, params, v)``; neurothermo: ``op.matvec(v)`` of
+Rows, in CPU seconds (``time.process_time``: robust to the other processes on a shared machine,
+which wall time is not), with the ratio neurothermo / PyHessian:
+
+* ``HVP alone``: one product alone, the first-order graph built beforehand. PyHessian:
+  ``hessian_vector_product(gradsH, params, v)``; neurothermo: ``op.matvec(v)`` of
   ``hessian_operator`` (both one backward through the retained graph).
-* ``solve``: a top-eigenvalue solve of ``--products`` products, everything included (building the
-  graph, the solver's own arithmetic) divided by the products. PyHessian:
-  ``hessian(model, loss, data, cuda=False).eigenvalues(maxIter=m, tol=-1)`` (power iteration);
-  neurothermo: ``top_eigenvalues(max_hvp=m, tol=1e-12)`` (block Lanczos with partial
-  reorthogonalisation). ``solve, full reorth.``: the same with every product projected on the whole
-  basis (``band_lanczos(reorth="full")``, the behaviour before), everything else equal.
-
-* ``to 1e-3``: a whole solve to relative tolerance 1e-3, total CPU seconds and products (PyHessian:
-  ``eigenvalues(maxIter=100, tol=1e-3)``, its stopping rule is the relative change of the Rayleigh
-  quotient, not an error bound; neurothermo: ``top_eigenvalues(tol=1e-3)``, stopped on its error
-  estimate), with both λ_max printed. One run each (after the rounds above).
+* ``in a solve``: a top-eigenvalue solve of ``--products`` products, everything included (building
+  the graph, the start vector, the solver's own arithmetic, the returned vector) divided by the
+  products. PyHessian: ``hessian(model, loss, data, cuda=False).eigenvalues(maxIter=m, tol=-1)``
+  (power iteration); neurothermo: ``top_eigenvalues(max_hvp=m, tol=1e-12)`` (block Lanczos with
+  partial reorthogonalisation). ``the same, full reorth.``: every product projected on the whole
+  basis (``band_lanczos(reorth="full")``), everything else equal.
+* ``whole solve to tol 1e-3``: total CPU seconds and products (PyHessian:
+  ``eigenvalues(maxIter=100, tol=1e-3)`` from a seeded start, its stopping rule is the relative
+  change of the Rayleigh quotient, not an error bound; neurothermo: ``top_eigenvalues(tol=1e-3)``,
+  stopped on its error estimate), with both λ_max and their errors against a tol-1e-7 solve.
+* ``floor``: the CPU time of writing one new basis column of ``n`` floats (its first touch: the
+  kernel maps and zeroes 11 k pages). A Krylov method stores one new vector per product and
+  power iteration none, so this is a cost per product PyHessian does not have.
 
 PyHessian cannot differentiate twice through the fused SDPA kernels (``derivative for
 aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented``), so its ViT rows run
-inside ``sdpa_kernel(SDPBackend.MATH)``, the selection neurothermo makes itself. Measurements
-alternate A/B/A/B for ``--rounds`` rounds; each row reports the fastest round (the least disturbed by
-other load), after one warm-up call each; the load average is printed with the result.
+inside ``sdpa_kernel(SDPBackend.MATH)``, the selection neurothermo makes itself. The rows alternate
+between the libraries for ``--rounds`` rounds, the order reversed every round, after one warm-up
+call each; each row reports the fastest round (the least disturbed by other load) and the
+median and range of the per-round ratios (the noise); the load average is printed with the result.
 
-Measured (2 shared CPU cores at load average 11–14, threads 1, CPU seconds, ratio neurothermo /
-PyHessian, ResNet-18; "before" is the code before partial reorthogonalisation, run at the same time
-as "now" in a second process):
+Measured (2 CPU cores shared with other jobs at load average 11–17, threads 1; "before" is commit
+5bbc5b8, run at the same time as "after" in a second process; "after, alone": 4 rounds, one
+process; ResNet-18 b = 64: 3 rounds):
 
-=====================  ==========  ==========  ============  ==================================
-row                    before      now         now, alone    notes
-=====================  ==========  ==========  ============  ==================================
-product                0.91        1.02        0.98          the same backward; spread = noise
-solve                  1.64        1.33        1.21          graph build, basis, band passes
-solve, full reorth.    —           1.48        1.26          the reorthogonalisation's share
-to 1e-3                1.16        1.01        0.71          20 vs 59 products
-=====================  ==========  ==========  ============  ==================================
+==========================  ===========  ===========  ====================  =====================
+ResNet-18                   before       after        after, alone          after, b = 64
+==========================  ===========  ===========  ====================  =====================
+HVP alone                   0.91         1.04         0.92 (0.92–1.02)      1.02 (1.02–1.15)
+in a solve, per product     1.20         1.14         1.08 (1.08–1.15)      1.09 (1.01–1.12)
+  the same, full reorth.    1.33         1.20         1.19 (1.11–1.30)      1.14 (0.99–1.23)
+whole solve to tol 1e-3     0.90         0.79         0.79                  1.02
+  products; λ error         35 vs 20; 3.7e-3 vs 8e-7 (b = 16)               18 vs 16; 2.6e-3 vs 1e-6
+floor (one new column)      0.019 s = 11–12 % of PyHessian's product (b = 16), 5.4 % (b = 64)
+==========================  ===========  ===========  ====================  =====================
 
-Per product inside a solve the bookkeeping is now a few passes over the 11.2 M numbers (the band
-projection, a norm, the normalisation) and the first touch of each new basis column (a fresh
-45 MB page-faulted in: system time, which ``process_time`` counts); a pass over the whole basis
-(≈ 2m columns) only when the estimated loss of orthogonality exceeds ε^¾ (6 of 20 products in the
-tol-1e-3 solve, none of the 8 in the ``solve`` rows). PyHessian stores no basis; its tol-1e-3
-stop returned λ_max 2.6147, 0.5 % below the converged 2.6285.
+==========================  ===========  ===========  ====================
+ViT                         before       after        after, alone
+==========================  ===========  ===========  ====================
+HVP alone                   1.01         1.17         1.11 (1.00–1.38)
+in a solve, per product     1.08         0.84         1.08 (0.99–1.08)
+whole solve to tol 1e-3     0.96         0.92         0.88 (20 vs 19 products; λ error 1.4e-2 vs 2e-7)
+==========================  ===========  ===========  ====================
+
+Earlier in the same session, at load 0.4–9 and with PyHessian's start unseeded, the code before
+gave 0.98 / 1.33 / 1.50 / 1.02 (ResNet-18) and 1.23 / 1.04 / 0.75 / 1.69 (ViT) for the four rows.
+
+What a Lanczos step costs besides its product, now: the product is copied into its basis column
+(one ``_foreach_copy_``; the first write of the column is the ``floor`` row), one pass reads the
+band of 2–3 columns and the new vector (coefficients and the squared norm together, summed by
+pieces in float64), one pass subtracts the band and normalises; a pass over the whole basis only
+when the estimated loss of orthogonality exceeds ε^¾ (4–6 of 16–20 products in the tol-1e-3
+solves, none of the 8 in the ``in a solve`` rows). Before: a copy, projection, subtraction, norm,
+often a second projection, subtraction and norm, a division, a start vector built in two
+temporaries, and three Ritz vectors returned (plus a clone) where one was used.
+
+Why not ≤ 1× per product inside a solve on ResNet-18 on CPU: the basis column's first touch alone
+is 5–12 % of a product here (PyHessian's power iteration keeps no basis and reuses the allocator's
+warm memory for its few vectors), and the two remaining passes cost about what PyHessian's own
+vector arithmetic does; measured in-solve ratios 1.01–1.15 sit on that floor. Huge pages
+(``madvise(MADV_HUGEPAGE)``) would cut the page count 512-fold, but their first touch measured
+85–117 ms per 45 MB column here (compaction), and keeping a basis buffer alive between calls to
+reuse its pages would hold ~1 GB after every call. Per solve the result is reached: to tol 1e-3
+0.79–1.02× PyHessian's CPU time, with an error 10³–10⁵ times smaller (PyHessian's stopping rule stops
+0.3–1.4 % off).
 
 PyHessian is optional: ``.venv/bin/pip install --no-deps pyhessian==0.1``.
 """
