@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from neurothermo.curvature import DenseOperator, lanczos
-from neurothermo.curvature.lanczos import DOT_CHUNK, band_lanczos, column_dots, orthogonality_level
+from neurothermo.curvature.gram_schmidt import DOT_CHUNK, column_dots
+from neurothermo.curvature.lanczos import band_lanczos, orthogonality_level
 from neurothermo.curvature.operator import column_block
 
 lanczos_module = sys.modules["neurothermo.curvature.lanczos"]  # the package re-exports the function
