@@ -26,7 +26,8 @@ class EigenResult:
     values:     (k,) float64, largest first.
     vectors:    one dict ``name -> tensor`` per eigenvalue (unit norm over the selected parameters;
                 with a preconditioner, eigenvectors ``u`` of ``Λ^{1/2} H Λ^{1/2}``: the parameter-space
-                direction is ``Λ^{1/2} u``).
+                direction is ``Λ^{1/2} u``). The tensors are views into one block of ``k × n``
+                numbers (no copy is made; ``.clone()`` one to keep it, or save it, on its own).
     residuals:  (k,) ``‖H u − λ u‖``: some eigenvalue lies within it of ``values[i]``.
     errors:     (k,) error estimates of ``values`` (``min(r, r²/gap)``, see ``lanczos``).
     n_hvp:      Hessian-vector products used.
