@@ -16,7 +16,9 @@ import torch
 from torch import Tensor
 
 from neurothermo.curvature import DenseOperator, lanczos
+from neurothermo.curvature.gram_schmidt import DOT_CHUNK, column_dots
 from neurothermo.curvature.lanczos import band_lanczos, orthogonality_level
+from neurothermo.curvature.operator import column_block
 
 lanczos_module = sys.modules["neurothermo.curvature.lanczos"]  # the package re-exports the function
 
@@ -117,3 +119,19 @@ def test_public_lanczos_uses_partial_and_counts_the_same_products() -> None:
     torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
     with pytest.raises(ValueError, match="reorth"):
         band_lanczos(DenseOperator(A), 1, reorth="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inner_products_by_pieces_match_float64(dtype: torch.dtype) -> None:
+    # Lanczos's inner products (coefficients and squared norms, from which it normalises) over
+    # more than DOT_CHUNK numbers, a tail included: against the float64 products. Each piece is one
+    # float32 sum of L = DOT_CHUNK terms, whose rounding errors add up like a random walk to about
+    # √L·ε₃₂ ≈ 3e-5 of the sum (the pieces are then added in float64); float64 input: ~√L·ε₆₄.
+    n = 3 * DOT_CHUNK + 1001
+    B = column_block(n, 3, dtype, "cpu")
+    B.copy_(torch.randn(n, 3, generator=gen(7), dtype=torch.float64))
+    got = column_dots(B, B[:, 2])
+    ref = B.double().T @ B[:, 2].double()
+    assert got.dtype == torch.float64 and got.shape == (3,)
+    tol = DOT_CHUNK ** 0.5 * torch.finfo(dtype).eps
+    assert float(((got - ref).abs() / ref[2]).max()) < tol

@@ -27,7 +27,8 @@ class EigenResult:
         values: (k,) float64, largest first.
         vectors: one dict ``name -> tensor`` per eigenvalue (unit norm over the selected
             parameters; with a preconditioner, eigenvectors ``u`` of ``Λ^{1/2} H Λ^{1/2}``: the
-            parameter-space direction is ``Λ^{1/2} u``).
+            parameter-space direction is ``Λ^{1/2} u``). The tensors are views into one block
+            of ``k × n`` numbers (no copy is made; ``.clone()`` one to keep or save it alone).
         residuals: (k,) ``‖H u − λ u‖``: some eigenvalue lies within it of ``values[i]``.
         errors: (k,) error estimates of ``values`` (``min(r, r²/gap)``, see ``lanczos``).
         n_hvp: Hessian-vector products used.
@@ -81,13 +82,13 @@ def preconditioner_diagonal(space: ParamSpace, preconditioner: Any) -> Tensor:
 
 def solve(op: LinearOperator, k: int, tol: float, method: str, max_hvp: int | None,
           block_size: int | None, start: Tensor | None, seed: int | None,
-          gap_after: int = 20) -> RitzResult:
-    """Dispatch to Lanczos or power iteration on a flat operator."""
+          gap_after: int = 20, keep_block: bool = True) -> RitzResult:
+    """Dispatch to Lanczos or power iteration on a flat operator (``keep_block``: see ``lanczos``)."""
     gen = torch.Generator()
     gen.manual_seed(0 if seed is None else seed)
     if method == "lanczos":
         return lanczos(op, k, tol=tol, max_matvec=max_hvp, block_size=block_size, start=start,
-                       generator=gen, gap_after=gap_after)
+                       generator=gen, gap_after=gap_after, keep_block=keep_block)
     return power_iteration(op, k, tol=tol, max_matvec=max_hvp, generator=gen)
 
 
@@ -170,12 +171,13 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 1,
         op: LinearOperator = hop
         if preconditioner is not None:
             op = CongruenceOperator(hop, preconditioner_diagonal(hop.space, preconditioner))
-        res = solve(op, k, tol, method, max_hvp, block_size, None, seed)
+        res = solve(op, k, tol, method, max_hvp, block_size, None, seed, keep_block=False)
         return to_eigen_result(res, hop.space, method, preconditioner is not None)
 
 
 def to_eigen_result(res: RitzResult, space: ParamSpace, method: str, preconditioned: bool) -> EigenResult:
-    vecs = tuple({n: t.detach().clone() for n, t in space.unflatten(res.vectors[:, i]).items()}
+    # views of the solver's fresh (n, k) result: no copy of n·k numbers
+    vecs = tuple({n: t.detach() for n, t in space.unflatten(res.vectors[:, i]).items()}
                  for i in range(res.vectors.shape[1]))
     return EigenResult(res.values, vecs, res.residuals, res.errors, res.n_matvec, res.converged,
                        method, preconditioned)

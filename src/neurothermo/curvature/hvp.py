@@ -345,15 +345,17 @@ class HessianOperator(LinearOperator):
             rows = rows * self._mask
         out = out_cols.T  # (p, n); a view when out_cols is stored by columns
         for j in range(V.shape[1]):
-            v = list(self.space.unflatten(rows[j]).values())
-            dest = list(self.space.unflatten(out[j]).values())  # views of out[j]
+            v = self.space.views(rows[j])
+            dest = self.space.views(out[j])  # views of out[j]
             for i, (batch, w) in enumerate(self.chunks):
-                # one pass per piece, whatever its memory layout (reshape + cat: two for strided ones)
-                for d, h in zip(dest, product(i, batch, v)):
+                # one pass per piece, whatever its memory layout (reshape + cat: two for strided
+                # ones), all pieces in one call
+                hv = product(i, batch, v)  # plain tensors: no graph is built for them
+                with torch.no_grad():
                     if i == 0:
-                        d.copy_(h.detach())
+                        torch._foreach_copy_(dest, hv)
                     else:
-                        d.add_(h.detach(), alpha=w)
+                        torch._foreach_add_(dest, hv, alpha=w)
                 if i == 0 and w != 1.0:
                     out[j].mul_(w)
         if self._mask is not None:

@@ -10,7 +10,11 @@ overlap with the older vectors, which rounding makes grow once a Ritz value conv
 ghost copies of converged eigenvalues, Paige 1976), is estimated by the ω-recurrence (Simon 1984,
 ``band_lanczos``) without reading them; only when an estimate exceeds ``ε^¾`` is the vector projected
 on the whole basis. So most products cost a few passes over ``n`` numbers instead of ``2m`` (an
-``m``-vector basis), and the basis stays orthogonal to ``ε^¾`` (no ghosts). The basis spans the
+``m``-vector basis), and the basis stays orthogonal to ``ε^¾`` (no ghosts). A step's own
+arithmetic is two passes over the new vector: one reads it with its band (the coefficients and its
+squared norm together, ``gram_schmidt.project``), one subtracts the band and normalises (the norm
+after the subtraction follows from Pythagoras); inner products are summed by pieces in float64
+(``gram_schmidt.column_dots``). The basis spans the
 same block Krylov space as a block step of ``p`` products would, but convergence is checked after
 every product instead of every ``p``. Since every product's coefficients are kept,
 ``H V_done = V T[:, done]`` holds (to rounding), so a Ritz pair ``(θ_i, y_i = V_done s_i)`` of
@@ -45,13 +49,15 @@ import torch
 from torch import Tensor
 
 from neurothermo._validate import check_int, check_positive
+from neurothermo.curvature.gram_schmidt import (
+    column_dots,
+    orthonormalize,
+    project,
+    random_block,
+    random_column,
+    subtract,
+)
 from neurothermo.curvature.operator import LinearOperator, column_block
-
-# Reorthogonalise once more only when a full projection removed more than 1 − 1/√2 of the vector's
-# norm (Daniel, Gragg, Kaufman & Stewart 1976, as in ARPACK): otherwise that classical Gram–Schmidt
-# pass already left the vector orthogonal to working precision. Each pass reads the whole basis,
-# the bookkeeping that dominates on large models.
-DGKS = 2 ** -0.5
 
 
 class ConvergenceWarning(UserWarning):
@@ -74,7 +80,8 @@ class RitzResult:
         errors: ``(k,)`` error estimates of ``values``.
         n_matvec: products used.
         converged: whether every error reached ``tol``.
-        block: the top Ritz vectors for a warm restart, or None.
+        block: the top Ritz vectors for a warm restart, or None (when the solver was asked
+            not to keep it).
     """
 
     values: Tensor
@@ -84,57 +91,6 @@ class RitzResult:
     n_matvec: int
     converged: bool
     block: Tensor | None = None
-
-
-def random_block(n: int, p: int, dtype: torch.dtype, device: torch.device,
-                 generator: torch.Generator | None) -> Tensor:
-    """``p`` standard normal vectors (drawn on the CPU, so a seed gives the same numbers anywhere).
-
-    Drawn in float32 for float32 (and lower-precision) operators, in float64 otherwise: drawing
-    11 M float64 numbers to round them costs as much as a Hessian-vector product on ResNet-18.
-    """
-    draw = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.randn(n, p, generator=generator, dtype=draw).to(device=device, dtype=dtype)
-
-
-def orthonormalize(W: Tensor, basis: Tensor, tiny: float,
-                   generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """``W = Q R`` with ``Q ⊥ basis``, ``Q`` orthonormal (column-wise CGS2).
-
-    ``W`` must already be orthogonal to ``basis``. A column whose remainder is ``≤ tiny`` (the block
-    became dependent: an invariant subspace was found) is replaced by a random direction orthogonal to
-    everything so far, with a zero in ``R``. Returns at most ``n − basis`` columns.
-    """
-    n, p = W.shape
-    width = min(p, n - basis.shape[1])
-    if p == 1 and width == 1:  # one column: normalise it (one pass over memory, no copies)
-        nrm = float(torch.linalg.vector_norm(W))
-        if nrm > tiny:
-            return W / nrm, torch.tensor([[nrm]], dtype=torch.float64)
-    Q = column_block(n, width, W.dtype, W.device)
-    R = torch.zeros(width, p, dtype=torch.float64)
-    cnt = 0
-    for c in range(p):
-        w = W[:, c].clone()
-        for _ in range(2):
-            if cnt:
-                coef = Q[:, :cnt].T @ w
-                w -= Q[:, :cnt] @ coef
-                R[:cnt, c] += coef.double().cpu()
-        if cnt == width:
-            continue
-        nrm = float(torch.linalg.vector_norm(w))
-        if nrm > tiny:
-            Q[:, cnt] = w / nrm
-            R[cnt, c] = nrm
-        else:
-            z = random_block(n, 1, W.dtype, W.device, generator)[:, 0]
-            full = torch.cat([basis, Q[:, :cnt]], dim=1)
-            for _ in range(2):
-                z -= full @ (full.T @ z)
-            Q[:, cnt] = z / torch.linalg.vector_norm(z)
-        cnt += 1
-    return Q, R
 
 
 def ritz_errors(theta: Tensor, resid: Tensor, gap_after: int = 2, count: int | None = None,
@@ -188,12 +144,14 @@ def _check_common(op: LinearOperator, k: int, tol: float, max_matvec: int | None
 
 def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: int | None = None,
             block_size: int | None = None, max_basis: int | None = None, start: Tensor | None = None,
-            generator: torch.Generator | None = None, gap_after: int = 20) -> RitzResult:
+            generator: torch.Generator | None = None, gap_after: int = 20,
+            keep_block: bool = True) -> RitzResult:
     """The ``k`` algebraically largest eigenpairs of ``op`` (module docstring).
 
     ``block_size`` p (default ``k``), ``max_basis`` (default ``max(30, 2k + 4p)``, capped at ``n``),
     ``start``: ``(n, s)`` initial vectors (warm start; padded with random vectors to ``p``),
-    ``gap_after``: basis size from which the gap estimate ``r²/gap`` is trusted (before: ``r``).
+    ``gap_after``: basis size from which the gap estimate ``r²/gap`` is trusted (before: ``r``),
+    ``keep_block``: also return ``block`` (material for a warm restart).
 
     Args:
         op: a symmetric :class:`LinearOperator` of size n.
@@ -206,6 +164,7 @@ def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: in
         start: ``(n, s)`` warm-start vectors; None: random.
         generator: the random source of the start block (drawn on the CPU).
         gap_after: the basis size from which ``r²/gap`` error estimates are used (≥ 1).
+        keep_block: also return the top Ritz vectors as ``block`` (for a warm restart).
 
     Returns:
         A :class:`RitzResult`, largest first, with residuals and error estimates.
@@ -228,7 +187,8 @@ def lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matvec: in
         ([10.0, 9.0], True)
     """
     return band_lanczos(op, k, tol=tol, max_matvec=max_matvec, block_size=block_size,
-                        max_basis=max_basis, start=start, generator=generator, gap_after=gap_after)
+                        max_basis=max_basis, start=start, generator=generator, gap_after=gap_after,
+                        keep_block=keep_block)
 
 
 def orthogonality_level(dtype: torch.dtype) -> float:
@@ -245,7 +205,7 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
                  block_size: int | None = None, max_basis: int | None = None,
                  start: Tensor | None = None, generator: torch.Generator | None = None,
                  gap_after: int = 20, reorth: str = "partial",
-                 stats: dict[str, int] | None = None) -> RitzResult:
+                 stats: dict[str, int] | None = None, keep_block: bool = True) -> RitzResult:
     """``lanczos`` with the choice of reorthogonalisation (``reorth``):
 
     * ``"full"``: every new vector is projected on the whole basis (one classical Gram–Schmidt pass,
@@ -264,6 +224,8 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
       estimates are reset to ``ε``. Restarts carry ``Ω`` over exactly as the basis: ``SᵀΩS``.
 
     ``stats`` (a dict, optional) receives ``full_passes``: how many products needed a full pass.
+    ``keep_block=False``: compute only the ``k`` wanted Ritz vectors, no ``block`` for a warm
+    restart (each further vector is a pass over the basis and ``n`` new numbers).
     """
     if reorth not in ("partial", "full"):
         raise ValueError(f"reorth must be 'partial' or 'full', got {reorth!r}")
@@ -280,13 +242,17 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
     V = column_block(n, m_max + 1, dt, dev, zero=False)  # only written columns are read
     T = torch.zeros(m_max + 1, m_max + 1, dtype=torch.float64)
     Om = torch.eye(m_max + 1, dtype=torch.float64)  # estimates of VᵀV (partial reorthogonalisation)
-    Q0 = random_block(n, p, dt, dev, generator)
-    if start is not None:
-        if start.ndim != 2 or start.shape[0] != n:
-            raise ValueError(f"start must have shape ({n}, s), got {tuple(start.shape)}")
-        s = min(start.shape[1], p)
-        Q0[:, :s] = start[:, :s].to(device=dev, dtype=dt)
-    V[:, :p], _ = orthonormalize(Q0, V[:, :0], 1e-12 * float(Q0.abs().max()), generator)
+    if p == 1 and start is None:  # drawn and normalised in place: no temporary of n numbers
+        random_column(V[:, 0], generator)
+        V[:, 0].div_(float(column_dots(V[:, :1], V[:, 0])[0]) ** 0.5)
+    else:
+        Q0 = random_block(n, p, dt, dev, generator)
+        if start is not None:
+            if start.ndim != 2 or start.shape[0] != n:
+                raise ValueError(f"start must have shape ({n}, s), got {tuple(start.shape)}")
+            s = min(start.shape[1], p)
+            Q0[:, :s] = start[:, :s].to(device=dev, dtype=dt)
+        V[:, :p], _ = orthonormalize(Q0, V[:, :0], 1e-12 * float(Q0.abs().max()), generator)
     Om[:p, :p] += eps * (1 - torch.eye(p, dtype=torch.float64))
     a, end = 0, p  # V[:, :a] multiplied, V[:, a:end] pending (p of them until the space is full)
     used = op.n_matvec
@@ -301,21 +267,15 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
         # The band: the vectors a Lanczos step couples (p before v_a, the pending ones), and the Ritz
         # vectors kept at the last restart (coupled to the pending vectors of that restart, and
         # not re-estimated: their overlaps with later vectors are projected out explicitly).
+        # ``project`` leaves its last coefficients unsubtracted (``pending``): they are subtracted
+        # together with the normalisation below, one pass over w instead of two.
         lo = max(kept, a - p)
-        h = torch.zeros(end, 1, dtype=dt, device=dev)
-        for _ in range(2):
-            removed = 0.0
-            for s0, s1 in ((0, kept), (lo, end)) if kept else ((lo, end),):
-                hb = V[:, s0:s1].T @ w
-                w.addmm_(V[:, s0:s1], hb, alpha=-1)  # in place: no temporary of n numbers
-                h[s0:s1] += hb
-                removed += float(hb.double().square().sum())
-            after = float(torch.linalg.vector_norm(w))
-            # the norm before the pass by Pythagoras (the band is orthonormal): saves a pass over w
-            if not after < DGKS * (after * after + removed) ** 0.5:
-                break
-        hc = h.double().cpu()[:, 0]
-        if not bool(torch.isfinite(hc).all()):
+        segs = ((0, kept), (lo, end)) if lo > kept > 0 else ((0 if kept else lo, end),)
+        total, pending, after = project(V, end, segs)
+        hc = torch.zeros(end, dtype=torch.float64)
+        for (s0, s1), c in zip(segs, total):
+            hc[s0:s1] += c
+        if not (bool(torch.isfinite(hc).all()) and math.isfinite(after)):
             raise FloatingPointError(
                 "a Hessian-vector product contains NaN or Inf; the loss is not twice "
                 "differentiable at these parameters (or overflows)")
@@ -331,14 +291,12 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
             Om[end, kept:lo] = Om[kept:lo, end] = est  # end ≤ m_max: the basis has room
         if full:  # project on the whole basis (classical Gram–Schmidt), twice when DGKS says so
             full_passes += 1
-            for _ in range(2):
-                before = after
-                h2 = V[:, :end].T @ w
-                w.addmm_(V[:, :end], h2, alpha=-1)
-                hc = hc + h2.double().cpu()[:, 0]
-                after = float(torch.linalg.vector_norm(w))
-                if not after < DGKS * before:
-                    break
+            if pending is not None:  # not subtracted yet: the full pass measures them again
+                for (s0, s1), c in zip(segs, pending):
+                    hc[s0:s1] -= c
+            segs = ((0, end),)
+            total, pending, after = project(V, end, segs)
+            hc = hc + total[0]
             T[:end, a] = hc
             T[a, :end] = hc
             Om[end, kept:lo] = Om[kept:lo, end] = eps
@@ -348,11 +306,16 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
         theta, S = torch.linalg.eigh(T[:a, :a])
         theta, S = theta.flip(0), S.flip(1)
         tiny = 100 * eps * max(float(theta.abs().max()), 1e-300)
-        if after > tiny and end < n:  # normalise straight into the basis (one pass)
-            w.div_(after)  # w is V[:, end]
+        if after > tiny and end < n:  # subtract what is pending and normalise: one pass over w
+            if pending is None:
+                w.div_(after)  # w is V[:, end]
+            else:
+                subtract(V, end, segs, pending, scale=1 / after)
             T[end, a - 1] = T[a - 1, end] = after
             end += 1
         else:  # the Krylov space is exhausted here (or full): orthonormalize handles both
+            if pending is not None:
+                subtract(V, end, segs, pending)
             q, r = orthonormalize(w, V[:, :end], tiny, generator)
             if q.shape[1]:
                 V[:, end] = q[:, 0]
@@ -372,9 +335,9 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
             om_rr = Sl.T @ Om[:a, :a] @ Sl  # the estimates transform as the basis does
             om_rp = Sl.T @ Om[:a, a:end]
             om_pp = Om[a:end, a:end].clone()
-            pending = V[:, a:end].clone()
+            pend_vecs = V[:, a:end].clone()
             V[:, :ell] = V[:, :a] @ Sl.to(device=dev, dtype=dt)
-            V[:, ell:ell + pend] = pending
+            V[:, ell:ell + pend] = pend_vecs
             T.zero_()
             T[:ell, :ell] = torch.diag(theta[:ell])
             T[ell:ell + pend, :ell] = coupling
@@ -387,7 +350,9 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
             Om.fill_diagonal_(1.0)
             a, end, kept = ell, ell + pend, ell
     kk = min(k, a)
-    block = V[:, :a] @ S[:, :min(a, max(k + 2, p))].to(device=dev, dtype=dt)
+    # Ritz vectors as columns of a (c, n) row-major product: contiguous columns, one pass per column
+    width = min(a, max(k + 2, p)) if keep_block else kk
+    block = (S[:, :width].T.to(device=dev, dtype=dt) @ V[:, :a].T).T
     if stats is not None:
         stats["full_passes"] = full_passes
     if not done:
@@ -397,4 +362,4 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
             f"{theta[:kk].tolist()}; raise max_hvp or tol",
             ConvergenceWarning, stacklevel=3)
     return RitzResult(theta[:kk].clone(), block[:, :kk], resid[:kk].clone(), errors[:kk].clone(),
-                      op.n_matvec - used, done, block)
+                      op.n_matvec - used, done, block if keep_block else None)

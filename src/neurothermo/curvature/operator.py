@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -206,13 +207,17 @@ class ParamSpace:
         first = next(iter(params.values()))
         return cls(tuple(params), tuple(p.shape for p in params.values()), first.dtype, first.device)
 
-    @property
+    @cached_property
     def numels(self) -> tuple[int, ...]:
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
 
-    @property
+    @cached_property
     def size(self) -> int:
         return sum(self.numels)
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """The pieces of a flat vector in parameter shapes, in order (views: no copy)."""
+        return [c.view(s) for c, s in zip(torch.split(flat, list(self.numels)), self.shapes)]
 
     def flatten(self, tensors: Mapping[str, Tensor], what: str = "vector") -> Tensor:
         """Concatenate a dict ``name -> tensor`` (keys and shapes as the space's) to a flat vector."""
@@ -241,7 +246,7 @@ class ParamSpace:
         For a block the result has shapes ``(p, *param.shape)``.
         """
         if flat.ndim == 1:
-            return {n: c.view(s) for n, c, s in zip(self.names, torch.split(flat, list(self.numels)), self.shapes)}
+            return dict(zip(self.names, self.views(flat)))
         p = flat.shape[1]
         return {n: c.T.reshape(p, *s) for n, c, s in
                 zip(self.names, torch.split(flat, list(self.numels)), self.shapes)}

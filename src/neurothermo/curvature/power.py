@@ -16,12 +16,12 @@ import warnings
 import torch
 from torch import Tensor
 
+from neurothermo.curvature.gram_schmidt import random_block
 from neurothermo.curvature.lanczos import (
     ConvergenceWarning,
     RitzResult,
     _check_common,
     converged_mask,
-    random_block,
 )
 from neurothermo.curvature.operator import LinearOperator
 

@@ -50,14 +50,13 @@ from neurothermo._state import ParamFilter, check_mode, warn_mode
 from neurothermo._types import EigenMethod, HvpMethod, LossFn, Mode
 from neurothermo._validate import check_int, check_positive
 from neurothermo.curvature.eigen import EIGEN_METHODS, preconditioner_diagonal, solve
+from neurothermo.curvature.gram_schmidt import orthonormalize, random_block
 from neurothermo.curvature.hvp import HVP_METHODS, hessian_operator
 from neurothermo.curvature.lanczos import (
     ConvergenceWarning,
     RitzResult,
     _check_common,
     converged_mask,
-    orthonormalize,
-    random_block,
     ritz_errors,
 )
 from neurothermo.curvature.operator import CongruenceOperator, LinearOperator, column_block
