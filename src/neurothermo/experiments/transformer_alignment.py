@@ -102,6 +102,10 @@ class TransformerAlignmentConfig:
     gap_metrics: tuple[str, ...] = setting(METRIC_NAMES, "metrics on which the MLP > attention gap "
                                            "is checked")
     alpha: float = setting(0.01, "one-sided level of each prediction's t-test", min=1e-6, max=0.2)
+    curve_steps: tuple[int, ...] = setting(
+        (25, 50, 100, 200, 300, 400), "checkpoints (steps, along the one schedule) at which the "
+        "cross-network MLP and attention alignment is also measured: the alignment-vs-steps figure; "
+        "those ≥ steps are dropped (the end of training is always a point)", min=1)
     log_every: int = setting(50, "log the training loss every this many steps", min=1)
     threads: int = setting(1, "torch threads during the run (0: leave torch's setting); with tiny "
                               "matmuls a second thread gains ~1.3× on an idle machine but is 5–10× "
@@ -175,6 +179,22 @@ def block_means(g: GroupedAlignment) -> dict[str, Tensor]:
     ca = [j for j, n in enumerate(g.cols) if n.startswith("attn")]
     if len(ra) >= 2 and len(ca) >= 2:
         out["first_minus_deep"] = g.per_group[:, ra[0], ca[0]] - _cells(g, "attn", "attn", skip_first=True)
+    return out
+
+
+def alignment_along(along: dict[str, dict[int, dict[str, Tensor]]], steps: list[int], groups: Tensor,
+                    k: int) -> dict[str, Any]:
+    """Cross-network block means along training: ``{"steps": [...], metric: {"mlp": [(mean, se), …],
+    "attn": […]}}``, mean over the MLP×MLP (attention×attention) cells, ± standard error over groups."""
+    out: dict[str, Any] = {"steps": list(steps)}
+    for metric in METRIC_NAMES:
+        out[metric] = {kind: [] for kind in KINDS}
+    for s in steps:
+        maps = maps_for(along["A"][s], along["B"][s], groups, k)
+        for metric in METRIC_NAMES:
+            means = block_means(maps[metric])
+            for kind in KINDS:
+                out[metric][kind].append(group_mean_se(means[kind]))
     return out
 
 
@@ -256,17 +276,29 @@ def _run(cfg: TransformerAlignmentConfig, ctx: RunContext) -> None:
     groups = sample_groups(cfg.eval_sequences, cfg.seq_len, cfg.groups, cfg.pool)
 
     feats: dict[str, dict[str, dict[str, Tensor]]] = {"init": {}, "trained": {}}
+    marks = sorted({s for s in cfg.curve_steps if s < cfg.steps})
+    along: dict[str, dict[int, dict[str, Tensor]]] = {}  # net → step → block features
     curves: dict[str, list[float]] = {}
     losses: dict[str, float] = {}
+    along_loss: dict[str, dict[int, float]] = {}
     for i, (tag, d, n_layers) in enumerate((("A", cfg.d_model_a, cfg.n_layers_a),
                                             ("B", cfg.d_model_b, cfg.n_layers_b))):
         model = TinyTransformer(V, d, n_layers, cfg.n_heads, max_len=cfg.seq_len,
                                 activation=cfg.activation,
                                 generator=torch.Generator().manual_seed(seeds[2 * i]))
         feats["init"][tag] = block_features(model, held_out[:, :-1], cfg.pool)
+        along[tag], along_loss[tag] = {}, {}
+
+        def measure(step: int, model: TinyTransformer = model, tag: str = tag) -> None:
+            with torch.no_grad():
+                along[tag][step] = block_features(model, held_out[:, :-1], cfg.pool)
+                along_loss[tag][step] = float(lm.next_char_loss(model, held_out))
+
+        measure(0)
         with ctx.progress(f"training net {tag}", cfg.steps) as advance:
             curves[tag] = lm.train(model, data, cfg, torch.Generator().manual_seed(seeds[2 * i + 1]),
-                                   tag, ctx.log, advance)
+                                   tag, ctx.log, advance,
+                                   after_step=lambda s, m=measure: m(s) if s in marks else None)
         with torch.no_grad():
             losses[tag] = float(lm.next_char_loss(model, held_out))
         ctx.predict(f"net {tag}: held-out loss below the unigram entropy (learned context)",
@@ -274,19 +306,23 @@ def _run(cfg: TransformerAlignmentConfig, ctx: RunContext) -> None:
                     why="the unigram distribution is the best predictor that ignores context; a "
                         "transformer that uses the preceding characters must beat it")
         feats["trained"][tag] = block_features(model, held_out[:, :-1], cfg.pool)
+        along[tag][cfg.steps], along_loss[tag][cfg.steps] = feats["trained"][tag], losses[tag]
 
     maps = {when: {"cross": maps_for(f["A"], f["B"], groups, cfg.k), "within": maps_for(f["A"], None, groups, cfg.k)}
             for when, f in ctx.track(feats.items(), "comparing blocks")}
     numbers = predict_alignment(ctx, cfg, maps["trained"]["cross"], maps["init"]["cross"])
+    along_steps = sorted(along["A"])
+    steps_curve = alignment_along(along, along_steps, groups, cfg.k)
+    steps_curve["held_out_loss"] = {tag: [along_loss[tag][s] for s in along_steps] for tag in along_loss}
     ctx.record(
         vocab_size=V, corpus_chars={"train": data.train.numel(), "test": data.test.numel()},
         samples_per_group=int(torch.bincount(groups).min()), n_groups=cfg.groups,
         held_out_loss=losses, unigram_entropy=h_unigram, train_curves=curves,
         alignment={when: {side: {metric: m.to_dict() for metric, m in per.items()} for side, per in by.items()}
                    for when, by in maps.items()},
-        summary_by_metric=numbers,
+        summary_by_metric=numbers, alignment_vs_steps=steps_curve,
     )
-    draw_figures(ctx, cfg, maps, numbers, curves, losses, h_unigram)
+    draw_figures(ctx, cfg, maps, numbers, curves, losses, h_unigram, steps_curve)
 
 
 EXPERIMENT = register(
