@@ -81,8 +81,8 @@ def draw_figures(ctx: RunContext, cfg: Any, maps: dict[str, dict[str, dict[str, 
                              layout="constrained")
     for ax, (label, metric, _kw) in zip(axes[0], METRICS):
         for kind, color, name in (("mlp", "tab:red", "MLP × MLP"), ("attn", "tab:blue", "attn × attn")):
-            mean, se = zip(*steps_curve[metric][kind])
-            ax.errorbar(steps, mean, yerr=se, color=color, marker="o", ms=3, capsize=2, label=name)
+            ms, ses = zip(*steps_curve[metric][kind])
+            ax.errorbar(steps, ms, yerr=ses, color=color, marker="o", ms=3, capsize=2, label=name)
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xscale("symlog", linthresh=max(steps[1] if len(steps) > 1 else 1, 1))
         ax.set_xlabel("training step (0: initialisation)")

@@ -30,13 +30,20 @@ Predictions, on the cross-network (A vs B) maps, mean over the MLP×MLP cells (`
 attention×attention cells (``A``), trained (ᵀ) and at initialisation (ᴵ):
 
 * each net: held-out loss below the entropy of the held-out character frequencies;
-* per metric, learning aligns the MLP blocks: ``Mᵀ − Mᴵ > 0``;
 * per metric, after training the MLP blocks are more aligned than the attention blocks by more than
   ``margin``: ``Mᵀ − Aᵀ > margin`` (for the metrics in ``gap_metrics``);
 * per metric, learning opens that gap: ``(Mᵀ − Aᵀ) − (Mᴵ − Aᴵ) > 0`` (for ``gap_metrics``);
 * Gram Pearson: the first attention layer is the exception, ``(F − D)ᵀ > margin``, made by learning,
   ``(F − D)ᵀ − (F − D)ᴵ > 0``, with ``F`` the (attn 0, attn 0) cell and ``D`` the mean of the deeper
   attention cells (both indices ≥ 1; needs ≥ 2 layers in both nets).
+
+Recorded, not predicted: the MLP gain ``Mᵀ − Mᴵ`` per metric (with its t), and ``M`` and ``A``
+along training (``curve_steps``). The MLP gain is not a prediction because it is not robust: it
+peaks early (+0.2…+0.3 on every metric after ~100 steps), shrinks to +0.00…+0.14 by the end of the
+presets (seed-dependent, not significant for mutual k-NN) and turns negative with longer training,
+under Adam and SGD alike (docs/experiments/transformer-alignment.md). What learning must produce
+is the order: at initialisation the attention blocks are the more aligned ones, so the gap's gain
+is the test that training made it.
 
 The untrained control: ``steps=0`` measures the networks as initialised, and every prediction must
 fail (a test runs it). (``steps=1 warmup=0`` is not untrained: one Adam step moves every weight by
@@ -221,11 +228,8 @@ def predict_alignment(ctx: RunContext, cfg: TransformerAlignmentConfig, trained:
         tr, ini = block_means(trained[metric]), block_means(init[metric])
         rec: dict[str, Any] = {f"{kind}_{when}": group_mean_se(v[kind])
                                for when, v in (("trained", tr), ("init", ini)) for kind in KINDS}
-        rec["mlp_gain"] = check(
-            f"{label}: learning aligns the MLP blocks across networks (trained − initial > 0)",
-            tr["mlp"] - ini["mlp"], 0.0,
-            "the MLP blocks' representations are driven to a common, input-determined kernel by training; "
-            "at initialisation the two nets share only the input identity")
+        gain_mean, gain_se = group_mean_se(tr["mlp"] - ini["mlp"])  # recorded, not predicted (docstring)
+        rec["mlp_gain"] = {"mean": gain_mean, "se": gain_se, "t": gain_mean / gain_se if gain_se > 0 else None}
         if metric in cfg.gap_metrics:
             gap_t, gap_i = tr["mlp"] - tr["attn"], ini["mlp"] - ini["attn"]
             rec["gap_trained"] = check(
@@ -290,6 +294,8 @@ def _run(cfg: TransformerAlignmentConfig, ctx: RunContext) -> None:
         along[tag], along_loss[tag] = {}, {}
 
         def measure(step: int, model: TinyTransformer = model, tag: str = tag) -> None:
+            if step and step not in marks:
+                return
             with torch.no_grad():
                 along[tag][step] = block_features(model, held_out[:, :-1], cfg.pool)
                 along_loss[tag][step] = float(lm.next_char_loss(model, held_out))
@@ -298,7 +304,7 @@ def _run(cfg: TransformerAlignmentConfig, ctx: RunContext) -> None:
         with ctx.progress(f"training net {tag}", cfg.steps) as advance:
             curves[tag] = lm.train(model, data, cfg, torch.Generator().manual_seed(seeds[2 * i + 1]),
                                    tag, ctx.log, advance,
-                                   after_step=lambda s, m=measure: m(s) if s in marks else None)
+                                   after_step=measure)
         with torch.no_grad():
             losses[tag] = float(lm.next_char_loss(model, held_out))
         ctx.predict(f"net {tag}: held-out loss below the unigram entropy (learned context)",
