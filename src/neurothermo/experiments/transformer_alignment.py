@@ -39,8 +39,8 @@ attention×attention cells (``A``), trained (ᵀ) and at initialisation (ᴵ):
 
 Recorded, not predicted: the MLP gain ``Mᵀ − Mᴵ`` per metric (with its t), and ``M`` and ``A``
 along training (``curve_steps``). The MLP gain is not a prediction because it is not robust: it
-peaks early (+0.2…+0.3 on every metric after ~100 steps), shrinks to +0.00…+0.14 by the end of the
-presets (seed-dependent, not significant for mutual k-NN) and turns negative with longer training,
+peaks early (+0.17…+0.39 on every metric within 50–100 steps), shrinks to +0.01…+0.14 by the end of
+the presets (seed-dependent, not significant for mutual k-NN) and turns negative with longer training,
 under Adam and SGD alike (docs/experiments/transformer-alignment.md). What learning must produce
 is the order: at initialisation the attention blocks are the more aligned ones, so the gap's gain
 is the test that training made it.
