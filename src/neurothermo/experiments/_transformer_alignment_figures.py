@@ -84,7 +84,7 @@ def draw_figures(ctx: RunContext, cfg: Any, maps: dict[str, dict[str, dict[str, 
             ms, ses = zip(*steps_curve[metric][kind])
             ax.errorbar(steps, ms, yerr=ses, color=color, marker="o", ms=3, capsize=2, label=name)
         ax.axhline(0.0, color="black", lw=0.8)
-        ax.set_xscale("symlog", linthresh=max(steps[1] if len(steps) > 1 else 1, 1))
+        _step_axis(ax, steps)
         ax.set_xlabel("training step (0: initialisation)")
         ax.set_title(f"{label}: A vs B, mean over cells (± se)", fontsize=9)
         ax.legend(fontsize=7)
@@ -92,9 +92,16 @@ def draw_figures(ctx: RunContext, cfg: Any, maps: dict[str, dict[str, dict[str, 
     for tag, vals in steps_curve["held_out_loss"].items():
         ax.plot(steps, vals, marker="o", ms=3, label=f"net {tag}")
     ax.axhline(h_unigram, color="black", ls=":", label="unigram entropy")
-    ax.set_xscale("symlog", linthresh=max(steps[1] if len(steps) > 1 else 1, 1))
+    _step_axis(ax, steps)
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out cross entropy (nats / char)")
     ax.legend(fontsize=7)
     fig.suptitle(f"alignment along one run (lr schedule to step {cfg.steps}; held-out groups give the errors)")
     ctx.savefig(fig, "alignment_vs_steps")
+
+
+def _step_axis(ax: Any, steps: list[int]) -> None:
+    """Linear up to the first checkpoint, logarithmic beyond; no negative side."""
+    lin = max(steps[1] if len(steps) > 1 else 1, 1)
+    ax.set_xscale("symlog", linthresh=lin)
+    ax.set_xlim(-0.15 * lin, max(steps[-1], 1) * 1.2)
