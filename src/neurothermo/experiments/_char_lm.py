@@ -139,9 +139,11 @@ class TrainConfig(Schedule, Protocol):
 
 
 def train(model: nn.Module, data: CharData, cfg: TrainConfig, g: torch.Generator, tag: str,
-          log: Callable[..., None], advance: Callable[[int], None]) -> list[float]:
+          log: Callable[..., None], advance: Callable[[int], None],
+          after_step: Callable[[int], None] | None = None) -> list[float]:
     """Train ``model`` in place for ``cfg.steps`` steps; returns the mean training loss of every
     ``log_every`` steps (each also passed to ``log(step, net=…, train_loss=…, lr=…)``).
+    ``after_step(s)``, if given, is called after step ``s = 1 … steps`` (e.g. to measure checkpoints).
 
     Raises:
         FloatingPointError: the training loss became NaN or infinite (names the step and the way out).
@@ -173,5 +175,7 @@ def train(model: nn.Module, data: CharData, cfg: TrainConfig, g: torch.Generator
             log(step + 1, net=tag, train_loss=value, lr=lr_at(step, cfg))
             running.zero_()
             advance(n)
+        if after_step is not None:
+            after_step(step + 1)
     model.eval()
     return curve

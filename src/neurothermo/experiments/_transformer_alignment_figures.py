@@ -1,5 +1,6 @@
 """Figures of ``transformer-alignment``: block × block maps (within and across networks, trained
-and at initialisation), the MLP vs attention summary with standard errors, and the training curves."""
+and at initialisation), the MLP vs attention summary with standard errors, the cross-network
+alignment along training, and the training curves."""
 from __future__ import annotations
 
 import math
@@ -15,7 +16,7 @@ PANELS = (("trained", "within", "A vs A, trained"), ("trained", "cross", "A vs B
 
 def draw_figures(ctx: RunContext, cfg: Any, maps: dict[str, dict[str, dict[str, GroupedAlignment]]],
                  numbers: dict[str, Any], curves: dict[str, list[float]], losses: dict[str, float],
-                 h_unigram: float) -> None:
+                 h_unigram: float, steps_curve: dict[str, Any]) -> None:
     from neurothermo.experiments.transformer_alignment import METRICS
 
     plt = pyplot()
@@ -74,3 +75,33 @@ def draw_figures(ctx: RunContext, cfg: Any, maps: dict[str, dict[str, dict[str, 
     ax.set_ylabel("cross entropy (nats / char)")
     ax.legend(fontsize=8)
     ctx.savefig(fig, "training")
+
+    steps = steps_curve["steps"]
+    fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(3.8 * (len(METRICS) + 1), 3.6), squeeze=False,
+                             layout="constrained")
+    for ax, (label, metric, _kw) in zip(axes[0], METRICS):
+        for kind, color, name in (("mlp", "tab:red", "MLP × MLP"), ("attn", "tab:blue", "attn × attn")):
+            ms, ses = zip(*steps_curve[metric][kind])
+            ax.errorbar(steps, ms, yerr=ses, color=color, marker="o", ms=3, capsize=2, label=name)
+        ax.axhline(0.0, color="black", lw=0.8)
+        _step_axis(ax, steps)
+        ax.set_xlabel("training step (0: initialisation)")
+        ax.set_title(f"{label}: A vs B, mean over cells (± se)", fontsize=9)
+        ax.legend(fontsize=7)
+    ax = axes[0, -1]
+    for tag, vals in steps_curve["held_out_loss"].items():
+        ax.plot(steps, vals, marker="o", ms=3, label=f"net {tag}")
+    ax.axhline(h_unigram, color="black", ls=":", label="unigram entropy")
+    _step_axis(ax, steps)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out cross entropy (nats / char)")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"alignment along one run (lr schedule to step {cfg.steps}; held-out groups give the errors)")
+    ctx.savefig(fig, "alignment_vs_steps")
+
+
+def _step_axis(ax: Any, steps: list[int]) -> None:
+    """Linear up to the first checkpoint, logarithmic beyond; no negative side."""
+    lin = max(steps[1] if len(steps) > 1 else 1, 1)
+    ax.set_xscale("symlog", linthresh=lin)
+    ax.set_xlim(-0.15 * lin, max(steps[-1], 1) * 1.2)
