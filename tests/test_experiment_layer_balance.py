@@ -14,6 +14,7 @@ from neurothermo.config import ConfigError
 from neurothermo.data import load_digits
 from neurothermo.experiments.layer_balance import (
     LayerBalanceConfig,
+    NoisyLabels,
     activity,
     build_model,
     load_data,
@@ -56,6 +57,29 @@ def test_onehot_mse_matches_torch() -> None:
     y = torch.randint(10, (7,), generator=g)
     ref = nn.MSELoss(reduction="sum")(f, nn.functional.one_hot(y, 10).double()) / (2 * 7)
     torch.testing.assert_close(onehot_mse(f, y), ref, rtol=1e-15, atol=0)
+
+
+def test_noisy_labels_flip_rate_expectation_and_reproducibility() -> None:
+    g = torch.Generator().manual_seed(1)
+    n, c, p = 20_000, 10, 0.3
+    f = torch.randn(n, c, generator=g, dtype=torch.float64)
+    y = torch.randint(c, (n,), generator=g)
+    seen: list[torch.Tensor] = []
+    noisy = NoisyLabels(lambda out, t: (seen.append(t), onehot_mse(out, t))[1], p, c)
+    torch.manual_seed(0)
+    a = noisy(f, y)
+    torch.manual_seed(0)
+    assert float(noisy(f, y)) == float(a)  # torch's global RNG, which nt.train seeds: reproducible
+    changed = float((seen[0] != y).double().mean())
+    q = p * (1 - 1 / c)  # a replacement draws the true class with probability 1/C
+    assert abs(changed - q) < 4 * (q * (1 - q) / n) ** 0.5  # binomial SE, 4σ
+    assert float(NoisyLabels(onehot_mse, 0.0, c)(f, y)) == float(onehot_mse(f, y))
+    # expectation: ½‖f − E t‖² + ½E‖t − E t‖² with E t = (1 − p)·onehot + p/C (closed form per sample)
+    et = nn.functional.one_hot(y, c).double() * (1 - p) + p / c
+    var = (1 - p + p / c) * (1 - (1 - p + p / c)) + (c - 1) * (p / c) * (1 - p / c)
+    expected = 0.5 * (f - et).pow(2).sum(1).mean() + 0.5 * var
+    per_sample = 0.5 * (f - nn.functional.one_hot(seen[0], c).double()).pow(2).sum(1)
+    assert abs(float(a) - float(expected)) < 4 * float(per_sample.std()) / n ** 0.5
 
 
 def test_init_rescaling_keeps_the_function_and_scales_activations() -> None:
@@ -225,8 +249,12 @@ def test_mnist_folder_is_used(tmp_path: Path) -> None:
     res = run_experiment("layer-balance", quick=True, out=tmp_path / "runs", overrides=[
         f"mnist_dir={tmp_path}", "mnist_limit=120", "steps=200", "ref_steps=200", "wd_steps=400",
         "weight_decay=0.2",
-        "n_blocks=4", "hidden=8,8", "ref_hidden=8", "losses=mse"])
+        "n_blocks=4", "hidden=8,8", "ref_hidden=8", "losses=mse", "label_noise=0.3"])
     fig = res.summary["figures"]
+    deep = fig["runs"]["deep MSE"]
+    assert deep["label_noise"] == 0.3 and fig["runs"]["reference"]["label_noise"] == 0.0
+    # fresh label noise changes the gradients, not the symmetry: the identity stays exact
+    assert all(e <= b for e, b in zip(deep["identity_error"], deep["roundoff_bound"]))
     assert fig["data"].startswith(f"MNIST (120 training images from {tmp_path})")
     assert fig["n_samples"] == 120 and fig["deep_widths"] == [16, 8, 8, 10]
     assert set(fig["runs"]) == {"deep MSE", "reference", "GD control", "small-η control", "deep + wd"}
