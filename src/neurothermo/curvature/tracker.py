@@ -25,8 +25,8 @@ worst); no rule sees an eigenvalue whose eigenvector is orthogonal to everything
 
 Measured (``benchmarks/bench_curvature.py --tracker-only``: ReLU MLP 64-64-10 on 1,000 digits, SGD
 lr 0.1, update every 3 steps, k = 1, tol = 1e-3; the 17 updates where λ_max moved < 5%): median 6
-products, 100% ≤ 10, max 10 (the previous block-Lanczos warm start: median 8, 76% ≤ 10, max 16; a
-cold start: median 15); over all 40 updates the error against a tol-1e-8 solve stayed ≤ 0.23·tol.
+products, 100% ≤ 10, max 10 (the previous block-Lanczos warm start: median 9, 76% ≤ 10, max 17; a
+cold start: median 13); over all 40 updates the error against a tol-1e-8 solve stayed ≤ 0.23·tol.
 On the four other trajectories: ≤ 9 products per such update and errors ≤ 0.4·tol. The cost is set
 by the tolerance and by how close the top eigenvalues are.
 
