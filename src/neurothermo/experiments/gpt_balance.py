@@ -125,41 +125,46 @@ def k_columns(model: torch.nn.Module, d_model: int) -> list[tuple[str, int, int,
 class RunResult:
     spec: tr.RunSpec
     traces: list[tr.Trace]
-    losses: list[float]
-
-
-def _arrays(t: tr.Trace) -> dict[str, np.ndarray]:
-    return {k: t.stacked(k).numpy() for k in ("charge", "gag", "e_in", "e_out", "gross")}
+    late_loss: float
+    windows: dict[str, tr.Window]
 
 
 def identity_by_family(res: RunResult) -> dict[str, float]:
     out: dict[str, float] = {}
     for t in res.traces:
-        a = _arrays(t)
-        r = ck.identity_ratio(a["charge"], a["gag"], a["gross"], a["e_in"] + a["e_out"],
-                              res.spec.lr, res.spec.wd)
-        out[t.fam] = max(out.get(t.fam, 0.0), r)
+        out[t.fam] = max(out.get(t.fam, 0.0), float(t.ident))
     return out
 
 
-def laws(res: RunResult, start: int, n_blocks: int, stop: int | None = None
-         ) -> dict[str, list[tuple[str, ck.WdLaw]]]:
+def _group_sums(t: tr.Trace, window: str) -> dict[str, np.ndarray]:
+    """The window sums of a trace per group: per head (rotations) or summed over the units."""
+    s = t.sums[window].numpy()
+    if t.fam in ("qk", "vo"):
+        return s
+    return {k: v.sum(-1, keepdims=True) for k, v in s.items()}
+
+
+def laws(res: RunResult, window: str = "law") -> dict[str, list[tuple[str, ck.WdLaw]]]:
     """Per family: (group label, law) per group, plus ``"<fam> (sum)"`` for the family sum."""
+    sizes = np.asarray(res.windows[window].sizes(), dtype=np.float64)
     fams: dict[str, list[tuple[str, ck.WdLaw]]] = {}
-    sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    sums: dict[str, dict[str, np.ndarray]] = {}
+    keys = ("blocks", "gag", "cn", "n_start", "n_end")
     for t in res.traces:
-        a = _arrays(t)
-        j, g = ck.group_series(a["charge"], a["gag"])
-        for i in range(j.shape[1]):
+        s = _group_sums(t, window)
+        for i in range(s["gag"].shape[-1]):
             label = f"layer {t.layer} head {i}" if t.fam in ("qk", "vo") else f"{t.sym.location}"
-            law = ck.wd_law(j[:, i:i + 1], g[:, i:i + 1], res.spec.lr, res.spec.wd, start,
-                            n_blocks, stop)
+            one = {k: s[k][..., i:i + 1] for k in keys}
+            law = ck.law_from_blocks(one["blocks"], sizes, one["gag"], one["cn"], one["n_start"],
+                                     one["n_end"], res.spec.lr)
             fams.setdefault(t.fam, []).append((label, law))
-        js, gs = sums.get(t.fam, (0.0 * j.sum(1), 0.0 * g.sum(1)))
-        sums[t.fam] = (js + j.sum(1), gs + g.sum(1))
-    for f, (js, gs) in sums.items():
-        fams[f].insert(0, (f"{f} (sum)", ck.wd_law(js[:, None], gs[:, None], res.spec.lr,
-                                                  res.spec.wd, start, n_blocks, stop)))
+        acc = sums.setdefault(t.fam, {k: 0.0 * s[k].sum(-1, keepdims=True) for k in keys})
+        for k in keys:
+            acc[k] = acc[k] + s[k].sum(-1, keepdims=True)
+    for f, acc in sums.items():
+        fams[f].insert(0, (f"{f} (sum)", ck.law_from_blocks(acc["blocks"], sizes, acc["gag"],
+                                                          acc["cn"], acc["n_start"],
+                                                          acc["n_end"], res.spec.lr)))
     return fams
 
 
@@ -173,15 +178,16 @@ def main_predictions(ctx: RunContext, res: RunResult, cfg: GptBalanceConfig, sta
                     why="J' = (1−η·wd)²J + η²gᵀAg holds exactly for plain SGD with decay on the "
                         "whole orbit; the bound is 64 ulp of the unit's/head's gross per step "
                         "(two roundings per updated entry, a pairwise sum of ≤ 2³⁰ squares)")
-    fl = laws(res, start, cfg.n_blocks)
+    fl = laws(res)
     n_groups = sum(len(v) - 1 for v in fl.values())
     lim_fam = ck.z_limit(cfg.n_blocks, len(fl), cfg.alpha)
     lim_grp = ck.z_limit(cfg.n_blocks, n_groups, cfg.alpha)
     summary: dict[str, object] = {"identity_ratio": ident}
     for fam in fl:  # the premise of the law: the family's weights (and so its noise) stationary
-        gross = sum(t.stacked("gross").numpy().sum(1) for t in res.traces if t.fam == fam)
-        summary[f"gross_{fam}"] = {"start": float(gross[0]), "window_start": float(gross[start]),
-                                   "end": float(gross[-1])}
+        steps, gross = family_series(res, fam, "gross")
+        at = {int(t): float(v) for t, v in zip(steps, gross, strict=True)}
+        summary[f"gross_{fam}"] = {"start": at[0], "window_start": at[start],
+                                   "end": at[res.spec.steps]}
     for fam, rows in fl.items():
         law = rows[0][1]
         z = float(np.abs(law.z).max())
@@ -200,7 +206,7 @@ def main_predictions(ctx: RunContext, res: RunResult, cfg: GptBalanceConfig, sta
                     f"), {tr.FAMILY_LABEL[fam]}, max |z| over {len(rows) - 1}", zf, 0.0, lim_grp,
                     sense="at_most",
                     why=f"as the family law, per group; Bonferroni over all {n_groups} groups")
-    late = float(np.mean(res.losses[-max(1, len(res.losses) // 10):]))
+    late = res.late_loss
     ctx.predict(f"{tag}: learns the text (last-tenth training loss below the unigram entropy)",
                 late, unigram, 0.0, sense="at_most",
                 why="a model that has learned beyond character frequencies")
@@ -213,10 +219,41 @@ def _train(ctx: RunContext, model0: torch.nn.Module, syms: list, data: lm.CharDa
            spec: tr.RunSpec, cfg: GptBalanceConfig, seed: int, label: str) -> RunResult:
     model = copy.deepcopy(model0)
     g = torch.Generator().manual_seed(seed + 1)  # the same windows for every run
+    wins = windows(cfg, spec)
     with ctx.progress(label, spec.steps) as advance:
-        traces, losses = tr.train_recorded(model, syms, data, spec, cfg.batch_size, cfg.seq_len,
-                                           g, ctx.log, advance, cfg.log_every)
-    return RunResult(spec, traces, losses)
+        rec = tr.train_recorded(model, syms, data, spec, cfg.batch_size, cfg.seq_len, g, ctx.log,
+                                advance, cfg.log_every, wins,
+                                law_c=None if spec.optimizer == "sgd" else 0.0)
+    return RunResult(spec, rec.traces, rec.late_loss, wins)
+
+
+def windows(cfg: GptBalanceConfig, spec: tr.RunSpec) -> dict[str, tr.Window]:
+    """The law's window ``[window_start·τ, steps)`` (τ of the main run), the first relaxation
+    time ``[0, τ)`` and, for the energies figure, ``[min(law start, steps/2), steps)``."""
+    tau = relax_time(cfg.lr, cfg.weight_decay)
+    start = int(cfg.window_start * tau)
+    out = {"energies": tr.Window(min(start, spec.steps // 2) if spec.optimizer != "sgd"
+                                 else min(start, spec.steps - 1), spec.steps, 1)}
+    if spec.optimizer == "sgd":
+        out["law"] = tr.Window(start, spec.steps, cfg.n_blocks)
+        out["first"] = tr.Window(0, min(spec.steps, max(int(tau), 2 * cfg.n_blocks)),
+                                 cfg.n_blocks)
+    return out
+
+
+def family_series(res: RunResult, fam: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sampled steps, Σ over the family's groups of ``Σ|J|`` (``what="size"``) or gross)."""
+    total: np.ndarray | None = None
+    steps = np.zeros(0)
+    for t in res.traces:
+        if t.fam != fam:
+            continue
+        steps, size, gross = t.series_numpy()
+        v = size if what == "size" else gross
+        total = v if total is None else total + v
+    if total is None:
+        raise KeyError(fam)
+    return steps, total
 
 
 def run(cfg: GptBalanceConfig, ctx: RunContext) -> None:
@@ -259,7 +296,7 @@ def run(cfg: GptBalanceConfig, ctx: RunContext) -> None:
         ctx.record(small_lr=small_lr_checks(ctx, cfg, small, start),
                    broken=broken_checks(ctx, cfg, broken, start),
                    first_tau_z=first_tau_z(cfg, main),
-                   adamw_final_loss=float(np.mean(adamw.losses[-max(1, len(adamw.losses) // 10):])))
+                   adamw_final_loss=adamw.late_loss)
     draw_figures(ctx, runs, cfg, start)
 
 
@@ -271,16 +308,16 @@ def small_lr_checks(ctx: RunContext, cfg: GptBalanceConfig, small: RunResult, st
     eta, wd, n = small.spec.lr, small.spec.wd, small.spec.steps
     worst = 0.0
     for t in small.traces:
-        a = _arrays(t)
-        j0, jt = a["charge"][0], a["charge"][-1]
-        gterm = eta**2 * np.abs(a["gag"]).sum(0)
-        bound = gterm + ck.KAPPA * ck.EPS64 * n * (a["gross"].max(0).reshape(
-            (-1,) + (1,) * (j0.ndim - 1)) if j0.ndim > 1 else a["gross"].max(0))
+        j0, jt = t.j0.cpu().numpy(), t.j.cpu().numpy()
+        gterm = eta**2 * t.sum_abs_gag.cpu().numpy()
+        gmax = t.gross_max.double().cpu().numpy()
+        bound = gterm + ck.KAPPA * ck.EPS64 * n * (gmax.reshape(
+            (-1,) + (1,) * (j0.ndim - 1)) if j0.ndim > 1 else gmax)
         worst = max(worst, float((np.abs(jt - (1 - eta * wd) ** (2 * n) * j0) / bound).max()))
     ctx.predict("small-η control: charges kept within the identity's η² term, |J_T − (1−η·wd)^{2T}"
                 "J_0| / (η²Σ|gᵀAg| + round-off)", worst, 1.0, 0.0, sense="at_most", control=True,
                 why="gradient flow conserves J; the η² term bounds what a step adds")
-    fl = laws(small, start, cfg.n_blocks)
+    fl = laws(small)
     lim = ck.z_limit(cfg.n_blocks, len(fl), cfg.alpha)
     zs = {f: float(np.abs(rows[0][1].z).max()) for f, rows in fl.items()}
     zmax = max(zs[f] for f in ("vo", "mlp", "ln") if f in zs)
@@ -295,8 +332,7 @@ def small_lr_checks(ctx: RunContext, cfg: GptBalanceConfig, small: RunResult, st
 def first_tau_z(cfg: GptBalanceConfig, main: RunResult) -> dict[str, float]:
     """|z| of the law on the first relaxation time of the main run (recorded, not a control: its
     block SEs are dominated by the first steps' large imbalances, so it rarely reaches the limit)."""
-    tau = int(relax_time(main.spec.lr, main.spec.wd))
-    fl = laws(main, 0, cfg.n_blocks, stop=max(tau, 2 * cfg.n_blocks))
+    fl = laws(main, "first")
     return {f: float(np.abs(rows[0][1].z).max()) for f, rows in fl.items()}
 
 
@@ -310,9 +346,7 @@ def broken_checks(ctx: RunContext, cfg: GptBalanceConfig, broken: RunResult, sta
                 why="decay on W_Q alone adds η·wd(2−η·wd)‖W_K‖²-size terms the identity lacks")
     touched, clean = 0.0, 0.0
     for t in broken.traces:
-        a = _arrays(t)
-        r = ck.identity_ratio(a["charge"], a["gag"], a["gross"], a["e_in"] + a["e_out"],
-                              broken.spec.lr, broken.spec.wd)
+        r = float(t.ident)
         if overlaps(t.sym, broken.spec.unshield):
             touched = max(touched, r) if t.fam != "qk" else touched
         else:
@@ -321,7 +355,7 @@ def broken_checks(ctx: RunContext, cfg: GptBalanceConfig, broken: RunResult, sta
                 clean, 1.0, 0.0, sense="at_most", control=True,
                 why="the breaking touches only orbits that contain K columns of c_attn")
     out["broken_ln1_identity_ratio"] = touched  # ln_1 → c_attn rows contain the K columns too
-    fl = laws(broken, start, cfg.n_blocks)
+    fl = laws(broken)
     lim = ck.z_limit(cfg.n_blocks, len(fl), cfg.alpha)
     zqk = float(np.abs(fl["qk"][0][1].z).max())
     ctx.predict("broken control: the Q/K weight-decay law fails, |z|", zqk, lim, 0.0,
