@@ -12,11 +12,12 @@ Weight decay ``wd`` is torch's (the gradient gains ``wd·θ``; the paper's γ = 
 every parameter, so every orbit is decayed as a whole, unless ``unshield`` names parameter slices
 that it must skip (the broken-symmetry control).
 
-Per step ``t`` and per charged symmetry the loop records the charge ``J_t`` (the full matrix per
-head for the attention rotations), the minibatch imbalance ``g_tᵀAg_t`` (gradient of the loss,
-without the weight-decay term), the in- and out-energies of the gradient per unit/head and the
-gross size ``Σ_in‖M‖² + Σ_out‖M‖²`` of the parameters per unit/head (for round-off bounds and for
-the normalised imbalance ``J/gross``).
+Per step ``t`` and per charged symmetry the loop streams (:class:`Trace`): the exact identity's
+largest residual over its round-off bound (needs ``J_t``, ``J_{t+1}``, the minibatch imbalance
+``g_tᵀAg_t`` — gradient of the loss, without the weight-decay term — the in/out energies of the
+gradient and the gross ``Σ_in‖M‖² + Σ_out‖M‖²`` of the parameters), and block sums of the law's
+``x_t = gᵀAg_t − c·N_t`` over fixed windows. Nothing is kept per step, so memory does not grow
+with the number of steps, and every record stays on the model's device until the run ends.
 """
 from __future__ import annotations
 
@@ -343,3 +344,30 @@ def train_recorded(model: nn.Module, syms: list[Symmetry], data: lm.CharData, sp
             advance(n_log)
     late = float(late_sum) / (spec.steps - late_from) if late_sum is not None else math.nan
     return Recorded(traces, logged, late)
+
+
+def warm_start(model: nn.Module, data: lm.CharData, steps: int, lr: float, batch_size: int,
+               seq_len: int, g: torch.Generator) -> float:
+    """Train ``model`` in place by AdamW (no weight decay) for ``steps``; return the mean loss of
+    the last tenth. Not recorded: it only brings the model to where its features (the attention
+    logits included) are learned, so the recorded SGD runs start near a trained state.
+
+    Raises:
+        FloatingPointError: the loss became NaN/inf (lower ``lr``).
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    net = Logits(model)
+    late: Tensor | None = None
+    tail = max(1, steps // 10)
+    for step in range(steps):
+        loss = lm.next_char_loss(net, lm.windows(data.train, batch_size, seq_len + 1, g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step >= steps - tail:
+            late = loss.detach() if late is None else late + loss.detach()
+    value = float(late) / tail if late is not None else math.nan
+    if steps and not math.isfinite(value):
+        raise FloatingPointError(f"warm start: AdamW loss became {value}; lower warmup_lr "
+                                 f"(now {lr})")
+    return value

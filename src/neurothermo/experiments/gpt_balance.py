@@ -75,6 +75,10 @@ class GptBalanceConfig:
     alpha: float = setting(0.01, "family-wise level of each law check", min=1e-6, max=0.2)
     small_lr_factor: float = setting(0.01, "the gradient-flow control's η factor", min=1e-6,
                                      max=0.5)
+    warmup_steps: int = setting(0, "unrecorded AdamW steps (no weight decay) before every run: "
+                                   "the runs start from a model whose features, the attention "
+                                   "logits included, are learned", min=0)
+    warmup_lr: float = setting(3e-3, "AdamW learning rate of the warm start", min=1e-7, max=1.0)
     adamw_lr: float = setting(1e-3, "AdamW learning rate", min=1e-7, max=1.0)
     adamw_wd: float = setting(0.1, "AdamW (decoupled) weight decay", min=0.0)
     adamw_steps: int = setting(0, "AdamW steps (0: steps); measured only", min=0)
@@ -268,6 +272,12 @@ def run(cfg: GptBalanceConfig, ctx: RunContext) -> None:
                           ctx.seed, torch.float64)
     probe = lm.windows(data.train, 8, cfg.seq_len, torch.Generator().manual_seed(ctx.seed))
     syms = find_symmetries(model0, probe, progress=False)
+    if cfg.warmup_steps:
+        with ctx.progress("AdamW warm start", cfg.warmup_steps) as advance:
+            warm = tr.warm_start(model0, data, cfg.warmup_steps, cfg.warmup_lr, cfg.batch_size,
+                                 cfg.seq_len, torch.Generator().manual_seed(ctx.seed + 7))
+            advance(cfg.warmup_steps)
+        ctx.record(warm_start_loss=warm)
     found = {f: sum(1 for s in syms if tr.family(s) == f) for f in tr.FAMILIES}
     ctx.record(symmetries=[str(s) for s in syms], families_found=found, unigram_entropy=unigram)
     missing = [f for f, n in found.items() if n == 0]
