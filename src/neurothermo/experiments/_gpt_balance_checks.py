@@ -112,8 +112,27 @@ def wd_law(j: np.ndarray, gag: np.ndarray, lr: float, wd: float, start: int, n_b
                            c * j[start:-1].sum(0), j[start], j[-1], lr)
 
 
-def z_limit(n_blocks: int, n_tests: int, alpha: float) -> float:
-    """Two-sided Student-t limit (``n_blocks − 1`` dof) at family-wise level ``alpha``."""
+def stationarity_z(gblocks: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The law's premise, tested on its own data: Welch ``z`` of the change of ``⟨gᵀAg⟩`` between
+    the window's two halves (block means of each half; ``gblocks``: ``(n_blocks, groups)`` sums).
+
+    The law is the stationarity of the noise-driven charge; a group whose gradient noise grows or
+    decays across the window (a head being learned or dying under weight decay) is outside it.
+    ``|z|`` above :func:`z_limit` with ``n_blocks − 2`` degrees of freedom rejects stationarity.
+    """
+    means = gblocks / sizes[:, None]
+    h = means.shape[0] // 2
+    a, b = means[:h], means[h:]
+    se = np.sqrt(a.var(0, ddof=1) / a.shape[0] + b.var(0, ddof=1) / b.shape[0])
+    diff = b.mean(0) - a.mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(se > 0, diff / se, np.where(diff == 0, 0.0, np.inf))
+
+
+def z_limit(n_blocks: int, n_tests: int, alpha: float, dof: int | None = None) -> float:
+    """Two-sided Student-t limit (``n_blocks − 1`` dof unless ``dof``) at family-wise level
+    ``alpha`` (Bonferroni over ``n_tests``)."""
     from scipy.stats import t
 
-    return float(t.ppf(1.0 - alpha / (2 * max(n_tests, 1)), n_blocks - 1))
+    return float(t.ppf(1.0 - alpha / (2 * max(n_tests, 1)),
+                       n_blocks - 1 if dof is None else dof))

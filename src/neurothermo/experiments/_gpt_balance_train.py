@@ -135,7 +135,7 @@ class Window:
 
 class WindowSums:
     """Streamed sums over one window, per unit/head (``U`` = heads or units), on the device:
-    block sums of ``x_t = gᵀAg_t − c·N_t``, the window sums of ``gᵀAg``, ``c·N``, ``e_in``,
+    block sums of ``x_t = gᵀAg_t − c·N_t`` and of ``gᵀAg_t``, the window sums of ``gᵀAg``, ``c·N``, ``e_in``,
     ``e_out``, and ``N`` at the window's first step and after its last."""
 
     def __init__(self, win: Window, like: Tensor) -> None:
@@ -144,27 +144,32 @@ class WindowSums:
         z = torch.zeros_like(like)
         self.blocks = torch.zeros((win.n_blocks, *like.shape), dtype=like.dtype,
                                   device=like.device)
+        self.gblocks = torch.zeros_like(self.blocks)
         self.gag, self.cn, self.e_in, self.e_out = z.clone(), z.clone(), z.clone(), z.clone()
         self.n_start, self.n_end = z.clone(), z.clone()
+        self.gross_start, self.gross_end = z.clone(), z.clone()
 
-    def add(self, t: int, gag: Tensor, n_t: Tensor, c: float, e_in: Tensor, e_out: Tensor) -> None:
+    def add(self, t: int, gag: Tensor, n_t: Tensor, c: float, e_in: Tensor, e_out: Tensor,
+            gross: Tensor) -> None:
         i = self.index.get(t)
         if i is None:
             return
         if t == self.win.start:
-            self.n_start = n_t.clone()
+            self.n_start, self.gross_start = n_t.clone(), gross.clone()
         self.blocks[i] += gag - c * n_t
+        self.gblocks[i] += gag
         self.gag += gag
         self.cn += c * n_t
         self.e_in += e_in
         self.e_out += e_out
 
-    def close(self, t_next: int, n_next: Tensor) -> None:
+    def close(self, t_next: int, n_next: Tensor, gross_next: Tensor) -> None:
         if t_next == self.win.stop:
-            self.n_end = n_next.clone()
+            self.n_end, self.gross_end = n_next.clone(), gross_next.clone()
 
     def numpy(self) -> dict[str, np.ndarray]:
-        keys = ("blocks", "gag", "cn", "e_in", "e_out", "n_start", "n_end")
+        keys = ("blocks", "gblocks", "gag", "cn", "e_in", "e_out", "n_start", "n_end",
+                "gross_start", "gross_end")
         return {k: getattr(self, k).double().cpu().numpy() for k in keys}
 
 
@@ -224,8 +229,8 @@ class Trace:
         n_t = unit_scalar(self.j) - self.decay**t * self.u0
         n_next = unit_scalar(j1) - self.decay ** (t + 1) * self.u0
         for s in self.sums.values():
-            s.add(t, u_gag, n_t, self.c, e_in, e_out)
-            s.close(t + 1, n_next)
+            s.add(t, u_gag, n_t, self.c, e_in, e_out, self.gross)
+            s.close(t + 1, n_next, g1)
         self.j, self.gross = j1, g1
         self.gross_max = torch.maximum(self.gross_max, g1)
         self._sample(t + 1)
