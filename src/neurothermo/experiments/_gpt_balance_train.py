@@ -135,7 +135,7 @@ class Window:
 
 class WindowSums:
     """Streamed sums over one window, per unit/head (``U`` = heads or units), on the device:
-    block sums of ``x_t = gᵀAg_t − c·N_t`` and of ``gᵀAg_t``, the window sums of ``gᵀAg``, ``c·N``, ``e_in``,
+    block sums of ``x_t = gᵀAg_t − c·N_t``, the window sums of ``gᵀAg``, ``c·N``, ``e_in``,
     ``e_out``, and ``N`` at the window's first step and after its last."""
 
     def __init__(self, win: Window, like: Tensor) -> None:
@@ -144,7 +144,6 @@ class WindowSums:
         z = torch.zeros_like(like)
         self.blocks = torch.zeros((win.n_blocks, *like.shape), dtype=like.dtype,
                                   device=like.device)
-        self.gblocks = torch.zeros_like(self.blocks)
         self.gag, self.cn, self.e_in, self.e_out = z.clone(), z.clone(), z.clone(), z.clone()
         self.n_start, self.n_end = z.clone(), z.clone()
         self.gross_start, self.gross_end = z.clone(), z.clone()
@@ -157,7 +156,6 @@ class WindowSums:
         if t == self.win.start:
             self.n_start, self.gross_start = n_t.clone(), gross.clone()
         self.blocks[i] += gag - c * n_t
-        self.gblocks[i] += gag
         self.gag += gag
         self.cn += c * n_t
         self.e_in += e_in
@@ -168,7 +166,7 @@ class WindowSums:
             self.n_end, self.gross_end = n_next.clone(), gross_next.clone()
 
     def numpy(self) -> dict[str, np.ndarray]:
-        keys = ("blocks", "gblocks", "gag", "cn", "e_in", "e_out", "n_start", "n_end",
+        keys = ("blocks", "gag", "cn", "e_in", "e_out", "n_start", "n_end",
                 "gross_start", "gross_end")
         return {k: getattr(self, k).double().cpu().numpy() for k in keys}
 

@@ -150,32 +150,38 @@ def _group_sums(t: tr.Trace, window: str) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class GroupLaw:
-    """The law on one group (a head, a layer's units) or on a family's sum of groups, with the
-    test of its premise (``stat_z``: change of ⟨gᵀAg⟩ between the window's halves)."""
+    """The law on one group (a head, a layer's units) or on a family's sum of groups, with its
+    premise: the decay exponent ``kappa`` of the group's gross over the window (0: stationary,
+    1: shrinking at the weight-decay rate, not trained; see :func:`ck.decay_exponent`)."""
 
     label: str
     law: ck.WdLaw
-    stat_z: float
+    kappa: float
 
     @property
     def z(self) -> float:
         return float(np.abs(self.law.z).max())
 
 
-KEYS = ("blocks", "gblocks", "gag", "cn", "n_start", "n_end")
+KEYS = ("blocks", "gag", "cn", "n_start", "n_end", "gross_start", "gross_end")
+KAPPA_MAX = 0.5  # the premise: nearer the stationary regime (κ = 0) than the untrained one (κ = 1)
 
 
-def _law(label: str, s: dict[str, np.ndarray], sizes: np.ndarray, lr: float) -> GroupLaw:
-    law = ck.law_from_blocks(s["blocks"], sizes, s["gag"], s["cn"], s["n_start"], s["n_end"], lr)
-    return GroupLaw(label, law, float(np.abs(ck.stationarity_z(s["gblocks"], sizes)).max()))
+def _law(label: str, s: dict[str, np.ndarray], sizes: np.ndarray, spec: tr.RunSpec
+         ) -> GroupLaw:
+    law = ck.law_from_blocks(s["blocks"], sizes, s["gag"], s["cn"], s["n_start"], s["n_end"],
+                             spec.lr)
+    kappa = ck.decay_exponent(s["gross_start"], s["gross_end"], spec.lr, spec.wd,
+                              int(sizes.sum()))
+    return GroupLaw(label, law, float(np.max(kappa)))
 
 
-def laws(res: RunResult, window: str = "law", stat_limit: float | None = None
+def laws(res: RunResult, window: str = "law", premise: bool = False
          ) -> dict[str, list[GroupLaw]]:
     """Per family: the law per group, preceded by the family's sum over its groups.
 
-    With ``stat_limit`` the sum runs over the groups whose premise holds
-    (``stat_z ≤ stat_limit``) only; a family with none gets no sum row.
+    With ``premise`` the sum runs over the groups whose premise holds (``κ < KAPPA_MAX``) only;
+    a family with none gets no sum row.
     """
     sizes = np.asarray(res.windows[window].sizes(), dtype=np.float64)
     fams: dict[str, list[GroupLaw]] = {}
@@ -184,16 +190,16 @@ def laws(res: RunResult, window: str = "law", stat_limit: float | None = None
         s = _group_sums(t, window)
         for i in range(s["gag"].shape[-1]):
             label = f"layer {t.layer} head {i}" if t.fam in ("qk", "vo") else f"{t.sym.location}"
-            gl = _law(label, {k: s[k][..., i:i + 1] for k in KEYS}, sizes, res.spec.lr)
+            gl = _law(label, {k: s[k][..., i:i + 1] for k in KEYS}, sizes, res.spec)
             fams.setdefault(t.fam, []).append(gl)
-            if stat_limit is not None and gl.stat_z > stat_limit:
+            if premise and not gl.kappa < KAPPA_MAX:
                 continue
             acc = sums.setdefault(t.fam, {k: 0.0 * s[k][..., i:i + 1] for k in KEYS})
             for k in KEYS:
                 acc[k] = acc[k] + s[k][..., i:i + 1]
     for f in fams:
         if f in sums:
-            fams[f].insert(0, _law(f"{f} (sum)", sums[f], sizes, res.spec.lr))
+            fams[f].insert(0, _law(f"{f} (sum)", sums[f], sizes, res.spec))
     return fams
 
 
@@ -207,28 +213,22 @@ def main_predictions(ctx: RunContext, res: RunResult, cfg: GptBalanceConfig, sta
                     why="J' = (1−η·wd)²J + η²gᵀAg holds exactly for plain SGD with decay on the "
                         "whole orbit; the bound is 64 ulp of the unit's/head's gross per step "
                         "(two roundings per updated entry, a pairwise sum of ≤ 2³⁰ squares)")
-    allg = laws(res)
-    n_all = sum(len(v) - 1 for v in allg.values())
-    lim_stat = stat_limit(cfg, n_all)
-    fl = laws(res, stat_limit=lim_stat)
+    fl = laws(res, premise=True)
     groups = {f: [g for g in rows if not g.label.endswith("(sum)")] for f, rows in fl.items()}
-    stat = {f: [g for g in rows if g.stat_z <= lim_stat] for f, rows in groups.items()}
+    stat = {f: [g for g in rows if g.kappa < KAPPA_MAX] for f, rows in groups.items()}
     n_stat = sum(len(v) for v in stat.values())
     n_fam = sum(1 for v in stat.values() if v)
     lim_fam = ck.z_limit(cfg.n_blocks, n_fam, cfg.alpha)
     lim_grp = ck.z_limit(cfg.n_blocks, n_stat, cfg.alpha)
-    summary: dict[str, object] = {"identity_ratio": ident, "stat_limit": lim_stat}
+    summary: dict[str, object] = {"identity_ratio": ident}
     for fam in fl:
         steps, gross = family_series(res, fam, "gross")
         at = {int(t): float(v) for t, v in zip(steps, gross, strict=True)}
         summary[f"gross_{fam}"] = {"start": at[0], "window_start": at[start],
                                    "end": at[res.spec.steps]}
-    n_win = res.windows["law"].stop - res.windows["law"].start
-    pure = (1.0 - res.spec.lr * res.spec.wd) ** (2 * n_win)
-    summary["groups"] = {f"{fam}: {g.label}": {
-        "stat_z": g.stat_z, "z": g.z, "stationary": g.stat_z <= lim_stat,
-        "gross_ratio_over_pure_decay": gross_ratio(res, fam, g.label) / pure}
-        for fam, rows in groups.items() for g in rows}
+    summary["groups"] = {f"{fam}: {g.label}": {"kappa": g.kappa, "z": g.z,
+                                                "premise": g.kappa < KAPPA_MAX}
+                         for fam, rows in groups.items() for g in rows}
     for fam, rows in fl.items():
         if not stat[fam]:  # the premise fails for every group: no law to check
             summary[f"law_{fam}"] = {"premise": "fails for every group", "z_all": max(
@@ -238,12 +238,13 @@ def main_predictions(ctx: RunContext, res: RunResult, cfg: GptBalanceConfig, sta
         z = rows[0].z
         ctx.predict(f"{tag}: weight-decay law E[gᵀAg] = wd(2−η·wd)E[N]/η, {tr.FAMILY_LABEL[fam]} "
                     f"(sum over its {len(stat[fam])} of {len(rows) - 1} groups with stationary "
-                    "noise), |z|", z, 0.0, lim_fam, sense="at_most",
+                    "weights), |z|", z, 0.0, lim_fam, sense="at_most",
                     why=f"stationarity of the exact identity after {cfg.window_start} relaxation "
                         f"times; z = mean/SE of {cfg.n_blocks} block means; two-sided Student-t "
                         f"limit, Bonferroni over the {n_fam} families checked at level "
-                        f"{cfg.alpha}; groups whose ⟨gᵀAg⟩ changes between the window's halves "
-                        f"(|Welch z| > {lim_stat:.2f}) are outside the law's premise")
+                        f"{cfg.alpha}; groups whose weights shrink at the weight-decay rate "
+                        f"(decay exponent κ ≥ {KAPPA_MAX}: not trained, so their noise decays) "
+                        "are outside the law's premise")
         summary[f"law_{fam}"] = {"gag": float(law.gag[0]), "cJ": float(law.cj[0]),
                                  "resid": float(law.resid[0]), "se": float(law.se[0]), "z": z,
                                  "groups": len(stat[fam]), "of": len(rows) - 1}
@@ -255,7 +256,7 @@ def main_predictions(ctx: RunContext, res: RunResult, cfg: GptBalanceConfig, sta
         zmax = max(zmax, zf)
         ctx.predict(f"{tag}: weight-decay law per group ({'head' if fam in ('qk', 'vo') else 'layer'}"
                     f"), {tr.FAMILY_LABEL[fam]}, max |z| over its {len(rows)} groups with "
-                    "stationary noise", zf, 0.0, lim_grp, sense="at_most",
+                    "stationary weights", zf, 0.0, lim_grp, sense="at_most",
                     why=f"as the family law, per group; Bonferroni over all {n_stat} such groups")
     late = res.late_loss
     ctx.predict(f"{tag}: learns the text (last-tenth training loss below the unigram entropy)",
@@ -290,25 +291,6 @@ def windows(cfg: GptBalanceConfig, spec: tr.RunSpec) -> dict[str, tr.Window]:
         out["first"] = tr.Window(0, min(spec.steps, max(int(tau), 2 * cfg.n_blocks)),
                                  cfg.n_blocks)
     return out
-
-
-def stat_limit(cfg: GptBalanceConfig, n_groups: int) -> float:
-    """Limit of the premise test: two-sided Student-t with the dof of the smaller half's block
-    means, Bonferroni over all groups, at level ``alpha``."""
-    return ck.z_limit(cfg.n_blocks, n_groups, cfg.alpha, dof=cfg.n_blocks // 2 - 1)
-
-
-def gross_ratio(res: RunResult, fam: str, label: str) -> float:
-    """A group's gross at the end of the law's window over its gross at the start."""
-    for t in res.traces:
-        if t.fam != fam:
-            continue
-        s = _group_sums(t, "law")
-        for i in range(s["gag"].shape[-1]):
-            lab = f"layer {t.layer} head {i}" if t.fam in ("qk", "vo") else f"{t.sym.location}"
-            if lab == label:
-                return float(s["gross_end"][..., i] / s["gross_start"][..., i])
-    raise KeyError(label)
 
 
 def family_series(res: RunResult, fam: str, what: str) -> tuple[np.ndarray, np.ndarray]:
