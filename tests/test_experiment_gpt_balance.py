@@ -160,16 +160,28 @@ def _preds(res) -> dict[str, dict]:
     return {p["name"]: p for p in res.summary["predictions"]}
 
 
+def test_decay_exponent_separates_stationary_from_untrained_weights() -> None:
+    lr, wd, n = 0.3, 0.02, 200
+    pure = (1 - lr * wd) ** (2 * n)
+    k = ck.decay_exponent(np.array([2.0, 2.0, 2.0]), np.array([2.0 * pure, 2.0, 2.0 / pure]),
+                          lr, wd, n)
+    np.testing.assert_allclose(k, [1.0, 0.0, -1.0], atol=1e-12)
+
+
 def test_main_run_identities_and_controls(tmp_path: Path) -> None:
     res = run_experiment("gpt-balance", out=tmp_path, overrides=(*TINY, "adamw_steps=60"))
     preds = _preds(res)
-    for name, p in preds.items():
-        if "identity" in name or p["control"] or ("(sum" in name and "Q/K" not in name):
-            assert p["passed"], (name, p["measured"], res.summary["figures"].get("small_lr"))
-    # the Q/K law fails here, for a measured reason: the attention logits are not learned, weight
-    # decay shrinks W_Q and W_K through the window, so the noise driving N_QK is not stationary
-    qk = res.summary["figures"]["sgd"]["gross_qk"]
-    assert qk["end"] < qk["window_start"] / 2
+    failed = [(n, p["measured"]) for n, p in preds.items() if not p["passed"]]
+    assert not failed, failed
+    sgd = res.summary["figures"]["sgd"]
+    # the law is checked on every family the loss trains here, per family and per group
+    for fam in ("V/O", "MLP", "LayerNorm"):
+        assert any(fam in n and "(sum over" in n for n in preds), fam
+    # the premise's measured reason: W_Q, W_K are not trained at this size (each gets a gradient
+    # only through the other while the logits do not matter), so they shrink at the weight-decay
+    # rate: κ ≈ 1 for every Q/K head (and the law is not predicted for them)
+    qk = [v for k, v in sgd["groups"].items() if k.startswith("qk")]
+    assert qk and all(abs(v["kappa"] - 1.0) < 0.05 and not v["premise"] for v in qk)
     assert {"imbalance.png", "energies.png"} <= {f.name for f in res.path.iterdir()}
 
 
