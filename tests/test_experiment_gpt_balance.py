@@ -152,8 +152,11 @@ def test_wd_law_on_a_synthetic_charge() -> None:
     assert abs(ck.wd_law(charge(ramp, 50.0)[:, None], ramp[:, None], lr, wd, start, 10).z[0]) > lim
 
 
-TINY = ("d_model=16", "n_layers=1", "n_heads=2", "seq_len=16", "batch_size=8", "steps=520",
-        "weight_decay=0.02", "n_blocks=8", "log_every=130")
+# one block of the quick preset's model: the smallest size at which SGD (η = 0.3, wd = 0.02)
+# trains V/O, the MLP and the LayerNorms (at width 16 every group shrinks at 0.6–0.8 of the
+# weight-decay rate, κ ≥ 0.6, and the law has no group to be checked on)
+TINY = ("d_model=32", "n_layers=1", "n_heads=2", "seq_len=32", "batch_size=16", "steps=640",
+        "log_every=160")
 
 
 def _preds(res) -> dict[str, dict]:
@@ -188,9 +191,11 @@ def test_main_run_identities_and_controls(tmp_path: Path) -> None:
 def test_small_lr_control_fails_the_main_law(tmp_path: Path) -> None:
     res = run_experiment("gpt-balance", out=tmp_path, overrides=(*TINY, "variant=small-lr"))
     preds = _preds(res)
-    law = [p for n, p in preds.items() if "weight-decay law" in n and "(sum" in n
-           and ("MLP" in n or "LayerNorm" in n)]  # the families with the largest initial imbalance
-    assert len(law) == 2 and not any(p["passed"] for p in law)
+    # the families with the largest initial imbalance: at η/100 nothing is trained, so either the
+    # law's premise (stationary weights) fails or, where it is met, the law itself fails
+    for fam in ("MLP", "LayerNorm"):
+        law = [p for n, p in preds.items() if "weight-decay law" in n and fam in n]
+        assert law and not all(p["passed"] for p in law), fam
     assert all(p["passed"] for n, p in preds.items() if "identity" in n)  # still exact
 
 

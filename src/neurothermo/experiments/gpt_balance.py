@@ -229,6 +229,14 @@ def main_predictions(ctx: RunContext, res: RunResult, cfg: GptBalanceConfig, sta
     summary["groups"] = {f"{fam}: {g.label}": {"kappa": g.kappa, "z": g.z,
                                                 "premise": g.kappa < KAPPA_MAX}
                          for fam, rows in groups.items() for g in rows}
+    for fam in ("vo", "mlp", "ln"):  # the families SGD trains at these sizes (Q/K: see docs)
+        if fam in groups:
+            ctx.predict(f"{tag}: weight-decay law's premise, {tr.FAMILY_LABEL[fam]}: groups "
+                        f"whose weights are stationary (κ < {KAPPA_MAX})", float(len(stat[fam])), 1.0,
+                        0.0, sense="at_least",
+                        why="SGD trains these families (their gradient balances the decay), so "
+                            "their weights settle within a few relaxation times; an untrained "
+                            "group shrinks at the weight-decay rate, κ = 1")
     for fam, rows in fl.items():
         if not stat[fam]:  # the premise fails for every group: no law to check
             summary[f"law_{fam}"] = {"premise": "fails for every group", "z_all": max(
