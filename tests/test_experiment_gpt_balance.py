@@ -152,9 +152,8 @@ def test_wd_law_on_a_synthetic_charge() -> None:
     assert abs(ck.wd_law(charge(ramp, 50.0)[:, None], ramp[:, None], lr, wd, start, 10).z[0]) > lim
 
 
-# one block of the quick preset's model: the smallest size at which SGD (η = 0.3, wd = 0.02)
-# trains V/O, the MLP and the LayerNorms (at width 16 every group shrinks at 0.6–0.8 of the
-# weight-decay rate, κ ≥ 0.6, and the law has no group to be checked on)
+# one block of the quick preset's model, for the controls (at width 16 every group shrinks at
+# 0.6–0.8 of the weight-decay rate, κ ≥ 0.6, and the law has no group to be checked on)
 TINY = ("d_model=32", "n_layers=1", "n_heads=2", "seq_len=32", "batch_size=16", "steps=640",
         "log_every=160")
 
@@ -172,7 +171,10 @@ def test_decay_exponent_separates_stationary_from_untrained_weights() -> None:
 
 
 def test_main_run_identities_and_controls(tmp_path: Path) -> None:
-    res = run_experiment("gpt-balance", out=tmp_path, overrides=(*TINY, "adamw_steps=60"))
+    # the quick preset itself: in the one-block model the MLP is still growing through the window
+    # under pytest's corpus (κ = −0.08, gross +25 %) and fails the law (z = 4.0): the premise
+    # detects untrained groups, not groups still learning (docs/experiments/gpt-balance.md)
+    res = run_experiment("gpt-balance", out=tmp_path, quick=True)
     preds = _preds(res)
     failed = [(n, p["measured"]) for n, p in preds.items() if not p["passed"]]
     assert not failed, failed
