@@ -62,35 +62,70 @@ def test_qk_and_vo_charges_match_the_conv1d_columns(gpt) -> None:
     torch.testing.assert_close(_by_family(syms, "mlp").charge(model), ref, rtol=0, atol=1e-14)
 
 
-def _steps(gpt, spec: tr.RunSpec, dtype: torch.dtype = torch.float64) -> list[tr.Trace]:
+def _rec(gpt, spec: tr.RunSpec, dtype: torch.dtype = torch.float64, **kw) -> tr.Recorded:
     import copy
 
     model, syms, data = gpt
     m = copy.deepcopy(model).to(dtype)
-    traces, _ = tr.train_recorded(m, syms, data, spec, 8, 16, torch.Generator().manual_seed(3),
-                                  lambda *a, **k: None, lambda n: None, 100)
-    return traces
+    return tr.train_recorded(m, syms, data, spec, 8, 16, torch.Generator().manual_seed(3),
+                             lambda *a, **k: None, lambda n: None, 100, **kw)
 
 
-def _ratio(t: tr.Trace, lr: float, wd: float, eps: float = ck.EPS64) -> float:
-    a = {k: t.stacked(k).numpy() for k in ("charge", "gag", "e_in", "e_out", "gross")}
-    return ck.identity_ratio(a["charge"], a["gag"], a["gross"], a["e_in"] + a["e_out"], lr, wd, eps)
+def _ratios(rec: tr.Recorded) -> list[float]:
+    return [float(t.ident) for t in rec.traces]
 
 
 def test_identity_holds_to_round_off_and_the_bound_is_sharp_enough(gpt) -> None:
     lr, wd = 0.3, 0.05
-    traces = _steps(gpt, tr.RunSpec("sgd", lr, wd, 15))
-    assert max(_ratio(t, lr, wd) for t in traces) <= 1.0
+    assert max(_ratios(_rec(gpt, tr.RunSpec("sgd", lr, wd, 15)))) <= 1.0
     # the check can fail: a wrong weight decay in the prediction, or float32 arithmetic
-    assert min(_ratio(t, lr, 0.0) for t in traces) > 1e3
-    t32 = _steps(gpt, tr.RunSpec("sgd", lr, wd, 15), torch.float32)
-    assert max(_ratio(t, lr, wd) for t in t32) > 10.0
+    assert min(_ratios(_rec(gpt, tr.RunSpec("sgd", lr, wd, 15), ident_wd=0.0))) > 1e3
+    assert max(_ratios(_rec(gpt, tr.RunSpec("sgd", lr, wd, 15), torch.float32))) > 10.0
 
 
 def test_adamw_breaks_the_identity(gpt) -> None:
     """AdamW is only measured: its update has no exact charge identity (checked, not assumed)."""
-    traces = _steps(gpt, tr.RunSpec("adamw", 1e-3, 0.1, 10))
-    assert max(_ratio(t, 1e-3, 0.1) for t in traces) > 1e3
+    assert max(_ratios(_rec(gpt, tr.RunSpec("adamw", 1e-3, 0.1, 10)))) > 1e3
+
+
+def test_streamed_law_equals_the_law_on_stored_series(gpt) -> None:
+    """Reference: a plain SGD loop on the same batches storing J_t and gᵀAg_t every step; the law
+    from the stored series (numpy) equals the streamed block sums, and the record does not grow
+    with the steps (≤ n_samples + 1 sampled points plus the window ends)."""
+    import copy
+
+    model, syms, data = gpt
+    lr, wd, steps = 0.3, 0.05, 40
+    win = tr.Window(12, steps, 4)
+    rec = _rec(gpt, tr.RunSpec("sgd", lr, wd, steps), windows={"law": win}, n_samples=5)
+    m = copy.deepcopy(model)
+    named = dict(m.named_parameters())
+    opt = torch.optim.SGD(m.parameters(), lr=lr, weight_decay=wd)
+    g = torch.Generator().manual_seed(3)
+    charged = [s for s in syms if tr.family(s) is not None]
+    js: list[list[torch.Tensor]] = [[s.charge(named).detach()] for s in charged]
+    gs: list[list[torch.Tensor]] = [[] for _ in charged]
+    for _ in range(steps):
+        loss = lm.next_char_loss(tr.Logits(m), lm.windows(data.train, 8, 17, g))
+        opt.zero_grad()
+        loss.backward()
+        for i, s in enumerate(charged):
+            gs[i].append(s.imbalance({n: p.grad for n, p in named.items()}).detach())
+        opt.step()
+        for i, s in enumerate(charged):
+            js[i].append(s.charge(named).detach())
+    assert len(rec.traces) == len(charged)
+    for i, t in enumerate(rec.traces):
+        j = torch.stack([tr.unit_scalar(x) for x in js[i]]).numpy()
+        gag = torch.stack([tr.unit_scalar(x) for x in gs[i]]).numpy()
+        ref = ck.wd_law(j, gag, lr, wd, win.start, win.n_blocks)
+        s = t.sums["law"].numpy()
+        got = ck.law_from_blocks(s["blocks"], np.asarray(win.sizes(), float), s["gag"], s["cn"],
+                                 s["n_start"], s["n_end"], lr)
+        np.testing.assert_allclose(got.resid, ref.resid, rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(got.se, ref.se, rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(got.resid, got.drift, rtol=1e-6, atol=1e-12)  # exact identity
+        assert len(t.series) <= 5 + 1 + 2
 
 
 def test_wd_law_on_a_synthetic_charge() -> None:
@@ -117,33 +152,52 @@ def test_wd_law_on_a_synthetic_charge() -> None:
     assert abs(ck.wd_law(charge(ramp, 50.0)[:, None], ramp[:, None], lr, wd, start, 10).z[0]) > lim
 
 
-TINY = ("d_model=16", "n_layers=1", "n_heads=2", "seq_len=16", "batch_size=8", "steps=520",
-        "weight_decay=0.02", "n_blocks=8", "log_every=130")
+# one block of the quick preset's model, for the controls (at width 16 every group shrinks at
+# 0.6–0.8 of the weight-decay rate, κ ≥ 0.6, and the law has no group to be checked on)
+TINY = ("d_model=32", "n_layers=1", "n_heads=2", "seq_len=32", "batch_size=16", "steps=640",
+        "log_every=160")
 
 
 def _preds(res) -> dict[str, dict]:
     return {p["name"]: p for p in res.summary["predictions"]}
 
 
+def test_decay_exponent_separates_stationary_from_untrained_weights() -> None:
+    lr, wd, n = 0.3, 0.02, 200
+    pure = (1 - lr * wd) ** (2 * n)
+    k = ck.decay_exponent(np.array([2.0, 2.0, 2.0]), np.array([2.0 * pure, 2.0, 2.0 / pure]),
+                          lr, wd, n)
+    np.testing.assert_allclose(k, [1.0, 0.0, -1.0], atol=1e-12)
+
+
 def test_main_run_identities_and_controls(tmp_path: Path) -> None:
-    res = run_experiment("gpt-balance", out=tmp_path, overrides=(*TINY, "adamw_steps=60"))
+    # the quick preset itself: in the one-block model the MLP is still growing through the window
+    # under pytest's corpus (κ = −0.08, gross +25 %) and fails the law (z = 4.0): the premise
+    # detects untrained groups, not groups still learning (docs/experiments/gpt-balance.md)
+    res = run_experiment("gpt-balance", out=tmp_path, quick=True)
     preds = _preds(res)
-    for name, p in preds.items():
-        if "identity" in name or p["control"] or ("(sum" in name and "Q/K" not in name):
-            assert p["passed"], (name, p["measured"], res.summary["figures"].get("small_lr"))
-    # the Q/K law fails here, for a measured reason: the attention logits are not learned, weight
-    # decay shrinks W_Q and W_K through the window, so the noise driving N_QK is not stationary
-    qk = res.summary["figures"]["sgd"]["gross_qk"]
-    assert qk["end"] < qk["window_start"] / 2
+    failed = [(n, p["measured"]) for n, p in preds.items() if not p["passed"]]
+    assert not failed, failed
+    sgd = res.summary["figures"]["sgd"]
+    # the law is checked on every family the loss trains here, per family and per group
+    for fam in ("V/O", "MLP", "LayerNorm"):
+        assert any(fam in n and "(sum over" in n for n in preds), fam
+    # the premise's measured reason: W_Q, W_K are not trained at this size (each gets a gradient
+    # only through the other while the logits do not matter), so they shrink at the weight-decay
+    # rate: κ ≈ 1 for every Q/K head (and the law is not predicted for them)
+    qk = [v for k, v in sgd["groups"].items() if k.startswith("qk")]
+    assert qk and all(abs(v["kappa"] - 1.0) < 0.05 and not v["premise"] for v in qk)
     assert {"imbalance.png", "energies.png"} <= {f.name for f in res.path.iterdir()}
 
 
 def test_small_lr_control_fails_the_main_law(tmp_path: Path) -> None:
     res = run_experiment("gpt-balance", out=tmp_path, overrides=(*TINY, "variant=small-lr"))
     preds = _preds(res)
-    law = [p for n, p in preds.items() if "weight-decay law" in n and "(sum" in n
-           and ("MLP" in n or "LayerNorm" in n)]  # the families with the largest initial imbalance
-    assert len(law) == 2 and not any(p["passed"] for p in law)
+    # the families with the largest initial imbalance: at η/100 nothing is trained, so either the
+    # law's premise (stationary weights) fails or, where it is met, the law itself fails
+    for fam in ("MLP", "LayerNorm"):
+        law = [p for n, p in preds.items() if "weight-decay law" in n and fam in n]
+        assert law and not all(p["passed"] for p in law), fam
     assert all(p["passed"] for n, p in preds.items() if "identity" in n)  # still exact
 
 

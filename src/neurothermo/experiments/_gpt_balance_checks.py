@@ -68,9 +68,38 @@ class WdLaw:
     drift: np.ndarray  # (N_end − N_start)/(η²·n): equals resid exactly (identity)
 
 
+def law_from_blocks(block_sums: np.ndarray, sizes: np.ndarray, sum_gag: np.ndarray,
+                    sum_cn: np.ndarray, n_start: np.ndarray, n_end: np.ndarray, lr: float
+                    ) -> WdLaw:
+    """The law from streamed sums over a window of ``n = Σ sizes`` steps, per group.
+
+    ``block_sums``: ``(n_blocks, groups)`` sums of ``x_t = gᵀAg_t − c·N_t`` over consecutive blocks
+    of ``sizes`` steps; ``sum_gag``, ``sum_cn``: the window sums of ``gᵀAg`` and ``c·N``;
+    ``n_start``, ``n_end``: ``N`` at the window's first step and after its last (for the drift).
+    ``se`` is the standard error of the window mean from the spread of the block means.
+    """
+    n = float(sizes.sum())
+    means = block_sums / sizes[:, None]
+    mean = block_sums.sum(0) / n
+    nb = block_sums.shape[0]
+    se = means.std(0, ddof=1) / math.sqrt(nb)
+    drift = (n_end - n_start) / (lr**2 * n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, mean / se, np.where(mean == 0, 0.0, np.inf))
+    return WdLaw(sum_gag / n, sum_cn / n, mean, se, z, drift)
+
+
+def block_sizes(n: int, n_blocks: int) -> np.ndarray:
+    """Sizes of ``n_blocks`` consecutive near-equal blocks of ``n`` steps (as ``np.array_split``)."""
+    q, r = divmod(n, n_blocks)
+    return np.array([q + 1] * r + [q] * (n_blocks - r), dtype=np.float64)
+
+
 def wd_law(j: np.ndarray, gag: np.ndarray, lr: float, wd: float, start: int, n_blocks: int,
            stop: int | None = None) -> WdLaw:
-    """``j``: ``(T+1, groups)`` scalar charges, ``gag``: ``(T, groups)``; window ``[start, stop)``
+    """The law on whole recorded series (reference for the streamed version).
+
+    ``j``: ``(T+1, groups)`` scalar charges, ``gag``: ``(T, groups)``; window ``[start, stop)``
     (``stop`` defaults to T). The law is checked on the noise-driven part ``N`` of ``J``."""
     stop = gag.shape[0] if stop is None else stop
     c = wd * (2.0 - lr * wd) / lr
@@ -78,18 +107,31 @@ def wd_law(j: np.ndarray, gag: np.ndarray, lr: float, wd: float, start: int, n_b
     j = j - (1.0 - lr * wd) ** (2 * t) * j[:1]
     j, gag = j[:stop + 1], gag[:stop]
     x = gag[start:] - c * j[start:-1]
-    blocks = np.stack([b.mean(0) for b in np.array_split(x, n_blocks, axis=0)])
-    mean = x.mean(0)
-    se = blocks.std(0, ddof=1) / math.sqrt(n_blocks)
-    n = x.shape[0]
-    drift = (j[-1] - j[start]) / (lr**2 * n)
+    sums = np.stack([b.sum(0) for b in np.array_split(x, n_blocks, axis=0)])
+    return law_from_blocks(sums, block_sizes(x.shape[0], n_blocks), gag[start:].sum(0),
+                           c * j[start:-1].sum(0), j[start], j[-1], lr)
+
+
+def decay_exponent(gross_start: np.ndarray, gross_end: np.ndarray, lr: float, wd: float,
+                   n: int) -> np.ndarray:
+    """The law's premise: ``κ = ln(P_end/P_start) / ln((1 − η·wd)^{2n})`` of a group's gross
+    ``P = Σ_in‖M‖² + Σ_out‖M‖²`` over a window of ``n`` steps.
+
+    Two regimes are derived: a group the loss keeps (its gradient balances the decay) has a
+    stationary gross, ``κ ≈ 0``; a group the loss does not train (its gradient ≪ ``wd·θ``, e.g.
+    W_Q and W_K while the attention logits do not matter: each gets a gradient only through the
+    other) shrinks by ``(1 − η·wd)²`` per step, ``κ ≈ 1``, and its noise decays with it, so the
+    law's stationarity is absent. ``κ < 1/2`` (nearer the stationary regime) is the premise.
+    """
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(se > 0, mean / se, np.where(mean == 0, 0.0, np.inf))
-    return WdLaw(gag[start:].mean(0), c * j[start:-1].mean(0), mean, se, z, drift)
+        kappa: np.ndarray = np.log(gross_end / gross_start) / (2 * n * math.log1p(-lr * wd))
+    return kappa
 
 
-def z_limit(n_blocks: int, n_tests: int, alpha: float) -> float:
-    """Two-sided Student-t limit (``n_blocks − 1`` dof) at family-wise level ``alpha``."""
+def z_limit(n_blocks: int, n_tests: int, alpha: float, dof: int | None = None) -> float:
+    """Two-sided Student-t limit (``n_blocks − 1`` dof unless ``dof``) at family-wise level
+    ``alpha`` (Bonferroni over ``n_tests``)."""
     from scipy.stats import t
 
-    return float(t.ppf(1.0 - alpha / (2 * max(n_tests, 1)), n_blocks - 1))
+    return float(t.ppf(1.0 - alpha / (2 * max(n_tests, 1)),
+                       n_blocks - 1 if dof is None else dof))

@@ -22,31 +22,27 @@ STYLE = {"sgd": ("C0", "-", "SGD"), "small-lr": ("C1", ":", "SGD, small η (cont
 COLORS = {"qk": "C0", "vo": "C1", "mlp": "C2", "ln": "C4"}
 
 
-def normalised_imbalance(traces: list[Trace], fam: str) -> np.ndarray:
-    num = 0.0
-    den = 0.0
+def normalised_imbalance(traces: list[Trace], fam: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sampled steps, Σ|J| / Σ gross over the family)."""
+    num: Any = 0.0
+    den: Any = 0.0
+    steps = np.zeros(0)
     for t in traces:
         if t.fam != fam:
             continue
-        j = t.stacked("charge").numpy()
-        mag = np.sqrt((j**2).sum(axis=(-2, -1))) if j.ndim >= 3 else np.abs(j)
-        num = num + mag.reshape(mag.shape[0], -1).sum(1)
-        den = den + t.stacked("gross").numpy().sum(1)
-    result: np.ndarray = np.asarray(num) / np.asarray(den)
-    return result
+        steps, size, gross = t.series_numpy()
+        num, den = num + size, den + gross
+    return steps, np.asarray(num) / np.asarray(den)
 
 
-def late_energies(t: Trace, start: int, lr: float, wd: float) -> tuple[np.ndarray, np.ndarray]:
-    """(⟨e_in⟩, ⟨e_out⟩ + c⟨N⟩) per unit/head on the window; c = wd(2 − η·wd)/η and
-    ``N_t = J_t − (1 − η·wd)^{2t}J_0`` the noise-driven part of the charge (as the law is checked)."""
-    e_in = t.stacked("e_in").numpy()[start:].mean(0)
-    e_out = t.stacked("e_out").numpy()[start:].mean(0)
-    j = t.stacked("charge").numpy()
-    steps = np.arange(j.shape[0], dtype=np.float64).reshape((-1,) + (1,) * (j.ndim - 1))
-    j = (j - (1.0 - lr * wd) ** (2 * steps) * j[:1])[start:-1]
-    jj = np.trace(j, axis1=-2, axis2=-1).reshape(j.shape[0], -1) if j.ndim >= 3 else j
-    c = wd * (2.0 - lr * wd) / lr if wd else 0.0
-    return e_in, e_out + c * jj.mean(0)
+def late_energies(t: Trace, window: str) -> tuple[np.ndarray, np.ndarray]:
+    """(⟨e_in⟩, ⟨e_out⟩ + c⟨N⟩) per unit/head on the window (``c = wd(2 − η·wd)/η`` for SGD,
+    0 for AdamW; ``N_t = J_t − (1 − η·wd)^{2t}J_0`` the noise-driven charge, as the law is
+    checked)."""
+    s = t.sums[window]
+    n = float(s.win.stop - s.win.start)
+    d = s.numpy()
+    return d["e_in"] / n, (d["e_out"] + d["cn"]) / n
 
 
 def draw_figures(ctx: Any, runs: dict[str, Any], cfg: Any, start: int) -> None:
@@ -56,11 +52,11 @@ def draw_figures(ctx: Any, runs: dict[str, Any], cfg: Any, start: int) -> None:
     for ax, fam in zip(axes[0], fams, strict=True):
         for key, res in runs.items():
             color, ls, label = STYLE[key]
-            y = normalised_imbalance(res.traces, fam)
-            ax.plot(np.arange(len(y)), y, color=color, ls=ls, lw=1.2, label=label)
+            x, y = normalised_imbalance(res.traces, fam)
+            ax.plot(x, y, color=color, ls=ls, lw=1.2, label=label)
         main = runs["sgd"]
-        y0 = normalised_imbalance(main.traces, fam)[0]
-        steps = np.arange(main.spec.steps + 1)
+        y0 = normalised_imbalance(main.traces, fam)[1][0]
+        steps = np.linspace(0, main.spec.steps, 300)
         ax.plot(steps, y0 * (1 - main.spec.lr * main.spec.wd) ** (2 * steps), color="k", lw=0.8,
                 label="(1 − η·wd)^{2t} × start")
         ax.axvspan(start, main.spec.steps, color="0.9", zorder=0)
@@ -85,9 +81,7 @@ def draw_figures(ctx: Any, runs: dict[str, Any], cfg: Any, start: int) -> None:
             for t in res.traces:
                 if t.fam != fam:
                     continue
-                wd = res.spec.wd if key != "adamw" else 0.0
-                first = min(start, res.spec.steps // 2)  # a shorter AdamW run: its second half
-                e_in, rhs = late_energies(t, first, res.spec.lr, wd)
+                e_in, rhs = late_energies(t, "energies")
                 xs.append(rhs)
                 ys.append(e_in)
             x, y = np.concatenate(xs), np.concatenate(ys)

@@ -1,0 +1,105 @@
+"""Laws of ``gpt-balance`` on a streamed run: the identity per family, the weight-decay law per
+group and per family (with the premise: the decay exponent κ of each group's weights, see
+:func:`._gpt_balance_checks.decay_exponent`), and the sampled series of the figures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from neurothermo.experiments import _gpt_balance_checks as ck
+from neurothermo.experiments import _gpt_balance_train as tr
+
+
+@dataclass(frozen=True)
+class RunResult:
+    spec: tr.RunSpec
+    traces: list[tr.Trace]
+    late_loss: float
+    windows: dict[str, tr.Window]
+
+
+def identity_by_family(res: RunResult) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for t in res.traces:
+        out[t.fam] = max(out.get(t.fam, 0.0), float(t.ident))
+    return out
+
+
+def _group_sums(t: tr.Trace, window: str) -> dict[str, np.ndarray]:
+    """The window sums of a trace per group: per head (rotations) or summed over the units."""
+    s = t.sums[window].numpy()
+    if t.fam in ("qk", "vo"):
+        return s
+    return {k: v.sum(-1, keepdims=True) for k, v in s.items()}
+
+
+@dataclass(frozen=True)
+class GroupLaw:
+    """The law on one group (a head, a layer's units) or on a family's sum of groups, with its
+    premise: the decay exponent ``kappa`` of the group's gross over the window (0: stationary,
+    1: shrinking at the weight-decay rate, not trained; see :func:`ck.decay_exponent`)."""
+
+    label: str
+    law: ck.WdLaw
+    kappa: float
+
+    @property
+    def z(self) -> float:
+        return float(np.abs(self.law.z).max())
+
+
+KEYS = ("blocks", "gag", "cn", "n_start", "n_end", "gross_start", "gross_end")
+KAPPA_MAX = 0.5  # the premise: nearer the stationary regime (κ = 0) than the untrained one (κ = 1)
+
+
+def _law(label: str, s: dict[str, np.ndarray], sizes: np.ndarray, spec: tr.RunSpec
+         ) -> GroupLaw:
+    law = ck.law_from_blocks(s["blocks"], sizes, s["gag"], s["cn"], s["n_start"], s["n_end"],
+                             spec.lr)
+    kappa = ck.decay_exponent(s["gross_start"], s["gross_end"], spec.lr, spec.wd,
+                              int(sizes.sum()))
+    return GroupLaw(label, law, float(np.max(kappa)))
+
+
+def laws(res: RunResult, window: str = "law", premise: bool = False
+         ) -> dict[str, list[GroupLaw]]:
+    """Per family: the law per group, preceded by the family's sum over its groups.
+
+    With ``premise`` the sum runs over the groups whose premise holds (``κ < KAPPA_MAX``) only;
+    a family with none gets no sum row.
+    """
+    sizes = np.asarray(res.windows[window].sizes(), dtype=np.float64)
+    fams: dict[str, list[GroupLaw]] = {}
+    sums: dict[str, dict[str, np.ndarray]] = {}
+    for t in res.traces:
+        s = _group_sums(t, window)
+        for i in range(s["gag"].shape[-1]):
+            label = f"layer {t.layer} head {i}" if t.fam in ("qk", "vo") else f"{t.sym.location}"
+            gl = _law(label, {k: s[k][..., i:i + 1] for k in KEYS}, sizes, res.spec)
+            fams.setdefault(t.fam, []).append(gl)
+            if premise and not gl.kappa < KAPPA_MAX:
+                continue
+            acc = sums.setdefault(t.fam, {k: 0.0 * s[k][..., i:i + 1] for k in KEYS})
+            for k in KEYS:
+                acc[k] = acc[k] + s[k][..., i:i + 1]
+    for f in fams:
+        if f in sums:
+            fams[f].insert(0, _law(f"{f} (sum)", sums[f], sizes, res.spec))
+    return fams
+
+
+def family_series(res: RunResult, fam: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sampled steps, Σ over the family's groups of ``Σ|J|`` (``what="size"``) or gross)."""
+    total: np.ndarray | None = None
+    steps = np.zeros(0)
+    for t in res.traces:
+        if t.fam != fam:
+            continue
+        steps, size, gross = t.series_numpy()
+        v = size if what == "size" else gross
+        total = v if total is None else total + v
+    if total is None:
+        raise KeyError(fam)
+    return steps, total
