@@ -450,7 +450,8 @@ class ThermoMonitor:
             syms = detect(self.model, inputs, self._sym_request,
                           note=lambda text: self._note("symmetries", text))
         tracked = track(syms, self._params)
-        keys = {(s.name, s.dim, s.view): None for t in tracked if t.per_unit for s in t.sym.slices
+        keys = {(s.name, s.dim, s.view): None for t in tracked if t.per_unit or deferred_charge(t)
+                for s in t.sym.slices
                 if s.role != "passive" and not s.buffer and s.dim is not None}
         self._unit_keys = list(keys)
         self._psums = None
