@@ -8,6 +8,9 @@ its own model and monitor, which persist across repetitions: the first repetitio
 and noise steps after it read the loop's own pass):
 
 * plain     — zero_grad, forward, backward, optimizer step;
+* floor     — plus one fused norm of every gradient after backward and of every parameter after
+              the step: a lower bound for any monitor that reads each of them once (the balance
+              columns need per-unit sums along one or two axes of each tensor, which cost more);
 * balance   — plus ThermoMonitor(every=1, noise_every=None): layer and unit gradient energies,
               balance ratios, charges with predicted and measured change (target ≤ 1.05×);
 * noise/10  — plus the entropic terms and Tr Σ every 10 steps (target ≤ 1.10×). The ResNet's
@@ -16,7 +19,7 @@ and noise steps after it read the loop's own pass):
 
 ``--ddp`` runs the same variants in 2 processes (gloo on CPU, nccl on CUDA) with every model in
 DistributedDataParallel, against a plain DDP step. Prints median wall and process CPU time per
-step and the ratios to plain, with the load average (other processes on the cores inflate wall
+step and the ratios to plain (with the range of the per-repetition CPU ratios), with the load average (other processes on the cores inflate wall
 times; the CPU ratios are steadier). Usage::
 
     python benchmarks/bench_monitor_models.py [--models resnet18 vit gpt2] [--steps 10]
@@ -81,7 +84,7 @@ class Runner:
     """One variant: a model (DDP-wrapped under --ddp), an optimizer and optionally a monitor."""
 
     def __init__(self, name: str, device: str, noise_every: int | None, monitor: bool,
-                 syms: Any, ddp: bool) -> None:
+                 syms: Any, ddp: bool, floor: bool = False) -> None:
         make, self.loss_fn, self.batch = build(name, device)
         torch.manual_seed(0)
         inner = make()
@@ -98,6 +101,8 @@ class Runner:
                 warnings.simplefilter("ignore")  # notes (BatchNorm) are printed once below
                 self.mon = nt.ThermoMonitor(self.model, self.loss_fn, optimizer=self.opt,
                                             noise_every=noise_every, symmetries=syms)
+        self.floor = floor
+        self.kept: list[Any] = []
         self.step = 0
         rank = torch.distributed.get_rank() if ddp else 0
         self.batches = [self.batch(1000 * rank + i) for i in range(4)]
@@ -111,11 +116,18 @@ class Runner:
             self.opt.zero_grad(set_to_none=True)
             loss = self.model(**x).loss if self.hf else self.loss_fn(self.model(x), y)
             loss.backward()
+            if self.floor:
+                self.kept.append(torch._foreach_norm([p.grad for p in self.model.parameters()
+                                                      if p.grad is not None]))
             if self.mon is not None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     self.mon.after_backward(self.step, x if self.hf else (x, y), loss=loss)
             self.opt.step()
+            if self.floor:
+                with torch.no_grad():
+                    self.kept.append(torch._foreach_norm(list(self.model.parameters())))
+                self.kept = self.kept[-2:]
             if self.mon is not None:
                 self.mon.after_step(self.step)
             self.step += 1
@@ -137,6 +149,7 @@ def bench(name: str, args: argparse.Namespace, ddp: bool, rank: int = 0) -> None
         if rank == 0:
             print(f"  ({name}: no symmetries: {type(e).__name__}: {str(e)[:100]})")
     variants = {"plain": Runner(name, args.device, None, False, syms, ddp),
+                "floor": Runner(name, args.device, None, False, syms, ddp, floor=True),
                 "balance": Runner(name, args.device, None, True, syms, ddp),
                 "noise/10": Runner(name, args.device, 10, True, syms, ddp)}
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
@@ -154,8 +167,11 @@ def bench(name: str, args: argparse.Namespace, ddp: bool, rank: int = 0) -> None
     print(f"{name} ({n_par / 1e6:.1f} M parameters){' under DDP x2' if ddp else ''}: "
           f"load average {os.getloadavg()[0]:.1f}")
     for k in variants:
+        # spread: the CPU-time ratio of each repetition to plain's in the same repetition
+        per_rep = [t[1] / p[1] for t, p in zip(times[k], times["plain"])]
         print(f"  {k:<9} wall {1e3 * wall[k]:8.1f} ms {wall[k] / wall['plain']:6.3f}x   "
-              f"cpu {1e3 * cpu[k]:8.1f} ms {cpu[k] / cpu['plain']:6.3f}x")
+              f"cpu {1e3 * cpu[k]:8.1f} ms {cpu[k] / cpu['plain']:6.3f}x  "
+              f"(per repetition {min(per_rep):.3f}-{max(per_rep):.3f})")
     for note in notes:
         print(f"  note: {note[:150]}")
     sys.stdout.flush()

@@ -262,3 +262,33 @@ def test_fallback_modules_are_in_the_captured_norms() -> None:
         got = cap.norms((x, y))
     assert got is not None, cap.reason
     torch.testing.assert_close(got, ref, rtol=RTOL, atol=0)
+
+
+class _WithLoss(nn.Module):
+    """Returns its own mean loss, as Hugging Face models do when given labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_a_scaled_backward_of_the_returned_loss_gives_none(scale: float) -> None:
+    # (a Trainer under DDP backpropagates its loss times the number of ranks: every ‖g_i‖² read
+    # from that backward would be scale² too large)
+    torch.manual_seed(0)
+    model = _WithLoss().to(DT)
+    x, y = torch.randn(6, 5, dtype=DT), torch.randn(6, 2, dtype=DT)
+    cap = BackwardCapture(model, _params(model))
+    cap.arm()
+    (scale * model(x, y)).backward()
+    got = cap.norms(6)
+    if scale == 1.0:
+        assert got is not None, cap.reason
+        torch.testing.assert_close(got, naive_total_sq_norms(model.net, nn.MSELoss(), x, y),
+                                   rtol=RTOL, atol=0)
+    else:
+        assert got is None and "scaled by 2" in (cap.reason or "")

@@ -10,15 +10,29 @@ then evaluates the rules: the exact ``[b]`` vector ``‖∇_θ l_i‖²`` (facto
 of the rules alone.
 
 What the caller's pass must be (the monitor's contract anyway): one forward of the model on the
-batch, the mean loss ``loss_fn(model(x), y)`` and one ``backward`` of it, unscaled. What can be
-checked is: a rule that refuses an input (a broadcast ``[1, T]`` input: the extra pass handles
-it), a second forward with gradients before ``norms`` (gradient accumulation, two views),
-a batch of another size, tensors the rules read modified in place later, an error inside the
-forward. Parameters used outside their module's forward are *not* checked here (the check is a
-torch-function mode, which an interrupted forward would leave behind): run
-:func:`per_sample_grad_norms` once first, as the monitor does, which raises for them. Each makes :meth:`~BackwardCapture.norms`
-return ``None`` with :attr:`~BackwardCapture.reason` set, and the caller measures with an extra
-pass instead. Models whose rules replace a module's forward (attention) are not captured
+batch, the mean loss ``loss_fn(model(x), y)`` and one ``backward`` of it, unscaled.
+
+Two layouts need more than hooks, and are read without changing a bit of the caller's pass:
+
+* *The model's own parameters* next to its children (timm's ``cls_token`` / ``pos_embed``): an
+  op that takes such a parameter ``p`` together with batch tensors runs on ``p`` expanded to the
+  batch (``p'[i] = p``), so the gradient reaching ``p'[i]`` is sample i's contribution. Only ops
+  whose result is bit for bit the same either way are batched: broadcasting arithmetic (``+``,
+  ``*``, ``where`` …, which broadcast by this very stride-0 expansion, and whose backward reduces
+  the gradient with the same ``sum_to``), ``expand`` and casts. Any other use declines.
+* *Inputs broadcast over the batch* (Hugging Face's ``position_ids`` of shape ``[1, T]``): the
+  module's ``[1, T, d]`` output is handed on expanded to the batch (a view), which gives each
+  sample its own output gradient. The expanded view may only reach those same ops; any other op
+  (a matmul, dropout, indexing) gets the original output, and the capture declines.
+
+What is checked, each making :meth:`~BackwardCapture.norms` return ``None`` with
+:attr:`~BackwardCapture.reason` set (the caller then measures with an extra pass): a use of a
+parameter or of an expanded output as above that has no bit-for-bit batched form, a parameter used
+outside the forward of the module that owns it, a second forward with gradients before ``norms``
+(gradient accumulation, two views), a batch of another size, tensors the rules read modified in
+place later, an error inside the forward. These checks run as torch-function modes entered in the
+model's forward pre-hook and left in its forward hook, which runs also when the forward raises.
+Models whose rules replace a module's forward (attention, recurrent layers) are not captured
 (:func:`capturable` says why): the replacement need not give bit-identical outputs, and a monitor
 must never change training.
 """
@@ -30,6 +44,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
@@ -195,6 +210,7 @@ class BackwardCapture:
         self._ctx: AbstractContextManager[Any] | None = None
         self._watch: _BroadcastWatch | None = None
         self._delta: dict[tuple[int, int], Tensor | None] = {}
+        self._seeds: list[Tensor] = []  # gradients reaching a scalar (loss) output of the model
         self.reason: str | None = None
 
     @property
@@ -218,7 +234,7 @@ class BackwardCapture:
         self._handles, self._node_handles = [], []
         if self._state == "recording":
             self._leave()
-        self._state, self._rec, self._delta = "idle", None, {}
+        self._state, self._rec, self._delta, self._seeds = "idle", None, {}, []
 
     def _fail(self, reason: str) -> None:
         if self.reason is None:
@@ -303,7 +319,22 @@ class BackwardCapture:
                     continue
                 seen.add(key)
                 self._node_handles.append(edge.node.register_prehook(self._catch(key, edge.output_nr)))
+        # A model that returns its loss (Hugging Face, ``model_loss``): the gradient reaching that
+        # scalar must be 1, i.e. the caller backpropagated the loss unscaled (a Trainer under DDP
+        # multiplies it by the number of ranks, which would scale every ‖g_i‖² by its square).
+        for t in tensor_leaves(output):
+            if t.dim() == 0 and t.requires_grad and t.grad_fn is not None:
+                edge = get_gradient_edge(t)
+                self._node_handles.append(edge.node.register_prehook(self._seed(edge.output_nr)))
         return None
+
+    def _seed(self, index: int) -> Any:
+        def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            d = grad_outputs[index]
+            if self._state == "recorded" and d is not None:
+                self._seeds.append(d.detach().clone())
+
+        return hook
 
     def _catch(self, key: tuple[int, int], index: int) -> Any:
         def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
@@ -336,6 +367,11 @@ class BackwardCapture:
                 return None
             if not self._delta:
                 self._fail("no backward ran through the recorded forward")
+                return None
+            scaled = [float(d) for d in self._seeds if not bool((d == 1).all())]
+            if scaled:
+                self._fail(f"the backward started from the model's returned loss scaled by "
+                           f"{scaled[0]:g}; the norms are those of the unscaled mean loss")
                 return None
             if rec.modified_in_place():
                 self._fail(f"tensors recorded at {rec.modified_in_place()} were modified in place")
