@@ -3,9 +3,9 @@
 Models (float32, random data, plain SGD): ResNet-18 in torchvision's layout (width 64, 32×32
 images, b = 64), a ViT in timm's layout (32×32 images, patch 4, width 192, depth 6, 3 heads,
 b = 64), a 4-layer GPT-2 (Hugging Face, width 256, 4 heads, vocabulary 2048, sequence length 128,
-b = 8). Variants, timed interleaved (every repetition times each variant for ``--steps`` steps on
-its own model and monitor, which persist across repetitions: the first repetition is a warm-up
-and noise steps after it read the loop's own pass):
+b = 8). Variants, timed interleaved step by step (every repetition runs ``--steps`` steps of each
+variant in turn, each on its own model and monitor, which persist across repetitions: the first
+repetition is a warm-up, and noise steps after it read the loop's own pass):
 
 * plain     — zero_grad, forward, backward, optimizer step;
 * floor     — plus one fused norm of every gradient after backward and of every parameter after
@@ -107,34 +107,39 @@ class Runner:
         rank = torch.distributed.get_rank() if ddp else 0
         self.batches = [self.batch(1000 * rank + i) for i in range(4)]
 
-    def run(self, steps: int) -> tuple[float, float]:
+    def one(self) -> tuple[float, float]:
+        """One training step (with the monitor's calls): its wall and process CPU seconds."""
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(steps):
-            x, y = self.batches[self.step % len(self.batches)]
-            self.opt.zero_grad(set_to_none=True)
-            loss = self.model(**x).loss if self.hf else self.loss_fn(self.model(x), y)
-            loss.backward()
-            if self.floor:
-                self.kept.append(torch._foreach_norm([p.grad for p in self.model.parameters()
-                                                      if p.grad is not None]))
-            if self.mon is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    self.mon.after_backward(self.step, x if self.hf else (x, y), loss=loss)
-            self.opt.step()
-            if self.floor:
-                with torch.no_grad():
-                    self.kept.append(torch._foreach_norm(list(self.model.parameters())))
-                self.kept = self.kept[-2:]
-            if self.mon is not None:
-                self.mon.after_step(self.step)
-            self.step += 1
+        x, y = self.batches[self.step % len(self.batches)]
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.model(**x).loss if self.hf else self.loss_fn(self.model(x), y)
+        loss.backward()
+        if self.floor:
+            self.kept.append(torch._foreach_norm([p.grad for p in self.model.parameters()
+                                                  if p.grad is not None]))
         if self.mon is not None:
-            self.mon.flush()  # the host copy is part of the cost
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.mon.after_backward(self.step, x if self.hf else (x, y), loss=loss)
+        self.opt.step()
+        if self.floor:
+            with torch.no_grad():
+                self.kept.append(torch._foreach_norm(list(self.model.parameters())))
+            self.kept = self.kept[-2:]
+        if self.mon is not None:
+            self.mon.after_step(self.step)
+        self.step += 1
         sync()
-        return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    def flush(self) -> tuple[float, float]:
+        """The monitor's flush (derived columns, host copy): part of its cost."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        if self.mon is not None:
+            self.mon.flush()
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
 def bench(name: str, args: argparse.Namespace, ddp: bool, rank: int = 0) -> None:
@@ -154,10 +159,19 @@ def bench(name: str, args: argparse.Namespace, ddp: bool, rank: int = 0) -> None
                 "noise/10": Runner(name, args.device, 10, True, syms, ddp)}
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     for rep in range(args.reps + 1):
+        acc = {k: [0.0, 0.0] for k in variants}
+        for _ in range(args.steps):  # variants alternate step by step: they share the load
+            for k, r in variants.items():
+                w, c = r.one()
+                acc[k][0] += w
+                acc[k][1] += c
         for k, r in variants.items():
-            t = r.run(args.steps)
-            if rep:  # the first repetition warms up (allocator, lazy imports, first extra pass)
-                times[k].append(t)
+            w, c = r.flush()
+            acc[k][0] += w
+            acc[k][1] += c
+        if rep:  # the first repetition warms up (allocator, lazy imports, first extra pass)
+            for k in variants:
+                times[k].append((acc[k][0] / args.steps, acc[k][1] / args.steps))
     if rank:
         return
     wall = {k: statistics.median(t[0] for t in ts) for k, ts in times.items()}

@@ -30,6 +30,7 @@ class Slice(Protocol):
     buffer: bool
 
 
+_MV = True
 _FUSED_NORM_NUMEL = 1 << 16  # below this, norms share one _foreach_norm call (slow on big CPU tensors)
 
 
@@ -62,7 +63,8 @@ class SquareSums:
         key covers gets its ``‖t‖²`` (one norm kernel each, one fused call for small tensors).
         What is left are the reduced vectors only, safe to keep for later (:meth:`stacked`).
         """
-        for name, dim, view in keys:
+        # axes other than the leading one first: their squared buffer then serves axis 0 too
+        for name, dim, view in sorted(keys, key=lambda k: k[1] == 0):
             self.along(name, dim, view)
         covered = {n for n, _, _ in self._along}
         rest = [n for n in names if n not in covered and self.tensors.get(n) is not None]
@@ -150,7 +152,15 @@ class SquareSums:
                     buf = self._scratch[(name, view)] = torch.empty_like(v, memory_format=torch.contiguous_format)
                 sq = self._squares[(name, view)] = torch.mul(v, v, out=buf)
             a = math.prod(v.shape[:dim])
-            rows = sq.reshape(a, -1).sum(0) if a > 1 else sq.reshape(-1)  # [n·B]
+            if a == 1:
+                rows = sq.reshape(-1)  # [n·B]
+            elif sq.device.type == "cpu" and _MV:  # adding rows: a matrix-vector product is faster there
+                ones = self._scratch.get(("ones", a, sq.dtype))
+                if ones is None:
+                    ones = self._scratch[("ones", a, sq.dtype)] = sq.new_ones(a)
+                rows = torch.mv(sq.reshape(a, -1).t(), ones)
+            else:  # (not on GPUs: a matmul may run in TF32 there)
+                rows = sq.reshape(a, -1).sum(0)
             # (never a view of the buffer: the result outlives the step, the buffer does not)
             r = rows.view(n, -1).sum(1) if rows.numel() > n else rows
         self._along[key] = r
