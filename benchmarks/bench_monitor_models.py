@@ -11,6 +11,9 @@ repetition is a warm-up, and noise steps after it read the loop's own pass):
 * floor     — plus one fused norm of every gradient after backward and of every parameter after
               the step: a lower bound for any monitor that reads each of them once (the balance
               columns need per-unit sums along one or two axes of each tensor, which cost more);
+* units     — plus only the per-unit squared sums the balance columns need (``SquareSums`` of
+              every gradient and every parameter, along the unit axes of the detected symmetries),
+              without the monitor's bookkeeping: the floor of per-unit monitoring;
 * balance   — plus ThermoMonitor(every=1, noise_every=None): layer and unit gradient energies,
               balance ratios, charges with predicted and measured change (target ≤ 1.05×);
 * noise/10  — plus the entropic terms and Tr Σ every 10 steps (target ≤ 1.10×). The ResNet's
@@ -84,12 +87,13 @@ class Runner:
     """One variant: a model (DDP-wrapped under --ddp), an optimizer and optionally a monitor."""
 
     def __init__(self, name: str, device: str, noise_every: int | None, monitor: bool,
-                 syms: Any, ddp: bool, floor: bool = False) -> None:
+                 syms: Any, ddp: bool, floor: bool = False, units: bool = False) -> None:
         make, self.loss_fn, self.batch = build(name, device)
         torch.manual_seed(0)
         inner = make()
         self.hf = name == "gpt2"
         self.model: nn.Module = inner
+        self.inner = inner
         if ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -102,6 +106,17 @@ class Runner:
                 self.mon = nt.ThermoMonitor(self.model, self.loss_fn, optimizer=self.opt,
                                             noise_every=noise_every, symmetries=syms)
         self.floor = floor
+        self.units: list[tuple[str, int, tuple[int, ...] | None]] | None = None
+        if units:
+            from neurothermo.monitor.derive import deferred_charge
+            from neurothermo.monitor.symmetries import track
+
+            named = dict(inner.named_parameters())
+            self.units = list(dict.fromkeys(
+                (s.name, s.dim, s.view) for t in track(syms or [], named)
+                if t.per_unit or deferred_charge(t) for s in t.sym.slices
+                if s.role != "passive" and not s.buffer and s.dim is not None))
+            self.scratch: tuple[dict[Any, Tensor], dict[Any, Tensor]] = ({}, {})
         self.kept: list[Any] = []
         self.step = 0
         rank = torch.distributed.get_rank() if ddp else 0
@@ -119,6 +134,11 @@ class Runner:
         if self.floor:
             self.kept.append(torch._foreach_norm([p.grad for p in self.model.parameters()
                                                   if p.grad is not None]))
+        if self.units is not None:
+            from neurothermo.monitor.quantities import SquareSums
+
+            grads = {n: p.grad for n, p in self.inner.named_parameters()}
+            self.kept.append(SquareSums(grads, self.scratch[0]).prepare(self.units, list(grads)))
         if self.mon is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -127,7 +147,12 @@ class Runner:
         if self.floor:
             with torch.no_grad():
                 self.kept.append(torch._foreach_norm(list(self.model.parameters())))
-            self.kept = self.kept[-2:]
+        if self.units is not None:
+            from neurothermo.monitor.quantities import SquareSums
+
+            params = dict(self.inner.named_parameters())
+            self.kept.append(SquareSums(params, self.scratch[1]).prepare(self.units, list(params)))
+        self.kept = self.kept[-2:]
         if self.mon is not None:
             self.mon.after_step(self.step)
         self.step += 1
@@ -155,6 +180,7 @@ def bench(name: str, args: argparse.Namespace, ddp: bool, rank: int = 0) -> None
             print(f"  ({name}: no symmetries: {type(e).__name__}: {str(e)[:100]})")
     variants = {"plain": Runner(name, args.device, None, False, syms, ddp),
                 "floor": Runner(name, args.device, None, False, syms, ddp, floor=True),
+                "units": Runner(name, args.device, None, False, syms, ddp, units=True),
                 "balance": Runner(name, args.device, None, True, syms, ddp),
                 "noise/10": Runner(name, args.device, 10, True, syms, ddp)}
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}

@@ -150,7 +150,14 @@ class _Positions(nn.Module):
         ids = torch.arange(x.shape[1]).unsqueeze(0)
         pos = self.pos(ids).to(x.device)  # (a no-op cast, as in HF GPT-2)
         h = self.tok(x)
-        h = h + pos if self.use == "add" else h + pos @ torch.eye(4, dtype=pos.dtype)
+        if self.use == "add":
+            h = h + pos
+        elif self.use == "matmul":
+            h = h + pos @ torch.eye(4, dtype=pos.dtype)
+        else:  # "inplace": written into a [1, T, d] tensor, which the expansion could not take
+            acc = torch.zeros(1, x.shape[1], 4, dtype=h.dtype)
+            acc += pos
+            h = h + acc
         return self.head(h.mean(1))
 
 
@@ -170,16 +177,19 @@ def test_broadcast_input_is_captured_and_the_callers_pass_is_unchanged() -> None
     assert _no_hooks(model)
 
 
-def test_broadcast_output_in_a_non_broadcasting_op_gives_none_and_keeps_the_pass() -> None:
+@pytest.mark.parametrize(("use", "op"), [("matmul", "matmul"), ("inplace", "add_")])
+def test_broadcast_output_in_a_non_broadcasting_op_gives_none_and_keeps_the_pass(use: str, op: str
+                                                                                 ) -> None:
     # a matmul of the [1, T, d] output need not give the same bits on its expansion to the
-    # batch: the op gets the original, the caller's pass is its own and the capture declines
-    model = _Positions("matmul").to(DT)
+    # batch, and an in-place add into a [1, T, d] tensor cannot take it: the op gets the
+    # original, the caller's pass is its own and the capture declines
+    model = _Positions(use).to(DT)
     x, y = torch.randint(9, (6, 5)), torch.randn(6, 2, dtype=DT)
     plain = torch.autograd.grad(nn.functional.mse_loss(model(x), y), list(model.parameters()))
     cap = BackwardCapture(model, _params(model))
     cap.arm()
     _step(model, x, y)
-    assert cap.norms(6) is None and "'pos'" in (cap.reason or "") and "matmul" in (cap.reason or "")
+    assert cap.norms(6) is None and "'pos'" in (cap.reason or "") and op in (cap.reason or "")
     for p, g in zip(model.parameters(), plain):
         assert torch.equal(p.grad, g)
     assert _no_hooks(model)

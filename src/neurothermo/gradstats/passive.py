@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
 from neurothermo._data import batch_size_of
-from neurothermo.gradstats._capture import _QUERIES, Recorder, recording
+from neurothermo.gradstats._capture import _QUERIES, Recorder, _writes, recording
 from neurothermo.gradstats.norms import _evaluate, _key
 from neurothermo.gradstats.rules import rule_for
 from neurothermo.gradstats.rules.fallback import tensor_leaves
@@ -143,7 +143,7 @@ class _BroadcastWatch(TorchFunctionMode):
                            ) -> Any:
         kwargs = kwargs or {}
         marked = self.rec.marked
-        if not marked or func in _QUERIES or _op_name(func) == "__get__":  # (attributes)
+        if not marked or func in _QUERIES:
             return func(*args, **kwargs)
         leaves = [t for a in (*args, *kwargs.values())
                   for t in (a if isinstance(a, list | tuple) else (a,)) if isinstance(t, Tensor)]
@@ -151,17 +151,28 @@ class _BroadcastWatch(TorchFunctionMode):
         if not hit:
             return func(*args, **kwargs)
         name = _op_name(func)
-        writes_marked = bool(args) and any(args[0] is t for t in hit) and (
-            (name.endswith("_") and not name.endswith("__")) or name.startswith("__i"))
-        if (name in _BROADCASTING or name in _PASSTHROUGH) and not writes_marked:
+        if name == "__get__":  # an attribute: fine unless a tensor view of it (such as .T)
             out = func(*args, **kwargs)
-            if isinstance(out, Tensor) and all(
-                    id(t) in marked or t.dim() == 0 or t.shape[0] == 1 for t in leaves):
-                # still an expansion (a cast, or with other broadcast operands): follow it
-                orig = func(*tree_map(self._original, args), **tree_map(self._original, kwargs))
-                if out is not orig:
-                    marked[id(out)] = (out, orig, marked[id(hit[0])][2])
-            return out
+            attr = getattr(getattr(func, "__self__", None), "__name__", "")
+            if not isinstance(out, Tensor) or attr in ("_base", "grad"):  # (read by the hooks)
+                return out
+            name = f".{attr}"
+        elif name in _BROADCASTING or name in _PASSTHROUGH:
+            b = self.rec.batch_size
+            if _writes(func, kwargs):  # in place: only into a batch tensor of the caller's own
+                target = args[0] if args else None
+                if (isinstance(target, Tensor) and not any(target is t for t in hit)
+                        and target.dim() > 0 and target.shape[0] == b):
+                    return func(*args, **kwargs)
+            else:
+                out = func(*args, **kwargs)
+                if isinstance(out, Tensor) and all(
+                        id(t) in marked or t.dim() == 0 or t.shape[0] == 1 for t in leaves):
+                    # still an expansion (a cast, or with other broadcast operands): follow it
+                    orig = func(*tree_map(self._original, args), **tree_map(self._original, kwargs))
+                    if out is not orig:
+                        marked[id(out)] = (out, orig, marked[id(hit[0])][2])
+                return out
         if self.rec.problem is None:
             i = marked[id(hit[0])][2]
             module = self.rec.expanded[i] if i < len(self.rec.expanded) else "?"
