@@ -132,9 +132,11 @@ def deferred_charge(t: Tracked) -> bool:
     invariance of the weights in front of a normalisation) is ``J_u = Σ_in θ² − Σ_out θ²`` over
     the unit's rows, which the step's per-unit sums already hold; matrix and whole-model charges
     (double rotations, one scale for all slices) are computed eagerly with ``sym.charge``."""
-    s = t.sym
-    return (s.block == 1 and not s.whole
-            and all(sl.dim is not None and not sl.buffer for sl in s.slices if sl.role != "passive"))
+    if t.deferred is None:  # fixed per symmetry: decided once
+        s = t.sym
+        t.deferred = (s.block == 1 and not s.whole and all(
+            sl.dim is not None and not sl.buffer for sl in s.slices if sl.role != "passive"))
+    return t.deferred
 
 
 def _layers(layout: Layout, ema_in: LayerEma, steps: list[int], grads: SquareSums,

@@ -30,8 +30,18 @@ class Slice(Protocol):
     buffer: bool
 
 
-_MV = True
 _FUSED_NORM_NUMEL = 1 << 16  # below this, norms share one _foreach_norm call (slow on big CPU tensors)
+
+
+def _ordered(keys: Sequence[tuple[str, int, tuple[int, ...] | None]]) -> bool:
+    """Whether every key along axis 0 comes after those along other axes."""
+    seen_zero = False
+    for _, dim, _ in keys:
+        if dim == 0:
+            seen_zero = True
+        elif seen_zero:
+            return False
+    return True
 
 
 class SquareSums:
@@ -64,7 +74,7 @@ class SquareSums:
         What is left are the reduced vectors only, safe to keep for later (:meth:`stacked`).
         """
         # axes other than the leading one first: their squared buffer then serves axis 0 too
-        for name, dim, view in sorted(keys, key=lambda k: k[1] == 0):
+        for name, dim, view in keys if _ordered(keys) else sorted(keys, key=lambda k: k[1] == 0):
             self.along(name, dim, view)
         covered = {n for n, _, _ in self._along}
         rest = [n for n in names if n not in covered and self.tensors.get(n) is not None]
@@ -137,7 +147,9 @@ class SquareSums:
         t = self.tensors.get(name)
         if t is None:
             return None
-        v = t.detach() if view is None else t.detach().view(view)
+        if t.requires_grad and torch.is_grad_enabled():  # (the monitor runs under no_grad)
+            t = t.detach()
+        v = t if view is None else t.view(view)
         dim = dim % v.ndim
         sq = self._squares.get((name, view))
         n = v.shape[dim]
@@ -154,7 +166,7 @@ class SquareSums:
             a = math.prod(v.shape[:dim])
             if a == 1:
                 rows = sq.reshape(-1)  # [n·B]
-            elif sq.device.type == "cpu" and _MV:  # adding rows: a matrix-vector product is faster there
+            elif sq.device.type == "cpu" and a >= 64:  # adding many rows: a matrix-vector product is faster there
                 ones = self._scratch.get(("ones", a, sq.dtype))
                 if ones is None:
                     ones = self._scratch[("ones", a, sq.dtype)] = sq.new_ones(a)
