@@ -3,11 +3,17 @@
 Models (float32, random data, plain SGD): ResNet-18 in torchvision's layout (width 64, 32×32
 images, b = 64), a ViT in timm's layout (32×32 images, patch 4, width 192, depth 6, 3 heads,
 b = 64), a 4-layer GPT-2 (Hugging Face, width 256, 4 heads, vocabulary 2048, sequence length 128,
-b = 8). Variants, timed interleaved (every repetition times each variant for ``--steps`` steps on
-its own model and monitor, which persist across repetitions: the first repetition is a warm-up
-and noise steps after it read the loop's own pass):
+b = 8). Variants, timed interleaved step by step (every repetition runs ``--steps`` steps of each
+variant in turn, each on its own model and monitor, which persist across repetitions: the first
+repetition is a warm-up, and noise steps after it read the loop's own pass):
 
 * plain     — zero_grad, forward, backward, optimizer step;
+* floor     — plus one fused norm of every gradient after backward and of every parameter after
+              the step: a lower bound for any monitor that reads each of them once (the balance
+              columns need per-unit sums along one or two axes of each tensor, which cost more);
+* units     — plus only the per-unit squared sums the balance columns need (``SquareSums`` of
+              every gradient and every parameter, along the unit axes of the detected symmetries),
+              without the monitor's bookkeeping: the floor of per-unit monitoring;
 * balance   — plus ThermoMonitor(every=1, noise_every=None): layer and unit gradient energies,
               balance ratios, charges with predicted and measured change (target ≤ 1.05×);
 * noise/10  — plus the entropic terms and Tr Σ every 10 steps (target ≤ 1.10×). The ResNet's
@@ -16,7 +22,7 @@ and noise steps after it read the loop's own pass):
 
 ``--ddp`` runs the same variants in 2 processes (gloo on CPU, nccl on CUDA) with every model in
 DistributedDataParallel, against a plain DDP step. Prints median wall and process CPU time per
-step and the ratios to plain, with the load average (other processes on the cores inflate wall
+step and the ratios to plain (with the range of the per-repetition CPU ratios), with the load average (other processes on the cores inflate wall
 times; the CPU ratios are steadier). Usage::
 
     python benchmarks/bench_monitor_models.py [--models resnet18 vit gpt2] [--steps 10]
@@ -81,12 +87,13 @@ class Runner:
     """One variant: a model (DDP-wrapped under --ddp), an optimizer and optionally a monitor."""
 
     def __init__(self, name: str, device: str, noise_every: int | None, monitor: bool,
-                 syms: Any, ddp: bool) -> None:
+                 syms: Any, ddp: bool, floor: bool = False, units: bool = False) -> None:
         make, self.loss_fn, self.batch = build(name, device)
         torch.manual_seed(0)
         inner = make()
         self.hf = name == "gpt2"
         self.model: nn.Module = inner
+        self.inner = inner
         if ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -98,31 +105,66 @@ class Runner:
                 warnings.simplefilter("ignore")  # notes (BatchNorm) are printed once below
                 self.mon = nt.ThermoMonitor(self.model, self.loss_fn, optimizer=self.opt,
                                             noise_every=noise_every, symmetries=syms)
+        self.floor = floor
+        self.units: list[tuple[str, int, tuple[int, ...] | None]] | None = None
+        if units:
+            from neurothermo.monitor.derive import deferred_charge
+            from neurothermo.monitor.symmetries import track
+
+            named = dict(inner.named_parameters())
+            self.units = list(dict.fromkeys(
+                (s.name, s.dim, s.view) for t in track(syms or [], named)
+                if t.per_unit or deferred_charge(t) for s in t.sym.slices
+                if s.role != "passive" and not s.buffer and s.dim is not None))
+            self.scratch: tuple[dict[Any, Tensor], dict[Any, Tensor]] = ({}, {})
+        self.kept: list[Any] = []
         self.step = 0
         rank = torch.distributed.get_rank() if ddp else 0
         self.batches = [self.batch(1000 * rank + i) for i in range(4)]
 
-    def run(self, steps: int) -> tuple[float, float]:
+    def one(self) -> tuple[float, float]:
+        """One training step (with the monitor's calls): its wall and process CPU seconds."""
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(steps):
-            x, y = self.batches[self.step % len(self.batches)]
-            self.opt.zero_grad(set_to_none=True)
-            loss = self.model(**x).loss if self.hf else self.loss_fn(self.model(x), y)
-            loss.backward()
-            if self.mon is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    self.mon.after_backward(self.step, x if self.hf else (x, y), loss=loss)
-            self.opt.step()
-            if self.mon is not None:
-                self.mon.after_step(self.step)
-            self.step += 1
+        x, y = self.batches[self.step % len(self.batches)]
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.model(**x).loss if self.hf else self.loss_fn(self.model(x), y)
+        loss.backward()
+        if self.floor:
+            self.kept.append(torch._foreach_norm([p.grad for p in self.model.parameters()
+                                                  if p.grad is not None]))
+        if self.units is not None:
+            from neurothermo.monitor.quantities import SquareSums
+
+            grads = {n: p.grad for n, p in self.inner.named_parameters()}
+            self.kept.append(SquareSums(grads, self.scratch[0]).prepare(self.units, list(grads)))
         if self.mon is not None:
-            self.mon.flush()  # the host copy is part of the cost
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.mon.after_backward(self.step, x if self.hf else (x, y), loss=loss)
+        self.opt.step()
+        if self.floor:
+            with torch.no_grad():
+                self.kept.append(torch._foreach_norm(list(self.model.parameters())))
+        if self.units is not None:
+            from neurothermo.monitor.quantities import SquareSums
+
+            params = dict(self.inner.named_parameters())
+            self.kept.append(SquareSums(params, self.scratch[1]).prepare(self.units, list(params)))
+        self.kept = self.kept[-2:]
+        if self.mon is not None:
+            self.mon.after_step(self.step)
+        self.step += 1
         sync()
-        return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    def flush(self) -> tuple[float, float]:
+        """The monitor's flush (derived columns, host copy): part of its cost."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        if self.mon is not None:
+            self.mon.flush()
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
 def bench(name: str, args: argparse.Namespace, ddp: bool, rank: int = 0) -> None:
@@ -137,14 +179,25 @@ def bench(name: str, args: argparse.Namespace, ddp: bool, rank: int = 0) -> None
         if rank == 0:
             print(f"  ({name}: no symmetries: {type(e).__name__}: {str(e)[:100]})")
     variants = {"plain": Runner(name, args.device, None, False, syms, ddp),
+                "floor": Runner(name, args.device, None, False, syms, ddp, floor=True),
+                "units": Runner(name, args.device, None, False, syms, ddp, units=True),
                 "balance": Runner(name, args.device, None, True, syms, ddp),
                 "noise/10": Runner(name, args.device, 10, True, syms, ddp)}
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     for rep in range(args.reps + 1):
+        acc = {k: [0.0, 0.0] for k in variants}
+        for _ in range(args.steps):  # variants alternate step by step: they share the load
+            for k, r in variants.items():
+                w, c = r.one()
+                acc[k][0] += w
+                acc[k][1] += c
         for k, r in variants.items():
-            t = r.run(args.steps)
-            if rep:  # the first repetition warms up (allocator, lazy imports, first extra pass)
-                times[k].append(t)
+            w, c = r.flush()
+            acc[k][0] += w
+            acc[k][1] += c
+        if rep:  # the first repetition warms up (allocator, lazy imports, first extra pass)
+            for k in variants:
+                times[k].append((acc[k][0] / args.steps, acc[k][1] / args.steps))
     if rank:
         return
     wall = {k: statistics.median(t[0] for t in ts) for k, ts in times.items()}
@@ -154,8 +207,11 @@ def bench(name: str, args: argparse.Namespace, ddp: bool, rank: int = 0) -> None
     print(f"{name} ({n_par / 1e6:.1f} M parameters){' under DDP x2' if ddp else ''}: "
           f"load average {os.getloadavg()[0]:.1f}")
     for k in variants:
+        # spread: the CPU-time ratio of each repetition to plain's in the same repetition
+        per_rep = [t[1] / p[1] for t, p in zip(times[k], times["plain"])]
         print(f"  {k:<9} wall {1e3 * wall[k]:8.1f} ms {wall[k] / wall['plain']:6.3f}x   "
-              f"cpu {1e3 * cpu[k]:8.1f} ms {cpu[k] / cpu['plain']:6.3f}x")
+              f"cpu {1e3 * cpu[k]:8.1f} ms {cpu[k] / cpu['plain']:6.3f}x  "
+              f"(per repetition {min(per_rep):.3f}-{max(per_rep):.3f})")
     for note in notes:
         print(f"  note: {note[:150]}")
     sys.stdout.flush()

@@ -49,13 +49,8 @@ SECOND_ORDER = ("entropic_force", "hvp", "top_eigenvalues", "hessian_trace", "sh
 # bit for bit (the monitor then measures with an extra pass). Every other cell must be exact.
 REPLACED = r"measured through a replacement forward"
 REFUSALS: dict[tuple[str, str], str] = {
-    ("backward_capture", "vit"): r"own top-level parameters \['cls_token', 'pos_embed'\]",
     ("backward_capture", "lstm"): REPLACED,
     ("backward_capture", "gru"): REPLACED,
-    # HF position_ids [1, T]: measuring them means expanding an output to the batch, which would
-    # change the caller's own pass; the capture declines instead.
-    ("backward_capture", "bert"): r"leading dimension 1",
-    ("backward_capture", "gpt2"): r"leading dimension 1",
 }
 
 # cuDNN's RNN kernels have no double backward (h/curv); not yet run on a GPU here, so the pattern is
@@ -297,10 +292,17 @@ def test_backward_capture(case: ForeignCase, device: str) -> None:
     # the monitor's contract: the full check (per_sample_grad_norms) runs once before capturing
     exact_or_refusal("backward_capture", case, device,
                      lambda: nt.per_sample_grad_norms(model, case.loss_fn, (x, y)))
-    cap = nt.BackwardCapture(model, params_of(model))
+    params = params_of(model)
+    plain = torch.autograd.grad(case.loss_fn(case.forward(model, x), y), list(params.values()),
+                                allow_unused=True)
+    cap = nt.BackwardCapture(model, params)
     cap.arm()
     case.loss_fn(case.forward(model, x), y).backward()
     got = cap.norms((x, y))
+    # captured or not, the caller's own pass is untouched: its gradients are bit for bit those
+    # of a pass without the capture (ViT's batched cls_token/pos_embed, HF's expanded positions)
+    for (n, p), g in zip(params.items(), plain):
+        assert (p.grad is None) == (g is None) and (g is None or torch.equal(p.grad, g)), n
     model.zero_grad(set_to_none=True)
     if got is None:  # a listed refusal, with its reason
         pattern = REFUSALS.get(("backward_capture", case.name))

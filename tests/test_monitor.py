@@ -455,3 +455,70 @@ def test_a_history_held_by_the_caller_is_never_partial() -> None:
     model_steps = held.steps(names.grad_sq("0"))
     np.testing.assert_array_equal(model_steps, [0])
     assert names.charge_err(0) in held and len(held) == 1
+
+
+def test_square_sums_along_every_axis_and_view_against_direct_sums() -> None:
+    """The per-unit reductions (``[A, n, B]`` order, reused buffers) equal ``Σ t²`` over the other
+    axes in float64, for every axis, with a view, and a result never aliases the reused buffer."""
+    from neurothermo.monitor.quantities import SquareSums
+
+    g = torch.Generator().manual_seed(0)
+    t = {"w": torch.randn(6, 5, 3, 2, generator=g, dtype=torch.float64),
+         "row": torch.randn(1, 7, generator=g, dtype=torch.float64),
+         "b": torch.randn(4, generator=g, dtype=torch.float64),
+         "tw": torch.randn(5, 6, generator=g, dtype=torch.float64).T}  # not contiguous
+    keys = [("w", d, None) for d in range(4)] + [("w", 1, (6, 5, 6)), ("row", 1, None),
+                                                ("row", 0, None), ("b", 0, None), ("tw", 1, None),
+                                                ("tw", 0, None)]
+    scratch: dict = {}
+    first = SquareSums(t, scratch).prepare(keys, list(t))
+    for name, dim, view in keys:
+        v = t[name] if view is None else t[name].view(view)
+        others = [d for d in range(v.ndim) if d != dim]
+        ref = v.square().sum(others) if others else v.square()  # (sum([]) sums everything)
+        torch.testing.assert_close(first._along[(name, dim, view)], ref, rtol=1e-14, atol=0)
+    saved = {k: r.clone() for k, r in first._along.items()}
+    SquareSums({n: 2 * x for n, x in t.items()}, scratch).prepare(keys, list(t))  # same buffers
+    for k, r in first._along.items():
+        assert torch.equal(r, saved[k]), k
+
+
+def test_per_unit_scale_charges_in_front_of_batchnorm_against_direct_computation() -> None:
+    """Conv → BatchNorm (eps = 1e-30: invariant to float64 rounding): every conv row is a per-unit scale symmetry; its charge ``‖w_u‖²``, the
+    measured change and SGD's exact prediction come from the shared per-unit sums (read along
+    axis 0 and, for the next layer's rescale, axis 1 of the same conv weight)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6, eps=1e-30), nn.ReLU(),
+                          nn.Conv2d(6, 5, 3, bias=False), nn.BatchNorm2d(5, eps=1e-30), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(5 * 4 * 4, 2)).double()
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    y = torch.randn(16, 2, dtype=torch.float64)
+    mse, lr, wd = nn.MSELoss(), 0.1, 0.01
+    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
+    syms = [s for s in nt.find_symmetries(model, x[:4]) if not s.isometry]  # BatchNorm in train mode
+    assert sorted({s.kind for s in syms}) == ["rescale", "scale"]
+    assert any(s.kind == "scale" and s.block == 1 and not s.whole for s in syms)
+    mon = nt.ThermoMonitor(model, mse, optimizer=opt, noise_every=None, symmetries=syms)
+    ref: dict[str, list] = {"J": [], "dJ": [], "pred": []}
+    for step in range(4):
+        idx = torch.arange(step * 4, step * 4 + 8) % 16
+        opt.zero_grad()
+        mse(model(x[idx]), y[idx]).backward()
+        mon.after_backward(step, (x[idx], y[idx]))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        before = [s.charge(model) for s in syms]
+        ref["pred"].append([s.predict_charge(j, grads, lr, wd) - j for s, j in zip(syms, before)])
+        opt.step()
+        mon.after_step(step)
+        ref["J"].append(before)
+        ref["dJ"].append([s.charge(model) - j for s, j in zip(syms, before)])
+    h = mon.history
+    for i in range(len(syms)):
+        j = np.stack([r[i].numpy() for r in ref["J"]])
+        meas = np.stack([r[i].numpy() for r in ref["dJ"]])
+        np.testing.assert_allclose(h[names.charge(i)], j, rtol=1e-13, atol=1e-14 * np.abs(j).max())
+        np.testing.assert_allclose(h[names.charge_meas(i)], meas, rtol=1e-11, atol=1e-15)
+        np.testing.assert_allclose(h[names.charge_pred(i)], np.stack([r[i].numpy() for r in ref["pred"]]),
+                                   rtol=1e-9, atol=1e-15)
+        assert h[names.charge_err(i)].max() <= 1e-13 * max(1.0, np.abs(j).max())
+        assert np.abs(meas).max() > 1e4 * h[names.charge_err(i)].max()

@@ -10,15 +10,29 @@ then evaluates the rules: the exact ``[b]`` vector ``‖∇_θ l_i‖²`` (facto
 of the rules alone.
 
 What the caller's pass must be (the monitor's contract anyway): one forward of the model on the
-batch, the mean loss ``loss_fn(model(x), y)`` and one ``backward`` of it, unscaled. What can be
-checked is: a rule that refuses an input (a broadcast ``[1, T]`` input: the extra pass handles
-it), a second forward with gradients before ``norms`` (gradient accumulation, two views),
-a batch of another size, tensors the rules read modified in place later, an error inside the
-forward. Parameters used outside their module's forward are *not* checked here (the check is a
-torch-function mode, which an interrupted forward would leave behind): run
-:func:`per_sample_grad_norms` once first, as the monitor does, which raises for them. Each makes :meth:`~BackwardCapture.norms`
-return ``None`` with :attr:`~BackwardCapture.reason` set, and the caller measures with an extra
-pass instead. Models whose rules replace a module's forward (attention) are not captured
+batch, the mean loss ``loss_fn(model(x), y)`` and one ``backward`` of it, unscaled.
+
+Two layouts need more than hooks, and are read without changing a bit of the caller's pass:
+
+* *The model's own parameters* next to its children (timm's ``cls_token`` / ``pos_embed``): an
+  op that takes such a parameter ``p`` together with batch tensors runs on ``p`` expanded to the
+  batch (``p'[i] = p``), so the gradient reaching ``p'[i]`` is sample i's contribution. Only ops
+  whose result is bit for bit the same either way are batched: broadcasting arithmetic (``+``,
+  ``*``, ``where`` …, which broadcast by this very stride-0 expansion, and whose backward reduces
+  the gradient with the same ``sum_to``), ``expand`` and casts. Any other use declines.
+* *Inputs broadcast over the batch* (Hugging Face's ``position_ids`` of shape ``[1, T]``): the
+  module's ``[1, T, d]`` output is handed on expanded to the batch (a view), which gives each
+  sample its own output gradient. The expanded view may only reach those same ops; any other op
+  (a matmul, dropout, indexing) gets the original output, and the capture declines.
+
+What is checked, each making :meth:`~BackwardCapture.norms` return ``None`` with
+:attr:`~BackwardCapture.reason` set (the caller then measures with an extra pass): a use of a
+parameter or of an expanded output as above that has no bit-for-bit batched form, a parameter used
+outside the forward of the module that owns it, a second forward with gradients before ``norms``
+(gradient accumulation, two views), a batch of another size, tensors the rules read modified in
+place later, an error inside the forward. These checks run as torch-function modes entered in the
+model's forward pre-hook and left in its forward hook, which runs also when the forward raises.
+Models whose rules replace a module's forward (attention, recurrent layers) are not captured
 (:func:`capturable` says why): the replacement need not give bit-identical outputs, and a monitor
 must never change training.
 """
@@ -30,10 +44,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
 from neurothermo._data import batch_size_of
-from neurothermo.gradstats._capture import Recorder, recording
+from neurothermo.gradstats._capture import _QUERIES, Recorder, _writes, recording
 from neurothermo.gradstats.norms import _evaluate, _key
 from neurothermo.gradstats.rules import rule_for
 from neurothermo.gradstats.rules.fallback import tensor_leaves
@@ -43,7 +60,7 @@ def capturable(model: nn.Module, params: Mapping[str, Tensor]) -> str | None:
     """``None`` if ``model`` can be captured passively, else the reason why not."""
     wanted = {id(p) for p in params.values()}
     own = [n for n, p in model.named_parameters(recurse=False) if id(p) in wanted]
-    if own:
+    if own and (rule_for(model) is not None or not _has_param_children(model, wanted)):
         return (f"the model's own top-level parameters {own} are used in its own forward, which "
                 "the capture starts inside of: they would be left out of the norms")
     for name, module in model.named_modules():
@@ -54,6 +71,115 @@ def capturable(model: nn.Module, params: Mapping[str, Tensor]) -> str | None:
             return (f"module {name or type(module).__name__!r} ({type(module).__name__}) is measured "
                     "through a replacement forward, which may not match its own bit for bit")
     return None
+
+
+def _has_param_children(model: nn.Module, wanted: set[int] | frozenset[int]) -> bool:
+    return any(id(p) in wanted for c in model.children() for p in c.parameters())
+
+
+# Ops whose result is bit for bit the same when an operand of leading dimension 1 is replaced by
+# its expansion to the batch (a stride-0 view): TensorIterator broadcasts by that very expansion,
+# and the backward reduces the gradient with the same ``sum_to`` either way.
+_BROADCASTING = frozenset({
+    "add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "__isub__",
+    "sub_", "rsub", "mul", "__mul__", "__rmul__", "__imul__", "mul_", "div", "__truediv__",
+    "__rtruediv__", "__itruediv__", "div_", "true_divide", "where", "addcmul", "addcdiv",
+})
+# Views and casts of an expanded operand: the result is again an expansion of the same values.
+_PASSTHROUGH = frozenset({"expand", "expand_as", "to", "type_as", "float", "double", "half",
+                          "bfloat16"})
+
+
+def _op_name(func: Any) -> str:
+    return str(getattr(func, "__name__", ""))
+
+
+class _PassiveRecorder(Recorder):
+    """A :class:`Recorder` that keeps the caller's pass bit for bit its own.
+
+    Free parameters (the model's own ``cls_token`` / ``pos_embed``) are given their batched view
+    only in ops of :data:`_BROADCASTING` / :data:`_PASSTHROUGH` (else they are marked bad and the
+    capture declines); outputs of broadcast inputs are expanded to the batch and remembered, so
+    that :class:`_BroadcastWatch` can check what consumes them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # id(expanded) → (it, the original, index of its module in ``expanded``)
+        self.marked: dict[int, tuple[Tensor, Tensor, int]] = {}
+        self.problem: str | None = None
+
+    def free_op(self, func: Any, args: Any, kwargs: dict[str, Any], params: list[Tensor]) -> Any:
+        name = _op_name(func)
+        if name not in _BROADCASTING and name not in _PASSTHROUGH:
+            self.free_bad.update(id(p) for p in params)
+            if self.problem is None:
+                self.problem = (f"the model's own parameter(s) "
+                                f"{[self.names.get(id(p), '?') for p in params]} are used by "
+                                f"{name or func!r}, which the capture cannot batch bit for bit")
+            return func(*args, **kwargs)
+        return super().free_op(func, args, kwargs, params)
+
+    def broadcast(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+                  ) -> tuple[tuple[Any, ...], dict[str, Any], Any] | None:
+        grown = super().broadcast(args, kwargs, output)
+        if grown is not None:
+            self.marked[id(grown[2])] = (grown[2], output, len(self.expanded))  # (appended next)
+        return grown
+
+
+class _BroadcastWatch(TorchFunctionMode):
+    """Lets an expanded output (see :class:`_PassiveRecorder`) reach only ops that give the same
+    bits as the broadcast original; any other op gets the original, and the capture declines."""
+
+    def __init__(self, rec: _PassiveRecorder) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def _original(self, t: Any) -> Any:
+        m = self.rec.marked.get(id(t)) if isinstance(t, Tensor) else None
+        return m[1] if m is not None and m[0] is t else t
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        marked = self.rec.marked
+        if not marked or func in _QUERIES:
+            return func(*args, **kwargs)
+        leaves = [t for a in (*args, *kwargs.values())
+                  for t in (a if isinstance(a, list | tuple) else (a,)) if isinstance(t, Tensor)]
+        hit = [t for t in leaves if id(t) in marked and marked[id(t)][0] is t]
+        if not hit:
+            return func(*args, **kwargs)
+        name = _op_name(func)
+        if name == "__get__":  # an attribute: fine unless a tensor view of it (such as .T)
+            out = func(*args, **kwargs)
+            attr = getattr(getattr(func, "__self__", None), "__name__", "")
+            if not isinstance(out, Tensor) or attr in ("_base", "grad"):  # (read by the hooks)
+                return out
+            name = f".{attr}"
+        elif name in _BROADCASTING or name in _PASSTHROUGH:
+            b = self.rec.batch_size
+            if _writes(func, kwargs):  # in place: only into a batch tensor of the caller's own
+                target = args[0] if args else None
+                if (isinstance(target, Tensor) and not any(target is t for t in hit)
+                        and target.dim() > 0 and target.shape[0] == b):
+                    return func(*args, **kwargs)
+            else:
+                out = func(*args, **kwargs)
+                if isinstance(out, Tensor) and all(
+                        id(t) in marked or t.dim() == 0 or t.shape[0] == 1 for t in leaves):
+                    # still an expansion (a cast, or with other broadcast operands): follow it
+                    orig = func(*tree_map(self._original, args), **tree_map(self._original, kwargs))
+                    if out is not orig:
+                        marked[id(out)] = (out, orig, marked[id(hit[0])][2])
+                return out
+        if self.rec.problem is None:
+            i = marked[id(hit[0])][2]
+            module = self.rec.expanded[i] if i < len(self.rec.expanded) else "?"
+            self.rec.problem = (f"the output of {module!r} (a broadcast input of "
+                                f"leading dimension 1) is used by {name or func!r}, which the "
+                                "capture cannot batch bit for bit")
+        return func(*tree_map(self._original, args), **tree_map(self._original, kwargs))
 
 
 class BackwardCapture:
@@ -104,9 +230,11 @@ class BackwardCapture:
         self._handles: list[RemovableHandle] = []
         self._node_handles: list[RemovableHandle] = []
         self._state = "idle"  # idle → armed → recording → recorded
-        self._rec: Recorder | None = None
+        self._rec: _PassiveRecorder | None = None
         self._ctx: AbstractContextManager[Any] | None = None
+        self._watch: _BroadcastWatch | None = None
         self._delta: dict[tuple[int, int], Tensor | None] = {}
+        self._seeds: list[Tensor] = []  # gradients reaching a scalar (loss) output of the model
         self.reason: str | None = None
 
     @property
@@ -130,7 +258,7 @@ class BackwardCapture:
         self._handles, self._node_handles = [], []
         if self._state == "recording":
             self._leave()
-        self._state, self._rec, self._delta = "idle", None, {}
+        self._state, self._rec, self._delta, self._seeds = "idle", None, {}, []
 
     def _fail(self, reason: str) -> None:
         if self.reason is None:
@@ -139,6 +267,9 @@ class BackwardCapture:
     def _leave(self) -> None:
         if self._rec is not None:
             self._rec.active = False
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch's mode, unannotated
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
             ctx.__exit__(None, None, None)
@@ -158,25 +289,52 @@ class BackwardCapture:
             self._fail(reason)
             return
         self._b = int(leaves[0].shape[0])
-        # No expansion of broadcast inputs: the caller's pass must stay bit for bit its own
-        # (a rule then refuses the broadcast input, and norms() gives None with the reason).
-        self._rec = Recorder(self._b, self._wanted, clone=False, create_graph=False,
-                             names=self._names, expand_broadcast=False)
-        self._ctx = recording(self.model, self._rec, guard=False)
+        # Outputs of broadcast inputs are expanded to the batch and free parameters batched only
+        # where that leaves the caller's pass bit for bit its own (_PassiveRecorder,
+        # _BroadcastWatch); elsewhere the capture declines and norms() gives None with the reason.
+        rec = self._rec = _PassiveRecorder(self._b, self._wanted, clone=False, create_graph=False,
+                                           names=self._names, expand_broadcast=True)
+        self._ctx = recording(self.model, rec, guard=True)
         self._ctx.__enter__()
+        self._watch = _BroadcastWatch(rec)
+        self._watch.__enter__()  # type: ignore[no-untyped-call]  # torch's TorchFunctionMode, unannotated
+        # the model's own hooks were collected before this one ran: enter its frame here (its
+        # free parameters are then batched op by op, as the hooks do for every other module)
+        own = frozenset(id(p) for p in module.parameters(recurse=False)) & self._wanted
+        if own:  # (popped by the hook that recording() gave the model)
+            free = own if rule_for(module) is None else frozenset()
+            rec.enter(type(module).__name__, own, free)
         self._state = "recording"
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-              output: Any) -> None:
+              output: Any) -> Any:
         if self._state != "recording":
-            return
+            return None
         self._leave()
         self._state = "recorded"
         rec = self._rec
         assert rec is not None
+        if rec.marked and any(id(t) in rec.marked for t in tensor_leaves(output)):
+            self._fail("an expanded broadcast output is part of the model's output")
+            marked = rec.marked
+
+            def original(t: Any) -> Any:
+                m = marked.get(id(t)) if isinstance(t, Tensor) else None
+                return m[1] if m is not None and m[0] is t else t
+
+            return tree_map(original, output)  # the caller gets its own values back
+        if rec.problem is not None or rec.free_bad:
+            self._fail(rec.problem or f"the model's own parameters "
+                       f"{sorted(self._names.get(i, '?') for i in rec.free_bad)} are used in an "
+                       "op that does not take them batched")
+            return None
+        if rec.stray:
+            where = "; ".join(f"{p!r} in {m!r}" for p, m in sorted(rec.stray.items()))
+            self._fail(f"parameters are used outside the forward of the module that owns them ({where})")
+            return None
         if output is None or not any(t.requires_grad for t in tensor_leaves(output)):
             self._fail("the forward raised or its output does not depend on the parameters")
-            return
+            return None
         seen: set[tuple[int, int]] = set()
         for use in rec.uses:
             for edge in use.targets:
@@ -185,6 +343,22 @@ class BackwardCapture:
                     continue
                 seen.add(key)
                 self._node_handles.append(edge.node.register_prehook(self._catch(key, edge.output_nr)))
+        # A model that returns its loss (Hugging Face, ``model_loss``): the gradient reaching that
+        # scalar must be 1, i.e. the caller backpropagated the loss unscaled (a Trainer under DDP
+        # multiplies it by the number of ranks, which would scale every ‖g_i‖² by its square).
+        for t in tensor_leaves(output):
+            if t.dim() == 0 and t.requires_grad and t.grad_fn is not None:
+                edge = get_gradient_edge(t)
+                self._node_handles.append(edge.node.register_prehook(self._seed(edge.output_nr)))
+        return None
+
+    def _seed(self, index: int) -> Any:
+        def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            d = grad_outputs[index]
+            if self._state == "recorded" and d is not None:
+                self._seeds.append(d.detach().clone())
+
+        return hook
 
     def _catch(self, key: tuple[int, int], index: int) -> Any:
         def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
@@ -217,6 +391,11 @@ class BackwardCapture:
                 return None
             if not self._delta:
                 self._fail("no backward ran through the recorded forward")
+                return None
+            scaled = [float(d) for d in self._seeds if not bool((d == 1).all())]
+            if scaled:
+                self._fail(f"the backward started from the model's returned loss scaled by "
+                           f"{scaled[0]:g}; the norms are those of the unscaled mean loss")
                 return None
             if rec.modified_in_place():
                 self._fail(f"tensors recorded at {rec.modified_in_place()} were modified in place")

@@ -11,7 +11,8 @@ no Python bookkeeping per column:
   ``m_a / m_b`` and residuals ``(m_a − m_b)/(m_a + m_b)`` of consecutive layers, weight norms;
 * per unit of a per-unit symmetry the incoming and outgoing gradient energies, their running
   expectations, ``Σ_u m_in / Σ_u m_out`` and ``Σ_u |m_in − m_out| / Σ_u (m_in + m_out)``;
-* for rescale symmetries the charge ``J_u = Σ_in θ² − Σ_out θ²`` before the step, its measured
+* for symmetries with one charge entry per unit (rescale, scale) the charge
+  ``J_u = Σ_in θ² − Σ_out θ²`` before the step, its measured
   change (after minus before) and, for plain SGD, the exact prediction
   ``((1 − lr·wd)² − 1)·J + lr²·(e_in − e_out)`` and ``max_u |measured − predicted|``;
 * ``lr``, ``b`` and the temperature ``lr/b``.
@@ -43,7 +44,7 @@ class RawStep:
     """What one recorded step keeps until the next flush (reduced vectors only, no big tensors).
 
     ``predict``: the step is a plain SGD step, so charge predictions are exact and recorded.
-    ``after`` is set by ``after_step`` when rescale charges are tracked.
+    ``after`` is set by ``after_step`` when charges derived from the sums are tracked.
     """
 
     step: int
@@ -125,8 +126,17 @@ def derive(layout: Layout, tracked: Sequence[Tracked], ema: LayerEma, block: Seq
 
 
 def deferred_charge(t: Tracked) -> bool:
-    """Rescale charges per unit are derived from the shared sums; other kinds are computed eagerly."""
-    return t.per_unit and t.sym.kind == "rescale"
+    """Whether ``t``'s charge is derived from the shared sums at flush time.
+
+    A charge with one entry per unit (``block == 1``, not ``whole``: rescale, and the scale
+    invariance of the weights in front of a normalisation) is ``J_u = Σ_in θ² − Σ_out θ²`` over
+    the unit's rows, which the step's per-unit sums already hold; matrix and whole-model charges
+    (double rotations, one scale for all slices) are computed eagerly with ``sym.charge``."""
+    if t.deferred is None:  # fixed per symmetry: decided once
+        s = t.sym
+        t.deferred = (s.block == 1 and not s.whole and all(
+            sl.dim is not None and not sl.buffer for sl in s.slices if sl.role != "passive"))
+    return t.deferred
 
 
 def _layers(layout: Layout, ema_in: LayerEma, steps: list[int], grads: SquareSums,

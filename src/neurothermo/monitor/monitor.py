@@ -40,7 +40,9 @@ the host every ``sync_every`` recorded steps (then rows go to the ``writer``).
 **Cost** of a recorded step (no device synchronisation): one read of every gradient and one of every
 parameter after the step (the parameter sums are reused as the next step's "before"); a tensor whose
 units are read along two axes (a hidden layer's weight is the outgoing side of one layer of units
-and the incoming side of the next) is squared once into a reused buffer and reduced twice. Only
+and the incoming side of the next) is squared once into a reused buffer and reduced twice, each
+time along contiguous runs. Every charge with one entry per unit (rescale, and the scale
+invariance of the weights in front of a normalisation) is read off these same sums. Only
 these reductions run at the step: the small vectors they give are kept, and every derived column
 (running averages, ratios, residuals, charges and their predicted and measured changes) is computed
 for a whole block of steps when the history is flushed or read (``derive.py``), with identical
@@ -482,9 +484,10 @@ class ThermoMonitor:
             syms = detect(self.model, inputs, self._sym_request,
                           note=lambda text: self._note("symmetries", text))
         tracked = track(syms, self._params)
-        keys = {(s.name, s.dim, s.view): None for t in tracked if t.per_unit for s in t.sym.slices
+        keys = {(s.name, s.dim, s.view): None for t in tracked if t.per_unit or deferred_charge(t)
+                for s in t.sym.slices
                 if s.role != "passive" and not s.buffer and s.dim is not None}
-        self._unit_keys = list(keys)
+        self._unit_keys = sorted(keys, key=lambda k: k[1] == 0)  # (the order prepare() wants)
         self._psums = None
         self._history.meta["symmetries"] = [t.describe() for t in tracked]
         for t in tracked:  # restore unit EMAs after a resume

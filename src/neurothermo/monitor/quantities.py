@@ -6,6 +6,7 @@ torch's ``wd`` (the step uses ``g + wd·θ``). Nothing here synchronises with th
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -30,6 +31,17 @@ class Slice(Protocol):
 
 
 _FUSED_NORM_NUMEL = 1 << 16  # below this, norms share one _foreach_norm call (slow on big CPU tensors)
+
+
+def _ordered(keys: Sequence[tuple[str, int, tuple[int, ...] | None]]) -> bool:
+    """Whether every key along axis 0 comes after those along other axes."""
+    seen_zero = False
+    for _, dim, _ in keys:
+        if dim == 0:
+            seen_zero = True
+        elif seen_zero:
+            return False
+    return True
 
 
 class SquareSums:
@@ -61,7 +73,8 @@ class SquareSums:
         key covers gets its ``‖t‖²`` (one norm kernel each, one fused call for small tensors).
         What is left are the reduced vectors only, safe to keep for later (:meth:`stacked`).
         """
-        for name, dim, view in keys:
+        # axes other than the leading one first: their squared buffer then serves axis 0 too
+        for name, dim, view in keys if _ordered(keys) else sorted(keys, key=lambda k: k[1] == 0):
             self.along(name, dim, view)
         covered = {n for n, _, _ in self._along}
         rest = [n for n in names if n not in covered and self.tensors.get(n) is not None]
@@ -119,26 +132,49 @@ class SquareSums:
         return out
 
     def along(self, name: str, dim: int, view: tuple[int, ...] | None = None) -> Tensor | None:
+        """``Σ t²`` over every axis of ``name`` (viewed as ``view``) but ``dim``: one entry per unit.
+
+        Memory-bound, so each tensor is read as few times as possible and only along contiguous
+        runs: a reduction over the leading axis alone is one fused norm pass (no temporary);
+        otherwise the tensor is squared once into a reused buffer, seen as ``[A, n, B]`` (``n``
+        units, ``A``/``B`` the axes before/after ``dim``), and reduced first over ``A`` (whole
+        contiguous rows added) and then over ``B`` (contiguous runs) — a reduction over
+        non-adjacent strided axes at once is several times slower on a CPU.
+        """
         key = (name, dim, view)
         if key in self._along:
             return self._along[key]
         t = self.tensors.get(name)
         if t is None:
             return None
-        v = t.detach() if view is None else t.detach().view(view)
+        if t.requires_grad and torch.is_grad_enabled():  # (the monitor runs under no_grad)
+            t = t.detach()
+        v = t if view is None else t.view(view)
         dim = dim % v.ndim
         sq = self._squares.get((name, view))
-        if v.ndim == 1:
-            r = v * v
+        n = v.shape[dim]
+        if v.numel() == n:  # one entry per unit (a bias, a [1, n] weight): no reduction
+            r = (v * v).reshape(n)
         elif sq is None and dim == 0 and v.is_contiguous():  # one pass, no temporary
-            r = torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1).square()
+            r = torch.linalg.vector_norm(v.reshape(n, -1), dim=1).square()
         else:
             if sq is None:
                 buf = self._scratch.get((name, view))
                 if buf is None or buf.shape != v.shape or buf.dtype != v.dtype or buf.device != v.device:
-                    buf = self._scratch[(name, view)] = torch.empty_like(v)
+                    buf = self._scratch[(name, view)] = torch.empty_like(v, memory_format=torch.contiguous_format)
                 sq = self._squares[(name, view)] = torch.mul(v, v, out=buf)
-            r = sq.sum(dim=[d for d in range(v.ndim) if d != dim])
+            a = math.prod(v.shape[:dim])
+            if a == 1:
+                rows = sq.reshape(-1)  # [n·B]
+            elif sq.device.type == "cpu" and a >= 64:  # adding many rows: a matrix-vector product is faster there
+                ones = self._scratch.get(("ones", a, sq.dtype))
+                if ones is None:
+                    ones = self._scratch[("ones", a, sq.dtype)] = sq.new_ones(a)
+                rows = torch.mv(sq.reshape(a, -1).t(), ones)
+            else:  # (not on GPUs: a matmul may run in TF32 there)
+                rows = sq.reshape(a, -1).sum(0)
+            # (never a view of the buffer: the result outlives the step, the buffer does not)
+            r = rows.view(n, -1).sum(1) if rows.numel() > n else rows
         self._along[key] = r
         return r
 

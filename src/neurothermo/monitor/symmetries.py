@@ -91,6 +91,7 @@ class Tracked:
     predicted: Tensor | None = None
     ema_in: Tensor | None = None
     ema_out: Tensor | None = None
+    deferred: bool | None = None  # charge derived from the shared sums (derive.deferred_charge)
     _cache: tuple[tuple[int, ...], Tensor] | None = field(default=None, repr=False)
     cols: dict[str, str] = field(default_factory=dict, repr=False)
 
