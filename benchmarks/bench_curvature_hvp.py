@@ -19,7 +19,9 @@ which wall time is not), with the ratio neurothermo / PyHessian:
 
 * ``HVP alone``: one product alone, the first-order graph built beforehand. PyHessian:
   ``hessian_vector_product(gradsH, params, v)``; neurothermo: ``op.matvec(v)`` of
-  ``hessian_operator`` (both one backward through the retained graph).
+  ``hessian_operator`` (both one backward through the retained graph). ``bare autograd.grad``: the
+  same product without neurothermo's wrapper (``torch.autograd.grad`` on the operator's own
+  retained graph, the vector as views), the floor any wrapper around that graph has.
 * ``in a solve``: a top-eigenvalue solve of ``--products`` products, everything included (building
   the graph, the start vector, the solver's own arithmetic, the returned vector) divided by the
   products. PyHessian: ``hessian(model, loss, data, cuda=False).eigenvalues(maxIter=m, tol=-1)``
@@ -34,6 +36,10 @@ which wall time is not), with the ratio neurothermo / PyHessian:
   kernel maps and zeroes 11 k pages). A Krylov method stores one new vector per product and
   power iteration none, so this is a cost per product PyHessian does not have.
 
+Like with like on the ViT (checked with ``torch.profiler``): both products run the same aten ops
+(the math-backend attention, 24 ``bmm`` and 4 softmax-backward per product), except PyHessian's 32
+extra ``AddBackward`` + 32 ``CopyBackwards`` nodes (its ``gradsH`` are ``p.grad + 0.``) and
+neurothermo's two ``unflatten_dense_tensors`` and one ``_foreach_copy_`` (vector in, result out).
 PyHessian cannot differentiate twice through the fused SDPA kernels (``derivative for
 aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented``), so its ViT rows run
 inside ``sdpa_kernel(SDPBackend.MATH)``, the selection neurothermo makes itself. The rows alternate
@@ -70,6 +76,35 @@ whole solve to tol 1e-3    0.96    0.92   0.88                        0.99
 =========================  ======  =====  ==========================  ==========================
 
 (ViT to tol 1e-3: 20 vs 19 products, errors 1.4e-2 vs 2.1e-7.)
+
+The ViT's standalone product, profiled (cProfile and ``torch.profiler``, 1 thread): the excess was
+ours, the Python loop of ``split`` + 32 ``view`` calls that ``ParamSpace.views`` ran twice per
+product (the vector in, the result column out), 0.15 ms of a 6 ms product; it is now one native
+``unflatten_dense_tensors`` call each. Interleaved product by product (400 products per variant, the
+order rotated every product, same process, load 2.7): neurothermo / PyHessian 1.015 before, 0.958
+after; our wrapper alone (the product replaced by a stored result) 0.42 → 0.19 ms (5.8 → 3.3 % of
+PyHessian's product); the bare ``autograd.grad`` on our graph 0.91–0.94 (our graph lacks
+PyHessian's 64 extra nodes of its ``p.grad + 0.``), so what is left above the bare call is the wrapper's 3 %: two
+native splits, one ``_foreach_copy_`` into the result column, the bookkeeping of ``matmat``.
+This script, ``--rounds 5 --products 24``, code before (commit cdedf3a) and after run one after the
+other at load 2.3–4.1, fastest-round ratio; median (range):
+
+==============================  ========================  ========================
+ViT, b = 16                     before                    after
+==============================  ========================  ========================
+HVP alone                       1.04; 0.96 (0.90–1.18)    1.02; 1.03 (0.95–1.05)
+  bare autograd.grad                                      0.99; 0.99 (0.92–1.02)
+in a solve, per product         1.06; 0.99 (0.90–1.12)    0.92; 0.92 (0.91–1.06)
+whole solve to tol 1e-3         0.84                      1.01 (0.12 s vs 0.12 s)
+ResNet-18, HVP alone            0.86; 0.86 (0.76–0.94)    0.97; 1.00 (0.91–1.11)
+  bare autograd.grad                                      0.78; 0.83 (0.71–0.99)
+ResNet-18, in a solve           1.18; 1.16 (1.06–1.18)    1.17; 1.24 (1.11–1.37)
+ResNet-18, whole solve 1e-3     0.87                      0.66
+==============================  ========================  ========================
+
+Round to round these rows move by ±5–15 % on this machine (ResNet-18 HVP alone spans 0.76–1.11
+across the two runs for a change that removes 0.1 ms of a 150 ms product): the effect on the ViT,
+~5 % of a product, is below this script's noise and is measured by the interleaved comparison above.
 
 Earlier in the same session, at load 0.4–9 and with PyHessian's start unseeded, the code before
 gave 0.98 / 1.33 / 1.50 / 1.02 (ResNet-18) and 1.23 / 1.04 / 0.75 / 1.69 (ViT) for the four rows.
@@ -170,7 +205,7 @@ def pyhessian_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int,
 
 
 def ours_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-              m: int) -> tuple[Callable[[], int], Callable[[], int], Callable[[], int]]:
+              m: int) -> tuple[Callable[[], int], Callable[[], int], Callable[[], int], Callable[[], int]]:
     def product() -> int:
         with hessian_operator(model, CE, (x, y), mode="eval") as op:
             v = torch.randn(op.size)
@@ -178,6 +213,16 @@ def ours_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             for _ in range(m):
                 op.matvec(v)
             product.spent = time.process_time() - t0  # type: ignore[attr-defined]
+        return m
+
+    def bare() -> int:  # the floor of any wrapper: the autograd call alone on the same graph
+        with hessian_operator(model, CE, (x, y), mode="eval") as op:
+            grads, params = op._grads[0], op._plist  # type: ignore[index]
+            v = op.space.views(torch.randn(op.size))
+            t0 = time.process_time()
+            for _ in range(m):
+                torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+            bare.spent = time.process_time() - t0  # type: ignore[attr-defined]
         return m
 
     def solve() -> int:
@@ -192,7 +237,7 @@ def ours_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         finally:
             eigen_mod.lanczos = lanczos
 
-    return product, solve, solve_full
+    return product, bare, solve, solve_full
 
 
 def fresh_column_seconds(n: int) -> float:
@@ -213,13 +258,13 @@ def measure(name: str, m: int, rounds: int, b: int) -> None:
     model, x, y = problem(name, b)
     n_params = sum(p.numel() for p in model.parameters())
     ctx = (lambda: sdpa_kernel(SDPBackend.MATH)) if name == "vit" else (lambda: _Null())
-    ours_p, ours_s, ours_f = ours_rows(model, x, y, m)
+    ours_p, ours_b, ours_s, ours_f = ours_rows(model, x, y, m)
     ph_p, ph_s = pyhessian_rows(model, x, y, m, ctx)
-    for fn in (ph_p, ours_p):  # warm-up: first calls pay for allocations and lazy initialisation
+    for fn in (ph_p, ours_p, ours_b):  # warm-up: first calls pay for allocations and lazy initialisation
         fn()
     runs: dict[str, list[float]] = {}
     for r in range(rounds):  # the order alternates round by round, so drifting load hits both
-        products = (("ph product", ph_p), ("nt product", ours_p))
+        products = (("ph product", ph_p), ("nt product", ours_p), ("nt bare", ours_b))
         solves = (("ph solve", ph_s), ("nt solve", ours_s), ("nt solve full", ours_f))
         for key, fn in products if r % 2 == 0 else products[::-1]:
             fn()
@@ -259,7 +304,11 @@ def measure(name: str, m: int, rounds: int, b: int) -> None:
           f"fastest of {rounds} alternating rounds, CPU seconds; last column: the ratio per round, "
           "median (min–max)")
     print(f"  {'':32s} {'PyHessian':>10s} {'neurothermo':>12s} {'ratio':>7s}")
+    if name == "vit":
+        print("  attention: both sides build their graph and differentiate it with SDPA's math backend "
+              "(PyHessian inside sdpa_kernel(SDPBackend.MATH), neurothermo selects it itself)")
     for row, theirs, ours in (("HVP alone, per product", "ph product", "nt product"),
+                              ("  bare autograd.grad, our graph", "ph product", "nt bare"),
                               ("in a solve, per product", "ph solve", "nt solve"),
                               ("  the same, full reorth.", "ph solve", "nt solve full")):
         a, c = best[theirs], best[ours]
