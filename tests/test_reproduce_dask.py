@@ -128,8 +128,13 @@ def test_killed_worker_loses_no_run(tmp_path: Path) -> None:
         killed = None
         deadline = time.monotonic() + 60
         while killed is None and time.monotonic() < deadline and t.is_alive():
-            running = [p for p in tmp_path.glob("*/*/status") if p.read_text().strip() == "running"]
-            busy = [w for w, keys in client.processing().items() if keys]
+            # the worker whose task has a run folder in progress (task keys are run-<name>-<hex>;
+            # entropic-flow's quick run takes under a second, so "any busy worker" could be one
+            # whose run had just finished)
+            running = {p.parent.parent.name for p in tmp_path.glob("*/*/status")
+                       if p.read_text().strip() == "running"}
+            busy = [w for w, keys in client.processing().items()
+                    if any(str(k).startswith(tuple(f"run-{n}-" for n in running)) for k in keys)]
             if running and busy:
                 pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
                 os.kill(pid, signal.SIGKILL)
