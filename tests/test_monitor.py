@@ -557,7 +557,8 @@ def test_square_sums_in_row_blocks_against_direct_sums(monkeypatch, chunk: int |
             ("9.weight", 1), ("11.weight", 1)} <= axes, sorted(axes)
     g = torch.Generator().manual_seed(1)
     big = {"w": torch.randn(150, 8, 3, 3, generator=g, dtype=torch.float64)}
-    big_keys = [("w", d, None) for d in range(4)] + [("w", 1, (150, 8, 9))]
+    big_keys = [("w", d, None) for d in range(4)] + [("w", 1, (150, 8, 9)), ("w", -1, None),
+                                                    ("w", -3, (150, 8, 9))]  # (numbered from the end)
     scratch: dict = {}
     for tensors, ks in [({n: p.detach() for n, p in named.items()}, keys),
                         ({n: p.grad for n, p in named.items()}, keys), (big, big_keys)]:

@@ -69,8 +69,17 @@ class SquareSums:
         groups: dict[tuple[str, tuple[int, ...] | None], list[int]] = {}
         for name, dim, view in keys:
             groups.setdefault((name, view), []).append(dim)
+        vectors: list[tuple[str, tuple[int, ...] | None, int]] = []  # one entry per unit: squared as is
         for (name, view), dims in groups.items():
-            self._reduce(name, view, dims)
+            t = self.tensors.get(name)
+            if t is not None and all(t.numel() == (t.shape if view is None else view)[d] for d in dims):
+                vectors.extend((name, view, d) for d in dims)
+            else:
+                self._reduce(name, view, dims)
+        if vectors:  # (a bias, a norm layer's weight: one fused kernel for all of them)
+            flat = [self.tensors[n].detach().reshape(-1) for n, _, _ in vectors]  # type: ignore[union-attr]
+            for (name, view, d), sq in zip(vectors, torch._foreach_mul(flat, flat)):
+                self._along[(name, d, view)] = sq
         covered = {n for n, _, _ in self._along}
         rest = [n for n in names if n not in covered and self.tensors.get(n) is not None]
         small = [n for n in rest if self.tensors[n].numel() < _FUSED_NORM_NUMEL]  # type: ignore[union-attr]
@@ -155,19 +164,26 @@ class SquareSums:
         if t.requires_grad and torch.is_grad_enabled():  # (the monitor runs under no_grad)
             t = t.detach()
         v = t if view is None else t.view(view)
-        axes = sorted({d % v.ndim for d in dims})
-        todo = [d for d in axes if (name, d, view) not in self._along]
-        if not todo:
+        asked = [d for d in dims if (name, d, view) not in self._along]  # (as the caller numbers them)
+        if not asked:
             return
+        res: dict[int, Tensor] = {}
+        self._reduce_axes(v, name, view, sorted({d % v.ndim for d in asked}), res)
+        for d in asked:
+            self._along[(name, d, view)] = res[d % v.ndim]
+
+    def _reduce_axes(self, v: Tensor, name: str, view: tuple[int, ...] | None, todo: list[int],
+                     res: dict[int, Tensor]) -> None:
+        """:meth:`_reduce` along the (non-negative, sorted) axes ``todo`` of ``v``, into ``res``."""
         for d in todo:
             if v.numel() == v.shape[d]:  # one entry per unit (a bias, a [1, n] weight): no reduction
-                self._along[(name, d, view)] = (v * v).reshape(-1)
-        todo = [d for d in todo if (name, d, view) not in self._along]
+                res[d] = (v * v).reshape(-1)
+        todo = [d for d in todo if d not in res]
         if not todo:
             return
         rows = v.shape[0]
         if todo == [0] and v.is_contiguous():  # one pass, no temporary
-            self._along[(name, 0, view)] = torch.linalg.vector_norm(v.reshape(rows, -1), dim=1).square()
+            res[0] = torch.linalg.vector_norm(v.reshape(rows, -1), dim=1).square()
             return
         cpu = v.device.type == "cpu"
         block = max(1, _CHUNK_NUMEL // max(1, v[0].numel())) if cpu else rows
@@ -200,10 +216,10 @@ class SquareSums:
                     part = m.sum(0)
                     acc[d] = part if d not in acc else acc[d].add_(part)
         if lead is not None:
-            self._along[(name, 0, view)] = lead
+            res[0] = lead
         for d, r in acc.items():  # (never a view of the buffer: the result outlives the step)
             n = v.shape[d]
-            self._along[(name, d, view)] = r.view(n, -1).sum(1) if r.numel() > n else r
+            res[d] = r.view(n, -1).sum(1) if r.numel() > n else r
 
     def unit_energies(self, slices: Sequence[Slice], n_units: int) -> tuple[Tensor, Tensor]:
         """Per unit: squared entries of its ``"in"`` rows and of its ``"out"`` rows, summed.
