@@ -12,8 +12,10 @@ repetition is a warm-up, and noise steps after it read the loop's own pass):
               the step: a lower bound for any monitor that reads each of them once (the balance
               columns need per-unit sums along one or two axes of each tensor, which cost more);
 * units     — plus only the per-unit squared sums the balance columns need (``SquareSums`` of
-              every gradient and every parameter, along the unit axes of the detected symmetries),
-              without the monitor's bookkeeping: the floor of per-unit monitoring;
+              every gradient and every parameter, along the unit axes of the detected symmetries,
+              with the monitor's own reduction: each tensor read once for all its unit axes,
+              squared a block of rows at a time into a cache-sized buffer on a CPU), without the
+              monitor's bookkeeping: the floor of per-unit monitoring;
 * balance   — plus ThermoMonitor(every=1, noise_every=None): layer and unit gradient energies,
               balance ratios, charges with predicted and measured change (target ≤ 1.05×);
 * noise/10  — plus the entropic terms and Tr Σ every 10 steps (target ≤ 1.10×). The ResNet's

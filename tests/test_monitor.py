@@ -522,3 +522,52 @@ def test_per_unit_scale_charges_in_front_of_batchnorm_against_direct_computation
                                    rtol=1e-9, atol=1e-15)
         assert h[names.charge_err(i)].max() <= 1e-13 * max(1.0, np.abs(j).max())
         assert np.abs(meas).max() > 1e4 * h[names.charge_err(i)].max()
+
+
+@pytest.mark.parametrize("chunk", [1, 100, 72 * 70, None])
+def test_square_sums_in_row_blocks_against_direct_sums(monkeypatch, chunk: int | None) -> None:
+    """All axes of a tensor from one read, a block of leading-axis rows at a time (``chunk``
+    entries per block: one row, a few rows, 70 of 150 rows so that blocks add up by a
+    matrix-vector product and the last, short block by a sum, or the default): every reduction
+    equals the float64 ``Σ t²`` over the other axes, for conv weights (3×3 and 1×1), Linear
+    weights, norm-layer vectors and a view, on the real keys of the symmetries found in a network
+    with BatchNorm, GroupNorm, a 1×1 conv and Linear layers, on parameters and on gradients."""
+    from neurothermo.monitor import quantities
+    from neurothermo.monitor.derive import deferred_charge
+    from neurothermo.monitor.quantities import SquareSums
+    from neurothermo.monitor.symmetries import track
+
+    if chunk is not None:
+        monkeypatch.setattr(quantities, "_CHUNK_NUMEL", chunk)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.GroupNorm(2, 8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 7),
+                          nn.ReLU(), nn.Linear(7, 3)).double()
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    model(x).square().mean().backward()
+    named = dict(model.named_parameters())
+    tracked = track(nt.find_symmetries(model, x[:4]), named)
+    keys = list(dict.fromkeys((s.name, s.dim, s.view) for t in tracked if t.per_unit or deferred_charge(t)
+                              for s in t.sym.slices
+                              if s.role != "passive" and not s.buffer and s.dim is not None))
+    axes = {(n, d) for n, d, _ in keys}
+    # the conv weights are read along both axes, the 1×1 conv and a Linear weight too
+    assert {("0.weight", 0), ("3.weight", 0), ("3.weight", 1), ("6.weight", 1), ("9.weight", 0),
+            ("9.weight", 1), ("11.weight", 1)} <= axes, sorted(axes)
+    g = torch.Generator().manual_seed(1)
+    big = {"w": torch.randn(150, 8, 3, 3, generator=g, dtype=torch.float64)}
+    big_keys = [("w", d, None) for d in range(4)] + [("w", 1, (150, 8, 9)), ("w", -1, None),
+                                                    ("w", -3, (150, 8, 9))]  # (numbered from the end)
+    scratch: dict = {}
+    for tensors, ks in [({n: p.detach() for n, p in named.items()}, keys),
+                        ({n: p.grad for n, p in named.items()}, keys), (big, big_keys)]:
+        sums = SquareSums(tensors, scratch).prepare(ks, list(tensors))
+        for name, dim, view in ks:
+            v = tensors[name] if view is None else tensors[name].view(view)
+            others = [d for d in range(v.ndim) if d != dim % v.ndim]
+            ref = v.square().sum(others) if others else v.square()
+            torch.testing.assert_close(sums._along[(name, dim, view)], ref, rtol=1e-13, atol=0)
+        per = sums.per_tensor(list(tensors))
+        torch.testing.assert_close(per, torch.stack([t.square().sum() for t in tensors.values()]),
+                                   rtol=1e-13, atol=0)

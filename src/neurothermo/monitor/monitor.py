@@ -487,7 +487,7 @@ class ThermoMonitor:
         keys = {(s.name, s.dim, s.view): None for t in tracked if t.per_unit or deferred_charge(t)
                 for s in t.sym.slices
                 if s.role != "passive" and not s.buffer and s.dim is not None}
-        self._unit_keys = sorted(keys, key=lambda k: k[1] == 0)  # (the order prepare() wants)
+        self._unit_keys = list(keys)  # (prepare() reads each tensor once for all its axes)
         self._psums = None
         self._history.meta["symmetries"] = [t.describe() for t in tracked]
         for t in tracked:  # restore unit EMAs after a resume

@@ -31,17 +31,10 @@ class Slice(Protocol):
 
 
 _FUSED_NORM_NUMEL = 1 << 16  # below this, norms share one _foreach_norm call (slow on big CPU tensors)
-
-
-def _ordered(keys: Sequence[tuple[str, int, tuple[int, ...] | None]]) -> bool:
-    """Whether every key along axis 0 comes after those along other axes."""
-    seen_zero = False
-    for _, dim, _ in keys:
-        if dim == 0:
-            seen_zero = True
-        elif seen_zero:
-            return False
-    return True
+# On a CPU a tensor read along several axes is squared a block of leading-axis rows at a time into a
+# buffer of about this many entries (1 MiB in float32: it stays in a core's L2 cache while it is
+# reduced, instead of a full-size squared copy written to memory and read back once per axis).
+_CHUNK_NUMEL = 1 << 18
 
 
 class SquareSums:
@@ -50,7 +43,7 @@ class SquareSums:
     ``along(name, dim)`` is ``Σ t²`` over every axis but ``dim`` (a vector along ``dim``);
     ``per_tensor`` gives ``‖t‖²`` per tensor, reusing any ``along`` reduction already made. One
     object per step and per source (gradients, or parameters), so the per-unit energies, the
-    charges and the per-layer norms read each tensor about once. The monitor calls :meth:`prepare`
+    charges and the per-layer norms read each tensor once. The monitor calls :meth:`prepare`
     at the step (the reductions, then the big tensors are let go) and :meth:`stacked` joins
     many steps for the derived columns (``derive.py``).
     """
@@ -59,7 +52,6 @@ class SquareSums:
                  scratch: dict[Any, Tensor] | None = None) -> None:
         self.tensors = tensors
         self._along: dict[tuple[str, int, tuple[int, ...] | None], Tensor] = {}
-        self._squares: dict[tuple[str, tuple[int, ...] | None], Tensor] = {}
         self._units: dict[int, tuple[Tensor, Tensor]] = {}
         self._rest: dict[str, Tensor] = {}
         # reused buffers for squared entries: a fresh large allocation each step costs page faults
@@ -69,13 +61,25 @@ class SquareSums:
                 names: Sequence[str]) -> SquareSums:
         """Make every reduction now, then drop the references to the tensors (:meth:`release`).
 
-        ``keys`` are the ``(name, dim, view)`` of :meth:`along`; every tensor of ``names`` that no
-        key covers gets its ``‖t‖²`` (one norm kernel each, one fused call for small tensors).
-        What is left are the reduced vectors only, safe to keep for later (:meth:`stacked`).
+        ``keys`` are the ``(name, dim, view)`` of :meth:`along`; all the axes asked of one tensor
+        come from one read of it (:meth:`_reduce`); every tensor of ``names`` that no key covers
+        gets its ``‖t‖²`` (one norm kernel each, one fused call for small tensors). What is left
+        are the reduced vectors only, safe to keep for later (:meth:`stacked`).
         """
-        # axes other than the leading one first: their squared buffer then serves axis 0 too
-        for name, dim, view in keys if _ordered(keys) else sorted(keys, key=lambda k: k[1] == 0):
-            self.along(name, dim, view)
+        groups: dict[tuple[str, tuple[int, ...] | None], list[int]] = {}
+        for name, dim, view in keys:
+            groups.setdefault((name, view), []).append(dim)
+        vectors: list[tuple[str, tuple[int, ...] | None, int]] = []  # one entry per unit: squared as is
+        for (name, view), dims in groups.items():
+            t = self.tensors.get(name)
+            if t is not None and all(t.numel() == (t.shape if view is None else view)[d] for d in dims):
+                vectors.extend((name, view, d) for d in dims)
+            else:
+                self._reduce(name, view, dims)
+        if vectors:  # (a bias, a norm layer's weight: one fused kernel for all of them)
+            flat = [self.tensors[n].detach().reshape(-1) for n, _, _ in vectors]  # type: ignore[union-attr]
+            for (name, view, d), sq in zip(vectors, torch._foreach_mul(flat, flat)):
+                self._along[(name, d, view)] = sq
         covered = {n for n, _, _ in self._along}
         rest = [n for n in names if n not in covered and self.tensors.get(n) is not None]
         small = [n for n in rest if self.tensors[n].numel() < _FUSED_NORM_NUMEL]  # type: ignore[union-attr]
@@ -89,9 +93,8 @@ class SquareSums:
         return self
 
     def release(self) -> None:
-        """Forget the source tensors and squared buffers (keep only the reductions)."""
+        """Forget the source tensors (keep only the reductions)."""
         self.tensors = {}
-        self._squares = {}
 
     def per_tensor(self, names: Sequence[str]) -> Tensor:
         """``‖t‖²`` of each of ``names`` (along the last axis: one column per name; 0 if missing).
@@ -134,49 +137,89 @@ class SquareSums:
     def along(self, name: str, dim: int, view: tuple[int, ...] | None = None) -> Tensor | None:
         """``Σ t²`` over every axis of ``name`` (viewed as ``view``) but ``dim``: one entry per unit.
 
-        Memory-bound, so each tensor is read as few times as possible and only along contiguous
-        runs: a reduction over the leading axis alone is one fused norm pass (no temporary);
-        otherwise the tensor is squared once into a reused buffer, seen as ``[A, n, B]`` (``n``
-        units, ``A``/``B`` the axes before/after ``dim``), and reduced first over ``A`` (whole
-        contiguous rows added) and then over ``B`` (contiguous runs) — a reduction over
-        non-adjacent strided axes at once is several times slower on a CPU.
+        Made by :meth:`prepare` (with every other axis asked of the same tensor, in one read),
+        else now; ``None`` when the tensor is missing.
         """
         key = (name, dim, view)
-        if key in self._along:
-            return self._along[key]
+        if key not in self._along:
+            self._reduce(name, view, [dim])
+        return self._along.get(key)
+
+    def _reduce(self, name: str, view: tuple[int, ...] | None, dims: Sequence[int]) -> None:
+        """``Σ t²`` of tensor ``name`` along each axis of ``dims``, from a single read of it.
+
+        Memory-bound, so the tensor is read once and only along contiguous runs: a reduction
+        over the leading axis alone is one fused norm pass (no temporary); otherwise blocks of
+        leading-axis rows are squared into a reused buffer (on a CPU one of about
+        ``_CHUNK_NUMEL`` entries, which stays in cache; elsewhere the whole tensor at once) and
+        each block, seen as ``[A, n, B]`` for axis ``dim`` (``n`` units, ``A``/``B`` the axes
+        before/after it), is reduced over ``A`` (whole contiguous rows added, by a
+        matrix-vector product on a CPU) into a running ``[n·B]`` sum, reduced over ``B`` at the
+        end; axis 0 takes each block's row sums. A reduction over non-adjacent strided axes at
+        once is several times slower on a CPU, and so is a strided norm.
+        """
         t = self.tensors.get(name)
         if t is None:
-            return None
+            return
         if t.requires_grad and torch.is_grad_enabled():  # (the monitor runs under no_grad)
             t = t.detach()
         v = t if view is None else t.view(view)
-        dim = dim % v.ndim
-        sq = self._squares.get((name, view))
-        n = v.shape[dim]
-        if v.numel() == n:  # one entry per unit (a bias, a [1, n] weight): no reduction
-            r = (v * v).reshape(n)
-        elif sq is None and dim == 0 and v.is_contiguous():  # one pass, no temporary
-            r = torch.linalg.vector_norm(v.reshape(n, -1), dim=1).square()
-        else:
-            if sq is None:
-                buf = self._scratch.get((name, view))
-                if buf is None or buf.shape != v.shape or buf.dtype != v.dtype or buf.device != v.device:
-                    buf = self._scratch[(name, view)] = torch.empty_like(v, memory_format=torch.contiguous_format)
-                sq = self._squares[(name, view)] = torch.mul(v, v, out=buf)
-            a = math.prod(v.shape[:dim])
-            if a == 1:
-                rows = sq.reshape(-1)  # [n·B]
-            elif sq.device.type == "cpu" and a >= 64:  # adding many rows: a matrix-vector product is faster there
-                ones = self._scratch.get(("ones", a, sq.dtype))
-                if ones is None:
-                    ones = self._scratch[("ones", a, sq.dtype)] = sq.new_ones(a)
-                rows = torch.mv(sq.reshape(a, -1).t(), ones)
-            else:  # (not on GPUs: a matmul may run in TF32 there)
-                rows = sq.reshape(a, -1).sum(0)
-            # (never a view of the buffer: the result outlives the step, the buffer does not)
-            r = rows.view(n, -1).sum(1) if rows.numel() > n else rows
-        self._along[key] = r
-        return r
+        asked = [d for d in dims if (name, d, view) not in self._along]  # (as the caller numbers them)
+        if not asked:
+            return
+        res: dict[int, Tensor] = {}
+        self._reduce_axes(v, name, view, sorted({d % v.ndim for d in asked}), res)
+        for d in asked:
+            self._along[(name, d, view)] = res[d % v.ndim]
+
+    def _reduce_axes(self, v: Tensor, name: str, view: tuple[int, ...] | None, todo: list[int],
+                     res: dict[int, Tensor]) -> None:
+        """:meth:`_reduce` along the (non-negative, sorted) axes ``todo`` of ``v``, into ``res``."""
+        for d in todo:
+            if v.numel() == v.shape[d]:  # one entry per unit (a bias, a [1, n] weight): no reduction
+                res[d] = (v * v).reshape(-1)
+        todo = [d for d in todo if d not in res]
+        if not todo:
+            return
+        rows = v.shape[0]
+        if todo == [0] and v.is_contiguous():  # one pass, no temporary
+            res[0] = torch.linalg.vector_norm(v.reshape(rows, -1), dim=1).square()
+            return
+        cpu = v.device.type == "cpu"
+        block = max(1, _CHUNK_NUMEL // max(1, v[0].numel())) if cpu else rows
+        block = min(block, rows)
+        buf = self._scratch.get((name, view))
+        shape = (block, *v.shape[1:])
+        if buf is None or buf.shape != shape or buf.dtype != v.dtype or buf.device != v.device:
+            buf = self._scratch[(name, view)] = v.new_empty(shape)
+        lead = v.new_empty(rows) if 0 in todo else None
+        acc: dict[int, Tensor] = {}
+        for s in range(0, rows, block):
+            e = min(rows, s + block)
+            sq = torch.mul(v[s:e], v[s:e], out=buf[:e - s])
+            if lead is not None:
+                torch.sum(sq.view(e - s, -1), 1, out=lead[s:e])
+            for d in todo:
+                if d == 0:
+                    continue
+                a = (e - s) * math.prod(v.shape[1:d])
+                m = sq.view(a, -1)
+                if cpu and a >= 64:  # adding many rows: a matrix-vector product is faster there
+                    ones = self._scratch.get(("ones", a, v.dtype))
+                    if ones is None:
+                        ones = self._scratch[("ones", a, v.dtype)] = v.new_ones(a)
+                    if d in acc:
+                        acc[d].addmv_(m.t(), ones)
+                    else:
+                        acc[d] = torch.mv(m.t(), ones)
+                else:  # (not on GPUs: a matmul may run in TF32 there)
+                    part = m.sum(0)
+                    acc[d] = part if d not in acc else acc[d].add_(part)
+        if lead is not None:
+            res[0] = lead
+        for d, r in acc.items():  # (never a view of the buffer: the result outlives the step)
+            n = v.shape[d]
+            res[d] = r.view(n, -1).sum(1) if r.numel() > n else r
 
     def unit_energies(self, slices: Sequence[Slice], n_units: int) -> tuple[Tensor, Tensor]:
         """Per unit: squared entries of its ``"in"`` rows and of its ``"out"`` rows, summed.
