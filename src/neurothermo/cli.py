@@ -44,6 +44,14 @@ def _escape(text: str) -> str:
     return untrusted(text)
 
 
+def _print_cell(e: dict[str, Any], prefix: str) -> None:
+    """One line per finished sweep cell (an index entry of ``neurothermo.sweep``), escaped."""
+    what = " ".join(f"{k}={v}" for k, v in e["point"].items())
+    status = "kept" if e.get("kept") else e["status"]
+    err.print(_escape(f"  {prefix}{status:<7} {what} seed={e['seed']}  {e.get('reason', '')}"),
+              highlight=False, soft_wrap=True)
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
@@ -229,10 +237,7 @@ def _reproduce_on_dask(names: list[str], quick: bool, seed: int, out: str, rerun
                       soft_wrap=True)
 
     def cell(e: dict[str, Any]) -> None:
-        what = " ".join(f"{k}={v}" for k, v in e["point"].items())
-        status = "kept" if e.get("kept") else e["status"]
-        err.print(_escape(f"  cell {status:<7} {what} seed={e['seed']}  {e.get('reason', '')}"),
-                  highlight=False, soft_wrap=True)
+        _print_cell(e, "cell ")
 
     try:
         outcomes = reproduce_on_dask(names, quick=quick, seed=seed, out=out, rerun=rerun,
@@ -283,10 +288,7 @@ def sweep(
     from neurothermo.sweep import SweepError, run_sweep
 
     def line(e: dict[str, Any]) -> None:
-        what = " ".join(f"{k}={v}" for k, v in e["point"].items())
-        status = "kept" if e.get("kept") else e["status"]
-        err.print(_escape(f"  {status:<7} {what} seed={e['seed']}  {e.get('reason', '')}"),
-                  highlight=False, soft_wrap=True)
+        _print_cell(e, "")
 
     try:
         result = run_sweep(name, grid=grid, seeds=seeds, first_seed=seed, quick=quick,

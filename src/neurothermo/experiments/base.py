@@ -139,20 +139,15 @@ class Experiment:
         Nothing: at construction; :func:`register` checks the presets.
 
     Example:
-        >>> import dataclasses, tempfile
-        >>> from neurothermo.experiments import (REGISTRY, Experiment, register, run_experiment,
-        ...                                      setting)
+        >>> import dataclasses
+        >>> from neurothermo.experiments import Experiment, setting
         >>> @dataclasses.dataclass(frozen=True)
         ... class Cfg:
         ...     n: int = setting(100, "number of terms", min=2)
-        >>> def run(cfg: Cfg, ctx) -> None:  # ctx: the RunContext
-        ...     mean = sum(range(cfg.n)) / cfg.n
-        ...     ctx.predict("mean", mean, (cfg.n - 1) / 2, 1e-12, why="exact arithmetic")
-        >>> exp = register(Experiment(name="toy-mean", title="The mean of 0 … n−1", config=Cfg,
-        ...                           quick=Cfg(10), full=Cfg(), run=run))
-        >>> exp.preset(quick=True)
-        Cfg(n=10)
-        >>> del REGISTRY["toy-mean"]
+        >>> exp = Experiment(name="toy", title="A toy", config=Cfg, quick=Cfg(10), full=Cfg(),
+        ...                  run=lambda cfg, ctx: None)
+        >>> exp.preset(quick=True), exp.missing()
+        (Cfg(n=10), [])
     """
 
     name: str
