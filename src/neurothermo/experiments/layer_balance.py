@@ -350,6 +350,7 @@ EXPERIMENT = register(
         full=LayerBalanceConfig(steps=20_000, ref_steps=20_000, wd_steps=10_000, balance_steps=20_000,
                                 n_blocks=20),
         run=run,
-        cost="full: 6 runs, 110k monitored steps, ~2.2 min (132 s CPU) on one core (docs/experiments/layer-balance.md)",
+        cost="full: 10 runs, 190k monitored steps, ~3.3 min (197 s CPU) on one core "
+             "(docs/experiments/layer-balance.md)",
     )
 )
