@@ -18,6 +18,7 @@ from neurothermo.experiments.layer_balance import (
     activity,
     build_model,
     load_data,
+    make_activation,
     onehot_mse,
     whiten,
 )
@@ -96,6 +97,25 @@ def test_init_rescaling_keeps_the_function_and_scales_activations() -> None:
     torch.testing.assert_close(ls[2].weight, lb[2].weight / 3.0)
     torch.testing.assert_close(ls[2].bias, lb[2].bias)
     assert activity(scaled, x) == activity(base, x)  # same active sets, activations × s
+
+
+def test_activations_are_homogeneous_and_keep_the_init() -> None:
+    x = torch.randn(9, 5, dtype=torch.float64)
+    base = build_model([5, 8, 6, 3], True, 1.0, seed=2, activation="abs")
+    for spec, ref in (("relu", torch.relu), ("abs", torch.abs),
+                      ("leaky_relu:0.3", lambda z: torch.where(z > 0, z, 0.3 * z))):
+        act = make_activation(spec)
+        z = torch.randn(50, dtype=torch.float64)
+        torch.testing.assert_close(act(z), ref(z), rtol=0, atol=0)
+        torch.testing.assert_close(act(2.5 * z), 2.5 * act(z), rtol=1e-15, atol=0)  # positively homogeneous
+        m = build_model([5, 8, 6, 3], True, 1.0, seed=2, activation=spec)
+        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), base.parameters()))  # same init
+        scaled = build_model([5, 8, 6, 3], True, 3.0, seed=2, activation=spec)
+        torch.testing.assert_close(scaled(x), m(x), rtol=1e-12, atol=1e-12)  # rescaling keeps f
+        syms = nt.find_symmetries(m, x)
+        assert sorted(s.n_units for s in syms if s.kind == "rescale") == [6, 8], spec
+    with pytest.raises(ValueError, match="is not one of"):
+        make_activation("leaky_relu:-0.1")
 
 
 def test_load_data_raw_pixels_and_pca() -> None:
@@ -201,7 +221,7 @@ def test_charge_drift_needs_every_step() -> None:
 
 # ---- whole runs -----------------------------------------------------------------------------
 
-FAST = ["steps=1500", "ref_steps=3000"]
+FAST = ["steps=1500", "ref_steps=3000", "balance_losses=mse"]
 
 
 def _preds(res: object) -> dict[str, dict[str, object]]:
@@ -231,6 +251,19 @@ def test_run_identity_at_depth_reference_balance_wd_law_and_controls(tmp_path: P
     assert runs["small-η control"]["pair_ratio"][0] > 2
     assert all(abs(v - 1) > Z * s for v, s in zip(runs["deep + wd"]["pair_ratio"],
                                                    runs["deep + wd"]["pair_ratio_se"]))
+    # a deep (2 hidden layers) biased |x| network balances every pair and every neuron; its GD and
+    # small-η controls fail the same checks, and so do the ReLU deep runs (their units sparsify)
+    bal = runs["balance MSE"]
+    assert bal["activation"] == "abs" and bal["label_noise"] == 0.1 and len(bal["pairs"]) == 2
+    for i in range(2):
+        assert abs(bal["pair_ratio"][i] - 1) <= Z * bal["pair_ratio_se"][i]
+        assert abs(bal["neuron_slope"][i] - 1) <= Z * bal["neuron_slope_se"][i]
+        assert bal["identity_error"][i] <= bal["roundoff_bound"][i]
+        for k in ("balance GD control", "balance small-η control", "deep MSE"):
+            r, se = runs[k]["pair_ratio"][i], runs[k]["pair_ratio_se"][i]
+            assert abs(r - 1) > Z * se, (k, i, r, se)
+    assert bal["accuracy_end"] > 0.5  # it learns (10 classes: chance 0.1)
+    assert len([n for n in preds if n.startswith("neuron balance, balance MSE")]) == 2
     assert (res.path / "layer_balance.png").stat().st_size > 20_000
 
 
@@ -249,15 +282,18 @@ def test_mnist_folder_is_used(tmp_path: Path) -> None:
     res = run_experiment("layer-balance", quick=True, out=tmp_path / "runs", overrides=[
         f"mnist_dir={tmp_path}", "mnist_limit=120", "steps=200", "ref_steps=200", "wd_steps=400",
         "weight_decay=0.2",
-        "n_blocks=4", "hidden=8,8", "ref_hidden=8", "losses=mse", "label_noise=0.3"])
+        "n_blocks=4", "hidden=8,8", "ref_hidden=8", "losses=mse", "label_noise=0.3",
+        "balance_losses=mse", "balance_steps=200", "activation=leaky_relu:0.2"])
     fig = res.summary["figures"]
     deep = fig["runs"]["deep MSE"]
     assert deep["label_noise"] == 0.3 and fig["runs"]["reference"]["label_noise"] == 0.0
     # fresh label noise changes the gradients, not the symmetry: the identity stays exact
     assert all(e <= b for e, b in zip(deep["identity_error"], deep["roundoff_bound"]))
+    assert deep["activation"] == "leaky_relu:0.2" and fig["runs"]["balance MSE"]["activation"] == "abs"
     assert fig["data"].startswith(f"MNIST (120 training images from {tmp_path})")
     assert fig["n_samples"] == 120 and fig["deep_widths"] == [16, 8, 8, 10]
-    assert set(fig["runs"]) == {"deep MSE", "reference", "GD control", "small-η control", "deep + wd"}
+    assert set(fig["runs"]) == {"deep MSE", "reference", "GD control", "small-η control", "deep + wd",
+                                "balance MSE", "balance GD control", "balance small-η control"}
 
 
 def test_bad_settings(tmp_path: Path) -> None:
@@ -270,6 +306,12 @@ def test_bad_settings(tmp_path: Path) -> None:
         run("losses=hinge")
     with pytest.raises(ConfigError, match="list 'mse' and/or 'ce' once each"):
         run("losses=mse,mse")
+    with pytest.raises(ConfigError, match="balance_losses=.*once each"):
+        run("balance_losses=ce,ce")
+    for bad in ("activation=tanh", "activation=leaky_relu:1.5", "balance_activation=leaky_relu:x",
+                "activation=abs:2"):
+        with pytest.raises(ConfigError, match=r"is not one of 'relu', 'leaky_relu:<slope>'"):
+            run(bad)
     with pytest.raises(ConfigError, match="2 to 4 hidden layers"):
         run("hidden=16")
     with pytest.raises(ConfigError, match="must be >= 0.001"):

@@ -119,6 +119,16 @@ def test_multihead_attention_variants(kw):
     assert all(s.charge_shape == (2, 4, 4) for s in report)
 
 
+class Abs(nn.Module):
+    def forward(self, x):
+        return torch.abs(x)
+
+
+def _abs_mlp() -> nn.Module:
+    """|x| is positively homogeneous (|a·x| = a·|x|, a > 0) but even, not odd: rescale, no sign flip."""
+    return nn.Sequential(nn.Linear(4, 5), Abs(), nn.Linear(5, 2))
+
+
 def _deep_linear() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5, bias=False), nn.Linear(5, 6, bias=False), nn.Linear(6, 3, bias=False))
 
@@ -150,6 +160,7 @@ ZOO = {
         ("rescale", "ln2", 8), ("rescale", "fc1", 16), ("permutation", "fc1", 16)]),
     "multihead_attention": (MHABlock, X3, [
         ("rescale", "ln", 8), ("double_rotation", "attn:", 8), ("double_rotation", "attn:", 8)]),
+    "abs_mlp": (_abs_mlp, X2, [("rescale", "0", 5), ("permutation", "0", 5)]),
     "deep_linear": (_deep_linear, X2, [("double_rotation", "0", 5), ("double_rotation", "1", 6)]),
     "weight_norm": (_weight_normed, X2, [("rescale", "0", 5), ("permutation", "0", 5), ("scale", "0", 5)]),
     "layernorm_eps0": (_ln_mlp, X2, [("scale", "0", 1), ("permutation", "0", 5)]),

@@ -1,7 +1,8 @@
-"""``layer-balance``: gradient balance of ReLU MLPs at every depth, and what stops it (Fig. 2).
+"""``layer-balance``: gradient balance of MLPs at every depth, and what stops it (Fig. 2).
 
-Rescaling hidden unit u (incoming weights and bias × e^λ, outgoing weights × e^−λ) leaves a ReLU
-network's function unchanged, so one plain SGD step ``θ' = θ − η(g + wd·θ)`` changes its charge
+Rescaling hidden unit u (incoming weights and bias × e^λ, outgoing weights × e^−λ) leaves the
+function of a network with positively homogeneous units (ReLU, leaky ReLU, |x|) unchanged, so
+one plain SGD step ``θ' = θ − η(g + wd·θ)`` changes its charge
 ``J_u = ‖w_u‖² + b_u² − ‖v_u‖²`` by exactly ``J' = (1 − η·wd)²J + η²(e_in − e_out)`` with
 ``e_in = ‖g_{w_u}‖² + g_{b_u}²`` (biases on the incoming side) and ``e_out = ‖g_{v_u}‖²``; wd is
 torch's (penalty (wd/2)‖θ‖², the paper's γ = wd/2). Summed over a window of T steps
@@ -12,17 +13,17 @@ torch's (penalty (wd/2)‖θ‖², the paper's γ = wd/2). Summed over a window 
 * wd > 0: **E[e_in − e_out] = wd(2 − η·wd)·E[J]/η + ΔJ/(η²T)**; at stationarity the last term
   vanishes, per unit.
 
-The experiment trains ``nn.Sequential`` ReLU MLPs (float64, so the identity holds to round-off)
+The experiment trains ``nn.Sequential`` MLPs (float64, so the identity holds to round-off)
 with batch size 1 on MNIST (IDX files in ``mnist_dir``) or scikit-learn digits (top ``pca``
 principal components, whitened), all started off balance (every hidden unit's in-weights × s,
 out-weights ÷ s: the same function), and checks:
 
-1. **deep runs** (``hidden``, biases, MSE and cross-entropy, wd = 0): the drift identity per pair
-   and per unit, to the round-off bound. Their balance ratio is recorded next to the charge drift
-   that accounts for it and the units' activity, not claimed: the charges of the hidden → hidden
-   pairs keep drifting (measured up to 10⁶ steps over η, width, depth 2–3, MSE and cross-entropy,
-   with and without ``label_noise``; the units keep getting sparser; see
-   docs/experiments/layer-balance.md), so balance is not predicted there.
+1. **deep runs** (``hidden``, biases, ``activation`` = ReLU by default, MSE and cross-entropy,
+   wd = 0): the drift identity per pair and per unit, to the round-off bound. With ReLU their
+   balance ratio is recorded next to the charge drift that accounts for it and the units'
+   activity, not claimed: the charges keep drifting as the units sparsify (measured up to 10⁶
+   steps over η, width, depth 2–3, MSE and cross-entropy, with and without ``label_noise``; see
+   docs/experiments/layer-balance.md).
 2. **stationary reference** (one hidden layer, no biases, MSE on centred inputs — every unit active
    on about half the samples whatever its scale, so nothing feeds the charge): layer balance
    (ratio 1) and neuron balance (slope 1) within 3 batch-means standard errors. Controls on the
@@ -32,6 +33,10 @@ out-weights ÷ s: the same function), and checks:
    per unit (scatter against the diagonal); wd bounds the weights, so J relaxes at rate ≈ 2η·wd and
    stops drifting. Controls: the same law on the first relaxation time of the run (J not yet
    stationary) fails; the wd run is off wd = 0 balance.
+4. **deep balance runs** (the same biased deep net with ``balance_activation`` = |x|, label
+   noise, MSE and cross-entropy): |x| passes gradient through every unit on every sample, so no
+   active set shrinks and J becomes stationary; layer balance of every pair and neuron balance
+   within 3 SE, with full-batch GD (clean labels) and η/10 controls that must fail.
 
 Standard errors are batch means over ``n_blocks`` blocks; by the identity the block means of the
 imbalance are the blocks' charge drifts, so "within 3 SE" means "no more drift than the charge's
@@ -43,7 +48,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,13 @@ from torch import Tensor, nn
 
 from neurothermo.config import setting
 from neurothermo.experiments.base import Experiment, RunContext, register
+from neurothermo.experiments.layer_balance_model import (  # noqa: F401 (re-exported for tests)
+    Abs,
+    accuracy,
+    activity,
+    build_model,
+    make_activation,
+)
 from neurothermo.monitor.history import History
 
 
@@ -64,6 +75,9 @@ class LayerBalanceConfig:
     hidden: tuple[int, ...] = setting((16, 16), "hidden widths of the deep ReLU MLP (2–4 layers)",
                                       min=1, max=4096)
     bias: bool = setting(True, "biases in the deep MLP's Linear layers")
+    activation: str = setting("relu", "activation of the deep runs (deep MSE/CE, deep + wd): 'relu', "
+                              "'leaky_relu:<slope>' (slope in [0, 1)) or 'abs' (|x|); all positively "
+                              "homogeneous, so the rescale symmetry and the identity hold")
     losses: tuple[str, ...] = setting(("mse", "ce"), "losses of the deep wd = 0 runs: 'mse' "
                                       "(½‖f − onehot(y)‖², batch mean) and/or 'ce' (cross-entropy)",
                                       choices=("mse", "ce"))
@@ -86,13 +100,35 @@ class LayerBalanceConfig:
                                 max=1e3)
     window: float = setting(0.5, "fraction of each run at the end averaged over", min=0.05, max=1.0)
     n_blocks: int = setting(10, "batch-means blocks for the standard errors", min=4, max=200)
+    balance_activation: str = setting("abs", "activation of the deep balance runs (same forms as "
+                                      "activation): |x| passes gradient through every unit on every "
+                                      "sample, so no active set shrinks and J becomes stationary (measured; "
+                                      "ReLU and leaky_relu:0.1 do not within 3·10⁵ steps)")
+    balance_losses: tuple[str, ...] = setting(("mse", "ce"), "losses of the deep balance runs",
+                                              choices=("mse", "ce"))
+    balance_lr: float = setting(0.1, "η of the deep balance MSE run and its controls", min=1e-6, max=10.0)
+    balance_ce_lr: float = setting(0.04, "η of the deep balance cross-entropy run (relaxation ∝ η²: "
+                                   "0.02 learns best but its J still drifts after 3·10⁵ steps; 0.05 "
+                                   "balances but barely learns; measured)", min=1e-6, max=10.0)
+    balance_label_noise: float = setting(0.1, "label noise of the deep balance runs (cross-entropy "
+                                         "without it grows the weights without bound on separable "
+                                         "data: at η = 0.05 the |x| network overflows, measured)",
+                                         min=0.0, max=1.0)
+    balance_steps: int = setting(10_000, "steps of each deep balance run and of its two controls", min=100)
 
     def check(self) -> None:
         if self.mnist_dir and not Path(self.mnist_dir).is_dir():
             raise ValueError(f"mnist_dir={self.mnist_dir!r} is not a folder; give the folder holding "
                              "the MNIST IDX files, or leave it empty for scikit-learn digits")
-        if not self.losses or len(set(self.losses)) != len(self.losses):
-            raise ValueError(f"losses={self.losses}: list 'mse' and/or 'ce' once each")
+        for name in ("losses", "balance_losses"):
+            v = getattr(self, name)
+            if not v or len(set(v)) != len(v):
+                raise ValueError(f"{name}={v}: list 'mse' and/or 'ce' once each")
+        for name in ("activation", "balance_activation"):
+            try:
+                make_activation(getattr(self, name))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
         if not 2 <= len(self.hidden) <= 4:
             raise ValueError(f"hidden={self.hidden}: the deep runs need 2 to 4 hidden layers")
         tau = 1 / (self.lr * self.weight_decay * (2 - self.lr * self.weight_decay))
@@ -102,7 +138,7 @@ class LayerBalanceConfig:
                 f"{tau:.0f} steps, and the window must start after 3τ (the start's deviation "
                 f"× e^-3) to be stationary; raise wd_steps to >= {math.ceil(3 * tau / (1 - self.window))}"
                 " or raise weight_decay")
-        for name in ("steps", "ref_steps", "wd_steps"):
+        for name in ("steps", "ref_steps", "wd_steps", "balance_steps"):
             if getattr(self, name) * self.window < 4 * self.n_blocks:
                 raise ValueError(f"{name}={getattr(self, name)}: the window holds fewer than 4 steps per "
                                  f"block (n_blocks={self.n_blocks}); raise {name} or lower n_blocks")
@@ -170,46 +206,6 @@ class NoisyLabels:
         return self.loss(outputs, torch.where(flip, other, targets))
 
 
-
-def build_model(widths: list[int], bias: bool, scale: float, seed: int) -> nn.Sequential:
-    """torch's default init (seeded) in float64, then every hidden unit rescaled by ``scale``.
-
-    A plain ``nn.Sequential`` of ``nn.Linear`` / ``nn.ReLU``: consecutive Linear layers a, b get
-    ``a.weight, a.bias × s`` and ``b.weight ÷ s`` — the function is unchanged, every hidden
-    activation is × s, and each pair's in/out energy ratio × 1/s².
-    """
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(pairwise(widths)):
-        layers.append(nn.Linear(a, b, bias=bias))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    torch.manual_seed(seed)
-    model = nn.Sequential(*layers)
-    for m in model:  # re-initialise after seeding, in order, as nn.Linear does
-        if isinstance(m, nn.Linear):
-            m.reset_parameters()
-    model = model.double()
-    linears = [m for m in model if isinstance(m, nn.Linear)]
-    with torch.no_grad():
-        for la, lb in pairwise(linears):
-            la.weight.mul_(scale)
-            if la.bias is not None:
-                la.bias.mul_(scale)
-            lb.weight.div_(scale)
-    return model
-
-
-def activity(model: nn.Sequential, x: Tensor) -> list[float]:
-    """Fraction of (sample, unit) pairs with a positive pre-activation, per hidden layer."""
-    out, h = [], x
-    with torch.no_grad():
-        for m in model:
-            h = m(h)
-            if isinstance(m, nn.ReLU):
-                out.append(float((h > 0).double().mean()))
-    return out
-
-
 # ---- one run ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -223,6 +219,7 @@ class RunSpec:
     wd: float
     steps: int
     label_noise: float = 0.0
+    activation: str = "relu"
 
 
 def train_one(spec: RunSpec, cfg: LayerBalanceConfig, ctx: RunContext, data: tuple[Tensor, Tensor]
@@ -231,8 +228,8 @@ def train_one(spec: RunSpec, cfg: LayerBalanceConfig, ctx: RunContext, data: tup
     import neurothermo.monitor as nt
     from neurothermo.train import train
 
-    model = build_model(spec.widths, spec.bias, cfg.init_scale, ctx.seed)
-    act0 = activity(model, data[0])
+    model = build_model(spec.widths, spec.bias, cfg.init_scale, ctx.seed, spec.activation)
+    act0, acc0 = activity(model, data[0]), accuracy(model, *data)
     loss_fn: Callable[[Tensor, Tensor], Tensor] = LOSSES[spec.loss]
     if spec.label_noise > 0:
         loss_fn = NoisyLabels(loss_fn, spec.label_noise, spec.widths[-1])
@@ -247,7 +244,8 @@ def train_one(spec: RunSpec, cfg: LayerBalanceConfig, ctx: RunContext, data: tup
         h = train(model, loss_fn, data, optimizer=spec.optimizer, lr=spec.lr,
                      batch_size=None if spec.optimizer == "gd" else cfg.batch_size, steps=spec.steps,
                      weight_decay=spec.wd, seed=ctx.seed, monitor=mon, callbacks=[log])
-    return h, {"activity_start": act0, "activity_end": activity(model, data[0])}
+    return h, {"activity_start": act0, "activity_end": activity(model, data[0]),
+               "accuracy_start": acc0, "accuracy_end": accuracy(model, *data)}
 
 
 def summarise(h: History, spec: RunSpec, cfg: LayerBalanceConfig) -> dict[str, Any]:
@@ -283,6 +281,20 @@ def record_of(s: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 # ---- the experiment -----------------------------------------------------------------------------
 
+def balance_specs(cfg: LayerBalanceConfig, deep: list[int]) -> list[RunSpec]:
+    """The deep balance runs (one per loss, ``balance_activation``) and, on the first loss's run,
+    its controls: full-batch GD on clean labels (no gradient noise at all) and η × ``small_lr``."""
+    act, p, n = cfg.balance_activation, cfg.balance_label_noise, cfg.balance_steps
+    lrs = {"mse": cfg.balance_lr, "ce": cfg.balance_ce_lr}
+    specs = [RunSpec(f"balance {loss.upper()}", deep, cfg.bias, loss, "sgd", lrs[loss], 0.0, n, p, act)
+             for loss in cfg.balance_losses]
+    first = cfg.balance_losses[0]
+    return [*specs,
+            RunSpec("balance GD control", deep, cfg.bias, first, "gd", lrs[first], 0.0, n, 0.0, act),
+            RunSpec("balance small-η control", deep, cfg.bias, first, "sgd", lrs[first] * cfg.small_lr,
+                    0.0, n, p, act)]
+
+
 def run(cfg: LayerBalanceConfig, ctx: RunContext) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest
@@ -301,14 +313,16 @@ def _run(cfg: LayerBalanceConfig, ctx: RunContext) -> None:
     deep = [d_in, *cfg.hidden, 10]
     ref = [d_in, cfg.ref_hidden, 10]
     specs = [RunSpec(f"deep {loss.upper()}", deep, cfg.bias, loss, "sgd",
-                     cfg.ce_lr if loss == "ce" else cfg.lr, 0.0, cfg.steps, cfg.label_noise)
+                     cfg.ce_lr if loss == "ce" else cfg.lr, 0.0, cfg.steps, cfg.label_noise, cfg.activation)
              for loss in cfg.losses]
     specs += [
         RunSpec("reference", ref, False, "mse", "sgd", cfg.lr, 0.0, cfg.ref_steps),
         RunSpec("GD control", ref, False, "mse", "gd", cfg.lr, 0.0, cfg.ref_steps),
         RunSpec("small-η control", ref, False, "mse", "sgd", cfg.lr * cfg.small_lr, 0.0, cfg.ref_steps),
-        RunSpec("deep + wd", deep, cfg.bias, "mse", "sgd", cfg.lr, cfg.weight_decay, cfg.wd_steps),
+        RunSpec("deep + wd", deep, cfg.bias, "mse", "sgd", cfg.lr, cfg.weight_decay, cfg.wd_steps,
+                activation=cfg.activation),
     ]
+    specs += balance_specs(cfg, deep)
     runs = {s.label: (s, *train_one(s, cfg, ctx, (x, y))) for s in specs}
     sums = {k: summarise(h, s, cfg) for k, (s, h, _) in runs.items()}
     wd_spec, wd_h, _ = runs["deep + wd"]
@@ -318,7 +332,8 @@ def _run(cfg: LayerBalanceConfig, ctx: RunContext) -> None:
     check_all(ctx, cfg, runs, sums, early)
     ctx.record(data=source, input_dim=d_in, n_samples=int(x.shape[0]), deep_widths=deep, ref_widths=ref,
                runs={k: record_of(sums[k], {"loss": s.loss, "lr": s.lr, "wd": s.wd, "steps": s.steps,
-                                            "label_noise": s.label_noise, **act}) for k, (s, _, act) in runs.items()},
+                                            "label_noise": s.label_noise, "activation": s.activation,
+                                            **act}) for k, (s, _, act) in runs.items()},
                wd_early_window=[0, min(relax, wd_spec.steps - 1)])
     from neurothermo.experiments.layer_balance_figure import figure
 
@@ -332,8 +347,10 @@ EXPERIMENT = register(
               "stationary, the weight-decay law per neuron (Fig. 2)",
         config=LayerBalanceConfig,
         quick=LayerBalanceConfig(),
-        full=LayerBalanceConfig(steps=20_000, ref_steps=20_000, wd_steps=10_000, n_blocks=20),
+        full=LayerBalanceConfig(steps=20_000, ref_steps=20_000, wd_steps=10_000, balance_steps=20_000,
+                                n_blocks=20),
         run=run,
-        cost="full: 6 runs, 110k monitored steps, ~2.2 min (132 s CPU) on one core (docs/experiments/layer-balance.md)",
+        cost="full: 10 runs, 190k monitored steps, ~3.3 min (197 s CPU) on one core "
+             "(docs/experiments/layer-balance.md)",
     )
 )

@@ -18,6 +18,10 @@ WHY_BALANCE = ("wd = 0: mean imbalance = ΔJ/(η²T) exactly, so a stationary ch
                "asks for no more drift than J's own fluctuations)")
 WHY_CONTROL = ("the same test must fail without the cause: GD has no noise (J only moves by η²ḡᵀAḡ), a "
                "10× smaller η relaxes J 100× slower; both keep their start's imbalance")
+WHY_DEEP = ("|x| (the default balance_activation) passes gradient through every unit on every sample "
+            "(slope ±1), so no unit's active set can shrink and drag its balance point: J becomes "
+            "stationary at every depth (ReLU's keeps drifting as its units sparsify; measured in "
+            "docs/experiments/layer-balance.md)")
 WHY_WD = ("stationary mean of J' = (1 − η·wd)²J + η²(e_in − e_out): E[e_in − e_out] = wd(2 − η·wd)E[J]/η "
           "(torch's wd; paper γ = wd/2); the measured difference is exactly ΔJ/(η²T), tolerance 3 SE")
 
@@ -40,6 +44,20 @@ def unit_z(drift: np.ndarray, se: np.ndarray) -> np.ndarray:
     return np.where(se > 0, z, np.where(drift == 0, 0.0, np.inf))
 
 
+def check_balance(ctx: RunContext, k: str, s: dict[str, Any], why: str) -> None:
+    """Layer balance (every pair's ratio) and neuron balance (every pair's slope) within 3 SE of 1."""
+    lb = s["lb"]
+    for i, loc in enumerate(lb.pairs):
+        ctx.predict(f"layer balance, {k}, {loc}: Σ_u ⟨e_in⟩ / Σ_u ⟨e_out⟩ = 1",
+                    lb.pair_ratio[i], 1.0, Z * lb.pair_ratio_se[i], why=why)
+    if len(s["nb"]) < len(lb.pairs):
+        ctx.predict(f"neuron balance, {k}: some hidden unit alive in every layer", float("nan"), 1.0,
+                    0.0, why="a hidden layer whose every unit is dead has no neuron balance")
+    for nb in s["nb"]:
+        ctx.predict(f"neuron balance, {k}, {nb.location}: slope of ⟨e_out⟩ on ⟨e_in⟩ over units = 1",
+                    nb.slope, 1.0, Z * nb.slope_se, why=why + "; SE of the slope over the blocks")
+
+
 def check_all(ctx: RunContext, cfg: Any, runs: dict[str, Any], sums: dict[str, dict[str, Any]],
               early: tuple[Any, ...]) -> None:
     """Every prediction of the experiment, recorded through ``ctx.predict``."""
@@ -47,18 +65,12 @@ def check_all(ctx: RunContext, cfg: Any, runs: dict[str, Any], sums: dict[str, d
         for d in s["drift"]:
             ctx.predict(f"drift identity, {k}, {d.location}: mean η²-imbalance = (ΔJ + wd term)/(η²T), "
                         "every unit", d.error, 0.0, d.roundoff, sense="at_most", why=WHY_IDENTITY)
-    ref = sums["reference"]
-    lb = ref["lb"]
-    for i, loc in enumerate(lb.pairs):
-        ctx.predict(f"layer balance, reference, {loc}: Σ_u ⟨e_in⟩ / Σ_u ⟨e_out⟩ = 1",
-                    lb.pair_ratio[i], 1.0, Z * lb.pair_ratio_se[i], why=WHY_BALANCE)
-    if not ref["nb"]:
-        ctx.predict("neuron balance, reference: some hidden unit alive in the window", float("nan"), 1.0,
-                    0.0, why="every unit of the reference's hidden layer is dead: no neuron balance")
-    for nb in ref["nb"]:
-        ctx.predict(f"neuron balance, reference, {nb.location}: slope of ⟨e_out⟩ on ⟨e_in⟩ over units = 1",
-                    nb.slope, 1.0, Z * nb.slope_se, why=WHY_BALANCE + "; SE of the slope over the blocks")
-    for k in ("GD control", "small-η control"):
+    check_balance(ctx, "reference", sums["reference"], WHY_BALANCE)
+    for k in [k for k in sums if k.startswith("balance ") and "control" not in k]:
+        check_balance(ctx, k, sums[k], WHY_BALANCE + "; " + WHY_DEEP)
+    for k in ("GD control", "small-η control", "balance GD control", "balance small-η control"):
+        if k not in sums:
+            continue
         c = sums[k]["lb"]
         for i, loc in enumerate(c.pairs):
             ctx.predict(f"{k}, {loc}: off balance, |ratio − 1| > 3 SE", abs(float(c.pair_ratio[i]) - 1),

@@ -49,7 +49,9 @@ def figure(cfg: Any, ctx: Any, runs: dict[str, Any], sums: dict[str, dict[str, A
     ax.set_xlabel("step")
     ax.legend(fontsize=5, ncol=2)
 
-    for ax, keys in ((axes[1, 0], ["reference", "GD control", "small-η control"]), (axes[1, 1], deep)):
+    balanced = [k for k in runs if k.startswith("balance ") and "control" not in k]
+    for ax, keys in ((axes[1, 0], ["reference", "GD control", "small-η control"]),
+                     (axes[1, 1], [*deep, *balanced])):
         for j, k in enumerate(keys):
             for n_i, nb in enumerate(sums[k]["nb"]):
                 ax.loglog(nb.energy_in, nb.energy_out, "o^sD"[n_i % 4], ms=3, alpha=0.7,

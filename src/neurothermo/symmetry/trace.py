@@ -86,11 +86,12 @@ _METHODS: dict[str, str] = {
     "split": "split", "unbind": "unbind", "chunk": "chunk",
 }
 # Positively homogeneous (rescale), odd (sign flip), merely elementwise (permutation only).
-HOMOGENEOUS = {"relu", "leaky_relu", "prelu", "max_pool"}
+# |a·x| = a·|x| for a > 0: abs is positively homogeneous (even, not odd: no sign flip).
+HOMOGENEOUS = {"relu", "leaky_relu", "prelu", "max_pool", "abs"}
 ODD = {"tanh", "sin", "atan", "asinh", "sinh", "erf", "softsign", "tanhshrink", "hardshrink",
        "softshrink", "hardtanh"}
 ELEMENTWISE = {"pow", "sigmoid", "gelu", "silu", "elu", "selu", "celu", "softplus", "mish", "relu6",
-               "hardswish", "hardsigmoid", "logsigmoid", "exp", "abs", "square", "softmax"}
+               "hardswish", "hardsigmoid", "logsigmoid", "exp", "square", "softmax"}
 VIEW_OPS = {"reshape", "transpose", "permute", "t", "identity", "T"}
 
 _MODULES: list[tuple[type, str]] = [
