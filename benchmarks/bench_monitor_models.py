@@ -22,25 +22,35 @@ repetition is a warm-up, and noise steps after it read the loop's own pass):
               BatchNorm in train mode couples the samples: its noise terms are not recorded (a
               note), so its noise/10 row is balance plus that check.
 
+``--before SRC`` adds the *units* and *balance* variants of another version of the package (the
+``src/`` folder of an earlier checkout, e.g. ``git archive <commit> src | tar -x -C /tmp/before``),
+imported under another name and interleaved with the current one step by step, so before and
+after share the machine's load.
+
 ``--ddp`` runs the same variants in 2 processes (gloo on CPU, nccl on CUDA) with every model in
 DistributedDataParallel, against a plain DDP step. Prints median wall and process CPU time per
 step and the ratios to plain (with the range of the per-repetition CPU ratios), with the load average (other processes on the cores inflate wall
 times; the CPU ratios are steadier). Usage::
 
     python benchmarks/bench_monitor_models.py [--models resnet18 vit gpt2] [--steps 10]
-        [--reps 4] [--threads 1] [--ddp] [--device cpu]
+        [--reps 4] [--threads 1] [--ddp] [--device cpu] [--before /tmp/before/src]
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import re
+import shutil
 import socket
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -85,12 +95,26 @@ def build(name: str, device: str) -> tuple[Callable[[], nn.Module], Any, Callabl
     raise SystemExit(f"unknown model {name}")
 
 
+def load_before(src: str) -> ModuleType:
+    """Import the ``neurothermo`` package found in ``src`` as ``neurothermo_before`` (a copy with
+    its own imports renamed), beside the current one."""
+    tmp = Path(tempfile.mkdtemp(prefix="nt_before_"))
+    shutil.copytree(Path(src) / "neurothermo", tmp / "neurothermo_before")
+    pattern = re.compile(r"\b(from|import) neurothermo\b(?!_)")
+    for f in (tmp / "neurothermo_before").rglob("*.py"):
+        f.write_text(pattern.sub(r"\1 neurothermo_before", f.read_text()))
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("neurothermo_before")
+
+
 class Runner:
     """One variant: a model (DDP-wrapped under --ddp), an optimizer and optionally a monitor."""
 
     def __init__(self, name: str, device: str, noise_every: int | None, monitor: bool,
-                 syms: Any, ddp: bool, floor: bool = False, units: bool = False) -> None:
+                 syms: Any, ddp: bool, floor: bool = False, units: bool = False,
+                 pkg: ModuleType = nt) -> None:
         make, self.loss_fn, self.batch = build(name, device)
+        self.sums = importlib.import_module(pkg.__name__ + ".monitor.quantities").SquareSums
         torch.manual_seed(0)
         inner = make()
         self.hf = name == "gpt2"
@@ -105,7 +129,7 @@ class Runner:
         if monitor:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # notes (BatchNorm) are printed once below
-                self.mon = nt.ThermoMonitor(self.model, self.loss_fn, optimizer=self.opt,
+                self.mon = pkg.ThermoMonitor(self.model, self.loss_fn, optimizer=self.opt,
                                             noise_every=noise_every, symmetries=syms)
         self.floor = floor
         self.units: list[tuple[str, int, tuple[int, ...] | None]] | None = None
@@ -137,10 +161,8 @@ class Runner:
             self.kept.append(torch._foreach_norm([p.grad for p in self.model.parameters()
                                                   if p.grad is not None]))
         if self.units is not None:
-            from neurothermo.monitor.quantities import SquareSums
-
             grads = {n: p.grad for n, p in self.inner.named_parameters()}
-            self.kept.append(SquareSums(grads, self.scratch[0]).prepare(self.units, list(grads)))
+            self.kept.append(self.sums(grads, self.scratch[0]).prepare(self.units, list(grads)))
         if self.mon is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -150,10 +172,9 @@ class Runner:
             with torch.no_grad():
                 self.kept.append(torch._foreach_norm(list(self.model.parameters())))
         if self.units is not None:
-            from neurothermo.monitor.quantities import SquareSums
-
-            params = dict(self.inner.named_parameters())
-            self.kept.append(SquareSums(params, self.scratch[1]).prepare(self.units, list(params)))
+            with torch.no_grad():
+                params = dict(self.inner.named_parameters())
+                self.kept.append(self.sums(params, self.scratch[1]).prepare(self.units, list(params)))
         self.kept = self.kept[-2:]
         if self.mon is not None:
             self.mon.after_step(self.step)
@@ -185,6 +206,11 @@ def bench(name: str, args: argparse.Namespace, ddp: bool, rank: int = 0) -> None
                 "units": Runner(name, args.device, None, False, syms, ddp, units=True),
                 "balance": Runner(name, args.device, None, True, syms, ddp),
                 "noise/10": Runner(name, args.device, 10, True, syms, ddp)}
+    if args.before:  # the earlier version, interleaved with the current one
+        old = sys.modules.get("neurothermo_before") or load_before(args.before)
+        variants["units (before)"] = Runner(name, args.device, None, False, syms, ddp, units=True,
+                                            pkg=old)
+        variants["balance (before)"] = Runner(name, args.device, None, True, syms, ddp, pkg=old)
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     for rep in range(args.reps + 1):
         acc = {k: [0.0, 0.0] for k in variants}
@@ -211,9 +237,15 @@ def bench(name: str, args: argparse.Namespace, ddp: bool, rank: int = 0) -> None
     for k in variants:
         # spread: the CPU-time ratio of each repetition to plain's in the same repetition
         per_rep = [t[1] / p[1] for t, p in zip(times[k], times["plain"])]
-        print(f"  {k:<9} wall {1e3 * wall[k]:8.1f} ms {wall[k] / wall['plain']:6.3f}x   "
+        print(f"  {k:<16} wall {1e3 * wall[k]:8.1f} ms {wall[k] / wall['plain']:6.3f}x   "
               f"cpu {1e3 * cpu[k]:8.1f} ms {cpu[k] / cpu['plain']:6.3f}x  "
               f"(per repetition {min(per_rep):.3f}-{max(per_rep):.3f})")
+    for k in variants:
+        if k.endswith(" (before)"):  # paired: both versions ran in the same repetitions
+            now = k[: -len(" (before)")]
+            pair = sorted(a[1] / b[1] for a, b in zip(times[now], times[k]))
+            print(f"  {now} now / before: cpu {statistics.median(pair):.3f}x "
+                  f"(per repetition {pair[0]:.3f}-{pair[-1]:.3f})")
     for note in notes:
         print(f"  note: {note[:150]}")
     sys.stdout.flush()
@@ -242,6 +274,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ddp", action="store_true", help="2 processes, DistributedDataParallel")
+    ap.add_argument("--before", metavar="SRC", help="src/ folder of an earlier version: its units "
+                    "and balance variants run interleaved with the current ones")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.steps} steps x {args.reps} reps (+1 warm-up), {args.threads} thread(s), "

@@ -95,6 +95,33 @@ def _running(state: list[Any], rows: Tensor, beta: float) -> Tensor:
     return torch.stack(out)
 
 
+def _running_many(states: list[Tensor | None], series: list[Tensor], beta: float) -> list[Tensor]:
+    """:func:`_running` of several series ``[T, n_k]`` at once, ``states[k]`` updated in place.
+
+    The EMA is elementwise, so the series are joined along their last axis and advanced together
+    (one update per row for all of them, in the same arithmetic as one series at a time: the
+    numbers are bit for bit those of separate updates). Series that cannot be joined (states
+    of mixed presence, dtypes or devices) advance one at a time."""
+    if not series:
+        return []
+    fresh = all(st is None for st in states)
+    ref = series[0]
+    joinable = (fresh or all(st is not None for st in states)) and all(
+        x.dtype == ref.dtype and x.device == ref.device and x.dim() == 2 for x in series)
+    if not joinable:
+        out = []
+        for k, x in enumerate(series):
+            state: list[Any] = [states[k]]
+            out.append(_running(state, x, beta))
+            states[k] = state[0]
+        return out
+    widths = [x.shape[-1] for x in series]
+    joined: list[Any] = [None if fresh else torch.cat(states, -1)]  # type: ignore[arg-type]
+    run = _running(joined, torch.cat(series, -1), beta)
+    states[:] = list(torch.split(joined[0], widths, -1))
+    return list(torch.split(run, widths, -1))
+
+
 def derive(layout: Layout, tracked: Sequence[Tracked], ema: LayerEma, block: Sequence[RawStep]
            ) -> tuple[Columns, LayerEma]:
     """Every deferred column of ``block`` as ``{column: (steps, values stacked per step)}``, and the
@@ -103,7 +130,20 @@ def derive(layout: Layout, tracked: Sequence[Tracked], ema: LayerEma, block: Seq
     cols: Columns = {}
     grads = SquareSums.stacked([r.grads for r in block])
     before = SquareSums.stacked([r.before for r in block])
-    ema = _layers(layout, ema, steps, grads, before, cols)
+    per_unit = [t for t in tracked if t.per_unit]
+    energies = [grads.unit_energies(t.sym.slices, t.sym.n_units) for t in per_unit]
+    layer_sq, w_norm = _layer_sums(layout, grads, before)
+    # every running expectation (per layer, per unit in and out) advances in one loop over rows
+    states: list[Tensor | None] = [ema.avg]
+    series = [layer_sq]
+    for t, (e_in, e_out) in zip(per_unit, energies):
+        states += [t.ema_in, t.ema_out]
+        series += [e_in, e_out]
+    running = _running_many(states, series, layout.beta)
+    ema = _layers(layout, ema, steps, layer_sq, w_norm, running[0], states[0], cols)
+    for k, t in enumerate(per_unit):
+        t.ema_in, t.ema_out = states[1 + 2 * k], states[2 + 2 * k]
+        _units(t, steps, *energies[k], running[1 + 2 * k], running[2 + 2 * k], cols)
     with_lr = [i for i, r in enumerate(block) if r.lr is not None]
     if with_lr:
         at = [steps[i] for i in with_lr]
@@ -116,12 +156,9 @@ def derive(layout: Layout, tracked: Sequence[Tracked], ema: LayerEma, block: Seq
     rescale = [t for t in tracked if deferred_charge(t)]
     after = (SquareSums.stacked([r.after for r in block])  # type: ignore[misc]
              if rescale else None)
-    for t in tracked:
-        if t.per_unit:
-            _units(layout.beta, t, steps, grads, cols)
-        if deferred_charge(t):
-            assert after is not None
-            _charges(layout.max_charge_numel, t, block, grads, before, after, cols)
+    for t in rescale:
+        assert after is not None
+        _charges(layout.max_charge_numel, t, block, grads, before, after, cols)
     return cols, ema
 
 
@@ -139,8 +176,8 @@ def deferred_charge(t: Tracked) -> bool:
     return t.deferred
 
 
-def _layers(layout: Layout, ema_in: LayerEma, steps: list[int], grads: SquareSums,
-            before: SquareSums, cols: Columns) -> LayerEma:
+def _layer_sums(layout: Layout, grads: SquareSums, before: SquareSums) -> tuple[Tensor, Tensor]:
+    """Per step and layer ``‖g‖²`` (sum over the layer's tensors) and the weight norm ``‖θ‖``."""
     n_layers = len(layout.layer_cols)
     group = torch.tensor(layout.param_layer)
     per_g = grads.per_tensor(layout.names)  # [T, P]
@@ -148,8 +185,13 @@ def _layers(layout: Layout, ema_in: LayerEma, steps: list[int], grads: SquareSum
     index = group.to(per_g.device)
     layer_sq = per_g.new_zeros(per_g.shape[0], n_layers).index_add_(1, index, per_g)
     w_norm = per_p.new_zeros(per_p.shape[0], n_layers).index_add_(1, index, per_p).sqrt()
-    state = [ema_in.avg]
-    ema = _running(state, layer_sq, layout.beta)
+    return layer_sq, w_norm
+
+
+def _layers(layout: Layout, ema_in: LayerEma, steps: list[int], layer_sq: Tensor, w_norm: Tensor,
+            ema: Tensor, avg: Tensor | None, cols: Columns) -> LayerEma:
+    """The per-layer columns from the layer sums and their running expectation rows ``ema``
+    (``avg``: the raw EMA after the block)."""
     first = ema_in.count
     corr = torch.tensor([1 - layout.beta ** (first + i + 1) for i in range(len(steps))],
                         dtype=torch.float64).to(ema.device, ema.dtype)
@@ -160,17 +202,12 @@ def _layers(layout: Layout, ema_in: LayerEma, steps: list[int], grads: SquareSum
         cols[c_sq], cols[c_ema], cols[c_w] = (steps, layer_sq[:, k]), (steps, ema_hat[:, k]), (steps, w_norm[:, k])
     for k, (c_ratio, c_resid) in enumerate(layout.pair_cols):
         cols[c_ratio], cols[c_resid] = (steps, ratio[:, k]), (steps, resid[:, k])
-    return LayerEma(state[0], first + len(steps))
+    return LayerEma(avg, first + len(steps))
 
 
-def _units(beta: float, t: Tracked, steps: list[int], grads: SquareSums, cols: Columns) -> None:
-    e_in, e_out = grads.unit_energies(t.sym.slices, t.sym.n_units)
-    state = [t.ema_in]
-    m_in = _running(state, e_in, beta)
-    t.ema_in = state[0]
-    state = [t.ema_out]
-    m_out = _running(state, e_out, beta)
-    t.ema_out = state[0]
+def _units(t: Tracked, steps: list[int], e_in: Tensor, e_out: Tensor, m_in: Tensor, m_out: Tensor,
+           cols: Columns) -> None:
+    """The per-unit columns of ``t`` from the energies and their running expectations."""
     s_in, s_out = m_in.sum(-1), m_out.sum(-1)
     c = t.cols
     cols[c["in"]], cols[c["out"]] = (steps, e_in), (steps, e_out)

@@ -174,7 +174,11 @@ class SquareSums:
 
     def _reduce_axes(self, v: Tensor, name: str, view: tuple[int, ...] | None, todo: list[int],
                      res: dict[int, Tensor]) -> None:
-        """:meth:`_reduce` along the (non-negative, sorted) axes ``todo`` of ``v``, into ``res``."""
+        """:meth:`_reduce` along the (non-negative, sorted) axes ``todo`` of ``v``, into ``res``.
+
+        The blocks, the views of the reused buffer they are squared into and the ``ones`` of the
+        matrix-vector products are laid out once per tensor shape (:class:`_BlockPlan`, kept with
+        the scratch buffers), so a step issues only the kernels (bit for bit the same ones)."""
         for d in todo:
             if v.numel() == v.shape[d]:  # one entry per unit (a bias, a [1, n] weight): no reduction
                 res[d] = (v * v).reshape(-1)
@@ -185,39 +189,30 @@ class SquareSums:
         if todo == [0] and v.is_contiguous():  # one pass, no temporary
             res[0] = torch.linalg.vector_norm(v.reshape(rows, -1), dim=1).square()
             return
-        cpu = v.device.type == "cpu"
-        block = max(1, _CHUNK_NUMEL // max(1, v[0].numel())) if cpu else rows
-        block = min(block, rows)
-        buf = self._scratch.get((name, view))
-        shape = (block, *v.shape[1:])
-        if buf is None or buf.shape != shape or buf.dtype != v.dtype or buf.device != v.device:
-            buf = self._scratch[(name, view)] = v.new_empty(shape)
-        lead = v.new_empty(rows) if 0 in todo else None
-        acc: dict[int, Tensor] = {}
-        for s in range(0, rows, block):
-            e = min(rows, s + block)
-            sq = torch.mul(v[s:e], v[s:e], out=buf[:e - s])
+        key = ("plan", name, view)
+        plan = self._scratch.get(key)
+        if not (isinstance(plan, _BlockPlan) and plan.fits(v, todo)):
+            plan = self._scratch[key] = _BlockPlan(v, todo)  # type: ignore[assignment]
+        assert isinstance(plan, _BlockPlan)
+        lead = v.new_empty(rows) if plan.lead else None
+        leads = lead.split(plan.block) if lead is not None else ()
+        acc: list[Tensor | None] = [None] * len(plan.axes)
+        for i, blk in enumerate(v.split(plan.block)):
+            torch.mul(blk, blk, out=plan.bufs[i])
             if lead is not None:
-                torch.sum(sq.view(e - s, -1), 1, out=lead[s:e])
-            for d in todo:
-                if d == 0:
-                    continue
-                a = (e - s) * math.prod(v.shape[1:d])
-                m = sq.view(a, -1)
-                if cpu and a >= 64:  # adding many rows: a matrix-vector product is faster there
-                    ones = self._scratch.get(("ones", a, v.dtype))
-                    if ones is None:
-                        ones = self._scratch[("ones", a, v.dtype)] = v.new_ones(a)
-                    if d in acc:
-                        acc[d].addmv_(m.t(), ones)
-                    else:
-                        acc[d] = torch.mv(m.t(), ones)
+                torch.sum(plan.flat[i], 1, out=leads[i])
+            for j, (_, per_block) in enumerate(plan.axes):
+                m, ones = per_block[i]
+                a = acc[j]
+                if ones is not None:  # adding many rows: a matrix-vector product (m is transposed)
+                    acc[j] = torch.mv(m, ones) if a is None else a.addmv_(m, ones)
                 else:  # (not on GPUs: a matmul may run in TF32 there)
                     part = m.sum(0)
-                    acc[d] = part if d not in acc else acc[d].add_(part)
+                    acc[j] = part if a is None else a.add_(part)
         if lead is not None:
             res[0] = lead
-        for d, r in acc.items():  # (never a view of the buffer: the result outlives the step)
+        for (d, _), r in zip(plan.axes, acc):  # (never a view of the buffer: the result outlives the step)
+            assert r is not None
             n = v.shape[d]
             res[d] = r.view(n, -1).sum(1) if r.numel() > n else r
 
@@ -256,6 +251,48 @@ class SquareSums:
                ref.new_zeros(ref.shape) if e_out is None else e_out)
         self._units[id(slices)] = out
         return out
+
+
+class _BlockPlan:
+    """How :meth:`SquareSums._reduce_axes` reads one tensor shape: blocks of ``block`` leading-axis
+    rows (on a CPU about ``_CHUNK_NUMEL`` entries, elsewhere all rows), the view of the reused
+    buffer each block is squared into (``bufs``, and as ``[rows, rest]`` in ``flat`` for the
+    leading-axis sums) and, per other axis ``d``, each block as ``[A, n·B]`` (``A`` the entries
+    before axis ``d``): transposed with a vector of ones for a matrix-vector product, or as is
+    (``ones`` None) for a column sum. Made once per shape and kept with the scratch buffers."""
+
+    def __init__(self, v: Tensor, todo: list[int]) -> None:
+        self.shape, self.dtype, self.device, self.todo = v.shape, v.dtype, v.device, list(todo)
+        rows = v.shape[0]
+        cpu = v.device.type == "cpu"
+        block = max(1, _CHUNK_NUMEL // max(1, v[0].numel())) if cpu else rows
+        self.block = block = min(block, rows)
+        buf = v.new_empty((block, *v.shape[1:]))
+        sizes = [min(block, rows - s) for s in range(0, rows, block)]
+        self.bufs = [buf[:n] for n in sizes]
+        self.flat = [b.view(n, -1) for b, n in zip(self.bufs, sizes)]
+        self.lead = 0 in todo
+        ones: dict[int, Tensor] = {}
+        self.axes: list[tuple[int, list[tuple[Tensor, Tensor | None]]]] = []
+        for d in todo:
+            if d == 0:
+                continue
+            per_block: list[tuple[Tensor, Tensor | None]] = []
+            for b, n in zip(self.bufs, sizes):
+                a = n * math.prod(v.shape[1:d])
+                m = b.view(a, -1)
+                if cpu and a >= 64:
+                    if a not in ones:
+                        ones[a] = v.new_ones(a)
+                    per_block.append((m.t(), ones[a]))
+                else:
+                    per_block.append((m, None))
+            self.axes.append((d, per_block))
+
+    def fits(self, v: Tensor, todo: list[int]) -> bool:
+        """Whether this plan was made for ``v``'s shape, dtype and device and the axes ``todo``."""
+        return (v.shape == self.shape and v.dtype == self.dtype and v.device == self.device
+                and todo == self.todo)
 
 
 def predicted_change(charge: Tensor, imbalance: Tensor, lr: float, weight_decay: float) -> Tensor:
