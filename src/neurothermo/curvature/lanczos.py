@@ -57,6 +57,7 @@ from neurothermo.curvature.gram_schmidt import (
     random_column,
     subtract,
 )
+from neurothermo.curvature.huge_pages import empty_large
 from neurothermo.curvature.operator import LinearOperator, column_block
 
 
@@ -335,8 +336,11 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
             om_rr = Sl.T @ Om[:a, :a] @ Sl  # the estimates transform as the basis does
             om_rp = Sl.T @ Om[:a, a:end]
             om_pp = Om[a:end, a:end].clone()
-            pend_vecs = V[:, a:end].clone()
-            V[:, :ell] = V[:, :a] @ Sl.to(device=dev, dtype=dt)
+            # the restart's temporaries in large pages too (same products as ``clone`` and ``@``)
+            pend_vecs = column_block(n, pend, dt, dev, zero=False).copy_(V[:, a:end])
+            rotated = empty_large((n, ell), dt, dev)
+            V[:, :ell] = torch.mm(V[:, :a], Sl.to(device=dev, dtype=dt), out=rotated)
+            del rotated
             V[:, ell:ell + pend] = pend_vecs
             T.zero_()
             T[:ell, :ell] = torch.diag(theta[:ell])
@@ -352,7 +356,8 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
     kk = min(k, a)
     # Ritz vectors as columns of a (c, n) row-major product: contiguous columns, one pass per column
     width = min(a, max(k + 2, p)) if keep_block else kk
-    block = (S[:, :width].T.to(device=dev, dtype=dt) @ V[:, :a].T).T
+    block = torch.mm(S[:, :width].T.to(device=dev, dtype=dt), V[:, :a].T,
+                     out=empty_large((width, n), dt, dev)).T
     if stats is not None:
         stats["full_passes"] = full_passes
     if not done:
