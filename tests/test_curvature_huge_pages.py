@@ -255,3 +255,23 @@ def test_holding_the_last_product_changes_nothing(monkeypatch: pytest.MonkeyPatc
             assert op._last_product is None
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
     assert torch.allclose(out[1][1], 2 * out[1][0], rtol=1e-5, atol=1e-7)  # linear
+
+
+@pytest.mark.parametrize(("env", "reported", "expected"), [
+    ("", False, True), ("", True, False), ("1", True, True), ("0", False, False), (" 1 ", True, True)])
+def test_environment_variable_overrides_the_automatic_choice(monkeypatch: pytest.MonkeyPatch, env: str,
+                                                             reported: bool, expected: bool) -> None:
+    if not hp.huge_pages_available():
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+    monkeypatch.setenv(hp.ENV, env)
+    monkeypatch.setattr(hp, "free_pages_reported", lambda: reported)
+    assert hp.use_huge_pages() is expected
+
+
+def test_a_bad_environment_value_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(hp.ENV, "yes")
+    with pytest.raises(ValueError, match="NEUROTHERMO_HUGE_PAGES='yes'.*1.*0"):
+        hp.use_huge_pages()
+    monkeypatch.setenv(hp.ENV, "1")
+    monkeypatch.delattr(hp.mmap, "MADV_HUGEPAGE", raising=False)
+    assert not hp.use_huge_pages()  # forced on, but the platform cannot

@@ -17,7 +17,11 @@ host too, 4 KiB at a time, while 4 KiB pages come from smaller, still-mapped fre
 on such a VM (Firecracker, 11.2 M floats, CPU time per 45 MB column): 4 KiB pages 15–20 ms; huge
 pages 1–3 ms when reused within a second of being freed, but 80–140 ms on their first use in a
 process and 12–44 ms after 1–6 s idle (the reporting delay is 2 s). So there the huge-page path
-would cost up to 7× more and ``use_huge_pages()`` is False (``free_pages_reported``).
+would cost up to 7× more and ``use_huge_pages()`` is False (``free_pages_reported``). Where
+the kernel has no free huge page at hand, ``/sys/kernel/mm/transparent_hugepage/defrag`` set to
+``madvise`` (a common default) makes the fault compact memory first, which can also cost more than
+4 KiB pages on a long-running, fragmented host: ``NEUROTHERMO_HUGE_PAGES=0`` turns the huge-page
+path off (``=1`` turns it on even under free page reporting).
 
 ``empty_large`` returns such a buffer as an ordinary tensor where it can (a CPU tensor of at least
 ``MIN_BYTES`` when ``use_huge_pages()``), and ``torch.empty`` / ``torch.zeros`` otherwise (every
@@ -32,6 +36,7 @@ import contextlib
 import functools
 import math
 import mmap
+import os
 import sys
 from pathlib import Path
 
@@ -74,10 +79,25 @@ def free_pages_reported(sysfs: str = "/sys") -> bool:
     return hv.is_dir() and any(e.is_symlink() and e.name != "module" for e in hv.iterdir())
 
 
+ENV = "NEUROTHERMO_HUGE_PAGES"  # "1": huge pages wherever available, "0": never; unset: automatic
+
+
 def use_huge_pages() -> bool:
-    """Whether ``empty_large`` backs large CPU tensors with huge pages: available and not undone
-    by free page reporting (``free_pages_reported``)."""
-    return huge_pages_available() and not free_pages_reported()
+    """Whether ``empty_large`` backs large CPU tensors with huge pages: available and, unless the
+    environment variable ``NEUROTHERMO_HUGE_PAGES`` says ``1`` (always) or ``0`` (never), not
+    undone by free page reporting (``free_pages_reported``). The setting changes only the cost of
+    first writes, never a value.
+
+    Raises:
+        ValueError: ``NEUROTHERMO_HUGE_PAGES`` set to anything but ``0`` or ``1``.
+    """
+    choice = os.environ.get(ENV, "").strip()
+    if choice not in ("", "0", "1"):
+        raise ValueError(f"{ENV}={choice!r}: use 1 (huge pages wherever available), 0 (never) or "
+                         "leave it unset (automatic)")
+    if choice == "0" or not huge_pages_available():
+        return False
+    return choice == "1" or not free_pages_reported()
 
 
 def empty_large(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, *,
@@ -103,6 +123,7 @@ def empty_large(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 
     Raises:
         RuntimeError: from ``torch.empty`` (e.g. a negative size) on the fallback path.
+        ValueError: ``NEUROTHERMO_HUGE_PAGES`` set to anything but ``0`` or ``1``.
 
     Example:
         >>> import torch

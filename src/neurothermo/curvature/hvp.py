@@ -193,9 +193,10 @@ class HessianOperator(LinearOperator):
     # CPU, freeing it at once left the allocator's heap with nothing live above a product's
     # temporaries, so glibc's malloc returned them to the kernel after every product and the next
     # one faulted them in again: measured on ResNet-18 (11.2 M parameters, b = 16) inside a
-    # Lanczos solve, 33 k page faults per product instead of 18 k (11 k of those are the solver's
-    # new basis column), ~15 % of a product in system time. Power iteration (PyHessian) holds its
-    # vector between products and so avoids this by construction.
+    # Lanczos solve, 23–32 k page faults per product instead of 16–18 k (11 k of those are the
+    # solver's new basis column; PyHessian 8–9 k), 45–55 ms of system time per product instead of
+    # 35–40 ms (benchmarks/bench_curvature_hvp.py). Power iteration (PyHessian) holds its vector
+    # between products and so avoids this by construction.
     hold_last_product: bool = True
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, *,

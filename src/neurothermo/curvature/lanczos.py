@@ -35,7 +35,11 @@ k = 1, tol = 1e-3: with 5 or 10 a random start stopped early, off by up to 1.2%,
 
 When the basis is full it is restarted on the best ``ℓ`` Ritz vectors plus the pending vectors
 (thick restart: no information about the wanted pairs is lost; ``T[pend, Ritz] = T[pend, done] S``
-carries the residual coupling over). A block of ``p ≥ m`` vectors resolves an
+carries the residual coupling over). Memory: the basis is one ``(m_max + 1) × n`` block written
+a column per product (``operator.column_block``); on the CPU it, the restart temporaries and the
+returned Ritz block come from ``huge_pages.empty_large``, so each new column's first write is a
+few 2 MiB page faults where huge pages pay (not under a hypervisor's free page reporting).
+A block of ``p ≥ m`` vectors resolves an
 eigenvalue of multiplicity ``m``; single-vector Krylov methods (``p = 1``) see one copy of a repeated
 eigenvalue only, which is why the default block size is ``k``.
 """
