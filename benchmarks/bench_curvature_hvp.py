@@ -1,7 +1,7 @@
 """Cost per Hessian-vector product against PyHessian, side by side in one run (issue 15, item 4).
 
     .venv/bin/python benchmarks/bench_curvature_hvp.py [--threads 1] [--rounds 2] [--products 8]
-        [--batch 16] [--models resnet18 vit]
+        [--batch 16] [--models resnet18 vit] [--allocation default|before|huge|small] [--solves-only]
 
 Models from the foreign-model zoo (``tests/foreign_models.py``), eval mode (PyHessian forces it),
 cross-entropy, float32, one batch of ``--batch`` images 3×32×32 (default 16):
@@ -32,9 +32,11 @@ which wall time is not), with the ratio neurothermo / PyHessian:
   ``eigenvalues(maxIter=100, tol=1e-3)`` from a seeded start, its stopping rule is the relative
   change of the Rayleigh quotient, not an error bound; neurothermo: ``top_eigenvalues(tol=1e-3)``,
   stopped on its error estimate), with both λ_max and their errors against a tol-1e-7 solve.
+* ``page faults per product``: inside a solve, median of the rounds (``getrusage``).
 * ``floor``: the CPU time of writing one new basis column of ``n`` floats (its first touch: the
-  kernel maps and zeroes 11 k pages). A Krylov method stores one new vector per product and
-  power iteration none, so this is a cost per product PyHessian does not have.
+  kernel maps and zeroes 11 k pages of 4 KiB, or 22 huge pages), in 4 KiB pages and in huge pages,
+  the first block of the call and the fastest of three. A Krylov method stores one new vector per
+  product and power iteration none, so this is a cost per product PyHessian does not have.
 
 Like with like on the ViT (checked with ``torch.profiler``): both products run the same aten ops
 (the math-backend attention, 24 ``bmm`` and 4 softmax-backward per product), except PyHessian's 32
@@ -118,29 +120,84 @@ solves, none of the 8 in the ``in a solve`` rows). Before: a copy, projection, s
 often a second projection, subtraction and norm, a division, a start vector built in two
 temporaries, and three Ritz vectors returned (plus a clone) where one was used.
 
-Why not reliably ≤ 1× per product inside a solve on ResNet-18 on CPU: the basis column's first
-touch alone is 5–12 % of a product here (PyHessian's power iteration keeps no basis and reuses the
-allocator's warm memory for its few vectors), and the two remaining passes cost about what
-PyHessian's own vector arithmetic does; the measured in-solve ratios, 0.99–1.20 per round (medians
-1.09–1.14), sit on that floor, with the round-to-round noise of this machine (±10 %) as large as
-what is left above it. Huge pages (``madvise(MADV_HUGEPAGE)``) would cut the page count
-512-fold, but their first touch measured 85–117 ms per 45 MB column here (compaction), and keeping a
-basis buffer alive between calls to reuse its pages would hold ~1 GB after every call. Per solve
-the target is met: to tol 1e-3 0.77–1.02× PyHessian's CPU time, with an error 10³–10⁵ times smaller
-(PyHessian's stopping rule stops 0.3–1.4 % off).
+Why not reliably ≤ 1× per product inside a solve on ResNet-18 on CPU (before session 5): the basis
+column's first touch alone is 5–12 % of a product here (PyHessian's power iteration keeps no basis
+and reuses the allocator's warm memory for its few vectors), and the two remaining passes cost about
+what PyHessian's own vector arithmetic does; the measured in-solve ratios, 0.99–1.20 per round
+(medians 1.09–1.14), sat on that floor, with the round-to-round noise of this machine (±10 %) as
+large as what is left above it. Per solve the target is met: to tol 1e-3 0.77–1.02× PyHessian's CPU
+time, with an error 10³–10⁵ times smaller (PyHessian's stopping rule stops 0.3–1.4 % off).
+
+Session 5: where a product's page faults came from, and what removes them. ``--allocation`` sets
+neurothermo's allocation for the whole process (``before``: as the code before; ``default``: the
+code now; ``huge``: huge pages forced); before and after must run in separate processes, since
+glibc's malloc adapts its thresholds to the process's history (a run of standalone products first
+changed the "before" solve rows by ~0.1). ``--solves-only`` runs the in-a-solve rows alone.
+Counting page faults per product inside a solve (``getrusage``) showed two sources:
+
+* The product's own temporaries, ~15 k faults per product that PyHessian does not have (before:
+  23–30 k per product against PyHessian's 7–12 k). Lanczos copies each product into its basis
+  column and dropped autograd's result at once; with nothing live above them, glibc returned the
+  product's temporaries to the kernel after every product, and the next product faulted them in
+  again. Power iteration keeps its vector across products and so never hits this.
+  ``HessianOperator.hold_last_product`` now keeps each result until the next product exists (n
+  numbers held): 16–18 k faults per product, sys time 35–40 ms instead of 45–55 ms (the last
+  ``--solves-only`` pair: 31.9 k → 15.6 k faults per product, PyHessian 8–9 k).
+* The new basis column, 11 k faults (4 KiB pages) = 17–22 ms, 8–11 % of a product. Transparent
+  huge pages (``curvature/huge_pages.py``: an anonymous mapping with ``MADV_HUGEPAGE``, used for the
+  basis, the restart temporaries and the returned Ritz block) cut this to 4.0–4.8 ms per column
+  when the pages were freed less than a second before (the ``floor`` row, fastest block), but on
+  this machine they are on by default nowhere: it is a Firecracker VM whose balloon reports free
+  2 MiB blocks to the host (``VIRTIO_BALLOON_F_REPORTING``), which unmaps them, so a huge page's
+  first touch faults on the host as well: 88–134 ms per column on the first block of a process
+  (``floor``, "first block"). Forced on (``--allocation huge``), the in-a-solve row went to 1.24
+  (median 1.49): the solves here are seconds apart, so their huge pages are always cold.
+  ``huge_pages.use_huge_pages()`` therefore turns them off where the kernel reports free pages
+  (virtio balloon with reporting, Hyper-V balloon), and ``NEUROTHERMO_HUGE_PAGES=0/1`` overrides.
+  On a host without free page reporting the floor row's huge-page figure is the expected cost;
+  no such host was available to measure a whole solve on.
+
+ResNet-18, b = 16, 8 products per solve, in a solve per product, neurothermo / PyHessian (fastest
+round; median of 4 rounds), separate processes run one after the other, load average 3–6 on 2
+cores (``--solves-only``; the ab rows: the same solves from a script, 4 rounds):
+
+======================  ==================================================  ==================================================
+run                     before (results freed at once)                      after (results held)
+======================  ==================================================  ==================================================
+--solves-only           0.96; 0.92 · 1.11; 1.14 · 1.15; 1.14 · 1.20; 1.09   1.09; 0.98 · 1.01; 1.00 · 1.09; 1.02 · 1.04; 0.98
+ab script, medians      1.13 · 1.10 · 1.20                                  1.00 · 0.81 · 1.06
+full script (all rows)  1.06; 0.99 · 0.97; 1.10                             1.10; 1.06 · 1.12; 1.12 · 1.16; 1.06
+whole solve, tol 1e-3   0.57–0.91                                           0.58–0.77
+======================  ==================================================  ==================================================
+
+So per product inside a solve neurothermo is now at parity with PyHessian on ResNet-18 (medians
+0.81–1.06 in the processes that run solves only, against 0.92–1.20 before; in the full script,
+whose standalone product rows leave glibc's heap in another state, before and after cannot be told
+apart: medians 0.99–1.10 and 1.06–1.12), not reliably below it:
+the remaining difference is the new basis column (8–11 % of a product in 4 KiB pages), as large as
+this machine's round-to-round noise. ViT (0.03 M parameters: nothing here is large enough to
+change), in a solve: before 0.96–1.03 (medians 0.95–1.03), after 0.95–1.07 (medians 0.97–1.05),
+all within the noise. HVP alone (the full script): ResNet-18 0.84–0.88 after, 1.06–1.13 before
+(medians 0.86–0.92 against 0.96–1.06), ViT 0.88–1.08 after. Page faults per product in a solve,
+full script, after: 18.8 k against PyHessian's 7.8 k (the basis column is 11 k of the difference).
+
+Still possible, not done: the product is copied into its basis column and then read again by the
+projection; projecting autograd's result in place and writing the column in the subtraction pass
+would save one pass over n numbers per product (~3 %).
 
 PyHessian is optional: ``.venv/bin/pip install --no-deps pyhessian==0.1``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -150,7 +207,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import neurothermo as nt
 from foreign_models import VisionTransformer, resnet18
-from neurothermo.curvature import ConvergenceWarning, hessian_operator
+from neurothermo.curvature import ConvergenceWarning, HessianOperator, hessian_operator
+from neurothermo.curvature import huge_pages as hp
 from neurothermo.curvature.lanczos import band_lanczos, lanczos
 from neurothermo.curvature.operator import column_block
 
@@ -172,6 +230,15 @@ def problem(name: str, b: int = 16) -> tuple[nn.Module, torch.Tensor, torch.Tens
     model = resnet18(num_classes=10, width=64) if name == "resnet18" else VisionTransformer()
     g = torch.Generator().manual_seed(1)
     return model.eval(), torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, 10, (b,), generator=g)
+
+
+def minor_faults() -> int:
+    """Page faults of this process so far (the kernel mapping fresh memory); -1 without ``resource``."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return -1
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def cpu_seconds(fn: Callable[[], int]) -> float:
@@ -204,8 +271,23 @@ def pyhessian_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int,
     return product, solve
 
 
+@contextlib.contextmanager
+def allocation(hold: bool, huge: bool | None) -> Iterator[None]:
+    """Run neurothermo with ``HessianOperator.hold_last_product = hold`` and large CPU buffers in
+    huge pages (True), in 4 KiB pages (False) or as this machine's default decides (None).
+    ``allocation(False, False)`` is the allocation behaviour of the code before (commit 7ed2f77)."""
+    held, use = HessianOperator.hold_last_product, hp.use_huge_pages
+    HessianOperator.hold_last_product = hold
+    if huge is not None:
+        hp.use_huge_pages = lambda: huge  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        HessianOperator.hold_last_product, hp.use_huge_pages = held, use  # type: ignore[method-assign]
+
+
 def ours_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-              m: int) -> tuple[Callable[[], int], Callable[[], int], Callable[[], int], Callable[[], int]]:
+              m: int) -> dict[str, Callable[[], int]]:
     def product() -> int:
         with hessian_operator(model, CE, (x, y), mode="eval") as op:
             v = torch.randn(op.size)
@@ -230,47 +312,55 @@ def ours_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             warnings.simplefilter("ignore", ConvergenceWarning)
             return nt.top_eigenvalues(model, CE, (x, y), max_hvp=m, tol=1e-12, mode="eval").n_hvp
 
-    def solve_full() -> int:  # the same solve with full reorthogonalisation (the code before)
+    def solve_full() -> int:  # the same solve with full reorthogonalisation
         eigen_mod.lanczos = functools.partial(band_lanczos, reorth="full")
         try:
             return solve()
         finally:
             eigen_mod.lanczos = lanczos
 
-    return product, bare, solve, solve_full
+    return {"nt product": product, "nt bare": bare, "nt solve": solve, "nt solve full": solve_full}
 
 
-def fresh_column_seconds(n: int) -> float:
+def fresh_column_seconds(n: int, huge: bool) -> tuple[float, float]:
     """CPU seconds to write ``n`` numbers into a fresh column of a Krylov basis (first touch of its
-    pages: the part of a Lanczos step's cost that storing the basis makes unavoidable)."""
+    pages: the part of a Lanczos step's cost that storing the basis makes unavoidable), in 4 KiB
+    pages or in huge pages: (the first block of the call, the fastest of three)."""
     src = torch.randn(n)
-    best = float("inf")
-    for _ in range(3):
-        V = column_block(n, 5, torch.float32, "cpu", zero=False)
-        t0 = time.process_time()
-        for j in range(4):
-            V[:, j].copy_(src)
-        best = min(best, (time.process_time() - t0) / 4)
-    return best
+    times = []
+    with allocation(True, huge):
+        for _ in range(3):
+            V = column_block(n, 5, torch.float32, "cpu", zero=False)
+            t0 = time.process_time()
+            for j in range(4):
+                V[:, j].copy_(src)
+            times.append((time.process_time() - t0) / 4)
+            del V
+    return times[0], min(times)
 
 
-def measure(name: str, m: int, rounds: int, b: int) -> None:
+def measure(name: str, m: int, rounds: int, b: int, solves_only: bool = False) -> None:
     model, x, y = problem(name, b)
     n_params = sum(p.numel() for p in model.parameters())
     ctx = (lambda: sdpa_kernel(SDPBackend.MATH)) if name == "vit" else (lambda: _Null())
-    ours_p, ours_b, ours_s, ours_f = ours_rows(model, x, y, m)
+    ours = ours_rows(model, x, y, m)
     ph_p, ph_s = pyhessian_rows(model, x, y, m, ctx)
-    for fn in (ph_p, ours_p, ours_b):  # warm-up: first calls pay for allocations and lazy initialisation
+    for fn in () if solves_only else (ph_p, ours["nt product"], ours["nt bare"]):  # warm-up: lazy setup
         fn()
     runs: dict[str, list[float]] = {}
+    faults: dict[str, list[float]] = {}
     for r in range(rounds):  # the order alternates round by round, so drifting load hits both
-        products = (("ph product", ph_p), ("nt product", ours_p), ("nt bare", ours_b))
-        solves = (("ph solve", ph_s), ("nt solve", ours_s), ("nt solve full", ours_f))
+        products = () if solves_only else (
+            ("ph product", ph_p), ("nt product", ours["nt product"]), ("nt bare", ours["nt bare"]))
+        solves = (("ph solve", ph_s), ("nt solve", ours["nt solve"])) + (
+            () if solves_only else (("nt solve full", ours["nt solve full"]),))
         for key, fn in products if r % 2 == 0 else products[::-1]:
             fn()
             runs.setdefault(key, []).append(fn.spent / m)  # type: ignore[attr-defined]
         for key, fn in solves if r % 2 == 0 else solves[::-1]:
+            f0 = minor_faults()
             runs.setdefault(key, []).append(cpu_seconds(fn))
+            faults.setdefault(key, []).append((minor_faults() - f0) / m)
     best = {key: min(v) for key, v in runs.items()}
     counted = {"n": 0}
     inner = ph.hessian_vector_product
@@ -299,7 +389,8 @@ def measure(name: str, m: int, rounds: int, b: int) -> None:
     finally:
         eigen_mod.lanczos = lanczos
     ref = nt.top_eigenvalues(model, CE, (x, y), tol=1e-7, mode="eval").lambda_max  # the reference
-    col = fresh_column_seconds(n_params)
+    col = fresh_column_seconds(n_params, False)
+    col_huge = fresh_column_seconds(n_params, True)
     print(f"\n{name}: {n_params / 1e6:.2f} M parameters, b = {b}, {m} products per solve, "
           f"fastest of {rounds} alternating rounds, CPU seconds; last column: the ratio per round, "
           "median (min–max)")
@@ -307,22 +398,29 @@ def measure(name: str, m: int, rounds: int, b: int) -> None:
     if name == "vit":
         print("  attention: both sides build their graph and differentiate it with SDPA's math backend "
               "(PyHessian inside sdpa_kernel(SDPBackend.MATH), neurothermo selects it itself)")
-    for row, theirs, ours in (("HVP alone, per product", "ph product", "nt product"),
+    for row, theirs, mine in (("HVP alone, per product", "ph product", "nt product"),
                               ("  bare autograd.grad, our graph", "ph product", "nt bare"),
                               ("in a solve, per product", "ph solve", "nt solve"),
                               ("  the same, full reorth.", "ph solve", "nt solve full")):
-        a, c = best[theirs], best[ours]
-        per_round = sorted(o / t for o, t in zip(runs[ours], runs[theirs]))
+        if mine not in runs:
+            continue
+        a, c = best[theirs], best[mine]
+        per_round = sorted(o / t for o, t in zip(runs[mine], runs[theirs]))
         print(f"  {row:32s} {a:10.4f} {c:12.4f} {c / a:7.2f}   {statistics.median(per_round):.2f} "
               f"({per_round[0]:.2f}–{per_round[-1]:.2f})")
+    if faults["ph solve"][0] >= 0:
+        print(f"  {'  page faults per product':32s} {statistics.median(faults['ph solve']):10.0f} "
+              f"{statistics.median(faults['nt solve']):12.0f}   (median of the rounds)")
     print(f"  {'whole solve to tol 1e-3':32s} {t_ph:10.2f} {t_nt:12.2f} {t_nt / t_ph:7.2f}")
     print(f"    products {counted['n']} vs {res.n_hvp} ({stats.get('full_passes')} with a full "
           f"reorthogonalisation pass); λ_max {lam_ph:.6g} vs {res.lambda_max:.6g}, error against "
           f"a tol-1e-7 solve ({ref:.6g}): {abs(lam_ph - ref) / ref:.1e} vs "
           f"{abs(res.lambda_max - ref) / ref:.1e}")
-    print(f"  floor: writing one new basis column ({n_params * 4 / 1e6:.0f} MB, first touch) costs "
-          f"{col:.4f} s = {col / best['ph product']:.1%} of PyHessian's product; PyHessian stores "
-          "no basis")
+    print(f"  floor: writing one new basis column ({n_params * 4 / 1e6:.0f} MB, first touch) costs, "
+          f"4 KiB pages: {col[1]:.4f} s = {col[1] / best['ph solve']:.1%} of PyHessian's product in a solve "
+          f"(first block {col[0]:.4f} s); huge pages: {col_huge[1]:.4f} s = "
+          f"{col_huge[1] / best['ph solve']:.1%} (first block {col_huge[0]:.4f} s); PyHessian "
+          "stores no basis")
 
 
 class _Null:
@@ -340,16 +438,31 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--models", nargs="*", default=["resnet18", "vit"])
+    ap.add_argument("--allocation", choices=("default", "before", "huge", "small"), default="default",
+                    help="neurothermo's large CPU buffers for the whole run: this machine's default, "
+                         "as before (4 KiB pages, each product's result freed at once), huge pages "
+                         "forced, or 4 KiB pages (results held)")
+    ap.add_argument("--solves-only", action="store_true",
+                    help="only the in-a-solve rows and the whole solve (the process runs nothing "
+                         "else, so its allocator's state comes from solves alone)")
     args = ap.parse_args()
     if ph is None:
         print("PyHessian is not installed (pip install --no-deps pyhessian==0.1): nothing to compare",
               file=sys.stderr)
         return
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {args.threads}, load average before "
-          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}, {os.cpu_count()} CPUs")
-    for name in args.models:
-        measure(name, args.products, args.rounds, args.batch)
+    hold, huge = {"default": (True, None), "before": (False, False), "huge": (True, True),
+                  "small": (True, False)}[args.allocation]
+    with allocation(hold, huge):
+        pages = "huge pages" if hp.use_huge_pages() else (
+            "4 KiB pages (free page reporting)" if hp.huge_pages_available() and huge is not False
+            else "4 KiB pages")
+        print(f"torch {torch.__version__}, threads {args.threads}, load average before "
+              f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}, {os.cpu_count()} CPUs; allocation "
+              f"{args.allocation}: {pages}, each product's result "
+              f"{'held until the next' if hold else 'freed at once'}")
+        for name in args.models:
+            measure(name, args.products, args.rounds, args.batch, args.solves_only)
     print(f"\nload average after {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

@@ -35,7 +35,11 @@ k = 1, tol = 1e-3: with 5 or 10 a random start stopped early, off by up to 1.2%,
 
 When the basis is full it is restarted on the best ``ℓ`` Ritz vectors plus the pending vectors
 (thick restart: no information about the wanted pairs is lost; ``T[pend, Ritz] = T[pend, done] S``
-carries the residual coupling over). A block of ``p ≥ m`` vectors resolves an
+carries the residual coupling over). Memory: the basis is one ``(m_max + 1) × n`` block written
+a column per product (``operator.column_block``); on the CPU it, the restart temporaries and the
+returned Ritz block come from ``huge_pages.empty_large``, so each new column's first write is a
+few 2 MiB page faults where huge pages pay (not under a hypervisor's free page reporting).
+A block of ``p ≥ m`` vectors resolves an
 eigenvalue of multiplicity ``m``; single-vector Krylov methods (``p = 1``) see one copy of a repeated
 eigenvalue only, which is why the default block size is ``k``.
 """
@@ -57,6 +61,7 @@ from neurothermo.curvature.gram_schmidt import (
     random_column,
     subtract,
 )
+from neurothermo.curvature.huge_pages import empty_large
 from neurothermo.curvature.operator import LinearOperator, column_block
 
 
@@ -335,8 +340,11 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
             om_rr = Sl.T @ Om[:a, :a] @ Sl  # the estimates transform as the basis does
             om_rp = Sl.T @ Om[:a, a:end]
             om_pp = Om[a:end, a:end].clone()
-            pend_vecs = V[:, a:end].clone()
-            V[:, :ell] = V[:, :a] @ Sl.to(device=dev, dtype=dt)
+            # the restart's temporaries in large pages too (same products as ``clone`` and ``@``)
+            pend_vecs = column_block(n, pend, dt, dev, zero=False).copy_(V[:, a:end])
+            rotated = empty_large((n, ell), dt, dev)
+            V[:, :ell] = torch.mm(V[:, :a], Sl.to(device=dev, dtype=dt), out=rotated)
+            del rotated
             V[:, ell:ell + pend] = pend_vecs
             T.zero_()
             T[:ell, :ell] = torch.diag(theta[:ell])
@@ -352,7 +360,8 @@ def band_lanczos(op: LinearOperator, k: int = 1, *, tol: float = 1e-3, max_matve
     kk = min(k, a)
     # Ritz vectors as columns of a (c, n) row-major product: contiguous columns, one pass per column
     width = min(a, max(k + 2, p)) if keep_block else kk
-    block = (S[:, :width].T.to(device=dev, dtype=dt) @ V[:, :a].T).T
+    block = torch.mm(S[:, :width].T.to(device=dev, dtype=dt), V[:, :a].T,
+                     out=empty_large((width, n), dt, dev)).T
     if stats is not None:
         stats["full_passes"] = full_passes
     if not done:

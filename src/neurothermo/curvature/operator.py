@@ -14,6 +14,8 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from neurothermo.curvature.huge_pages import empty_large
+
 # narrow + view of every piece in one C++ call (what DDP uses to unpack its flat buckets)
 _unflatten_dense: Callable[[Tensor, list[Tensor]], list[Tensor]] | None = getattr(
     torch._C._nn, "unflatten_dense_tensors", None)
@@ -26,9 +28,12 @@ def column_block(n: int, m: int, dtype: torch.dtype, device: torch.device | str,
     Krylov bases are read and written one column at a time; in row-major ``(n, m)`` storage a column
     is strided, so touching one costs as much memory traffic as the whole block (on an
     11-million-parameter model that made the eigensolver's bookkeeping cost 3× the products).
+    A large CPU block is backed by 2 MiB pages where ``huge_pages.use_huge_pages()`` says they pay
+    (``huge_pages.empty_large``): the first write of each new column, one per product, is then a
+    few page faults instead of thousands.
+    ``zero=False``: uninitialised (only written columns may be read).
     """
-    make = torch.zeros if zero else torch.empty
-    return make(m, n, dtype=dtype, device=device).T
+    return empty_large((m, n), dtype, device, zero=zero).T
 
 
 class LinearOperator:
