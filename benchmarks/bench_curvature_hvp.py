@@ -152,8 +152,8 @@ Counting page faults per product inside a solve (``getrusage``) showed two sourc
   first touch faults on the host as well: 88–134 ms per column on the first block of a process
   (``floor``, "first block"). Forced on (``--allocation huge``), the in-a-solve row went to 1.24
   (median 1.49): the solves here are seconds apart, so their huge pages are always cold.
-  ``huge_pages.use_huge_pages()`` therefore turns them off where the kernel reports free pages
-  (virtio balloon with reporting, Hyper-V balloon), and ``NEUROTHERMO_HUGE_PAGES=0/1`` overrides.
+  Huge pages are therefore opt-in (``NEUROTHERMO_HUGE_PAGES=1``, with a warning where the kernel
+  reports free pages: virtio balloon with reporting, Hyper-V balloon); by default they are off.
   On a host without free page reporting the floor row's huge-page figure is the expected cost;
   no such host was available to measure a whole solve on.
 
@@ -456,7 +456,7 @@ def main() -> None:
     with allocation(hold, huge):
         pages = "huge pages" if hp.use_huge_pages() else (
             "4 KiB pages (free page reporting)" if hp.huge_pages_available() and huge is not False
-            else "4 KiB pages")
+            and hp.free_pages_reported() else "4 KiB pages")
         print(f"torch {torch.__version__}, threads {args.threads}, load average before "
               f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}, {os.cpu_count()} CPUs; allocation "
               f"{args.allocation}: {pages}, each product's result "

@@ -20,8 +20,10 @@ process and 12–44 ms after 1–6 s idle (the reporting delay is 2 s). So there
 would cost up to 7× more and ``use_huge_pages()`` is False (``free_pages_reported``). Where
 the kernel has no free huge page at hand, ``/sys/kernel/mm/transparent_hugepage/defrag`` set to
 ``madvise`` (a common default) makes the fault compact memory first, which can also cost more than
-4 KiB pages on a long-running, fragmented host: ``NEUROTHERMO_HUGE_PAGES=0`` turns the huge-page
-path off (``=1`` turns it on even under free page reporting).
+4 KiB pages on a long-running, fragmented host. Since no host without free page reporting has been
+measured, the huge-page path is **opt-in**: ``NEUROTHERMO_HUGE_PAGES=1`` turns it on (with a
+``ResourceWarning`` under free page reporting, where it was measured to cost more); unset or ``0``
+it is off and every buffer comes from torch's allocator.
 
 ``empty_large`` returns such a buffer as an ordinary tensor where it can (a CPU tensor of at least
 ``MIN_BYTES`` when ``use_huge_pages()``), and ``torch.empty`` / ``torch.zeros`` otherwise (every
@@ -38,6 +40,7 @@ import math
 import mmap
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -79,13 +82,14 @@ def free_pages_reported(sysfs: str = "/sys") -> bool:
     return hv.is_dir() and any(e.is_symlink() and e.name != "module" for e in hv.iterdir())
 
 
-ENV = "NEUROTHERMO_HUGE_PAGES"  # "1": huge pages wherever available, "0": never; unset: automatic
+ENV = "NEUROTHERMO_HUGE_PAGES"  # "1": huge pages wherever available; "0" or unset: never
 
 
 def use_huge_pages() -> bool:
-    """Whether ``empty_large`` backs large CPU tensors with huge pages: available and, unless the
-    environment variable ``NEUROTHERMO_HUGE_PAGES`` says ``1`` (always) or ``0`` (never), not
-    undone by free page reporting (``free_pages_reported``). The setting changes only the cost of
+    """Whether ``empty_large`` backs large CPU tensors with huge pages: only when the environment
+    variable ``NEUROTHERMO_HUGE_PAGES`` is ``1`` and the platform has ``MADV_HUGEPAGE`` (opt-in:
+    the gain is unmeasured where free pages stay with the guest, and measured negative where they
+    are reported to a hypervisor, which is warned about). The setting changes only the cost of
     first writes, never a value.
 
     Raises:
@@ -95,9 +99,13 @@ def use_huge_pages() -> bool:
     if choice not in ("", "0", "1"):
         raise ValueError(f"{ENV}={choice!r}: use 1 (huge pages wherever available), 0 (never) or "
                          "leave it unset (automatic)")
-    if choice == "0" or not huge_pages_available():
+    if choice != "1" or not huge_pages_available():
         return False
-    return choice == "1" or not free_pages_reported()
+    if free_pages_reported():
+        warnings.warn(f"{ENV}=1 under free page reporting (a hypervisor takes free memory back): "
+                      "huge pages were measured to cost 1-7x more per first write there than 4 KiB "
+                      f"pages; unset {ENV} to use torch's allocator", ResourceWarning, stacklevel=3)
+    return True
 
 
 def empty_large(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, *,

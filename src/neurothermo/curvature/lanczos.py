@@ -38,7 +38,7 @@ When the basis is full it is restarted on the best ``ℓ`` Ritz vectors plus the
 carries the residual coupling over). Memory: the basis is one ``(m_max + 1) × n`` block written
 a column per product (``operator.column_block``); on the CPU it, the restart temporaries and the
 returned Ritz block come from ``huge_pages.empty_large``, so each new column's first write is a
-few 2 MiB page faults where huge pages pay (not under a hypervisor's free page reporting).
+few 2 MiB page faults when huge pages are turned on (``NEUROTHERMO_HUGE_PAGES=1``; off by default).
 A block of ``p ≥ m`` vectors resolves an
 eigenvalue of multiplicity ``m``; single-vector Krylov methods (``p = 1``) see one copy of a repeated
 eigenvalue only, which is why the default block size is ``k``.

@@ -28,7 +28,7 @@ def column_block(n: int, m: int, dtype: torch.dtype, device: torch.device | str,
     Krylov bases are read and written one column at a time; in row-major ``(n, m)`` storage a column
     is strided, so touching one costs as much memory traffic as the whole block (on an
     11-million-parameter model that made the eigensolver's bookkeeping cost 3× the products).
-    A large CPU block is backed by 2 MiB pages where ``huge_pages.use_huge_pages()`` says they pay
+    A large CPU block is backed by 2 MiB pages where ``huge_pages.use_huge_pages()`` says so (opt-in)
     (``huge_pages.empty_large``): the first write of each new column, one per product, is then a
     few page faults instead of thousands.
     ``zero=False``: uninitialised (only written columns may be read).
