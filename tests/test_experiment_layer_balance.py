@@ -325,3 +325,43 @@ def test_bad_settings(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExperimentFailed, match="train-images-idx3-ubyte"):
         run(f"mnist_dir={tmp_path / 'empty'}")
+
+
+class _Recorder:
+    """The part of RunContext that the checks use: predictions, recorded."""
+
+    def __init__(self) -> None:
+        self.preds: dict[str, object] = {}
+
+    def predict(self, name: str, measured: float, predicted: float, tolerance: float,
+                **kw: object) -> object:
+        from neurothermo.experiments.base import Prediction
+        p = Prediction.check(name, measured, predicted, tolerance, **kw)  # type: ignore[arg-type]
+        self.preds[name] = p
+        return p
+
+
+def _wd_pair(decay: float, imbalance: float, se: float) -> object:
+    from types import SimpleNamespace
+    units = np.full(4, se)
+    return SimpleNamespace(location="0 → 1 → 2", pair_decay=decay, pair_imbalance=imbalance,
+                           pair_drift_se=se, drift=np.zeros(4), drift_se=units, n_blocks=10)
+
+
+@pytest.mark.parametrize(("decay", "resolved"), [(0.494, True), (-0.0037, False), (0.0, False)])
+def test_wd_law_on_a_decayed_network_fails_its_premise(decay: float, resolved: bool) -> None:
+    # A pair whose weights decayed away has ⟨e_in − e_out⟩ ≈ 0 ≈ the law's prediction: the law
+    # "passes" as 0 = 0, so its premise (the prediction resolved from 0 by 3 SE) must fail there.
+    # Numbers: the quick preset's first pair (0.494, SE 0.018) and a 4-hidden-layer run whose
+    # wd = 0.01 killed every unit (prediction −0.0037 with 3 SE = 0.0038, measured 1.6e-16).
+    from types import SimpleNamespace
+
+    from neurothermo.experiments.layer_balance_checks import check_wd
+    ctx = _Recorder()
+    measured = decay if resolved else 1.6e-16
+    lb = SimpleNamespace(pairs=["0 → 1 → 2"], pair_ratio=np.array([1.5]), pair_ratio_se=np.array([0.01]))
+    check_wd(ctx, {"drift": [_wd_pair(decay, measured, 0.0038 / Z)], "lb": lb}, ())  # type: ignore[arg-type]
+    premise = next(p for n, p in ctx.preds.items() if n.startswith("wd law premise"))
+    law = next(p for n, p in ctx.preds.items() if n.startswith("wd law, deep + wd"))
+    assert premise.passed is resolved  # type: ignore[attr-defined]
+    assert law.passed  # type: ignore[attr-defined]  # the law alone cannot tell the two apart
