@@ -24,12 +24,13 @@ Predictions (main run: float64, plain SGD, constant η, wd on every parameter):
   window. Two regimes follow from the identity: a group the loss trains keeps its gross
   (decay exponent κ ≈ 0, :func:`._gpt_balance_checks.decay_exponent`); a group the loss does not
   train shrinks at the weight-decay rate (κ ≈ 1) and its noise with it, so it has no stationary
-  state but zero. Predicted: V/O, MLP and LayerNorm each have ≥ 1 group with κ < 1/2;
+  state but zero. Predicted: V/O, MLP and LayerNorm (and Q/K with ``qk_premise``, the full
+  preset's fan-in init of the attention) each have ≥ 1 group with κ < 1/2;
 * the weight-decay law on the window ``[window_start·τ, steps)``, on the groups with κ < 1/2: per
   family (the sum over those groups) and per group, ``|z| = |⟨gᵀAg − cN⟩|/se`` below the
-  Bonferroni Student-t limit (family-wise level ``alpha``). The untrained groups (at these sizes
-  W_Q/W_K everywhere, κ = 1.00: each gets a gradient only through the other and the logits barely
-  matter; and whole upper layers) are recorded with κ and their z, not predicted;
+  Bonferroni Student-t limit (family-wise level ``alpha``). The untrained groups (with GPT-2's
+  init W_Q/W_K everywhere, κ = 1.00: each gets a gradient only through the other and the logits
+  barely matter; and whole upper layers) are recorded with κ and their z, not predicted;
 * the model learns: the mean training loss of the last tenth is below the unigram entropy.
 
 Controls (inside the run; ``variant`` runs one of them *instead of* the main run with the main
@@ -187,7 +188,10 @@ def main_predictions(ctx: RunContext, res: RunResult, cfg: GptBalanceConfig, sta
                         0.0, sense="at_least",
                         why="SGD trains these families (their gradient balances the decay), so "
                             "their weights settle within a few relaxation times; an untrained "
-                            "group shrinks at the weight-decay rate, κ = 1")
+                            "group shrinks at the weight-decay rate, κ = 1"
+                            + ("; W_Q and W_K each get a gradient only through the other, so "
+                               "Q/K is trained only when they start large enough for the logits "
+                               "to matter (attn_init_std)" if fam == "qk" else ""))
     for fam, rows in fl.items():
         if not stat[fam]:  # the premise fails for every group: no law to check
             summary[f"law_{fam}"] = {"premise": "fails for every group", "z_all": max(
@@ -388,10 +392,14 @@ EXPERIMENT = register(Experiment(
     config=GptBalanceConfig,
     quick=GptBalanceConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=16,
                            steps=640, adamw_steps=320, log_every=80),
-    full=GptBalanceConfig(),
+    # full: SGD trains a Q/K head only with a fan-in init of the attention (1/√d_model = 0.125)
+    # and small wd; the upper block's MLP and Q/K die (κ ≈ 1), recorded, not predicted
+    full=GptBalanceConfig(n_layers=2, lr=0.7, weight_decay=0.003, steps=5000, control_steps=2000,
+                          attn_init_std=0.125, qk_premise=True, adamw_steps=1000, log_every=500),
     run=run,
-    cost="full: 4 layers × 64 wide × 4 heads, context 64, 4 runs × 2000 steps in float64, "
-         "≈ 70 ms per step on one CPU thread (see docs/experiments/gpt-balance.md)",
+    cost="full: 2 layers × 64 wide × 4 heads, context 64, SGD 5000 steps + 2 controls × 2000 + "
+         "AdamW 1000 in float64, ≈ 40 ms per step on one CPU thread "
+         "(see docs/experiments/gpt-balance.md)",
     requires=("transformers",),
     extra="offline",
 ))
