@@ -156,7 +156,7 @@ def test_wd_law_on_a_synthetic_charge() -> None:
 # 0.6–0.8 of the weight-decay rate, κ ≥ 0.6, and the law has no group to be checked on)
 TINY = ("d_model=32", "n_layers=1", "n_heads=2", "seq_len=32", "batch_size=16", "steps=640",
         "log_every=160", "lr=0.3", "weight_decay=0.02", "attn_init_std=0", "qk_premise=false",
-        "control_steps=0")  # (overrides of the full preset: the quick preset's η, wd and init)
+        "control_steps=0", "window_start=5")  # (the quick preset's η, wd, init, window)
 
 
 def _preds(res) -> dict[str, dict]:
