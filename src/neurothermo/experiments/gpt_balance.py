@@ -400,9 +400,9 @@ EXPERIMENT = register(Experiment(
                           control_steps=3000, attn_init_std=0.125, qk_premise=True,
                           adamw_steps=1000, log_every=500),
     run=run,
-    cost="full: 2 layers × 64 wide × 4 heads, context 64, SGD 5000 steps + 2 controls × 2000 + "
-         "AdamW 1000 in float64, ≈ 40 ms per step on one CPU thread "
-         "(see docs/experiments/gpt-balance.md)",
+    cost="full: 2 layers × 64 wide × 4 heads, context 64, SGD 10000 steps + 2 controls × 3000 + "
+         "AdamW 1000 in float64, ≈ 10 min CPU on one thread (578 s measured; "
+         "see docs/experiments/gpt-balance.md)",
     requires=("transformers",),
     extra="offline",
 ))
