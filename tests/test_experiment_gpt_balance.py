@@ -155,7 +155,8 @@ def test_wd_law_on_a_synthetic_charge() -> None:
 # one block of the quick preset's model, for the controls (at width 16 every group shrinks at
 # 0.6–0.8 of the weight-decay rate, κ ≥ 0.6, and the law has no group to be checked on)
 TINY = ("d_model=32", "n_layers=1", "n_heads=2", "seq_len=32", "batch_size=16", "steps=640",
-        "log_every=160")
+        "log_every=160", "lr=0.3", "weight_decay=0.02", "attn_init_std=0", "qk_premise=false",
+        "control_steps=0", "window_start=5")  # (the quick preset's η, wd, init, window)
 
 
 def _preds(res) -> dict[str, dict]:
@@ -209,3 +210,28 @@ def test_broken_control_fails_the_qk_identity_and_law(tmp_path: Path) -> None:
     for n, p in preds.items():
         if "identity" in n and ("V/O" in n or "MLP" in n):
             assert p["passed"], n
+
+
+def test_attn_init_std_redraws_only_the_attention_weights() -> None:
+    # the full preset's fan-in init: every c_attn / attention c_proj weight ~ N(0, s²), the rest as
+    # GPT-2 draws it (0.02); 0 keeps GPT-2's init bit for bit (the quick preset's model)
+    d, s = 64, 64 ** -0.5
+    ref = dict(tr.build_gpt(20, d, 2, 4, 16, 0, torch.float64).named_parameters())
+    new = dict(tr.build_gpt(20, d, 2, 4, 16, 0, torch.float64, attn_init_std=s).named_parameters())
+    same = dict(tr.build_gpt(20, d, 2, 4, 16, 0, torch.float64, attn_init_std=0.0).named_parameters())
+    assert all(torch.equal(ref[n], same[n]) for n in ref)
+    for n, p in new.items():
+        if n.endswith(("attn.c_attn.weight", "attn.c_proj.weight")):
+            # sample std of ≥ 4096 normals: relative SE 1/√(2·4096) ≈ 0.011, 5 SE
+            assert abs(float(p.std()) / s - 1) < 5 / (2 * p.numel()) ** 0.5, n
+        else:
+            assert torch.equal(p, ref[n]), n
+
+
+def test_control_steps_must_leave_a_law_window() -> None:
+    from neurothermo.experiments.gpt_balance import GptBalanceConfig
+
+    # τ = 1/(0.5·0.004·1.998) ≈ 250 steps: the window starts at 5τ = 1251
+    GptBalanceConfig(lr=0.5, weight_decay=0.004, steps=3000, control_steps=1300).check()
+    with pytest.raises(ValueError, match="control_steps=1260"):
+        GptBalanceConfig(lr=0.5, weight_decay=0.004, steps=3000, control_steps=1260).check()
