@@ -152,6 +152,40 @@ def test_wd_law_on_a_synthetic_charge() -> None:
     assert abs(ck.wd_law(charge(ramp, 50.0)[:, None], ramp[:, None], lr, wd, start, 10).z[0]) > lim
 
 
+def test_relative_residual_is_the_drift_of_n_over_its_mean_times_tau_over_n() -> None:
+    """``GroupLaw.rel`` = |ΔN|/|⟨N⟩|·τ/n by the identity (a naive reimplementation), small for a
+    relaxed charge and ≫ 1 for one that has not relaxed (the window shorter than τ)."""
+    from neurothermo.experiments._gpt_balance_laws import GroupLaw
+
+    lr, wd = 0.5, 0.1
+    d = (1 - lr * wd) ** 2
+    tau = 1 / (lr * wd * (2 - lr * wd))
+    rng = np.random.default_rng(1)
+
+    def rel(x: np.ndarray, start: int) -> tuple[float, float]:
+        n = x.shape[0]
+        j = np.zeros(n + 1)
+        for t in range(n):
+            j[t + 1] = d * j[t] + lr**2 * x[t]
+        law = ck.wd_law(j[:, None], x[:, None], lr, wd, start, 10 if n >= 100 else 2)
+        nw = j[start:-1]  # N over the window (J_0 = 0, so N = J)
+        naive = abs(j[-1] - j[start]) / abs(nw.mean()) * tau / (n - start)
+        return GroupLaw("g", law, 0.0).rel, naive
+
+    relaxed, naive = rel(rng.normal(1.0, 1.0, 4000), int(5 * tau))
+    assert relaxed == pytest.approx(naive, rel=1e-9)
+    # relaxed: |ΔN| is of the order of N's stationary spread (≈ 0.2·|⟨N⟩| here), times τ/n ≈ 1/360
+    assert relaxed < 0.01
+    # not relaxed: a constant drive from N = 0 over n = 5 steps ≪ τ ≈ 10.5. Closed form:
+    # N_t = (x/c)(1 − q^t), so ⟨x − cN⟩ = x·m and c⟨N⟩ = x(1 − m), m = (1 − qⁿ)/(n(1 − q))
+    n = 5
+    fresh, naive = rel(np.ones(n), 0)
+    m = (1 - d**n) / (n * (1 - d))
+    assert fresh == pytest.approx(naive, rel=1e-9)
+    assert fresh == pytest.approx(m / (1 - m), rel=1e-9)
+    assert fresh > 1.0
+
+
 # one block of the quick preset's model, for the controls (at width 16 every group shrinks at
 # 0.6–0.8 of the weight-decay rate, κ ≥ 0.6, and the law has no group to be checked on)
 TINY = ("d_model=32", "n_layers=1", "n_heads=2", "seq_len=32", "batch_size=16", "steps=640",

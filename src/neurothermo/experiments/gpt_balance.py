@@ -177,7 +177,7 @@ def main_predictions(ctx: RunContext, res: RunResult, cfg: GptBalanceConfig, sta
         at = {int(t): float(v) for t, v in zip(steps, gross, strict=True)}
         summary[f"gross_{fam}"] = {"start": at[0], "window_start": at[start],
                                    "end": at[res.spec.steps]}
-    summary["groups"] = {f"{fam}: {g.label}": {"kappa": g.kappa, "z": g.z,
+    summary["groups"] = {f"{fam}: {g.label}": {"kappa": g.kappa, "z": g.z, "rel": g.rel,
                                                 "premise": g.kappa < KAPPA_MAX}
                          for fam, rows in groups.items() for g in rows}
     trained = ("qk", "vo", "mlp", "ln") if cfg.qk_premise else ("vo", "mlp", "ln")
@@ -210,7 +210,7 @@ def main_predictions(ctx: RunContext, res: RunResult, cfg: GptBalanceConfig, sta
                         "are outside the law's premise")
         summary[f"law_{fam}"] = {"gag": float(law.gag[0]), "cJ": float(law.cj[0]),
                                  "resid": float(law.resid[0]), "se": float(law.se[0]), "z": z,
-                                 "groups": len(stat[fam]), "of": len(rows) - 1}
+                                 "rel": rows[0].rel, "groups": len(stat[fam]), "of": len(rows) - 1}
     zmax = 0.0
     for fam, rows in stat.items():
         if not rows:
@@ -331,7 +331,8 @@ def small_lr_checks(ctx: RunContext, cfg: GptBalanceConfig, small: RunResult, st
                 "start off balance: V/O, MLP, LayerNorm)", zmax, lim, 0.0, sense="at_least",
                 control=True, why="at small η the charges relax only over τ ∝ 1/η, so the gradient "
                 "energies keep the imbalance of the init (per-family z in the summary)")
-    out["small_lr"] = {"z": zs, "charge_kept_ratio": worst}
+    out["small_lr"] = {"z": zs, "rel": {f: rows[0].rel for f, rows in fl.items()},
+                       "charge_kept_ratio": worst}
     return out
 
 
