@@ -222,6 +222,12 @@ def test_main_run_identities_and_controls(tmp_path: Path) -> None:
     # rate: κ ≈ 1 for every Q/K head (and the law is not predicted for them)
     qk = [v for k, v in sgd["groups"].items() if k.startswith("qk")]
     assert qk and all(abs(v["kappa"] - 1.0) < 0.05 and not v["premise"] for v in qk)
+    # the recorded relative residual is |resid| / |c⟨N⟩| of the same law
+    for fam in ("vo", "mlp", "ln"):
+        law = sgd[f"law_{fam}"]
+        assert law["rel"] == pytest.approx(abs(law["resid"]) / abs(law["cJ"]), rel=1e-12)
+    assert all(v["rel"] >= 0 for v in sgd["groups"].values())
+    assert set(res.summary["figures"]["small_lr"]["small_lr"]["rel"]) == {"qk", "vo", "mlp", "ln"}
     assert {"imbalance.png", "energies.png"} <= {f.name for f in res.path.iterdir()}
 
 
