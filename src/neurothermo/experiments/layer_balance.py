@@ -28,7 +28,10 @@ out-weights ÷ s: the same function), and checks:
    on about half the samples whatever its scale, so nothing feeds the charge): layer balance
    (ratio 1) and neuron balance (slope 1) within 3 batch-means standard errors. Controls on the
    same start: full-batch **GD** and SGD with a **10× smaller η** (relaxation ∝ η²) — the identity
-   holds, balance fails (checked as "off balance by more than 3 SE").
+   holds, and balance is not caused: the balance claim has the premise that the orbits relaxed
+   (R ≥ 3 relaxation times before the window, R = Σ_t η²(Σe_in + Σe_out)/S), which the controls
+   fail. Their ratio is recorded, not used: GD's can land at 1 by chance (measured, one seed in
+   five).
 3. **weight decay at depth** (the deep net, MSE, ``weight_decay``): the stationary law per pair and
    per unit (scatter against the diagonal); wd bounds the weights, so J relaxes at rate ≈ 2η·wd and
    stops drifting. Controls: the same law on the first relaxation time of the run (J not yet
@@ -36,7 +39,8 @@ out-weights ÷ s: the same function), and checks:
 4. **deep balance runs** (the same biased deep net with ``balance_activation`` = |x|, label
    noise, MSE and cross-entropy): |x| passes gradient through every unit on every sample, so no
    active set shrinks and J becomes stationary; layer balance of every pair and neuron balance
-   within 3 SE, with full-batch GD (clean labels) and η/10 controls that must fail.
+   within 3 SE after R ≥ 3 relaxation times, with full-batch GD (clean labels) and η/10
+   controls that must fail (R < 3).
 
 Standard errors are batch means over ``n_blocks`` blocks; by the identity the block means of the
 imbalance are the blocks' charge drifts, so "within 3 SE" means "no more drift than the charge's
@@ -251,6 +255,7 @@ def train_one(spec: RunSpec, cfg: LayerBalanceConfig, ctx: RunContext, data: tup
 def summarise(h: History, spec: RunSpec, cfg: LayerBalanceConfig) -> dict[str, Any]:
     """Layer balance, neuron balance and both sides of the drift identity over the last window."""
     import neurothermo.monitor as nt
+    from neurothermo.experiments.layer_balance_checks import relaxation_count
     from neurothermo.monitor.drift import charge_drift
 
     try:
@@ -260,7 +265,8 @@ def summarise(h: History, spec: RunSpec, cfg: LayerBalanceConfig) -> dict[str, A
             raise
         nbs = ()
     return {"lb": nt.layer_balance(h, window=cfg.window, n_blocks=cfg.n_blocks), "nb": nbs,
-            "drift": charge_drift(h, window=cfg.window, n_blocks=cfg.n_blocks, weight_decay=spec.wd)}
+            "drift": charge_drift(h, window=cfg.window, n_blocks=cfg.n_blocks, weight_decay=spec.wd),
+            "relax": relaxation_count(h, cfg.window)}
 
 
 def record_of(s: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -276,6 +282,7 @@ def record_of(s: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         "identity_error": [d.error for d in s["drift"]], "roundoff_bound": [d.roundoff for d in s["drift"]],
         "charge": [float(d.charge.sum()) for d in s["drift"]],
         "neuron_slope": [n.slope for n in s["nb"]], "neuron_slope_se": [n.slope_se for n in s["nb"]],
+        "relaxation_times": list(s["relax"]),
     }
 
 

@@ -16,8 +16,16 @@ WHY_IDENTITY = ("J' = (1 − η·wd)²J + η²(e_in − e_out) exactly (the loss
 WHY_BALANCE = ("wd = 0: mean imbalance = ΔJ/(η²T) exactly, so a stationary charge means balance; "
                "tolerance 3 batch-means SE (the block means are the blocks' charge drifts, so this "
                "asks for no more drift than J's own fluctuations)")
-WHY_CONTROL = ("the same test must fail without the cause: GD has no noise (J only moves by η²ḡᵀAḡ), a "
-               "10× smaller η relaxes J 100× slower; both keep their start's imbalance")
+WHY_CONTROL = ("the same test must fail without the cause: GD has no noise (J only moves by η²ḡᵀAḡ, and "
+               "ḡ vanishes as GD converges), a 10× smaller η relaxes J 100× slower; both keep their "
+               "start's charge, so their orbits never relax (R < 3) whatever ratio their last "
+               "gradients happen to have")
+R_MIN = 3.0  # orbit relaxation times before the window: the start's offset is forgotten to e⁻³ ≈ 5 %
+WHY_RELAX = ("along a unit's rescale orbit (in × a, out ÷ a) e_in ∝ a⁻², e_out ∝ a², so by the identity "
+             "d ln a ≈ η²(e_in − e_out)/(2S) per step (S = ‖w‖² + b² + ‖v‖²) and the offset from the "
+             "balance point decays at rate η²(e_in + e_out)/S; balance is the noise's doing only where "
+             "the steps before the window hold R = Σ_t η²(Σe_in + Σe_out)/S ≥ 3 such relaxation "
+             "times (memory of the off-balance start ≤ e⁻³); pair sums, S from the two layers' norms")
 WHY_DEEP = ("|x| (the default balance_activation) passes gradient through every unit on every sample "
             "(slope ±1), so no unit's active set can shrink and drag its balance point: J becomes "
             "stationary at every depth (ReLU's keeps drifting as its units sparsify; measured in "
@@ -44,10 +52,40 @@ def unit_z(drift: np.ndarray, se: np.ndarray) -> np.ndarray:
     return np.where(se > 0, z, np.where(drift == 0, 0.0, np.inf))
 
 
+def relaxation_count(history: Any, window: float) -> tuple[float, ...]:
+    """Per rescale-symmetric pair, the orbit relaxation times the run holds before its window.
+
+    ``R = Σ_{t < t_w} η_t²·(Σ_u e_in,u + Σ_u e_out,u)_t / S_t``, with ``S`` the summed squared
+    norms (weights and biases) of the pair's two layers, ``e`` the minibatch gradient energies of
+    the batch-mean loss as the monitor records them, and ``t_w`` the window's first step (the last
+    ``window`` fraction of the recorded steps is the window, as in ``charge_drift``). Every step
+    must be recorded (``ThermoMonitor(every=1)``, which ``charge_drift`` requires too).
+    """
+    from neurothermo.monitor import names
+    from neurothermo.monitor.balance import _rescale_indices
+    from neurothermo.monitor.drift import _window_slice
+
+    lr = np.asarray(history[names.LR], dtype=np.float64)
+    out = []
+    for i, loc in _rescale_indices(history):
+        first, last = loc.split("→")[0].strip(), loc.split("→")[-1].strip().split(" ")[0]
+        e = (np.asarray(history[names.energy_in(i)], dtype=np.float64).sum(1)
+             + np.asarray(history[names.energy_out(i)], dtype=np.float64).sum(1))
+        gross = (np.asarray(history[names.weight_norm(first)], dtype=np.float64) ** 2
+                 + np.asarray(history[names.weight_norm(last)], dtype=np.float64) ** 2)
+        start = _window_slice(history.steps(names.energy_in(i)), window).start
+        out.append(float((lr[:start] ** 2 * e[:start] / gross[:start]).sum()))
+    return tuple(out)
+
+
 def check_balance(ctx: RunContext, k: str, s: dict[str, Any], why: str) -> None:
-    """Layer balance (every pair's ratio) and neuron balance (every pair's slope) within 3 SE of 1."""
+    """Layer balance (every pair's ratio) and neuron balance (every pair's slope) within 3 SE of 1,
+    with its premise: the orbit relaxed (``R ≥ R_MIN`` relaxation times before the window)."""
     lb = s["lb"]
     for i, loc in enumerate(lb.pairs):
+        ctx.predict(f"balance premise, {k}, {loc}: orbit relaxation times before the window, "
+                    f"R = Σ η²(Σe_in + Σe_out)/S ≥ {R_MIN:g}", s["relax"][i], R_MIN, 0.0,
+                    sense="at_least", why=WHY_RELAX)
         ctx.predict(f"layer balance, {k}, {loc}: Σ_u ⟨e_in⟩ / Σ_u ⟨e_out⟩ = 1",
                     lb.pair_ratio[i], 1.0, Z * lb.pair_ratio_se[i], why=why)
     if len(s["nb"]) < len(lb.pairs):
@@ -73,8 +111,9 @@ def check_all(ctx: RunContext, cfg: Any, runs: dict[str, Any], sums: dict[str, d
             continue
         c = sums[k]["lb"]
         for i, loc in enumerate(c.pairs):
-            ctx.predict(f"{k}, {loc}: off balance, |ratio − 1| > 3 SE", abs(float(c.pair_ratio[i]) - 1),
-                        Z * float(c.pair_ratio_se[i]), 0.0, sense="at_least", why=WHY_CONTROL)
+            ctx.predict(f"{k}, {loc}: balance not caused, the orbit never relaxed (R < {R_MIN:g}; "
+                        "the ratio is recorded)", sums[k]["relax"][i], R_MIN, 0.0, sense="at_most",
+                        why=WHY_CONTROL)
     check_wd(ctx, sums["deep + wd"], early)
 
 
