@@ -22,14 +22,8 @@ from neurothermo.experiments.layer_balance import (
     onehot_mse,
     whiten,
 )
-from neurothermo.experiments.layer_balance_checks import (
-    R_MIN,
-    Z,
-    relaxation_count,
-    unit_z,
-    unit_z_limit,
-)
-from neurothermo.monitor.drift import charge_drift
+from neurothermo.experiments.layer_balance_checks import R_MIN, Z, unit_z, unit_z_limit
+from neurothermo.monitor.drift import charge_drift, relaxation_count
 from neurothermo.runner import ExperimentFailed, run_experiment
 
 # ---- pieces ---------------------------------------------------------------------------------
@@ -206,7 +200,7 @@ def test_relaxation_count_matches_a_hand_written_loop() -> None:
     mon = nt.ThermoMonitor(model, onehot_mse, every=1, noise_every=None)
     h = nt.train(model, onehot_mse, (x, y), lr=0.2, batch_size=3, steps=steps,
                  lr_schedule=lambda t: sched[t], seed=5, monitor=mon)
-    got = relaxation_count(h, 0.25)  # window: the last 15 of 60 steps
+    got = relaxation_count(h, window=0.25)  # window: the last 15 of 60 steps
     gen = torch.Generator().manual_seed(5)
     perm, order = torch.randperm(x.shape[0], generator=gen), []
     for t in range(steps):
@@ -232,7 +226,7 @@ def test_relaxation_count_matches_a_hand_written_loop() -> None:
     model = build_model(widths, True, 0.7, seed=1)
     mon = nt.ThermoMonitor(model, onehot_mse, every=1, noise_every=None)
     h_gd = nt.train(model, onehot_mse, (x, y), optimizer="gd", lr=0.2, steps=steps, monitor=mon)
-    assert all(g < r for g, r in zip(relaxation_count(h_gd, 0.25), got))
+    assert all(g < r for g, r in zip(relaxation_count(h_gd, window=0.25), got))
 
 
 def test_float32_breaks_the_float64_round_off_bound() -> None:

@@ -255,8 +255,7 @@ def train_one(spec: RunSpec, cfg: LayerBalanceConfig, ctx: RunContext, data: tup
 def summarise(h: History, spec: RunSpec, cfg: LayerBalanceConfig) -> dict[str, Any]:
     """Layer balance, neuron balance and both sides of the drift identity over the last window."""
     import neurothermo.monitor as nt
-    from neurothermo.experiments.layer_balance_checks import relaxation_count
-    from neurothermo.monitor.drift import charge_drift
+    from neurothermo.monitor.drift import charge_drift, relaxation_count
 
     try:
         nbs = nt.neuron_balance(h, window=cfg.window, n_blocks=cfg.n_blocks)
@@ -266,7 +265,7 @@ def summarise(h: History, spec: RunSpec, cfg: LayerBalanceConfig) -> dict[str, A
         nbs = ()
     return {"lb": nt.layer_balance(h, window=cfg.window, n_blocks=cfg.n_blocks), "nb": nbs,
             "drift": charge_drift(h, window=cfg.window, n_blocks=cfg.n_blocks, weight_decay=spec.wd),
-            "relax": relaxation_count(h, cfg.window)}
+            "relax": relaxation_count(h, window=cfg.window)}
 
 
 def record_of(s: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

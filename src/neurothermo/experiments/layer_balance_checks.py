@@ -52,32 +52,6 @@ def unit_z(drift: np.ndarray, se: np.ndarray) -> np.ndarray:
     return np.where(se > 0, z, np.where(drift == 0, 0.0, np.inf))
 
 
-def relaxation_count(history: Any, window: float) -> tuple[float, ...]:
-    """Per rescale-symmetric pair, the orbit relaxation times the run holds before its window.
-
-    ``R = Σ_{t < t_w} η_t²·(Σ_u e_in,u + Σ_u e_out,u)_t / S_t``, with ``S`` the summed squared
-    norms (weights and biases) of the pair's two layers, ``e`` the minibatch gradient energies of
-    the batch-mean loss as the monitor records them, and ``t_w`` the window's first step (the last
-    ``window`` fraction of the recorded steps is the window, as in ``charge_drift``). Every step
-    must be recorded (``ThermoMonitor(every=1)``, which ``charge_drift`` requires too).
-    """
-    from neurothermo.monitor import names
-    from neurothermo.monitor.balance import _rescale_indices
-    from neurothermo.monitor.drift import _window_slice
-
-    lr = np.asarray(history[names.LR], dtype=np.float64)
-    out = []
-    for i, loc in _rescale_indices(history):
-        first, last = loc.split("→")[0].strip(), loc.split("→")[-1].strip().split(" ")[0]
-        e = (np.asarray(history[names.energy_in(i)], dtype=np.float64).sum(1)
-             + np.asarray(history[names.energy_out(i)], dtype=np.float64).sum(1))
-        gross = (np.asarray(history[names.weight_norm(first)], dtype=np.float64) ** 2
-                 + np.asarray(history[names.weight_norm(last)], dtype=np.float64) ** 2)
-        start = _window_slice(history.steps(names.energy_in(i)), window).start
-        out.append(float((lr[:start] ** 2 * e[:start] / gross[:start]).sum()))
-    return tuple(out)
-
-
 def check_balance(ctx: RunContext, k: str, s: dict[str, Any], why: str) -> None:
     """Layer balance (every pair's ratio) and neuron balance (every pair's slope) within 3 SE of 1,
     with its premise: the orbit relaxed (``R ≥ R_MIN`` relaxation times before the window)."""

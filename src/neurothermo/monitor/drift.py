@@ -207,3 +207,82 @@ def charge_drift(history: History, *, window: float | tuple[int, int] = 0.5, n_b
             mean_in=(lr2[:, None] * e_in).sum(0) / w, mean_out=(lr2[:, None] * e_out).sum(0) / w,
             charge=charge.mean(0), n_blocks=nb))
     return tuple(out)
+
+
+def _aligned(history: History, col: str, steps: np.ndarray) -> np.ndarray:
+    """``col``'s values at ``steps`` (every one of them must be recorded)."""
+    have = history.steps(col)
+    pos = np.minimum(np.searchsorted(have, steps), len(have) - 1)
+    if not np.array_equal(have[pos], steps):
+        raise ValueError(f"the '{col}' column misses steps {steps[0]}..{steps[-1]}")
+    return np.asarray(history[col], dtype=np.float64)[pos]
+
+
+def relaxation_count(history: History, *, window: float | tuple[int, int] = 0.5
+                     ) -> tuple[float, ...]:
+    """Per rescale-symmetric layer pair, the orbit relaxation times the run holds before a window.
+
+    Along a unit's rescale orbit (in-weights and bias × a, out-weights ÷ a) ``e_in ∝ a⁻²`` and
+    ``e_out ∝ a²``, so the identity gives ``d ln a ≈ η²(e_in − e_out)/(2S)`` per step and the
+    offset from the balance point decays at the rate ``η²(e_in + e_out)/S``. Summed over the pair
+    and over the steps before the window's first step ``t_w``:
+
+        R = Σ_{t < t_w} η_t²·(Σ_u e_in,u + Σ_u e_out,u)_t / S_t,
+
+    with ``e`` the minibatch gradient energies of the batch-mean loss as recorded, and ``S`` the
+    squared norms (weights and biases) of the modules that own the symmetry's parameters, taken
+    at the parameters the step's gradient is taken at.
+
+    Args:
+        history: recorded by a :class:`~neurothermo.ThermoMonitor` with ``every=1`` (the columns
+            ``energy_in/out``, ``lr`` and ``weight_norm`` of every step before the window).
+        window: as in :func:`charge_drift`: the last fraction of the recorded steps, or
+            ``(first, last)`` steps.
+
+    Returns:
+        One ``R`` per rescale-symmetric layer pair, in the order of :func:`charge_drift`.
+
+    Raises:
+        ValueError: no rescale-symmetric layer, a history without the symmetries' parameter names
+            (recorded by an older monitor), or steps missing before the window.
+
+    Example:
+        >>> import torch, neurothermo as nt
+        >>> from neurothermo.monitor.drift import relaxation_count
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> loss = torch.nn.functional.cross_entropy
+        >>> mon = nt.ThermoMonitor(model, loss, every=1, noise_every=None)
+        >>> h = nt.train(model, loss, (x, y), lr=0.1, batch_size=4, steps=40, monitor=mon)
+        >>> r = relaxation_count(h, window=0.5)
+        >>> len(r), r[0] > 0
+        (1, True)
+    """
+    found = _rescale_indices(history)
+    if not found:
+        raise ValueError("history has no rescale-symmetric hidden layer (columns energy_in/symN)")
+    syms = history.meta.get("symmetries") or []
+    out = []
+    for i, loc in found:
+        params = syms[i].get("params") if i < len(syms) else None
+        if not params:
+            raise ValueError(f"history does not name the parameters of symmetry {i} ({loc}): record "
+                             "it with this version's ThermoMonitor")
+        steps = history.steps(names.energy_in(i))
+        before = steps[:_window_slice(steps, window).start]
+        if len(before) == 0:
+            out.append(0.0)
+            continue
+        if not np.array_equal(before, np.arange(before[0], before[-1] + 1)):
+            raise ValueError(f"steps {before[0]}..{before[-1]} were not all recorded: R sums every "
+                             "step before the window; record with ThermoMonitor(every=1)")
+        n = len(before)
+        e = (np.asarray(history[names.energy_in(i)], dtype=np.float64)[:n].sum(1)
+             + np.asarray(history[names.energy_out(i)], dtype=np.float64)[:n].sum(1))
+        owners = dict.fromkeys(p.rpartition(".")[0] or "(root)" for p in params)
+        gross = sum((_aligned(history, names.weight_norm(m), before) ** 2 for m in owners),
+                    np.zeros(n))
+        lr2 = _aligned(history, names.LR, before) ** 2
+        out.append(float((lr2 * e / gross).sum()))
+    return tuple(out)

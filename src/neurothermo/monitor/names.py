@@ -2,7 +2,7 @@
 
 Layers are the modules that own parameters directly, named as in ``model.named_modules()`` and
 listed in registration order in ``history.meta["layers"]``. Symmetries are numbered in the order
-of ``history.meta["symmetries"]`` (each entry has ``kind``, ``location``, ``units``).
+of ``history.meta["symmetries"]`` (each entry has ``kind``, ``location``, ``units``, ``params``).
 """
 from __future__ import annotations
 

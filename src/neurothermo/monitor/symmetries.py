@@ -116,7 +116,8 @@ class Tracked:
 
     def describe(self) -> dict[str, Any]:
         out = {"kind": str(self.sym.kind), "location": str(self.sym.location),
-               "units": int(self.sym.n_units), "per_unit": self.per_unit}
+               "units": int(self.sym.n_units), "per_unit": self.per_unit,
+               "params": [str(n) for n in self.sym.param_names]}
         if not getattr(self.sym, "exact", True):  # approximate: the breaking is part of the record
             out |= {"exact": False, "breaking": float(self.sym.breaking),
                     "broken_by": str(self.sym.broken_by)}
