@@ -46,36 +46,33 @@ microbatch's graph (forward + backward + double backward) and memory stays at on
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, get_args
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp
 
-from neurothermo._data import Batch, Data, as_data, resolve_loss_fn
+from neurothermo._data import Batch, as_data
 from neurothermo._state import (
     ParamFilter,
     as_float32,
-    check_mode,
-    double_backward_attention,
     float32_copy,
     frozen_rows,
     has_train_mode_batchnorm,
-    preserved_state,
     select_parameters,
     warn_mode,
 )
 from neurothermo._types import HvpMethod, LossFn, Mode
-from neurothermo._validate import (
-    check_finite_params,
-    check_int,
-    check_loss_fn,
-    check_positive,
-    check_scalar_loss,
+from neurothermo._validate import check_finite_params, check_int, check_loss_fn, check_positive
+from neurothermo.curvature.functional_hvp import (
+    FunctionalLoss,
+    finite_difference,
+    forward_over_reverse,
+    functional_loss,
 )
 from neurothermo.curvature.graph_memory import SavedBytes, graph_budget
+from neurothermo.curvature.measurement import _fixed_rng, measurement_mode, microbatches
 from neurothermo.curvature.operator import LinearOperator, ParamSpace, column_block
 
 HVP_METHODS: tuple[str, ...] = get_args(HvpMethod)
@@ -103,50 +100,6 @@ def double_backward_hvp(grads: Sequence[Tensor | None], inputs: Sequence[Tensor]
     hv = torch.autograd.grad([g for g, _ in pairs], list(inputs), grad_outputs=[vi for _, vi in pairs],
                              retain_graph=retain_graph, allow_unused=True)
     return [torch.zeros_like(p) if h is None else h for p, h in zip(inputs, hv)]
-
-
-def microbatches(data: Data, microbatch_size: int | None) -> list[tuple[Batch, float]]:
-    """Cut batches into microbatches; each comes with its weight ``b_m / N`` (weights sum to 1)."""
-    chunks = list(data.chunks(microbatch_size))
-    n_total = sum(c.size for c in chunks)
-    return [(c, c.size / n_total) for c in chunks]
-
-
-def _disable_bn_tracking(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """Make train-mode BatchNorm use batch statistics without touching its running statistics."""
-    changed: list[nn.modules.batchnorm._BatchNorm] = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
-            m.track_running_stats = False
-            changed.append(m)
-    return changed
-
-
-@contextmanager
-def measurement_mode(model: nn.Module, mode: Mode) -> Iterator[nn.Module]:
-    """Put ``model`` in ``mode`` (None: as it is, "eval" or "train") for a second-order
-    measurement, with double-differentiable attention kernels; restore everything after."""
-    check_mode(mode)
-    with preserved_state(model, mode), torch.enable_grad(), double_backward_attention():
-        changed = _disable_bn_tracking(model)
-        try:
-            yield model
-        finally:
-            for m in changed:
-                m.track_running_stats = True
-
-
-def _fixed_rng(device: torch.device, seed: int) -> AbstractContextManager[Any]:
-    """Fork the RNG (CPU and the model's accelerator) and seed it: same dropout masks every call."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-
-    @contextmanager
-    def ctx() -> Iterator[None]:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            yield
-
-    return ctx()
 
 
 class HessianOperator(LinearOperator):
@@ -289,15 +242,8 @@ class HessianOperator(LinearOperator):
         self._grads = None
         self._last_product = None
 
-    def _functional_loss(self, i: int, batch: Batch) -> Callable[[dict[str, Tensor], Any], Tensor]:
-        def f(p: dict[str, Tensor], target: Any) -> Tensor:
-            with self._rng(i):
-                out = functional_call(self.model, p, batch.args, batch.kwargs)
-            loss = resolve_loss_fn(self.loss_fn)(out, target)
-            if not isinstance(loss, Tensor) or loss.ndim != 0:
-                check_scalar_loss(loss)  # raises, naming the shape
-            return loss
-        return f
+    def _functional_loss(self, i: int, batch: Batch) -> FunctionalLoss:
+        return functional_loss(self.model, self.loss_fn, batch, lambda: self._rng(i))
 
     # -- the three products ---------------------------------------------------------------------
     def _reverse(self, i: int, batch: Batch, v: list[Tensor]) -> list[Tensor]:
@@ -307,44 +253,13 @@ class HessianOperator(LinearOperator):
             grads, retain = self._graph_grads(i, batch)[1], False
         return double_backward_hvp(grads, self._plist, v, retain_graph=retain)
 
-    def _primal(self) -> dict[str, Tensor]:
-        return {n: p.detach() for n, p in self.params.items()}
-
     def _forward_over_reverse(self, i: int, batch: Batch, v: list[Tensor]) -> list[Tensor]:
-        f = grad(self._functional_loss(i, batch))
-        tangent = dict(zip(self.space.names, v))
-        y = batch.targets
-        try:
-            with torch.no_grad():
-                if y is not None and y.is_floating_point():
-                    # targets enter as primals with an explicit zero tangent: torch 2.13's forward
-                    # derivative of mse_loss_backward fails on the implicit (ZeroTensor) one
-                    hv = jvp(f, (self._primal(), y), (tangent, torch.zeros_like(y)))[1]
-                else:
-                    hv = jvp(lambda p: f(p, y), (self._primal(),), (tangent,))[1]
-        except (RuntimeError, NotImplementedError) as err:
-            raise RuntimeError(
-                f"method='forward_over_reverse' failed: an operation of this model or loss has no "
-                f"working forward-mode derivative in this PyTorch ({err}); use method='reverse'"
-            ) from err
-        return [hv[n] for n in self.space.names]
+        return forward_over_reverse(self._functional_loss(i, batch), self.params, self.space.names,
+                                    batch.targets, v)
 
     def _finite_difference(self, i: int, batch: Batch, v: list[Tensor]) -> list[Tensor]:
-        fg = grad(self._functional_loss(i, batch))
-
-        def f(p: dict[str, Tensor]) -> dict[str, Tensor]:
-            result: dict[str, Tensor] = fg(p, batch.targets)
-            return result
-
-        vnorm = float(torch.sqrt(sum(vi.pow(2).sum() for vi in v)))  # type: ignore[arg-type]
-        if vnorm == 0.0:
-            return [torch.zeros_like(p) for p in self._plist]
-        h = self.fd_step if self.fd_step is not None else torch.finfo(self.dtype).eps ** (1 / 3) / vnorm
-        theta = self._primal()
-        with torch.no_grad():
-            g_plus = f({n: t + h * vi for (n, t), vi in zip(theta.items(), v)})
-            g_minus = f({n: t - h * vi for (n, t), vi in zip(theta.items(), v)})
-        return [(g_plus[n] - g_minus[n]) / (2 * h) for n in self.space.names]
+        return finite_difference(self._functional_loss(i, batch), self.params, self.space.names,
+                                 batch.targets, v, self.fd_step, self.dtype)
 
     def _matmat(self, V: Tensor) -> Tensor:
         # stored by columns, like the bases that multiply it (large CPU blocks in huge pages)

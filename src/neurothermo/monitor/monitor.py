@@ -61,14 +61,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neurothermo._data import Batch, as_batch, as_data
+from neurothermo._data import Batch, as_batch
 from neurothermo._state import preserved_state
-from neurothermo._validate import check_int, check_loss_fn, check_positive
+from neurothermo._validate import check_int, check_positive
 from neurothermo.monitor import names
+from neurothermo.monitor.charges import charge_of, measure_charges, record_charges, unit_keys
 from neurothermo.monitor.derive import LayerEma, Layout, RawStep, deferred_charge, derive
 from neurothermo.monitor.distributed import check_sharded, full_tensors, is_sharded, unwrap
 from neurothermo.monitor.history import History
-from neurothermo.monitor.quantities import SquareSums, predicted_change
+from neurothermo.monitor.quantities import SquareSums
+from neurothermo.monitor.settings import check_settings, fixed_data
+from neurothermo.monitor.step_rule import check_binding, step_rule
 from neurothermo.monitor.symmetries import Tracked, detect, track, versions
 from neurothermo.monitor.writers import Writer
 
@@ -145,22 +148,11 @@ class ThermoMonitor:
         dataset_size: int | None = None, replacement: bool | None = None, ema: float = 0.99,
         sync_every: int = 100, max_charge_numel: int = 4096,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_loss_fn(loss_fn)
-        self.every = check_int("every", every)
-        self.noise_every = None if noise_every is None else check_int("noise_every", noise_every)
-        self.sharpness_every = (None if sharpness_every is None
-                                else check_int("sharpness_every", sharpness_every))
-        self.sync_every = check_int("sync_every", sync_every)
-        self.max_charge_numel = check_int("max_charge_numel", max_charge_numel, minimum=1)
-        if not (isinstance(ema, float | int) and 0 <= ema < 1):
-            raise ValueError(f"ema must be a number in [0, 1), got {ema!r}")
-        if not (symmetries is None or symmetries == "auto"
-                or (isinstance(symmetries, Sequence) and not isinstance(symmetries, str))):
-            raise ValueError(f"symmetries must be 'auto', None or a list of Symmetry, got {symmetries!r}")
-        if writer is not None and not isinstance(writer, Writer):
-            raise TypeError("writer needs write(rows, meta) and flush() (e.g. JSONLWriter(path))")
+        (self.every, self.noise_every, self.sharpness_every, self.sync_every,
+         self.max_charge_numel) = check_settings(
+            model, loss_fn, every=every, noise_every=noise_every, sharpness_every=sharpness_every,
+            sync_every=sync_every, max_charge_numel=max_charge_numel, ema=ema,
+            symmetries=symmetries, writer=writer)
         model, self._dist = unwrap(model)  # DDP: the inner module; reductions over its group
         self._sharded = is_sharded(model)  # FSDP2: read full tensors (distributed.py)
         if self._sharded:
@@ -168,14 +160,7 @@ class ThermoMonitor:
         if self._dist is not None and self._dist.rank != 0:
             writer = None  # rank 0 writes the rows; every rank keeps the same history
         self.model, self.loss_fn, self.writer, self.ema = model, loss_fn, writer, float(ema)
-        self.data = None if data is None else as_data(data, loss_fn, name="data", model=model)
-        if self.data is not None and self.data.count() < 2:
-            raise ValueError("data has 1 sample; the monitor's fixed set needs at least 2")
-        if self.sharpness_every is not None and self.data is None:
-            raise ValueError(
-                "sharpness_every needs data=(inputs, targets): sharpness is the top Hessian "
-                "eigenvalue on a fixed set (never on single minibatches, docs/theory.md §4)"
-            )
+        self.data = fixed_data(data, loss_fn, model, self.sharpness_every)
         self._sharpness: Any = _make_tracker(self) if self.sharpness_every is not None else None
         self._opt: torch.optim.Optimizer | None = None
         self._lr: float | None = None
@@ -232,10 +217,7 @@ class ThermoMonitor:
         replacement: bool | None = None,
     ) -> ThermoMonitor:
         """Tell the monitor how training steps (optimizer or lr/wd) and how batches are drawn."""
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if optimizer is not None and (lr is not None or weight_decay is not None):
-            raise ValueError("give either optimizer= or lr=/weight_decay=, not both")
+        check_binding(optimizer, lr, weight_decay)
         self._opt = optimizer or self._opt
         if lr is not None:
             self._lr = check_positive("lr", lr)
@@ -246,24 +228,6 @@ class ThermoMonitor:
         if replacement is not None:
             self._replacement = bool(replacement)
         return self
-
-    def _rule(self) -> tuple[float | None, float, str | None]:
-        """(lr, weight decay, reason why charge predictions are not exact or None)."""
-        opt = self._opt
-        if opt is None:
-            if self._lr is None:
-                return None, 0.0, "no lr known (pass optimizer= or lr=)"
-            return self._lr, self._wd or 0.0, None
-        groups = opt.param_groups
-        lr, wd = float(groups[0]["lr"]), float(groups[0].get("weight_decay", 0.0))
-        if any(float(g["lr"]) != lr or float(g.get("weight_decay", 0.0)) != wd for g in groups):
-            return lr, wd, "param groups differ in lr or weight_decay"
-        if type(opt) is not torch.optim.SGD:
-            return lr, wd, f"optimizer is {type(opt).__name__}, not plain SGD"
-        g0 = groups[0]
-        if g0.get("momentum", 0) or g0.get("nesterov") or g0.get("maximize"):
-            return lr, wd, "SGD with momentum (or nesterov/maximize) is not plain SGD"
-        return lr, wd, None
 
     def _note(self, key: str, text: str) -> None:
         """Record ``text`` in ``history.meta["notes"]`` once and warn once; a note already there
@@ -299,7 +263,7 @@ class ThermoMonitor:
         batch = as_batch(batch, self.loss_fn, name="batch", finite=False)
         if self._tracked is None:
             self._tracked = self._init_symmetries(batch.inputs)
-        lr, wd, not_exact = self._rule()
+        lr, wd, not_exact = step_rule(self._opt, self._lr, self._wd)
         if lr is None:
             self._note("lr", "no lr known (pass optimizer= or lr=): temperature, charge "
                        "predictions and entropic terms are not recorded")
@@ -343,11 +307,7 @@ class ThermoMonitor:
 
     def _charge(self, t: Tracked) -> Tensor:
         """A charge that is not derived from the shared sums (``derive.deferred_charge``)."""
-        cached = t.cached_charge(self._params)
-        if cached is None:
-            cached = t.sym.charge(full_tensors(self._params) if self._sharded else self._params)
-            t.remember(cached, self._params)
-        return cached
+        return charge_of(t, self._params, self._sharded)
 
     def _record_grads(self, step: int, values: dict[str, Any], batch: Batch,
                       lr: float | None, wd: float, *, predict: bool) -> None:
@@ -359,19 +319,8 @@ class ThermoMonitor:
         b = batch.size * (1 if self._dist is None else self._dist.world)  # the global batch
         self._raw.append(RawStep(step=step, lr=lr, wd=wd, batch_size=b,
                                  predict=predict, grads=gsums, before=self._param_sums()))
-        for t in self._tracked or ():
-            if deferred_charge(t):
-                continue
-            t.before = self._charge(t)
-            t.predicted = None
-            if predict:
-                imbalance = t.sym.imbalance(grads)
-                t.predicted = predicted_change(t.before, imbalance, lr, wd)  # type: ignore[arg-type]
-            c = t.cols
-            if t.before.numel() <= self.max_charge_numel:
-                values[c["charge"]] = t.before
-                if t.predicted is not None:
-                    values[c["pred"]] = t.predicted
+        record_charges(self._tracked or (), self._charge, grads, lr, wd, predict=predict,
+                       max_charge_numel=self.max_charge_numel, values=values)
 
     def after_step(self, step: int, *, loss: Tensor | None = None) -> None:
         """Record the measured charge changes of ``step`` (call right after ``optimizer.step()``).
@@ -390,15 +339,8 @@ class ThermoMonitor:
             with torch.no_grad():
                 if any(deferred_charge(t) for t in self._tracked):
                     self._raw[-1].after = self._param_sums()
-                for t in self._tracked:
-                    if deferred_charge(t):
-                        continue
-                    assert t.before is not None  # set by after_backward on recorded steps
-                    measured = self._charge(t) - t.before
-                    if t.before.numel() <= self.max_charge_numel:
-                        values[t.cols["meas"]] = measured
-                    if t.predicted is not None:
-                        values[t.cols["err"]] = (measured - t.predicted).abs().max()
+                measure_charges(self._tracked, self._charge, max_charge_numel=self.max_charge_numel,
+                                values=values)
         self._history.record(step, values)
         if step % (self.every * self.sync_every) == 0:
             self.flush()
@@ -484,10 +426,7 @@ class ThermoMonitor:
             syms = detect(self.model, inputs, self._sym_request,
                           note=lambda text: self._note("symmetries", text))
         tracked = track(syms, self._params)
-        keys = {(s.name, s.dim, s.view): None for t in tracked if t.per_unit or deferred_charge(t)
-                for s in t.sym.slices
-                if s.role != "passive" and not s.buffer and s.dim is not None}
-        self._unit_keys = list(keys)  # (prepare() reads each tensor once for all its axes)
+        self._unit_keys = unit_keys(tracked)  # (prepare() reads each tensor once for all its axes)
         self._psums = None
         self._history.meta["symmetries"] = [t.describe() for t in tracked]
         for t in tracked:  # restore unit EMAs after a resume
