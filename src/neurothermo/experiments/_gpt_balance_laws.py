@@ -102,6 +102,30 @@ def laws(res: RunResult, window: str = "law", premise: bool = False
     return fams
 
 
+KEPT_MAX = 0.5  # "kept": the decayed start outweighs what the noise added (the κ threshold's logic)
+
+
+def moved_fraction(res: RunResult) -> dict[str, float]:
+    """Per family, how far the charges moved beyond the weight decay of their start, relative to it.
+
+    ``M = Σ‖J_T − q^T·J_0‖ / Σ‖q^T·J_0‖`` with ``q = (1 − η·wd)²`` and T the run's steps, the sums
+    over the family's heads (Frobenius norm of each head's matrix charge) or units (absolute
+    value). By the identity the numerator is ``‖N_T‖``, what the minibatch noise added
+    (``η²·Σ_t q^{T−1−t}·gᵀAg_t``). Gradient flow conserves J up to the decay, so it predicts
+    ``M ≪ 1``; ``M ≤ KEPT_MAX`` says the decayed start outweighs the noise. Under SGD at the full η
+    the noise replaces the start within a few τ, so M grows without bound: the same measure fails
+    there. This is not implied by the identity, which bounds ``‖N_T‖`` by ``η²Σ|gᵀAg|`` whatever
+    ``J_0``; M compares the noise with the charge's own size.
+    """
+    q = (1.0 - res.spec.lr * res.spec.wd) ** (2 * res.spec.steps)
+    moved: dict[str, float] = {}
+    kept: dict[str, float] = {}
+    for t in res.traces:
+        moved[t.fam] = moved.get(t.fam, 0.0) + float(tr.charge_size(t.j - q * t.j0))
+        kept[t.fam] = kept.get(t.fam, 0.0) + float(tr.charge_size(q * t.j0))
+    return {f: moved[f] / kept[f] if kept[f] > 0 else float("inf") for f in moved}
+
+
 def family_series(res: RunResult, fam: str, what: str) -> tuple[np.ndarray, np.ndarray]:
     """(sampled steps, Σ over the family's groups of ``Σ|J|`` (``what="size"``) or gross)."""
     total: np.ndarray | None = None

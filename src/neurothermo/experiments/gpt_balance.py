@@ -63,10 +63,12 @@ from neurothermo.experiments import _gpt_balance_checks as ck
 from neurothermo.experiments import _gpt_balance_train as tr
 from neurothermo.experiments._gpt_balance_laws import (
     KAPPA_MAX,
+    KEPT_MAX,
     RunResult,
     family_series,
     identity_by_family,
     laws,
+    moved_fraction,
 )
 from neurothermo.experiments.base import Experiment, RunContext, register
 from neurothermo.symmetry.base import Symmetry
@@ -226,7 +228,7 @@ def main_predictions(ctx: RunContext, res: RunResult, cfg: GptBalanceConfig, sta
                 late, unigram, 0.0, sense="at_most",
                 why="a model that has learned beyond character frequencies")
     summary.update(zmax_groups=zmax, z_limit_family=lim_fam, z_limit_group=lim_grp,
-                   final_loss=late)
+                   final_loss=late, moved=moved_fraction(res))
     return summary
 
 
@@ -308,7 +310,11 @@ def run(cfg: GptBalanceConfig, ctx: RunContext) -> None:
 
 def small_lr_checks(ctx: RunContext, cfg: GptBalanceConfig, small: RunResult, start: int
                     ) -> dict[str, object]:
-    """The gradient-flow control: charges kept within the η² term; the law must fail."""
+    """The gradient-flow control: charges kept (``moved_fraction`` ≤ KEPT_MAX); the law must fail.
+
+    Also recorded: ``|J_T − q^T·J_0| / (η²Σ|gᵀAg| + round-off)``, the identity's η² term, which
+    cannot exceed 1 while the identity holds and so is not a check of its own.
+    """
     out: dict[str, object] = {}
     # small η: identity still exact, charges within the η² term of their (decayed) start
     eta, wd, n = small.spec.lr, small.spec.wd, small.spec.steps
@@ -320,9 +326,13 @@ def small_lr_checks(ctx: RunContext, cfg: GptBalanceConfig, small: RunResult, st
         bound = gterm + ck.KAPPA * ck.EPS64 * n * (gmax.reshape(
             (-1,) + (1,) * (j0.ndim - 1)) if j0.ndim > 1 else gmax)
         worst = max(worst, float((np.abs(jt - (1 - eta * wd) ** (2 * n) * j0) / bound).max()))
-    ctx.predict("small-η control: charges kept within the identity's η² term, |J_T − (1−η·wd)^{2T}"
-                "J_0| / (η²Σ|gᵀAg| + round-off)", worst, 1.0, 0.0, sense="at_most", control=True,
-                why="gradient flow conserves J; the η² term bounds what a step adds")
+    # by the identity this ratio is ≤ 1 whatever the noise did: recorded, not a check
+    moved = moved_fraction(small)
+    ctx.predict("small-η control: charges kept, largest Σ‖J_T − (1−η·wd)^{2T}J_0‖ / "
+                "Σ‖(1−η·wd)^{2T}J_0‖ over the families", max(moved.values()), KEPT_MAX, 0.0,
+                sense="at_most", control=True,
+                why="gradient flow conserves J up to the decay: the noise adds η²Σ q^{T−1−t}gᵀAg, "
+                "O(η²T), small against the start (at the full η it replaces the start)")
     fl = laws(small)
     lim = ck.z_limit(cfg.n_blocks, len(fl), cfg.alpha)
     zs = {f: rows[0].z for f, rows in fl.items()}
@@ -332,7 +342,7 @@ def small_lr_checks(ctx: RunContext, cfg: GptBalanceConfig, small: RunResult, st
                 control=True, why="at small η the charges relax only over τ ∝ 1/η, so the gradient "
                 "energies keep the imbalance of the init (per-family z in the summary)")
     out["small_lr"] = {"z": zs, "rel": {f: rows[0].rel for f, rows in fl.items()},
-                       "charge_kept_ratio": worst}
+                       "charge_kept_ratio": worst, "moved": moved}
     return out
 
 
