@@ -37,7 +37,6 @@ learning rate, the last finite loss and the checkpoint to resume from.
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,53 +48,17 @@ from torch import Tensor, nn
 from neurothermo._data import Batch, as_data, concat
 from neurothermo._validate import check_int, check_loss_fn, check_positive
 from neurothermo.monitor.history import History
+from neurothermo.train_checkpoint import CHECKPOINT as CHECKPOINT
+from neurothermo.train_checkpoint import _check_config, _set_rng_state
+from neurothermo.train_checkpoint import fingerprint as fingerprint
+from neurothermo.train_checkpoint import load_checkpoint as load_checkpoint
+from neurothermo.train_checkpoint import save_atomic as save_atomic
+from neurothermo.train_loop import DataOrder as DataOrder
+from neurothermo.train_loop import TrainingDiverged as TrainingDiverged
+from neurothermo.train_loop import _Loop
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "gd")
-CHECKPOINT = "checkpoint.pt"
 _RNG_OFFSET = 1_000_003
-_CHECK_EVERY_ACCEL = 20
-_FORMAT = 2  # 2: the config holds a fingerprint of the data and the model structure
-
-
-class TrainingDiverged(FloatingPointError):
-    """Training produced a NaN/Inf loss or parameter; attributes say where and how to resume."""
-
-    def __init__(self, message: str, *, step: int, lr: float, last_finite_loss: float | None,
-                 checkpoint: Path | None, history: History) -> None:
-        super().__init__(message)
-        self.step, self.lr, self.last_finite_loss = step, lr, last_finite_loss
-        self.checkpoint, self.history = checkpoint, history
-
-
-class DataOrder:
-    """Which samples each step sees: deterministic, and resumable from its ``state_dict``."""
-
-    def __init__(self, n: int, batch_size: int, *, replacement: bool, full: bool, seed: int) -> None:
-        self.n, self.b, self.replacement, self.full = n, batch_size, replacement, full
-        self.gen = torch.Generator().manual_seed(seed)
-        self.perm: Tensor | None = None
-        self.pos, self.epoch = 0, 0
-
-    def next(self) -> Tensor | None:
-        """Indices of the next batch (CPU int64), or None for the full dataset."""
-        if self.full:
-            return None
-        if self.replacement:
-            return torch.randint(self.n, (self.b,), generator=self.gen)
-        if self.perm is None or self.pos + self.b > self.n:
-            if self.perm is not None:
-                self.epoch += 1
-            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-        idx = self.perm[self.pos:self.pos + self.b]
-        self.pos += self.b
-        return idx
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"gen": self.gen.get_state(), "perm": self.perm, "pos": self.pos, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.gen.set_state(state["gen"])
-        self.perm, self.pos, self.epoch = state["perm"], int(state["pos"]), int(state["epoch"])
 
 
 def make_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float,
@@ -112,40 +75,6 @@ def make_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_deca
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _check_schedule(lr_schedule: Callable[[int], float], step: int, lr: float) -> float:
-    factor = lr_schedule(step)
-    try:
-        f = float(factor)
-    except (TypeError, ValueError):
-        raise TypeError(f"lr_schedule({step}) returned {factor!r}; it must return a number") from None
-    if not math.isfinite(f) or f < 0:
-        raise ValueError(f"lr_schedule({step}) returned {f}; the lr factor must be finite and >= 0")
-    return lr * f
 
 
 def train(
@@ -302,162 +231,7 @@ def train(
     return history
 
 
-def load_checkpoint(ckpt: Path, device: torch.device) -> dict[str, Any]:
-    """``torch.load`` (weights only) of a checkpoint, naming the file and the damage on failure."""
-    try:
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, EOFError, OSError, UnpicklingError
-        size = ckpt.stat().st_size if ckpt.exists() else 0
-        raise ValueError(
-            f"cannot resume: {ckpt} ({size} bytes) is damaged or truncated and cannot be read "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
-            "delete it to start afresh, or resume from a copy of an intact checkpoint") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"cannot resume: {ckpt} holds a {type(state).__name__}, not a "
-                         "neurothermo checkpoint")
-    return state
-
-
-def fingerprint(model: nn.Module, tensors: Sequence[Tensor]) -> dict[str, str]:
-    """What a resume must match: a SHA-256 of the training data's values (shapes, dtypes and
-    bytes of every tensor, in order) and of the model's structure (module types, parameter and
-    buffer names, shapes and dtypes — not their values, which the checkpoint restores)."""
-    import hashlib
-
-    data = hashlib.sha256()
-    for t in tensors:
-        data.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        data.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    structure = hashlib.sha256()
-    for name, mod in model.named_modules():
-        structure.update(f"{name}:{type(mod).__qualname__};".encode())
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        structure.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-    return {"data": data.hexdigest(), "model": structure.hexdigest()}
-
-
 def _dataset(data: Any, loss_fn: Any) -> Batch:
     """The training set as one batch in memory: ``data`` itself, or the batches of an iterable
     (a ``DataLoader``) concatenated in the order read (``train`` draws its own minibatches)."""
     return concat(as_data(data, loss_fn, name="data").batches())
-
-
-def _check_config(state: dict[str, Any], config: dict[str, Any], steps: int, ckpt: Path) -> None:
-    if state.get("format") != _FORMAT:
-        raise ValueError(f"{ckpt} is not a neurothermo checkpoint of format {_FORMAT}")
-    saved = state.get("config", {}).get("fingerprint", {})
-    for what, why in (("model", "a model of another structure"),
-                      ("data", "other training data (same size or not)")):
-        if saved.get(what) != config["fingerprint"][what]:
-            raise ValueError(
-                f"cannot resume from {ckpt}: this call passes {why} than the run that wrote it "
-                f"({what} fingerprint {str(saved.get(what))[:12]} there, "
-                f"{config['fingerprint'][what][:12]} here); pass the same {what}, or another out= "
-                "folder to start a new run")
-    for k, v in config.items():
-        if k == "fingerprint":
-            continue
-        if state["config"].get(k) != v:
-            raise ValueError(
-                f"cannot resume from {ckpt}: it was written with {k}={state['config'].get(k)!r}, "
-                f"this call has {k}={v!r}; use the same settings or another out= folder")
-    if int(state["step"]) > steps:
-        raise ValueError(f"{ckpt} is at step {state['step']}, past steps={steps}")
-
-
-class _Loop:
-    """The training loop proper (state shared by steps, checks and checkpoints)."""
-
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor] | None, dataset: Batch,
-                 opt: torch.optim.Optimizer, order: DataOrder, monitor: Any,
-                 history: History, own_history: bool,
-                 callbacks: Sequence[Callable[[int, nn.Module, Tensor], None]], lr: float,
-                 lr_schedule: Callable[[int], float] | None, device: torch.device,
-                 ckpt: Path | None, checkpoint_every: int | None, config: dict[str, Any],
-                 last_finite: float | None) -> None:
-        self.model, self.loss_fn, self.data, self.opt = model, loss_fn, dataset, opt
-        self.order, self.monitor, self.history, self.own = order, monitor, history, own_history
-        self.callbacks, self.lr, self.schedule, self.device = callbacks, lr, lr_schedule, device
-        self.ckpt, self.every, self.config = ckpt, checkpoint_every, config
-        self.last_finite = last_finite
-        self.loss_every = 1 if device.type == "cpu" else _CHECK_EVERY_ACCEL
-        self.unchecked: list[tuple[int, float, Tensor]] = []
-        self.saved: tuple[Path, int] | None = None
-
-    def batch(self) -> Batch:
-        idx = self.order.next()
-        if idx is None:
-            return self.data.to(self.device)
-        return self.data[idx.to(self.data.tensors()[0].device)].to(self.device)
-
-    def run(self, start: int, steps: int) -> None:
-        for step in range(start, steps):
-            lr_t = self.lr if self.schedule is None else _check_schedule(self.schedule, step, self.lr)
-            for g in self.opt.param_groups:
-                g["lr"] = lr_t
-            batch = self.batch()
-            self.opt.zero_grad(set_to_none=True)
-            loss = batch.loss_value(self.model, self.loss_fn)
-            if not isinstance(loss, Tensor) or loss.ndim != 0:
-                raise ValueError("loss_fn must return the mean loss over the batch as a scalar tensor")
-            torch.autograd.backward(loss)
-            if self.monitor is not None:
-                self.monitor.after_backward(step, batch.as_given(), loss=loss)
-            self.opt.step()
-            if self.monitor is not None:
-                self.monitor.after_step(step)
-            loss = loss.detach()
-            if self.own:
-                self.history.record(step, loss=loss, lr=lr_t)
-            self.unchecked.append((step, lr_t, loss))
-            for cb in self.callbacks:
-                cb(step, self.model, loss)
-            done = step + 1
-            due = self.every is not None and done % self.every == 0
-            if done % self.loss_every == 0 or due or done == steps:
-                self.check(params=done % _CHECK_EVERY_ACCEL == 0 or due or done == steps)
-            if self.ckpt is not None and (due or done == steps):
-                self.save(done)
-
-    def check(self, *, params: bool) -> None:
-        """Raise TrainingDiverged at the first non-finite loss (one sync for the pending steps)."""
-        if not self.unchecked:
-            return
-        losses = torch.stack([v for _, _, v in self.unchecked])
-        finite = torch.isfinite(losses).tolist()
-        bad = next((i for i, ok in enumerate(finite) if not ok), None)
-        if bad is None:
-            self.last_finite = float(losses[-1])
-            if params and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-                bad = len(self.unchecked) - 1
-                what = "the parameters became non-finite"
-        else:
-            if bad > 0:
-                self.last_finite = float(losses[bad - 1])
-            what = f"the loss is {float(losses[bad])}"
-        if bad is not None:
-            step, lr_t, _ = self.unchecked[bad]
-            where = ("no checkpoint was written (pass out= and checkpoint_every= to be able to "
-                     "resume)" if self.saved is None else
-                     f"resume from {self.saved[0]} (step {self.saved[1]}) with resume=True and a "
-                     "smaller lr")
-            raise TrainingDiverged(
-                f"training diverged at step {step} (lr={lr_t:g}): {what}; last finite loss "
-                f"{self.last_finite!r}; {where}", step=step, lr=lr_t,
-                last_finite_loss=self.last_finite, checkpoint=None if self.saved is None
-                else self.saved[0], history=self.history)
-        self.unchecked = []
-
-    def save(self, done: int) -> None:
-        assert self.ckpt is not None
-        mon_state = getattr(self.monitor, "state_dict", None)
-        state = {
-            "format": _FORMAT, "step": done, "config": self.config,
-            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-            "data_order": self.order.state_dict(), "rng": _rng_state(self.device),
-            "history": self.history.state_dict() if self.own else None,
-            "monitor": mon_state() if callable(mon_state) else None,
-            "last_finite_loss": self.last_finite,
-        }
-        save_atomic(state, self.ckpt)
-        self.saved = (self.ckpt, done)
