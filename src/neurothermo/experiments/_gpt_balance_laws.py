@@ -10,6 +10,7 @@ import numpy as np
 
 from neurothermo.experiments import _gpt_balance_checks as ck
 from neurothermo.experiments import _gpt_balance_train as tr
+from neurothermo.experiments._gpt_balance_precon import PreconTrace
 
 
 @dataclass(frozen=True)
@@ -18,12 +19,21 @@ class RunResult:
     traces: list[tr.Trace]
     late_loss: float
     windows: dict[str, tr.Window]
+    precon: tuple[PreconTrace, ...] = ()
 
 
 def identity_by_family(res: RunResult) -> dict[str, float]:
     out: dict[str, float] = {}
     for t in res.traces:
         out[t.fam] = max(out.get(t.fam, 0.0), float(t.ident))
+    return out
+
+
+def precon_by_family(res: RunResult) -> dict[str, float]:
+    """Largest residual / round-off bound of the preconditioned identity per rescale family."""
+    out: dict[str, float] = {}
+    for t in res.precon:
+        out[t.fam] = max(out.get(t.fam, 0.0), float(t.ratio))
     return out
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from neurothermo.experiments import _char_lm as lm
 from neurothermo.experiments import _gpt_balance_checks as ck
+from neurothermo.experiments._gpt_balance_precon import PreconTrace, adamw_metric
 from neurothermo.symmetry.base import Symmetry
 
 FAMILIES = ("qk", "vo", "mlp", "ln")
@@ -264,6 +265,9 @@ class Trace:
 class RunSpec:
     """One training run: optimiser ``sgd``/``adamw``, constant ``lr``, ``wd`` and the number of steps.
 
+    ``beta1``: AdamW's first-moment decay (0: no momentum, where the rescale charges in AdamW's
+    geometry obey an exact identity, :mod:`._gpt_balance_precon`); β₂ is torch's 0.999.
+
     ``unshield``: ``(param name, dim, start, stop)`` slices that get no weight decay (the broken
     control; the decay is then applied by hand to the rest of that tensor).
     """
@@ -273,6 +277,7 @@ class RunSpec:
     wd: float
     steps: int
     unshield: tuple[tuple[str, int, int, int], ...] = ()
+    beta1: float = 0.9
 
 
 def _decay_mask(params: Mapping[str, Tensor], spec: RunSpec) -> dict[str, Tensor]:
@@ -285,12 +290,14 @@ def _decay_mask(params: Mapping[str, Tensor], spec: RunSpec) -> dict[str, Tensor
 
 @dataclass
 class Recorded:
-    """A run's streamed record: the traces, ``(step, loss)`` at the logged steps and the mean
-    training loss of the last tenth of the steps."""
+    """A run's streamed record: the traces, ``(step, loss)`` at the logged steps, the mean
+    training loss of the last tenth of the steps and, for AdamW, the preconditioned identity of
+    every rescale symmetry (:class:`PreconTrace`)."""
 
     traces: list[Trace]
     logged: list[tuple[int, float]]
     late_loss: float
+    precon: list[PreconTrace] = field(default_factory=list)
 
 
 def train_recorded(model: nn.Module, syms: list[Symmetry], data: lm.CharData, spec: RunSpec,
@@ -319,13 +326,17 @@ def train_recorded(model: nn.Module, syms: list[Symmetry], data: lm.CharData, sp
     else:
         opt = torch.optim.AdamW(
             [{"params": plain, "weight_decay": spec.wd}, {"params": masked, "weight_decay": 0.0}],
-            lr=spec.lr)
+            lr=spec.lr, betas=(spec.beta1, 0.999))
     c = spec.wd * (2.0 - spec.lr * spec.wd) / spec.lr if law_c is None else law_c
     samples = {int(v) for v in np.linspace(0, spec.steps, n_samples + 1)}
     samples |= {t for w in (windows or {}).values() for t in (w.start, w.stop)}
     with torch.no_grad():
         traces = [Trace(s, f, named, spec.lr, spec.wd, c, windows or {}, samples, ident_wd)
                   for s in syms if (f := family(s)) is not None]
+    precon = [PreconTrace(s, f, spec.lr, spec.wd) for s in syms
+              if (f := family(s)) in ("mlp", "ln")] if spec.optimizer == "adamw" else []
+    pnames = sorted({n for p in precon for n in p.names})
+    param_of = {n: named[n] for n in pnames}
     net = Logits(model)
     late_from = spec.steps - max(1, spec.steps // 10)
     log_sum: Tensor | None = None
@@ -342,10 +353,16 @@ def train_recorded(model: nn.Module, syms: list[Symmetry], data: lm.CharData, sp
                 tr.grad(grads)
             for n, m in masks.items():  # decay by hand where the mask is 1: the broken control
                 named[n].grad.add_(named[n] * m, alpha=spec.wd)  # type: ignore[union-attr]
+        before = {n: p.detach().clone() for n, p in param_of.items()}
         opt.step()
         with torch.no_grad():
             for tr in traces:
                 tr.after(step, named)
+            if precon:
+                by_param = adamw_metric(opt)
+                metric = {n: by_param[p] for n, p in param_of.items()}
+                for pt in precon:
+                    pt.after(before, named, grads, metric)
         lv = loss.detach()
         log_sum = lv if log_sum is None else log_sum + lv
         if step >= late_from:
@@ -362,7 +379,7 @@ def train_recorded(model: nn.Module, syms: list[Symmetry], data: lm.CharData, sp
             log(step + 1, run=spec.optimizer, train_loss=value)
             advance(n_log)
     late = float(late_sum) / (spec.steps - late_from) if late_sum is not None else math.nan
-    return Recorded(traces, logged, late)
+    return Recorded(traces, logged, late, precon)
 
 
 def warm_start(model: nn.Module, data: lm.CharData, steps: int, lr: float, batch_size: int,
