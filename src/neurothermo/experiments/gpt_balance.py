@@ -333,8 +333,8 @@ EXPERIMENT = register(Experiment(
                           adamw_steps=1000, log_every=500),
     run=run,
     cost="full: 2 layers × 64 wide × 4 heads, context 64, SGD 10000 steps + 2 controls × 2000 + "
-         "AdamW 1000 in float64, ≈ 10 min CPU on one thread (578 s measured; "
-         "see docs/experiments/gpt-balance.md)",
+         "AdamW 2 × 1000 (β1 = 0.9 and 0) in float64, ≈ 11 min CPU on one thread (653 s "
+         "measured; see docs/experiments/gpt-balance.md)",
     requires=("transformers",),
     extra="offline",
 ))
