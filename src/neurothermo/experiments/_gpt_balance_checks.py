@@ -24,9 +24,13 @@ family-wise limit is the two-sided Student-t quantile with Bonferroni correction
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from torch import Tensor
+
+from neurothermo.symmetry.base import Symmetry
 
 KAPPA = 2 * (2 + 30)
 EPS64 = float(np.finfo(np.float64).eps)
@@ -135,3 +139,17 @@ def z_limit(n_blocks: int, n_tests: int, alpha: float, dof: int | None = None) -
 
     return float(t.ppf(1.0 - alpha / (2 * max(n_tests, 1)),
                        n_blocks - 1 if dof is None else dof))
+
+
+def role_energy(sym: Symmetry, source: Mapping[str, Tensor], role: str) -> Tensor:
+    """``Σ_role ‖M‖²`` per unit (rescale) or per head (double rotation): shape ``(n_groups,)``."""
+    total: Tensor | None = None
+    for s in sym.slices:
+        if s.role != role:
+            continue
+        u = s.unit_view(source[s.name].detach())
+        q = u.reshape(sym.n_units, -1).square().sum(1)
+        total = q if total is None else total + q
+    if total is None:
+        raise ValueError(f"{sym}: no {role!r} slices")
+    return total.reshape(-1, sym.block).sum(1) if sym.block > 1 else total

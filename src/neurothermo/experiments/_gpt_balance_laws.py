@@ -4,9 +4,11 @@ group and per family (with the premise: the decay exponent κ of each group's we
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from torch import Tensor
 
 from neurothermo.experiments import _gpt_balance_checks as ck
 from neurothermo.experiments import _gpt_balance_train as tr
@@ -22,19 +24,21 @@ class RunResult:
     precon: tuple[PreconTrace, ...] = ()
 
 
-def identity_by_family(res: RunResult) -> dict[str, float]:
+def _worst_by_family(pairs: Iterable[tuple[str, Tensor]]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for t in res.traces:
-        out[t.fam] = max(out.get(t.fam, 0.0), float(t.ident))
+    for fam, ratio in pairs:
+        out[fam] = max(out.get(fam, 0.0), float(ratio))
     return out
+
+
+def identity_by_family(res: RunResult) -> dict[str, float]:
+    """Largest residual / round-off bound of the SGD identity per family."""
+    return _worst_by_family((t.fam, t.ident) for t in res.traces)
 
 
 def precon_by_family(res: RunResult) -> dict[str, float]:
     """Largest residual / round-off bound of the preconditioned identity per rescale family."""
-    out: dict[str, float] = {}
-    for t in res.precon:
-        out[t.fam] = max(out.get(t.fam, 0.0), float(t.ratio))
-    return out
+    return _worst_by_family((t.fam, t.ratio) for t in res.precon)
 
 
 def _group_sums(t: tr.Trace, window: str) -> dict[str, np.ndarray]:

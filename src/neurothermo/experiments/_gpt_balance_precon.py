@@ -27,7 +27,7 @@ Round-off bound: as for SGD (:mod:`._gpt_balance_checks`), ``KAPPA·ε`` times t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -36,37 +36,30 @@ from neurothermo.experiments import _gpt_balance_checks as ck
 from neurothermo.symmetry.base import Symmetry
 
 
-def adamw_metric(opt: torch.optim.Optimizer) -> dict[Tensor, Tensor]:
+def adamw_metric(opt: torch.optim.Optimizer, params: Sequence[Tensor] | None = None
+                 ) -> dict[Tensor, Tensor]:
     """``√(1/λ) = √(√v̂ + ε)`` per parameter from AdamW's state after its step (torch's formula:
-    ``denom = √v / √(1 − β₂^t) + ε``, the update ``−(lr/(1 − β₁^t))·m/denom``).
+    ``denom = √v / √(1 − β₂^t) + ε``, the update ``−(lr/(1 − β₁^t))·m/denom``), for ``params``
+    (default: every parameter of the optimizer).
 
     Raises:
         ValueError: ``opt`` is not ``torch.optim.AdamW``/``Adam``, or has not stepped yet.
     """
     if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
         raise ValueError(f"adamw_metric needs torch.optim.AdamW, got {type(opt).__name__}")
+    wanted = None if params is None else {id(p) for p in params}
     out: dict[Tensor, Tensor] = {}
     for group in opt.param_groups:
         beta2, eps = group["betas"][1], group["eps"]
         for p in group["params"]:
+            if wanted is not None and id(p) not in wanted:
+                continue
             st = opt.state.get(p)
             if not st or "exp_avg_sq" not in st:
                 raise ValueError("adamw_metric before the optimizer's first step")
             bc2 = 1.0 - beta2 ** float(st["step"])
             out[p] = (st["exp_avg_sq"].sqrt() / math.sqrt(bc2)).add_(eps).sqrt_()
     return out
-
-
-def _role_sq(sym: Symmetry, source: Mapping[str, Tensor], role: str) -> Tensor:
-    total: Tensor | None = None
-    for s in sym.slices:
-        if s.role != role:
-            continue
-        q = s.unit_view(source[s.name]).reshape(sym.n_units, -1).square().sum(1)
-        total = q if total is None else total + q
-    if total is None:
-        raise ValueError(f"{sym}: no {role!r} slices")
-    return total
 
 
 class PreconTrace:
@@ -88,9 +81,9 @@ class PreconTrace:
         th0 = {n: before[n] * metric[n] for n in self.names}
         th1 = {n: params[n].detach() * metric[n] for n in self.names}
         gs = {n: grads[n] / metric[n] for n in self.names}
-        in0, out0 = _role_sq(self.sym, th0, "in"), _role_sq(self.sym, th0, "out")
-        in1, out1 = _role_sq(self.sym, th1, "in"), _role_sq(self.sym, th1, "out")
-        gin, gout = _role_sq(self.sym, gs, "in"), _role_sq(self.sym, gs, "out")
+        in0, out0 = ck.role_energy(self.sym, th0, "in"), ck.role_energy(self.sym, th0, "out")
+        in1, out1 = ck.role_energy(self.sym, th1, "in"), ck.role_energy(self.sym, th1, "out")
+        gin, gout = ck.role_energy(self.sym, gs, "in"), ck.role_energy(self.sym, gs, "out")
         resid = ((in1 - out1) - self.keep * (in0 - out0) - self.lr**2 * (gin - gout)).abs()
         bound = ck.KAPPA * ck.EPS64 * (in0 + out0 + in1 + out1 + self.lr**2 * (gin + gout))
         self.ratio = torch.maximum(self.ratio.to(resid.device), (resid / bound).max())

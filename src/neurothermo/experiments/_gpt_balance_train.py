@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from neurothermo.experiments import _char_lm as lm
 from neurothermo.experiments import _gpt_balance_checks as ck
+from neurothermo.experiments._gpt_balance_checks import role_energy
 from neurothermo.experiments._gpt_balance_precon import PreconTrace, adamw_metric
 from neurothermo.symmetry.base import Symmetry
 
@@ -96,20 +97,6 @@ def layer_of(sym: Symmetry) -> int:
     """The transformer block index named in the location (``…h.<i>.…``)."""
     part = sym.location.split(".h.", 1)[1]
     return int(part.split(".", 1)[0])
-
-
-def role_energy(sym: Symmetry, source: Mapping[str, Tensor], role: str) -> Tensor:
-    """``Σ_role ‖M‖²`` per unit (rescale) or per head (double rotation): shape ``(n_groups,)``."""
-    total: Tensor | None = None
-    for s in sym.slices:
-        if s.role != role:
-            continue
-        u = s.unit_view(source[s.name].detach())
-        q = u.reshape(sym.n_units, -1).square().sum(1)
-        total = q if total is None else total + q
-    if total is None:
-        raise ValueError(f"{sym}: no {role!r} slices")
-    return total.reshape(-1, sym.block).sum(1) if sym.block > 1 else total
 
 
 def unit_scalar(j: Tensor) -> Tensor:
@@ -359,7 +346,7 @@ def train_recorded(model: nn.Module, syms: list[Symmetry], data: lm.CharData, sp
             for tr in traces:
                 tr.after(step, named)
             if precon:
-                by_param = adamw_metric(opt)
+                by_param = adamw_metric(opt, list(param_of.values()))
                 metric = {n: by_param[p] for n, p in param_of.items()}
                 for pt in precon:
                     pt.after(before, named, grads, metric)
