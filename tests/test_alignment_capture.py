@@ -194,3 +194,51 @@ def test_auto_layers_take_every_block_of_the_outermost_block_stacks():
     assert al.auto_layers(mlp) == ["0", "1", "2"]
     feats = al.capture_features(Net(), torch.randn(5, 4))
     assert list(feats) == ["stage1.0", "stage1.1", "stage2.0"] and feats["stage2.0"].shape == (5, 4)
+
+
+class PaddedEncoder(nn.Module):
+    """``nn.TransformerEncoder`` with a key-padding mask: in eval mode under ``no_grad`` (as
+    feature capture runs) torch's fast path hands the layer hooks nested tensors without the
+    padded tokens; with gradients on it takes the ordinary path and pads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.enc(self.emb(input_ids), src_key_padding_mask=attention_mask == 0)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_nested_outputs_of_the_transformer_fast_path_pool_over_each_samples_tokens():
+    """Reference: the same layers' outputs with gradients enabled (no fast path, padded
+    tensors), pooled by hand over the real tokens; float32 round-off between the two paths."""
+    torch.manual_seed(0)
+    model = PaddedEncoder().eval()
+    ids = torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[:2, 5:] = 0
+    mask[3, 2:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, i, o, n=n: seen.__setitem__(n, o.detach())) for n in ("enc.layers.0", "enc.layers.1")]
+    model(**inputs)  # gradients on: the padded path
+    for h in hooks:
+        h.remove()
+    assert not seen["enc.layers.1"].is_nested
+    w = mask.unsqueeze(-1).float()
+    last = mask.sum(1) - 1
+    for pool in ("mean", "last", "flatten"):
+        got = al.capture_features(model, inputs, layers=["enc.layers.0", "enc.layers.1"], pool=pool,
+                                  batch_size=2)
+        for n, h in seen.items():
+            if pool == "mean":
+                ref = (h * w).sum(1) / w.sum(1)
+            elif pool == "last":
+                ref = h[torch.arange(4), last]
+            else:  # the padded tokens are zeros
+                ref = (h * w).reshape(4, -1)
+            torch.testing.assert_close(got[n], ref, rtol=1e-5, atol=1e-5)

@@ -442,6 +442,20 @@ def test_noise_terms_read_from_the_training_pass_after_the_first(monkeypatch) ->
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
+def test_close_removes_the_hooks_armed_for_the_next_noise_step() -> None:
+    """The last of 4 steps arms the capture for step 4 (noise every 2), which never comes: close()
+    must leave the model unhooked, so a later forward is not recorded and a later
+    per_sample_grad_norms matches the per-sample loop."""
+    mon, _, model = _noise_loop(2, 4)
+    assert any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # armed
+    mon.close()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    x, y = _data()
+    got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x[:10], y[:10]))
+    np.testing.assert_allclose(got.numpy(),  # squared norms
+                               _per_sample_sq_norms(model, x[:10], y[:10]).numpy(), rtol=1e-10)
+
+
 def test_an_unusable_capture_falls_back_to_the_extra_pass_and_says_why() -> None:
     with pytest.warns(MonitorWarning, match="extra pass"):
         mon, expected, _ = _noise_loop(1, 3, logging_forward=True)

@@ -259,6 +259,37 @@ def test_multihead_attention_in_eval_under_no_grad() -> None:
     assert torch.allclose(hv[names[0]].reshape(-1), ref, atol=RTOL * float(ref.abs().max()), rtol=0)
 
 
+def test_functional_hf_attention_dropout_warns_llama() -> None:
+    """Llama applies attention dropout as a function of its float ``attention_dropout`` (no
+    ``nn.Dropout`` module): the warning names the attention module and the attribute, and the
+    per-sample norms it warns about are indeed random; eval mode is quiet."""
+    if not HAS_TRANSFORMERS:
+        pytest.skip("transformers is not installed (dev extra)")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.3,
+                      attn_implementation="eager")
+    model = Ids(LlamaForCausalLM(cfg)).double().train()
+    seq = torch.randint(0, 32, (4, 8))
+    x, y = seq[:, :-1], seq[:, 1:]
+
+    def ce(out: Tensor, t: Tensor) -> Tensor:
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1))
+
+    with pytest.warns(ModeWarning, match=r"self_attn \(attention_dropout=0\.3\)"):
+        a = nt.per_sample_grad_norms(model, ce, (x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ModeWarning)
+        b = nt.per_sample_grad_norms(model, ce, (x, y))
+    assert (a - b).abs().max() > 1e-3 * a.abs().max()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModeWarning)
+        model.eval()
+        nt.per_sample_grad_norms(model, ce, (x, y))
+
+
 def test_hf_attention_dropout_warns_with_its_module_names() -> None:
     if not HAS_TRANSFORMERS:
         pytest.skip("transformers is not installed (dev extra)")

@@ -111,6 +111,8 @@ def _calls():
         "top_eigenvalues": lambda m, b: nt.top_eigenvalues(m, CE, b, tol=1e-2),
         "hessian_trace": lambda m, b: nt.hessian_trace(m, CE, b, n_samples=2),
         "SharpnessTracker.update": lambda m, b: nt.SharpnessTracker(tol=1e-2).update(m, CE, b),
+        "per_sample_grad_norms": lambda m, b: nt.per_sample_grad_norms(m, CE, b),
+        "gradient_noise": lambda m, b: nt.gradient_noise(m, CE, b, batch_size=8),
     }
 
 
@@ -124,6 +126,38 @@ def test_active_dropout_warns_in_every_function_it_randomises(fn: str) -> None:
     ctx = no_mode_warning()
     try:
         _calls()[fn](model, batch)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+class FunctionalDropoutNet(nn.Module):
+    """Dropout applied as a function with a probability held as a float attribute, as Hugging
+    Face attention does (``F.dropout(w, p=self.attention_dropout, training=self.training)``)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.attention_dropout = nn.Linear(6, 16), nn.Linear(16, 3), p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(torch.tanh(self.fc1(x)), p=self.attention_dropout, training=self.training)
+        return self.fc2(h)
+
+
+def test_functional_dropout_is_named_with_its_attribute_and_randomises() -> None:
+    batch = data()
+    model = FunctionalDropoutNet(0.3).train()
+    with pytest.warns(ModeWarning, match=r"active Dropout in 'FunctionalDropoutNet "
+                                         r"\(attention_dropout=0\.3\)'"):
+        a = nt.per_sample_grad_norms(model, CE, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ModeWarning)
+        b = nt.per_sample_grad_norms(model, CE, batch)
+    assert (a - b).norm() > 0.05 * a.norm()  # what the warning says: the value is random
+    ctx = no_mode_warning()  # the controls: p = 0 in train mode, and p > 0 in eval mode
+    try:
+        nt.per_sample_grad_norms(FunctionalDropoutNet(0.0).train(), CE, batch)
+        nt.per_sample_grad_norms(model.eval(), CE, batch)
     finally:
         ctx.__exit__(None, None, None)
 
@@ -228,3 +262,58 @@ def test_graph_reuse_over_microbatches_is_decided_by_size_and_changes_nothing(mo
     with hessian_operator(model, CE, batch, microbatch_size=16) as op:
         assert not op.cached
         torch.testing.assert_close(op.matmat(V), ref, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ no double backward
+def bag_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.EmbeddingBag(30, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+
+
+def test_a_layer_without_a_second_derivative_is_named_with_the_ways_out() -> None:
+    """nn.EmbeddingBag's backward has no derivative in PyTorch: every second-order function says
+    so, naming the op, the layer and the ways out, and each way out then works (finite
+    differences against a float64 central difference of gradients; θ without the bag against the
+    dense Hessian of the head)."""
+    model = bag_net()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 30, (4, 6), generator=g), torch.randint(0, 3, (4,), generator=g)
+    v = {n: torch.randn(p.shape, generator=g, dtype=torch.float64)
+         for n, p in model.named_parameters()}
+    calls = {
+        "hvp": lambda: nt.hvp(model, CE, (x, y), v),
+        "entropic_force": lambda: nt.entropic_force(model, CE, (x, y), lr=0.1),
+        "top_eigenvalues": lambda: nt.top_eigenvalues(model, CE, (x, y), tol=1e-2),
+        "hessian_trace": lambda: nt.hessian_trace(model, CE, (x, y), n_samples=2),
+    }
+    for call in calls.values():
+        with pytest.raises(NotImplementedError, match=r"'_embedding_bag_backward'.*nn\.EmbeddingBag"
+                                                      r".*method='finite_difference'.*param_filter"):
+            call()
+    params = dict(model.named_parameters())
+
+    def grad_at(step: float) -> torch.Tensor:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.add_(step * v[n])
+        gr = torch.autograd.grad(CE(model(x), y), list(params.values()))
+        with torch.no_grad():
+            for n, p in params.items():
+                p.sub_(step * v[n])
+        return torch.cat([t.reshape(-1) for t in gr])
+
+    ref = (grad_at(1e-5) - grad_at(-1e-5)) / 2e-5  # O(h²) ≈ 1e-10 truncation, 1e-11 round-off
+    fd = flat(nt.hvp(model, CE, (x, y), v, method="finite_difference"))
+    torch.testing.assert_close(fd, ref, rtol=1e-7, atol=1e-8)
+    head = ["2.weight", "2.bias"]
+    hv = nt.hvp(model, CE, (x, y), {n: v[n] for n in head}, param_filter=head)
+
+    def head_loss(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return CE(torch.relu(model[0](x)) @ w.T + b, y)
+
+    hw, hb = torch.autograd.functional.hessian(head_loss, (params["2.weight"].detach(),
+                                                           params["2.bias"].detach()))
+    dense = torch.cat([torch.cat([hw[0].reshape(24, 24), hw[1].reshape(24, 3)], 1),
+                       torch.cat([hb[0].reshape(3, 24), hb[1].reshape(3, 3)], 1)])
+    torch.testing.assert_close(flat(hv), dense @ torch.cat([v[n].reshape(-1) for n in head]),
+                               rtol=1e-12, atol=1e-12)

@@ -197,3 +197,29 @@ def test_gpt2_conv1d_permutation_moves_columns_in_and_rows_out():
         mlp.c_fc.bias.copy_(mlp.c_fc.bias[p])
         mlp.c_proj.weight.copy_(mlp.c_proj.weight[p])
     torch.testing.assert_close(logits_of(moved(**x)), logits_of(model(**x)), rtol=1e-12, atol=1e-12)
+
+
+def test_torch_transformer_encoder_layer_is_searched_inside() -> None:
+    """nn.TransformerEncoderLayer is a torch module but a composite one: its feed-forward units
+    (linear1 → ReLU → linear2) rescale and permute, and norm2's affine rescales into linear1.
+    It used to be kept as one opaque leaf with no symmetry found and none reported missing.
+    Each reported symmetry is checked against the model's own outputs on fresh inputs."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(16 * 6, 3)).to(D).eval()
+    x = torch.randn(4, 6, 16, dtype=D)
+    found = {(s.kind, s.location) for s in nt.find_symmetries(model, x, progress=False)}
+    assert ("rescale", "0.linear1 → relu → dropout → 0.linear2 (32 units)") in found
+    assert ("permutation", "0.linear1 → relu → dropout → 0.linear2 (32 units)") in found
+    assert ("rescale", "0.norm2 → 0.linear1 (16 units)") in found
+    fresh = torch.randn(5, 6, 16, dtype=D)
+    for sym in nt.find_symmetries(model, x, progress=False):
+        assert nt.verify_symmetry(model, sym, fresh) < 1e-12  # largest output change
+    # the reference by hand: scale linear1's rows (and bias) by s, divide linear2's columns by s
+    other = copy.deepcopy(model)
+    s = torch.rand(32, dtype=D) + 0.5
+    with torch.no_grad():
+        other[0].linear1.weight.mul_(s[:, None])
+        other[0].linear1.bias.mul_(s)
+        other[0].linear2.weight.div_(s[None, :])
+    torch.testing.assert_close(other(fresh), model(fresh), rtol=0, atol=1e-13)

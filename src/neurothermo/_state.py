@@ -14,6 +14,7 @@ random.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -112,22 +113,38 @@ def check_mode(mode: str | None) -> str | None:
     return mode
 
 
+def _functional_dropout(m: nn.Module) -> str | None:
+    """The attribute of a module that applies dropout as a function with a probability it
+    holds as a float (``F.dropout(w, p=self.attention_dropout, training=self.training)`` or
+    ``scaled_dot_product_attention(..., dropout_p=self.dropout)``: Hugging Face's Llama,
+    Mistral, Qwen, ViT attention in transformers ≥ 5), when that probability is > 0."""
+    for k, v in vars(m).items():
+        if "drop" in k.lower() and isinstance(v, float) and not isinstance(v, bool) and v > 0:
+            return f"{k}={v:g}"
+    return None
+
+
 def active_dropout(model: nn.Module) -> list[str]:
-    """Names of the modules that draw random masks in their current flags: ``nn.Dropout*`` with
-    ``p > 0``, ``nn.MultiheadAttention`` with ``dropout > 0`` and multi-layer RNNs with
-    ``dropout > 0``, in train mode (Hugging Face attention dropout is an ``nn.Dropout`` module)."""
+    """Names of the modules that draw random masks in their current flags, in train mode:
+    ``nn.Dropout*`` with ``p > 0``, ``nn.MultiheadAttention`` with ``dropout > 0``, multi-layer
+    RNNs with ``dropout > 0``, and any other module holding a float attribute named ``*drop*``
+    that is > 0 (functional dropout, as Hugging Face attention applies it; listed with it)."""
     names = []
     for name, m in model.named_modules():
         if not m.training:
             continue
+        label = name or type(m).__name__
         if isinstance(m, nn.modules.dropout._DropoutNd):
             p = m.p
         elif isinstance(m, nn.MultiheadAttention | nn.RNNBase):
             p = m.dropout if not isinstance(m, nn.RNNBase) or m.num_layers > 1 else 0.0
         else:
+            attr = _functional_dropout(m)
+            if attr is not None:
+                names.append(f"{label} ({attr})")
             continue
         if p > 0:
-            names.append(name or type(m).__name__)
+            names.append(label)
     return names
 
 
@@ -197,8 +214,40 @@ def double_backward_attention() -> Iterator[None]:
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
+    except (NotImplementedError, RuntimeError) as err:
+        raise _no_double_backward(err) from err
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
+
+
+# torch's message for an op whose backward has no derivative of its own
+_NO_DERIVATIVE = re.compile(r"^(?:the )?derivative for '?(?:aten::)?([\w.]+)'? is not implemented")
+# the layers known to hit it, with the way round them
+_LAYER_OF_OP = {
+    "_embedding_bag_backward": "nn.EmbeddingBag (replace it by nn.Embedding followed by a sum or "
+                               "mean over each bag, which is twice differentiable)",
+    "_embedding_bag_dense_backward": "nn.EmbeddingBag (replace it by nn.Embedding followed by a "
+                                     "sum or mean over each bag, which is twice differentiable)",
+}
+
+
+def _no_double_backward(err: BaseException) -> BaseException:
+    """``err`` itself, or, when it is torch's "derivative for <op> is not implemented" raised
+    by a second derivative, the same error type with a message that names the op, the layer
+    where it is known, and the ways out."""
+    m = _NO_DERIVATIVE.match(str(err))
+    if m is None:
+        return err
+    op = m.group(1)
+    layer = _LAYER_OF_OP.get(op)
+    where = f" It is the backward of {layer}." if layer else ""
+    return type(err)(
+        f"this measurement needs a second derivative (a double backward), and PyTorch has none "
+        f"for '{op}'.{where} Ways out: for hvp, top_eigenvalues, hessian_trace and "
+        "SharpnessTracker pass method='finite_difference' (first derivatives only); or leave "
+        "that layer's parameters out of θ (param_filter in the curvature functions, "
+        "requires_grad_(False) for the entropic ones), so nothing differentiates through its "
+        f"backward twice. (PyTorch: {err})")
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)

@@ -101,8 +101,29 @@ def _first_tensor(out: Any, name: str) -> Tensor:
     raise TypeError(f"layer {name!r} returned {type(out).__name__}, not a tensor (or a tuple starting with one)")
 
 
+def _from_nested(h: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A nested ``(b, T_i, D)`` output (torch's transformer fast path drops padded tokens under
+    ``no_grad``) as a zero-padded ``(b, T, D)`` tensor and its mask of real tokens; ``T`` is the
+    attention mask's length when there is one (so every batch flattens alike), else the longest
+    ``T_i``. The real tokens of each sample come first."""
+    lengths = [int(x.shape[0]) for x in h.unbind()]
+    if any(x.dim() != 2 for x in h.unbind()):
+        raise ValueError("a nested layer output must hold (T_i, D) per sample; capture an "
+                         "inner layer or disable the fast path (enable_nested_tensor=False)")
+    t = max(lengths) if mask is None else max(int(mask.shape[1]), max(lengths))
+    dim = int(h.unbind()[0].shape[-1])
+    padded = torch.nested.to_padded_tensor(h, 0.0, output_size=(len(lengths), t, dim))
+    real = torch.arange(t, device=padded.device)[None, :] < torch.tensor(
+        lengths, device=padded.device)[:, None]
+    return padded, real
+
+
 def pool_output(h: Tensor, pool: str, mask: Tensor | None = None) -> Tensor:
-    """Pool one layer output ``(b, ...)`` to ``(b, D)`` (see the module docstring)."""
+    """Pool one layer output ``(b, ...)`` to ``(b, D)`` (see the module docstring). A nested
+    output (``nn.TransformerEncoder``'s fast path with a padding mask) is pooled over each
+    sample's own tokens."""
+    if h.is_nested:
+        h, mask = _from_nested(h, mask)
     b = h.shape[0]
     if pool == "flatten" or h.ndim == 2:
         return h.reshape(b, -1)

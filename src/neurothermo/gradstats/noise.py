@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from neurothermo._data import Batch, Data, as_data, check_num_data
-from neurothermo._state import preserved_state
+from neurothermo._state import preserved_state, warn_mode
 from neurothermo._types import LossFn
 from neurothermo._validate import check_int
 from neurothermo.gradstats.norms import check_finite_norms, prepare, stats_of_batch
@@ -137,6 +137,7 @@ def gradient_noise(
         >>> bool(noise.trace_sigma > 0) and bool(noise.trace_sigma_se > 0)
         True
     """
+    warn_mode(model, None, "gradient_noise", batchnorm=False)
     params = prepare(model, loss_fn)
     d = as_data(data, loss_fn, name="data", model=model, min_size=2)
     if d.single is not None and batch_size is None:

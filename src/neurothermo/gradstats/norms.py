@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
 from neurothermo._data import Batch, as_data, resolve_loss_fn
-from neurothermo._state import preserved_state, select_parameters
+from neurothermo._state import preserved_state, select_parameters, warn_mode
 from neurothermo._types import LossFn
 from neurothermo._validate import (
     check_finite_params,
@@ -129,6 +129,7 @@ def per_sample_grad_norms(
         >>> torch.allclose(sum(by.values()), norms)
         True
     """
+    warn_mode(model, None, "per_sample_grad_norms", batchnorm=False)
     params = prepare(model, loss_fn)
     parts = []
     with preserved_state(model):

@@ -374,8 +374,12 @@ class ThermoMonitor:
             self.writer.flush()
 
     def close(self) -> None:
-        """Flush, then close the writer if it can be closed."""
+        """Flush, remove the hooks armed for the next noise step, then close the writer if it can
+        be closed. The model is left as it was before the monitor: a later forward is not
+        recorded."""
         self.flush()
+        if self._capture is not None:
+            self._capture.disarm()
         close = getattr(self.writer, "close", None)
         if callable(close):
             close()

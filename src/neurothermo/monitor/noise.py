@@ -6,6 +6,7 @@ afterwards); reading the loop's own pass needs none.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from neurothermo._data import Batch
-from neurothermo._state import has_train_mode_batchnorm
+from neurothermo._state import ModeWarning, active_dropout, has_train_mode_batchnorm
 from neurothermo.monitor import names
 from neurothermo.monitor.quantities import batch_noise_terms, squared_norm
 
@@ -129,7 +130,11 @@ def entropic_terms(mon: NoiseSetup, batch: Batch, loss: Tensor | None,
         if sample_sq is None:
             mon.note("passive", f"entropic terms measured with an extra pass ({cap.reason})")
     if sample_sq is None:
-        with mon.measuring(), torch.enable_grad():
+        if drop := active_dropout(mon.model):
+            mon.note("noise_dropout", f"entropic terms measured with an extra pass draw their own "
+                     f"Dropout masks ({', '.join(drop[:3])}), not the training step's")
+        with mon.measuring(), torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ModeWarning)  # said once, as a note, above
             norms = per_sample_grad_norms(mon.model, mon.loss_fn, batch)
         assert isinstance(norms, Tensor)  # by_parameter=False gives one tensor [b]
         sample_sq = norms.detach()

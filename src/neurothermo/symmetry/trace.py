@@ -194,6 +194,15 @@ def _get_attr(root: nn.Module, target: str) -> Any:
     return obj
 
 
+_COMPOSITES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+               nn.TransformerDecoder, nn.Transformer)
+
+
+def _is_composite(m: nn.Module) -> bool:
+    """torch's transformer layers: built of Linear, LayerNorm, MultiheadAttention and Dropout."""
+    return isinstance(m, _COMPOSITES)
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaves: Sequence[type | str]) -> None:
         super().__init__()
@@ -203,7 +212,12 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
             return True
-        return super().is_leaf_module(m, qualname)
+        if not super().is_leaf_module(m, qualname):
+            return False
+        # torch's transformer layers (nn.TransformerEncoderLayer, nn.Transformer, …) are built
+        # of layers the search knows: traced through, not kept whole. One fx cannot trace
+        # (control flow on its inputs) is then captured on its own, block by block.
+        return not _is_composite(m)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:
