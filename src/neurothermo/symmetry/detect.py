@@ -322,7 +322,8 @@ def find_symmetries(
     blocks of the model were analysed or stayed opaque. Modules in ``leaf_modules`` (classes or
     qualified names) are not traced into. Linear links report one ``double_rotation``; attention
     (``nn.MultiheadAttention``, ``q·kᵀ`` / ``softmax(·)·v`` or ``scaled_dot_product_attention``
-    through separate or fused q/k/v projections) gives per-head pairs; recurrent layers give
+    through separate or fused q/k/v projections) gives per-head pairs, and grouped-query
+    attention one value–output pair per shared value head; recurrent layers give
     hidden-unit permutations and sign flips. ``progress``: see ``progress.py`` (default: lines
     on stderr once detection has taken a second).
 

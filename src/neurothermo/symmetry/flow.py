@@ -46,6 +46,7 @@ from neurothermo.symmetry.ops import (
     sdpa_step,
 )
 from neurothermo.symmetry.recurrent import consumer_slices, layer_slices, rnn_layout
+from neurothermo.symmetry.shared import UNSUPPORTED, expand_step, repeat_step, shared_columns
 from neurothermo.symmetry.trace import Traced, module_op, op_name
 from neurothermo.symmetry.units import (
     _CONV,
@@ -57,6 +58,7 @@ from neurothermo.symmetry.units import (
     Producer,
     Track,
     flat_args,
+    label,
     ndim_of,
     unit_slice,
     weight_slices,
@@ -115,6 +117,10 @@ def _producer(tr: Traced, node: fx.Node, shape: tuple[int, ...] | None) -> Produ
             prod = Producer(node, path, shape[track.axes[0]], track, cov)
             if caveat:
                 prod.caveat = caveat + ": its rows can only be scaled through g"
+            if isinstance(mod, _CONV) and mod.groups != 1:
+                note = _GROUPED_ROWS.format(path=path)
+                prod.caveat = f"{prod.caveat}; {note}" if prod.caveat else note
+                prod.allowed = _SCALES
             return prod
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine and len(shape) >= 2:
             cov = [ParamSlice(p + "weight", "in", 0), ParamSlice(p + "bias", "in", 0)]
@@ -205,7 +211,12 @@ def walk_all(tr: Traced, prod: Producer) -> list[Flow]:
         flow.blockers.append(f"its units are split into {flow.fused} segments in an unsupported "
                              "layout")
         return [flow]
-    return [walk(tr, p) for p in segs]
+    flows = [walk(tr, p) for p in segs]
+    for f in flows:
+        if f.fused:  # split again (a fused layer whose segments are shared heads): not followed
+            f.blockers.append(f"its units are split into {flow.fused} segments and then into "
+                              f"{f.fused}: nested segments are not followed")
+    return flows
 
 
 
@@ -220,6 +231,9 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
     if op is None:
         raise Blocked(f"unsupported operation '{node.target}' ({node.op}) on the units")
     src = node.args[0] if node.args else None
+    mine = [tracks[a] for a in flat_args(node) if isinstance(a, fx.Node) and a in tracks]
+    if op != "reshape" and any(t.copy_axis is not None for t in mine):
+        raise Blocked(f"'{label(node)}' {UNSUPPORTED}")
     if op == "getitem":
         if not (isinstance(src, fx.Node) and src in tracks):
             raise Blocked("the units are used as an index")
@@ -228,9 +242,16 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
     if op in ("split", "chunk", "unbind") and isinstance(src, fx.Node) and src in tracks:
         check_plain(node, {src: replace(tracks[src], seg=None)})
         return split_step(tr, flow, node, op, tracks[src])
-    if op == "cat":
-        check_plain(node, tracks)
+    if op == "cat":  # with empty tensors only (a key/value cache): segments pass unchanged
+        if any(t.pick is not None for t in mine):
+            raise Blocked(f"'{label(node)}' uses the layer's output tuple as a whole")
         return cat_step(tr, node, tracks)
+    if op in ("expand", "repeat_interleave") and isinstance(src, fx.Node) and src in tracks \
+            and tracks[src].pick is None:
+        t = tracks[src]
+        return expand_step(tr, node, t) if op == "expand" else repeat_step(tr, node, t)
+    if op == "sdpa":
+        return sdpa_step(tr, flow, node, tracks)
     if op in ("reshape", "transpose", "permute", "t", "identity") and isinstance(src, fx.Node) \
             and src in tracks and tracks[src].pick is None:
         return reshape_step(tr, flow, node, op, tracks[src]) if op != "identity" else tracks[src]
@@ -245,8 +266,6 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
     if op == "linear":
         linear_step(tr, flow, node, tracks, src)
         return None
-    if op == "sdpa":
-        return sdpa_step(tr, flow, node, tracks)
     if not (isinstance(src, fx.Node) and src in tracks) or any(
         isinstance(a, fx.Node) and a in tracks for a in flat_args(node)[1:]
     ):
@@ -272,11 +291,51 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
 
 
 
+_SCALES = frozenset({"rescale", "sign"})
+_GROUPED_ROWS = ("'{path}' is a grouped convolution: each output channel reads only its own "
+                 "group's input channels, so its output channels can be scaled but not mixed or "
+                 "permuted across groups")
+
+
+def _depthwise_columns(flow: Flow, path: str, mod: nn.modules.conv._ConvNd, name: str,
+                       shape: tuple[int, ...]) -> ParamSlice:
+    """The weights of a depthwise convolution that read each input channel (the unit).
+
+    With ``groups == in_channels`` the weight is ``[in·m, 1, k…]`` and output channels
+    ``c·m … c·m+m−1`` read input channel ``c`` alone: viewed as ``[in, m, 1, k…]`` its rows along
+    dim 0 are exactly the entries unit ``c`` meets. Scaling input channel ``c`` by ``s_c`` and those
+    rows by ``1/s_c`` is exact (a convolution is linear in its input, channel by channel; the
+    bias does not see the input), for any ``s_c ≠ 0``: rescale and sign flip survive. A
+    permutation or a rotation of the input channels is not: it would change which channel each
+    output reads (exact only with the output channels permuted too, which is a different
+    symmetry). A grouped convolution with several input channels per group is not followed:
+    the entries of input channel ``c`` (``W[o, c mod in/g]`` for the ``o`` of ``c``'s group) are
+    not one slice along an axis of any view of the weight.
+    """
+    cin, groups = mod.in_channels, mod.groups
+    if cin != groups:
+        raise Blocked(f"'{path}' is a grouped convolution with {cin // groups} input channels "
+                      "per group over the units (only depthwise ones, one input channel per "
+                      "group, are followed)")
+    flow.restrict(_SCALES, f"'{path}' is a depthwise convolution: each input channel has its "
+                           "own filters, so the channels can be scaled but not mixed or permuted")
+    return ParamSlice(name, "out", 0, view=(groups, shape[0] // groups, *shape[1:]))
+
+
 def _module_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -> Track | None:
     path = str(node.target)
     mod = tr.gm.get_submodule(path)
     src: Any = node.args[0] if node.args else None
     others = [a for a in flat_args(node)[1:] if isinstance(a, fx.Node) and a in tracks]
+    t0 = tracks.get(src) if isinstance(src, fx.Node) else None
+    if isinstance(mod, nn.Linear) and t0 is not None and t0.seg is not None and not others \
+            and t0.seg_axis is None and t0.pick is None and t0.axes == (ndim_of(tr, src) - 1,):
+        slices, caveat = weight_slices(tr, path, mod, "out")
+        if caveat:
+            raise Blocked(f"{caveat}: its columns of one segment cannot be transformed alone")
+        flow.consumers.append((path, shared_columns(flow, slices[0].name, t0, mod.in_features),
+                               t0.normed))
+        return None
     check_plain(node, tracks)
     if isinstance(mod, nn.RNNBase):
         t = tracks.get(src) if isinstance(src, fx.Node) else None
@@ -309,11 +368,14 @@ def _module_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Tr
         axis = nd - 1 if isinstance(mod, nn.Linear) else 1
         if len(t.axes) == 2 or t.axes[0] != axis:
             raise Blocked(f"'{path}' does not contract the units' axis")
-        if isinstance(mod, _CONV) and (mod.groups != 1 or r != 1):
-            raise Blocked(f"'{path}' is a grouped convolution over the units")
+        if isinstance(mod, _CONV) and r != 1:
+            raise Blocked(f"'{path}' convolves channels that hold several features per unit")
         slices, caveat = weight_slices(tr, path, mod, "out")
         shape = tuple(mod.get_parameter(slices[0].name.removeprefix(path + ".")).shape)
-        slices = [unit_slice(slices[0].name, "out", 1, shape, n, r)]
+        if isinstance(mod, _CONV) and mod.groups != 1:
+            slices = [_depthwise_columns(flow, path, mod, slices[0].name, shape)]
+        else:
+            slices = [unit_slice(slices[0].name, "out", 1, shape, n, r)]
         if caveat:
             flow.restrict(frozenset({"sign", "perm"}), caveat + ": its columns cannot be scaled")
         flow.consumers.append((path, slices, t.normed))

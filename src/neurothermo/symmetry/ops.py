@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from neurothermo.symmetry.base import ParamSlice
+from neurothermo.symmetry.shared import QK_SHARED, gqa_value
 from neurothermo.symmetry.trace import ELEMENTWISE, HOMOGENEOUS, ODD, Traced
 from neurothermo.symmetry.units import (
     _DIAG,
@@ -162,9 +163,19 @@ def reshape_step(tr: Traced, flow: Flow, node: fx.Node, op: str, t: Track) -> Tr
 
     if t.seg_axis is not None:
         keep = [find(a) for a in (*t.axes, t.seg_axis)]
-        if not all(len(i) == 1 and len(o) == 1 for i, o in keep):
-            raise Blocked(f"'{label(node)}' reshapes the fused units before they are separated")
-        return replace(t, axes=tuple(o[0] for _, o in keep[:-1]), seg_axis=keep[-1][1][0])
+        inner_ok = all(len(i) == 1 and len(o) == 1 for i, o in keep[:-1])
+        si_, so_ = keep[-1]
+        if t.copy_axis is not None:  # repeat_kv: [heads, n_rep] merged into the query heads
+            if not inner_ok or si_ != [t.seg_axis, t.copy_axis] or len(so_) != 1:
+                raise Blocked(f"'{label(node)}' reshapes the repeated heads in an unsupported way")
+            return replace(t, axes=tuple(o[0] for _, o in keep[:-1]), seg_axis=so_[0],
+                           copy_axis=None, copies=t.copies * si[t.copy_axis])
+        if inner_ok and len(si_) == 1 and len(so_) == 1:
+            return replace(t, axes=tuple(o[0] for _, o in keep[:-1]), seg_axis=so_[0])
+        if len(t.axes) == 1 and si_ == [t.seg_axis, t.axes[0]] and len(so_) == 1 \
+                and t.repeat == 1:  # heads merged back with the units: [heads, d] → [heads·d]
+            return replace(t, axes=(so_[0],), seg_axis=None)
+        raise Blocked(f"'{label(node)}' reshapes the fused units before they are separated")
     if len(t.axes) == 1:
         ax = t.axes[0]
         ie, oe = find(ax)
@@ -347,10 +358,15 @@ def sdpa_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track
     k = hit[0]
     t = tracks[args[k]]
     nd = ndim_of(tr, args[k])
+    if t.pick is not None or t.copy_axis is not None:
+        raise Blocked("scaled_dot_product_attention uses the layer's output tuple as a whole")
     if t.axes[-1] != nd - 1 or (len(t.axes) == 2 and t.axes[0] >= nd - 2):
         raise Blocked("scaled_dot_product_attention over another axis than the units'")
     if k == "value":
+        out = gqa_value(tr, node, args[k], t, nd)
         flow.path.append("attention")
-        return t
+        return out
+    if t.seg is not None or node.kwargs.get("enable_gqa"):
+        raise Blocked(QK_SHARED)
     flow.bilinear.append((node, "A" if k == "query" else "B"))
     return None

@@ -71,7 +71,7 @@ _FUNCTIONS: dict[Any, str] = {
     torch.addmm: "addmm", operator.pow: "pow", torch.pow: "pow", torch.cat: "cat",
     torch.concat: "cat", torch.split: "split", torch.unbind: "unbind", torch.chunk: "chunk",
     torch.Size: "meta", torch.ops.aten.sym_size.int: "meta", torch.ops.aten.sym_size: "meta",
-    torch._C._nn.gelu: "gelu",
+    torch._C._nn.gelu: "gelu", torch.repeat_interleave: "repeat_interleave",
 }
 _METHODS: dict[str, str] = {
     "view": "reshape", "reshape": "reshape", "flatten": "reshape", "unflatten": "reshape",
@@ -84,6 +84,7 @@ _METHODS: dict[str, str] = {
     "relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid",
     "exp": "exp", "abs": "abs", "sin": "sin", "square": "square", "pow": "pow",
     "split": "split", "unbind": "unbind", "chunk": "chunk",
+    "expand": "expand", "repeat_interleave": "repeat_interleave",
 }
 # Positively homogeneous (rescale), odd (sign flip), merely elementwise (permutation only).
 # |a·x| = a·|x| for a > 0: abs is positively homogeneous (even, not odd: no sign flip).

@@ -46,6 +46,8 @@ class Track:
     seg_axis: int | None = None  # after a reshape: the axis indexing the segments
     pick: int | None = None  # the node is a tuple; element ``pick`` holds the units
     strict: bool = False  # with ``pick``: using another element of the tuple blocks the flow
+    copies: int = 1  # with ``seg``: entries per segment, each a copy of the units (shared heads)
+    copy_axis: int | None = None  # after ``expand``: the axis of copies, next merged into seg_axis
 
 
 @dataclass
