@@ -72,6 +72,11 @@ class WdLaw:
     drift: np.ndarray  # (N_end − N_start)/(η²·n): equals resid exactly (identity)
 
 
+def law_constant(lr: float, wd: float) -> float:
+    """``c = wd(2 − η·wd)/η`` of the law ``E[gᵀAg] = c·E[N]`` (torch's ``wd``; ``γ = wd/2``)."""
+    return wd * (2.0 - lr * wd) / lr
+
+
 def law_from_blocks(block_sums: np.ndarray, sizes: np.ndarray, sum_gag: np.ndarray,
                     sum_cn: np.ndarray, n_start: np.ndarray, n_end: np.ndarray, lr: float
                     ) -> WdLaw:
@@ -106,7 +111,7 @@ def wd_law(j: np.ndarray, gag: np.ndarray, lr: float, wd: float, start: int, n_b
     ``j``: ``(T+1, groups)`` scalar charges, ``gag``: ``(T, groups)``; window ``[start, stop)``
     (``stop`` defaults to T). The law is checked on the noise-driven part ``N`` of ``J``."""
     stop = gag.shape[0] if stop is None else stop
-    c = wd * (2.0 - lr * wd) / lr
+    c = law_constant(lr, wd)
     t = np.arange(j.shape[0], dtype=np.float64)[:, None]
     j = j - (1.0 - lr * wd) ** (2 * t) * j[:1]
     j, gag = j[:stop + 1], gag[:stop]
@@ -130,6 +135,30 @@ def decay_exponent(gross_start: np.ndarray, gross_end: np.ndarray, lr: float, wd
     with np.errstate(divide="ignore", invalid="ignore"):
         kappa: np.ndarray = np.log(gross_end / gross_start) / (2 * n * math.log1p(-lr * wd))
     return kappa
+
+
+def trend(block_sums: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The drift of a quantity across a window from its block sums: ``(z, growth)`` per group.
+
+    ``block_sums``: ``(n_blocks, groups)`` sums over consecutive blocks of ``sizes`` steps. The
+    block means ``m_b`` are regressed on the blocks' mid-steps ``s_b`` (least squares);
+    ``z = slope / SE(slope)`` (``n_blocks − 2`` dof) and ``growth = slope·n / mean(m_b)``, the
+    fitted change over the window's ``n`` steps in units of the window mean. For a stationary
+    quantity whose blocks are long against its correlation time the block means are independent
+    and ``z`` is Student-t; a quantity still growing or shrinking gives ``|z| ≫ 1``.
+    """
+    means = block_sums / sizes[:, None]
+    mid = (np.cumsum(sizes) - sizes / 2.0)[:, None]
+    xc = mid - mid.mean(0)
+    sxx = float((xc**2).sum())
+    slope = (xc * (means - means.mean(0))).sum(0) / sxx
+    resid = means - means.mean(0) - slope * xc
+    dof = means.shape[0] - 2
+    se = np.sqrt((resid**2).sum(0) / max(dof, 1) / sxx)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, slope / se, np.where(slope == 0, 0.0, np.inf))
+        growth = slope * float(sizes.sum()) / means.mean(0)
+    return z, growth
 
 
 def z_limit(n_blocks: int, n_tests: int, alpha: float, dof: int | None = None) -> float:

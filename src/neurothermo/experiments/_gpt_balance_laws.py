@@ -4,7 +4,7 @@ group and per family (with the premise: the decay exponent κ of each group's we
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +58,24 @@ class GroupLaw:
     label: str
     law: ck.WdLaw
     kappa: float
+    gross_z: float = 0.0
+    gross_growth: float = 0.0
+    z_half: float = 0.0
+
+    @property
+    def resolution(self) -> float:
+        """``|c⟨N⟩| / (2·SE)`` (smallest entry): a factor-2 error in the law's constant (wd read
+        as γ = wd/2) in units of the check's SE. Recorded with ``z_half``, the check itself at
+        ``c/2`` (whose SE is larger: halving c undoes the cancellation of N's fluctuations
+        between ``gᵀAg`` and ``c·N``), so a large resolution alone does not mean c/2 fails."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.abs(self.law.cj) / (2.0 * self.law.se)
+        return float(np.nan_to_num(r, nan=0.0, posinf=np.inf).min())
+
+    def stationary(self, z_max: float) -> bool:
+        """The law's premise: trained (``κ < KAPPA_MAX``) and no drift of the gross detected
+        across the window's blocks (``|gross_z| ≤ z_max``; see :func:`ck.trend`)."""
+        return self.kappa < KAPPA_MAX and abs(self.gross_z) <= z_max
 
     @property
     def z(self) -> float:
@@ -76,7 +94,8 @@ class GroupLaw:
         return float(np.nan_to_num(r, nan=0.0, posinf=np.inf).max())
 
 
-KEYS = ("blocks", "gag", "cn", "n_start", "n_end", "gross_start", "gross_end")
+KEYS = ("blocks", "gag", "cn", "n_start", "n_end", "gross_start", "gross_end", "gross_blocks",
+        "n_blocks")
 KAPPA_MAX = 0.5  # the premise: nearer the stationary regime (κ = 0) than the untrained one (κ = 1)
 
 
@@ -86,15 +105,21 @@ def _law(label: str, s: dict[str, np.ndarray], sizes: np.ndarray, spec: tr.RunSp
                              spec.lr)
     kappa = ck.decay_exponent(s["gross_start"], s["gross_end"], spec.lr, spec.wd,
                               int(sizes.sum()))
-    return GroupLaw(label, law, float(np.max(kappa)))
+    gz, growth = ck.trend(s["gross_blocks"], sizes)
+    c = ck.law_constant(spec.lr, spec.wd)
+    # the power check: the same blocks with the law's constant halved (wd read as γ = wd/2)
+    half = ck.law_from_blocks(s["blocks"] + 0.5 * c * s["n_blocks"], sizes, s["gag"],
+                              0.5 * s["cn"], s["n_start"], s["n_end"], spec.lr)
+    return GroupLaw(label, law, float(np.max(kappa)), float(gz[0]), float(growth[0]),
+                    float(np.abs(half.z).max()))
 
 
-def laws(res: RunResult, window: str = "law", premise: bool = False
+def laws(res: RunResult, window: str = "law", premise: Callable[[GroupLaw], bool] | None = None
          ) -> dict[str, list[GroupLaw]]:
     """Per family: the law per group, preceded by the family's sum over its groups.
 
-    With ``premise`` the sum runs over the groups whose premise holds (``κ < KAPPA_MAX``) only;
-    a family with none gets no sum row.
+    With ``premise`` the sum runs over the groups for which it is true only; a family with none
+    gets no sum row.
     """
     sizes = np.asarray(res.windows[window].sizes(), dtype=np.float64)
     fams: dict[str, list[GroupLaw]] = {}
@@ -105,7 +130,7 @@ def laws(res: RunResult, window: str = "law", premise: bool = False
             label = f"layer {t.layer} head {i}" if t.fam in ("qk", "vo") else f"{t.sym.location}"
             gl = _law(label, {k: s[k][..., i:i + 1] for k in KEYS}, sizes, res.spec)
             fams.setdefault(t.fam, []).append(gl)
-            if premise and not gl.kappa < KAPPA_MAX:
+            if premise is not None and not premise(gl):
                 continue
             acc = sums.setdefault(t.fam, {k: 0.0 * s[k][..., i:i + 1] for k in KEYS})
             for k in KEYS:

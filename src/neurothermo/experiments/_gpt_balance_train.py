@@ -139,7 +139,7 @@ class Window:
 
 class WindowSums:
     """Streamed sums over one window, per unit/head (``U`` = heads or units), on the device:
-    block sums of ``x_t = gᵀAg_t − c·N_t``, the window sums of ``gᵀAg``, ``c·N``, ``e_in``,
+    block sums of ``x_t = gᵀAg_t − c·N_t``, of ``N_t`` and of the gross, the window sums of ``gᵀAg``, ``c·N``, ``e_in``,
     ``e_out``, and ``N`` at the window's first step and after its last."""
 
     def __init__(self, win: Window, like: Tensor) -> None:
@@ -148,6 +148,8 @@ class WindowSums:
         z = torch.zeros_like(like)
         self.blocks = torch.zeros((win.n_blocks, *like.shape), dtype=like.dtype,
                                   device=like.device)
+        self.gross_blocks = torch.zeros_like(self.blocks)
+        self.n_blocks = torch.zeros_like(self.blocks)
         self.gag, self.cn, self.e_in, self.e_out = z.clone(), z.clone(), z.clone(), z.clone()
         self.n_start, self.n_end = z.clone(), z.clone()
         self.gross_start, self.gross_end = z.clone(), z.clone()
@@ -160,6 +162,8 @@ class WindowSums:
         if t == self.win.start:
             self.n_start, self.gross_start = n_t.clone(), gross.clone()
         self.blocks[i] += gag - c * n_t
+        self.gross_blocks[i] += gross
+        self.n_blocks[i] += n_t
         self.gag += gag
         self.cn += c * n_t
         self.e_in += e_in
@@ -171,7 +175,7 @@ class WindowSums:
 
     def numpy(self) -> dict[str, np.ndarray]:
         keys = ("blocks", "gag", "cn", "e_in", "e_out", "n_start", "n_end",
-                "gross_start", "gross_end")
+                "gross_start", "gross_end", "gross_blocks", "n_blocks")
         return {k: getattr(self, k).double().cpu().numpy() for k in keys}
 
 
