@@ -360,6 +360,18 @@ def test_the_law_check_rejects_half_its_constant_over_a_long_window_only() -> No
     assert sum(zh < lim for _, zh in short) >= 15
 
 
+def test_the_premise_needs_a_trained_group_without_drift() -> None:
+    """``GroupLaw.stationary``: κ < 1/2 (trained) and |gross trend z| within the limit; each
+    condition alone is not enough."""
+    from neurothermo.experiments._gpt_balance_laws import GroupLaw
+
+    law = ck.wd_law(np.zeros((11, 1)), np.zeros((10, 1)), 0.1, 0.1, 0, 2)
+    assert GroupLaw("g", law, kappa=0.1, gross_z=2.0).stationary(4.5)
+    assert not GroupLaw("g", law, kappa=0.1, gross_z=-6.0).stationary(4.5)  # still shrinking
+    assert not GroupLaw("g", law, kappa=0.1, gross_z=6.0).stationary(4.5)  # still growing
+    assert not GroupLaw("g", law, kappa=0.9, gross_z=0.0).stationary(4.5)  # not trained
+
+
 def test_decay_exponent_separates_stationary_from_untrained_weights() -> None:
     lr, wd, n = 0.3, 0.02, 200
     pure = (1 - lr * wd) ** (2 * n)

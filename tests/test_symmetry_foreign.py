@@ -200,18 +200,30 @@ def test_gpt2_conv1d_permutation_moves_columns_in_and_rows_out():
 
 
 def test_torch_transformer_encoder_layer_is_searched_inside() -> None:
-    """nn.TransformerEncoderLayer is a torch module but a composite one: its feed-forward units
-    (linear1 → ReLU → linear2) rescale and permute, and norm2's affine rescales into linear1.
-    It used to be kept as one opaque leaf with no symmetry found and none reported missing.
-    Each reported symmetry is checked against the model's own outputs on fresh inputs."""
+    """nn.TransformerEncoderLayer is a torch module but a composite one: per head its attention's
+    Q/K and V/O rotate, its feed-forward units (linear1 → ReLU → linear2) rescale and permute, and
+    norm1's and norm2's affines rescale into the attention and linear1. It used to be kept as one
+    opaque leaf with no symmetry found and none reported missing. Each reported symmetry is
+    checked against the model's own outputs on fresh inputs, and one by hand."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
     model = nn.Sequential(layer, nn.Flatten(), nn.Linear(16 * 6, 3)).to(D).eval()
     x = torch.randn(4, 6, 16, dtype=D)
-    found = {(s.kind, s.location) for s in nt.find_symmetries(model, x, progress=False)}
-    assert ("rescale", "0.linear1 → relu → dropout → 0.linear2 (32 units)") in found
-    assert ("permutation", "0.linear1 → relu → dropout → 0.linear2 (32 units)") in found
-    assert ("rescale", "0.norm2 → 0.linear1 (16 units)") in found
+    fast = torch.backends.mha.get_fastpath_enabled()
+    report = nt.find_symmetries(model, x, explain=True, progress=False)
+    assert torch.backends.mha.get_fastpath_enabled() == fast  # the caller's flag is back
+    found = {(s.kind, s.location.split(" (")[0]) for s in report}
+    # traced through (the fast-path test is decided with the flag off), so the attention's own
+    # rotations and the norm1 → attention rescale are found too, as for a bare MHA
+    assert found == {
+        ("rescale", "0.norm1 → 0.self_attn"),
+        ("double_rotation", "0.self_attn: query·keyᵀ per head"),
+        ("double_rotation", "0.self_attn: value → out_proj per head"),
+        ("rescale", "0.norm2 → 0.linear1"),
+        ("rescale", "0.linear1 → relu → 0.dropout → 0.linear2"),
+        ("permutation", "0.linear1 → relu → 0.dropout → 0.linear2"),
+    }, found
+    assert "analysed via fx" in str(report)
     fresh = torch.randn(5, 6, 16, dtype=D)
     for sym in nt.find_symmetries(model, x, progress=False):
         assert nt.verify_symmetry(model, sym, fresh) < 1e-12  # largest output change

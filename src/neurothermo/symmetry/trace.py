@@ -283,6 +283,20 @@ def _defaults(model: nn.Module, given: int) -> dict[str, Any] | None:
     return out or None
 
 
+@contextlib.contextmanager
+def _slow_path_attention() -> Any:
+    """torch's transformer layers without their fused inference path while they are traced:
+    the fast-path test (``torch.backends.mha.get_fastpath_enabled()``, then the input's
+    properties) is Python control flow fx cannot trace. With the flag off it is decided before
+    any input is looked at, and the traced graph is the ordinary path, the same function."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
 def trace_model(
     model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...],
     leaf_modules: Sequence[type | str] = (),
@@ -298,7 +312,8 @@ def trace_model(
         )
     tracer = _Tracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=_defaults(model, len(inputs)))
+        with _slow_path_attention():
+            graph = tracer.trace(model, concrete_args=_defaults(model, len(inputs)))
     except Exception as err:
         raise _fail(model, err) from err
     gm = fx.GraphModule(tracer.root, graph)
