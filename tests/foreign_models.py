@@ -217,6 +217,22 @@ class GroupNormCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class TorchEncoder(nn.Module):
+    """Embedding → ``nn.TransformerEncoder`` (2 pre-norm ``nn.TransformerEncoderLayer``s: torch's
+    ``nn.MultiheadAttention``, ReLU feed-forward, LayerNorms) → mean over tokens → Linear."""
+
+    def __init__(self, vocab: int = 50, d: int = 32, heads: int = 2, classes: int = 5) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
 class TiedLM(nn.Module):
     """A next-token model whose output projection is the input embedding (``lm_head.weight is
     embed.weight``), as in GPT-2 and most language models."""
@@ -349,6 +365,8 @@ CASES: list[ForeignCase] = [
     ForeignCase("groupnorm_cnn", GroupNormCNN, lambda b, s: _images(b, s, size=16),
                 tags=frozenset({"groupnorm", "conv"})),
     ForeignCase("tied_lm", TiedLM, lambda b, s: _lm_tokens(b, s, 40, 6), tags=frozenset({"tied"})),
+    ForeignCase("torch_encoder", TorchEncoder, lambda b, s: _tokens(b, s, 50, 7, 5),
+                tags=frozenset({"sdpa", "mha", "layernorm"})),
 ]
 CASE_IDS = [c.name for c in CASES]
 

@@ -51,6 +51,7 @@ REPLACED = r"measured through a replacement forward"
 REFUSALS: dict[tuple[str, str], str] = {
     ("backward_capture", "lstm"): REPLACED,
     ("backward_capture", "gru"): REPLACED,
+    ("backward_capture", "torch_encoder"): REPLACED,  # nn.MultiheadAttention's fused forward
 }
 
 # cuDNN's RNN kernels have no double backward (h/curv); not yet run on a GPU here, so the pattern is

@@ -74,6 +74,16 @@ EXPECTED: dict[str, list[tuple[str, str, int, bool]]] = {
     # tied LM: tanh then LayerNorm over the units breaks rescale, sign flip and permutation
     # (LayerNorm's statistics mix the units); the norm → lm_head rescale moves the tied weight.
     "tied_lm": [],
+    # torch's nn.TransformerEncoder (pre-norm, 2 layers, d = 32, 2 heads, ReLU feed-forward of
+    # 64): per layer Q/K and V/O per head of its nn.MultiheadAttention, norm1 → attention and
+    # norm2 → linear1 rescales, the feed-forward units' rescale and permutation. linear2 and the
+    # attention's output enter the residual stream; the head's units reach the output.
+    "torch_encoder": [
+        (kind, f"enc.layers.{i}.{where}", n, True)
+        for i in (0, 1)
+        for kind, where, n in (("double_rotation", "self_attn:", 32), ("double_rotation", "self_attn:", 32),
+                               ("rescale", "norm1", 32), ("rescale", "norm2", 32),
+                               ("rescale", "linear1", 64), ("permutation", "linear1", 64))],
 }
 
 

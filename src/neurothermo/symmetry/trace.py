@@ -199,6 +199,11 @@ _COMPOSITES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Transf
                nn.TransformerDecoder, nn.Transformer)
 
 
+def _unmasked(args: Any, kwargs: Any) -> bool:
+    """A call ``encoder(src)`` with no mask, padding mask or causal flag set."""
+    return len(args) == 1 and all(v is None or v is False for v in kwargs.values())
+
+
 def _is_composite(m: nn.Module) -> bool:
     """torch's transformer layers: built of Linear, LayerNorm, MultiheadAttention and Dropout."""
     return isinstance(m, _COMPOSITES)
@@ -221,6 +226,16 @@ class _Tracer(fx.Tracer):
         return not _is_composite(m)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if isinstance(m, nn.TransformerEncoder) and not self.is_leaf_module(
+                m, self.path_of_module(m)) and _unmasked(args, kwargs):
+            # its forward asks ``src.is_nested`` (control flow fx cannot trace); without masks
+            # and with the fast path off it is its layers in turn, then its norm
+            out = args[0]
+            for layer in m.layers:
+                out = self.call_module(layer, layer.forward, (out,), {})
+            if m.norm is not None:
+                out = self.call_module(m.norm, m.norm.forward, (out,), {})
+            return out
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as err:
