@@ -242,3 +242,52 @@ def test_nested_outputs_of_the_transformer_fast_path_pool_over_each_samples_toke
             else:  # the padded tokens are zeros
                 ref = (h * w).reshape(4, -1)
             torch.testing.assert_close(got[n], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_decoder_layers_pool_with_their_own_streams_mask():
+    """A T5 (encoder–decoder): encoder layers are pooled with ``attention_mask``, decoder layers
+    with ``decoder_attention_mask`` (every token when it is not given). Reference: the layers'
+    outputs hooked by hand and pooled by hand. Before, the encoder's mask was applied to the
+    decoder too: wrong when the lengths agree, a bare shape error when they do not."""
+    pytest.importorskip("transformers")
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    model = T5ForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 32, (4, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:2, 4:] = 0
+    for dec_len in (5, 6):  # different from the encoder's length, and equal to it
+        dec = torch.randint(1, 32, (4, dec_len), generator=g)
+        inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+        seen: dict[str, torch.Tensor] = {}
+        names = ["encoder.block.0", "decoder.block.0"]
+        hooks = [model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n, seen=seen: seen.__setitem__(n, o[0].detach())) for n in names]
+        with torch.no_grad():
+            model(**inputs)
+        for h in hooks:
+            h.remove()
+        got = al.capture_features(model, inputs, layers=names)
+        w = mask.unsqueeze(-1).float()
+        torch.testing.assert_close(got["encoder.block.0"],
+                                   (seen["encoder.block.0"] * w).sum(1) / w.sum(1))
+        torch.testing.assert_close(got["decoder.block.0"], seen["decoder.block.0"].mean(1))
+        dmask = torch.ones_like(dec)
+        dmask[0, 3:] = 0
+        with_dec = al.capture_features(model, {**inputs, "decoder_attention_mask": dmask},
+                                       layers=names)
+        wd = dmask.unsqueeze(-1).float()
+        # the decoder is causal: masking its trailing tokens leaves the earlier ones unchanged,
+        # so the unmasked run's outputs are the reference over the tokens the mask keeps
+        torch.testing.assert_close(with_dec["decoder.block.0"],
+                                   (seen["decoder.block.0"] * wd).sum(1) / wd.sum(1))
+    # a mask of another stream's length is named, not a bare shape error
+    with pytest.raises(ValueError, match="another stream"):
+        al.capture_features(model, {"input_ids": ids, "attention_mask": mask,
+                                    "decoder_input_ids": dec[:, :5],
+                                    "decoder_attention_mask": torch.ones(4, 6, dtype=torch.long)},
+                            layers=names)

@@ -20,6 +20,10 @@ Pooling (``pool``) of one layer's output ``h`` of shape ``(b, ...)``:
   kept.
 * ``"last"``: ``(b, T, D)`` → the last token (the last unmasked one with an attention mask).
 * ``"flatten"``: ``h.reshape(b, −1)``.
+
+The mask of a layer is its stream's: a layer inside a ``decoder`` (Hugging Face encoder–decoder
+naming) takes ``decoder_attention_mask`` (every token when absent), any other ``attention_mask``;
+a mask whose length is not the layer's token count raises ``ValueError``.
 """
 from __future__ import annotations
 
@@ -149,8 +153,9 @@ def pool_output(h: Tensor, pool: str, mask: Tensor | None = None) -> Tensor:
     raise ValueError(f"pool must be 'mean', 'last' or 'flatten', got {pool!r}")
 
 
-def _batches(inputs: Any, batch_size: int | None) -> tuple[int, list[tuple[Any, Tensor | None]]]:
-    """``(model inputs, attention mask)`` per batch: ``inputs`` (a tensor, a tuple of tensors as
+def _batches(inputs: Any, batch_size: int | None
+             ) -> tuple[int, list[tuple[Any, Mapping[str, Tensor] | None]]]:
+    """``(model inputs, the inputs again when they are a mapping, for its masks)`` per batch: ``inputs`` (a tensor, a tuple of tensors as
     positional arguments, a mapping of tensors) split along dim 0, or the batches of an iterable
     (a ``DataLoader``; each one a batch of the data model, ``docs/data.md``, whose targets are
     ignored), each split again when larger than ``batch_size``."""
@@ -172,12 +177,32 @@ def _batches(inputs: Any, batch_size: int | None) -> tuple[int, list[tuple[Any, 
             "inputs must be a tensor, a tuple of tensors (positional arguments), a dict of tensors "
             f"(keyword arguments) or an iterable of batches (a DataLoader), got {type(inputs).__name__}"
         )
-    out: list[tuple[Any, Tensor | None]] = []
+    out: list[tuple[Any, Mapping[str, Tensor] | None]] = []
     for part in data.chunks(size):
         ins = part.inputs
-        mask = ins.get("attention_mask") if isinstance(ins, dict) else None
-        out.append((ins, mask))
+        out.append((ins, ins if isinstance(ins, dict) else None))
     return data.count(), out
+
+
+def _mask_for(name: str, h: Tensor, masks: Mapping[str, Tensor] | None, pool: str
+              ) -> Tensor | None:
+    """The token mask of layer ``name``'s stream: ``decoder_attention_mask`` for a layer inside a
+    ``decoder`` (Hugging Face encoder–decoder naming; none given: every token counts), else
+    ``attention_mask``. A mask whose length is not the layer's token count belongs to another
+    stream: an error, not a silent misuse."""
+    if masks is None or (not h.is_nested and (h.ndim != 3 or pool == "flatten")):
+        return None  # (a nested output needs its mask's length to pad to, flatten included)
+    key = "decoder_attention_mask" if "decoder" in name.split(".") else "attention_mask"
+    mask = masks.get(key)
+    if mask is None:
+        return None
+    if not h.is_nested and tuple(mask.shape[:2]) != tuple(h.shape[:2]):
+        raise ValueError(
+            f"layer {name!r} has {h.shape[1]} tokens per sample but {key!r} has "
+            f"{mask.shape[1]}: the layer is in another stream than that mask (e.g. the decoder "
+            "of an encoder–decoder model, whose mask is 'decoder_attention_mask'); pass the "
+            "stream's own mask, capture the layers of one stream, or pool='flatten'")
+    return mask
 
 
 def _is_target_pair(b: Any) -> bool:
@@ -240,7 +265,7 @@ def capture_features(
     n, batches = _batches(inputs, batch_size)
     collected: dict[str, list[Tensor]] = {name: [] for name in names}
     current: dict[str, Tensor] = {}
-    mask_now: list[Tensor | None] = [None]
+    mask_now: list[Mapping[str, Tensor] | None] = [None]
 
     def hook_for(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
@@ -249,7 +274,9 @@ def capture_features(
                     f"layer {name!r} ran more than once in one forward pass (a shared module); "
                     "hook a module that runs once, or capture it by hand"
                 )
-            current[name] = pool_output(_first_tensor(out, name).detach(), pool, mask_now[0])
+            h = _first_tensor(out, name).detach()
+            mask = _mask_for(name, h, mask_now[0], pool)
+            current[name] = pool_output(h, pool, mask)
         return hook
 
     handles = []
