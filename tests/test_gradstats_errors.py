@@ -1,10 +1,13 @@
 """Bad input, ill-defined per-sample gradients and state hygiene of per_sample_grad_norms."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import Tensor, nn
 
+import neurothermo as nt
 from _helpers import DT, naive_total_sq_norms
 from neurothermo.gradstats import FallbackWarning, per_sample_grad_norms
 
@@ -297,3 +300,41 @@ def test_module_torch_func_cannot_run_gets_a_clear_error() -> None:
     model = nn.Sequential(Custom(), nn.Linear(3, 2)).to(DT)
     with pytest.warns(FallbackWarning), pytest.raises(ValueError, match="register_rule"):
         per_sample_grad_norms(model, nn.MSELoss(), data())
+
+
+def test_a_module_without_a_batch_axis_is_named_with_the_way_out() -> None:
+    """T5's relative_attention_bias (an Embedding on [q_len, k_len] position buckets, its output
+    shared by every sample) has no per-sample gradient its hooks can read: refused, naming the
+    module and the way out; the way out (that parameter frozen) then matches the per-sample loop."""
+    pytest.importorskip("transformers")
+    import torch.nn.functional as F
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    model = T5ForConditionalGeneration(cfg).double().eval()
+    g = torch.Generator().manual_seed(1)
+    x = {"input_ids": torch.randint(1, 32, (4, 6), generator=g),  # 6 tokens ≠ 4 samples
+         "decoder_input_ids": torch.randint(1, 32, (4, 5), generator=g)}
+    y = torch.randint(1, 32, (4, 5), generator=g)
+
+    def ce(out, t):
+        return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), t.reshape(-1))
+
+    with pytest.raises(ValueError, match=r"relative_attention_bias.*no batch axis.*"
+                                         r"requires_grad_\(False\)"):
+        nt.per_sample_grad_norms(model, ce, (x, y))
+    for name, p in model.named_parameters():
+        if "relative_attention_bias" in name:
+            p.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # T5's LayerNorm goes through the exact fallback
+        got = nt.per_sample_grad_norms(model, ce, (x, y))
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = []
+    for i in range(4):
+        gs = torch.autograd.grad(ce(model(**{k: v[i:i + 1] for k, v in x.items()}), y[i:i + 1]),
+                                 params, allow_unused=True)
+        ref.append(sum(t.square().sum() for t in gs if t is not None))
+    torch.testing.assert_close(got, torch.stack(ref), rtol=1e-12, atol=0)

@@ -273,6 +273,11 @@ def batch_first(call_name: str, x: Tensor, b: int, what: str = "input") -> Tenso
             "per-sample gradients need batch-first activations (dim 0 = sample). Use "
             "batch_first=True layouts, or call the module on batched input (an input broadcast "
             "over the batch, leading dimension 1, is handled when the module's output keeps "
-            "that leading 1 and the model accepts it expanded to the batch)."
+            "that leading 1 and the model accepts it expanded to the batch). A module called on "
+            "an input with no batch axis at all, whose output every sample shares (T5's "
+            "relative_attention_bias on [q_len, k_len] position buckets), has no per-sample "
+            "gradient its own hooks can read: leave its parameters out of θ "
+            "(requires_grad_(False)). Caution: when such an input's first size happens to "
+            "equal the batch size this check cannot see it."
         )
     return x
