@@ -197,6 +197,18 @@ def warn_mode(model: nn.Module, mode: str | None, what: str, *, fixed_masks: boo
 
 
 @contextmanager
+def mha_fastpath_off() -> Iterator[None]:
+    """``nn.MultiheadAttention``'s and torch's transformer layers' fused inference path off for
+    the block (``torch.backends.mha``); the caller's flag is restored on exit, also on error."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+@contextmanager
 def double_backward_attention() -> Iterator[None]:
     """Attention kernels with a second derivative for the block; the caller's choice is restored.
 
@@ -209,15 +221,11 @@ def double_backward_attention() -> Iterator[None]:
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with mha_fastpath_off(), sdpa_kernel(SDPBackend.MATH):
             yield
     except (NotImplementedError, RuntimeError) as err:
         raise _no_double_backward(err) from err
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 # torch's message for an op whose backward has no derivative of its own

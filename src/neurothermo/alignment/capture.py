@@ -110,12 +110,13 @@ def _from_nested(h: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     ``no_grad``) as a zero-padded ``(b, T, D)`` tensor and its mask of real tokens; ``T`` is the
     attention mask's length when there is one (so every batch flattens alike), else the longest
     ``T_i``. The real tokens of each sample come first."""
-    lengths = [int(x.shape[0]) for x in h.unbind()]
-    if any(x.dim() != 2 for x in h.unbind()):
+    parts = h.unbind()
+    if any(x.dim() != 2 for x in parts):
         raise ValueError("a nested layer output must hold (T_i, D) per sample; capture an "
                          "inner layer or disable the fast path (enable_nested_tensor=False)")
+    lengths = [int(x.shape[0]) for x in parts]
     t = max(lengths) if mask is None else max(int(mask.shape[1]), max(lengths))
-    dim = int(h.unbind()[0].shape[-1])
+    dim = int(parts[0].shape[-1])
     padded = torch.nested.to_padded_tensor(h, 0.0, output_size=(len(lengths), t, dim))
     real = torch.arange(t, device=padded.device)[None, :] < torch.tensor(
         lengths, device=padded.device)[:, None]

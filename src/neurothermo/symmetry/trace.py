@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from neurothermo._state import preserved_state
+from neurothermo._state import mha_fastpath_off, preserved_state
 
 
 class UntraceableModelError(RuntimeError):
@@ -298,20 +298,6 @@ def _defaults(model: nn.Module, given: int) -> dict[str, Any] | None:
     return out or None
 
 
-@contextlib.contextmanager
-def _slow_path_attention() -> Any:
-    """torch's transformer layers without their fused inference path while they are traced:
-    the fast-path test (``torch.backends.mha.get_fastpath_enabled()``, then the input's
-    properties) is Python control flow fx cannot trace. With the flag off it is decided before
-    any input is looked at, and the traced graph is the ordinary path, the same function."""
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
-
-
 def trace_model(
     model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...],
     leaf_modules: Sequence[type | str] = (),
@@ -327,7 +313,10 @@ def trace_model(
         )
     tracer = _Tracer(leaf_modules)
     try:
-        with _slow_path_attention():
+        # torch's transformer layers test for their fused path with Python control flow fx
+        # cannot trace; with the flag off that test is decided before any input is looked at,
+        # and the traced graph is the ordinary path, the same function
+        with mha_fastpath_off():
             graph = tracer.trace(model, concrete_args=_defaults(model, len(inputs)))
     except Exception as err:
         raise _fail(model, err) from err
