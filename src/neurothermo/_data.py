@@ -335,10 +335,16 @@ def model_device(model: nn.Module) -> torch.device | None:
 
 def batch_size_of(obj: Any) -> int:
     """``b`` of a batch in any form of the data model: a pair ``(inputs, targets)`` or inputs."""
+    return batch_of(obj).size
+
+
+def batch_of(obj: Any) -> Batch:
+    """A batch in any form of the data model (a pair ``(inputs, targets)`` or inputs) as a
+    :class:`Batch`, its values unchecked."""
     if isinstance(obj, Batch):
-        return obj.size
+        return obj
     own = not (isinstance(obj, tuple | list) and len(obj) == 2 and isinstance(obj[1], Tensor))
-    return as_batch(obj, model_loss if own else _pair_loss, finite=False).size
+    return as_batch(obj, model_loss if own else _pair_loss, finite=False)
 
 
 def _pair_loss(outputs: Any, targets: Any) -> Any:  # marks "a loss_fn that takes targets"

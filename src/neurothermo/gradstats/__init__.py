@@ -5,6 +5,7 @@ forward and one backward; ``gradient_noise`` turns them into ``Tr Σ`` with its 
 Layer coverage is extended with ``register_rule`` (one small file per layer kind in ``rules/``).
 ``BackwardCapture`` reads the same norms from a training loop's own forward and backward instead.
 """
+from neurothermo.gradstats._layout import LayoutWarning
 from neurothermo.gradstats.noise import GradientNoise, gradient_noise
 from neurothermo.gradstats.norms import per_sample_grad_norms
 from neurothermo.gradstats.passive import BackwardCapture
@@ -14,6 +15,7 @@ __all__ = [
     "BackwardCapture",
     "FallbackWarning",
     "GradientNoise",
+    "LayoutWarning",
     "Rule",
     "gradient_noise",
     "per_sample_grad_norms",

@@ -56,6 +56,11 @@ from neurothermo.gradstats.rules import Call, Rule, Use, rule_for
 from neurothermo.gradstats.rules.fallback import fallback_pieces, tensor_leaves
 
 
+def input_leaves(args: Any, kwargs: Any) -> list[Tensor]:
+    """The tensor inputs of a call, in the order the layout probe logs them."""
+    return tensor_leaves(args) + (tensor_leaves(kwargs) if kwargs else [])
+
+
 def _clone(x: Any) -> Any:
     return x.clone() if isinstance(x, Tensor) else x
 
@@ -86,6 +91,9 @@ class Recorder:
         self.expanded: list[str] = []  # modules whose broadcast output was expanded to the batch
         self.free_ok: set[int] = set()  # free parameters with an op-level record
         self.free_bad: set[int] = set()  # free parameters with a use that does not fit
+        # (module name, tensor inputs) of every recorded call, in order: judged against the
+        # layout probe (``_layout.batchless``) before the rules run
+        self.inputs: list[tuple[str, list[Tensor]]] = []
 
     def broadcast(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
                   ) -> tuple[tuple[Any, ...], dict[str, Any], Any] | None:
@@ -319,6 +327,8 @@ def _override(module: nn.Module, name: str, rule: Rule, rec: Recorder,
     assert forward is not None
 
     def patched_forward(*args: Any, **kwargs: Any) -> Any:
+        if rec.active:
+            rec.inputs.append((name, input_leaves(args, kwargs)))
         rec.enter(name, covered)
         out = forward(module, name, rec, args, kwargs)
         rec.leave()
@@ -347,6 +357,7 @@ def _hook(name: str, rule: Rule | None, rec: Recorder) -> Any:
         if grown is not None:
             rec.expanded.append(name)
             args, kwargs, output = grown
+        rec.inputs.append((name, input_leaves(args, kwargs)))
         kept = output if rule is None else None
         rec.add_call(Call(module, name, args, kwargs, kept, rec.batch_size, rec.wanted), rule,
                      output)

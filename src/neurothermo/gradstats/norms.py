@@ -28,8 +28,10 @@ from neurothermo._validate import (
     check_scalar_loss,
 )
 from neurothermo.gradstats._capture import Recorder, recording
+from neurothermo.gradstats._layout import batchless, probe_log
 from neurothermo.gradstats._pieces import Piece, param_sq_norm
 from neurothermo.gradstats.rules import Use, check_batchnorm
+from neurothermo.gradstats.rules._base import judged
 
 
 @overload
@@ -88,6 +90,9 @@ def per_sample_grad_norms(
     Face ``Conv1D`` (any leading dims, Gram form ``Σ_{t,s}(a_t·a_s)(δ_t·δ_s)`` or the dense sum,
     whichever is cheaper), Conv1d/2d/3d (Gram form on patches, or one grouped convolution
     backward), Embedding, LayerNorm/GroupNorm/RMSNorm/InstanceNorm/eval-BatchNorm affines,
+    Hugging Face's RMSNorm copies (``LlamaRMSNorm``, ``MistralRMSNorm``, ``Qwen2RMSNorm``,
+    ``T5LayerNorm`` …, matched by the source of their forward; ``x̂`` recomputed in float32 as
+    they compute it),
     MultiheadAttention (through its projections), LSTM/GRU/RNN (gate deltas at every step, the
     time steps as positions; ``proj_size > 0`` uses the fallback). A module called on an input
     broadcast over the batch (leading dimension 1, e.g. Hugging Face's ``position_ids`` of shape
@@ -103,7 +108,11 @@ def per_sample_grad_norms(
     output depends on sample i only) and activations are batch-first. Checked where it can be:
     BatchNorm with batch statistics, fallback modules whose per-sample outputs differ from the
     batch output, non-batch-first layer inputs, parameters used outside their module's forward.
-    A parameter-free op that mixes samples (``x - x.mean(0)``) cannot be detected.
+    A layer input whose leading size is ``b`` by coincidence (no batch axis: T5's position
+    buckets ``[q_len, k_len]`` when ``q_len = b``) is found by a layout probe, one forward on one
+    sample (cached per model and input shapes, random-number state untouched): the rules refuse
+    it, the fallback holds it constant. A parameter-free op that mixes samples
+    (``x - x.mean(0)``) cannot be detected.
 
     Raises:
         ValueError: BatchNorm normalising with batch statistics (train mode): samples interact,
@@ -250,7 +259,9 @@ def _measure(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, 
             _key(e): g for e, g in zip(edges, grads)}
         mean_grads = grads[len(edges):]
         del edges, inputs, grads
-        with torch.set_grad_enabled(create_graph):
+        flagged = batchless(rec.inputs, b, probe_log(model, batch) if b > 1 else None)
+        rec.inputs.clear()
+        with torch.set_grad_enabled(create_graph), judged(flagged):
             norms = _evaluate(rec.uses, delta)
             sq = {n: norms[id(p)] * (b * b) if id(p) in norms else p.new_zeros(b)
                   for n, p in params.items()}

@@ -49,10 +49,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
-from neurothermo._data import batch_size_of
+from neurothermo._data import batch_of, model_device
+from neurothermo._state import preserved_state
 from neurothermo.gradstats._capture import _QUERIES, Recorder, _writes, recording
+from neurothermo.gradstats._layout import batchless, probe_log
 from neurothermo.gradstats.norms import _evaluate, _key
 from neurothermo.gradstats.rules import rule_for
+from neurothermo.gradstats.rules._base import judged
 from neurothermo.gradstats.rules.fallback import tensor_leaves
 
 
@@ -374,11 +377,16 @@ class BackwardCapture:
     def norms(self, batch_size: int | Any) -> Tensor | None:
         """``[b]`` of ``‖g_i‖²`` from the recorded pass, or ``None`` (then :attr:`reason` says why).
 
-        ``batch_size``: b, or the batch itself (data model, ``docs/data.md``). Disarms: arm again
-        for the next capture.
+        ``batch_size``: b, or better the batch itself (data model, ``docs/data.md``): with the
+        batch, layer inputs whose leading size is ``b`` only by coincidence (no batch axis, e.g.
+        T5's position buckets when the sequence length is ``b``) are found by the layout probe
+        (``_layout.py``: one forward on one sample, cached per shape signature, run with the
+        model's state preserved) and refused; with ``b`` alone they cannot be told apart. Disarms:
+        arm again for the next capture.
         """
-        if not isinstance(batch_size, int):
-            batch_size = batch_size_of(batch_size)
+        batch = None if isinstance(batch_size, int) else batch_of(batch_size)
+        if batch is not None:
+            batch_size = batch.size
         try:
             if self.reason is not None:
                 return None
@@ -400,7 +408,16 @@ class BackwardCapture:
             if rec.modified_in_place():
                 self._fail(f"tensors recorded at {rec.modified_in_place()} were modified in place")
                 return None
-            with torch.no_grad():
+            flagged = {}
+            if batch is not None and batch_size > 1:
+                for h in self._handles:  # the probe's forward is not the caller's
+                    h.remove()
+                self._handles = []
+                with preserved_state(self.model):
+                    probe = probe_log(self.model, batch.to(model_device(self.model)))
+                flagged = batchless(rec.inputs, batch_size, probe)
+            rec.inputs.clear()
+            with torch.no_grad(), judged(flagged):
                 try:
                     per_param = _evaluate(rec.uses, self._delta)
                 except ValueError as e:  # a rule refuses this pass; an extra pass will say why

@@ -126,7 +126,7 @@ def entropic_terms(mon: NoiseSetup, batch: Batch, loss: Tensor | None,
     passive_ready = False
     cap = mon.capture
     if cap is not None and cap.armed:  # read from the caller's own forward and backward
-        sample_sq = cap.norms(batch.size)
+        sample_sq = cap.norms(batch)
         if sample_sq is None:
             mon.note("passive", f"entropic terms measured with an extra pass ({cap.reason})")
     if sample_sq is None:

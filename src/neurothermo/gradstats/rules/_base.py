@@ -11,7 +11,9 @@ Adding a layer is one small file: write ``pieces(call, deltas)`` and call
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,6 +21,10 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
 from neurothermo.gradstats._pieces import Piece
+
+# ids of the batch-less inputs of the pass being evaluated (``_layout.py``): (tensor, b', size)
+_BATCHLESS: ContextVar[dict[int, tuple[Tensor, int, int]] | None] = ContextVar(
+    "_BATCHLESS", default=None)
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,18 @@ _RULES: dict[type[nn.Module], Rule] = {}
 # Rules for classes of optional packages, by "module.QualName": registering them must not import
 # the package (transformers takes seconds to import); they apply once the class exists.
 _NAMED_RULES: dict[str, Rule] = {}
+# Rules found by looking at a class (``hf_rms_norm.py``: the source of its forward), asked only
+# for classes no registered rule covers; their answers are cached per class.
+_MATCHERS: list[Callable[[type[nn.Module]], Rule | None]] = []
+_MATCHED: dict[type[nn.Module], Rule | None] = {}
+
+
+def register_matcher(match: Callable[[type[nn.Module]], Rule | None]) -> None:
+    """Ask ``match(cls)`` for the rule of module classes no registered rule covers (internal:
+    for families of classes that share one forward under many names, as Hugging Face's
+    RMSNorm copies do)."""
+    _MATCHERS.append(match)
+    _MATCHED.clear()
 
 
 def register_named_rule(qualified_name: str, rule: Rule) -> None:
@@ -261,11 +279,26 @@ def rule_for(module: nn.Module) -> Rule | None:
             if cls.forward is not getattr(base, "forward", None):
                 return None
             return rule if rule.applies is None or rule.applies(module) else None
-    return None
+    if cls not in _MATCHED:
+        _MATCHED[cls] = next((r for f in _MATCHERS if (r := f(cls)) is not None), None)
+    rule = _MATCHED[cls]
+    return rule if rule is None or rule.applies is None or rule.applies(module) else None
+
+
+_NO_BATCH_AXIS = (
+    "A module called on an input with no batch axis at all, whose output every sample shares "
+    "(T5's relative_attention_bias on [q_len, k_len] position buckets), has no per-sample "
+    "gradient its own hooks can read: leave its parameters out of θ (module.requires_grad_(False); "
+    "the per-sample norms are then exact for the rest)."
+)
 
 
 def batch_first(call_name: str, x: Tensor, b: int, what: str = "input") -> Tensor:
-    """Return ``x`` if its leading axis is the batch axis, else raise naming the module."""
+    """Return ``x`` if its leading axis is the batch axis, else raise naming the module.
+
+    Besides the leading size, an input the layout probe found batch-less (``_layout.py``: its
+    leading size is ``b`` here only by coincidence) is refused.
+    """
     if x.dim() == 0 or x.shape[0] != b:
         lead = "a scalar" if x.dim() == 0 else f"leading dimension {x.shape[0]}"
         raise ValueError(
@@ -273,11 +306,31 @@ def batch_first(call_name: str, x: Tensor, b: int, what: str = "input") -> Tenso
             "per-sample gradients need batch-first activations (dim 0 = sample). Use "
             "batch_first=True layouts, or call the module on batched input (an input broadcast "
             "over the batch, leading dimension 1, is handled when the module's output keeps "
-            "that leading 1 and the model accepts it expanded to the batch). A module called on "
-            "an input with no batch axis at all, whose output every sample shares (T5's "
-            "relative_attention_bias on [q_len, k_len] position buckets), has no per-sample "
-            "gradient its own hooks can read: leave its parameters out of θ "
-            "(requires_grad_(False)). Caution: when such an input's first size happens to "
-            "equal the batch size this check cannot see it."
+            "that leading 1 and the model accepts it expanded to the batch). " + _NO_BATCH_AXIS
+        )
+    probe = batchless_size(x)
+    if probe is not None:
+        size, kept = probe
+        raise ValueError(
+            f"module {call_name!r} got an {what} of shape {tuple(x.shape)} whose leading "
+            f"dimension equals the batch size {b} only by coincidence: on a sub-batch of {size} "
+            f"sample{'s' * (size > 1)} it is still {kept}, so it has no batch axis and its rows "
+            "are not samples. " + _NO_BATCH_AXIS
         )
     return x
+
+
+@contextmanager
+def judged(flagged: Mapping[int, tuple[Tensor, int, int]]) -> Iterator[None]:
+    """Within the block, rules see ``flagged`` as batch-less (:func:`batchless_size`)."""
+    token = _BATCHLESS.set(dict(flagged))
+    try:
+        yield
+    finally:
+        _BATCHLESS.reset(token)
+
+
+def batchless_size(x: Tensor) -> tuple[int, int] | None:
+    """``(b', size)`` if ``x`` was found batch-less in the pass being evaluated, else None."""
+    hit = (_BATCHLESS.get() or {}).get(id(x))
+    return None if hit is None or hit[0] is not x else (hit[1], hit[2])

@@ -22,7 +22,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from neurothermo.gradstats._pieces import Dense, Piece
-from neurothermo.gradstats.rules._base import Call
+from neurothermo.gradstats.rules._base import _NO_BATCH_AXIS, Call, batchless_size
 
 
 class FallbackWarning(UserWarning):
@@ -106,11 +106,13 @@ def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
         return t if keep else t.detach()
 
     leaves, spec = tree_flatten((call.args, call.kwargs))
-    batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == b for x in leaves]
+    # inputs the layout probe found batch-less (leading size b by coincidence) are constants
+    batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == b
+               and batchless_size(x) is None for x in leaves]
     if not any(batched):
         raise ValueError(
             f"module {name!r} ({type(m).__name__}) has no batch-first tensor input (dim 0 = the "
-            f"{b} samples), so its per-sample gradients cannot be computed"
+            f"{b} samples), so its per-sample gradients cannot be computed. " + _NO_BATCH_AXIS
         )
     theta = {n: det(p) for n, p in params.items()}
     outs = tensor_leaves(call.output)

@@ -1,0 +1,285 @@
+"""The layout probe: layer inputs whose leading size equals the batch size by coincidence.
+
+A layer called on a tensor with no batch axis (T5's relative position buckets, ``[q_len, k_len]``)
+whose first size happens to be ``b`` looks batch-first to every rule. Without the probe the
+per-sample norms were silently wrong (4.5e-4 relative error on T5 at q_len = b). References: the
+per-sample loop (one backward per sample, float64); the controls are the same models with the
+cause removed (the layer called on batched input), which must not be refused.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import neurothermo as nt
+from neurothermo.gradstats import BackwardCapture, LayoutWarning
+from neurothermo.gradstats._layout import probe_log
+from neurothermo.gradstats.rules import FallbackWarning
+
+DT = torch.float64
+
+
+def loop_norms(model: nn.Module, loss_fn, x, y) -> torch.Tensor:
+    """``‖∇_θ l_i‖²`` one sample at a time (the independent reference)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(y.shape[0]):
+        xi = {k: v[i:i + 1] for k, v in x.items()} if isinstance(x, dict) else x[i:i + 1]
+        o = model(**xi) if isinstance(xi, dict) else model(xi)
+        gs = torch.autograd.grad(loss_fn(o, y[i:i + 1]), params, allow_unused=True)
+        out.append(sum(g.square().sum() for g in gs if g is not None))
+    return torch.stack(out)
+
+
+class PositionBias(nn.Module):
+    """``x + emb(positions)``: with ``batched=False`` the embedding runs on ``arange(T)`` (no batch
+    axis, its ``[T, d]`` output shared by every sample), else on the positions expanded to
+    ``[b, T]``."""
+
+    def __init__(self, d: int = 5, t_max: int = 8, batched: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(t_max, d)
+        self.proj = nn.Linear(d, 3)
+        self.batched = batched
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], device=x.device)
+        if self.batched:
+            pos = pos.expand(x.shape[0], -1)
+        return self.proj(torch.tanh(x + self.emb(pos))).mean(1)
+
+
+def _data(b: int, t: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, t, 5, generator=g, dtype=DT), torch.randn(b, 3, generator=g, dtype=DT)
+
+
+def test_shared_input_of_batch_size_is_refused_naming_the_module_and_way_out() -> None:
+    torch.manual_seed(0)
+    model = PositionBias().to(DT)
+    x, y = _data(4, 4)  # T = b: the embedding's [T] input looks batch-first
+    with pytest.raises(ValueError, match=r"'emb' got an input of shape \(4,\) whose leading "
+                                         r"dimension equals the batch size 4 only by coincidence"
+                                         r".*still 4.*requires_grad_\(False\)"):
+        nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    # the way out it names is exact against the loop
+    model.emb.requires_grad_(False)
+    got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    torch.testing.assert_close(got, loop_norms(model, nn.MSELoss(), x, y), rtol=1e-12, atol=0)
+
+
+def test_what_the_probe_prevents_is_a_silently_wrong_number() -> None:
+    """The reason for the probe, measured: with its log emptied, the same call returns norms that
+    differ from the loop's (the rule reads positions as samples)."""
+    import neurothermo.gradstats.norms as norms_mod
+
+    torch.manual_seed(0)
+    model = PositionBias().to(DT)
+    x, y = _data(4, 4)
+    real = norms_mod.probe_log
+    norms_mod.probe_log = lambda model, batch: None  # type: ignore[assignment]
+    try:
+        wrong = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    finally:
+        norms_mod.probe_log = real
+    ref = loop_norms(model, nn.MSELoss(), x, y)
+    assert (wrong - ref).abs().max() > 1e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize(("b", "t"), [(4, 4), (3, 4), (1, 4), (4, 1)])
+def test_batched_positions_are_not_refused(b: int, t: int) -> None:
+    """Control: the same layer on positions expanded to the batch follows it; no refusal at any
+    b, T (b = T included), and the norms equal the loop's."""
+    torch.manual_seed(0)
+    model = PositionBias(batched=True).to(DT)
+    x, y = _data(b, t)
+    got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    torch.testing.assert_close(got, loop_norms(model, nn.MSELoss(), x, y), rtol=1e-12, atol=0)
+
+
+def test_other_leading_size_still_gives_the_leading_dimension_error() -> None:
+    torch.manual_seed(0)
+    model = PositionBias().to(DT)
+    x, y = _data(4, 6)
+    with pytest.raises(ValueError, match=r"'emb' got an input with leading dimension 6, but "
+                                         r"the batch has 4"):
+        nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+
+
+class MaskedMix(nn.Module):
+    """No rule (fallback): ``y = (mask @ x) W`` with a ``[T, T]`` mask shared by every sample."""
+
+    def __init__(self, d: int = 5) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, 3) * 0.3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ts,bsd,de->bte", mask, x, self.w)
+
+
+class MaskedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = MaskedMix()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        mask = torch.tril(torch.ones(t, t, dtype=x.dtype, device=x.device))
+        return torch.tanh(self.mix(x, mask)).mean(1)
+
+
+def test_fallback_holds_a_batch_less_input_constant() -> None:
+    """The torch.func fallback maps over inputs of leading size b; a shared ``[T, T]`` mask with
+    T = b was mapped over too (each sample got one row of it). The probe marks it batch-less, so
+    it is held constant, and the norms equal the loop's."""
+    torch.manual_seed(0)
+    model = MaskedNet().to(DT)
+    x, y = _data(4, 4)
+    with pytest.warns(FallbackWarning):
+        got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    torch.testing.assert_close(got, loop_norms(model, nn.MSELoss(), x, y), rtol=1e-12, atol=0)
+
+
+def test_t5_relative_bias_at_sequence_length_equal_to_batch_is_refused() -> None:
+    """The case the probe was built for: T5 at q_len = k_len = b (was 4.5e-4 wrong, silently)."""
+    pytest.importorskip("transformers")
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    model = T5ForConditionalGeneration(cfg).double().eval()
+    g = torch.Generator().manual_seed(1)
+    x = {"input_ids": torch.randint(1, 32, (4, 4), generator=g),  # 4 tokens = 4 samples
+         "decoder_input_ids": torch.randint(1, 32, (4, 4), generator=g)}
+    y = torch.randint(1, 32, (4, 4), generator=g)
+
+    def ce(out, t):
+        return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), t.reshape(-1))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)  # T5's LayerNorm: the exact fallback
+        with pytest.raises(ValueError, match=r"relative_attention_bias' got an input of shape "
+                                             r"\(4, 4\).*only by coincidence.*requires_grad_"):
+            nt.per_sample_grad_norms(model, ce, (x, y))
+        x8 = {k: torch.cat([v, v.flip(0)]) for k, v in x.items()}
+        with pytest.raises(ValueError, match=r"relative_attention_bias.*only by coincidence"):
+            nt.gradient_noise(model, ce, (x8, torch.cat([y, y.flip(0)])), batch_size=4)
+        for name, p in model.named_parameters():
+            if "relative_attention_bias" in name:
+                p.requires_grad_(False)
+        got = nt.per_sample_grad_norms(model, ce, (x, y))
+    torch.testing.assert_close(got, loop_norms(model, ce, x, y), rtol=1e-12, atol=0)
+
+
+def test_passive_capture_declines_with_the_batch_and_names_the_module() -> None:
+    torch.manual_seed(0)
+    model = PositionBias().to(DT)
+    params = dict(model.named_parameters())
+    x, y = _data(4, 4)
+    cap = BackwardCapture(model, params)
+    cap.arm()
+    nn.MSELoss()(model(x), y).backward()
+    assert cap.norms((x, y)) is None
+    assert "'emb'" in (cap.reason or "") and "only by coincidence" in (cap.reason or "")
+    # control: the batched layout is captured, equal to the loop
+    model = PositionBias(batched=True).to(DT)
+    cap = BackwardCapture(model, dict(model.named_parameters()))
+    cap.arm()
+    nn.MSELoss()(model(x), y).backward()
+    got = cap.norms((x, y))
+    assert got is not None, cap.reason
+    torch.testing.assert_close(got, loop_norms(model, nn.MSELoss(), x, y), rtol=1e-12, atol=0)
+
+
+def test_monitor_noise_terms_refuse_the_shared_input() -> None:
+    """The monitor's first noise step measures with a full pass: the refusal reaches the user."""
+    torch.manual_seed(0)
+    model = PositionBias().to(DT)
+    x, y = _data(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = nt.ThermoMonitor(model, nn.MSELoss(), lr=0.1, noise_every=1, symmetries=None)
+    opt.zero_grad()
+    nn.MSELoss()(model(x), y).backward()
+    with pytest.raises(ValueError, match="only by coincidence"):
+        mon.after_backward(0, (x, y))
+    mon.close()
+
+
+class Counting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = PositionBias(batched=True)
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        return self.net(x)
+
+
+def test_probe_runs_once_per_shape_signature_and_leaves_the_rng_alone() -> None:
+    torch.manual_seed(0)
+    model = Counting().to(DT)
+    x, y = _data(4, 4)
+    nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    assert model.calls == [4, 1]  # the pass, then the probe on one sample
+    nt.per_sample_grad_norms(model, nn.MSELoss(), (x[:3], y[:3]))  # other b, same shapes
+    nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    assert model.calls == [4, 1, 3, 4]
+    x5, y5 = _data(4, 5)  # another sequence length: a new signature
+    nt.per_sample_grad_norms(model, nn.MSELoss(), (x5, y5))
+    assert model.calls == [4, 1, 3, 4, 4, 1]
+    from neurothermo._data import as_batch
+    drop = nn.Sequential(nn.Linear(5, 5), nn.Dropout(0.5)).to(DT)
+    state = torch.get_rng_state()
+    assert probe_log(drop, as_batch((x[:, 0], y), nn.MSELoss())) is not None
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+class FixedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 4:
+            raise ValueError("this model takes batches of 4")
+        return self.lin(x).mean(1)
+
+
+def test_a_model_that_refuses_sub_batches_warns_once_and_still_measures() -> None:
+    torch.manual_seed(0)
+    model = FixedBatch().to(DT)
+    x, y = _data(4, 2)
+    with pytest.warns(LayoutWarning, match="layout probe .* failed"):
+        got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    params = list(model.parameters())
+    ref = []
+    for i in range(4):
+        # the loop runs the full batch with only sample i's loss (the model needs 4 samples)
+        out = model(x)
+        gs = torch.autograd.grad(F.mse_loss(out[i:i + 1], y[i:i + 1]), params)
+        ref.append(sum(g.square().sum() for g in gs))
+    torch.testing.assert_close(got, torch.stack(ref), rtol=1e-12, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LayoutWarning)  # once per model
+        nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+
+
+def test_sharded_models_are_not_probed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward of an FSDP2 model is collective: a probe run by some ranks only would hang the
+    others, so a model with sharded (DTensor) parameters is not probed, with one warning."""
+    from neurothermo.gradstats import _layout
+
+    monkeypatch.setattr(_layout, "_sharded", lambda model: True)
+    torch.manual_seed(0)
+    model = Counting().to(DT)
+    x, y = _data(4, 4)
+    with pytest.warns(LayoutWarning, match="sharded"):
+        got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    assert model.calls == [4]  # no probe forward
+    torch.testing.assert_close(got, loop_norms(model, nn.MSELoss(), x, y), rtol=1e-12, atol=0)
