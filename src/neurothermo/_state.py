@@ -307,7 +307,7 @@ def as_float32(t: Any) -> Any:
 
 
 def frozen_rows(model: nn.Module) -> dict[str, int]:
-    """``{weight name: padding_idx}`` of the ``nn.Embedding`` layers with a ``padding_idx``.
+    """``{weight name: padding_idx}`` of the ``nn.Embedding`` layers whose padding row never trains.
 
     That row is used in the forward pass but its gradient is set to zero, so it never trains, and
     the "gradient" autograd returns is not the gradient of the loss: reverse-over-reverse products
@@ -315,10 +315,27 @@ def frozen_rows(model: nn.Module) -> dict[str, int]:
     different non-symmetric answers. Second-order measurements take the Hessian over the trainable
     entries only, ``P H P`` with ``P`` zeroing those rows (symmetric, and what every method agrees
     on), by zeroing the rows in the vectors and in the results.
+
+    A weight shared with any other module (an output head tied to the input embedding, as in
+    BART, Whisper, Marian: ``lm_head.weight is embed.weight``), or with an embedding of another
+    ``padding_idx``, trains in that row through its other uses: it is not frozen, and masking it
+    would make every second-order result wrong by the row's share. Limitation: a weight used by
+    an op outside any module that owns it (``h @ self.embed.weight.T`` in a parent's forward)
+    cannot be seen here; share the Parameter with a module instead (the per-sample functions
+    require that anyway).
     """
-    rows = {}
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for local, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((m, local))
+    rows, seen = {}, set()
     for mod_name, m in model.named_modules():
-        if isinstance(m, nn.Embedding) and m.padding_idx is not None and m.weight.requires_grad:
+        if not (isinstance(m, nn.Embedding) and m.padding_idx is not None
+                and m.weight.requires_grad) or id(m.weight) in seen:
+            continue
+        seen.add(id(m.weight))  # named once, as named_parameters() names it
+        if all(isinstance(o, nn.Embedding) and local == "weight" and o.padding_idx == m.padding_idx
+               for o, local in owners.get(id(m.weight), [])):
             rows[f"{mod_name}.weight" if mod_name else "weight"] = int(m.padding_idx)
     return rows
 
