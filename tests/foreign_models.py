@@ -270,6 +270,41 @@ def hf_gpt2(vocab: int = 64, layers: int = 2, hidden: int = 32, heads: int = 2,
     return GPT2LMHeadModel(cfg)
 
 
+def hf_llama(vocab: int = 64, layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+             **config: Any) -> nn.Module:
+    """Llama: grouped-query attention (``repeat_kv``), rotary positions, SwiGLU, RMSNorm; untied
+    head. RMSNorm and rotary compute in float32 inside a float64 model (see ``ForeignCase.floor``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, max_position_embeddings=64,
+                      bos_token_id=vocab - 1, eos_token_id=vocab - 1, **config)
+    return LlamaForCausalLM(cfg)
+
+
+def hf_t5(vocab: int = 64, hidden: int = 32, heads: int = 2, **config: Any) -> nn.Module:
+    """T5 (encoder–decoder, relative position bias shared by every sample, RMS-style
+    ``T5LayerNorm``, ReLU feed-forward), one layer each side. transformers 5 ties the head to the
+    shared embedding whatever ``tie_word_embeddings`` says (``lm_head.weight is shared.weight``)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=vocab, d_model=hidden, d_kv=hidden // heads, d_ff=2 * hidden,
+                   num_layers=1, num_heads=heads, dropout_rate=0.0, decoder_start_token_id=0,
+                   pad_token_id=0, **config)
+    return T5ForConditionalGeneration(cfg)
+
+
+def hf_t5_frozen_bias(**config: Any) -> nn.Module:
+    """:func:`hf_t5` with the relative position bias out of θ (``requires_grad_(False)``): the way
+    out the per-sample functions name for T5, under which they must all be exact."""
+    model = hf_t5(**config)
+    for name, p in model.named_parameters():
+        if "relative_attention_bias" in name:
+            p.requires_grad_(False)
+    return model
+
+
 class TokensOnly(nn.Module):
     """A Hugging Face model called with keyword arguments from one batch-first tensor: ``[b, T]``
     token ids, or ``[b, 2, T]`` ids stacked with the attention mask (so code that expects a plain
@@ -293,6 +328,13 @@ class ForeignCase:
     ``build()`` returns a fresh model (seeded, float32, train mode); ``batch(b, seed)`` returns
     ``(inputs, targets)``; ``loss_fn(outputs, targets)`` is mean-reduced over the batch (and over
     token positions for the language models).
+
+    ``floor``: the least relative tolerance a float64 comparison on this model can ask for. 0 for
+    models that compute in the model's dtype throughout. Hugging Face's Llama computes RMSNorm
+    and rotary in float32 even in a float64 model, so its outputs carry float32 rounding (eps
+    1.2e-7 per operation) that two float64 paths (the batch and the per-sample loop, autograd's
+    and a finite difference's) round differently; about 1e-8 is observed, and the floor, 1e-6,
+    is ten float32 ulps.
     """
 
     name: str
@@ -300,6 +342,7 @@ class ForeignCase:
     batch: Callable[[int, int], tuple[Any, Tensor]]
     loss_fn: Callable[[Any, Tensor], Tensor] = cross_entropy
     hf: bool = False
+    floor: float = 0.0
     tags: frozenset[str] = field(default_factory=frozenset)
 
     def model(self, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
@@ -346,6 +389,17 @@ def _hf_cls_batch(b: int, seed: int) -> tuple[dict[str, Tensor], Tensor]:
     return {"input_ids": ids, "attention_mask": mask}, labels
 
 
+def _hf_seq2seq_batch(b: int, seed: int) -> tuple[dict[str, Tensor], Tensor]:
+    """Source of 6 tokens (the last two of the first half padded), target of 5: neither length
+    is the suite's batch size, so T5's batch-less bias is refused by its leading size."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(1, 64, (b, 6), generator=g)
+    mask = torch.ones_like(src)
+    mask[: b // 2, 4:] = 0
+    tgt = torch.randint(1, 64, (b, 6), generator=g)
+    return {"input_ids": src, "attention_mask": mask, "decoder_input_ids": tgt[:, :-1]}, tgt[:, 1:]
+
+
 def _hf_lm_batch(b: int, seed: int) -> tuple[dict[str, Tensor], Tensor]:
     ids, targets = _lm_tokens(b, seed, 64, 10)
     return {"input_ids": ids}, targets
@@ -364,6 +418,12 @@ CASES: list[ForeignCase] = [
                 tags=frozenset({"rnn"})),
     ForeignCase("groupnorm_cnn", GroupNormCNN, lambda b, s: _images(b, s, size=16),
                 tags=frozenset({"groupnorm", "conv"})),
+    ForeignCase("llama", hf_llama, _hf_lm_batch, hf=True, floor=1e-6,
+                tags=frozenset({"sdpa", "rmsnorm", "hf", "gqa", "rotary"})),
+    ForeignCase("t5", hf_t5, _hf_seq2seq_batch, hf=True, floor=1e-6,
+                tags=frozenset({"sdpa", "rmsnorm", "hf", "seq2seq", "shared_bias"})),
+    ForeignCase("t5_frozen_bias", hf_t5_frozen_bias, _hf_seq2seq_batch, hf=True, floor=1e-6,
+                tags=frozenset({"sdpa", "rmsnorm", "hf", "seq2seq"})),
     ForeignCase("tied_lm", TiedLM, lambda b, s: _lm_tokens(b, s, 40, 6), tags=frozenset({"tied"})),
     ForeignCase("torch_encoder", TorchEncoder, lambda b, s: _tokens(b, s, 50, 7, 5),
                 tags=frozenset({"sdpa", "mha", "layernorm"})),

@@ -48,10 +48,17 @@ SECOND_ORDER = ("entropic_force", "hvp", "top_eigenvalues", "hessian_trace", "sh
 # Passive capture reads the caller's own forward and backward: it declines models it cannot read
 # bit for bit (the monitor then measures with an extra pass). Every other cell must be exact.
 REPLACED = r"measured through a replacement forward"
+SHARED_BIAS = r"relative_attention_bias' got an input .*requires_grad_\(False\)"
 REFUSALS: dict[tuple[str, str], str] = {
     ("backward_capture", "lstm"): REPLACED,
     ("backward_capture", "gru"): REPLACED,
     ("backward_capture", "torch_encoder"): REPLACED,  # nn.MultiheadAttention's fused forward
+    # T5's relative position bias is an Embedding on [q_len, k_len] buckets, shared by every
+    # sample: no per-sample gradient its hooks can read. Every per-sample cell refuses, naming
+    # it and the way out, which the case t5_frozen_bias takes (and is exact).
+    **{(f, "t5"): SHARED_BIAS for f in ("per_sample_grad_norms", "gradient_noise",
+                                        "entropic_decomposition", "expected_entropic_force",
+                                        "backward_capture")},
 }
 
 # cuDNN's RNN kernels have no double backward (h/curv); not yet run on a GPU here, so the pattern is
@@ -81,8 +88,12 @@ def exact_or_refusal(function: str, case: ForeignCase, device: str,
         pytest.xfail(f"{function} on {case.name} refuses: {msg[:160]}")
 
 
+_FLOOR = [0.0]  # the case under test's tolerance floor (ForeignCase.floor), set by setup()
+
+
 def setup(case: ForeignCase, device: str, b: int = B, seed: int = 0) -> tuple[nn.Module, Any, Tensor]:
     skip_unavailable(case)
+    _FLOOR[0] = case.floor
     model = case.model(device, F64).eval()
     inputs, targets = case.data(b, seed=seed, device=device, dtype=F64)
     return model, inputs, targets
@@ -164,6 +175,8 @@ def dense_slice_hessian(model: nn.Module, case: ForeignCase, inputs: Any, target
 
 
 def close(a: Tensor | float, b: Tensor | float, rel: float = EXACT) -> bool:
+    """``‖a − b‖ ≤ rel‖b‖``, ``rel`` raised to the case's floor (models computing in float32)."""
+    rel = max(rel, _FLOOR[0])
     a, b = torch.as_tensor(a, dtype=F64).cpu(), torch.as_tensor(b, dtype=F64).cpu()
     return bool((a - b).norm() <= rel * max(float(b.norm()), 1e-300))
 
@@ -347,7 +360,7 @@ def test_top_eigenvalue_on_a_dense_slice(case: ForeignCase, device: str) -> None
     evals = torch.linalg.eigvalsh(h)
     r = exact_or_refusal("top_eigenvalues", case, device, lambda: nt.top_eigenvalues(
         model, case.loss_fn, (x, y), k=1, tol=TOL, param_filter=[name]))
-    assert abs(float(r.values[0]) - float(evals[-1])) <= 10 * TOL * float(evals.abs().max()) + 1e-12
+    assert abs(float(r.values[0]) - float(evals[-1])) <= max(10 * TOL, case.floor) * float(evals.abs().max()) + 1e-12
 
 
 @pytest.mark.parametrize(("case", "device"), PARAMS)
@@ -360,7 +373,8 @@ def test_hessian_trace_on_a_dense_slice(case: ForeignCase, device: str) -> None:
         model, case.loss_fn, loader(x, y, 3), n_samples=3 * d, method="hutch++",
         param_filter=[name]))
     scale = float(h.abs().max())
-    assert math.isclose(t.estimate, float(torch.trace(h)), rel_tol=1e-8, abs_tol=1e-10 * scale * d)
+    assert math.isclose(t.estimate, float(torch.trace(h)), rel_tol=max(1e-8, case.floor),
+                        abs_tol=1e-10 * scale * d)
 
 
 @pytest.mark.parametrize(("case", "device"), PARAMS)
@@ -371,7 +385,7 @@ def test_sharpness_tracker_on_a_dense_slice(case: ForeignCase, device: str) -> N
     tracker = nt.SharpnessTracker(k=1, tol=TOL, param_filter=[name])
     reading = exact_or_refusal("sharpness_tracker", case, device,
                                lambda: tracker.update(model, case.loss_fn, loader(x, y, 3), step=0))
-    assert abs(reading.lambda_max - float(evals[-1])) <= 10 * TOL * float(evals.abs().max()) + 1e-12
+    assert abs(reading.lambda_max - float(evals[-1])) <= max(10 * TOL, case.floor) * float(evals.abs().max()) + 1e-12
 
 
 # ------------------------------------------------------------------------------------- train, monitor
@@ -394,8 +408,14 @@ def test_monitor_noise_terms_in_train(case: ForeignCase, device: str) -> None:
             hist = nt.train(model, case.loss_fn, (x, y), lr=LR, batch_size=3, steps=2, monitor=mon)
         assert "entropic/trace_sigma" not in hist
         return
-    hist = exact_or_refusal("monitor_noise", case, device, lambda: nt.train(
-        model, case.loss_fn, (x, y), lr=LR, batch_size=3, steps=2, monitor=mon))
+    if "shared_bias" in case.tags:  # no per-sample gradients: a warning names the part, and
+        # the run goes on without the noise columns (the monitor never ends a training run)
+        with pytest.warns(nt.MonitorWarning, match=SHARED_BIAS):
+            hist = nt.train(model, case.loss_fn, (x, y), lr=LR, batch_size=3, steps=2,
+                            monitor=mon)
+        assert "entropic/trace_sigma" not in hist and "loss" in hist
+        return
+    hist = nt.train(model, case.loss_fn, (x, y), lr=LR, batch_size=3, steps=2, monitor=mon)
     trace = hist["entropic/trace_sigma"]
     assert trace.shape == (2,) and bool(np.isfinite(trace).all())
 
@@ -425,7 +445,8 @@ def test_capture_features(case: ForeignCase, device: str) -> None:
         case.forward(model, x)
     handle.remove()
     h = seen[0]
-    if h.ndim == 3 and isinstance(x, dict) and "attention_mask" in x:
+    decoder = ".decoder." in f".{names[-1]}."  # pooled over its own stream (decoder tokens)
+    if h.ndim == 3 and isinstance(x, dict) and "attention_mask" in x and not decoder:
         w = x["attention_mask"].to(h.dtype).unsqueeze(-1)
         ref = (h * w).sum(1) / w.sum(1)
     elif h.ndim == 3:

@@ -3,9 +3,11 @@
 Every model of ``tests/foreign_models.py`` (torchvision-layout ResNet-18 in eval mode, timm-layout
 ViT with model-level ``cls_token`` / ``pos_embed``, Hugging Face BERT with padded attention masks
 and GPT-2 with ``Conv1D`` projections, broadcast ``position_ids`` and tied ``wte`` / ``lm_head``,
-LSTM, GRU, GroupNorm CNN, tied LM) on every device of ``devices()``. Both sides are exact, so the
-tolerance is the float64 rounding one of ``_helpers.RTOL``. No model may go through the whole-model
-torch.func fallback (a :class:`FallbackWarning` fails the test).
+LSTM, GRU, GroupNorm CNN, tied LM, Hugging Face Llama with GQA and RMSNorm) on every device of
+``devices()``. Both sides are exact, so the tolerance is the float64 rounding one of
+``_helpers.RTOL``, raised to the case's ``floor`` for a model that computes in float32 inside
+(Llama's RMSNorm and rotary). No model may go through the whole-model torch.func fallback (a
+:class:`FallbackWarning` fails the test).
 """
 from __future__ import annotations
 
@@ -15,9 +17,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from _helpers import DT, assert_matches_naive
+from _helpers import DT, RTOL, assert_matches_naive
 from foreign_models import (
-    CASE_IDS,
     CASES,
     HAS_TRANSFORMERS,
     ForeignCase,
@@ -26,6 +27,10 @@ from foreign_models import (
     skip_unavailable,
 )
 from neurothermo.gradstats import FallbackWarning
+
+# An encoder–decoder's two token streams of different lengths do not fit TokensOnly's one tensor;
+# test_foreign_api checks T5 against the per-sample loop with its dict inputs.
+ONE_TENSOR = [c for c in CASES if "seq2seq" not in c.tags]
 
 
 def model_and_batch(c: ForeignCase, device: str, b: int = 5) -> tuple[nn.Module, Tensor, Tensor]:
@@ -43,13 +48,13 @@ def model_and_batch(c: ForeignCase, device: str, b: int = 5) -> tuple[nn.Module,
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("c", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("c", ONE_TENSOR, ids=[c.name for c in ONE_TENSOR])
 def test_zoo_matches_the_per_sample_loop_without_fallback(c: ForeignCase, device: str) -> None:
     skip_unavailable(c)
     model, x, y = model_and_batch(c, device)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)
-        assert_matches_naive(model, c.loss_fn, x, y)
+        assert_matches_naive(model, c.loss_fn, x, y, rtol=max(RTOL, c.floor))
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed (dev extra)")

@@ -196,18 +196,24 @@ def test_passive_capture_declines_with_the_batch_and_names_the_module() -> None:
     torch.testing.assert_close(got, loop_norms(model, nn.MSELoss(), x, y), rtol=1e-12, atol=0)
 
 
-def test_monitor_noise_terms_refuse_the_shared_input() -> None:
-    """The monitor's first noise step measures with a full pass: the refusal reaches the user."""
+def test_monitor_goes_on_without_noise_columns_and_says_why() -> None:
+    """The monitor never ends a training run: the refusal becomes one MonitorWarning naming the
+    layer and the way out, the noise columns are left out, and no later step tries again."""
     torch.manual_seed(0)
     model = PositionBias().to(DT)
     x, y = _data(4, 4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = nt.ThermoMonitor(model, nn.MSELoss(), lr=0.1, noise_every=1, symmetries=None)
-    opt.zero_grad()
-    nn.MSELoss()(model(x), y).backward()
-    with pytest.raises(ValueError, match="only by coincidence"):
-        mon.after_backward(0, (x, y))
-    mon.close()
+    mon = nt.ThermoMonitor(model, nn.MSELoss(), noise_every=1, symmetries=None)
+    calls = []
+    model.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    with pytest.warns(nt.MonitorWarning, match=r"'emb'.*only by coincidence.*requires_grad_"):
+        hist = nt.train(model, nn.MSELoss(), (x, y), lr=0.1, batch_size=4, steps=3, monitor=mon)
+    assert "entropic/trace_sigma" not in hist and len(hist["loss"]) == 3
+    # the steps' own forwards (4 samples), one refused extra pass (4) and its probe (1) only
+    assert calls == [4, 4, 1, 4, 4]
+    model.emb.requires_grad_(False)  # the way out: the columns are there
+    mon = nt.ThermoMonitor(model, nn.MSELoss(), noise_every=1, symmetries=None)
+    hist = nt.train(model, nn.MSELoss(), (x, y), lr=0.1, batch_size=4, steps=2, monitor=mon)
+    assert len(hist["entropic/trace_sigma"]) == 2
 
 
 class Counting(nn.Module):

@@ -71,6 +71,45 @@ EXPECTED: dict[str, list[tuple[str, str, int, bool]]] = {
     # next layer rescales (through the average pool into the classifier for the second).
     "groupnorm_cnn": [("scale", "features.0", 4, False), ("scale", "features.3", 4, False),
                       ("rescale", "features.1", 8, True), ("rescale", "features.4", 16, True)],
+    # HF Llama (2 layers, d = 32, 4 query heads sharing 2 key/value heads of 8, SwiGLU of 64,
+    # LlamaRMSNorm traced as arithmetic times a [32] weight, untied lm_head). Per layer: one V/O
+    # rotation per shared value head (v_proj rows 0:8 and 8:16, each with the o_proj columns of
+    # the 2 query heads that read it); the SwiGLU units permuted jointly (gate rows, up rows,
+    # down columns), rescaled and sign-flipped through the linear up branch (nothing through
+    # SiLU(gate)); input_layernorm → q/k/v and post_attention_layernorm → gate/up gain
+    # rescales; model.norm → lm_head. Not searched: Q/K of shared key heads (a key head would
+    # rotate with all its query heads at once; rotary embeddings rule most of it out anyway).
+    # o_proj and down_proj enter the residual stream; lm_head's units reach the output.
+    "llama": [
+        (kind, f"model.layers.{i}.{where}", n, True)
+        for i in (0, 1)
+        for kind, where, n in (
+            ("double_rotation", "self_attn.v_proj[0:8]", 8),
+            ("double_rotation", "self_attn.v_proj[8:16]", 8),
+            ("permutation", "mlp.gate_proj", 64), ("rescale", "mlp.up_proj", 64),
+            ("sign_flip", "mlp.up_proj", 64), ("rescale", "input_layernorm", 32),
+            ("rescale", "post_attention_layernorm", 32))
+    ] + [("rescale", "model.norm", 32, True)],
+    # HF T5 (one layer each side, 2 heads × 16, ReLU feed-forward of 64, T5LayerNorm gains):
+    # per attention (encoder self, decoder self, decoder cross) Q/K and V/O per head (the
+    # relative bias is added to the logits, which the Q/K rotation keeps), each gain → the
+    # Linears it feeds (self-attention q, k, v; cross-attention q; feed-forward wi), the
+    # feed-forward units' rescale and permutation (ReLU). Not: encoder.final_layer_norm →
+    # cross-attention k, v (its output is also the model's encoder_last_hidden_state), the
+    # decoder's final norm → lm_head (tied to the shared embedding).
+    **{name: [
+        *[(kind, f"{side}.block.0.{where}", n, True)
+          for side, attn in (("encoder", ("layer.0.SelfAttention",)),
+                             ("decoder", ("layer.0.SelfAttention", "layer.1.EncDecAttention")))
+          for a in attn
+          for kind, where, n in (("double_rotation", f"{a}.q", 32),
+                                 ("double_rotation", f"{a}.v", 32))],
+        *[("rescale", f"{side}.block.0.layer.{i}.layer_norm", 32, True)
+          for side, layers in (("encoder", (0, 1)), ("decoder", (0, 1, 2))) for i in layers],
+        *[(kind, f"{side}.block.0.layer.{i}.DenseReluDense.wi", 64, True)
+          for side, i in (("encoder", 1), ("decoder", 2))
+          for kind in ("rescale", "permutation")]]
+       for name in ("t5", "t5_frozen_bias")},
     # tied LM: tanh then LayerNorm over the units breaks rescale, sign flip and permutation
     # (LayerNorm's statistics mix the units); the norm → lm_head rescale moves the tied weight.
     "tied_lm": [],

@@ -109,7 +109,7 @@ class GQA(nn.Module):
     def _repeat(self, z: torch.Tensor) -> torch.Tensor:
         b, _, t, hd = z.shape
         rep = self.heads // self.kv
-        if self.share == "expand":
+        if self.share in ("expand", "eager"):
             return z[:, :, None].expand(b, self.kv, rep, t, hd).reshape(b, self.heads, t, hd)
         return z.repeat_interleave(rep, dim=1)
 
@@ -118,7 +118,10 @@ class GQA(nn.Module):
         q = self.q(x).view(b, t, self.heads, self.hd).transpose(1, 2)
         k = self.k(x).view(b, t, self.kv, self.hd).transpose(1, 2)
         v = self.v(x).view(b, t, self.kv, self.hd).transpose(1, 2)
-        if self.share == "enable_gqa":
+        if self.share == "eager":  # Hugging Face's eager attention: repeat_kv, then matmuls
+            att = (q @ self._repeat(k).transpose(2, 3)) / self.hd ** 0.5
+            y = att.softmax(-1) @ self._repeat(v)
+        elif self.share == "enable_gqa":
             y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             y = nn.functional.scaled_dot_product_attention(q, self._repeat(k), self._repeat(v),
@@ -130,10 +133,11 @@ def _vo_pairs(report: nt.SymmetryReport) -> list[Symmetry]:
     return [s for s in report if s.kind == "double_rotation" and s.location.startswith("v")]
 
 
-@pytest.mark.parametrize("share", ["expand", "repeat_interleave", "enable_gqa"])
+@pytest.mark.parametrize("share", ["expand", "repeat_interleave", "enable_gqa", "eager"])
 def test_gqa_value_output_rotation_per_shared_head(share):
     """Before: 'unsupported operation expand' (resp. repeat_interleave; enable_gqa: a wrong
-    candidate). Now one rotation per value head j: v rows 3j:3j+3, o columns of heads 2j, 2j+1."""
+    candidate; eager: 'matmul' uses the fused units before they are split). Now one rotation per
+    value head j: v rows 3j:3j+3, o columns of heads 2j, 2j+1."""
     torch.manual_seed(0)
     model = GQA(share).to(D)
     report = nt.find_symmetries(model, torch.randn(3, 5, 12, dtype=D), explain=True)
@@ -172,15 +176,17 @@ def test_gqa_rotation_by_hand():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=name)
 
 
-@pytest.mark.parametrize("kv", [2, 4])
-def test_llama_gqa_value_output_rotation(kv):
+@pytest.mark.parametrize(("kv", "attn"), [(2, "sdpa"), (4, "sdpa"), (2, "eager")])
+def test_llama_gqa_value_output_rotation(kv, attn):
     """Tiny LlamaForCausalLM: one V/O rotation per key/value head (4 value heads: one over all
-    of them, as before), each exact on fresh inputs, weights randomised away from the init."""
+    of them, as before), each exact on fresh inputs, weights randomised away from the init.
+    Eager attention (``softmax(q·kᵀ) @ v`` after ``repeat_kv``, as Qwen2/Mistral use it) too."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
                                    num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=kv, max_position_embeddings=32)
+                                   num_key_value_heads=kv, max_position_embeddings=32,
+                                   attn_implementation=attn)
     model = transformers.LlamaForCausalLM(cfg).to(D).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -206,3 +212,31 @@ def test_llama_gqa_value_output_rotation(kv):
             ref, out = model(**fresh).logits, moved(**fresh).logits
         assert float((out - ref).abs().max()) < 1e-12 * float(ref.abs().max())
         assert float((mattn.o_proj.weight - attn.o_proj.weight).detach().abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_eager_qwen2_and_mistral_keep_the_value_output_rotations(family):
+    """Before: "'matmul' uses the fused units before they are split" and no V/O rotation in eager
+    attention. Now the same as with sdpa: one V/O rotation per value head, the SwiGLU units and
+    the RMSNorm gains, each exact on fresh inputs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        attn_implementation="eager")
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).to(D).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    syms = nt.find_symmetries(model, {"input_ids": torch.randint(0, 32, (4, 7))}, progress=False)
+    p = "model.layers.0."
+    assert sorted((s.kind, s.location.split()[0], s.n_units) for s in syms) == sorted([
+        ("double_rotation", p + "self_attn.v_proj[0:4]", 4),
+        ("double_rotation", p + "self_attn.v_proj[4:8]", 4),
+        ("rescale", p + "input_layernorm", 16), ("rescale", p + "post_attention_layernorm", 16),
+        ("permutation", p + "mlp.gate_proj", 32), ("rescale", p + "mlp.up_proj", 32),
+        ("sign_flip", p + "mlp.up_proj", 32), ("rescale", "model.norm", 16)]), [str(s) for s in syms]
+    fresh = {"input_ids": torch.randint(0, 32, (5, 9), generator=torch.Generator().manual_seed(1))}
+    for s in syms:
+        assert nt.verify_symmetry(model, s, fresh) < 1e-12, str(s)

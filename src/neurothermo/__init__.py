@@ -16,6 +16,7 @@ from neurothermo._data import model_loss  # the data model: docs/data.md
 from neurothermo.gradstats import (
     BackwardCapture,
     GradientNoise,
+    PerSampleUnsupportedError,
     gradient_noise,
     per_sample_grad_norms,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "LayerBalance",
     "MonitorWarning",
     "NeuronBalance",
+    "PerSampleUnsupportedError",
     "Preconditioner",
     "Rejection",
     "SharpnessReading",

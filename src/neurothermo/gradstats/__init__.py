@@ -9,13 +9,19 @@ from neurothermo.gradstats._layout import LayoutWarning
 from neurothermo.gradstats.noise import GradientNoise, gradient_noise
 from neurothermo.gradstats.norms import per_sample_grad_norms
 from neurothermo.gradstats.passive import BackwardCapture
-from neurothermo.gradstats.rules import FallbackWarning, Rule, register_rule
+from neurothermo.gradstats.rules import (
+    FallbackWarning,
+    PerSampleUnsupportedError,
+    Rule,
+    register_rule,
+)
 
 __all__ = [
     "BackwardCapture",
     "FallbackWarning",
     "GradientNoise",
     "LayoutWarning",
+    "PerSampleUnsupportedError",
     "Rule",
     "gradient_noise",
     "per_sample_grad_norms",

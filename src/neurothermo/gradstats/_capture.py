@@ -97,18 +97,24 @@ class Recorder:
 
     def broadcast(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
                   ) -> tuple[tuple[Any, ...], dict[str, Any], Any] | None:
-        """``(args, kwargs, output)`` expanded from leading dimension 1 to the batch, when every
-        tensor input and the (tensor) output have leading dimension 1 and ``b > 1``; else None."""
+        """``(args, kwargs, output)`` expanded from leading dimension 1 to the batch, when the
+        (tensor) output has leading dimension 1 and ``b > 1``: an output every sample shares
+        (from ``position_ids`` of shape ``[1, T]``, or BART's learned positions, computed from
+        the shape of the ``[b, T]`` token ids); else None. Only inputs of leading dimension 1 are
+        expanded. A rule's output has the leading size of its input, so only a module without a
+        rule can give leading 1 from other inputs: the fallback, which maps over the inputs of
+        leading ``b`` and refuses a module whose per-sample outputs differ from the batch output
+        (one that mixes the samples, as a mean over the batch would)."""
         b = self.batch_size
         if (not self.expand_broadcast or b == 1 or not isinstance(output, Tensor)
                 or output.dim() == 0 or output.shape[0] != 1):
             return None
-        ins = [t for t in tensor_leaves(args) + tensor_leaves(kwargs) if t.dim() > 0]
-        if not ins or any(t.shape[0] != 1 for t in ins):
+        if not any(t.dim() > 0 for t in tensor_leaves(args) + tensor_leaves(kwargs)):
             return None
 
         def grow(t: Any) -> Any:
-            return t.expand(b, *t.shape[1:]) if isinstance(t, Tensor) and t.dim() > 0 else t
+            return (t.expand(b, *t.shape[1:])
+                    if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == 1 else t)
 
         return tree_map(grow, args), tree_map(grow, kwargs), grow(output)
 

@@ -31,7 +31,7 @@ from neurothermo.gradstats._capture import Recorder, recording
 from neurothermo.gradstats._layout import batchless, probe_log
 from neurothermo.gradstats._pieces import Piece, param_sq_norm
 from neurothermo.gradstats.rules import Use, check_batchnorm
-from neurothermo.gradstats.rules._base import judged
+from neurothermo.gradstats.rules._base import PerSampleUnsupportedError, judged
 
 
 @overload
@@ -234,7 +234,7 @@ def _measure(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, 
         rec.active = False
         if rec.stray:
             where = "; ".join(f"{p!r} in {m!r}" for p, m in sorted(rec.stray.items()))
-            raise ValueError(
+            raise PerSampleUnsupportedError(
                 f"parameters are used outside the forward of the module that owns them ({where}): "
                 "their per-sample gradients cannot be attributed to a layer rule. Use each "
                 "parameter only through its own module (tie weights by sharing the Parameter "

@@ -99,6 +99,9 @@ class ThermoMonitor:
             (``l_B = (1/b) Σ_i l_i``), or ``model_loss`` / None when the model returns its loss.
         every: record every ``every``-th step (≥ 1).
         noise_every: add the entropic terms and ``Tr Σ`` every ``noise_every`` steps; None: never.
+            A model with a part that has no per-sample gradients (the per-sample functions
+            refuse it: ``PerSampleUnsupportedError``) gets one :class:`MonitorWarning` naming
+            the part and the way out, and the run goes on without these columns.
         sharpness_every: add ``λ_max`` on ``data`` every ``sharpness_every`` steps; None: never.
         symmetries: ``"auto"``, None, or a list of :class:`Symmetry`, as above.
         writer: a :class:`Writer` (e.g. :class:`JSONLWriter`) that receives the rows; None.
@@ -196,6 +199,7 @@ class ThermoMonitor:
         self._history.add_producer(self._drain)
         self._warned: set[str] = set()
         self._capture: Any = None  # gradstats.passive.BackwardCapture for the noise terms
+        self._noise_refused = False  # the model has no per-sample gradients: no noise columns
         self._passive_ready = False
         if self.noise_every is not None and self.data is None:
             self._capture = _make_capture(self)
@@ -277,7 +281,8 @@ class ThermoMonitor:
                 values[names.LOSS] = loss
             if recorded:
                 self._record_grads(step, values, batch, lr, wd, predict=not_exact is None)
-            if lr is not None and self.noise_every is not None and step % self.noise_every == 0:
+            if (lr is not None and self.noise_every is not None and not self._noise_refused
+                    and step % self.noise_every == 0):
                 values.update(_entropic_terms(self, batch, loss, lr, wd, step))
             if self._sharpness is not None and step % self.sharpness_every == 0:  # type: ignore[operator]
                 values.update(self._measure_sharpness(step, lr))
@@ -450,6 +455,7 @@ def _entropic_terms(mon: ThermoMonitor, batch: Batch, loss: Tensor | None,
     if res.method is not None:
         mon._history.meta["entropic"] = res.method
     mon._passive_ready = mon._passive_ready or res.passive_ready
+    mon._noise_refused = mon._noise_refused or res.refused  # (the note said why, once)
     return res.columns
 
 

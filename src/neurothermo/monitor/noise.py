@@ -52,12 +52,21 @@ class NoiseSetup:
 @dataclass(frozen=True)
 class NoiseTerms:
     """A noise measurement's result: the columns, how they were measured (``meta["entropic"]``,
-    ``None`` when nothing was), and whether the model passed the full per-sample checks (then
-    later steps may read the loop's own pass)."""
+    ``None`` when nothing was), whether the model passed the full per-sample checks (then
+    later steps may read the loop's own pass), and whether it was refused (a model part without
+    per-sample gradients: the monitor stops measuring noise for the run)."""
 
     columns: dict[str, Tensor]
     method: str | None = None
     passive_ready: bool = False
+    refused: bool = False  # the model has no per-sample gradients: no noise step will have any
+
+
+def _refused(mon: NoiseSetup, e: Exception) -> NoiseTerms:
+    """The run goes on without the noise columns; the note (a warning, once) gives the reason and
+    the way out from the per-sample refusal."""
+    mon.note("noise_refused", f"entropic terms not recorded in this run: {e}")
+    return NoiseTerms({}, refused=True)
 
 
 def entropic_terms(mon: NoiseSetup, batch: Batch, loss: Tensor | None,
@@ -85,11 +94,15 @@ def entropic_terms(mon: NoiseSetup, batch: Batch, loss: Tensor | None,
     if mon.data is not None:
         try:
             from neurothermo.entropic import entropic_decomposition
+            from neurothermo.gradstats import PerSampleUnsupportedError
         except ImportError as e:
             raise ImportError("ThermoMonitor(data=...) entropic terms need neurothermo.entropic") from e
-        with mon.measuring(), torch.enable_grad():
-            d = entropic_decomposition(mon.model, mon.loss_fn, mon.data, lr=lr, batch_size=b,
-                                       replacement=replacement, weight_decay=wd)
+        try:
+            with mon.measuring(), torch.enable_grad():
+                d = entropic_decomposition(mon.model, mon.loss_fn, mon.data, lr=lr, batch_size=b,
+                                           replacement=replacement, weight_decay=wd)
+        except PerSampleUnsupportedError as e:
+            return _refused(mon, e)
         f64 = torch.float64
         return NoiseTerms(
             {LOSS: torch.tensor(d.loss, dtype=f64), DISC: torch.tensor(d.discretization, dtype=f64),
@@ -109,7 +122,7 @@ def entropic_terms(mon: NoiseSetup, batch: Batch, loss: Tensor | None,
         mon.note("noise_b1", "entropic terms need b >= 2 per batch (or data=); not recorded")
         return NoiseTerms({})
     try:
-        from neurothermo.gradstats import per_sample_grad_norms
+        from neurothermo.gradstats import PerSampleUnsupportedError, per_sample_grad_norms
     except ImportError as e:
         raise ImportError(
             "ThermoMonitor noise terms need neurothermo.gradstats (per_sample_grad_norms); "
@@ -133,9 +146,12 @@ def entropic_terms(mon: NoiseSetup, batch: Batch, loss: Tensor | None,
         if drop := active_dropout(mon.model):
             mon.note("noise_dropout", f"entropic terms measured with an extra pass draw their own "
                      f"Dropout masks ({', '.join(drop[:3])}), not the training step's")
-        with mon.measuring(), torch.enable_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", ModeWarning)  # said once, as a note, above
-            norms = per_sample_grad_norms(mon.model, mon.loss_fn, batch)
+        try:
+            with mon.measuring(), torch.enable_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", ModeWarning)  # said once, as a note, above
+                norms = per_sample_grad_norms(mon.model, mon.loss_fn, batch)
+        except PerSampleUnsupportedError as e:
+            return _refused(mon, e)
         assert isinstance(norms, Tensor)  # by_parameter=False gives one tensor [b]
         sample_sq = norms.detach()
         passive_ready = True  # the model passed the full checks: later steps may capture

@@ -13,6 +13,7 @@ from neurothermo.symmetry.base import ParamSlice, Symmetry
 from neurothermo.symmetry.capture import Block, Part, capture, split_inputs
 from neurothermo.symmetry.checking import Cand, Rejection, verify_candidates
 from neurothermo.symmetry.flow import Flow, find_producers, walk_all
+from neurothermo.symmetry.gated import gated_pairs
 from neurothermo.symmetry.progress import Progress, ProgressArg
 from neurothermo.symmetry.recurrent import inner_symmetries
 from neurothermo.symmetry.rotation import attention_symmetries
@@ -225,9 +226,9 @@ def _candidates(k: int, part: Part) -> tuple[list[Cand], list[Rejection]]:
         cands += [Cand((k, order[f.producer.node]), s, eps, norms) if s.kind == "scale" and eps
                   else Cand((k, order[f.producer.node]), s) for s in found]
         rejected += rej
-    pairs, rej = _pairs(flows)
-    cands += [Cand((k, order[flows[i].producer.node]), s) for i, s in pairs]
-    rejected += rej
+    for pairs, rej in (_pairs(flows), gated_pairs(flows)):
+        cands += [Cand((k, order[flows[i].producer.node]), s) for i, s in pairs]
+        rejected += rej
     for node in tr.gm.graph.nodes:
         if node.op != "call_module":
             continue

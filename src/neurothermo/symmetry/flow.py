@@ -34,29 +34,39 @@ from neurothermo.symmetry.fused import (
     split_step,
     tuple_step,
 )
+from neurothermo.symmetry.gain import gain_producer
 from neurothermo.symmetry.ops import (
     addmm_step,
     binary_step,
+    depthwise_columns,
     elementwise,
     linear_step,
     matmul_step,
     norm_step,
     prelu_slope,
     reshape_step,
-    sdpa_step,
 )
 from neurothermo.symmetry.recurrent import consumer_slices, layer_slices, rnn_layout
-from neurothermo.symmetry.shared import UNSUPPORTED, expand_step, repeat_step, shared_columns
+from neurothermo.symmetry.shared import (
+    UNSUPPORTED,
+    expand_step,
+    repeat_step,
+    sdpa_step,
+    shared_columns,
+    weights_times_value,
+)
 from neurothermo.symmetry.trace import Traced, module_op, op_name
 from neurothermo.symmetry.units import (
     _CONV,
     _DIAG,
     _NORMS,
+    _SCALES,
     Blocked,
     Flow,
     Fused,
     Producer,
     Track,
+    clamp_op,
     flat_args,
     label,
     ndim_of,
@@ -135,6 +145,8 @@ def _producer(tr: Traced, node: fx.Node, shape: tuple[int, ...] | None) -> Produ
             return Producer(node, path, shape[-1], last, cov, diag=True)
         return None
     op = op_name(node)
+    if op == "mul":  # a per-unit gain (Hugging Face RMSNorm's weight, see ``gain.py``)
+        return gain_producer(tr, node, shape)
     if op == "linear":
         w = tr.param_view(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
         if w is None:
@@ -162,7 +174,6 @@ def _producer(tr: Traced, node: fx.Node, shape: tuple[int, ...] | None) -> Produ
         cov.append(ParamSlice(b[1], "in", 0))
         return Producer(node, name, shape[-1], last, cov)
     return None
-
 
 
 def walk(tr: Traced, prod: Producer) -> Flow:
@@ -219,7 +230,6 @@ def walk_all(tr: Traced, prod: Producer) -> list[Flow]:
     return flows
 
 
-
 def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -> Track | None:
     if node.op == "output":
         raise Blocked("its units reach the model output")
@@ -255,6 +265,11 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
     if op in ("reshape", "transpose", "permute", "t", "identity") and isinstance(src, fx.Node) \
             and src in tracks and tracks[src].pick is None:
         return reshape_step(tr, flow, node, op, tracks[src]) if op != "identity" else tracks[src]
+    if op == "matmul" and len(node.args) == 2:
+        shared = weights_times_value(tr, node, tracks)
+        if shared is not None:
+            flow.path.append("attention")
+            return shared
     check_plain(node, tracks)
     if op == "addmm":
         addmm_step(tr, flow, node, tracks)
@@ -277,6 +292,8 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
         training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
         return elementwise(tr, flow, "dropout" if (p and training) else "identity", track, node)
+    if op in ("clamp", "clamp_min", "clamp_max"):
+        op = clamp_op(node, op)
     if op == "hardtanh":
         lo: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
         hi: Any = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
@@ -290,36 +307,9 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
     return elementwise(tr, flow, op, track, node)
 
 
-
-_SCALES = frozenset({"rescale", "sign"})
 _GROUPED_ROWS = ("'{path}' is a grouped convolution: each output channel reads only its own "
                  "group's input channels, so its output channels can be scaled but not mixed or "
                  "permuted across groups")
-
-
-def _depthwise_columns(flow: Flow, path: str, mod: nn.modules.conv._ConvNd, name: str,
-                       shape: tuple[int, ...]) -> ParamSlice:
-    """The weights of a depthwise convolution that read each input channel (the unit).
-
-    With ``groups == in_channels`` the weight is ``[in·m, 1, k…]`` and output channels
-    ``c·m … c·m+m−1`` read input channel ``c`` alone: viewed as ``[in, m, 1, k…]`` its rows along
-    dim 0 are exactly the entries unit ``c`` meets. Scaling input channel ``c`` by ``s_c`` and those
-    rows by ``1/s_c`` is exact (a convolution is linear in its input, channel by channel; the
-    bias does not see the input), for any ``s_c ≠ 0``: rescale and sign flip survive. A
-    permutation or a rotation of the input channels is not: it would change which channel each
-    output reads (exact only with the output channels permuted too, which is a different
-    symmetry). A grouped convolution with several input channels per group is not followed:
-    the entries of input channel ``c`` (``W[o, c mod in/g]`` for the ``o`` of ``c``'s group) are
-    not one slice along an axis of any view of the weight.
-    """
-    cin, groups = mod.in_channels, mod.groups
-    if cin != groups:
-        raise Blocked(f"'{path}' is a grouped convolution with {cin // groups} input channels "
-                      "per group over the units (only depthwise ones, one input channel per "
-                      "group, are followed)")
-    flow.restrict(_SCALES, f"'{path}' is a depthwise convolution: each input channel has its "
-                           "own filters, so the channels can be scaled but not mixed or permuted")
-    return ParamSlice(name, "out", 0, view=(groups, shape[0] // groups, *shape[1:]))
 
 
 def _module_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -> Track | None:
@@ -373,7 +363,7 @@ def _module_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Tr
         slices, caveat = weight_slices(tr, path, mod, "out")
         shape = tuple(mod.get_parameter(slices[0].name.removeprefix(path + ".")).shape)
         if isinstance(mod, _CONV) and mod.groups != 1:
-            slices = [_depthwise_columns(flow, path, mod, slices[0].name, shape)]
+            slices = [depthwise_columns(flow, path, mod, slices[0].name, shape)]
         else:
             slices = [unit_slice(slices[0].name, "out", 1, shape, n, r)]
         if caveat:

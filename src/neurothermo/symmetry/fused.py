@@ -2,10 +2,12 @@
 
 A fused projection computes several layers' units in one matrix product: timm's ``qkv`` Linear
 (``3·d`` outputs, reshaped to ``(…, 3, heads, head_dim)`` and unbound), GPT-2's ``c_attn``
-(``split(d, dim=-1)``). The walk of the whole layer stops with :class:`Fused` at the split;
-detection then walks one producer per segment (rows ``k·d:(k+1)·d`` of the weight: a view, no
-copy), whose track remembers which segment is its own (``Track.seg``) until the segments are
-separated by ``unbind`` / ``split`` / ``chunk`` / an integer index.
+(``split(d, dim=-1)``), GPT-NeoX's ``query_key_value`` (per head ``[q, k, v]``: viewed as
+``(…, heads, 3·d)`` and chunked, one segment of ``d`` rows per head and part; ``Track.head``
+remembers the head until the parts are separated). The walk of the whole layer stops with
+:class:`Fused` at the split; detection then walks one producer per segment (rows ``k·d:(k+1)·d``
+of the weight: a view, no copy), whose track remembers which segment is its own (``Track.seg``)
+until the segments are separated by ``unbind`` / ``split`` / ``chunk`` / an integer index.
 """
 from __future__ import annotations
 
@@ -62,19 +64,24 @@ def split_step(tr: Traced, flow: Flow, node: fx.Node, op: str, t: Track) -> Trac
         axes = tuple(a - (a > d) for a in t.axes)
         return replace(t, axes=axes, seg=None, seg_axis=None, pick=t.seg[0])
     d = _dim(node, 2, "dim", nd)
+    size: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+        "split_size_or_sections", node.kwargs.get("chunks"))
+    count = int(size) if op == "chunk" else (si[d] // int(size) if isinstance(size, int) else 0)
+    if len(t.axes) == 2 and d == t.axes[1] and t.seg is None and count >= 2 \
+            and not si[d] % count:  # per head [q, k, v] (GPT-NeoX): one segment per head and part
+        raise Fused(si[t.axes[0]] * count)
     if len(t.axes) != 1 or d != t.axes[0]:
         # split along another axis: every piece holds the units; not supported
         raise Blocked(f"'{label(node)}' splits the units' tensor")
-    size: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get(
-        "split_size_or_sections", node.kwargs.get("chunks"))
-    total = si[d]
-    count = int(size) if op == "chunk" else (total // int(size) if isinstance(size, int) else 0)
-    if count < 2 or total % count:
+    if count < 2 or si[d] % count:
         raise Blocked(f"'{label(node)}' splits the units unevenly")
     if t.seg is None:
         raise Fused(count)
     if t.seg[1] != count or t.seg_axis is not None:
         raise Blocked(f"'{label(node)}' splits the fused units differently")
+    if t.head is not None:  # now the units of head h alone: a segment of the heads axis
+        axis, h, heads = t.head
+        return replace(t, seg=(h, heads), seg_axis=axis, head=None, pick=t.seg[0])
     return replace(t, seg=None, pick=t.seg[0])
 
 
@@ -88,6 +95,8 @@ def _full(s: slice, size: int) -> bool:
 def index_step(tr: Traced, flow: Flow, node: fx.Node, t: Track) -> Track | None:
     """Basic indexing ``x[:, -1]``, ``x[..., None]``: the units pass if their axes are kept whole."""
     si, idx = tr.shape(node.args[0]), node.args[1]
+    if t.head is not None:
+        raise Blocked(f"'{label(node)}' indexes the fused units before they are separated")
     if si is None:
         raise Blocked(f"unknown shape around '{label(node)}'")
     items = list(idx) if isinstance(idx, tuple) else [idx]

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from neurothermo.symmetry.base import ParamSlice
-from neurothermo.symmetry.shared import QK_SHARED, gqa_value
+from neurothermo.symmetry.gated import gate_step
 from neurothermo.symmetry.trace import ELEMENTWISE, HOMOGENEOUS, ODD, Traced
 from neurothermo.symmetry.units import (
     _DIAG,
@@ -18,12 +18,12 @@ from neurothermo.symmetry.units import (
     _HOMOG,
     _LINEAR,
     _ODD,
+    _SCALES,
     ALL,
     Blocked,
     Flow,
     Fused,
     Track,
-    flat_args,
     label,
     ndim_of,
     unit_slice,
@@ -61,6 +61,30 @@ def prelu_slope(flow: Flow, name: str, numel: int, track: Track, buffer: bool = 
         raise Blocked("per-channel PReLU slope does not line up with the units")
     flow.passive.append(ParamSlice(name, "passive", 0, buffer=buffer))
 
+
+def depthwise_columns(flow: Flow, path: str, mod: nn.modules.conv._ConvNd, name: str,
+                       shape: tuple[int, ...]) -> ParamSlice:
+    """The weights of a depthwise convolution that read each input channel (the unit).
+
+    With ``groups == in_channels`` the weight is ``[in·m, 1, k…]`` and output channels
+    ``c·m … c·m+m−1`` read input channel ``c`` alone: viewed as ``[in, m, 1, k…]`` its rows along
+    dim 0 are exactly the entries unit ``c`` meets. Scaling input channel ``c`` by ``s_c`` and those
+    rows by ``1/s_c`` is exact (a convolution is linear in its input, channel by channel; the
+    bias does not see the input), for any ``s_c ≠ 0``: rescale and sign flip survive. A
+    permutation or a rotation of the input channels is not: it would change which channel each
+    output reads (exact only with the output channels permuted too, which is a different
+    symmetry). A grouped convolution with several input channels per group is not followed:
+    the entries of input channel ``c`` (``W[o, c mod in/g]`` for the ``o`` of ``c``'s group) are
+    not one slice along an axis of any view of the weight.
+    """
+    cin, groups = mod.in_channels, mod.groups
+    if cin != groups:
+        raise Blocked(f"'{path}' is a grouped convolution with {cin // groups} input channels "
+                      "per group over the units (only depthwise ones, one input channel per "
+                      "group, are followed)")
+    flow.restrict(_SCALES, f"'{path}' is a depthwise convolution: each input channel has its "
+                           "own filters, so the channels can be scaled but not mixed or permuted")
+    return ParamSlice(name, "out", 0, view=(groups, shape[0] // groups, *shape[1:]))
 
 
 def norm_step(tr: Traced, flow: Flow, path: str, mod: nn.Module, t: Track, nd: int) -> Track:
@@ -154,7 +178,10 @@ def reshape_step(tr: Traced, flow: Flow, node: fx.Node, op: str, t: Track) -> Tr
                 else node.kwargs["dims"]
             perm = [int(d) % nd for d in dims]
         seg_axis = None if t.seg_axis is None else perm.index(t.seg_axis)
-        return replace(t, axes=tuple(perm.index(x) for x in t.axes), seg_axis=seg_axis)
+        head = None if t.head is None else (perm.index(t.head[0]), *t.head[1:])
+        return replace(t, axes=tuple(perm.index(x) for x in t.axes), seg_axis=seg_axis, head=head)
+    if t.head is not None:
+        raise Blocked(f"'{label(node)}' reshapes the fused units before they are separated")
     groups = _groups(si, so)
 
     def find(a: int) -> tuple[list[int], list[int]]:
@@ -181,6 +208,12 @@ def reshape_step(tr: Traced, flow: Flow, node: fx.Node, op: str, t: Track) -> Tr
         ie, oe = find(ax)
         if ie == [ax] and len(oe) == 1:
             return replace(t, axes=(oe[0],))
+        if t.seg is not None and ie == [ax] and len(oe) == 2 and t.repeat == 1 \
+                and so[oe[1]] * so[oe[0]] == t.seg[1] * flow.producer.n and so[oe[0]] < t.seg[1] \
+                and not t.seg[1] % so[oe[0]]:
+            parts = t.seg[1] // so[oe[0]]  # [heads, parts·n]: per head its parts (GPT-NeoX)
+            h, k = divmod(t.seg[0], parts)
+            return replace(t, axes=(oe[1],), seg=(k, parts), head=(oe[0], h, so[oe[0]]))
         if t.seg is not None and ie == [ax] and len(oe) in (2, 3) and so[oe[0]] == t.seg[1] \
                 and t.repeat == 1:
             if len(oe) == 3:
@@ -260,19 +293,16 @@ def binary_step(tr: Traced, flow: Flow, node: fx.Node, op: str, tracks: dict[fx.
                                  "trainable parameter): it does not transform with the units")
             flow.passive.append(sl)
         else:
-            flow.restrict(_DIAG if first else _ELEM, f"'{lbl}' scales the units by '{name}'")
+            flow.restrict(_DIAG if first or op == "mul" else _ELEM, f"'{lbl}' scales the units by '{name}'")
             flow.passive.append(sl)
         flow.path.append(lbl)
         return t
     if op in ("add", "sub"):
         raise Blocked(f"residual add across the units: '{lbl}' adds them to '{oname}', "
                       "another stream that does not transform with them")
-    flow.restrict(frozenset({"rescale", "sign"}) if first and op == "mul" else frozenset(),
-                  f"'{lbl}' multiplies the units elementwise with '{oname}'")
-    if not flow.classes:
-        raise Blocked(f"'{lbl}' combines the units elementwise with '{oname}'")
-    flow.path.append(lbl)
-    return t
+    if op == "mul":
+        return gate_step(flow, node, 0 if first else 1, t, oname)
+    raise Blocked(f"'{lbl}' combines the units elementwise with '{oname}'")
 
 
 def _consume(flow: Flow, name: str, sl: ParamSlice, t: Track) -> None:
@@ -342,31 +372,4 @@ def matmul_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Tra
     if inner != contracted or (len(t.axes) == 2 and t.axes[0] >= nd - 2):
         raise Blocked("matmul contracts attention heads")
     flow.bilinear.append((node, side))
-    return None
-
-
-def sdpa_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -> Track | None:
-    names = ("query", "key", "value")
-    args: dict[str, Any] = {
-        k: (node.args[i] if len(node.args) > i else node.kwargs.get(k)) for i, k in enumerate(names)
-    }
-    hit = [k for k, v in args.items() if isinstance(v, fx.Node) and v in tracks]
-    extra = [a for a in flat_args(node) if isinstance(a, fx.Node) and a in tracks
-             and all(a is not v for v in args.values())]
-    if len(hit) != 1 or extra:
-        raise Blocked("scaled_dot_product_attention uses the units in several roles")
-    k = hit[0]
-    t = tracks[args[k]]
-    nd = ndim_of(tr, args[k])
-    if t.pick is not None or t.copy_axis is not None:
-        raise Blocked("scaled_dot_product_attention uses the layer's output tuple as a whole")
-    if t.axes[-1] != nd - 1 or (len(t.axes) == 2 and t.axes[0] >= nd - 2):
-        raise Blocked("scaled_dot_product_attention over another axis than the units'")
-    if k == "value":
-        out = gqa_value(tr, node, args[k], t, nd)
-        flow.path.append("attention")
-        return out
-    if t.seg is not None or node.kwargs.get("enable_gqa"):
-        raise Blocked(QK_SHARED)
-    flow.bilinear.append((node, "A" if k == "query" else "B"))
     return None

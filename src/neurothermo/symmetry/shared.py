@@ -1,4 +1,5 @@
-"""Transfer rules for key/value heads shared by several query heads (grouped-query attention).
+"""Transfer rules through attention (``scaled_dot_product_attention``, eager ``softmax(q·kᵀ) @ v``)
+and for key/value heads shared by several query heads (grouped-query attention).
 
 In grouped-query attention (Llama with ``num_key_value_heads < num_attention_heads``) value head
 ``j`` serves the ``n_rep`` query heads ``j·n_rep … j·n_rep+n_rep−1``: Hugging Face's ``repeat_kv``
@@ -26,7 +27,7 @@ import torch.fx as fx
 
 from neurothermo.symmetry.base import ParamSlice
 from neurothermo.symmetry.trace import Traced
-from neurothermo.symmetry.units import Blocked, Flow, Fused, Track, label
+from neurothermo.symmetry.units import Blocked, Flow, Fused, Track, flat_args, label, ndim_of
 
 UNSUPPORTED = ("repeats the units along an axis other than right after the attention heads "
                "(shared key/value heads are followed as heads → [:, :, None] → expand → reshape, "
@@ -101,3 +102,54 @@ def shared_columns(flow: Flow, name: str, t: Track, width: int) -> list[ParamSli
     if t.repeat != 1 or width != count * c * n:
         raise Blocked(f"'{name}' does not line up with the shared heads")
     return [ParamSlice(name, "out", 1, (k * c + r) * n, (k * c + r + 1) * n) for r in range(c)]
+
+
+def weights_times_value(tr: Traced, node: fx.Node, tracks: dict[fx.Node, Track]) -> Track | None:
+    """``softmax(q·kᵀ) @ v`` over shared value heads (eager attention after ``repeat_kv``).
+
+    The product contracts time and is batched over the heads, so query head ``h`` mixes only
+    its own copy of value head ``j`` over time, with weights that do not see ``v``: the units
+    and their segment stay where they were (as through ``scaled_dot_product_attention``).
+    None: not this pattern (the ordinary rules decide)."""
+    a, b = node.args[0], node.args[1]
+    if not isinstance(b, fx.Node) or b not in tracks or (isinstance(a, fx.Node) and a in tracks):
+        return None
+    t, so = tracks[b], tr.shapes.get(node)
+    nd = len(tr.shape(b) or ())
+    if t.seg is None or t.seg_axis is None or t.pick is not None or t.copy_axis is not None \
+            or so is None or len(so) != nd or t.seg_axis >= nd - 2:
+        return None
+    if t.axes == (nd - 2,):  # q·kᵀ with shared key heads
+        raise Blocked(QK_SHARED)
+    return t if t.axes == (nd - 1,) else None
+
+
+def sdpa_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -> Track | None:
+    """The units as the value (passed on, per shared head) or as the query / key (a bilinear
+    contraction, paired in ``detect.py`` with the other side: per head for per-head segments)."""
+    names = ("query", "key", "value")
+    args: dict[str, Any] = {
+        k: (node.args[i] if len(node.args) > i else node.kwargs.get(k)) for i, k in enumerate(names)
+    }
+    hit = [k for k, v in args.items() if isinstance(v, fx.Node) and v in tracks]
+    extra = [a for a in flat_args(node) if isinstance(a, fx.Node) and a in tracks
+             and all(a is not v for v in args.values())]
+    if len(hit) != 1 or extra:
+        raise Blocked("scaled_dot_product_attention uses the units in several roles")
+    k = hit[0]
+    t = tracks[args[k]]
+    nd = ndim_of(tr, args[k])
+    if t.pick is not None or t.copy_axis is not None:
+        raise Blocked("scaled_dot_product_attention uses the layer's output tuple as a whole")
+    if t.axes[-1] != nd - 1 or (len(t.axes) == 2 and t.axes[0] >= nd - 2):
+        raise Blocked("scaled_dot_product_attention over another axis than the units'")
+    if k == "value":
+        out = gqa_value(tr, node, args[k], t, nd)
+        flow.path.append("attention")
+        return out
+    if node.kwargs.get("enable_gqa") or (t.seg is not None and (
+            t.copies != 1 or t.seg_axis != nd - 3 or t.axes != (nd - 1,))):
+        raise Blocked(QK_SHARED)
+    # one head of a fused projection split per head (GPT-NeoX): paired with the same head
+    flow.bilinear.append((node if t.seg is None else (node, t.seg[0]), "A" if k == "query" else "B"))
+    return None

@@ -72,6 +72,8 @@ _FUNCTIONS: dict[Any, str] = {
     torch.concat: "cat", torch.split: "split", torch.unbind: "unbind", torch.chunk: "chunk",
     torch.Size: "meta", torch.ops.aten.sym_size.int: "meta", torch.ops.aten.sym_size: "meta",
     torch._C._nn.gelu: "gelu", torch.repeat_interleave: "repeat_interleave",
+    torch.clamp: "clamp", torch.clip: "clamp", torch.clamp_min: "clamp_min",
+    torch.clamp_max: "clamp_max",
 }
 _METHODS: dict[str, str] = {
     "view": "reshape", "reshape": "reshape", "flatten": "reshape", "unflatten": "reshape",
@@ -85,6 +87,7 @@ _METHODS: dict[str, str] = {
     "exp": "exp", "abs": "abs", "sin": "sin", "square": "square", "pow": "pow",
     "split": "split", "unbind": "unbind", "chunk": "chunk",
     "expand": "expand", "repeat_interleave": "repeat_interleave",
+    "clamp": "clamp", "clip": "clamp", "clamp_min": "clamp_min", "clamp_max": "clamp_max",
 }
 # Positively homogeneous (rescale), odd (sign flip), merely elementwise (permutation only).
 # |a·x| = a·|x| for a > 0: abs is positively homogeneous (even, not odd: no sign flip).

@@ -16,6 +16,7 @@ _HOMOG = frozenset({"rescale", "perm"})
 _ODD = frozenset({"sign", "perm"})
 _ELEM = frozenset({"perm"})
 _DIAG = frozenset({"rescale", "sign", "perm"})
+_SCALES = frozenset({"rescale", "sign"})
 _LINEAR = {"identity", "neg", "avg_pool"}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
@@ -48,6 +49,7 @@ class Track:
     strict: bool = False  # with ``pick``: using another element of the tuple blocks the flow
     copies: int = 1  # with ``seg``: entries per segment, each a copy of the units (shared heads)
     copy_axis: int | None = None  # after ``expand``: the axis of copies, next merged into seg_axis
+    head: tuple[int, int, int] | None = None  # (axis, h, heads): ``seg`` is within head h only
 
 
 @dataclass
@@ -64,6 +66,19 @@ class Producer:
     sign_cov: list[ParamSlice] | None = None  # what a sign flip acts on, if not ``cov`` (RNN gates)
 
 
+@dataclass(frozen=True)
+class Gate:
+    """Where the units were multiplied elementwise by another stream (a gated unit, see
+    ``gated.py``): the ``mul`` node, which operand the units were, their track there, whether
+    the path to it was linear and whether it admitted permutations."""
+
+    node: fx.Node
+    operand: int
+    track: Track
+    linear: bool
+    perm: bool
+
+
 @dataclass
 class Flow:
     producer: Producer
@@ -74,7 +89,7 @@ class Flow:
     passive: list[ParamSlice] = field(default_factory=list)
     consumers: list[tuple[str, list[ParamSlice], bool]] = field(default_factory=list)
     norms: list[tuple[str, str, bool]] = field(default_factory=list)  # name, channel|whole, ok
-    bilinear: list[tuple[fx.Node, str]] = field(default_factory=list)
+    bilinear: list[tuple[object, str]] = field(default_factory=list)  # (node[, head], A|B)
     blockers: list[str] = field(default_factory=list)
     eval_norms: list[tuple[str, str]] = field(default_factory=list)
     block: int = 0
@@ -82,11 +97,14 @@ class Flow:
     groups: int = 0  # GroupNorm: number of channel groups normalised together
     blocked_normed: bool = False  # the blocker met the units after a normalisation
     fused: int = 0  # > 0: the units are split into this many segments (see ``Fused``)
+    gate: Gate | None = None  # the units were gated by another stream (``gated.py``)
+    joint: set[str] = field(default_factory=set)  # after ``gate``: classes left to both streams
 
     def restrict(self, allowed: frozenset[str], reason: str) -> None:
         for c in self.classes - allowed:
             self.lost.setdefault(c, reason)
         self.classes &= allowed
+        self.joint &= allowed
 
 
 def unit_slice(name: str, role: str, dim: int, shape: tuple[int, ...], n: int, repeat: int,
@@ -133,6 +151,27 @@ def flat_args(node: fx.Node) -> list[Any]:
     rec(node.kwargs)
     return flat
 
+
+
+_CLAMP_BOUNDS = {"clamp": ("min", "max"), "clamp_min": ("min",), "clamp_max": ("max",)}
+
+
+def clamp_op(node: fx.Node, op: str) -> str:
+    """What a ``clamp`` is as an activation: ``clamp(min=0)`` (ReLU) and ``clamp(max=0)`` are
+    positively homogeneous (``max(α·z, 0) = α·max(z, 0)`` for ``α > 0``), ``clamp(−c, c)`` is
+    odd (a hardtanh), other constant bounds are merely elementwise (``"relu6"``); bounds that are
+    tensors block the units."""
+    bounds: dict[str, Any] = {
+        k: node.args[i + 1] if len(node.args) > i + 1 else node.kwargs.get(k)
+        for i, k in enumerate(_CLAMP_BOUNDS[op])}
+    lo, hi = bounds.get("min"), bounds.get("max")
+    if any(v is not None and not isinstance(v, int | float) for v in (lo, hi)):
+        raise Blocked(f"'{label(node)}' clamps the units to bounds that are tensors")
+    if (lo == 0 and hi is None) or (lo is None and hi == 0):
+        return "relu"
+    if lo is not None and hi is not None and lo == -hi and hi > 0:
+        return "hardtanh"
+    return "relu6"
 
 
 def label(node: fx.Node) -> str:

@@ -15,6 +15,7 @@ from neurothermo.gradstats.rules import (
 )
 from neurothermo.gradstats.rules._base import (
     Call,
+    PerSampleUnsupportedError,
     Rule,
     Sink,
     Use,
@@ -28,6 +29,7 @@ from neurothermo.gradstats.rules.norms import check_batchnorm
 __all__ = [
     "Call",
     "FallbackWarning",
+    "PerSampleUnsupportedError",
     "Rule",
     "Sink",
     "Use",

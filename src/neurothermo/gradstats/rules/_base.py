@@ -22,6 +22,28 @@ from torch.autograd.graph import GradientEdge
 
 from neurothermo.gradstats._pieces import Piece
 
+
+class PerSampleUnsupportedError(ValueError):
+    """The model has a part whose per-sample gradients cannot be measured (the message names it
+    and the way out): batch statistics, a layer input without a batch axis, a parameter used
+    outside its module, a module ``torch.func`` cannot evaluate one sample at a time. A
+    ``ValueError``, so ``except ValueError`` still catches it; the monitor catches this one to go
+    on without its noise columns.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import neurothermo as nt
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).train()
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> try:
+        ...     nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+        ... except nt.PerSampleUnsupportedError as e:  # batch statistics couple the samples
+        ...     print(str(e)[:39])
+        BatchNorm module '1' is in train mode:
+    """
+
+
 # ids of the batch-less inputs of the pass being evaluated (``_layout.py``): (tensor, b', size)
 _BATCHLESS: ContextVar[dict[int, tuple[Tensor, int, int]] | None] = ContextVar(
     "_BATCHLESS", default=None)
@@ -301,7 +323,7 @@ def batch_first(call_name: str, x: Tensor, b: int, what: str = "input") -> Tenso
     """
     if x.dim() == 0 or x.shape[0] != b:
         lead = "a scalar" if x.dim() == 0 else f"leading dimension {x.shape[0]}"
-        raise ValueError(
+        raise PerSampleUnsupportedError(
             f"module {call_name!r} got an {what} with {lead}, but the batch has {b} samples: "
             "per-sample gradients need batch-first activations (dim 0 = sample). Use "
             "batch_first=True layouts, or call the module on batched input (an input broadcast "
@@ -311,7 +333,7 @@ def batch_first(call_name: str, x: Tensor, b: int, what: str = "input") -> Tenso
     probe = batchless_size(x)
     if probe is not None:
         size, kept = probe
-        raise ValueError(
+        raise PerSampleUnsupportedError(
             f"module {call_name!r} got an {what} of shape {tuple(x.shape)} whose leading "
             f"dimension equals the batch size {b} only by coincidence: on a sub-batch of {size} "
             f"sample{'s' * (size > 1)} it is still {kept}, so it has no batch axis and its rows "

@@ -24,6 +24,7 @@ from torch.autograd.graph import get_gradient_edge
 from neurothermo.gradstats._pieces import Dense, Piece
 from neurothermo.gradstats.rules._base import (
     Call,
+    PerSampleUnsupportedError,
     Rule,
     Sink,
     Use,
@@ -90,7 +91,7 @@ def _forward(m: nn.Module, name: str, sink: Sink, args: tuple[Any, ...],
     query, key, value = a["query"], a["key"], a["value"]
     need_weights, is_causal = a["need_weights"], a["is_causal"]
     if query.dim() != 3:
-        raise ValueError(f"module {name!r}: unbatched MultiheadAttention input has no batch axis")
+        raise PerSampleUnsupportedError(f"module {name!r}: unbatched MultiheadAttention input has no batch axis")
     # Batch-first views that keep torch's identity tests (self- vs cross-attention).
     same_kv, same_qk = key is value, query is key
     if sink.clone:

@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neurothermo.gradstats._pieces import Dense, Factored, Piece, chunked
-from neurothermo.gradstats.rules._base import Call, Rule, batch_first, register_rule
+from neurothermo.gradstats.rules._base import (
+    Call,
+    PerSampleUnsupportedError,
+    Rule,
+    batch_first,
+    register_rule,
+)
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -101,7 +107,7 @@ def _pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
         return []
     x = batch_first(call.name, call.input(0), call.batch_size)
     if x.dim() != m.weight.dim():
-        raise ValueError(f"module {call.name!r}: unbatched convolution input has no batch axis")
+        raise PerSampleUnsupportedError(f"module {call.name!r}: unbatched convolution input has no batch axis")
     b, g = call.batch_size, m.groups
     weight, bias = call.param("weight"), call.param("bias")
     pieces = []

@@ -9,7 +9,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from neurothermo.gradstats._pieces import Indexed, Piece
-from neurothermo.gradstats.rules._base import Call, Rule, batch_first, register_rule
+from neurothermo.gradstats.rules._base import (
+    Call,
+    PerSampleUnsupportedError,
+    Rule,
+    batch_first,
+    register_rule,
+)
 
 
 def _pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
@@ -19,7 +25,7 @@ def _pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
     if delta is None or weight is None:
         return []
     if m.scale_grad_by_freq:
-        raise ValueError(
+        raise PerSampleUnsupportedError(
             f"module {call.name!r}: Embedding(scale_grad_by_freq=True) scales gradients by token "
             "counts over the whole batch, so per-sample gradients are ill-defined; construct the "
             "embedding with scale_grad_by_freq=False to measure them"

@@ -22,7 +22,12 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from neurothermo.gradstats._pieces import Dense, Piece
-from neurothermo.gradstats.rules._base import _NO_BATCH_AXIS, Call, batchless_size
+from neurothermo.gradstats.rules._base import (
+    _NO_BATCH_AXIS,
+    Call,
+    PerSampleUnsupportedError,
+    batchless_size,
+)
 
 
 class FallbackWarning(UserWarning):
@@ -110,7 +115,7 @@ def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
     batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == b
                and batchless_size(x) is None for x in leaves]
     if not any(batched):
-        raise ValueError(
+        raise PerSampleUnsupportedError(
             f"module {name!r} ({type(m).__name__}) has no batch-first tensor input (dim 0 = the "
             f"{b} samples), so its per-sample gradients cannot be computed. " + _NO_BATCH_AXIS
         )
@@ -119,16 +124,19 @@ def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
     with torch.no_grad():
         first = [x[:1] if bt else x for x, bt in zip(leaves, batched)]
         a1, k1 = tree_unflatten(first, spec)
-        probe = tensor_leaves(functional_call(m, theta, tuple(a1), k1))
+        try:
+            probe = tensor_leaves(functional_call(m, theta, tuple(a1), k1))
+        except Exception as e:  # e.g. a cache argument holding the whole batch's state
+            raise _no_torch_func(name, m, e) from e
     used = [(j, d) for j, d in enumerate(deltas) if d is not None]
     dims = []
     for j, _ in used:
         dim = _batch_dim(outs[j], probe[j], b) if j < len(probe) else None
         if dim is None:
-            raise ValueError(
+            raise PerSampleUnsupportedError(
                 f"module {name!r} ({type(m).__name__}): cannot find the batch axis of output "
                 f"{j} (shape {tuple(outs[j].shape)}); per-sample gradients need outputs that "
-                "carry the sample axis"
+                "carry the sample axis. " + _NO_BATCH_AXIS
             )
         dims.append(dim)
     consts = [None if bt else x for x, bt in zip(leaves, batched)]
@@ -161,7 +169,7 @@ def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
         tol = math.sqrt(torch.finfo(ref.dtype).eps) if ref.is_floating_point() else 0.0
         scale = float(ref.abs().max()) if ref.numel() else 0.0
         if not torch.allclose(got, ref, rtol=tol, atol=tol * max(scale, 1e-30)):
-            raise ValueError(
+            raise PerSampleUnsupportedError(
                 f"module {name!r} ({type(m).__name__}) evaluated one sample at a time does not "
                 "reproduce its batch output: a sample's output depends on the other samples "
                 "(batch statistics) or on random numbers (dropout in train mode), so its "
@@ -182,9 +190,12 @@ def _loop(f: Any, theta: dict[str, Tensor], xs: list[Tensor], ds: list[Tensor], 
     return grads, outs
 
 
-def _no_torch_func(name: str, m: nn.Module, e: Exception) -> ValueError:
-    return ValueError(
+def _no_torch_func(name: str, m: nn.Module, e: Exception) -> PerSampleUnsupportedError:
+    return PerSampleUnsupportedError(
         f"module {name!r} ({type(m).__name__}) has no closed-form rule and torch.func cannot "
-        f"evaluate it per sample ({e}). Register a rule for it with "
-        "neurothermo.gradstats.register_rule, or make it torch.func-compatible."
+        f"evaluate it one sample at a time ({type(e).__name__}: {str(e)[:200]}). If it takes a "
+        "cache or another argument holding the whole batch's state (Hugging Face: call the "
+        "model with use_cache=False), remove it; else register a rule for it with "
+        "neurothermo.gradstats.register_rule, or leave its parameters out of θ "
+        "(module.requires_grad_(False))."
     )

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neurothermo.gradstats._pieces import Dense, Piece
-from neurothermo.gradstats.rules._base import Call, Rule, batch_first, register_rule
+from neurothermo.gradstats.rules._base import (
+    Call,
+    PerSampleUnsupportedError,
+    Rule,
+    batch_first,
+    register_rule,
+)
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -30,25 +36,26 @@ def check_batchnorm(model: nn.Module) -> None:
         model: the network to check.
 
     Raises:
-        ValueError: a BatchNorm in train mode or with ``track_running_stats=False``, named (use
-            ``model.eval()``, or GroupNorm / LayerNorm).
+        PerSampleUnsupportedError: (a ``ValueError``) a BatchNorm in train mode or with
+            ``track_running_stats=False``, named (use ``model.eval()``, or GroupNorm / LayerNorm).
 
     Example:
         >>> from torch import nn
         >>> from neurothermo.gradstats.rules import check_batchnorm
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
         >>> check_batchnorm(model.eval())  # running statistics: fine
-        >>> check_batchnorm(model.train())
-        Traceback (most recent call last):
-        ...
-        ValueError: BatchNorm module '1' is in train mode: ...
+        >>> try:
+        ...     check_batchnorm(model.train())
+        ... except ValueError as e:  # a PerSampleUnsupportedError
+        ...     print(str(e)[:41])
+        BatchNorm module '1' is in train mode: it
     """
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
             m.training or m.running_mean is None
         ):
             why = "is in train mode" if m.training else "has track_running_stats=False"
-            raise ValueError(
+            raise PerSampleUnsupportedError(
                 f"BatchNorm module {name or type(m).__name__!r} {why}: it normalises each sample "
                 "with statistics of the whole batch, so a sample's output (and loss) depends on "
                 "the other samples and per-sample gradients are ill-defined. Call model.eval() "
@@ -106,7 +113,7 @@ def _group_norm(call: Call, m: nn.GroupNorm) -> Tensor:
 
 def _batch_norm(call: Call, m: nn.modules.batchnorm._BatchNorm) -> Tensor:
     if m.training or m.running_mean is None:  # check_batchnorm ran first; never a wrong number
-        raise ValueError(f"BatchNorm module {call.name!r} normalises with batch statistics")
+        raise PerSampleUnsupportedError(f"BatchNorm module {call.name!r} normalises with batch statistics")
     return F.batch_norm(_input(call), m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
 
 
@@ -114,7 +121,7 @@ def _instance_norm(call: Call, m: nn.modules.instancenorm._InstanceNorm) -> Tens
     x = _input(call)
     # torch's private _get_no_batch_dim carries no annotations
     if x.dim() != m._get_no_batch_dim() + 1:  # type: ignore[no-untyped-call]
-        raise ValueError(f"module {call.name!r}: unbatched InstanceNorm input has no batch axis")
+        raise PerSampleUnsupportedError(f"module {call.name!r}: unbatched InstanceNorm input has no batch axis")
     use_input_stats = m.training or not m.track_running_stats
     # Never pass the running buffers when normalising with input statistics: they would update.
     rm, rv = (None, None) if use_input_stats else (m.running_mean, m.running_var)

@@ -28,7 +28,15 @@ from torch.autograd.graph import get_gradient_edge
 from torch.nn.utils.rnn import PackedSequence
 
 from neurothermo.gradstats._pieces import Dense, Factored, Piece
-from neurothermo.gradstats.rules._base import Call, Rule, Sink, Use, batch_first, register_rule
+from neurothermo.gradstats.rules._base import (
+    Call,
+    PerSampleUnsupportedError,
+    Rule,
+    Sink,
+    Use,
+    batch_first,
+    register_rule,
+)
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
@@ -88,13 +96,13 @@ def _forward(m: nn.Module, name: str, sink: Sink, args: tuple[Any, ...],
     x = args[0] if args else kwargs["input"]
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
     if isinstance(x, PackedSequence):
-        raise ValueError(
+        raise PerSampleUnsupportedError(
             f"module {name!r} ({type(m).__name__}) got a PackedSequence: per-sample gradients of "
             "packed recurrent input are not supported. Pass the padded batch-first tensor (and "
             "mask the padded steps in the loss or read the output at each sample's last step)."
         )
     if not isinstance(x, Tensor) or x.dim() != 3:
-        raise ValueError(f"module {name!r}: unbatched {type(m).__name__} input has no batch axis")
+        raise PerSampleUnsupportedError(f"module {name!r}: unbatched {type(m).__name__} input has no batch axis")
     mode, hid = m.mode, m.hidden_size
     layers, dirs = m.num_layers, 2 if m.bidirectional else 1
     xb = x if m.batch_first else x.transpose(0, 1)
