@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import neurothermo as nt
-from neurothermo.gradstats import BackwardCapture, LayoutWarning
+from neurothermo.gradstats import BackwardCapture, FallbackWarning, LayoutWarning
 from neurothermo.gradstats._layout import probe_log
-from neurothermo.gradstats.rules import FallbackWarning
 
 DT = torch.float64
 
@@ -289,3 +288,96 @@ def test_sharded_models_are_not_probed(monkeypatch: pytest.MonkeyPatch) -> None:
         got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
     assert model.calls == [4]  # no probe forward
     torch.testing.assert_close(got, loop_norms(model, nn.MSELoss(), x, y), rtol=1e-12, atol=0)
+
+
+class SharedPositions(nn.Embedding):
+    """Learned positions from the shape of the ``[b, T]`` token ids (BART's layout): the output,
+    ``[1, T, d]``, is shared by every sample; a subclass with its own forward, so no rule."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        return super().forward(pos).unsqueeze(0)
+
+
+class Tokens(nn.Module):
+    def __init__(self, mix: bool = False) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(10, 5)
+        self.pos = SharedPositions(8, 5) if not mix else BatchMean()
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok(ids)
+        return self.head(torch.tanh(h + self.pos(ids if isinstance(self.pos, SharedPositions)
+                                                 else h))).mean(1)
+
+
+class BatchMean(nn.Module):
+    """A leading-1 output that mixes the samples: ``w ⊙ mean over the batch``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.w * h.mean(0, keepdim=True)
+
+
+def test_a_shared_output_of_leading_one_is_measured_per_sample() -> None:
+    """BART's learned positions: the ``[1, T, d]`` output is expanded to the batch, each sample
+    gets its own output gradient, and the norms equal the loop's (T = b included)."""
+    for t in (4, 6):
+        torch.manual_seed(0)
+        model = Tokens().to(DT)
+        g = torch.Generator().manual_seed(3)
+        x, y = torch.randint(0, 10, (4, t), generator=g), torch.randn(4, 3, generator=g, dtype=DT)
+        with pytest.warns(FallbackWarning):
+            got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+        torch.testing.assert_close(got, loop_norms(model, nn.MSELoss(), x, y), rtol=1e-12, atol=0)
+
+
+def test_control_a_leading_one_output_that_mixes_samples_is_refused() -> None:
+    torch.manual_seed(0)
+    model = Tokens(mix=True).to(DT)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 10, (4, 6), generator=g), torch.randn(4, 3, generator=g, dtype=DT)
+    with pytest.warns(FallbackWarning), pytest.raises(nt.PerSampleUnsupportedError,
+                                                      match="'pos'.*does not reproduce"):
+        nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+
+
+class Cache:
+    """State for the whole batch, as a Hugging Face cache holds it."""
+
+    def __init__(self, b: int) -> None:
+        self.b = b
+
+
+class Cached(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 3))
+
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        if x.shape[0] != cache.b:
+            raise RuntimeError(f"Sizes of tensors must match: {x.shape[0]} vs {cache.b}")
+        return x @ self.w
+
+
+class CachedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = Cached()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, cache=Cache(x.shape[0])).mean(1)
+
+
+def test_fallback_names_the_way_out_when_a_module_cannot_run_on_one_sample() -> None:
+    torch.manual_seed(0)
+    model = CachedNet().to(DT)
+    x, y = _data(4, 2)
+    with pytest.warns(FallbackWarning), pytest.raises(
+            nt.PerSampleUnsupportedError, match=r"'layer'.*one sample at a time \(RuntimeError: "
+                                                r"Sizes.*use_cache=False.*requires_grad_"):
+        nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
