@@ -381,3 +381,105 @@ def test_fallback_names_the_way_out_when_a_module_cannot_run_on_one_sample() -> 
             nt.PerSampleUnsupportedError, match=r"'layer'.*one sample at a time \(RuntimeError: "
                                                 r"Sizes.*use_cache=False.*requires_grad_"):
         nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+
+
+class Windows(nn.Module):
+    """Window attention's layout: ``[b, T, d]`` folded sample-major into ``[b·w, T/w, d]`` (each
+    sample's windows together), a Linear, a LayerNorm and a rule-less module on the windows,
+    unfolded again; or, with ``interleaved``, the window index outermost (``[w·b, …]``)."""
+
+    def __init__(self, w: int = 3, interleaved: bool = False) -> None:
+        super().__init__()
+        self.w, self.interleaved = w, interleaved
+        self.proj = nn.Linear(5, 5)
+        self.norm = nn.LayerNorm(5)
+        self.gain = Gain()
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        win = x.reshape(b, self.w, t // self.w, d)
+        if self.interleaved:
+            win = win.transpose(0, 1)
+        h = self.gain(self.norm(torch.tanh(self.proj(win.reshape(-1, t // self.w, d)))))
+        h = h.reshape(self.w, b, t // self.w, d).transpose(0, 1) if self.interleaved else h
+        return self.head(h.reshape(b, t, d)).mean(1)
+
+
+class Gain(nn.Module):
+    """No rule (the torch.func fallback): ``x ⊙ g`` plus a window-mean term."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.randn(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.g + x.mean(1, keepdim=True) * self.g.square()
+
+
+def test_a_sample_major_fold_of_the_batch_is_measured() -> None:
+    """Swin-style windows: the probe sees ``[w·b', …]`` and the first rows equal its own, so
+    sample i owns rows [i·w, (i+1)·w); the Linear, LayerNorm and fallback pieces are exact."""
+    for b in (4, 3):
+        torch.manual_seed(0)
+        model = Windows().to(DT)
+        x, y = _data(b, 6)
+        with pytest.warns(FallbackWarning):
+            got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y), by_parameter=True)
+        ref = {n: torch.stack([sum(g.square().sum() for g in torch.autograd.grad(
+            nn.MSELoss()(model(x[i:i + 1]), y[i:i + 1]), [p])) for i in range(b)])
+            for n, p in model.named_parameters()}
+        for n in ref:
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=0, msg=n)
+
+
+def test_control_a_window_major_fold_is_refused_and_the_order_check_matters(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same layers with the window index outermost: rows of a sample are not together, so
+    it is refused (naming the fold); and accepting it regardless (the order check skipped) gives
+    wrong norms, which is what the check prevents."""
+    torch.manual_seed(0)
+    model = Windows(interleaved=True).to(DT)
+    x, y = _data(4, 6)
+    with pytest.raises(nt.PerSampleUnsupportedError, match=r"'proj'.*leading dimension 12.*"
+                                                            r"multiple of the batch size"):
+        nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    from neurothermo.gradstats import _layout
+
+    monkeypatch.setattr(_layout, "_fold", lambda probe, leaf, t, m: m)
+    _layout._CACHE.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        wrong = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    ref = loop_norms(model, nn.MSELoss(), x, y)
+    assert (wrong - ref).abs().max() > 1e-3 * ref.abs().max()
+
+
+def test_hf_swin_with_its_bias_tables_frozen_is_exact() -> None:
+    """Hugging Face Swin: windows folded into the batch (exact, as above); its relative position
+    bias tables feed every sample alike (refused, naming them and the way out, which is exact)."""
+    pytest.importorskip("transformers")
+    from transformers import SwinConfig, SwinForImageClassification
+
+    torch.manual_seed(0)
+    cfg = SwinConfig(image_size=8, patch_size=2, num_channels=3, embed_dim=8, depths=[2, 1],
+                     num_heads=[2, 2], window_size=2, mlp_ratio=2.0, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, drop_path_rate=0.0, num_labels=3)
+    model = SwinForImageClassification(cfg).to(DT).eval()
+    g = torch.Generator().manual_seed(0)
+    x = {"pixel_values": torch.randn(4, 3, 8, 8, generator=g, dtype=DT)}
+    y = torch.randint(0, 3, (4,), generator=g)
+
+    def ce(out, t):
+        return F.cross_entropy(out.logits, t)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        with pytest.raises(nt.PerSampleUnsupportedError,
+                           match=r"relative_position_bias'.*requires_grad_\(False\)"):
+            nt.per_sample_grad_norms(model, ce, (x, y))
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.requires_grad_(False)
+        got = nt.per_sample_grad_norms(model, ce, (x, y))
+    torch.testing.assert_close(got, loop_norms(model, ce, x, y), rtol=1e-10, atol=0)

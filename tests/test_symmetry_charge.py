@@ -77,7 +77,8 @@ def _setup(name: str, seed: int = 0):
 
 def test_mixed_model_has_every_charged_kind():
     _, _, _, syms = _setup("mixed")
-    assert sorted(s.kind for s in syms) == ["double_rotation"] * 3 + ["rescale"] * 2 + ["scale"]
+    # o → mean over time → fc1 is a double rotation too (the mean is linear over positions)
+    assert sorted(s.kind for s in syms) == ["double_rotation"] * 4 + ["rescale"] * 2 + ["scale"]
 
 
 def _size(model: nn.Module, sym: Symmetry) -> float:
@@ -235,7 +236,7 @@ def test_isometries_map_sgd_trajectories_onto_each_other():
     gen = torch.Generator().manual_seed(2)
     cases = [(s, s.random_element(gen)) for s in syms if s.kind in ("permutation", "sign_flip")]
     cases += [(s, random_orthogonal(s, gen, D)) for s in syms if s.kind == "double_rotation"]
-    assert len(cases) == 7  # 3 permutations, 1 sign flip, 3 orthogonal double rotations
+    assert len(cases) == 8  # 3 permutations, 1 sign flip, 4 orthogonal double rotations
     for sym, g in cases:
         trained = _train(copy.deepcopy(model), x, y, 8, seed=7)
         expected = sym.transform(copy.deepcopy(trained), g)

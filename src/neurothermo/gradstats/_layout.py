@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,8 +41,30 @@ from neurothermo.gradstats._capture import input_leaves
 
 # leading sizes (None for a scalar) of the tensor inputs of each module call, by (name, k-th call)
 Log = dict[tuple[str, int], tuple[int | None, ...]]
+Leaf = tuple[str, int, int]  # (module name, k-th call, j-th tensor input)
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[int, Log] | None]] = (
+
+@dataclass
+class Probe:
+    """One probe's result: ``size`` = b', ``log`` the leading sizes. ``values``: the probe's copy
+    of each input whose leading size is a multiple ``m·b'`` (``m > 1``) — a batch folded with
+    another axis, or an input without one — kept until the first pass judged against it decided
+    ``folded[leaf]`` (``m``, or 0: not a sample-major fold), which later passes reuse."""
+
+    size: int
+    log: Log
+    values: dict[Leaf, Tensor] = field(default_factory=dict)
+    folded: dict[Leaf, int] = field(default_factory=dict)
+
+
+@dataclass
+class Judgement:
+    """``batchless``: ``{id: (tensor, b', probe size)}``; ``folded``: ``{id: (tensor, m)}``."""
+
+    batchless: dict[int, tuple[Tensor, int, int]] = field(default_factory=dict)
+    folded: dict[int, tuple[Tensor, int]] = field(default_factory=dict)
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, Probe | None]] = (
     weakref.WeakKeyDictionary())
 _CACHE_SIZE = 16  # shape signatures kept per model (a DataLoader has one or two)
 _WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -66,8 +89,8 @@ def _signature(batch: Batch, model: nn.Module) -> Any:
     return parts, sig(batch.targets), flags, torch.is_grad_enabled()
 
 
-def probe_log(model: nn.Module, batch: Batch) -> tuple[int, Log] | None:
-    """``(b', log)``: the leading sizes of every module call's tensor inputs on ``b'`` samples.
+def probe_log(model: nn.Module, batch: Batch) -> Probe | None:
+    """The leading sizes of every module call's tensor inputs on ``b'`` samples (a :class:`Probe`).
 
     Cached per model and shape signature. None (after one :class:`LayoutWarning` per model) when
     the model's forward fails on every sub-batch tried; the caller then judges nothing.
@@ -82,13 +105,13 @@ def probe_log(model: nn.Module, batch: Batch) -> tuple[int, Log] | None:
         _warn_once(model, "the model's parameters are sharded (DTensor: FSDP2 or tensor "
                    "parallel), and the layout probe's extra forward would need every rank to join")
         return None
-    found: tuple[int, Log] | None = None
+    found: Probe | None = None
     errors = []
     for size in (1, 2):
         if size >= batch.size:
             break
         try:
-            found = (size, _run(model, batch[:size]))
+            found = _run(model, batch[:size], size)
             break
         except Exception as e:  # the model refuses this sub-batch: try the next size
             errors.append(f"{size} sample{'s' * (size > 1)}: {type(e).__name__}: {e}")
@@ -121,8 +144,8 @@ def _sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _run(model: nn.Module, sub: Batch) -> Log:
-    log: Log = {}
+def _run(model: nn.Module, sub: Batch, size: int) -> Probe:
+    probe = Probe(size, {})
     counts: dict[str, int] = {}
     handles = []
 
@@ -130,8 +153,11 @@ def _run(model: nn.Module, sub: Batch) -> Log:
         def record(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             k = counts.get(name, 0)
             counts[name] = k + 1
-            log[(name, k)] = tuple(int(t.shape[0]) if t.dim() else None
-                                   for t in input_leaves(args, kwargs))
+            leaves = input_leaves(args, kwargs)
+            probe.log[(name, k)] = tuple(int(t.shape[0]) if t.dim() else None for t in leaves)
+            for j, t in enumerate(leaves):
+                if t.dim() and t.shape[0] > size and t.shape[0] % size == 0:
+                    probe.values[(name, k, j)] = t.detach().clone()
         return record
 
     devices = [sub.tensors()[0].device] if sub.tensors() else []
@@ -147,29 +173,52 @@ def _run(model: nn.Module, sub: Batch) -> Log:
     finally:
         for h in handles:
             h.remove()
-    return log
+    return probe
 
 
-def batchless(calls: list[tuple[str, list[Tensor]]], b: int, probe: tuple[int, Log] | None
-              ) -> dict[int, tuple[Tensor, int, int]]:
-    """The recorded inputs of leading size ``b`` whose probe size is not ``b'``.
+def judge(calls: list[tuple[str, list[Tensor]]], b: int, probe: Probe | None) -> Judgement:
+    """Which recorded inputs do not follow the batch, and which fold it with another axis.
 
-    ``calls``: ``(module name, tensor inputs)`` of every recorded call, in order. Returns
-    ``{id(tensor): (tensor, b', leading size in the probe)}`` (the tensor is kept so the id stays
-    its own while the result is in use).
+    ``calls``: ``(module name, tensor inputs)`` of every recorded call, in order. An input of
+    leading size ``b`` whose probe size is not ``b'`` is *batch-less*. An input of leading size
+    ``m·b`` whose probe size is ``m·b'`` (``m > 1``: Swin's windows, ``[b·n_windows, …]``) is
+    *folded* when it is sample-major, i.e. its first ``m·b'`` rows equal the probe's (the probe
+    ran on the first ``b'`` samples): then sample ``i`` owns rows ``[i·m, (i+1)·m)``. The order
+    is a property of the code, so it is decided once, on the pass the probe ran with, and reused.
+    The tensors are kept in the result so their ids stay their own while it is in use.
     """
+    out = Judgement()
     if probe is None or b <= 1:
-        return {}
-    size, log = probe
-    out: dict[int, tuple[Tensor, int, int]] = {}
+        return out
+    size = probe.size
     counts: dict[str, int] = {}
     for name, leaves in calls:
         k = counts.get(name, 0)
         counts[name] = k + 1
-        seen = log.get((name, k))
+        seen = probe.log.get((name, k))
         if seen is None or len(seen) != len(leaves):
             continue  # the probe took another path here: not judged
-        for t, lead in zip(leaves, seen):
-            if t.dim() and t.shape[0] == b and lead is not None and lead != size:
-                out[id(t)] = (t, size, lead)
+        for j, (t, lead) in enumerate(zip(leaves, seen)):
+            if not t.dim() or lead is None:
+                continue
+            if t.shape[0] == b and lead != size:
+                out.batchless[id(t)] = (t, size, lead)
+            elif lead > size and lead % size == 0 and t.shape[0] == (lead // size) * b:
+                m = _fold(probe, (name, k, j), t, lead // size)
+                if m:
+                    out.folded[id(t)] = (t, m)
+    probe.values.clear()  # every fold seen is decided; the copies are not needed again
     return out
+
+
+def _fold(probe: Probe, leaf: Leaf, t: Tensor, m: int) -> int:
+    if leaf not in probe.folded:
+        ref = probe.values.get(leaf)
+        if ref is None:
+            return 0  # not seen on the pass the probe ran with: not judged
+        mine = t.detach()[:ref.shape[0]]
+        ok = mine.shape == ref.shape and bool(torch.allclose(
+            mine.to(ref.dtype), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-30)
+            if ref.is_floating_point() else torch.equal(mine, ref))
+        probe.folded[leaf] = m if ok else 0
+    return probe.folded[leaf]

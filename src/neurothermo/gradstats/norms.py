@@ -28,7 +28,7 @@ from neurothermo._validate import (
     check_scalar_loss,
 )
 from neurothermo.gradstats._capture import Recorder, recording
-from neurothermo.gradstats._layout import batchless, probe_log
+from neurothermo.gradstats._layout import judge, probe_log
 from neurothermo.gradstats._pieces import Piece, param_sq_norm
 from neurothermo.gradstats.rules import Use, check_batchnorm
 from neurothermo.gradstats.rules._base import PerSampleUnsupportedError, judged
@@ -97,7 +97,11 @@ def per_sample_grad_norms(
     time steps as positions; ``proj_size > 0`` uses the fallback). A module called on an input
     broadcast over the batch (leading dimension 1, e.g. Hugging Face's ``position_ids`` of shape
     ``[1, T]``) is measured on its output expanded to the batch, so each sample gets its own
-    rows. A model's own parameters used directly in its forward (a ViT's ``cls_token`` and
+    rows; so is a module whose output of leading size 1 every sample shares (BART's learned
+    positions). An input that folds the batch sample-major with another axis (Swin's windows,
+    ``[b·n, …]``, checked by the layout probe below) is exact in Linear, Conv1D, Embedding,
+    LayerNorm/RMSNorm and the fallback. A model's own parameters used directly in its forward
+    (a ViT's ``cls_token`` and
     ``pos_embed``) are measured op by op when the op broadcasts them over the batch. Any other
     module with parameters uses an exact torch.func path on that module alone (a one-time
     :class:`FallbackWarning`; ``neurothermo.gradstats.register_rule`` adds a closed form). A
@@ -259,9 +263,9 @@ def _measure(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, 
             _key(e): g for e, g in zip(edges, grads)}
         mean_grads = grads[len(edges):]
         del edges, inputs, grads
-        flagged = batchless(rec.inputs, b, probe_log(model, batch) if b > 1 else None)
+        layout = judge(rec.inputs, b, probe_log(model, batch) if b > 1 else None)
         rec.inputs.clear()
-        with torch.set_grad_enabled(create_graph), judged(flagged):
+        with torch.set_grad_enabled(create_graph), judged(layout.batchless, layout.folded):
             norms = _evaluate(rec.uses, delta)
             sq = {n: norms[id(p)] * (b * b) if id(p) in norms else p.new_zeros(b)
                   for n, p in params.items()}

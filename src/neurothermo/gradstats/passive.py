@@ -52,7 +52,7 @@ from torch.utils.hooks import RemovableHandle
 from neurothermo._data import batch_of, model_device
 from neurothermo._state import preserved_state
 from neurothermo.gradstats._capture import _QUERIES, Recorder, _writes, recording
-from neurothermo.gradstats._layout import batchless, probe_log
+from neurothermo.gradstats._layout import Judgement, judge, probe_log
 from neurothermo.gradstats.norms import _evaluate, _key
 from neurothermo.gradstats.rules import rule_for
 from neurothermo.gradstats.rules._base import judged
@@ -408,16 +408,16 @@ class BackwardCapture:
             if rec.modified_in_place():
                 self._fail(f"tensors recorded at {rec.modified_in_place()} were modified in place")
                 return None
-            flagged = {}
+            layout = Judgement()
             if batch is not None and batch_size > 1:
                 for h in self._handles:  # the probe's forward is not the caller's
                     h.remove()
                 self._handles = []
                 with preserved_state(self.model):
                     probe = probe_log(self.model, batch.to(model_device(self.model)))
-                flagged = batchless(rec.inputs, batch_size, probe)
+                layout = judge(rec.inputs, batch_size, probe)
             rec.inputs.clear()
-            with torch.no_grad(), judged(flagged):
+            with torch.no_grad(), judged(layout.batchless, layout.folded):
                 try:
                     per_param = _evaluate(rec.uses, self._delta)
                 except ValueError as e:  # a rule refuses this pass; an extra pass will say why

@@ -243,8 +243,8 @@ class Symmetry:
     def __str__(self) -> str:
         if self.exact:
             return f"{self.kind}: {self.location}"
-        return (f"{self.kind} (approximate, broken by {self.broken_by}: output change "
-                f"{self.breaking:.1e}): {self.location}")
+        return (f"{self.kind} (approximate, broken by {self.broken_by}: breaking "
+                f"{self.breaking:.1e} at the model's eps): {self.location}")
 
     def _no_charge(self) -> None:
         if self.isometry:

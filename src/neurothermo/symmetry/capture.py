@@ -16,7 +16,10 @@ arguments, e.g. a tokenizer's ``BatchEncoding``; the batch on the leading axis).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
+import io
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -141,6 +144,20 @@ def _arg(node: fx.Node, i: int, key: str) -> Any:
     return node.args[i] if len(node.args) > i else node.kwargs.get(key)
 
 
+def _plain(mod: nn.Module, types: tuple[type, ...]) -> nn.Module:
+    """``mod`` itself, or for a subclass that overrides ``forward`` (Hugging Face's
+    ``ConvNextLayerNorm`` permutes channels-first inputs around the norm, which dynamo has already
+    recorded as separate operations) a shallow copy of torch's class sharing its parameters, so
+    that replaying the graph runs only the normalisation (or convolution) the call stands for."""
+    base: Any = next((c for c in type(mod).__mro__ if c.__module__.startswith("torch.nn")
+                      and issubclass(c, types)), None)
+    if base is None or type(mod).forward is base.forward:
+        return mod
+    plain = copy.copy(mod)  # shares ``_parameters`` / ``_buffers``: the same tensors
+    plain.__class__ = base
+    return plain
+
+
 def _remodule(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     """Model parameter names for graph attributes; functional calls back into module calls."""
     names: dict[int, str] = {}
@@ -178,7 +195,7 @@ def _remodule(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        root[path] = mod
+        root[path] = _plain(mod, types)
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             root.pop(str(node.target), None)
@@ -210,7 +227,8 @@ def dynamo_trace(model: nn.Module, inputs: Args) -> Traced:
         holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(holders) != len(flat):
             raise RuntimeError(f"captured {len(holders)} inputs, expected {len(flat)}")
-        with preserved_state(model), torch.no_grad():
+        # ShapeProp prints the traceback of a failing node to stderr: the message below says it
+        with preserved_state(model), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*flat)
     except Exception as err:
         raise UntraceableModelError(

@@ -54,6 +54,8 @@ class Cand:
     sym: Symmetry
     eps: str = ""  # the normalisations whose eps > 0 break it (scale symmetries)
     norms: list[tuple[str, str]] = field(default_factory=list)  # (module path, channel|group|whole)
+    sites: frozenset[Any] = frozenset()  # graph nodes the walk reached (see ``reentry.py``)
+    calls: int = 1  # copies merged: the same pattern inside each call of a re-entered module
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from neurothermo.symmetry.flow import Flow, find_producers, walk_all
 from neurothermo.symmetry.gated import gated_pairs
 from neurothermo.symmetry.progress import Progress, ProgressArg
 from neurothermo.symmetry.recurrent import inner_symmetries
+from neurothermo.symmetry.reentry import merge_calls
 from neurothermo.symmetry.rotation import attention_symmetries
 from neurothermo.symmetry.scale import weight_norm_symmetry
 from neurothermo.symmetry.trace import Traced
@@ -29,7 +30,10 @@ class SymmetryReport:
 
     Attributes:
         symmetries: the verified symmetries (:class:`Symmetry`).
-        changes: each one's verified relative output change, in the same order.
+        changes: each one's verified relative output change, in the same order. For an
+            approximate symmetry this is the change with every normalisation's eps → 0 (the
+            check that makes it a symmetry in that limit); its breaking at the model's own eps
+            is :attr:`Symmetry.breaking`. The printed report names both.
         rejected: the patterns left out, with reasons (:class:`Rejection`).
         blocks: the parts of the model and how detection saw each (:class:`Block`).
     """
@@ -58,7 +62,8 @@ class SymmetryReport:
     def __str__(self) -> str:
         n_apx = len(self.approximate)
         lines = [f"{len(self.symmetries)} symmetries (verified; {n_apx} approximate):"]
-        lines += [f"  {s}   [max output change {c:.1e}]" for s, c in zip(self.symmetries, self.changes)]
+        lines += [f"  {s}   [max output change {c:.1e}{'' if s.exact else ' with eps → 0'}]"
+                  for s, c in zip(self.symmetries, self.changes)]
         lines.append(f"{len(self.rejected)} patterns not reported:")
         lines += [f"  {r}" for r in self.rejected]
         lines.append("graph capture:")
@@ -145,14 +150,16 @@ def _decide(tr: Traced, f: Flow) -> tuple[list[Symmetry], list[Rejection]]:
     return found, rej
 
 
-def _pairs(flows: list[Flow]) -> tuple[list[tuple[int, Symmetry]], list[Rejection]]:
-    """Attention-style bilinear contractions ``q·kᵀ`` of two producers' units."""
+def _pairs(flows: list[Flow]) -> tuple[list[tuple[int, Symmetry, frozenset[Any]]], list[Rejection]]:
+    """Attention-style bilinear contractions ``q·kᵀ`` of two producers' units (with the nodes
+    the two walks reached)."""
     at: dict[object, list[tuple[int, Flow, str]]] = defaultdict(list)
     for i, f in enumerate(flows):
         if not f.blockers:
             for node, side in f.bilinear:
                 at[node].append((i, f, side))
-    found, rej = [], []
+    found: list[tuple[int, Symmetry, frozenset[Any]]] = []
+    rej: list[Rejection] = []
     for items in at.values():
         a = [(i, f) for i, f, s in items if s == "A"]
         b = [(i, f) for i, f, s in items if s == "B"]
@@ -172,19 +179,23 @@ def _pairs(flows: list[Flow]) -> tuple[list[tuple[int, Symmetry]], list[Rejectio
                 n, blk = fa.producer.n, fa.block or fa.producer.n
                 sl = fa.producer.cov + fa.cov + [replace(s, role="out") for s in fb.producer.cov + fb.cov]
                 loc = f"{fa.producer.name} · {fb.producer.name}ᵀ ({_units(n, fa.block)})"
-                found.append((ia, Symmetry("double_rotation", loc, tuple(sl), n, blk)))
+                found.append((ia, Symmetry("double_rotation", loc, tuple(sl), n, blk),
+                              frozenset(fa.reached | fb.reached)))
         if problem:
             names = " · ".join(f.producer.name for _, f, _ in items)
             rej.append(Rejection(names, problem, "double_rotation"))
     return found, rej
 
 
-def _structural_problem(tr: Traced, sym: Symmetry) -> str | None:
+def _structural_problem(tr: Traced, sym: Symmetry, calls: int = 1) -> str | None:
+    """Tied/shared or frozen weights; ``calls``: the pattern was found once inside each of that
+    many calls of a shared module (``reentry.py``), which then may use each parameter once."""
     for name in sym.param_names:
         k = tr.uses.get(tr.canonical.get(id(tr.model.get_parameter(name)), name), 0)
-        if k > 1:
-            return (f"parameter '{name}' is used by {k} operations (tied/shared weights): one "
-                    "group element would have to act on it in two incompatible ways")
+        if k > calls:
+            return (f"parameter '{name}' is used by {k} operations (tied/shared weights) and the "
+                    "pattern is not found the same way once inside each of them: one group "
+                    "element would have to act on it in two incompatible ways")
     if sym.has_charge:
         for name in sym.param_names:
             if not tr.model.get_parameter(name).requires_grad:
@@ -223,11 +234,12 @@ def _candidates(k: int, part: Part) -> tuple[list[Cand], list[Rejection]]:
         found, rej = _decide(tr, f)
         eps = _eps_of(tr, [name for name, _, _ in f.norms])
         norms = [(prefix + name, kind) for name, kind, _ in f.norms]
-        cands += [Cand((k, order[f.producer.node]), s, eps, norms) if s.kind == "scale" and eps
-                  else Cand((k, order[f.producer.node]), s) for s in found]
+        sites = frozenset(f.reached)
+        cands += [Cand((k, order[f.producer.node]), s, eps, norms, sites) if s.kind == "scale"
+                  and eps else Cand((k, order[f.producer.node]), s, sites=sites) for s in found]
         rejected += rej
     for pairs, rej in (_pairs(flows), gated_pairs(flows)):
-        cands += [Cand((k, order[flows[i].producer.node]), s) for i, s in pairs]
+        cands += [Cand((k, order[flows[i].producer.node]), s, sites=at) for i, s, at in pairs]
         rejected += rej
     for node in tr.gm.graph.nodes:
         if node.op != "call_module":
@@ -241,11 +253,11 @@ def _candidates(k: int, part: Part) -> tuple[list[Cand], list[Rejection]]:
         wn = weight_norm_symmetry(str(node.target), mod)
         if wn is not None:
             extra.append(wn)
-        cands += [Cand((k, order[node]), s) for s in extra]
-    cands.sort(key=lambda c: c.order)
+        cands += [Cand((k, order[node]), s, sites=frozenset({node})) for s in extra]
+    cands = merge_calls(tr, cands)
     kept = []
     for c in cands:
-        problem = _structural_problem(tr, c.sym)
+        problem = _structural_problem(tr, c.sym, c.calls)
         if problem:
             rejected.append(Rejection(prefix + c.sym.location, problem, c.sym.kind))
         else:

@@ -47,6 +47,7 @@ from neurothermo.symmetry.ops import (
     reshape_step,
 )
 from neurothermo.symmetry.recurrent import consumer_slices, layer_slices, rnn_layout
+from neurothermo.symmetry.reduce import reduce_step
 from neurothermo.symmetry.shared import (
     UNSUPPORTED,
     expand_step,
@@ -185,6 +186,7 @@ def walk(tr: Traced, prod: Producer) -> Flow:
     if prod.caveat:
         flow.restrict(prod.allowed if prod.allowed is not None else _DIAG, prod.caveat)
     tracks: dict[fx.Node, Track] = {prod.node: prod.track}
+    flow.reached.add(prod.node)
     started = False
     for node in tr.gm.graph.nodes:
         if node is prod.node:
@@ -192,6 +194,7 @@ def walk(tr: Traced, prod: Producer) -> Flow:
             continue
         if not started or not any(isinstance(a, fx.Node) and a in tracks for a in flat_args(node)):
             continue
+        flow.reached.add(node)
         try:
             new = _step(tr, flow, node, tracks)
         except Fused as err:
@@ -288,6 +291,8 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
     track = tracks[src]
     if op in ("reshape", "transpose", "permute", "t"):
         return reshape_step(tr, flow, node, op, track)
+    if op in ("mean", "sum", "vector_norm"):
+        return reduce_step(tr, flow, node, op, track)
     if op == "dropout":
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
         training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)

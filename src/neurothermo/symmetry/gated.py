@@ -94,13 +94,16 @@ def _permutation(a: Flow, b: Flow) -> Symmetry:
     return Symmetry("permutation", loc, tuple(slices), n)
 
 
-def gated_pairs(flows: list[Flow]) -> tuple[list[tuple[int, Symmetry]], list[Rejection]]:
-    """The joint permutations of the two factors of every gated product, by flow index."""
+def gated_pairs(
+    flows: list[Flow],
+) -> tuple[list[tuple[int, Symmetry, frozenset[fx.Node]]], list[Rejection]]:
+    """The joint permutations of the two factors of every gated product, by flow index, with
+    the nodes the two walks reached."""
     at: dict[fx.Node, list[tuple[int, Flow]]] = defaultdict(list)
     for i, f in enumerate(flows):
         if f.gate is not None:
             at[f.gate.node].append((i, f))
-    found: list[tuple[int, Symmetry]] = []
+    found: list[tuple[int, Symmetry, frozenset[fx.Node]]] = []
     rejected: list[Rejection] = []
     for node, items in at.items():
         items.sort(key=_operand)
@@ -115,7 +118,7 @@ def gated_pairs(flows: list[Flow]) -> tuple[list[tuple[int, Symmetry]], list[Rej
         if problem:
             rejected.append(Rejection(names, problem, "permutation"))
         else:
-            found.append((ia, _permutation(a, b)))
+            found.append((ia, _permutation(a, b), frozenset(a.reached | b.reached)))
     return found, rejected
 
 

@@ -73,7 +73,8 @@ _FUNCTIONS: dict[Any, str] = {
     torch.Size: "meta", torch.ops.aten.sym_size.int: "meta", torch.ops.aten.sym_size: "meta",
     torch._C._nn.gelu: "gelu", torch.repeat_interleave: "repeat_interleave",
     torch.clamp: "clamp", torch.clip: "clamp", torch.clamp_min: "clamp_min",
-    torch.clamp_max: "clamp_max",
+    torch.clamp_max: "clamp_max", torch.mean: "mean", torch.sum: "sum",
+    torch.linalg.vector_norm: "vector_norm",
 }
 _METHODS: dict[str, str] = {
     "view": "reshape", "reshape": "reshape", "flatten": "reshape", "unflatten": "reshape",
@@ -88,6 +89,7 @@ _METHODS: dict[str, str] = {
     "split": "split", "unbind": "unbind", "chunk": "chunk",
     "expand": "expand", "repeat_interleave": "repeat_interleave",
     "clamp": "clamp", "clip": "clamp", "clamp_min": "clamp_min", "clamp_max": "clamp_max",
+    "mean": "mean", "sum": "sum",
 }
 # Positively homogeneous (rescale), odd (sign flip), merely elementwise (permutation only).
 # |a·x| = a·|x| for a > 0: abs is positively homogeneous (even, not odd: no sign flip).

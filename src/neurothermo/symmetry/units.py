@@ -99,6 +99,7 @@ class Flow:
     fused: int = 0  # > 0: the units are split into this many segments (see ``Fused``)
     gate: Gate | None = None  # the units were gated by another stream (``gated.py``)
     joint: set[str] = field(default_factory=set)  # after ``gate``: classes left to both streams
+    reached: set[fx.Node] = field(default_factory=set)  # the producer and every node stepped on
 
     def restrict(self, allowed: frozenset[str], reason: str) -> None:
         for c in self.classes - allowed:

@@ -44,9 +44,10 @@ class PerSampleUnsupportedError(ValueError):
     """
 
 
-# ids of the batch-less inputs of the pass being evaluated (``_layout.py``): (tensor, b', size)
-_BATCHLESS: ContextVar[dict[int, tuple[Tensor, int, int]] | None] = ContextVar(
-    "_BATCHLESS", default=None)
+# the layout of the pass being evaluated (``_layout.py``): its batch-less inputs by id,
+# (tensor, b', probe size), and its folded ones, (tensor, m)
+_Layout = tuple[Mapping[int, tuple[Tensor, int, int]], Mapping[int, tuple[Tensor, int]]]
+_JUDGED: ContextVar[_Layout | None] = ContextVar("_JUDGED", default=None)
 
 
 @dataclass(frozen=True)
@@ -315,6 +316,14 @@ _NO_BATCH_AXIS = (
 )
 
 
+_FOLDED = (
+    " This input's leading size is a multiple of the batch size (the batch folded with another "
+    "axis, as window attention does): that is measured when the fold is sample-major (sample "
+    "i's rows together, checked against the layout probe) and the layer is a Linear, Conv1D, "
+    "Embedding or LayerNorm/RMSNorm; not for this layer or this order."
+)
+
+
 def batch_first(call_name: str, x: Tensor, b: int, what: str = "input") -> Tensor:
     """Return ``x`` if its leading axis is the batch axis, else raise naming the module.
 
@@ -329,6 +338,7 @@ def batch_first(call_name: str, x: Tensor, b: int, what: str = "input") -> Tenso
             "batch_first=True layouts, or call the module on batched input (an input broadcast "
             "over the batch, leading dimension 1, is handled when the module's output keeps "
             "that leading 1 and the model accepts it expanded to the batch). " + _NO_BATCH_AXIS
+            + (_FOLDED if x.dim() and x.shape[0] > b and x.shape[0] % b == 0 else "")
         )
     probe = batchless_size(x)
     if probe is not None:
@@ -343,16 +353,38 @@ def batch_first(call_name: str, x: Tensor, b: int, what: str = "input") -> Tenso
 
 
 @contextmanager
-def judged(flagged: Mapping[int, tuple[Tensor, int, int]]) -> Iterator[None]:
-    """Within the block, rules see ``flagged`` as batch-less (:func:`batchless_size`)."""
-    token = _BATCHLESS.set(dict(flagged))
+def judged(batchless: Mapping[int, tuple[Tensor, int, int]],
+           folded: Mapping[int, tuple[Tensor, int]] | None = None) -> Iterator[None]:
+    """Within the block, rules see ``batchless`` inputs as such (:func:`batchless_size`) and
+    ``folded`` ones as ``m`` rows per sample (:func:`batch_rows`)."""
+    token = _JUDGED.set((batchless, folded or {}))
     try:
         yield
     finally:
-        _BATCHLESS.reset(token)
+        _JUDGED.reset(token)
 
 
 def batchless_size(x: Tensor) -> tuple[int, int] | None:
     """``(b', size)`` if ``x`` was found batch-less in the pass being evaluated, else None."""
-    hit = (_BATCHLESS.get() or {}).get(id(x))
+    layout = _JUDGED.get()
+    hit = None if layout is None else layout[0].get(id(x))
     return None if hit is None or hit[0] is not x else (hit[1], hit[2])
+
+
+def fold_of(x: Tensor) -> int:
+    """``m`` if ``x`` folds the batch sample-major with ``m`` rows per sample, else 1."""
+    layout = _JUDGED.get()
+    hit = None if layout is None else layout[1].get(id(x))
+    return 1 if hit is None or hit[0] is not x else hit[1]
+
+
+def batch_rows(call_name: str, x: Tensor, b: int, what: str = "input") -> int:
+    """Rows per sample of ``x``: 1 for a batch-first input, ``m`` for one the layout probe found
+    folded sample-major (``[b·m, …]``, sample ``i`` owning rows ``[i·m, (i+1)·m)``, e.g. Swin's
+    windows); else raise as :func:`batch_first`. For rules whose pieces only reshape the input to
+    ``(b, -1, …)`` (Linear, Conv1D, Embedding, trailing-dim norms): that reshape is then exact."""
+    m = fold_of(x)
+    if m > 1 and x.dim() and x.shape[0] == m * b:
+        return m
+    batch_first(call_name, x, b, what)
+    return 1

@@ -13,7 +13,7 @@ from neurothermo.gradstats.rules._base import (
     Call,
     PerSampleUnsupportedError,
     Rule,
-    batch_first,
+    batch_rows,
     register_rule,
 )
 
@@ -31,7 +31,9 @@ def _pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
             "embedding with scale_grad_by_freq=False to measure them"
         )
     b = call.batch_size
-    idx = batch_first(call.name, call.input(0), b).reshape(b, -1)
+    idx = call.input(0)
+    batch_rows(call.name, idx, b)  # 1, or m rows per sample for a sample-major fold
+    idx = idx.reshape(b, -1)
     d = delta.reshape(b, -1, delta.shape[-1])
     if m.padding_idx is not None:
         d = d * (idx != m.padding_idx).unsqueeze(-1).to(d.dtype)

@@ -27,6 +27,7 @@ from neurothermo.gradstats.rules._base import (
     Call,
     PerSampleUnsupportedError,
     batchless_size,
+    fold_of,
 )
 
 
@@ -56,6 +57,15 @@ def _batch_dim(full: Tensor, probe: Tensor, b: int) -> int | None:
         ):
             return d
     return None
+
+
+def _fold_rows(full: Tensor, probe: Tensor, b: int) -> int:
+    """``m`` when ``full`` is ``[b·m, …]`` against a one-sample ``probe`` of ``[m, …]`` with the
+    same trailing shape (a sample-major fold: the module ran on the m rows of one sample), else 0.
+    """
+    m = probe.shape[0] if probe.dim() else 0
+    return m if (m > 1 and full.dim() == probe.dim() and full.shape[0] == m * b
+                 and full.shape[1:] == probe.shape[1:]) else 0
 
 
 def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
@@ -111,9 +121,11 @@ def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
         return t if keep else t.detach()
 
     leaves, spec = tree_flatten((call.args, call.kwargs))
-    # inputs the layout probe found batch-less (leading size b by coincidence) are constants
-    batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == b
-               and batchless_size(x) is None for x in leaves]
+    # inputs the layout probe found batch-less (leading size b by coincidence) are constants;
+    # a sample-major fold [b·m, …] gives each sample its m rows (a batch of m for the module)
+    rows = [fold_of(x) if isinstance(x, Tensor) else 1 for x in leaves]
+    batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == r * b
+               and batchless_size(x) is None for x, r in zip(leaves, rows)]
     if not any(batched):
         raise PerSampleUnsupportedError(
             f"module {name!r} ({type(m).__name__}) has no batch-first tensor input (dim 0 = the "
@@ -122,16 +134,19 @@ def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
     theta = {n: det(p) for n, p in params.items()}
     outs = tensor_leaves(call.output)
     with torch.no_grad():
-        first = [x[:1] if bt else x for x, bt in zip(leaves, batched)]
+        first = [x[:r] if bt else x for x, bt, r in zip(leaves, batched, rows)]
         a1, k1 = tree_unflatten(first, spec)
         try:
             probe = tensor_leaves(functional_call(m, theta, tuple(a1), k1))
         except Exception as e:  # e.g. a cache argument holding the whole batch's state
             raise _no_torch_func(name, m, e) from e
     used = [(j, d) for j, d in enumerate(deltas) if d is not None]
-    dims = []
+    dims, folds = [], []  # folds[j]: rows per sample of a folded output (then dims[j] = 0), else 0
     for j, _ in used:
         dim = _batch_dim(outs[j], probe[j], b) if j < len(probe) else None
+        fold = _fold_rows(outs[j], probe[j], b) if dim is None and j < len(probe) else 0
+        if fold:
+            dim = 0
         if dim is None:
             raise PerSampleUnsupportedError(
                 f"module {name!r} ({type(m).__name__}): cannot find the batch axis of output "
@@ -139,20 +154,25 @@ def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
                 "carry the sample axis. " + _NO_BATCH_AXIS
             )
         dims.append(dim)
+        folds.append(fold)
     consts = [None if bt else x for x, bt in zip(leaves, batched)]
 
     def f(th: dict[str, Tensor], xs: list[Tensor], ds: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         it = iter(xs)
-        full = [next(it).unsqueeze(0) if bt else c for c, bt in zip(consts, batched)]
+        full = [(next(it).unsqueeze(0) if r == 1 else next(it)) if bt else c
+                for c, bt, r in zip(consts, batched, rows)]
         args, kwargs = tree_unflatten(full, spec)
         o = tensor_leaves(functional_call(m, th, tuple(args), kwargs))
         picked = [o[j] for j, _ in used]
-        total = sum((oj * dj.unsqueeze(dim)).sum() for oj, dj, dim in zip(picked, ds, dims))
+        total = sum((oj * (dj if fold else dj.unsqueeze(dim))).sum()
+                    for oj, dj, dim, fold in zip(picked, ds, dims, folds))
         assert isinstance(total, Tensor)
         return total, picked
 
-    xs = [det(x) for x, bt in zip(leaves, batched) if bt]
-    ds = [det(d) for _, d in used]
+    xs = [det(x if r == 1 else x.reshape(b, r, *x.shape[1:]))
+          for x, bt, r in zip(leaves, batched, rows) if bt]
+    ds = [det(d if not fold else d.reshape(b, fold, *d.shape[1:]))
+          for (_, d), fold in zip(used, folds)]
     try:
         grads, per_sample_out = vmap(grad(f, has_aux=True), in_dims=(None, 0, dims),
                                      randomness="different")(theta, xs, ds)
@@ -163,9 +183,10 @@ def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
             grads, per_sample_out = _loop(f, theta, xs, ds, dims, b)
         except RuntimeError as e:
             raise _no_torch_func(name, m, e) from e
-    for (j, _), dim, got in zip(used, dims, per_sample_out):
-        ref = outs[j].detach().movedim(dim, 0)
-        got = got.detach().select(dim + 1, 0)
+    for (j, _), dim, fold, got in zip(used, dims, folds, per_sample_out):
+        out = outs[j].detach()
+        ref = out.reshape(b, fold, *out.shape[1:]) if fold else out.movedim(dim, 0)
+        got = got.detach() if fold else got.detach().select(dim + 1, 0)
         tol = math.sqrt(torch.finfo(ref.dtype).eps) if ref.is_floating_point() else 0.0
         scale = float(ref.abs().max()) if ref.numel() else 0.0
         if not torch.allclose(got, ref, rtol=tol, atol=tol * max(scale, 1e-30)):

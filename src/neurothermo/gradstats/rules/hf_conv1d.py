@@ -10,7 +10,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from neurothermo.gradstats._pieces import Dense, Factored, Piece
-from neurothermo.gradstats.rules._base import Call, Rule, batch_first, register_named_rule
+from neurothermo.gradstats.rules._base import (
+    Call,
+    Rule,
+    batch_first,
+    batch_rows,
+    register_named_rule,
+)
 
 
 def _pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
@@ -18,8 +24,9 @@ def _pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
     if delta is None:
         return []
     b = call.batch_size
-    a = batch_first(call.name, call.input(0), b)
-    batch_first(call.name, delta, b, "output gradient")
+    a = call.input(0)
+    m = batch_rows(call.name, a, b)  # 1, or m rows per sample for a sample-major fold
+    batch_first(call.name, delta, b * m, "output gradient")
     weight, bias = call.param("weight"), call.param("bias")
     d = delta.reshape(b, 1, -1, delta.shape[-1])
     pieces = []

@@ -27,7 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from neurothermo.gradstats._pieces import Dense, Piece
-from neurothermo.gradstats.rules._base import Call, Rule, batch_first, register_matcher
+from neurothermo.gradstats.rules._base import (
+    Call,
+    Rule,
+    batch_first,
+    batch_rows,
+    register_matcher,
+)
 
 _H = ("input_dtype = hidden_states.dtype hidden_states = hidden_states.to(torch.float32) "
       "variance = hidden_states.pow(2).mean(-1, keepdim=True) hidden_states = hidden_states * "
@@ -85,8 +91,9 @@ def _rule(form: str) -> Rule:
         if w is None or delta is None:
             return []
         b = call.batch_size
-        x = batch_first(call.name, call.input(0), b)
-        batch_first(call.name, delta, b, "output gradient")
+        x = call.input(0)
+        rows = batch_rows(call.name, x, b)  # 1, or m for a sample-major fold
+        batch_first(call.name, delta, b * rows, "output gradient")
         g = (delta * _xhat(call.module, form, x)).reshape(b, -1, *w.shape).sum(1)
         return [Piece(w, Dense(g.to(w.dtype)))]
 

@@ -8,15 +8,15 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from neurothermo.gradstats._pieces import Dense, Factored, Piece
-from neurothermo.gradstats.rules._base import Call, Rule, batch_first, register_rule
+from neurothermo.gradstats.rules._base import Call, Rule, batch_first, batch_rows, register_rule
 
 
 def linear_pieces(name: str, a: Tensor, delta: Tensor, weight: Tensor | None,
                   bias: Tensor | None, b: int, *, weight_rows: tuple[int, int] | None = None,
                   bias_rows: tuple[int, int] | None = None) -> list[Piece]:
     """Pieces of ``y = a Wᵀ + c`` from its input ``a`` and output gradient ``delta``."""
-    batch_first(name, a, b)
-    batch_first(name, delta, b, "output gradient")
+    m = batch_rows(name, a, b)  # rows per sample: 1, or m for a sample-major fold [b·m, …]
+    batch_first(name, delta, b * m, "output gradient")
     d = delta.reshape(b, 1, -1, delta.shape[-1])
     pieces = []
     if weight is not None:

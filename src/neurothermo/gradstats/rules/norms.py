@@ -20,6 +20,7 @@ from neurothermo.gradstats.rules._base import (
     PerSampleUnsupportedError,
     Rule,
     batch_first,
+    batch_rows,
     register_rule,
 )
 
@@ -99,12 +100,20 @@ def _input(call: Call) -> Tensor:
     return batch_first(call.name, call.input(0), call.batch_size)
 
 
+def _trailing_input(call: Call) -> Tensor:
+    """The input of a norm over trailing dims, whose pieces reshape to ``(b, -1, …)``: a
+    sample-major fold of the batch (``[b·m, …]``) is exact there."""
+    x = call.input(0)
+    batch_rows(call.name, x, call.batch_size)
+    return x
+
+
 def _layer_norm(call: Call, m: nn.LayerNorm) -> Tensor:
-    return F.layer_norm(_input(call), m.normalized_shape, None, None, m.eps)
+    return F.layer_norm(_trailing_input(call), m.normalized_shape, None, None, m.eps)
 
 
 def _rms_norm(call: Call, m: nn.RMSNorm) -> Tensor:
-    return F.rms_norm(_input(call), m.normalized_shape, None, m.eps)
+    return F.rms_norm(_trailing_input(call), m.normalized_shape, None, m.eps)
 
 
 def _group_norm(call: Call, m: nn.GroupNorm) -> Tensor:
