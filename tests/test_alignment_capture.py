@@ -145,8 +145,12 @@ def test_layer_errors():
         def forward(self, x):
             return self.lin(self.lin(x))
 
-    with pytest.raises(RuntimeError, match="ran more than once"):
-        al.capture_features(Twice(), torch.randn(4, 3), layers=["lin"])
+    twice, x3 = Twice(), torch.randn(4, 3)
+    feats = al.capture_features(twice, x3, layers=["lin"])  # one entry per call, in order
+    assert list(feats) == ["lin#0", "lin#1"]
+    with torch.no_grad():
+        torch.testing.assert_close(feats["lin#0"], twice.lin(x3))
+        torch.testing.assert_close(feats["lin#1"], twice.lin(twice.lin(x3)))
     with pytest.raises(ValueError, match="pool must be"):
         al.capture_features(net, x, pool="max")
     with pytest.raises(ValueError, match="pool='last'"):
@@ -291,3 +295,33 @@ def test_encoder_decoder_layers_pool_with_their_own_streams_mask():
                                     "decoder_input_ids": dec[:, :5],
                                     "decoder_attention_mask": torch.ones(4, 6, dtype=torch.long)},
                             layers=names)
+
+
+def test_a_layer_shared_across_depth_gives_its_features_at_every_depth() -> None:
+    """ALBERT runs one layer group at every depth: auto finds it, and each call is an entry,
+    equal to that call's output pooled over the unmasked tokens (hand-made hook)."""
+    pytest.importorskip("transformers")
+    from transformers import AlbertConfig, AlbertModel
+
+    torch.manual_seed(0)
+    cfg = AlbertConfig(vocab_size=30, embedding_size=8, hidden_size=16, num_hidden_layers=3,
+                       num_attention_heads=2, intermediate_size=32, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
+    model = AlbertModel(cfg).eval()
+    ids = torch.randint(0, 30, (4, 6))
+    mask = torch.ones_like(ids)
+    mask[:2, 4:] = 0
+    x = {"input_ids": ids, "attention_mask": mask}
+    (group,) = al.auto_layers(model)
+    assert group == "encoder.albert_layer_groups.0"
+    feats = al.capture_features(model, x)
+    assert list(feats) == [f"{group}#{i}" for i in range(3)]
+    seen = []
+    h = model.get_submodule(group).register_forward_hook(
+        lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).detach()))
+    with torch.no_grad():
+        model(**x)
+    h.remove()
+    w = mask.unsqueeze(-1).to(seen[0].dtype)
+    for i, out in enumerate(seen):
+        torch.testing.assert_close(feats[f"{group}#{i}"], (out * w).sum(1) / w.sum(1))

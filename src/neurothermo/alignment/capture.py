@@ -10,7 +10,8 @@ layers, a convnet's ``features``), outermost stacks only; without one, the child
 ``nn.Sequential`` / ``nn.ModuleList``; if there is none with ≥ 2 children, the model's top-level
 children. Or give a list of names from
 ``model.named_modules()``. A module that returns a tuple (e.g. a Hugging Face layer) contributes
-its first tensor.
+its first tensor. A module that runs several times in one forward (ALBERT's layer, shared across
+depth) contributes one entry per call, ``"name#0"``, ``"name#1"`` …: its features at every depth.
 
 Pooling (``pool``) of one layer's output ``h`` of shape ``(b, ...)``:
 
@@ -51,7 +52,9 @@ def auto_layers(model: nn.Module) -> list[str]:
     Every child of every *block stack* (a ``Sequential``/``ModuleList`` of modules that have
     submodules themselves) that does not lie inside another block stack: all four stages of a
     torchvision ResNet (``layer1.0`` … ``layer4.1``), a ViT's ``blocks.i``, BERT's
-    ``encoder.layer.i``, GPT-2's ``h.i``. Without a block stack: the children of the longest
+    ``encoder.layer.i``, GPT-2's ``h.i``; a stack of one block counts (ALBERT's layer group,
+    which runs at every depth: :func:`capture_features` then gives one entry per call). Without
+    a block stack: the children of the longest
     ``Sequential``/``ModuleList`` with ≥ 2 children (a plain ``nn.Sequential`` of layers), else the
     model's top-level children.
 
@@ -77,7 +80,7 @@ def auto_layers(model: nn.Module) -> list[str]:
             stacks.append(name)
     blocks = [f"{s}.{c}" if s else c for s in stacks
               for c, _ in model.get_submodule(s).named_children()]
-    if len(blocks) >= 2:
+    if blocks:  # (one block: e.g. ALBERT's layer group, shared across depth: one entry per call)
         return blocks
     best_name, best_len = None, 1
     for name, mod in model.named_modules():
@@ -220,7 +223,9 @@ def capture_features(
     into batches of ``batch_size`` along dim 0 (``None``: one batch); or an iterable of batches (a
     ``DataLoader``) of the data model (``docs/data.md``): the inputs of each (targets ignored), each
     split again when larger than ``batch_size``. Raises naming the layer if a
-    name is unknown, if a hooked layer never ran, or if it ran more than once per forward.
+    name is unknown or if a hooked layer never ran. A layer that runs ``k > 1`` times in one
+    forward (a module shared across depth, as ALBERT's layer) gives one entry per call,
+    ``"name#0"`` … ``"name#{k-1}"`` in call order: its features at every depth.
 
     Args:
         model: the network (run under ``no_grad`` in its current mode).
@@ -233,14 +238,15 @@ def capture_features(
 
     Returns:
         ``{layer: (N, D)}`` features (detached, on the device the layer ran on), one entry per
-        layer.
+        layer (per call, ``"layer#i"``, for a layer that runs several times per forward).
 
     Raises:
         TypeError: inputs of another type, or a layer whose output is not a tensor (or a tuple
             starting with one).
         ValueError: an unknown ``pool``, bad or unknown ``layers``, ``batch_size`` < 1, inputs
             without samples, a model without submodules (with ``layers="auto"``).
-        RuntimeError: a hooked layer never ran, or ran more than once per forward.
+        RuntimeError: a hooked layer never ran, or ran a different number of times in two
+            batches.
 
     Example:
         >>> import torch
@@ -264,20 +270,16 @@ def capture_features(
         avail = [n for n in modules if n][:25]
         raise ValueError(f"unknown layer(s) {unknown}; available (first 25): {avail}")
     n, batches = _batches(inputs, batch_size)
-    collected: dict[str, list[Tensor]] = {name: [] for name in names}
-    current: dict[str, Tensor] = {}
+    collected: dict[str, list[Tensor]] = {}
+    current: dict[str, list[Tensor]] = {}  # per layer, one pooled output per call
+    calls: dict[str, int] = {}  # calls per forward, fixed by the first batch
     mask_now: list[Mapping[str, Tensor] | None] = [None]
 
     def hook_for(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
-            if name in current:
-                raise RuntimeError(
-                    f"layer {name!r} ran more than once in one forward pass (a shared module); "
-                    "hook a module that runs once, or capture it by hand"
-                )
             h = _first_tensor(out, name).detach()
             mask = _mask_for(name, h, mask_now[0], pool)
-            current[name] = pool_output(h, pool, mask)
+            current.setdefault(name, []).append(pool_output(h, pool, mask))
         return hook
 
     handles = []
@@ -301,7 +303,14 @@ def capture_features(
                         "check the names (e.g. a branch the model skipped)"
                     )
                 for nm in names:
-                    collected[nm].append(current[nm])
+                    seen = calls.setdefault(nm, len(current[nm]))
+                    if len(current[nm]) != seen:
+                        raise RuntimeError(
+                            f"layer {nm!r} ran {len(current[nm])} times in one forward but "
+                            f"{seen} times in the first: its per-call features cannot be "
+                            "stacked; capture the batches with the same structure")
+                    for i, h in enumerate(current[nm]):
+                        collected.setdefault(f"{nm}#{i}" if seen > 1 else nm, []).append(h)
     finally:
         for h in handles:
             h.remove()

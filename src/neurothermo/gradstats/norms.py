@@ -242,7 +242,10 @@ def _measure(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, 
                 f"parameters are used outside the forward of the module that owns them ({where}): "
                 "their per-sample gradients cannot be attributed to a layer rule. Use each "
                 "parameter only through its own module (tie weights by sharing the Parameter "
-                "between modules, e.g. head.weight = emb.weight), and keep penalties out of loss_fn."
+                "between modules, e.g. head.weight = emb.weight), and keep penalties out of "
+                "loss_fn; where the model's code cannot change (a library passing a layer's "
+                "weight to its own kernel), leave those parameters out of θ "
+                "(requires_grad_(False)): the norms of the rest are then exact."
             )
         changed = rec.modified_in_place()
         if changed and not clone:
