@@ -483,3 +483,87 @@ def test_hf_swin_with_its_bias_tables_frozen_is_exact() -> None:
                 p.requires_grad_(False)
         got = nt.per_sample_grad_norms(model, ce, (x, y))
     torch.testing.assert_close(got, loop_norms(model, ce, x, y), rtol=1e-10, atol=0)
+
+
+class Adopting(nn.Module):
+    """No rule: its own forward uses its child's weight directly (as HF Mamba's mixer passes
+    ``conv1d.weight`` and ``dt_proj.weight`` to its kernels); with ``call_child`` the child also
+    runs as a module, and with ``own=False`` the parent owns no parameter of its own."""
+
+    def __init__(self, call_child: bool = False, own: bool = True) -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, 5)
+        if own:
+            self.scale = nn.Parameter(torch.randn(5))
+        self.call_child = call_child
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(F.linear(x, self.proj.weight, self.proj.bias))
+        if self.call_child:
+            h = h + self.proj(x)
+        return h * self.scale if hasattr(self, "scale") else h
+
+
+class AdoptingNet(nn.Module):
+    def __init__(self, **kw: bool) -> None:
+        super().__init__()
+        self.block = Adopting(**kw)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x)).mean(1)
+
+
+def test_a_module_without_rule_measures_child_weights_its_forward_uses() -> None:
+    torch.manual_seed(0)
+    model = AdoptingNet().to(DT)
+    x, y = _data(4, 3)
+    with pytest.warns(FallbackWarning, match="'block'"):
+        got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y), by_parameter=True)
+    assert set(got) == {"block.proj.weight", "block.proj.bias", "block.scale", "head.weight",
+                        "head.bias"}
+    for n, p in model.named_parameters():
+        ref = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(
+            nn.MSELoss()(model(x[i:i + 1]), y[i:i + 1]), [p])) for i in range(4)])
+        torch.testing.assert_close(got[n], ref, rtol=1e-12, atol=0, msg=n)
+
+
+def test_controls_for_adoption_are_refused_with_the_way_out() -> None:
+    """The child also run as a module: its two uses cannot be told apart. A parent with no
+    parameter of its own opens no record to adopt into. Both refused, naming requires_grad_."""
+    x, y = _data(4, 3)
+    for kw, pattern in (({"call_child": True}, r"used both through their own module"),
+                        ({"own": False}, r"outside the forward of the module that owns them")):
+        torch.manual_seed(0)
+        model = AdoptingNet(**kw).to(DT)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FallbackWarning)
+            with pytest.raises(nt.PerSampleUnsupportedError,
+                               match=pattern + r".*requires_grad_\(False\)"):
+                nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+
+
+def test_hf_mamba_without_cache_is_exact() -> None:
+    """Hugging Face Mamba (pure-torch path): the mixer has no rule and passes its children's
+    weights to its kernels, so its fallback measures them; exact against the loop. With its
+    cache on, the fallback names use_cache=False as the way out."""
+    pytest.importorskip("transformers")
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(vocab_size=32, hidden_size=16, state_size=4, num_hidden_layers=1,
+                      expand=2, conv_kernel=3, time_step_rank=2)
+    model = MambaForCausalLM(cfg).to(DT).eval()
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 32, (4, 6), generator=g), torch.randint(0, 32, (4, 6), generator=g)
+
+    def ce(out, t):
+        return F.cross_entropy(out.logits.reshape(-1, 32), t.reshape(-1))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        with pytest.raises(nt.PerSampleUnsupportedError, match=r"mixer.*use_cache=False"):
+            nt.per_sample_grad_norms(model, ce, ({"input_ids": ids}, y))
+        got = nt.per_sample_grad_norms(model, ce, ({"input_ids": ids, "use_cache": False}, y))
+    ref = loop_norms(model, lambda o, t: ce(o, t), {"input_ids": ids}, y)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)

@@ -40,6 +40,7 @@ Two cases need more than a hook:
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
@@ -85,6 +86,10 @@ class Recorder:
         # (module name, parameter ids covered, free parameter ids handled op by op)
         self.stack: list[tuple[str, frozenset[int], frozenset[int]]] = []
         self.stray: dict[str, str] = {}  # parameter name -> where it was used
+        # id -> frame label of parameters used outside their own module's forward, for adoption
+        # by that frame's module (None: used so in several frames)
+        self.stray_at: dict[int, str | None] = {}
+        self.adopted: dict[int, str] = {}  # parameter id -> the fallback module that adopted it
         self.used: set[int] = set()  # ids of wanted parameters some op touched
         self.guarded = False  # the torch-function mode runs (``used`` is filled)
         self.expand_broadcast = expand_broadcast
@@ -207,7 +212,8 @@ class Recorder:
         # An output that is a view (a 3-d Linear output) and is later written in place is
         # rebased by autograd (CopySlices): its recorded edge would then get no gradient.
         watched += leaves if rule is None else [t for t in leaves if t._base is not None]
-        own = frozenset(id(p) for p in call.module.parameters(recurse=False)) & self.wanted
+        own = (frozenset(id(p) for p in call.module.parameters(recurse=False))
+               | frozenset(id(p) for _, p in call.adopted)) & self.wanted
         edges = [get_gradient_edge(leaves[j]) for j in pos]
         self.add(Use(call.name, edges, compute, watched, own))
 
@@ -219,6 +225,26 @@ class Recorder:
             return call
         done = self.free_ok - self.free_bad
         return replace(call, wanted=call.wanted & frozenset(self.used - done))
+
+    def adopt(self, module: nn.Module, name: str) -> tuple[tuple[str, Tensor], ...]:
+        """Descendant parameters ``module`` (a module without a rule, at its forward's end) used
+        directly in its own forward and nowhere else outside their modules (Hugging Face Mamba
+        passes ``conv1d.weight`` and ``dt_proj.weight`` to its kernels): its torch.func fallback
+        runs its forward per sample, so it measures them too. ``(name in module, parameter)``;
+        they leave ``stray``. A parameter whose own module also runs is refused later
+        (``adopted_twice``): its two records could not be told apart."""
+        out = []
+        for local, p in module.named_parameters():
+            if "." in local and self.stray_at.get(id(p)) == name:
+                out.append((local, p))
+                self.adopted[id(p)] = name
+                self.stray.pop(self.names.get(id(p), "?"), None)
+        return tuple(out)
+
+    def adopted_twice(self) -> list[str]:
+        """Adopted parameters some other record also covers (their own module ran too)."""
+        count = Counter(pid for u in self.uses for pid in u.params if pid in self.adopted)
+        return sorted(self.names.get(pid, "?") for pid, k in count.items() if k > 1)
 
     def modified_in_place(self) -> list[str]:
         return sorted({u.name for u in self.uses if u.modified_in_place()})
@@ -280,6 +306,9 @@ class _ParamUseGuard(TorchFunctionMode):
                 if id(t) not in covered and any(o.requires_grad for o in tensor_leaves(out)):
                     where = rec.stack[-1][0] if rec.stack else "outside any recorded module"
                     rec.stray.setdefault(rec.names.get(id(t), "?"), where)
+                    at = rec.stray_at.setdefault(id(t), where)
+                    if at != where:
+                        rec.stray_at[id(t)] = None
         return out
 
 
@@ -365,8 +394,9 @@ def _hook(name: str, rule: Rule | None, rec: Recorder) -> Any:
             args, kwargs, output = grown
         rec.inputs.append((name, input_leaves(args, kwargs)))
         kept = output if rule is None else None
-        rec.add_call(Call(module, name, args, kwargs, kept, rec.batch_size, rec.wanted), rule,
-                     output)
+        adopted = rec.adopt(module, name) if rule is None else ()
+        rec.add_call(Call(module, name, args, kwargs, kept, rec.batch_size, rec.wanted, adopted),
+                     rule, output)
         if rec.clone:
             return tree_map(_clone if rule is None else _clone_view, output)
         return output if grown is not None else None

@@ -247,6 +247,14 @@ def _measure(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, 
                 "weight to its own kernel), leave those parameters out of θ "
                 "(requires_grad_(False)): the norms of the rest are then exact."
             )
+        twice = rec.adopted_twice()
+        if twice:
+            raise PerSampleUnsupportedError(
+                f"parameters {twice} are used both through their own module and directly in "
+                f"the forward of {sorted(set(rec.adopted.values()))}: the two uses cannot be "
+                "told apart. Use each parameter only through its own module, or leave them "
+                "out of θ (requires_grad_(False))."
+            )
         changed = rec.modified_in_place()
         if changed and not clone:
             return None  # an in-place op changed a recorded tensor: redo with copies

@@ -335,6 +335,10 @@ class BackwardCapture:
             where = "; ".join(f"{p!r} in {m!r}" for p, m in sorted(rec.stray.items()))
             self._fail(f"parameters are used outside the forward of the module that owns them ({where})")
             return None
+        if rec.adopted_twice():
+            self._fail(f"parameters {rec.adopted_twice()} are used both through their own module "
+                       "and directly in another module's forward")
+            return None
         if output is None or not any(t.requires_grad for t in tensor_leaves(output)):
             self._fail("the forward raised or its output does not depend on the parameters")
             return None

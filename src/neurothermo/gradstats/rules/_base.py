@@ -65,6 +65,8 @@ class Call:
         output: the call's output (fallback only), else None.
         batch_size: b, the number of samples of the batch.
         wanted: ids of the parameters whose per-sample gradients are wanted.
+        adopted: ``(name in module, parameter)`` of descendants' parameters the module's own
+            forward uses directly (fallback only: measured with the module's own).
     """
 
     module: nn.Module
@@ -74,6 +76,7 @@ class Call:
     output: Any
     batch_size: int
     wanted: frozenset[int]
+    adopted: tuple[tuple[str, Tensor], ...] = ()
 
     def param(self, local_name: str) -> Tensor | None:
         """The module's parameter ``local_name`` if its per-sample gradients are wanted."""
@@ -129,6 +132,8 @@ class Sink(Protocol):
         create_graph: whether the pieces must stay differentiable.
         batch_size: b.
         wanted: ids of the parameters whose per-sample gradients are wanted.
+        adopted: ``(name in module, parameter)`` of descendants' parameters the module's own
+            forward uses directly (fallback only: measured with the module's own).
     """
 
     active: bool

@@ -102,7 +102,9 @@ def fallback_pieces(call: Call, deltas: list[Tensor | None]) -> list[Piece]:
         True
     """
     m, name, b = call.module, call.name, call.batch_size
-    params = {n: p for n, p in m.named_parameters(recurse=False) if id(p) in call.wanted}
+    params: dict[str, Tensor] = {n: p for n, p in m.named_parameters(recurse=False)
+                                 if id(p) in call.wanted}
+    params.update((n, p) for n, p in call.adopted if id(p) in call.wanted)
     if not params or all(d is None for d in deltas):
         return []
     if m not in _WARNED:
