@@ -7,8 +7,9 @@
 torchvision-layout ResNet-18 at width 64 on 3×32×32 (BatchNorm in eval mode), the timm-layout ViT
 (32×32, patch 8, d = 32, depth 2, fused qkv + SDPA, model-level cls_token / pos_embed), Hugging
 Face BERT (2 layers, d = 32, T = 10, padded attention mask) and GPT-2 (2 layers, d = 32, T = 10,
-Conv1D projections, tied wte / lm_head, position_ids [1, T]), and the LSTM classifier (embedding
-16, hidden 24, T = 7). Methods: ``plain``, ``neurothermo``, ``vmap`` and Opacus 1.6
+Conv1D projections, tied wte / lm_head, position_ids [1, T]), the LSTM classifier (embedding
+16, hidden 24, T = 7), and Hugging Face Llama (grouped-query attention, rotary, SwiGLU, RMSNorm
+with its closed-form rule). Methods: ``plain``, ``neurothermo``, ``vmap`` and Opacus 1.6
 ``GradSampleModule`` (where it accepts the model), each checked against a per-sample loop first.
 Target: neurothermo ≤ 2× plain.
 
@@ -170,6 +171,7 @@ def foreign_cases(device: torch.device, size: str = "small", b: int = 16) -> lis
         bert = ("HF BERT (2 layers, d=32, T=10, padded mask)", lambda: fm.hf_bert())
         gpt2 = ("HF GPT-2 (2 layers, d=32, T=10, V=64, tied)", lambda: fm.hf_gpt2())
         lstm = ("LSTM classifier (emb 16, hidden 24, T=7)", lambda: fm.RNNClassifier("lstm"))
+        llama = ("HF Llama (2 layers, d=32, 4 heads / 2 KV, T=10, V=64)", lambda: fm.hf_llama())
     else:
         vit = ("ViT (timm layout, d=192, depth 4, 3 heads, 32x32 / patch 4)",
                lambda: fm.VisionTransformer(32, 4, embed_dim=192, depth=4, num_heads=3))
@@ -178,6 +180,8 @@ def foreign_cases(device: torch.device, size: str = "small", b: int = 16) -> lis
         gpt2 = ("HF GPT-2 (2 layers, d=128, 2 heads, T=64, V=1000, tied)", lambda: _gpt2(fm))
         lstm = ("LSTM classifier (emb 64, hidden 128, T=32, V=1000)",
                 lambda: fm.RNNClassifier("lstm", vocab=1000, dim=64, hidden=128))
+        llama = ("HF Llama (2 layers, d=128, 4 heads / 2 KV, SwiGLU 256, T=64, V=1000)",
+                 lambda: fm.hf_llama(vocab=1000, hidden=128))
     specs: list[tuple[str, Callable[[], nn.Module], Tensor, Tensor, bool]] = [
         ("ResNet-18 (torchvision layout, width 64, 3x32x32, BN eval)",
          lambda: fm.resnet18(width=64), images, labels, False),
@@ -185,6 +189,7 @@ def foreign_cases(device: torch.device, size: str = "small", b: int = 16) -> lis
         (*bert, torch.stack([ids, mask], 1), torch.randint(0, 3, (b,), generator=g), True),
         (*gpt2, lm[:, :-1], lm[:, 1:], True),
         (*lstm, rnn_tok, torch.randint(0, 5, (b,), generator=g), False),
+        (*llama, lm[:, :-1], lm[:, 1:], True),
     ]
     out = []
     for name, build, x, y, hf in specs:
