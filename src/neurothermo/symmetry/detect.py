@@ -1,7 +1,6 @@
 """``find_symmetries``: trace, follow every layer's units, build candidates, verify, explain."""
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, overload
@@ -10,6 +9,7 @@ from torch import Tensor, nn
 
 from neurothermo._validate import check_int, check_positive
 from neurothermo.symmetry.base import ParamSlice, Symmetry
+from neurothermo.symmetry.bilinear import bilinear_pairs
 from neurothermo.symmetry.capture import Block, Part, capture, split_inputs
 from neurothermo.symmetry.checking import Cand, Rejection, verify_candidates
 from neurothermo.symmetry.flow import Flow, find_producers, walk_all
@@ -150,43 +150,6 @@ def _decide(tr: Traced, f: Flow) -> tuple[list[Symmetry], list[Rejection]]:
     return found, rej
 
 
-def _pairs(flows: list[Flow]) -> tuple[list[tuple[int, Symmetry, frozenset[Any]]], list[Rejection]]:
-    """Attention-style bilinear contractions ``q·kᵀ`` of two producers' units (with the nodes
-    the two walks reached)."""
-    at: dict[object, list[tuple[int, Flow, str]]] = defaultdict(list)
-    for i, f in enumerate(flows):
-        if not f.blockers:
-            for node, side in f.bilinear:
-                at[node].append((i, f, side))
-    found: list[tuple[int, Symmetry, frozenset[Any]]] = []
-    rej: list[Rejection] = []
-    for items in at.values():
-        a = [(i, f) for i, f, s in items if s == "A"]
-        b = [(i, f) for i, f, s in items if s == "B"]
-        problem = ""
-        if len(a) != 1 or len(b) != 1:
-            problem = "contracted with a tensor that is not the units of exactly one other layer"
-        else:
-            (ia, fa), (_, fb) = a[0], b[0]
-            for f in (fa, fb):
-                if len(f.bilinear) != 1 or f.consumers or f.norms:
-                    problem = f"'{f.producer.name}' is also used elsewhere"
-                elif "gl" not in f.classes:
-                    problem = f"'{f.producer.name}': {f.lost.get('gl', 'nonlinear path')}"
-            if not problem and (fa.producer.n, fa.block) != (fb.producer.n, fb.block):
-                problem = "the two sides have different head layouts"
-            if not problem:
-                n, blk = fa.producer.n, fa.block or fa.producer.n
-                sl = fa.producer.cov + fa.cov + [replace(s, role="out") for s in fb.producer.cov + fb.cov]
-                loc = f"{fa.producer.name} · {fb.producer.name}ᵀ ({_units(n, fa.block)})"
-                found.append((ia, Symmetry("double_rotation", loc, tuple(sl), n, blk),
-                              frozenset(fa.reached | fb.reached)))
-        if problem:
-            names = " · ".join(f.producer.name for _, f, _ in items)
-            rej.append(Rejection(names, problem, "double_rotation"))
-    return found, rej
-
-
 def _structural_problem(tr: Traced, sym: Symmetry, calls: int = 1) -> str | None:
     """Tied/shared or frozen weights; ``calls``: the pattern was found once inside each of that
     many calls of a shared module (``reentry.py``), which then may use each parameter once."""
@@ -238,9 +201,12 @@ def _candidates(k: int, part: Part) -> tuple[list[Cand], list[Rejection]]:
         cands += [Cand((k, order[f.producer.node]), s, eps, norms, sites) if s.kind == "scale"
                   and eps else Cand((k, order[f.producer.node]), s, sites=sites) for s in found]
         rejected += rej
-    for pairs, rej in (_pairs(flows), gated_pairs(flows)):
-        cands += [Cand((k, order[flows[i].producer.node]), s, sites=at) for i, s, at in pairs]
-        rejected += rej
+    pairs, rej = bilinear_pairs(tr, flows)
+    cands += [Cand((k, order[flows[i].producer.node]), s, sites=at, calls=c)
+              for i, s, at, c in pairs]
+    gated, rej2 = gated_pairs(flows)
+    cands += [Cand((k, order[flows[i].producer.node]), s, sites=at) for i, s, at in gated]
+    rejected += rej + rej2
     for node in tr.gm.graph.nodes:
         if node.op != "call_module":
             continue

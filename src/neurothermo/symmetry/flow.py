@@ -26,10 +26,12 @@ import torch.fx as fx
 from torch import nn
 
 from neurothermo.symmetry.base import ParamSlice
+from neurothermo.symmetry.batched import tile_step
 from neurothermo.symmetry.fused import (
     cat_step,
     check_plain,
     index_step,
+    layout_check,
     segment_producers,
     split_step,
     tuple_step,
@@ -198,7 +200,7 @@ def walk(tr: Traced, prod: Producer) -> Flow:
         try:
             new = _step(tr, flow, node, tracks)
         except Fused as err:
-            flow.fused = err.count
+            flow.fused, flow.sizes = err.count, err.sizes
             break
         except Blocked as err:
             flow.blockers.append(str(err))
@@ -220,7 +222,7 @@ def walk_all(tr: Traced, prod: Producer) -> list[Flow]:
     flow = walk(tr, prod)
     if not flow.fused:
         return [flow]
-    segs = segment_producers(prod, flow.fused)
+    segs = segment_producers(prod, flow.fused, flow.sizes)
     if not segs:
         flow.blockers.append(f"its units are split into {flow.fused} segments in an unsupported "
                              "layout")
@@ -247,6 +249,9 @@ def _step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Track]) -
     mine = [tracks[a] for a in flat_args(node) if isinstance(a, fx.Node) and a in tracks]
     if op != "reshape" and any(t.copy_axis is not None for t in mine):
         raise Blocked(f"'{label(node)}' {UNSUPPORTED}")
+    layout_check(node, op, mine)  # merged heads (batched.py), segments of uneven sizes
+    if op == "repeat" and isinstance(src, fx.Node) and src in tracks:
+        return tile_step(tr, node, tracks[src])
     if op == "getitem":
         if not (isinstance(src, fx.Node) and src in tracks):
             raise Blocked("the units are used as an index")
@@ -324,6 +329,7 @@ def _module_step(tr: Traced, flow: Flow, node: fx.Node, tracks: dict[fx.Node, Tr
     others = [a for a in flat_args(node)[1:] if isinstance(a, fx.Node) and a in tracks]
     t0 = tracks.get(src) if isinstance(src, fx.Node) else None
     if isinstance(mod, nn.Linear) and t0 is not None and t0.seg is not None and not others \
+            and t0.uneven is None \
             and t0.seg_axis is None and t0.pick is None and t0.axes == (ndim_of(tr, src) - 1,):
         slices, caveat = weight_slices(tr, path, mod, "out")
         if caveat:

@@ -17,23 +17,40 @@ from typing import Any
 import torch.fx as fx
 
 from neurothermo.symmetry.base import ParamSlice
+from neurothermo.symmetry.batched import NOT_MERGED
 from neurothermo.symmetry.trace import Traced
 from neurothermo.symmetry.units import Blocked, Flow, Fused, Producer, Track, flat_args, label
 
 
-def segment_producers(prod: Producer, count: int) -> list[Producer]:
-    """One producer per segment of a fused layer (row ranges of its covariant slices)."""
-    if prod.n % count or any(s.view is not None or s.start or s.stop is not None for s in prod.cov):
+def segment_producers(prod: Producer, count: int,
+                      sizes: tuple[int, ...] | None = None) -> list[Producer]:
+    """One producer per segment of a fused layer (row ranges of its covariant slices);
+    ``sizes``: the segments' sizes when they differ (else ``count`` equal ones)."""
+    if (sizes is None and prod.n % count) or (sizes is not None and sum(sizes) != prod.n) \
+            or any(s.view is not None or s.start or s.stop is not None for s in prod.cov):
         return []
-    n = prod.n // count
-    out = []
-    for k in range(count):
-        cov = [ParamSlice(s.name, s.role, s.dim, k * n, (k + 1) * n, buffer=s.buffer)
-               for s in prod.cov]
-        out.append(Producer(prod.node, f"{prod.name}[{k * n}:{(k + 1) * n}]", n,
-                            replace(prod.track, seg=(k, count)), cov, prod.diag,
+    widths = sizes if sizes is not None else (prod.n // count,) * count
+    out, a = [], 0
+    for k, n in enumerate(widths):
+        cov = [ParamSlice(s.name, s.role, s.dim, a, a + n, buffer=s.buffer) for s in prod.cov]
+        out.append(Producer(prod.node, f"{prod.name}[{a}:{a + n}]", n,
+                            replace(prod.track, seg=(k, count), uneven=sizes), cov, prod.diag,
                             caveat=prod.caveat))
+        a += n
     return out
+
+
+_UNEVEN_OK = ("split", "transpose", "permute", "t", "identity", "meta")
+
+
+def layout_check(node: fx.Node, op: str, mine: list[Track]) -> None:
+    """Layouts only some operations follow: heads merged with the batch axis (``batched.py``)
+    and segments of uneven sizes (Mamba's ``x_proj`` split into ``[dt, B, C]``), which only
+    transposes and the split that separates them pass."""
+    if op in NOT_MERGED and any(t.merged for t in mine):
+        raise Blocked(f"'{label(node)}' on attention heads merged with the batch axis")
+    if op not in _UNEVEN_OK and any(t.uneven is not None for t in mine):
+        raise Blocked(f"'{label(node)}' uses segments of uneven sizes before they are split")
 
 
 def _dim(node: fx.Node, i: int, key: str, nd: int, default: int = 0) -> int:
@@ -66,6 +83,10 @@ def split_step(tr: Traced, flow: Flow, node: fx.Node, op: str, t: Track) -> Trac
     d = _dim(node, 2, "dim", nd)
     size: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get(
         "split_size_or_sections", node.kwargs.get("chunks"))
+    if op == "split" and isinstance(size, list | tuple) and len(set(size)) > 1:
+        return _uneven(node, t, d, si, size)
+    if op == "split" and isinstance(size, list | tuple) and size:
+        size = size[0]  # sections of one size: as split(size)
     count = int(size) if op == "chunk" else (si[d] // int(size) if isinstance(size, int) else 0)
     if len(t.axes) == 2 and d == t.axes[1] and t.seg is None and count >= 2 \
             and not si[d] % count:  # per head [q, k, v] (GPT-NeoX): one segment per head and part
@@ -77,12 +98,26 @@ def split_step(tr: Traced, flow: Flow, node: fx.Node, op: str, t: Track) -> Trac
         raise Blocked(f"'{label(node)}' splits the units unevenly")
     if t.seg is None:
         raise Fused(count)
-    if t.seg[1] != count or t.seg_axis is not None:
+    if t.seg[1] != count or t.seg_axis is not None or t.uneven is not None:
         raise Blocked(f"'{label(node)}' splits the fused units differently")
     if t.head is not None:  # now the units of head h alone: a segment of the heads axis
         axis, h, heads = t.head
         return replace(t, seg=(h, heads), seg_axis=axis, head=None, pick=t.seg[0])
     return replace(t, seg=None, pick=t.seg[0])
+
+
+def _uneven(node: fx.Node, t: Track, d: int, si: tuple[int, ...], size: Any) -> Track:
+    """``split(x, [s₀, s₁, …])`` with sections of different sizes along the units' axis: one
+    segment per section (rows ``s₀+…+s_{k−1}`` on), each separated here by its own walk."""
+    sizes = tuple(size)
+    if not all(isinstance(v, int) and v > 0 for v in sizes) or len(t.axes) != 1 \
+            or d != t.axes[0] or sum(sizes) != si[d] or t.repeat != 1:
+        raise Blocked(f"'{label(node)}' splits the units unevenly")
+    if t.seg is None:
+        raise Fused(len(sizes), sizes)
+    if t.uneven != sizes or t.seg_axis is not None or t.head is not None:
+        raise Blocked(f"'{label(node)}' splits the fused units differently")
+    return replace(t, seg=None, uneven=None, pick=t.seg[0])
 
 
 def _full(s: slice, size: int) -> bool:
@@ -95,7 +130,7 @@ def _full(s: slice, size: int) -> bool:
 def index_step(tr: Traced, flow: Flow, node: fx.Node, t: Track) -> Track | None:
     """Basic indexing ``x[:, -1]``, ``x[..., None]``: the units pass if their axes are kept whole."""
     si, idx = tr.shape(node.args[0]), node.args[1]
-    if t.head is not None:
+    if t.head is not None or t.uneven is not None:
         raise Blocked(f"'{label(node)}' indexes the fused units before they are separated")
     if si is None:
         raise Blocked(f"unknown shape around '{label(node)}'")

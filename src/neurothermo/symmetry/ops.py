@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from neurothermo.symmetry.base import ParamSlice
+from neurothermo.symmetry.batched import merged_reshape
 from neurothermo.symmetry.gated import gate_step
 from neurothermo.symmetry.trace import ELEMENTWISE, HOMOGENEOUS, ODD, Traced
 from neurothermo.symmetry.units import (
@@ -180,7 +181,7 @@ def reshape_step(tr: Traced, flow: Flow, node: fx.Node, op: str, t: Track) -> Tr
         seg_axis = None if t.seg_axis is None else perm.index(t.seg_axis)
         head = None if t.head is None else (perm.index(t.head[0]), *t.head[1:])
         return replace(t, axes=tuple(perm.index(x) for x in t.axes), seg_axis=seg_axis, head=head)
-    if t.head is not None:
+    if t.head is not None or t.uneven is not None:
         raise Blocked(f"'{label(node)}' reshapes the fused units before they are separated")
     groups = _groups(si, so)
 
@@ -229,11 +230,11 @@ def reshape_step(tr: Traced, flow: Flow, node: fx.Node, op: str, t: Track) -> Tr
         raise Blocked(f"'{label(node)}' reshapes the units together with other axes")
     h, i = t.axes
     (ih, oh), (ii, oi) = find(h), find(i)
-    if ih == [h, i] == ii and len(oh) == 1:
+    if ih == [h, i] == ii and len(oh) == 1 and not t.merged:
         return replace(t, axes=(oh[0],))
     if ih == [h] and ii == [i] and len(oh) == 1 and len(oi) == 1:
         return replace(t, axes=(oh[0], oi[0]))
-    raise Blocked(f"'{label(node)}' reshapes attention heads in an unsupported way")
+    return merged_reshape(node, t, si, so, (ih, oh), (ii, oi))  # heads and batch (batched.py)
 
 
 def _shift(t: Track, by: int) -> Track:

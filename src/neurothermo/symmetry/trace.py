@@ -87,7 +87,7 @@ _METHODS: dict[str, str] = {
     "relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid",
     "exp": "exp", "abs": "abs", "sin": "sin", "square": "square", "pow": "pow",
     "split": "split", "unbind": "unbind", "chunk": "chunk",
-    "expand": "expand", "repeat_interleave": "repeat_interleave",
+    "expand": "expand", "repeat_interleave": "repeat_interleave", "repeat": "repeat",
     "clamp": "clamp", "clip": "clamp", "clamp_min": "clamp_min", "clamp_max": "clamp_max",
     "mean": "mean", "sum": "sum",
 }

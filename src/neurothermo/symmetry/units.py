@@ -28,11 +28,12 @@ class Blocked(Exception):
 
 class Fused(Exception):
     """The layer's units are split into ``count`` segments (a fused q/k/v projection): detection
-    restarts with one producer per segment."""
+    restarts with one producer per segment; ``sizes``: the segments' sizes when they differ."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, sizes: tuple[int, ...] | None = None) -> None:
         super().__init__(f"units split into {count} segments")
         self.count = count
+        self.sizes = sizes
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Track:
     copies: int = 1  # with ``seg``: entries per segment, each a copy of the units (shared heads)
     copy_axis: int | None = None  # after ``expand``: the axis of copies, next merged into seg_axis
     head: tuple[int, int, int] | None = None  # (axis, h, heads): ``seg`` is within head h only
+    merged: int = 0  # > 0: the heads axis holds batch × heads, head = index mod ``merged``
+    uneven: tuple[int, ...] | None = None  # with ``seg``: the sizes of segments that differ
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Flow:
     groups: int = 0  # GroupNorm: number of channel groups normalised together
     blocked_normed: bool = False  # the blocker met the units after a normalisation
     fused: int = 0  # > 0: the units are split into this many segments (see ``Fused``)
+    sizes: tuple[int, ...] | None = None  # with ``fused``: the segments' sizes when they differ
     gate: Gate | None = None  # the units were gated by another stream (``gated.py``)
     joint: set[str] = field(default_factory=set)  # after ``gate``: classes left to both streams
     reached: set[fx.Node] = field(default_factory=set)  # the producer and every node stepped on
