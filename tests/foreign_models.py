@@ -297,7 +297,7 @@ def hf_t5(vocab: int = 64, hidden: int = 32, heads: int = 2, **config: Any) -> n
 
 def hf_t5_frozen_bias(**config: Any) -> nn.Module:
     """:func:`hf_t5` with the relative position bias out of θ (``requires_grad_(False)``): the way
-    out the per-sample functions name for T5, under which they must all be exact."""
+    out a refusal names for a shared layer, under which every function must stay exact."""
     model = hf_t5(**config)
     for name, p in model.named_parameters():
         if "relative_attention_bias" in name:

@@ -302,10 +302,10 @@ def test_module_torch_func_cannot_run_gets_a_clear_error() -> None:
         per_sample_grad_norms(model, nn.MSELoss(), data())
 
 
-def test_a_module_without_a_batch_axis_is_named_with_the_way_out() -> None:
+def test_a_module_without_a_batch_axis_is_followed_to_the_batch_or_frozen() -> None:
     """T5's relative_attention_bias (an Embedding on [q_len, k_len] position buckets, its output
-    shared by every sample) has no per-sample gradient its hooks can read: refused, naming the
-    module and the way out; the way out (that parameter frozen) then matches the per-sample loop."""
+    shared by every sample): measured where its output meets the batch, equal to the per-sample
+    loop; with it frozen (the way out a refusal names), the rest is equally exact."""
     pytest.importorskip("transformers")
     import torch.nn.functional as F
     from transformers import T5Config, T5ForConditionalGeneration
@@ -322,19 +322,20 @@ def test_a_module_without_a_batch_axis_is_named_with_the_way_out() -> None:
     def ce(out, t):
         return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), t.reshape(-1))
 
-    with pytest.raises(ValueError, match=r"relative_attention_bias.*no batch axis.*"
-                                         r"requires_grad_\(False\)"):
-        nt.per_sample_grad_norms(model, ce, (x, y))
-    for name, p in model.named_parameters():
-        if "relative_attention_bias" in name:
-            p.requires_grad_(False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # T5's LayerNorm goes through the exact fallback
-        got = nt.per_sample_grad_norms(model, ce, (x, y))
-    params = [p for p in model.parameters() if p.requires_grad]
-    ref = []
-    for i in range(4):
-        gs = torch.autograd.grad(ce(model(**{k: v[i:i + 1] for k, v in x.items()}), y[i:i + 1]),
-                                 params, allow_unused=True)
-        ref.append(sum(t.square().sum() for t in gs if t is not None))
-    torch.testing.assert_close(got, torch.stack(ref), rtol=1e-12, atol=0)
+    def loop() -> Tensor:
+        params = [p for p in model.parameters() if p.requires_grad]
+        ref = []
+        for i in range(4):
+            gs = torch.autograd.grad(ce(model(**{k: v[i:i + 1] for k, v in x.items()}),
+                                        y[i:i + 1]), params, allow_unused=True)
+            ref.append(sum(t.square().sum() for t in gs if t is not None))
+        return torch.stack(ref)
+
+    for frozen in (False, True):
+        for name, p in model.named_parameters():
+            if "relative_attention_bias" in name:
+                p.requires_grad_(not frozen)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = nt.per_sample_grad_norms(model, ce, (x, y))
+        torch.testing.assert_close(got, loop(), rtol=1e-12, atol=0)

@@ -37,11 +37,13 @@ def loop_norms(model: nn.Module, loss_fn, x, y) -> torch.Tensor:
 class PositionBias(nn.Module):
     """``x + emb(positions)``: with ``batched=False`` the embedding runs on ``arange(T)`` (no batch
     axis, its ``[T, d]`` output shared by every sample), else on the positions expanded to
-    ``[b, T]``."""
+    ``[b, T]``; with ``through``, the shared output passes a Linear before it meets ``x``."""
 
-    def __init__(self, d: int = 5, t_max: int = 8, batched: bool = False) -> None:
+    def __init__(self, d: int = 5, t_max: int = 8, batched: bool = False,
+                 through: bool = False) -> None:
         super().__init__()
         self.emb = nn.Embedding(t_max, d)
+        self.mix = nn.Linear(d, d) if through else None
         self.proj = nn.Linear(d, 3)
         self.batched = batched
 
@@ -49,7 +51,8 @@ class PositionBias(nn.Module):
         pos = torch.arange(x.shape[1], device=x.device)
         if self.batched:
             pos = pos.expand(x.shape[0], -1)
-        return self.proj(torch.tanh(x + self.emb(pos))).mean(1)
+        e = self.emb(pos) if self.mix is None else self.mix(self.emb(pos))
+        return self.proj(torch.tanh(x + e)).mean(1)
 
 
 def _data(b: int, t: int, seed: int = 0):
@@ -57,15 +60,28 @@ def _data(b: int, t: int, seed: int = 0):
     return torch.randn(b, t, 5, generator=g, dtype=DT), torch.randn(b, 3, generator=g, dtype=DT)
 
 
-def test_shared_input_of_batch_size_is_refused_naming_the_module_and_way_out() -> None:
+@pytest.mark.parametrize(("b", "t"), [(4, 4), (4, 6), (3, 5)])
+def test_a_shared_layer_output_is_measured_where_it_meets_the_batch(b: int, t: int) -> None:
+    """The embedding runs on ``arange(T)`` (no batch axis; T = b included): its output is
+    followed to ``x + pos``, where each sample's share of the gradient is read; exact."""
     torch.manual_seed(0)
     model = PositionBias().to(DT)
-    x, y = _data(4, 4)  # T = b: the embedding's [T] input looks batch-first
-    with pytest.raises(ValueError, match=r"'emb' got an input of shape \(4,\) whose leading "
-                                         r"dimension equals the batch size 4 only by coincidence"
-                                         r".*still 4.*requires_grad_\(False\)"):
+    x, y = _data(b, t)
+    got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+    torch.testing.assert_close(got, loop_norms(model, nn.MSELoss(), x, y), rtol=1e-12, atol=0)
+
+
+def test_control_a_shared_output_through_a_layer_is_refused_with_the_way_out() -> None:
+    """The shared output goes through a recorded layer before it meets the batch: that layer's
+    rule would read its rows as samples, so the module is refused, naming it and the way out;
+    the way out (the embedding frozen) is exact."""
+    torch.manual_seed(0)
+    model = PositionBias(through=True).to(DT)
+    x, y = _data(4, 4)
+    with pytest.raises(nt.PerSampleUnsupportedError,
+                       match=r"'emb' \(Embedding\) gives an output every sample shares.*"
+                             r"module 'mix' takes it as an input.*requires_grad_\(False\)"):
         nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
-    # the way out it names is exact against the loop
     model.emb.requires_grad_(False)
     got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
     torch.testing.assert_close(got, loop_norms(model, nn.MSELoss(), x, y), rtol=1e-12, atol=0)
@@ -98,15 +114,6 @@ def test_batched_positions_are_not_refused(b: int, t: int) -> None:
     x, y = _data(b, t)
     got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
     torch.testing.assert_close(got, loop_norms(model, nn.MSELoss(), x, y), rtol=1e-12, atol=0)
-
-
-def test_other_leading_size_still_gives_the_leading_dimension_error() -> None:
-    torch.manual_seed(0)
-    model = PositionBias().to(DT)
-    x, y = _data(4, 6)
-    with pytest.raises(ValueError, match=r"'emb' got an input with leading dimension 6, but "
-                                         r"the batch has 4"):
-        nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
 
 
 class MaskedMix(nn.Module):
@@ -143,8 +150,10 @@ def test_fallback_holds_a_batch_less_input_constant() -> None:
     torch.testing.assert_close(got, loop_norms(model, nn.MSELoss(), x, y), rtol=1e-12, atol=0)
 
 
-def test_t5_relative_bias_at_sequence_length_equal_to_batch_is_refused() -> None:
-    """The case the probe was built for: T5 at q_len = k_len = b (was 4.5e-4 wrong, silently)."""
+def test_t5_relative_bias_is_measured_at_every_sequence_length() -> None:
+    """T5's relative position bias (an Embedding on ``[q_len, k_len]`` buckets, no batch axis):
+    followed to where it meets the attention mask; exact at q_len = b (silently 4.5e-4 wrong
+    before the probe) and at q_len ≠ b (refused before), in the norms and in Tr Σ."""
     pytest.importorskip("transformers")
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -152,27 +161,30 @@ def test_t5_relative_bias_at_sequence_length_equal_to_batch_is_refused() -> None
     cfg = T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
                    dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
     model = T5ForConditionalGeneration(cfg).double().eval()
-    g = torch.Generator().manual_seed(1)
-    x = {"input_ids": torch.randint(1, 32, (4, 4), generator=g),  # 4 tokens = 4 samples
-         "decoder_input_ids": torch.randint(1, 32, (4, 4), generator=g)}
-    y = torch.randint(1, 32, (4, 4), generator=g)
 
     def ce(out, t):
         return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), t.reshape(-1))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FallbackWarning)  # T5's LayerNorm: the exact fallback
-        with pytest.raises(ValueError, match=r"relative_attention_bias' got an input of shape "
-                                             r"\(4, 4\).*only by coincidence.*requires_grad_"):
-            nt.per_sample_grad_norms(model, ce, (x, y))
-        x8 = {k: torch.cat([v, v.flip(0)]) for k, v in x.items()}
-        with pytest.raises(ValueError, match=r"relative_attention_bias.*only by coincidence"):
-            nt.gradient_noise(model, ce, (x8, torch.cat([y, y.flip(0)])), batch_size=4)
-        for name, p in model.named_parameters():
-            if "relative_attention_bias" in name:
-                p.requires_grad_(False)
-        got = nt.per_sample_grad_norms(model, ce, (x, y))
-    torch.testing.assert_close(got, loop_norms(model, ce, x, y), rtol=1e-12, atol=0)
+    for t_enc, t_dec in ((4, 4), (6, 5)):
+        g = torch.Generator().manual_seed(1)
+        mask = torch.ones(4, t_enc, dtype=torch.long)
+        mask[0, -2:] = 0
+        x = {"input_ids": torch.randint(1, 32, (4, t_enc), generator=g), "attention_mask": mask,
+             "decoder_input_ids": torch.randint(1, 32, (4, t_dec), generator=g)}
+        y = torch.randint(1, 32, (4, t_dec), generator=g)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FallbackWarning)
+            got = nt.per_sample_grad_norms(model, ce, (x, y), by_parameter=True)
+        params = dict(model.named_parameters())
+        for name in ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                     "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"):
+            ref = torch.stack([torch.autograd.grad(
+                ce(model(**{k: v[i:i + 1] for k, v in x.items()}), y[i:i + 1]),
+                params[name])[0].square().sum() for i in range(4)])
+            assert float(ref.min()) > 0
+            torch.testing.assert_close(got[name], ref, rtol=1e-10, atol=0)
+        total = sum(got.values())
+        torch.testing.assert_close(total, loop_norms(model, ce, x, y), rtol=1e-10, atol=0)
 
 
 def test_passive_capture_declines_with_the_batch_and_names_the_module() -> None:
@@ -199,16 +211,16 @@ def test_monitor_goes_on_without_noise_columns_and_says_why() -> None:
     """The monitor never ends a training run: the refusal becomes one MonitorWarning naming the
     layer and the way out, the noise columns are left out, and no later step tries again."""
     torch.manual_seed(0)
-    model = PositionBias().to(DT)
+    model = PositionBias(through=True).to(DT)
     x, y = _data(4, 4)
     mon = nt.ThermoMonitor(model, nn.MSELoss(), noise_every=1, symmetries=None)
     calls = []
     model.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
-    with pytest.warns(nt.MonitorWarning, match=r"'emb'.*only by coincidence.*requires_grad_"):
+    with pytest.warns(nt.MonitorWarning, match=r"'emb'.*every sample shares.*requires_grad_"):
         hist = nt.train(model, nn.MSELoss(), (x, y), lr=0.1, batch_size=4, steps=3, monitor=mon)
     assert "entropic/trace_sigma" not in hist and len(hist["loss"]) == 3
-    # the steps' own forwards (4 samples), one refused extra pass (4) and its probe (1) only
-    assert calls == [4, 4, 1, 4, 4]
+    # the steps' own forwards (4 samples), one refused extra pass (4) after its probe (1) only
+    assert calls == [4, 1, 4, 4, 4]
     model.emb.requires_grad_(False)  # the way out: the columns are there
     mon = nt.ThermoMonitor(model, nn.MSELoss(), noise_every=1, symmetries=None)
     hist = nt.train(model, nn.MSELoss(), (x, y), lr=0.1, batch_size=4, steps=2, monitor=mon)
@@ -231,13 +243,13 @@ def test_probe_runs_once_per_shape_signature_and_leaves_the_rng_alone() -> None:
     model = Counting().to(DT)
     x, y = _data(4, 4)
     nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
-    assert model.calls == [4, 1]  # the pass, then the probe on one sample
+    assert model.calls == [1, 4]  # the probe on one sample, then the pass
     nt.per_sample_grad_norms(model, nn.MSELoss(), (x[:3], y[:3]))  # other b, same shapes
     nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
-    assert model.calls == [4, 1, 3, 4]
+    assert model.calls == [1, 4, 3, 4]
     x5, y5 = _data(4, 5)  # another sequence length: a new signature
     nt.per_sample_grad_norms(model, nn.MSELoss(), (x5, y5))
-    assert model.calls == [4, 1, 3, 4, 4, 1]
+    assert model.calls == [1, 4, 3, 4, 1, 4]
     from neurothermo._data import as_batch
     drop = nn.Sequential(nn.Linear(5, 5), nn.Dropout(0.5)).to(DT)
     state = torch.get_rng_state()
@@ -567,3 +579,50 @@ def test_hf_mamba_without_cache_is_exact() -> None:
         got = nt.per_sample_grad_norms(model, ce, ({"input_ids": ids, "use_cache": False}, y))
     ref = loop_norms(model, lambda o, t: ce(o, t), {"input_ids": ids}, y)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)
+
+
+class RelBias(nn.Module):
+    """Attention-like scores plus a relative bias from buckets ``[T, T]`` (T5's layout): the
+    bias goes through ``permute``/``unsqueeze``/a slice, then meets the batch in place
+    (``scores += bias``); with ``twice``, two shared biases are added to each other first."""
+
+    def __init__(self, twice: bool = False) -> None:
+        super().__init__()
+        self.rel = nn.Embedding(7, 2)
+        self.rel2 = nn.Embedding(7, 2) if twice else None
+        self.q = nn.Linear(5, 4)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        pos = torch.arange(t)
+        buckets = (pos[None, :] - pos[:, None]).clamp(-3, 3) + 3
+        bias = self.rel(buckets).permute(2, 0, 1).unsqueeze(0)[:, :, :t, :]  # [1, 2, T, T]
+        if self.rel2 is not None:
+            bias = bias + self.rel2(buckets).permute(2, 0, 1).unsqueeze(0)
+        q = self.q(x).reshape(x.shape[0], t, 2, 2).transpose(1, 2)  # [b, 2, T, 2]
+        scores = q @ q.transpose(-1, -2)
+        scores += bias
+        return self.head(torch.softmax(scores, -1).mean(1) @ x).mean(1)
+
+
+def test_a_shared_bias_meeting_the_batch_in_place_is_exact() -> None:
+    for b, t in ((4, 4), (3, 5)):
+        torch.manual_seed(0)
+        model = RelBias().to(DT)
+        x, y = _data(b, t)
+        got = nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y), by_parameter=True)
+        p = model.rel.weight
+        ref = torch.stack([torch.autograd.grad(nn.MSELoss()(model(x[i:i + 1]), y[i:i + 1]),
+                                               p)[0].square().sum() for i in range(b)])
+        torch.testing.assert_close(got["rel.weight"], ref, rtol=1e-12, atol=0)
+        torch.testing.assert_close(sum(got.values()), loop_norms(model, nn.MSELoss(), x, y),
+                                   rtol=1e-12, atol=0)
+
+
+def test_control_two_shared_tensors_meeting_each_other_are_refused() -> None:
+    torch.manual_seed(0)
+    model = RelBias(twice=True).to(DT)
+    x, y = _data(4, 5)
+    with pytest.raises(nt.PerSampleUnsupportedError, match=r"'rel'.*takes two shared tensors"):
+        nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))

@@ -53,6 +53,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from neurothermo.gradstats._pieces import Dense, Piece
+from neurothermo.gradstats._shared import Shared
 from neurothermo.gradstats.rules import Call, Rule, Use, rule_for
 from neurothermo.gradstats.rules.fallback import fallback_pieces, tensor_leaves
 
@@ -90,6 +91,11 @@ class Recorder:
         # by that frame's module (None: used so in several frames)
         self.stray_at: dict[int, str | None] = {}
         self.adopted: dict[int, str] = {}  # parameter id -> the fallback module that adopted it
+        # outputs shared by every sample (``_shared.py``), when the layout probe ran first: the
+        # probe's leading size of each call's output, and the calls seen so far per module
+        self.shared: Shared | None = None
+        self.probe_out: dict[tuple[str, int], tuple[int, ...] | None] = {}
+        self.calls_seen: dict[str, int] = {}
         self.used: set[int] = set()  # ids of wanted parameters some op touched
         self.guarded = False  # the torch-function mode runs (``used`` is filled)
         self.expand_broadcast = expand_broadcast
@@ -226,6 +232,18 @@ class Recorder:
         done = self.free_ok - self.free_bad
         return replace(call, wanted=call.wanted & frozenset(self.used - done))
 
+    def is_shared(self, module: nn.Module, name: str, output: Any) -> bool:
+        """Whether this call's output is shared by every sample: its whole shape is the one the
+        layout probe saw on ``b'`` samples, so no axis of it follows the batch (an output that
+        is merely not batch-first, ``[T, b, d]``, has another shape there)."""
+        k = self.calls_seen.get(name, 0)
+        self.calls_seen[name] = k + 1
+        if not isinstance(output, Tensor) or output.dim() == 0 or not output.requires_grad:
+            return False
+        if not any(id(p) in self.wanted for p in module.parameters(recurse=False)):
+            return False
+        return self.probe_out.get((name, k)) == tuple(output.shape)
+
     def adopt(self, module: nn.Module, name: str) -> tuple[tuple[str, Tensor], ...]:
         """Descendant parameters ``module`` (a module without a rule, at its forward's end) used
         directly in its own forward and nowhere else outside their modules (Hugging Face Mamba
@@ -298,7 +316,18 @@ class _ParamUseGuard(TorchFunctionMode):
                   if isinstance(t, Tensor) and id(t) in rec.wanted]
         free = rec.stack[-1][2] if rec.stack else frozenset()
         mine = list({id(p): p for p in params if id(p) in free}.values())
-        out = rec.free_op(func, args, kwargs, mine) if mine else func(*args, **kwargs)
+        shared = rec.shared
+        found = shared.find(args, kwargs) if shared is not None and shared.derived else []
+        if found:
+            assert shared is not None
+            if mine:  # a shared output and a free parameter in one op: neither is followed
+                rec.free_bad.update(id(p) for p in mine)
+                shared.derived[id(found[0][1])][1].bad = "it meets a free parameter"
+                out = func(*args, **kwargs)
+            else:
+                out = shared.op(func, args, kwargs, found, _writes(func, kwargs))
+        else:
+            out = rec.free_op(func, args, kwargs, mine) if mine else func(*args, **kwargs)
         if params:
             covered = rec.stack[-1][1] if rec.stack else frozenset()
             for t in params:
@@ -392,7 +421,13 @@ def _hook(name: str, rule: Rule | None, rec: Recorder) -> Any:
         if grown is not None:
             rec.expanded.append(name)
             args, kwargs, output = grown
-        rec.inputs.append((name, input_leaves(args, kwargs)))
+        leaves_in = input_leaves(args, kwargs)
+        rec.inputs.append((name, leaves_in))
+        if rec.shared is not None:
+            rec.shared.check_inputs(leaves_in, name)
+            if grown is None and rec.is_shared(module, name, output):
+                rec.shared.add_root(module, name, args, kwargs, output)
+                return None
         kept = output if rule is None else None
         adopted = rec.adopt(module, name) if rule is None else ()
         rec.add_call(Call(module, name, args, kwargs, kept, rec.batch_size, rec.wanted, adopted),

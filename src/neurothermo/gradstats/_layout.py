@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from neurothermo._data import Batch
 from neurothermo.gradstats._capture import input_leaves
+from neurothermo.gradstats.rules.fallback import tensor_leaves
 
 # leading sizes (None for a scalar) of the tensor inputs of each module call, by (name, k-th call)
 Log = dict[tuple[str, int], tuple[int | None, ...]]
@@ -53,6 +54,7 @@ class Probe:
 
     size: int
     log: Log
+    out_log: dict[tuple[str, int], tuple[int, ...] | None] = field(default_factory=dict)
     values: dict[Leaf, Tensor] = field(default_factory=dict)
     folded: dict[Leaf, int] = field(default_factory=dict)
 
@@ -155,6 +157,10 @@ def _run(model: nn.Module, sub: Batch, size: int) -> Probe:
             counts[name] = k + 1
             leaves = input_leaves(args, kwargs)
             probe.log[(name, k)] = tuple(int(t.shape[0]) if t.dim() else None for t in leaves)
+            first = output if isinstance(output, Tensor) else next(
+                iter(tensor_leaves(output)), None)
+            probe.out_log[(name, k)] = (tuple(first.shape) if isinstance(first, Tensor)
+                                        and first.dim() else None)
             for j, t in enumerate(leaves):
                 if t.dim() and t.shape[0] > size and t.shape[0] % size == 0:
                     probe.values[(name, k, j)] = t.detach().clone()

@@ -30,8 +30,9 @@ from neurothermo._validate import (
 from neurothermo.gradstats._capture import Recorder, recording
 from neurothermo.gradstats._layout import judge, probe_log
 from neurothermo.gradstats._pieces import Piece, param_sq_norm
+from neurothermo.gradstats._shared import Shared, root_pieces
 from neurothermo.gradstats.rules import Use, check_batchnorm
-from neurothermo.gradstats.rules._base import PerSampleUnsupportedError, judged
+from neurothermo.gradstats.rules._base import _NO_BATCH_AXIS, PerSampleUnsupportedError, judged
 
 
 @overload
@@ -112,10 +113,12 @@ def per_sample_grad_norms(
     output depends on sample i only) and activations are batch-first. Checked where it can be:
     BatchNorm with batch statistics, fallback modules whose per-sample outputs differ from the
     batch output, non-batch-first layer inputs, parameters used outside their module's forward.
-    A layer input whose leading size is ``b`` by coincidence (no batch axis: T5's position
-    buckets ``[q_len, k_len]`` when ``q_len = b``) is found by a layout probe, one forward on one
-    sample (cached per model and input shapes, random-number state untouched): the rules refuse
-    it, the fallback holds it constant. A parameter-free op that mixes samples
+    A layer input whose leading size is ``b`` by coincidence (no batch axis) is found by a layout
+    probe, one forward on one sample before the pass (cached per model and input shapes,
+    random-number state untouched): the rules refuse it, the fallback holds it constant. A layer
+    output every sample shares (T5's ``relative_attention_bias`` on ``[q_len, k_len]`` position
+    buckets) is measured where it first meets batch tensors, each sample's gradient pulled back
+    to the layer by ``vmap(vjp)``; where it cannot be followed there it is refused, naming it. A parameter-free op that mixes samples
     (``x - x.mean(0)``) cannot be detected.
 
     Raises:
@@ -216,8 +219,13 @@ def _measure(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, 
              wanted: frozenset[int], clone: bool, create_graph: bool, mean_grad: bool,
              expand: bool = True, probe: bool = False) -> BatchGradStats | None:
     b = batch.size
+    if b == 1:  # one sample: its gradient is the batch's, whatever the model's layout
+        return _one_sample(model, loss_fn, batch, params, create_graph, mean_grad)
     rec = Recorder(b, wanted, clone=clone, create_graph=create_graph,
                    names={id(p): n for n, p in params.items()}, expand_broadcast=expand)
+    seen = probe_log(model, batch)
+    if seen is not None:  # outputs every sample shares are then followed (_shared.py)
+        rec.shared, rec.probe_out = Shared(b), seen.out_log
     with torch.enable_grad():
         with recording(model, rec):
             try:
@@ -265,6 +273,7 @@ def _measure(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, 
                 "the loss does not depend on any trainable parameter (does loss_fn or the model "
                 "detach its output?); per-sample gradients would all be zero"
             )
+        _shared_uses(rec)
         edges = list({_key(e): e for u in rec.uses for e in u.targets}.values())
         plist = list(params.values())
         inputs: list[Any] = [*edges, *(plist if mean_grad else [])]
@@ -274,7 +283,7 @@ def _measure(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, 
             _key(e): g for e, g in zip(edges, grads)}
         mean_grads = grads[len(edges):]
         del edges, inputs, grads
-        layout = judge(rec.inputs, b, probe_log(model, batch) if b > 1 else None)
+        layout = judge(rec.inputs, b, seen)
         rec.inputs.clear()
         with torch.set_grad_enabled(create_graph), judged(layout.batchless, layout.folded):
             norms = _evaluate(rec.uses, delta)
@@ -285,6 +294,44 @@ def _measure(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, 
         mg = {n: (g if g is not None else torch.zeros_like(p))
               for (n, p), g in zip(params.items(), mean_grads)}
     return BatchGradStats(sq, mg, loss if create_graph else loss.detach())
+
+
+def _one_sample(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, Tensor],
+                create_graph: bool, mean_grad: bool) -> BatchGradStats:
+    """``b = 1``: ``g_1 = ∇l_B``, one plain backward (no layer rule, so no layout to read)."""
+    with torch.enable_grad():
+        loss = check_scalar_loss(resolve_loss_fn(loss_fn)(batch.outputs(model), batch.targets))
+        if not loss.requires_grad:
+            raise ValueError(
+                "the loss does not depend on any trainable parameter (does loss_fn or the model "
+                "detach its output?); per-sample gradients would all be zero")
+        plist = list(params.values())
+        grads = torch.autograd.grad(loss, plist, allow_unused=True, create_graph=create_graph)
+    full = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, plist)]
+    sq = {n: g.square().sum().reshape(1) for n, g in zip(params, full)}
+    mg = dict(zip(params, full)) if mean_grad else None
+    return BatchGradStats(sq, mg, loss if create_graph else loss.detach())
+
+
+def _shared_uses(rec: Recorder) -> None:
+    """A :class:`Use` per module whose output every sample shares, read where it meets the
+    batch (``_shared.py``); or its refusal, naming it, why, and the way out."""
+    if rec.shared is None:
+        return
+    b = rec.batch_size
+    for root in rec.shared.roots:
+        why = root.bad or ("its output never meets the batch" if not root.meetings else None)
+        if why is not None:
+            raise PerSampleUnsupportedError(
+                f"module {root.name!r} ({type(root.module).__name__}) gives an output every "
+                f"sample shares (no batch axis), which could not be followed to where it meets "
+                f"the batch: {why}. " + _NO_BATCH_AXIS)
+        own = frozenset(id(p) for p in root.module.parameters(recurse=False)) & rec.wanted
+
+        def compute(deltas: list[Tensor | None], r: Any = root) -> list[Piece]:
+            return root_pieces(r, deltas, rec.wanted, b)
+
+        rec.uses.append(Use(root.name, [m[0] for m in root.meetings], compute, [], own))
 
 
 def _key(edge: GradientEdge) -> tuple[int, int]:
