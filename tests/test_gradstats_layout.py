@@ -626,3 +626,23 @@ def test_control_two_shared_tensors_meeting_each_other_are_refused() -> None:
     x, y = _data(4, 5)
     with pytest.raises(nt.PerSampleUnsupportedError, match=r"'rel'.*takes two shared tensors"):
         nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+
+
+def test_control_a_shared_bias_meeting_a_non_batch_first_result_is_refused() -> None:
+    """The bias is added to scores laid out ``[T, b, …]`` (not batch-first): no per-sample share
+    can be read there, so it is refused, not taken for a derived shared tensor."""
+
+    class SeqFirst(RelBias):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = x.shape[1]
+            pos = torch.arange(t)
+            bias = self.rel((pos[None, :] - pos[:, None]).clamp(-3, 3) + 3)  # [T, T, 2]
+            h = self.q(x).transpose(0, 1)  # [T, b, 4]
+            mixed = h[..., :2].unsqueeze(1) + bias.unsqueeze(2)  # [T, T, b, 2]
+            return self.head(x).mean(1) + mixed.mean((0, 1)).sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    model = SeqFirst().to(DT)
+    x, y = _data(4, 5)
+    with pytest.raises(nt.PerSampleUnsupportedError, match=r"'rel'.*meets the batch in 'add'"):
+        nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))

@@ -18,8 +18,10 @@ saw unchanged on ``b'`` samples (``_layout.py``).
 
 Anything else declines (the call's refusal is then raised, naming the module and the way out):
 a shared tensor that reaches a recorded module's input, an op with two shared tensors or with a
-tuple output, a meeting op whose result changes when the tensor is expanded, a shared output that
-never meets the batch.
+tuple output, a meeting op whose result changes when the tensor is expanded, an op with batch
+tensors whose result is not batch-first (Swin's windows folded into the batch), a shared output
+that never meets the batch. An op with the shared tensor and constants only (no tensor that
+requires grad or has ``b`` rows) gives a derived shared tensor.
 """
 from __future__ import annotations
 
@@ -113,6 +115,15 @@ class Shared:
             root.bad = f"'{_fname(func)}' writes into a tensor with the shared one"
             return func(*args, **kwargs)
         assert out0 is not None
+        others = [t for j, a in enumerate([*args, *kwargs.values()]) if j != pos
+                  for t in (a if isinstance(a, list | tuple) else (a,)) if isinstance(t, Tensor)]
+        if any(t.requires_grad or (t.dim() and t.shape[0] == b) for t in others):
+            # batch activations (or the batch's own inputs) in an op whose result is not
+            # batch-first: what follows depends on the samples, so it is not a derived shared
+            # tensor, and no per-sample share can be read here
+            root.bad = (f"it meets the batch in '{_fname(func)}', whose result (shape "
+                        f"{tuple(out0.shape)}) is not batch-first")
+            return out0
         if out0.requires_grad:
             self.derived[id(out0)] = (out0, root, [*chain, (func, args, kwargs, pos)])
         return out0
