@@ -325,3 +325,46 @@ def test_a_layer_shared_across_depth_gives_its_features_at_every_depth() -> None
     w = mask.unsqueeze(-1).to(seen[0].dtype)
     for i, out in enumerate(seen):
         torch.testing.assert_close(feats[f"{group}#{i}"], (out * w).sum(1) / w.sum(1))
+
+
+class TimeMajor(nn.Module):
+    """XLNet's layout: a layer whose output is ``[T, b, d]`` (time-major), and a position table
+    whose output ``[T, d]`` every sample shares."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.pos = nn.Embedding(8, 4)
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        h = self.emb(input_ids).transpose(0, 1)  # [T, b, d]
+        h = h + self.pos(torch.arange(h.shape[0]))[:, None]
+        return self.layer(torch.tanh(h))
+
+
+@pytest.mark.parametrize(("b", "t"), [(4, 4), (4, 6)])
+def test_time_major_outputs_are_pooled_per_sample(b: int, t: int) -> None:
+    """The batch axis of each layer is found against a one-sample pass (axis 1 here, also when
+    T = b, where reading axis 0 as the samples was silently wrong), and each sample is pooled
+    over its own unmasked tokens; equal to a hook pooled by hand."""
+    torch.manual_seed(0)
+    model = TimeMajor()
+    ids = torch.randint(0, 10, (b, t))
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, -2:] = 0
+    x = {"input_ids": ids, "attention_mask": mask}
+    feats = al.capture_features(model, x, layers=["layer"])
+    with torch.no_grad():
+        out = model(**x).transpose(0, 1)  # [b, T, d]
+    w = mask.unsqueeze(-1).to(out.dtype)
+    torch.testing.assert_close(feats["layer"], (out * w).sum(1) / w.sum(1))
+
+
+def test_a_layer_output_without_a_sample_axis_is_refused() -> None:
+    torch.manual_seed(0)
+    model = TimeMajor()
+    x = {"input_ids": torch.randint(0, 10, (4, 5))}
+    with pytest.raises(ValueError, match=r"layer 'pos': no axis of its output follows the samples"):
+        al.capture_features(model, x, layers=["pos"])

@@ -9,6 +9,7 @@ References: ``torch.autograd.functional.hvp`` of the mean loss (float64), and th
 """
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,3 +108,64 @@ def test_an_embedding_tied_to_one_with_another_padding_idx_is_not_frozen() -> No
     same = nn.Embedding(V, D, padding_idx=PAD)
     same.weight = emb.weight  # encoder and decoder sharing one table, one padding_idx
     assert frozen_rows(nn.ModuleDict({"a": emb, "b": same})) == {"a.weight": PAD}
+
+
+# ------------------------------------------------------------------- weight normalisation
+class WNNet(nn.Module):
+    """A conv with weight normalisation (Wav2Vec2's positional convolution), as a
+    parametrization (``legacy=False``) or with the older hook, then a head."""
+
+    def __init__(self, legacy: bool) -> None:
+        super().__init__()
+        conv = nn.Conv1d(3, 4, 3, padding=1)
+        wn = nn.utils.weight_norm if legacy else nn.utils.parametrizations.weight_norm
+        self.conv = wn(conv, dim=2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).mean(-1))
+
+
+def _wn_reference(model: WNNet, x, y, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """H v with weight normalisation written out by hand, ``w = g · v / ‖v‖`` (norm over every
+    axis but 2): twice-differentiable elementary ops, an independent forward."""
+    names = [n for n, _ in model.named_parameters()]
+    gname = next(n for n in names if n.endswith(("original0", "weight_g")))
+    vname = next(n for n in names if n.endswith(("original1", "weight_v")))
+
+    def f(*flat):
+        p = dict(zip(names, flat))
+        wv, wg = p[vname], p[gname]
+        w = wv * (wg / wv.square().sum((0, 1), keepdim=True).sqrt())
+        h = torch.tanh(F.conv1d(x, w, p["conv.bias"], padding=1)).mean(-1)
+        return F.mse_loss(F.linear(h, p["head.weight"], p["head.bias"]), y)
+
+    ps = tuple(p.detach() for _, p in model.named_parameters())
+    _, hv = torch.autograd.functional.hvp(f, ps, tuple(v[n] for n in names))
+    return dict(zip(names, hv))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_second_order_through_weight_norm_is_exact(legacy: bool) -> None:
+    """torch 2.13's fused ``_weight_norm`` has a wrong second derivative (gradgradcheck fails):
+    plain double backward through it misses the hand-written reference (the control), while
+    ``nt.hvp``, computed with the composite form, matches it to round-off."""
+    torch.manual_seed(0)
+    model = WNNet(legacy).to(DT)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, 6, generator=g, dtype=DT), torch.randn(5, 2, generator=g, dtype=DT)
+    v = {n: torch.randn(p.shape, generator=g, dtype=DT) for n, p in model.named_parameters()}
+    ref = _wn_reference(model, x, y, v)
+    got = nt.hvp(model, nn.MSELoss(), (x, y), v)
+    torch.testing.assert_close(_flat(got), _flat(ref), rtol=1e-10, atol=1e-14)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(nn.MSELoss()(model(x), y), params, create_graph=True)
+    plain = torch.autograd.grad(grads, params, grad_outputs=[v[n] for n, _ in
+                                                              model.named_parameters()])
+    err = float((_flat(dict(enumerate(plain))) - _flat(ref)).norm() / _flat(ref).norm())
+    assert err > 1e-6  # torch's own double backward through _weight_norm (the bug worked around)
+    force = nt.entropic_force(model, nn.MSELoss(), (x, y), lr=0.1)
+    grad = {n: gr.detach() for (n, _), gr in zip(model.named_parameters(), grads)}
+    ref_force = {n: -0.05 * t for n, t in _wn_reference(model, x, y, grad).items()}
+    torch.testing.assert_close(_flat(force), _flat(ref_force), rtol=1e-10, atol=1e-14)
+    assert torch._weight_norm is not None and "composite" not in torch._weight_norm.__name__

@@ -222,10 +222,39 @@ def double_backward_attention() -> Iterator[None]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     try:
-        with mha_fastpath_off(), sdpa_kernel(SDPBackend.MATH):
+        with mha_fastpath_off(), sdpa_kernel(SDPBackend.MATH), composite_weight_norm():
             yield
     except (NotImplementedError, RuntimeError) as err:
         raise _no_double_backward(err) from err
+
+
+def _weight_norm_composite(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    """``g · v / ‖v‖`` (norm over every axis but ``dim``), from twice-differentiable ops."""
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+@contextmanager
+def composite_weight_norm() -> Iterator[None]:
+    """Weight normalisation computed from elementary ops for the block; torch's restored after.
+
+    torch's fused ``torch._weight_norm`` (used by ``nn.utils.parametrizations.weight_norm`` and
+    the older ``nn.utils.weight_norm``, e.g. in Wav2Vec2's positional convolution) has a wrong
+    second derivative in torch 2.13 (``gradgradcheck`` fails; a Hessian-vector product through it
+    was 1.4e-2 off on the weight's direction parameter, silently). The same function written as
+    ``v · g / norm_except_dim(v)`` has the right one, and the same values to round-off.
+    """
+    import sys
+
+    legacy = sys.modules.get("torch.nn.utils.weight_norm")
+    homes: list[Any] = [torch] + ([legacy] if hasattr(legacy, "_weight_norm") else [])
+    saved = [getattr(home, "_weight_norm") for home in homes]  # noqa: B009 (private names)
+    for home in homes:
+        setattr(home, "_weight_norm", _weight_norm_composite)  # noqa: B010
+    try:
+        yield
+    finally:
+        for home, fn in zip(homes, saved):
+            setattr(home, "_weight_norm", fn)  # noqa: B010
 
 
 # torch's message for an op whose backward has no derivative of its own

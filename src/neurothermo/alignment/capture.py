@@ -209,6 +209,48 @@ def _mask_for(name: str, h: Tensor, masks: Mapping[str, Tensor] | None, pool: st
     return mask
 
 
+def _call(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, Tensor):
+        model(batch)
+    elif isinstance(batch, Mapping):
+        model(**batch)
+    else:
+        model(*batch)
+
+
+def _size(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    return next(int(v.shape[0]) for v in values if isinstance(v, Tensor) and v.dim())
+
+
+def _first_sample(batch: Any) -> Any:
+    def cut(v: Any) -> Any:
+        return v[:1] if isinstance(v, Tensor) and v.dim() else v
+
+    if isinstance(batch, Tensor):
+        return batch[:1]
+    if isinstance(batch, Mapping):
+        return {k: cut(v) for k, v in batch.items()}
+    return tuple(cut(v) for v in batch)
+
+
+def _batch_axis(name: str, h: Tensor, one: tuple[int, ...]) -> int:
+    """The axis of layer ``name``'s output ``h`` that holds the samples: the one that is ``b``
+    here and 1 on one sample, every other axis unchanged (0 for batch-first outputs; 1 for
+    XLNet's time-major ``[T, b, d]``, also when ``T = b``). Raises if there is none."""
+    b = h.shape[0] if h.dim() else 0
+    found = [d for d in range(h.dim()) if len(one) == h.dim() and one[d] == 1 and h.shape[d] > 1
+             and all(one[k] == h.shape[k] for k in range(h.dim()) if k != d)]
+    if found:
+        return 0 if 0 in found else found[0]
+    raise ValueError(
+        f"layer {name!r}: no axis of its output follows the samples (shape {tuple(h.shape)} on "
+        f"the batch, {one} on one sample; b = {b} or another size): its features are not per "
+        "sample. Hook a layer whose output carries the samples on one axis.")
+
+
 def _is_target_pair(b: Any) -> bool:
     return isinstance(b, tuple | list) and len(b) == 2 and isinstance(b[0], Tensor | Mapping)
 
@@ -274,28 +316,41 @@ def capture_features(
     current: dict[str, list[Tensor]] = {}  # per layer, one pooled output per call
     calls: dict[str, int] = {}  # calls per forward, fixed by the first batch
     mask_now: list[Mapping[str, Tensor] | None] = [None]
+    one: dict[str, tuple[int, ...]] = {}  # each layer's output shape on one sample
+    axis: dict[str, int] = {}  # each layer's batch axis, found on the first batch of b ≥ 2
 
     def hook_for(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
             h = _first_tensor(out, name).detach()
+            if probing[0]:
+                if not h.is_nested:  # (a nested output has no shape: batch-first, as pooled)
+                    one.setdefault(name, tuple(h.shape))
+                return
+            if not h.is_nested and h.dim() and name in one and h.shape[0] > 1:
+                axis.setdefault(name, _batch_axis(name, h, one[name]))
+            if axis.get(name, 0):
+                h = h.movedim(axis[name], 0)  # time-major (XLNet's [T, b, d]): samples first
             mask = _mask_for(name, h, mask_now[0], pool)
             current.setdefault(name, []).append(pool_output(h, pool, mask))
         return hook
 
+    probing = [False]
     handles = []
     try:
         for name in names:
             handles.append(modules[name].register_forward_hook(hook_for(name)))
         with preserved_state(model, mode="eval"), torch.no_grad():
+            first = next((bt for bt, _ in batches if _size(bt) > 1), None)
+            if first is not None:  # one sample: which axis of each output follows the batch
+                probing[0] = True
+                try:
+                    _call(model, _first_sample(first))
+                finally:
+                    probing[0] = False
             for batch, mask in batches:
                 current.clear()
                 mask_now[0] = mask
-                if isinstance(batch, Tensor):
-                    model(batch)
-                elif isinstance(batch, Mapping):
-                    model(**batch)
-                else:
-                    model(*batch)
+                _call(model, batch)
                 missing = [nm for nm in names if nm not in current]
                 if missing:
                     raise RuntimeError(

@@ -115,6 +115,12 @@ class Shared:
             root.bad = f"'{_fname(func)}' writes into a tensor with the shared one"
             return func(*args, **kwargs)
         assert out0 is not None
+        if len(shape) and shape[0] == b and not meets:
+            # a batch-first result, but the shared tensor is no broadcast operand of it (a conv
+            # or matmul weight): there is no per-sample copy of it to read a share from
+            root.bad = (f"it meets the batch in '{_fname(func)}' as an operand that is not "
+                        "broadcast over the samples (a weight, say)")
+            return out0
         others = [t for j, a in enumerate([*args, *kwargs.values()]) if j != pos
                   for t in (a if isinstance(a, list | tuple) else (a,)) if isinstance(t, Tensor)]
         if any(t.requires_grad or (t.dim() and t.shape[0] == b) for t in others):
