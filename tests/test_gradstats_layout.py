@@ -646,3 +646,23 @@ def test_control_a_shared_bias_meeting_a_non_batch_first_result_is_refused() -> 
     x, y = _data(4, 5)
     with pytest.raises(nt.PerSampleUnsupportedError, match=r"'rel'.*meets the batch in 'add'"):
         nt.per_sample_grad_norms(model, nn.MSELoss(), (x, y))
+
+
+def test_a_time_major_input_at_t_equal_b_is_named_as_such() -> None:
+    """``[T, b, d]`` into a Linear with T = b: the probe sees the samples on axis 1, and the
+    refusal says so (moving the batch axis first is the way out), not "no batch axis"."""
+
+    class SeqFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x.transpose(0, 1)).mean(0)
+
+    torch.manual_seed(0)
+    x, y = _data(4, 4)
+    with pytest.raises(nt.PerSampleUnsupportedError,
+                       match=r"'lin' got an input of shape \(4, 4, 5\) whose samples are on "
+                             r"axis 1.*batch_first"):
+        nt.per_sample_grad_norms(SeqFirst().to(DT), nn.MSELoss(), (x, y))

@@ -54,6 +54,7 @@ class Probe:
 
     size: int
     log: Log
+    shapes: dict[tuple[str, int], tuple[tuple[int, ...], ...]] = field(default_factory=dict)
     out_log: dict[tuple[str, int], tuple[int, ...] | None] = field(default_factory=dict)
     values: dict[Leaf, Tensor] = field(default_factory=dict)
     folded: dict[Leaf, int] = field(default_factory=dict)
@@ -65,6 +66,7 @@ class Judgement:
 
     batchless: dict[int, tuple[Tensor, int, int]] = field(default_factory=dict)
     folded: dict[int, tuple[Tensor, int]] = field(default_factory=dict)
+    axes: dict[int, int] = field(default_factory=dict)  # batch-less inputs' sample axis, if any
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, Probe | None]] = (
     weakref.WeakKeyDictionary())
@@ -157,6 +159,7 @@ def _run(model: nn.Module, sub: Batch, size: int) -> Probe:
             counts[name] = k + 1
             leaves = input_leaves(args, kwargs)
             probe.log[(name, k)] = tuple(int(t.shape[0]) if t.dim() else None for t in leaves)
+            probe.shapes[(name, k)] = tuple(tuple(t.shape) for t in leaves)
             first = output if isinstance(output, Tensor) else next(
                 iter(tensor_leaves(output)), None)
             probe.out_log[(name, k)] = (tuple(first.shape) if isinstance(first, Tensor)
@@ -209,12 +212,26 @@ def judge(calls: list[tuple[str, list[Tensor]]], b: int, probe: Probe | None) ->
                 continue
             if t.shape[0] == b and lead != size:
                 out.batchless[id(t)] = (t, size, lead)
+                shapes = probe.shapes.get((name, k))
+                axis = _sample_axis(t, shapes[j], b, size) if shapes else None
+                if axis is not None:
+                    out.axes[id(t)] = axis
             elif lead > size and lead % size == 0 and t.shape[0] == (lead // size) * b:
                 m = _fold(probe, (name, k, j), t, lead // size)
                 if m:
                     out.folded[id(t)] = (t, m)
     probe.values.clear()  # every fold seen is decided; the copies are not needed again
     return out
+
+
+def _sample_axis(t: Tensor, small: tuple[int, ...], b: int, size: int) -> int | None:
+    """The axis of ``t`` that is ``b`` here and ``b'`` in the probe, every other axis the same
+    (the samples on another axis than 0: a time-major layout), or None."""
+    if len(small) != t.dim():
+        return None
+    found = [d for d in range(1, t.dim()) if t.shape[d] == b and small[d] == size
+             and all(small[k] == t.shape[k] for k in range(t.dim()) if k != d)]
+    return found[0] if len(found) == 1 else None
 
 
 def _fold(probe: Probe, leaf: Leaf, t: Tensor, m: int) -> int:

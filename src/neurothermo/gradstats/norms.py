@@ -285,7 +285,7 @@ def _measure(model: nn.Module, loss_fn: LossFn, batch: Batch, params: dict[str, 
         del edges, inputs, grads
         layout = judge(rec.inputs, b, seen)
         rec.inputs.clear()
-        with torch.set_grad_enabled(create_graph), judged(layout.batchless, layout.folded):
+        with torch.set_grad_enabled(create_graph), judged(layout.batchless, layout.folded, layout.axes):
             norms = _evaluate(rec.uses, delta)
             sq = {n: norms[id(p)] * (b * b) if id(p) in norms else p.new_zeros(b)
                   for n, p in params.items()}

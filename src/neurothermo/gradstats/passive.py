@@ -421,7 +421,7 @@ class BackwardCapture:
                     probe = probe_log(self.model, batch.to(model_device(self.model)))
                 layout = judge(rec.inputs, batch_size, probe)
             rec.inputs.clear()
-            with torch.no_grad(), judged(layout.batchless, layout.folded):
+            with torch.no_grad(), judged(layout.batchless, layout.folded, layout.axes):
                 try:
                     per_param = _evaluate(rec.uses, self._delta)
                 except ValueError as e:  # a rule refuses this pass; an extra pass will say why

@@ -46,7 +46,8 @@ class PerSampleUnsupportedError(ValueError):
 
 # the layout of the pass being evaluated (``_layout.py``): its batch-less inputs by id,
 # (tensor, b', probe size), and its folded ones, (tensor, m)
-_Layout = tuple[Mapping[int, tuple[Tensor, int, int]], Mapping[int, tuple[Tensor, int]]]
+_Layout = tuple[Mapping[int, tuple[Tensor, int, int]], Mapping[int, tuple[Tensor, int]],
+                Mapping[int, int]]
 _JUDGED: ContextVar[_Layout | None] = ContextVar("_JUDGED", default=None)
 
 
@@ -346,6 +347,15 @@ def batch_first(call_name: str, x: Tensor, b: int, what: str = "input") -> Tenso
             + (_FOLDED if x.dim() and x.shape[0] > b and x.shape[0] % b == 0 else "")
         )
     probe = batchless_size(x)
+    layout = _JUDGED.get()
+    axis = None if layout is None else layout[2].get(id(x))
+    if probe is not None and axis is not None:
+        raise PerSampleUnsupportedError(
+            f"module {call_name!r} got an {what} of shape {tuple(x.shape)} whose samples are on "
+            f"axis {axis}, not 0 (a time-major layout such as XLNet's [T, b, …]; its leading "
+            f"size equals the batch size {b} only by coincidence): per-sample gradients need "
+            "batch-first activations (dim 0 = sample). Use batch_first=True layouts or move the "
+            "batch axis first before this module.")
     if probe is not None:
         size, kept = probe
         raise PerSampleUnsupportedError(
@@ -359,10 +369,12 @@ def batch_first(call_name: str, x: Tensor, b: int, what: str = "input") -> Tenso
 
 @contextmanager
 def judged(batchless: Mapping[int, tuple[Tensor, int, int]],
-           folded: Mapping[int, tuple[Tensor, int]] | None = None) -> Iterator[None]:
-    """Within the block, rules see ``batchless`` inputs as such (:func:`batchless_size`) and
-    ``folded`` ones as ``m`` rows per sample (:func:`batch_rows`)."""
-    token = _JUDGED.set((batchless, folded or {}))
+           folded: Mapping[int, tuple[Tensor, int]] | None = None,
+           axes: Mapping[int, int] | None = None) -> Iterator[None]:
+    """Within the block, rules see ``batchless`` inputs as such (:func:`batchless_size`; with
+    ``axes[id]`` the axis that does carry the samples, when one does) and ``folded`` ones as
+    ``m`` rows per sample (:func:`batch_rows`)."""
+    token = _JUDGED.set((batchless, folded or {}, axes or {}))
     try:
         yield
     finally:
