@@ -95,8 +95,15 @@ class Shared:
                 root.bad = f"'{_fname(func)}' returns several tensors"
                 return out0
             shape = out0.shape
+        # batch tensors among the other operands (activations, or the batch's own inputs): only
+        # then can the op be where the shared tensor meets the batch; an op on the shared tensor
+        # with constants alone gives a derived shared tensor, whatever its shape
+        others = [t for j, a in enumerate([*args, *kwargs.values()]) if j != pos
+                  for t in (a if isinstance(a, list | tuple) else (a,)) if isinstance(t, Tensor)]
+        batchy = any(t.requires_grad or (t.dim() and t.shape[0] == b) for t in others)
         k = len(shape) - d.dim()
-        meets = len(shape) > 0 and shape[0] == b and (k > 0 or d.shape[0] == 1) and k >= 0
+        meets = (batchy and len(shape) > 0 and shape[0] == b and k >= 0
+                 and (k > 0 or d.shape[0] == 1))
         if meets:
             v = d.reshape((1,) * k + tuple(d.shape)) if k else d
             v = v.expand(b, *v.shape[1:])
@@ -115,18 +122,15 @@ class Shared:
             root.bad = f"'{_fname(func)}' writes into a tensor with the shared one"
             return func(*args, **kwargs)
         assert out0 is not None
-        if len(shape) and shape[0] == b and not meets:
+        if batchy and len(shape) and shape[0] == b:
             # a batch-first result, but the shared tensor is no broadcast operand of it (a conv
             # or matmul weight): there is no per-sample copy of it to read a share from
             root.bad = (f"it meets the batch in '{_fname(func)}' as an operand that is not "
                         "broadcast over the samples (a weight, say)")
             return out0
-        others = [t for j, a in enumerate([*args, *kwargs.values()]) if j != pos
-                  for t in (a if isinstance(a, list | tuple) else (a,)) if isinstance(t, Tensor)]
-        if any(t.requires_grad or (t.dim() and t.shape[0] == b) for t in others):
-            # batch activations (or the batch's own inputs) in an op whose result is not
-            # batch-first: what follows depends on the samples, so it is not a derived shared
-            # tensor, and no per-sample share can be read here
+        if batchy:
+            # batch activations in an op whose result is not batch-first: what follows depends
+            # on the samples, so it is not a derived shared tensor, and no share can be read
             root.bad = (f"it meets the batch in '{_fname(func)}', whose result (shape "
                         f"{tuple(out0.shape)}) is not batch-first")
             return out0
