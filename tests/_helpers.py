@@ -38,6 +38,12 @@ def per_sample_grads(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) ->
     return {n: torch.stack([r[j].flatten() for r in rows]) for j, n in enumerate(named)}
 
 
+def rel_change(a: Tensor, b: Tensor) -> float:
+    """``‖a − b‖ / ‖b‖`` (Frobenius, detached): how much a transform changed an output ``b``."""
+    a, b = a.detach(), b.detach()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
 def naive_sq_norms(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """``‖∇_θ l_i‖²`` per parameter (``{name: [N]}``), from :func:`per_sample_grads`."""
     return {n: g.square().sum(1) for n, g in per_sample_grads(model, loss_fn, x, y).items()}

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import neurothermo as nt
+from _helpers import rel_change as _rel
 from neurothermo.symmetry import Symmetry
 
 D = torch.float64
@@ -27,10 +28,6 @@ def _rows(lin: nn.Linear, a: torch.Tensor) -> None:
         lin.weight.copy_(a @ lin.weight)
         if lin.bias is not None:
             lin.bias.copy_(a @ lin.bias)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def _qk(report: nt.SymmetryReport) -> list[Symmetry]:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import neurothermo as nt
+from _helpers import rel_change as _rel
 
 D = torch.float64
 GEN = torch.Generator().manual_seed(31)
@@ -29,11 +30,6 @@ class Clamped(nn.Module):
 def _model(act: Callable[[Tensor], Tensor]) -> nn.Module:
     torch.manual_seed(0)
     return Clamped(act).to(D)
-
-
-def _rel(a: Tensor, b: Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
 def _diag(model: nn.Module, s: Tensor) -> nn.Module:

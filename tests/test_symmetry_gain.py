@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import neurothermo as nt
+from _helpers import rel_change as _rel
 
 D = torch.float64
 GEN = torch.Generator().manual_seed(21)
@@ -60,11 +61,6 @@ class Block(nn.Module):
 def _build(make: Callable[[], nn.Module]) -> nn.Module:
     torch.manual_seed(0)
     return make().to(D)
-
-
-def _rel(a: Tensor, b: Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
 def _scales(n: int) -> Tensor:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import neurothermo as nt
+from _helpers import rel_change as _rel
 from neurothermo.symmetry import Symmetry
 
 D = torch.float64
@@ -74,11 +75,6 @@ class GatedByInput(nn.Module):
 def _build(make: Callable[[], nn.Module]) -> nn.Module:
     torch.manual_seed(0)
     return make().to(D)
-
-
-def _rel(a: Tensor, b: Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
 def _mlp(syms: list[Symmetry]) -> list[tuple[str, str]]:

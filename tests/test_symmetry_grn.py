@@ -12,14 +12,11 @@ import torch
 from torch import Tensor, nn
 
 import neurothermo as nt
+from _helpers import rel_change as _rel
 from neurothermo.symmetry import Symmetry
 
 D = torch.float64
 GEN = torch.Generator().manual_seed(13)
-
-
-def _rel(a: Tensor, b: Tensor) -> float:
-    return float(((a - b).norm() / b.norm()).detach())
 
 
 def _alpha(n: int) -> Tensor:

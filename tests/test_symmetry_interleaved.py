@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import neurothermo as nt
+from _helpers import rel_change as _rel
 from neurothermo.symmetry import Symmetry
 
 D = torch.float64
@@ -40,11 +41,6 @@ def _model() -> nn.Module:
 def _rows(h: int, part: int) -> slice:
     start = h * 3 * HD + part * HD
     return slice(start, start + HD)
-
-
-def _rel(a: Tensor, b: Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
 def _g(seed: int) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import neurothermo as nt
+from _helpers import rel_change as _rel
 from neurothermo.symmetry import Symmetry
 
 D = torch.float64
@@ -23,10 +24,6 @@ GEN = torch.Generator().manual_seed(7)
 def _alpha(n: int) -> Tensor:
     """Log-uniform in [0.1, 10]."""
     return torch.exp((torch.rand(n, generator=GEN, dtype=D) * 2 - 1) * torch.log(torch.tensor(10.0)))
-
-
-def _rel(a: Tensor, b: Tensor) -> float:
-    return float(((a - b).norm() / b.norm()).detach())
 
 
 class MLP(nn.Module):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import neurothermo as nt
+from _helpers import rel_change as _rel
 
 D = torch.float64
 R, N = 4, 3
@@ -33,10 +34,6 @@ class LowRankStep(nn.Module):
             dt = nn.functional.softplus(dt)
         y = (self.w @ dt.transpose(1, 2)).transpose(1, 2)  # [batch, T, 6]
         return torch.tanh(y) * (b * c).sum(-1, keepdim=True)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def _rotate(m: nn.Module, x_rows: torch.Tensor, w: torch.Tensor, g: torch.Generator) -> None:
