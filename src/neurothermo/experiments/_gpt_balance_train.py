@@ -42,14 +42,17 @@ FAMILY_LABEL = {"qk": "Q/K rotation", "vo": "V/O rotation", "mlp": "MLP unit res
 
 def build_gpt(vocab: int, d_model: int, n_layers: int, n_heads: int, seq_len: int,
               seed: int, dtype: torch.dtype, init_std: float = 0.02,
-              attn_init_std: float = 0.0) -> nn.Module:
+              attn_init_std: float = 0.0, mlp_init_std: float = 0.0) -> nn.Module:
     """A random-init GPT-2 (ReLU MLP, no dropout) of the given size, in ``dtype``.
 
     ``init_std``: HF's ``initializer_range`` (its attention ``c_proj`` gets ``init_std/√(2·n_layers)``).
     ``attn_init_std > 0`` redraws every attention weight (the fused Q|K|V ``c_attn`` and ``c_proj``)
     from N(0, attn_init_std²), e.g. ``1/√d_model`` (fan-in init): with GPT-2's 0.02 each of W_Q,
     W_K gets a gradient ∝ the other's tiny weight, and plain SGD with weight decay never trains
-    them (docs/experiments/gpt-balance.md). The redraw uses the seeded global generator too.
+    them (docs/experiments/gpt-balance.md). ``mlp_init_std > 0`` does the same for the MLP's
+    ``c_fc`` and ``c_proj`` weights: the rescale symmetry between them makes each one's gradient
+    ∝ the other, so from GPT-2's small init weight decay wins there too. The redraws use the
+    seeded global generator too.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -59,11 +62,14 @@ def build_gpt(vocab: int, d_model: int, n_layers: int, n_heads: int, seq_len: in
                      initializer_range=init_std)
     torch.manual_seed(seed)  # HF initialises from the global generator
     model: nn.Module = GPT2LMHeadModel(cfg)
-    if attn_init_std > 0:
+    if attn_init_std > 0 or mlp_init_std > 0:
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith(("attn.c_attn.weight", "attn.c_proj.weight")):
+                if attn_init_std > 0 and name.endswith(("attn.c_attn.weight",
+                                                        "attn.c_proj.weight")):
                     p.normal_(0.0, attn_init_std)
+                if mlp_init_std > 0 and name.endswith(("mlp.c_fc.weight", "mlp.c_proj.weight")):
+                    p.normal_(0.0, mlp_init_std)
     model = model.to(dtype)
     model.eval()  # no dropout anyway; eval keeps HF from any train-only path
     return model
