@@ -26,17 +26,8 @@ Two cases need more than a hook:
   records the expanded input: the output gradient is then per sample, and the module's rule sees
   sample ``i``'s copy of the input. A model whose forward rejects the expanded shape is measured
   again without expansion (and the rule then names the module).
-* *Free parameters.* A module without a rule that owns parameters *and* contains modules with
-  parameters (a model's own ``cls_token`` / ``pos_embed``) would otherwise send its whole forward
-  through the per-module torch.func fallback. Instead each op that takes such a parameter ``p``
-  together with batch tensors is run on ``p`` viewed with a leading batch axis and expanded to
-  ``b`` (``p'[i] = p`` for every i); when that gives the op's own output shape (broadcasting ops,
-  ``expand``, batched ``matmul`` …), sample ``i``'s output reads only ``p'[i]``, so the gradient
-  reaching ``p'[i]`` is exactly sample ``i``'s contribution ``c_i(p)`` (summed before squaring
-  with the other uses of ``p``). If any use of ``p`` does not fit (an op on ``p`` alone, a changed
-  shape, an error), ``p`` goes through the fallback of the module as before, and its op records
-  are dropped, so nothing is counted twice. Modules without children keep the fallback, whose
-  check catches modules that mix samples.
+* *Free parameters* (a module's own parameters next to children that have parameters): each
+  op that takes one together with batch tensors is recorded op by op (``_free.py``).
 """
 from __future__ import annotations
 
@@ -46,13 +37,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from neurothermo.gradstats._pieces import Dense, Piece
+from neurothermo.gradstats._free import free_op, writes
+from neurothermo.gradstats._pieces import Piece
 from neurothermo.gradstats._shared import Shared
 from neurothermo.gradstats.rules import Call, Rule, Use, rule_for
 from neurothermo.gradstats.rules.fallback import fallback_pieces, tensor_leaves
@@ -130,68 +121,9 @@ class Recorder:
         return tree_map(grow, args), tree_map(grow, kwargs), grow(output)
 
     def free_op(self, func: Any, args: Any, kwargs: dict[str, Any], params: list[Tensor]) -> Any:
-        """Run ``func`` with the free parameters ``params`` given a leading batch axis (see the
-        module docstring); record their per-sample contributions, or mark them for the fallback.
-
-        An out-of-place op runs as given first (its output shape decides the batched view, and
-        is the answer if the view does not fit); an in-place op (``x += p``) runs exactly once,
-        its batched view decided by the tensor it writes to."""
-        b = self.batch_size
-        target = args[0] if args and isinstance(args[0], Tensor) else None
-        shape: torch.Size | None
-        if _writes(func, kwargs):
-            out0 = None
-            # Writing into a view goes through autograd's CopySlices, which cannot hand out the
-            # gradient at the parameter's batched view (torch 2.13 asserts): fallback for p.
-            if (target is None or not torch.is_grad_enabled() or "out" in kwargs
-                    or target._base is not None or any(target is p for p in params)):
-                self.free_bad.update(id(p) for p in params)  # no per-sample record: fallback
-                return func(*args, **kwargs)
-            shape = target.shape
-        else:
-            out0 = func(*args, **kwargs)
-            if not any(o.requires_grad for o in tensor_leaves(out0)):
-                return out0  # detached copies: no gradient flows through this use
-            shape = out0.shape if isinstance(out0, Tensor) and torch.is_grad_enabled() else None
-        subs: dict[int, Tensor] = {}
-        ok = shape is not None and len(shape) > 0 and shape[0] == b
-        for p in params if ok else ():
-            assert shape is not None
-            k = len(shape) - p.dim()
-            if k < 0 or (k == 0 and p.shape[0] != 1):
-                ok = False
-                break
-            v = p.reshape((1,) * k + tuple(p.shape)) if k else p
-            subs[id(p)] = v.expand(b, *v.shape[1:])
-        if ok:
-            def sub(t: Any) -> Any:
-                return subs.get(id(t), t) if isinstance(t, Tensor) else t
-
-            try:  # (an in-place op checks broadcasting before it writes)
-                out1 = func(*tree_map(sub, args), **tree_map(sub, kwargs))
-            except Exception:  # the op does not take a batched parameter: fallback for it
-                ok = False
-            else:
-                ok = isinstance(out1, Tensor) and out1.shape == shape
-        if not ok:
-            self.free_bad.update(id(p) for p in params)
-            return func(*args, **kwargs) if out0 is None else out0
-        for p in params:
-            self.free_ok.add(id(p))
-            self.add(Use(self.names.get(id(p), "?"), [get_gradient_edge(subs[id(p)])],
-                         self._free_compute(p), [], frozenset({id(p)})))
-        return out1
-
-    def _free_compute(self, p: Tensor) -> Any:
-        b = self.batch_size
-
-        def compute(deltas: list[Tensor | None]) -> list[Piece]:
-            d = deltas[0]
-            if d is None or id(p) in self.free_bad:  # the fallback covers every use of p
-                return []
-            return [Piece(p, Dense(d.reshape(b, *p.shape)))]
-
-        return compute
+        """Run ``func`` with the free parameters ``params`` given a leading batch axis and record
+        their per-sample contributions, or mark them for the fallback (:func:`._free.free_op`)."""
+        return free_op(self, func, args, kwargs, params)
 
     def add(self, use: Use) -> None:
         if self.active:
@@ -277,13 +209,6 @@ class Recorder:
             self.stack.pop()
 
 
-def _writes(func: Any, kwargs: dict[str, Any]) -> bool:
-    """Whether ``func`` writes into a tensor argument (``add_``, ``__iadd__``, ``out=``)."""
-    name = getattr(func, "__name__", "")
-    return ("out" in kwargs or (name.endswith("_") and not name.endswith("__"))
-            or (name.startswith("__i") and name.endswith("__")))
-
-
 # Tensor queries that return no tensor: no gradient can flow through them, so the guard lets them
 # through without looking at their arguments (most calls it sees during a forward are these).
 _QUERIES = frozenset(
@@ -325,7 +250,7 @@ class _ParamUseGuard(TorchFunctionMode):
                 shared.derived[id(found[0][1])][1].bad = "it meets a free parameter"
                 out = func(*args, **kwargs)
             else:
-                out = shared.op(func, args, kwargs, found, _writes(func, kwargs))
+                out = shared.op(func, args, kwargs, found, writes(func, kwargs))
         else:
             out = rec.free_op(func, args, kwargs, mine) if mine else func(*args, **kwargs)
         if params:
