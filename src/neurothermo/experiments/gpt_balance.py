@@ -257,7 +257,7 @@ def main_predictions(ctx: RunContext, res: RunResult, cfg: GptBalanceConfig, sta
                         lim_fam, 0.0, sense="at_least", control=True,
                         why="the law's control: wd read as the paper's γ = wd/2 halves c, and a "
                             "check that also passes then does not test the constant. Over a "
-                            f"window of {(cfg.steps - start) / relax_time(cfg.lr, cfg.weight_decay):.0f} τ "
+                            f"window of {(res.spec.steps - start) / relax_time(cfg.lr, cfg.weight_decay):.0f} τ "
                             "the block means resolve c from c/2 (over a few τ they do not: quick "
                             "preset, recorded only)")
     # whether the check can tell the law's constant from half of it (wd read as γ = wd/2),
